@@ -1,0 +1,134 @@
+/* bitmap.c: the persistent bitmap directory: parsing and validating its
+ * entries so info can list them and later code can use them. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2_int.h"
+
+#define BME_FIXED 24u
+#define BME_FLAG_IN_USE (1u << 0)
+#define BME_FLAG_AUTO (1u << 1)
+#define BME_FLAG_EXTRA_COMPAT (1u << 2)
+#define BME_RESERVED_FLAGS 0xfffffff8u
+#define BME_TYPE_DIRTY 1
+#define BME_MIN_GRAN_BITS 9
+#define BME_MAX_GRAN_BITS 31
+
+void qcow2_free_bitmaps(struct qcow2_image *img)
+{
+    if (img->bitmaps)
+        for (uint32_t i = 0; i < img->info.nb_bitmaps; i++)
+            free(img->bitmaps[i].name);
+    free(img->bitmaps);
+    img->bitmaps = NULL;
+}
+
+int qcow2_read_bitmaps(struct qcow2_image *img)
+{
+    img->info.nb_bitmaps = 0;
+    if (!img->nb_bitmaps && !img->bitmap_dir_size)
+        return 0;
+    /* without the autoclear bit, another program changed the image without
+     * knowing bitmaps: the extension is stale and ignored, as the spec says */
+    if (!(img->h.autoclear_features & QCOW2_AUTOCLEAR_BITMAPS))
+        return 0;
+    uint32_t n = img->nb_bitmaps;
+    if (n == 0 || n > QCOW2_MAX_BITMAPS)
+        return err_fail(EINVAL, "bitmaps extension: %u bitmaps is out of range (1 to %u)", n, QCOW2_MAX_BITMAPS);
+    if (img->bitmap_dir_size < (uint64_t)n * BME_FIXED)
+        return err_fail(EINVAL, "bitmaps extension: directory of %" PRIu64 " bytes is too small for %u bitmaps",
+                        img->bitmap_dir_size, n);
+    int ret = qcow2_check_table(img, img->bitmap_dir_off, img->bitmap_dir_size, 1, QCOW2_MAX_BITMAP_DIR,
+                                "bitmap directory");
+    if (ret < 0)
+        return ret;
+    uint64_t len = img->bitmap_dir_size;
+    unsigned char *buf = malloc(len);
+    img->bitmaps = calloc(n, sizeof *img->bitmaps);
+    if (!buf || !img->bitmaps) {
+        ret = err_fail(ENOMEM, "out of memory for the bitmap directory");
+        goto out;
+    }
+    ret = vfs_pread(img->file, buf, len, img->bitmap_dir_off);
+    if (ret < 0)
+        goto out;
+    uint64_t pos = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct qcow2_bitmap_info *b = &img->bitmaps[i];
+        if (len - pos < BME_FIXED) {
+            ret = err_fail(EINVAL, "bitmap directory is truncated at entry %u", i);
+            goto out;
+        }
+        const unsigned char *e = buf + pos;
+        uint64_t table_off = be64_at(e);
+        uint32_t table_size = be32_at(e + 8), flags = be32_at(e + 12);
+        uint8_t type = e[16], gran_bits = e[17];
+        uint16_t name_len = be16_at(e + 18);
+        uint32_t extra = be32_at(e + 20);
+        uint64_t elen = ((uint64_t)BME_FIXED + extra + name_len + 7) & ~7ull;
+        if (elen > len - pos) {
+            ret = err_fail(EINVAL, "bitmap directory entry %u runs past the end of the directory", i);
+            goto out;
+        }
+        if (name_len == 0 || name_len > QCOW2_MAX_BITMAP_NAME) {
+            ret = err_fail(EINVAL, "bitmap %u has a name length of %u (1 to %u allowed)", i, name_len,
+                           QCOW2_MAX_BITMAP_NAME);
+            goto out;
+        }
+        b->name = malloc(name_len + 1u);
+        if (!b->name) {
+            ret = err_fail(ENOMEM, "out of memory");
+            goto out;
+        }
+        memcpy(b->name, e + BME_FIXED + extra, name_len);
+        b->name[name_len] = 0;
+        img->info.nb_bitmaps = i + 1;
+        if (flags & BME_RESERVED_FLAGS) {
+            ret = err_fail(EINVAL, "bitmap '%s' has reserved flags set (%#x)", b->name, flags);
+            goto out;
+        }
+        if (type != BME_TYPE_DIRTY) {
+            ret = err_fail(EINVAL, "bitmap '%s' has unknown type %u", b->name, type);
+            goto out;
+        }
+        if (gran_bits < BME_MIN_GRAN_BITS || gran_bits > BME_MAX_GRAN_BITS) {
+            ret = err_fail(EINVAL, "bitmap '%s' has granularity bits %u (%d to %d allowed)", b->name, gran_bits,
+                           BME_MIN_GRAN_BITS, BME_MAX_GRAN_BITS);
+            goto out;
+        }
+        /* the table must cover exactly the bits of the virtual disk */
+        uint64_t bits = (img->h.size + (1ull << gran_bits) - 1) >> gran_bits;
+        uint64_t bytes = (bits + 7) / 8;
+        uint64_t need = (bytes + img->cluster_size - 1) >> img->cluster_bits;
+        if (table_size != need) {
+            ret = err_fail(EINVAL, "bitmap '%s' table has %u entries; the disk needs %" PRIu64, b->name, table_size, need);
+            goto out;
+        }
+        char what[64];
+        snprintf(what, sizeof what, "table of bitmap '%.40s'", b->name);
+        ret = qcow2_check_table(img, table_off, table_size, 8, QCOW2_MAX_L1_BYTES, what);
+        if (ret < 0)
+            goto out;
+        for (uint32_t k = 0; k < i; k++)
+            if (!strcmp(img->bitmaps[k].name, b->name)) {
+                ret = err_fail(EINVAL, "two bitmaps are named '%s'", b->name);
+                goto out;
+            }
+        b->granularity = 1u << gran_bits;
+        b->in_use = flags & BME_FLAG_IN_USE;
+        b->auto_ = flags & BME_FLAG_AUTO;
+        b->consistent = !(extra && !(flags & BME_FLAG_EXTRA_COMPAT));
+        b->type = type;
+        pos += elen;
+    }
+out:
+    free(buf);
+    if (ret < 0) {
+        qcow2_free_bitmaps(img);
+        img->info.nb_bitmaps = 0;
+    }
+    return ret;
+}

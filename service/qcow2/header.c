@@ -1,0 +1,331 @@
+/* header.c: reading and validating the qcow2 header and its extensions.
+ * Every field read from disk is checked before anything trusts it. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2_int.h"
+
+#define FEATURE_ENTRY_SIZE 48
+
+const char *qcow2_feature_name(const struct qcow2_image *img, int type, int bit, char *buf, size_t len)
+{
+    for (uint32_t i = 0; i + FEATURE_ENTRY_SIZE <= img->feature_table_len; i += FEATURE_ENTRY_SIZE) {
+        const unsigned char *e = (const unsigned char *)img->feature_table + i;
+        if (e[0] == type && e[1] == bit) {
+            size_t n = strnlen((const char *)e + 2, 46);
+            snprintf(buf, len, "%.*s", (int)n, (const char *)e + 2);
+            return buf;
+        }
+    }
+    return NULL;
+}
+
+/* Names of the unknown incompatible bits: "bit 7 (fancy-feature), bit 9". */
+static void describe_unknown(const struct qcow2_image *img, uint64_t bits, char *out, size_t len)
+{
+    size_t used = 0;
+    out[0] = 0;
+    for (int b = 0; b < 64 && used < len; b++) {
+        if (!(bits & (1ull << b)))
+            continue;
+        char name[64];
+        const char *n = qcow2_feature_name(img, 0, b, name, sizeof name);
+        int w = n ? snprintf(out + used, len - used, "%sbit %d (%s)", used ? ", " : "", b, n)
+                  : snprintf(out + used, len - used, "%sbit %d", used ? ", " : "", b);
+        if (w < 0)
+            break;
+        used += (size_t)w;
+    }
+}
+
+static void header_to_cpu(struct qcow2_disk_header *h)
+{
+    h->magic = be32toh(h->magic);
+    h->version = be32toh(h->version);
+    h->backing_file_offset = be64toh(h->backing_file_offset);
+    h->backing_file_size = be32toh(h->backing_file_size);
+    h->cluster_bits = be32toh(h->cluster_bits);
+    h->size = be64toh(h->size);
+    h->crypt_method = be32toh(h->crypt_method);
+    h->l1_size = be32toh(h->l1_size);
+    h->l1_table_offset = be64toh(h->l1_table_offset);
+    h->refcount_table_offset = be64toh(h->refcount_table_offset);
+    h->refcount_table_clusters = be32toh(h->refcount_table_clusters);
+    h->nb_snapshots = be32toh(h->nb_snapshots);
+    h->snapshots_offset = be64toh(h->snapshots_offset);
+    h->incompatible_features = be64toh(h->incompatible_features);
+    h->compatible_features = be64toh(h->compatible_features);
+    h->autoclear_features = be64toh(h->autoclear_features);
+    h->refcount_order = be32toh(h->refcount_order);
+    h->header_length = be32toh(h->header_length);
+}
+
+static char *dup_name(const unsigned char *p, uint32_t len, const char *what)
+{
+    if (memchr(p, 0, len)) {
+        err_fail(EINVAL, "%s contains a NUL byte", what);
+        return NULL;
+    }
+    char *s = malloc(len + 1);
+    if (!s) {
+        err_fail(ENOMEM, "out of memory");
+        return NULL;
+    }
+    memcpy(s, p, len);
+    s[len] = 0;
+    return s;
+}
+
+/* Walk the extensions in buf[start, end). */
+static int read_extensions(struct qcow2_image *img, const unsigned char *buf, uint64_t start, uint64_t end)
+{
+    uint64_t off = start;
+    bool seen_bitmaps = false;
+    while (off < end) {
+        if (end - off < 8)
+            return err_fail(EINVAL, "header extension at %#" PRIx64 " is truncated", off);
+        uint32_t type = be32_at(buf + off), len = be32_at(buf + off + 4);
+        off += 8;
+        if (type == QCOW2_EXT_END)
+            return 0;
+        if (len > end - off)
+            return err_fail(EINVAL, "header extension %#x at %#" PRIx64 " is %u bytes long, past the end of the header area",
+                            type, off - 8, len);
+        const unsigned char *d = buf + off;
+        switch (type) {
+        case QCOW2_EXT_BACKING_FMT:
+            if (len == 0 || len > 64)
+                return err_fail(EINVAL, "backing format extension has an invalid length %u", len);
+            free(img->backing_fmt);
+            if (!(img->backing_fmt = dup_name(d, len, "backing format")))
+                return -EINVAL;
+            break;
+        case QCOW2_EXT_FEATURE_TABLE:
+            free(img->feature_table);
+            img->feature_table = malloc(len ? len : 1);
+            if (!img->feature_table)
+                return err_fail(ENOMEM, "out of memory");
+            memcpy(img->feature_table, d, len);
+            img->feature_table_len = len;
+            break;
+        case QCOW2_EXT_CRYPTO:
+            if (len != 16)
+                return err_fail(EINVAL, "encryption header extension has length %u, expected 16", len);
+            img->crypto_off = be64_at(d);
+            img->crypto_len = be64_at(d + 8);
+            break;
+        case QCOW2_EXT_BITMAPS:
+            if (seen_bitmaps)
+                return err_fail(EINVAL, "two bitmaps extensions");
+            seen_bitmaps = true;
+            if (len != 24)
+                return err_fail(EINVAL, "bitmaps extension has length %u, expected 24", len);
+            if (be32_at(d + 4) != 0)
+                return err_fail(EINVAL, "bitmaps extension: reserved field is not zero");
+            img->nb_bitmaps = be32_at(d);
+            img->bitmap_dir_size = be64_at(d + 8);
+            img->bitmap_dir_off = be64_at(d + 16);
+            break;
+        case QCOW2_EXT_DATA_FILE:
+            if (len == 0 || len > QCOW2_MAX_NAME_EXT)
+                return err_fail(EINVAL, "data file name extension has an invalid length %u", len);
+            free(img->data_name);
+            if (!(img->data_name = dup_name(d, len, "data file name")))
+                return -EINVAL;
+            break;
+        default:
+            break; /* unknown extensions are skipped, as the spec says */
+        }
+        off += (len + 7u) & ~7ull;
+    }
+    return 0;
+}
+
+int qcow2_read_header(struct qcow2_image *img)
+{
+    struct qcow2_disk_header *h = &img->h;
+    unsigned char *buf = NULL;
+    int ret;
+
+    if (img->file_size < QCOW2_V2_HEADER_LEN)
+        return err_fail(EINVAL, "file is %" PRIu64 " bytes, too short for a qcow2 header", img->file_size);
+    memset(h, 0, sizeof *h);
+    ret = vfs_pread(img->file, h, sizeof *h, 0);
+    if (ret < 0)
+        return ret;
+    header_to_cpu(h);
+    if (h->magic != QCOW2_MAGIC)
+        return err_fail(EINVAL, "not a qcow2 image (bad magic)");
+    if (h->version != 2 && h->version != 3)
+        return err_fail(ENOTSUP, "unsupported qcow2 version %u", h->version);
+    if (h->cluster_bits < QCOW2_MIN_CLUSTER_BITS || h->cluster_bits > QCOW2_MAX_CLUSTER_BITS)
+        return err_fail(EINVAL, "cluster_bits %u is out of range (%d to %d)", h->cluster_bits, QCOW2_MIN_CLUSTER_BITS,
+                        QCOW2_MAX_CLUSTER_BITS);
+    img->cluster_bits = h->cluster_bits;
+    img->cluster_size = 1u << h->cluster_bits;
+
+    if (h->version == 2) {
+        h->incompatible_features = h->compatible_features = h->autoclear_features = 0;
+        h->refcount_order = 4;
+        h->header_length = QCOW2_V2_HEADER_LEN;
+        h->compression_type = 0;
+    } else {
+        if (img->file_size < QCOW2_V3_HEADER_LEN)
+            return err_fail(EINVAL, "file is %" PRIu64 " bytes, too short for a version 3 header", img->file_size);
+        if (h->header_length < QCOW2_V3_HEADER_LEN)
+            return err_fail(EINVAL, "header_length %u is shorter than the version 3 header (104)", h->header_length);
+        if (h->header_length % 8)
+            return err_fail(EINVAL, "header_length %u is not a multiple of 8", h->header_length);
+        if (h->header_length > img->cluster_size)
+            return err_fail(EINVAL, "header_length %u exceeds the cluster size %u", h->header_length, img->cluster_size);
+        if (h->header_length <= 104)
+            h->compression_type = 0;
+        if (h->refcount_order > 6)
+            return err_fail(EINVAL, "refcount_order %u is out of range (0 to 6)", h->refcount_order);
+    }
+    img->refcount_bits = 1u << h->refcount_order;
+
+    /* the first cluster holds the header, extensions and backing name */
+    uint32_t hdr_area = img->cluster_size;
+    buf = calloc(1, hdr_area);
+    if (!buf)
+        return err_fail(ENOMEM, "out of memory");
+    ret = vfs_pread(img->file, buf, hdr_area, 0);
+    if (ret < 0)
+        goto out;
+
+    /* extensions and the feature table come first so errors can name features */
+    uint64_t ext_start = h->version == 2 ? QCOW2_V2_HEADER_LEN : h->header_length;
+    uint64_t ext_end = hdr_area;
+    if (h->backing_file_offset) {
+        if (h->backing_file_offset > hdr_area || h->backing_file_offset < ext_start) {
+            ret = err_fail(EINVAL, "backing file name offset %#" PRIx64 " is outside the header cluster",
+                           h->backing_file_offset);
+            goto out;
+        }
+        ext_end = h->backing_file_offset;
+    }
+    ret = read_extensions(img, buf, ext_start, ext_end);
+    if (ret < 0)
+        goto out;
+
+    uint64_t unknown = h->incompatible_features & ~QCOW2_INCOMPAT_KNOWN;
+    if (unknown) {
+        char names[256];
+        describe_unknown(img, unknown, names, sizeof names);
+        ret = err_fail(ENOTSUP, "unsupported incompatible feature(s): %s", names);
+        goto out;
+    }
+    if (h->crypt_method > QCOW2_CRYPT_LUKS) {
+        ret = err_fail(EINVAL, "invalid encryption method %u", h->crypt_method);
+        goto out;
+    }
+    if (h->crypt_method == QCOW2_CRYPT_LUKS && !img->crypto_len) {
+        ret = err_fail(EINVAL, "LUKS encryption without the encryption header extension");
+        goto out;
+    }
+    if (h->compression_type > QCOW2_COMPRESS_ZSTD) {
+        ret = err_fail(ENOTSUP, "unknown compression type %u", h->compression_type);
+        goto out;
+    }
+    if ((h->compression_type != 0) != !!(h->incompatible_features & QCOW2_INCOMPAT_COMPRESSION)) {
+        ret = err_fail(EINVAL, "compression type %u does not match the compression-type feature bit",
+                       h->compression_type);
+        goto out;
+    }
+
+    if (h->backing_file_offset) {
+        if (h->backing_file_size == 0 || h->backing_file_size > QCOW2_MAX_BACKING_NAME) {
+            ret = err_fail(EINVAL, "backing file name length %u is out of range (1 to %u)", h->backing_file_size,
+                           QCOW2_MAX_BACKING_NAME);
+            goto out;
+        }
+        if (h->backing_file_offset + h->backing_file_size > hdr_area) {
+            ret = err_fail(EINVAL, "backing file name runs past the header cluster");
+            goto out;
+        }
+        if (!(img->backing_name = dup_name(buf + h->backing_file_offset, h->backing_file_size, "backing file name"))) {
+            ret = -EINVAL;
+            goto out;
+        }
+    } else if (img->backing_fmt) {
+        free(img->backing_fmt); /* a format without a file means nothing */
+        img->backing_fmt = NULL;
+    }
+
+    img->ext_l2 = h->incompatible_features & QCOW2_INCOMPAT_EXTL2;
+    if (img->ext_l2 && img->cluster_bits < 14) {
+        ret = err_fail(EINVAL, "extended L2 entries need clusters of at least 16 KiB (have %u)", img->cluster_size);
+        goto out;
+    }
+    img->l2_entry_words = img->ext_l2 ? 2 : 1;
+    img->l2_entries = img->cluster_size / (8 * img->l2_entry_words);
+    img->l2_bits = (unsigned)__builtin_ctz(img->l2_entries);
+    img->sc_size = img->ext_l2 ? img->cluster_size / QCOW2_SUBCLUSTERS : img->cluster_size;
+    img->sc_bits = (unsigned)__builtin_ctz(img->sc_size);
+    img->csize_shift = 62 - (img->cluster_bits - 8);
+    img->csize_mask = (1ull << (img->cluster_bits - 8)) - 1;
+    img->coffset_mask = (1ull << img->csize_shift) - 1;
+
+    if (h->incompatible_features & QCOW2_INCOMPAT_DATA_FILE) {
+        if (!img->data_name) {
+            ret = err_fail(EINVAL, "image needs an external data file but names none");
+            goto out;
+        }
+    } else {
+        if (img->data_name) {
+            free(img->data_name); /* stale extension without the feature bit: ignored, as QEMU does */
+            img->data_name = NULL;
+        }
+        if (h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW) {
+            ret = err_fail(EINVAL, "data-file-raw is set but the image has no external data file");
+            goto out;
+        }
+    }
+
+    /* virtual size and the active L1 table */
+    if (h->size > (1ull << 62))
+        ret = err_fail(EFBIG, "virtual size %" PRIu64 " is too large", h->size);
+    if (ret < 0)
+        goto out;
+    uint64_t l2_span = (uint64_t)img->l2_entries << img->cluster_bits;
+    uint64_t need_l1 = h->size / l2_span + (h->size % l2_span != 0);
+    if (need_l1 > h->l1_size) {
+        ret = err_fail(EINVAL, "L1 table has %u entries, too few for a virtual size of %" PRIu64 " (needs %" PRIu64 ")",
+                       h->l1_size, h->size, need_l1);
+        goto out;
+    }
+    ret = qcow2_check_table(img, h->l1_table_offset, h->l1_size, 8, QCOW2_MAX_L1_BYTES, "L1 table");
+    if (ret < 0)
+        goto out;
+    ret = qcow2_check_table(img, h->refcount_table_offset, (uint64_t)h->refcount_table_clusters << img->cluster_bits, 1,
+                            QCOW2_MAX_REFTABLE_BYTES, "refcount table");
+    if (ret < 0)
+        goto out;
+    if (h->refcount_table_clusters == 0) {
+        ret = err_fail(EINVAL, "refcount table is empty");
+        goto out;
+    }
+    if (h->nb_snapshots > QCOW2_MAX_SNAPSHOTS) {
+        ret = err_fail(EINVAL, "%u snapshots is more than the limit of %u", h->nb_snapshots, QCOW2_MAX_SNAPSHOTS);
+        goto out;
+    }
+    if (h->nb_snapshots) {
+        ret = qcow2_check_table(img, h->snapshots_offset, h->nb_snapshots, 40, QCOW2_MAX_SNAPSHOT_TABLE,
+                                "snapshot table");
+        if (ret < 0)
+            goto out;
+    }
+    if (img->crypto_len) {
+        ret = qcow2_check_table(img, img->crypto_off, img->crypto_len, 1, 1ull << 30, "encryption header");
+        if (ret < 0)
+            goto out;
+    }
+    ret = 0;
+out:
+    free(buf);
+    return ret;
+}

@@ -1,0 +1,269 @@
+/* qcow2_int.h: the engine's private structures, on-disk constants and index
+ * helpers, shared by the files of service/qcow2/. Byte order is converted only
+ * where tables are loaded; everything in memory is CPU order. */
+#ifndef QCOWD_QCOW2_INT_H
+#define QCOWD_QCOW2_INT_H
+
+#include <endian.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "err.h"
+#include "qcow2.h"
+#include "vfs.h"
+
+/* ---- header ---- */
+#define QCOW2_MAGIC 0x514649fbu /* "QFI\xfb" */
+#define QCOW2_V2_HEADER_LEN 72u
+#define QCOW2_V3_HEADER_LEN 104u
+#define QCOW2_MIN_CLUSTER_BITS 9
+#define QCOW2_MAX_CLUSTER_BITS 21
+#define QCOW2_MAX_BACKING_NAME 1023u
+#define QCOW2_MAX_L1_BYTES (32u << 20)       /* as QEMU */
+#define QCOW2_MAX_REFTABLE_BYTES (8u << 20)  /* as QEMU */
+#define QCOW2_MAX_SNAPSHOTS 65536u
+#define QCOW2_MAX_SNAPSHOT_TABLE (64u << 20)
+#define QCOW2_MAX_SNAPSHOT_EXTRA 1024u
+#define QCOW2_MAX_BITMAPS 65535u
+#define QCOW2_MAX_BITMAP_DIR (64u << 20)
+#define QCOW2_MAX_BITMAP_NAME 1023u
+#define QCOW2_MAX_NAME_EXT 4096u              /* our bound on extension strings */
+
+/* incompatible feature bits */
+#define QCOW2_INCOMPAT_DIRTY       (1ull << 0)
+#define QCOW2_INCOMPAT_CORRUPT     (1ull << 1)
+#define QCOW2_INCOMPAT_DATA_FILE   (1ull << 2)
+#define QCOW2_INCOMPAT_COMPRESSION (1ull << 3)
+#define QCOW2_INCOMPAT_EXTL2       (1ull << 4)
+#define QCOW2_INCOMPAT_KNOWN       0x1full
+/* compatible feature bits */
+#define QCOW2_COMPAT_LAZY_REFCOUNTS (1ull << 0)
+/* autoclear feature bits */
+#define QCOW2_AUTOCLEAR_BITMAPS       (1ull << 0)
+#define QCOW2_AUTOCLEAR_DATA_FILE_RAW (1ull << 1)
+
+/* header extension types */
+#define QCOW2_EXT_END           0x00000000u
+#define QCOW2_EXT_BACKING_FMT   0xe2792acau
+#define QCOW2_EXT_FEATURE_TABLE 0x6803f857u
+#define QCOW2_EXT_CRYPTO        0x0537be77u
+#define QCOW2_EXT_BITMAPS       0x23852875u
+#define QCOW2_EXT_DATA_FILE     0x44415441u
+
+#define QCOW2_CRYPT_NONE 0
+#define QCOW2_CRYPT_AES  1
+#define QCOW2_CRYPT_LUKS 2
+
+#define QCOW2_COMPRESS_ZLIB 0
+#define QCOW2_COMPRESS_ZSTD 1
+
+/* ---- L1 / L2 entries ---- */
+#define QCOW2_OFLAG_COPIED     (1ull << 63)
+#define QCOW2_OFLAG_COMPRESSED (1ull << 62)
+#define QCOW2_OFLAG_ZERO       (1ull << 0)
+#define QCOW2_L1E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_L2E_OFFSET_MASK  0x00fffffffffffe00ull
+#define QCOW2_REFT_OFFSET_MASK 0xfffffffffffffe00ull
+#define QCOW2_SUBCLUSTERS      32u
+#define QCOW2_COMPRESSED_SECTOR 512u
+
+/* On-disk header, big-endian, as laid out in the file (v3 incl. compression byte). */
+struct qcow2_disk_header {
+    uint32_t magic;
+    uint32_t version;
+    uint64_t backing_file_offset;
+    uint32_t backing_file_size;
+    uint32_t cluster_bits;
+    uint64_t size;
+    uint32_t crypt_method;
+    uint32_t l1_size;
+    uint64_t l1_table_offset;
+    uint64_t refcount_table_offset;
+    uint32_t refcount_table_clusters;
+    uint32_t nb_snapshots;
+    uint64_t snapshots_offset;
+    /* version 3 */
+    uint64_t incompatible_features;
+    uint64_t compatible_features;
+    uint64_t autoclear_features;
+    uint32_t refcount_order;
+    uint32_t header_length;
+    uint8_t compression_type;
+    uint8_t padding[7];
+} __attribute__((packed));
+_Static_assert(sizeof(struct qcow2_disk_header) == 112, "qcow2 header layout");
+
+/* What a guest range maps to in one layer. */
+enum sc_type {
+    SC_UNALLOC,    /* not here: read the backing file (or zeroes) */
+    SC_ZERO,       /* reads as zeroes; host_off may be a preallocation */
+    SC_NORMAL,     /* data at host_off in the data file */
+    SC_COMPRESSED, /* a compressed cluster */
+};
+
+struct mapping {
+    enum sc_type type;
+    uint64_t host_off;   /* SC_NORMAL/SC_ZERO: host offset of the first byte (0 if none) */
+    bool host_valid;     /* host_off meaningful (incl. ZERO with preallocation, UNALLOC in an allocated cluster) */
+    uint64_t coff;       /* SC_COMPRESSED: host offset of the compressed bytes */
+    uint32_t csize;      /* SC_COMPRESSED: bytes to read (may pass EOF; zero-filled) */
+    uint64_t bytes;      /* length of the run from the queried offset */
+};
+
+/* One cached slice of an L2 table. Borrowed with l2_cache_get, returned with l2_cache_put. */
+struct l2_slice {
+    uint64_t key;        /* host offset of the slice (L2 table offset + slice index * slice bytes) */
+    uint64_t *entries;   /* CPU order, slice_bytes/8 words */
+    unsigned refs;       /* borrowers; evictable at 0 */
+    uint64_t lru;        /* last-use tick */
+    bool valid;
+};
+
+struct l2_cache {
+    pthread_mutex_t lock;
+    pthread_cond_t loaded;    /* signalled when a slice finishes loading */
+    struct l2_slice *slots;
+    unsigned nslots;
+    uint32_t slice_bytes;
+    uint64_t tick;
+    uint64_t hits, misses;
+    bool *loading;            /* per slot: being read from disk */
+    int *next;                /* per slot: next slot in its hash chain, -1 ends */
+    int *bucket;              /* hash of key -> first slot, -1 if none */
+    unsigned nbuckets;        /* power of two */
+};
+
+struct qcow2_image {
+    enum qcow2_format fmt;
+    struct vfs_file *file;       /* the image file */
+    struct vfs_file *data;       /* external data file, or == file */
+    struct qcow2_image *backing; /* owned, or NULL */
+    char *uri;
+    char *given_name;            /* the name the caller passed (for info's filename) */
+    uint64_t size;               /* guest size seen by reads (a snapshot's in a view) */
+    uint64_t file_size;
+    int depth;                   /* 0 for the top image */
+
+    /* qcow2 */
+    struct qcow2_disk_header h;  /* CPU order */
+    unsigned cluster_bits;
+    uint32_t cluster_size;
+    uint32_t l2_entry_words;     /* 1 standard, 2 extended */
+    uint32_t l2_entries;         /* entries per L2 table */
+    unsigned l2_bits;            /* log2(l2_entries) */
+    bool ext_l2;
+    uint32_t sc_size;            /* subcluster size (== cluster size without ext L2) */
+    unsigned sc_bits;
+    unsigned csize_shift;
+    uint64_t csize_mask, coffset_mask;
+    uint64_t *l1;                /* active (or snapshot) L1, CPU order */
+    uint32_t l1_size;
+    uint64_t *reftable;          /* CPU order */
+    uint32_t reftable_size;      /* entries */
+    unsigned refcount_bits;
+    struct l2_cache cache;
+    bool meta_prealloc;          /* QEMU's heuristic: host holes in data clusters report as zero */
+    bool meta_prealloc_known;
+    pthread_mutex_t prealloc_lock;
+
+    char *backing_name, *backing_fmt, *data_name;
+    char *backing_uri, *data_uri;
+    char *feature_table;         /* raw feature name table (48-byte entries) */
+    uint32_t feature_table_len;
+    uint64_t crypto_off, crypto_len;
+    uint32_t nb_bitmaps;
+    uint64_t bitmap_dir_off, bitmap_dir_size;
+    struct qcow2_snapshot_info *snaps;
+    uint32_t nb_snaps;
+    struct qcow2_bitmap_info *bitmaps;
+    struct qcow2_info info;
+};
+
+/* ---- index helpers ---- */
+static inline uint64_t offset_into_cluster(const struct qcow2_image *img, uint64_t off)
+{
+    return off & (img->cluster_size - 1);
+}
+static inline uint64_t offset_to_l1_index(const struct qcow2_image *img, uint64_t off)
+{
+    return off >> (img->cluster_bits + img->l2_bits);
+}
+static inline uint32_t offset_to_l2_index(const struct qcow2_image *img, uint64_t off)
+{
+    return (uint32_t)((off >> img->cluster_bits) & (img->l2_entries - 1));
+}
+static inline unsigned offset_to_sc_index(const struct qcow2_image *img, uint64_t off)
+{
+    return (unsigned)(offset_into_cluster(img, off) >> img->sc_bits);
+}
+static inline uint64_t size_to_clusters(const struct qcow2_image *img, uint64_t size)
+{
+    return (size >> img->cluster_bits) + ((size & (img->cluster_size - 1)) != 0);
+}
+static inline uint64_t be64_at(const void *p)
+{
+    uint64_t v;
+    __builtin_memcpy(&v, p, 8);
+    return be64toh(v);
+}
+static inline uint32_t be32_at(const void *p)
+{
+    uint32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return be32toh(v);
+}
+static inline uint16_t be16_at(const void *p)
+{
+    uint16_t v;
+    __builtin_memcpy(&v, p, 2);
+    return be16toh(v);
+}
+
+/* ---- header.c ---- */
+/* Read and validate the header and its extensions into img (img->file open). */
+int qcow2_read_header(struct qcow2_image *img);
+/* Name of incompatible bit `bit` from the feature name table, or NULL. */
+const char *qcow2_feature_name(const struct qcow2_image *img, int type, int bit, char *buf, size_t len);
+
+/* ---- table.c ---- */
+/* Check a table of `entries` entries of `esize` bytes at `off`: aligned to the cluster,
+ * no overflow, inside the file, and under max_bytes. `what` names it in errors. */
+int qcow2_check_table(const struct qcow2_image *img, uint64_t off, uint64_t entries, uint32_t esize,
+                      uint64_t max_bytes, const char *what);
+/* Load a table of big-endian u64 into a new CPU-order array (free()). */
+int qcow2_load_u64_table(struct qcow2_image *img, uint64_t off, uint32_t entries, uint64_t **out);
+
+/* ---- cache.c ---- */
+int l2_cache_init(struct l2_cache *c, size_t bytes, uint32_t slice_bytes);
+void l2_cache_destroy(struct l2_cache *c);
+/* Borrow the slice at host offset key (slice_bytes long), loading it from img's file.
+ * On success *out is borrowed until l2_cache_put. Thread-safe. */
+int l2_cache_get(struct qcow2_image *img, uint64_t key, struct l2_slice **out);
+void l2_cache_put(struct qcow2_image *img, struct l2_slice *s);
+
+/* ---- cluster.c ---- */
+/* Map guest offset off (at most `bytes` ahead) through l1 of img. Thread-safe. */
+int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, struct mapping *m);
+
+/* ---- compress.c ---- */
+/* Decompress src (len bytes) into exactly dst_len bytes of dst. */
+int qcow2_decompress(int type, const void *src, size_t len, void *dst, size_t dst_len);
+
+/* ---- refcount.c ---- */
+/* Refcount of host cluster index `cluster`. */
+int qcow2_get_refcount(struct qcow2_image *img, uint64_t cluster, uint64_t *refcount);
+/* QEMU's metadata-preallocation heuristic, computed once. */
+bool qcow2_meta_prealloc(struct qcow2_image *img);
+
+/* ---- snapshot.c ---- */
+int qcow2_read_snapshots(struct qcow2_image *img);
+void qcow2_free_snapshots(struct qcow2_image *img);
+/* Switch img to the read-only view of snapshot `name` (matched by id, then name). */
+int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
+
+/* ---- bitmap.c ---- */
+int qcow2_read_bitmaps(struct qcow2_image *img);
+void qcow2_free_bitmaps(struct qcow2_image *img);
+
+#endif

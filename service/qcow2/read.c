@@ -1,0 +1,230 @@
+/* read.c: reading guest bytes through the chain, and the block status that
+ * qemu-img map reports. Both are safe to call from many threads at once. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qcow2_int.h"
+
+static int read_range(struct qcow2_image *img, unsigned char *buf, uint64_t len, uint64_t off);
+
+/* Bytes the backing chain supplies for an unallocated range; zeroes past its end. */
+static int read_backing(struct qcow2_image *img, unsigned char *buf, uint64_t len, uint64_t off)
+{
+    struct qcow2_image *b = img->backing;
+    if (!b || off >= b->size) {
+        memset(buf, 0, len);
+        return 0;
+    }
+    uint64_t n = b->size - off < len ? b->size - off : len;
+    int ret = read_range(b, buf, n, off);
+    if (ret < 0)
+        return ret;
+    memset(buf + n, 0, len - n);
+    return 0;
+}
+
+/* Per-thread buffers for compressed clusters, freed when the thread ends. */
+struct zbufs {
+    unsigned char *in, *out;
+    size_t in_cap, out_cap;
+};
+static pthread_key_t zbuf_key;
+static pthread_once_t zbuf_once = PTHREAD_ONCE_INIT;
+
+static void zbufs_free(void *p)
+{
+    struct zbufs *z = p;
+    free(z->in);
+    free(z->out);
+    free(z);
+}
+
+static void zbuf_key_init(void)
+{
+    pthread_key_create(&zbuf_key, zbufs_free);
+}
+
+static struct zbufs *zbufs_get(size_t in_need, size_t out_need)
+{
+    pthread_once(&zbuf_once, zbuf_key_init);
+    struct zbufs *z = pthread_getspecific(zbuf_key);
+    if (!z) {
+        if (!(z = calloc(1, sizeof *z)))
+            return NULL;
+        pthread_setspecific(zbuf_key, z);
+    }
+    if (z->in_cap < in_need) {
+        free(z->in);
+        z->in = malloc(in_need);
+        z->in_cap = z->in ? in_need : 0;
+    }
+    if (z->out_cap < out_need) {
+        free(z->out);
+        z->out = malloc(out_need);
+        z->out_cap = z->out ? out_need : 0;
+    }
+    return z->in && z->out ? z : NULL;
+}
+
+static int read_compressed(struct qcow2_image *img, const struct mapping *m, unsigned char *buf, uint64_t len,
+                           uint64_t off)
+{
+    struct zbufs *z = zbufs_get(m->csize, img->cluster_size);
+    if (!z)
+        return err_fail(ENOMEM, "out of memory for a compressed cluster");
+    unsigned char *in = z->in, *outbuf = z->out;
+    int ret = vfs_pread(img->file, in, m->csize, m->coff);
+    if (ret < 0)
+        return ret;
+    ret = qcow2_decompress(img->h.compression_type, in, m->csize, outbuf, img->cluster_size);
+    if (ret < 0)
+        return err_prefix(ret, "guest offset %#" PRIx64, off & ~(uint64_t)(img->cluster_size - 1));
+    memcpy(buf, outbuf + offset_into_cluster(img, off), len);
+    return 0;
+}
+
+static int read_range(struct qcow2_image *img, unsigned char *buf, uint64_t len, uint64_t off)
+{
+    if (img->fmt == QCOW2_FMT_RAW)
+        return vfs_pread(img->file, buf, len, off);
+    if (img->h.crypt_method)
+        return err_fail(ENOTSUP, "image is encrypted; qcowd does not decrypt");
+    while (len) {
+        struct mapping m;
+        int ret = qcow2_get_mapping(img, off, len, &m);
+        if (ret < 0)
+            return ret;
+        uint64_t n = m.bytes;
+        switch (m.type) {
+        case SC_UNALLOC:
+            ret = read_backing(img, buf, n, off);
+            break;
+        case SC_ZERO:
+            memset(buf, 0, n);
+            break;
+        case SC_NORMAL:
+            ret = vfs_pread(img->data, buf, n, m.host_off);
+            break;
+        case SC_COMPRESSED:
+            ret = read_compressed(img, &m, buf, n, off);
+            break;
+        }
+        if (ret < 0)
+            return ret;
+        buf += n;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+int qcow2_pread(struct qcow2_image *img, void *buf, size_t len, uint64_t off)
+{
+    uint64_t end;
+    if (__builtin_add_overflow(off, (uint64_t)len, &end) || end > img->size)
+        return err_fail(EINVAL, "read of %zu bytes at %" PRIu64 " is past the end of the disk (%" PRIu64 " bytes)", len, off,
+                        img->size);
+    return read_range(img, buf, len, off);
+}
+
+/* Status flags, as QEMU's block layer names them. */
+#define BS_DATA 1u
+#define BS_ZERO 2u
+#define BS_OFFSET_VALID 4u
+#define BS_ALLOCATED 8u
+#define BS_COMPRESSED 16u
+
+struct layer_status {
+    unsigned flags;
+    uint64_t bytes;
+    uint64_t host;
+    struct vfs_file *file;
+};
+
+/* One layer's status for [off, off+bytes), bytes already within the layer's size. */
+static int layer_status(struct qcow2_image *img, uint64_t off, uint64_t bytes, struct layer_status *st)
+{
+    st->flags = 0;
+    st->file = NULL;
+    st->host = 0;
+    if (img->fmt == QCOW2_FMT_RAW) {
+        uint64_t pnum;
+        int r = vfs_block_status(img->file, off, bytes, &pnum);
+        if (r < 0)
+            return r;
+        st->bytes = pnum;
+        st->flags = (r == VFS_BS_DATA ? BS_DATA : BS_ZERO) | BS_OFFSET_VALID | BS_ALLOCATED;
+        st->host = off;
+        st->file = img->file;
+        return 0;
+    }
+    struct mapping m;
+    int ret = qcow2_get_mapping(img, off, bytes, &m);
+    if (ret < 0)
+        return ret;
+    st->bytes = m.bytes;
+    if (m.host_valid && !img->h.crypt_method) {
+        st->flags |= BS_OFFSET_VALID;
+        st->host = m.host_off;
+        st->file = img->data;
+    }
+    if (m.type == SC_ZERO)
+        st->flags |= BS_ZERO;
+    else if (m.type == SC_NORMAL)
+        st->flags |= BS_DATA;
+    else if (m.type == SC_COMPRESSED)
+        st->flags |= BS_DATA | BS_COMPRESSED;
+
+    if (st->flags & (BS_DATA | BS_ZERO)) {
+        st->flags |= BS_ALLOCATED;
+    } else if (!img->backing || off >= img->backing->size) {
+        st->flags |= BS_ZERO; /* nothing below: reads as zero, yet not allocated here */
+    }
+    if (m.type == SC_NORMAL && (st->flags & BS_OFFSET_VALID) && qcow2_meta_prealloc(img)) {
+        uint64_t pnum;
+        int r = vfs_block_status(img->data, st->host, st->bytes, &pnum);
+        if (r >= 0) { /* extra information only: errors are ignored */
+            if (r == VFS_BS_HOLE)
+                st->flags |= BS_ZERO;
+            st->bytes = pnum;
+        }
+    }
+    return 0;
+}
+
+int qcow2_block_status(struct qcow2_image *img, uint64_t off, uint64_t len, struct qcow2_extent *ext)
+{
+    if (off >= img->size || len == 0)
+        return err_fail(EINVAL, "block status at %" PRIu64 " is past the end of the disk", off);
+    if (len > img->size - off)
+        len = img->size - off;
+    struct qcow2_image *layer = img;
+    int depth = 0;
+    struct layer_status st;
+    for (;;) {
+        uint64_t n = len;
+        if (off + n > layer->size)
+            n = layer->size - off; /* callers below guarantee off < layer->size */
+        int ret = layer_status(layer, off, n, &st);
+        if (ret < 0)
+            return ret;
+        len = st.bytes;
+        if ((st.flags & (BS_DATA | BS_ZERO)) || !layer->backing)
+            break;
+        layer = layer->backing;
+        depth++;
+    }
+    ext->start = off;
+    ext->length = len;
+    ext->depth = depth;
+    ext->present = st.flags & BS_ALLOCATED;
+    ext->zero = st.flags & BS_ZERO;
+    ext->data = st.flags & BS_DATA;
+    ext->compressed = st.flags & BS_COMPRESSED;
+    ext->offset_valid = st.flags & BS_OFFSET_VALID;
+    ext->offset = st.host;
+    ext->file = st.file ? vfs_file_uri(st.file) : NULL;
+    return 0;
+}

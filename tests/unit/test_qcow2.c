@@ -1,0 +1,271 @@
+/* test_qcow2.c: unit tests of the engine's read path on the mem backend.
+ * Images are made by qemu-img/qemu-io (the oracle), copied into mem: objects,
+ * and read through the engine; the expected bytes come from qemu-img's raw. */
+#include <check.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "qcow2.h"
+#include "vfs.h"
+
+static char tmpdir[64];
+
+static void sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void sh(const char *fmt, ...)
+{
+    char cmd[2048];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    char full[2300];
+    snprintf(full, sizeof full, "cd %s && (%s) >/dev/null", tmpdir, cmd);
+    ck_assert_msg(system(full) == 0, "command failed: %s", cmd);
+}
+
+static unsigned char *slurp(const char *name, size_t *len)
+{
+    char path[256];
+    snprintf(path, sizeof path, "%s/%s", tmpdir, name);
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = malloc(n ? (size_t)n : 1);
+    ck_assert(fread(buf, 1, (size_t)n, f) == (size_t)n);
+    fclose(f);
+    *len = (size_t)n;
+    return buf;
+}
+
+/* Copy tmpdir/name into mem:t/name. */
+static void to_mem(const char *name)
+{
+    size_t len;
+    unsigned char *buf = slurp(name, &len);
+    char uri[256];
+    snprintf(uri, sizeof uri, "mem:t/%s", name);
+    vfs_remove(uri);
+    struct vfs_file *f;
+    ck_assert_int_eq(vfs_open(uri, VFS_O_RDWR | VFS_O_CREATE, &f), 0);
+    ck_assert_int_eq(vfs_pwrite(f, buf, len, 0), 0);
+    vfs_close(f);
+    free(buf);
+}
+
+/* qemu-img's view of the guest disk. */
+static unsigned char *oracle(const char *name, size_t *len)
+{
+    sh("qemu-img convert -O raw %s %s.ref", name, name);
+    char ref[256];
+    snprintf(ref, sizeof ref, "%s.ref", name);
+    return slurp(ref, len);
+}
+
+static void setup(void)
+{
+    snprintf(tmpdir, sizeof tmpdir, "/tmp/qcow2-unit-XXXXXX");
+    ck_assert(mkdtemp(tmpdir) != NULL);
+}
+
+static void teardown(void)
+{
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
+    if (system(cmd) != 0)
+        perror("rm");
+}
+
+static void check_all(const char *name, const char *fmt)
+{
+    size_t rlen;
+    unsigned char *ref = oracle(name, &rlen);
+    to_mem(name);
+    char uri[256];
+    snprintf(uri, sizeof uri, "mem:t/%s", name);
+    struct qcow2_open_opts o = {.format = fmt};
+    struct qcow2_image *img;
+    int ret = qcow2_open(uri, &o, &img);
+    ck_assert_msg(ret == 0, "open %s: %s", uri, err_msg(ret));
+    ck_assert_uint_eq(qcow2_size(img), rlen);
+    unsigned char *buf = malloc(rlen ? rlen : 1);
+    ret = qcow2_pread(img, buf, rlen, 0);
+    ck_assert_msg(ret == 0, "read: %s", err_msg(ret));
+    ck_assert(memcmp(buf, ref, rlen) == 0);
+    /* odd-sized reads at odd offsets */
+    for (size_t off = 1; off + 777 < rlen; off += 65536 + 4097) {
+        ck_assert_int_eq(qcow2_pread(img, buf, 777, off), 0);
+        ck_assert(memcmp(buf, ref + off, 777) == 0);
+    }
+    free(buf);
+    free(ref);
+    qcow2_close(img);
+}
+
+START_TEST(reads_plain_zero_and_compressed_clusters)
+{
+    sh("qemu-img create -f qcow2 a.qcow2 4M && qemu-io -c 'write -P 0xab 0 100k' -c 'write -z 128k 64k' "
+       "-c 'write -c -P 0x11 1M 64k' -c 'write -P 0x22 3M 5k' a.qcow2");
+    check_all("a.qcow2", NULL);
+}
+END_TEST
+
+START_TEST(reads_zstd_and_extended_l2)
+{
+    sh("qemu-img create -f qcow2 -o compression_type=zstd,extended_l2=on,cluster_size=64k b.qcow2 2M && "
+       "qemu-io -c 'write -c -P 0x33 0 64k' -c 'write -P 0x44 66k 3k' -c 'write -z 70k 2k' b.qcow2");
+    check_all("b.qcow2", NULL);
+}
+END_TEST
+
+START_TEST(reads_through_a_backing_chain_in_mem)
+{
+    sh("qemu-img create -f raw base.raw 1M && qemu-io -f raw -c 'write -P 0x55 0 1M' base.raw && "
+       "qemu-img create -f qcow2 -b base.raw -F raw mid.qcow2 2M && qemu-io -c 'write -P 0x66 64k 64k' mid.qcow2 && "
+       "qemu-img create -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 && qemu-io -c 'write -z 0 4k' top.qcow2");
+    to_mem("base.raw");
+    to_mem("mid.qcow2");
+    check_all("top.qcow2", NULL);
+}
+END_TEST
+
+START_TEST(reads_a_snapshot_view)
+{
+    sh("qemu-img create -f qcow2 s.qcow2 1M && qemu-io -c 'write -P 1 0 64k' s.qcow2 && qemu-img snapshot -c one s.qcow2 "
+       "&& qemu-io -c 'write -P 2 0 64k' s.qcow2 && qemu-img convert -l snapshot.name=one -O raw s.qcow2 s1.raw");
+    to_mem("s.qcow2");
+    size_t rlen;
+    unsigned char *ref = slurp("s1.raw", &rlen);
+    struct qcow2_open_opts o = {.snapshot = "one"};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/s.qcow2", &o, &img), 0);
+    unsigned char *buf = malloc(rlen);
+    ck_assert_int_eq(qcow2_pread(img, buf, rlen, 0), 0);
+    ck_assert(memcmp(buf, ref, rlen) == 0);
+    ck_assert_uint_eq(qcow2_get_info(img)->nb_snapshots, 1);
+    ck_assert_str_eq(qcow2_get_info(img)->snapshots[0].name, "one");
+    qcow2_close(img);
+    o.snapshot = "nope";
+    ck_assert_int_eq(qcow2_open("mem:t/s.qcow2", &o, &img), -ENOENT);
+    ck_assert(strstr(err_msg(-ENOENT), "nope") != NULL);
+    free(buf);
+    free(ref);
+}
+END_TEST
+
+START_TEST(refuses_a_file_without_magic_unless_raw)
+{
+    sh("head -c 65536 /dev/urandom > r.raw");
+    to_mem("r.raw");
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/r.raw", NULL, &img);
+    ck_assert_int_eq(ret, -EINVAL);
+    ck_assert(strstr(err_msg(ret), "magic") != NULL);
+    check_all("r.raw", "raw");
+}
+END_TEST
+
+START_TEST(block_status_reports_zero_data_and_unallocated)
+{
+    sh("qemu-img create -f qcow2 m.qcow2 1M && qemu-io -c 'write -P 1 0 64k' -c 'write -z 128k 64k' m.qcow2");
+    to_mem("m.qcow2");
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/m.qcow2", NULL, &img), 0);
+    struct qcow2_extent e;
+    ck_assert_int_eq(qcow2_block_status(img, 0, 1 << 20, &e), 0);
+    ck_assert(e.data && e.present && !e.zero && e.offset_valid && e.length == 65536);
+    ck_assert_int_eq(qcow2_block_status(img, 65536, 1 << 20, &e), 0);
+    ck_assert(!e.data && !e.present && e.zero && e.length == 65536);
+    ck_assert_int_eq(qcow2_block_status(img, 131072, 1 << 20, &e), 0);
+    ck_assert(!e.data && e.present && e.zero && !e.offset_valid);
+    ck_assert_int_eq(qcow2_block_status(img, 1 << 20, 1, &e), -EINVAL);
+    qcow2_close(img);
+}
+END_TEST
+
+/* ---- many threads on one image, with a cache small enough to evict ---- */
+struct reader {
+    struct qcow2_image *img;
+    const unsigned char *ref;
+    size_t len;
+    unsigned seed;
+    int bad;
+};
+
+static void *read_random(void *arg)
+{
+    struct reader *r = arg;
+    unsigned char *buf = malloc(300 * 1024);
+    for (int i = 0; i < 400; i++) {
+        size_t n = 1 + rand_r(&r->seed) % (300 * 1024);
+        if (n > r->len)
+            n = r->len;
+        size_t off = (size_t)rand_r(&r->seed) % (r->len - n + 1);
+        if (qcow2_pread(r->img, buf, n, off) != 0 || memcmp(buf, r->ref + off, n) != 0) {
+            r->bad++;
+            break;
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+START_TEST(parallel_readers_see_the_right_bytes)
+{
+    sh("qemu-img create -f qcow2 -o cluster_size=4k p.qcow2 16M && "
+       "qemu-io -c 'write -P 7 0 3M' -c 'write -c -P 8 4M 1M' -c 'write -z 1M 100k' -c 'write -P 9 9M 5M' p.qcow2");
+    size_t rlen;
+    unsigned char *ref = oracle("p.qcow2", &rlen);
+    to_mem("p.qcow2");
+    struct qcow2_open_opts o = {.l2_cache_bytes = 4 * 4096};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/p.qcow2", &o, &img), 0);
+    enum { N = 8 };
+    pthread_t t[N];
+    struct reader r[N];
+    for (int i = 0; i < N; i++) {
+        r[i] = (struct reader){.img = img, .ref = ref, .len = rlen, .seed = 1234u + (unsigned)i};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, read_random, &r[i]), 0);
+    }
+    for (int i = 0; i < N; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert_int_eq(r[i].bad, 0);
+    }
+    qcow2_close(img);
+    free(ref);
+}
+END_TEST
+
+static Suite *suite(void)
+{
+    Suite *s = suite_create("qcow2");
+    TCase *tc = tcase_create("read");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, reads_plain_zero_and_compressed_clusters);
+    tcase_add_test(tc, reads_zstd_and_extended_l2);
+    tcase_add_test(tc, reads_through_a_backing_chain_in_mem);
+    tcase_add_test(tc, reads_a_snapshot_view);
+    tcase_add_test(tc, refuses_a_file_without_magic_unless_raw);
+    tcase_add_test(tc, block_status_reports_zero_data_and_unallocated);
+    tcase_add_test(tc, parallel_readers_see_the_right_bytes);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,27 @@
+/* qcowimg.h: the offline tool's shared pieces: option parsing helpers and the
+ * subcommands, one file each. */
+#ifndef QCOWIMG_H
+#define QCOWIMG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "qcow2.h"
+
+/* Print "qcowimg: FILE: reason" to stderr and return 1 (the exit status). */
+int fail(const char *file, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Same, with the reason from err_msg(ret). */
+int fail_err(const char *file, int ret);
+
+/* Open file for reading with -f FMT and an optional snapshot; prints on error. */
+int open_image(const char *file, const char *fmt, const char *snapshot, struct qcow2_image **img);
+
+/* Parse a byte count with an optional k/M/G/T suffix; -1 on error. */
+int64_t parse_size(const char *s);
+
+int cmd_info(int argc, char **argv);
+int cmd_map(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_read(int argc, char **argv);
+
+#endif

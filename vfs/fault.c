@@ -1,0 +1,248 @@
+/* fault.c: the "fault" filter: "fault:INNER-URI" forwards every call to INNER-URI,
+ * counts reads, writes, flushes and truncates across all fault handles, and
+ * fails the armed one once (vfs.h's test seam; QCOWD_FAULT arms it from outside). */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "vfs.h"
+#include "vfs_int.h"
+
+#define NKINDS (VFS_FAULT_ANY + 1)
+
+/* The one armed fault and the counters, all under fault_lock. Counting goes on
+ * whether or not a fault is armed; arming restarts it from zero. Only the four
+ * kinds are counted (discard, size, block status, caps are not), and "any"
+ * counts each of them. */
+static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t env_once = PTHREAD_ONCE_INIT;
+static int armed, fired, armed_errnum;
+static enum vfs_fault_op armed_op;
+static unsigned long armed_nth;
+static unsigned long counts[NKINDS];
+
+static const char *const kind_names[NKINDS] = {"read", "write", "flush", "truncate", "any"};
+
+/* Arm op's nth call (nth 0 never fires: a way to just count); errnum 0 means EIO. */
+static void arm(enum vfs_fault_op op, unsigned long nth, int errnum)
+{
+    pthread_mutex_lock(&fault_lock);
+    armed = op >= 0 && op < NKINDS;
+    armed_op = op;
+    armed_nth = nth;
+    armed_errnum = errnum ? abs(errnum) : EIO;
+    fired = 0;
+    memset(counts, 0, sizeof counts);
+    pthread_mutex_unlock(&fault_lock);
+}
+
+/* QCOWD_FAULT="op:n:errno", e.g. "write:3:ENOSPC". A malformed value is reported
+ * on stderr and ignored, so a typo cannot pass for a run without faults silently. */
+static void parse_env(void)
+{
+    static const struct {
+        const char *name;
+        int value;
+    } errnos[] = {{"EIO", EIO}, {"ENOSPC", ENOSPC}, {"EROFS", EROFS}};
+    const char *env = getenv("QCOWD_FAULT");
+    char opname[16], errname[32], *end;
+    int op = -1, errnum = 0;
+    unsigned long nth;
+
+    if (!env || !*env)
+        return;
+    const char *c1 = strchr(env, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+    if (!c2 || (size_t)(c1 - env) >= sizeof opname || strlen(c2 + 1) >= sizeof errname)
+        goto bad;
+    memcpy(opname, env, (size_t)(c1 - env));
+    opname[c1 - env] = 0;
+    snprintf(errname, sizeof errname, "%s", c2 + 1);
+    for (int i = 0; i < NKINDS; i++)
+        if (strcmp(opname, kind_names[i]) == 0)
+            op = i;
+    nth = strtoul(c1 + 1, &end, 10);
+    if (op < 0 || end != c2 || c1[1] == '-' || nth < 1)
+        goto bad;
+    for (size_t i = 0; i < sizeof errnos / sizeof errnos[0]; i++)
+        if (strcmp(errname, errnos[i].name) == 0)
+            errnum = errnos[i].value;
+    if (!errnum) {
+        long v = strtol(errname, &end, 10);
+        if (*end || end == errname || v < 1 || v > 4095)
+            goto bad;
+        errnum = (int)v;
+    }
+    arm((enum vfs_fault_op)op, nth, errnum);
+    return;
+bad:
+    fprintf(stderr,
+            "qcowd: ignoring QCOWD_FAULT=\"%s\": want OP:N:ERRNO with OP "
+            "read|write|flush|truncate|any, N >= 1, ERRNO EIO|ENOSPC|EROFS or a number\n",
+            env);
+}
+
+static void init(void)
+{
+    pthread_once(&env_once, parse_env);
+}
+
+void vfs_fault_arm(enum vfs_fault_op op, unsigned long nth, int errnum)
+{
+    init(); /* the environment must not override an arm made before first use */
+    arm(op, nth, errnum);
+}
+
+void vfs_fault_disarm(void)
+{
+    init();
+    pthread_mutex_lock(&fault_lock);
+    armed = 0;
+    pthread_mutex_unlock(&fault_lock);
+}
+
+unsigned long vfs_fault_count(enum vfs_fault_op op)
+{
+    unsigned long n = 0;
+    init();
+    pthread_mutex_lock(&fault_lock);
+    if (op >= 0 && op < NKINDS)
+        n = counts[op];
+    pthread_mutex_unlock(&fault_lock);
+    return n;
+}
+
+int vfs_fault_fired(void)
+{
+    init();
+    pthread_mutex_lock(&fault_lock);
+    int f = fired;
+    pthread_mutex_unlock(&fault_lock);
+    return f;
+}
+
+/* Count one call of kind k; if it is the armed one, fail it. */
+static int tick(enum vfs_fault_op k, struct vfs_file *inner)
+{
+    int e = 0;
+    unsigned long n;
+    pthread_mutex_lock(&fault_lock);
+    n = ++counts[k];
+    ++counts[VFS_FAULT_ANY];
+    if (armed && !fired && (armed_op == k || armed_op == VFS_FAULT_ANY) &&
+        counts[armed_op] == armed_nth) {
+        fired = 1;
+        e = armed_errnum;
+    }
+    pthread_mutex_unlock(&fault_lock);
+    if (e)
+        return err_fail(e, "%s %s: injected fault at %s #%lu: %s", kind_names[k],
+                        vfs_file_uri(inner), kind_names[k], n, VFS_ESTR(e));
+    return 0;
+}
+
+/* The handle is the inner vfs_file itself. */
+#define IN(h) ((struct vfs_file *)(h))
+
+static int fault_open(const char *path, unsigned flags, void **handle)
+{
+    struct vfs_file *inner;
+    init();
+    int r = vfs_open(path, flags, &inner);
+    if (r < 0)
+        return r;
+    *handle = inner;
+    return 0;
+}
+
+static void fault_close(void *h)
+{
+    vfs_close(IN(h));
+}
+
+static int fault_pread(void *h, void *buf, size_t len, uint64_t off)
+{
+    int r = tick(VFS_FAULT_READ, IN(h));
+    return r < 0 ? r : vfs_pread(IN(h), buf, len, off);
+}
+
+static int fault_pwrite(void *h, const void *buf, size_t len, uint64_t off)
+{
+    int r = tick(VFS_FAULT_WRITE, IN(h));
+    return r < 0 ? r : vfs_pwrite(IN(h), buf, len, off);
+}
+
+static int fault_flush(void *h)
+{
+    int r = tick(VFS_FAULT_FLUSH, IN(h));
+    return r < 0 ? r : vfs_flush(IN(h));
+}
+
+static int fault_size(void *h, uint64_t *size)
+{
+    return vfs_size(IN(h), size);
+}
+
+static int fault_truncate(void *h, uint64_t size)
+{
+    int r = tick(VFS_FAULT_TRUNCATE, IN(h));
+    return r < 0 ? r : vfs_truncate(IN(h), size);
+}
+
+static int fault_discard(void *h, uint64_t off, uint64_t len)
+{
+    return vfs_discard(IN(h), off, len);
+}
+
+static unsigned fault_caps(void *h)
+{
+    return vfs_caps(IN(h));
+}
+
+static int fault_block_status(void *h, uint64_t off, uint64_t len, uint64_t *pnum)
+{
+    return vfs_block_status(IN(h), off, len, pnum);
+}
+
+static int fault_list(const char *dir, int (*cb)(void *ctx, const char *name), void *ctx)
+{
+    return vfs_list(dir, cb, ctx);
+}
+
+static int fault_stat(const char *path, struct vfs_stat *st)
+{
+    return vfs_stat(path, st);
+}
+
+static int fault_remove(const char *path)
+{
+    return vfs_remove(path);
+}
+
+static int fault_rename(const char *from, const char *to)
+{
+    return vfs_rename(from, to);
+}
+
+const struct vfs_ops vfs__fault_ops = {
+    .version = VFS_OPS_VERSION,
+    .struct_size = sizeof(struct vfs_ops),
+    .name = "fault",
+    .thread_model = VFS_THREAD_PARALLEL,
+    .open = fault_open,
+    .close = fault_close,
+    .pread = fault_pread,
+    .pwrite = fault_pwrite,
+    .flush = fault_flush,
+    .size = fault_size,
+    .truncate = fault_truncate,
+    .discard = fault_discard,
+    .caps = fault_caps,
+    .block_status = fault_block_status,
+    .list = fault_list,
+    .stat = fault_stat,
+    .remove = fault_remove,
+    .rename = fault_rename,
+};

@@ -1,0 +1,261 @@
+/* file.c: the "file" backend: POSIX files through pread/pwrite on one descriptor,
+ * holes through SEEK_DATA/SEEK_HOLE and fallocate(PUNCH_HOLE). */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "vfs_int.h"
+
+/* One open file. The descriptor's file position is never used (only pread,
+ * pwrite and lseek-for-holes), so any number of threads may share it. */
+struct fhandle {
+    int fd;
+    char path[]; /* as opened, for messages */
+};
+
+#define FH(h) ((struct fhandle *)(h))
+
+/* err_fail with "OP PATH: strerror(e)". */
+static int fail(int e, const char *op, const char *path)
+{
+    return err_fail(e, "%s %s: %s", op, path, VFS_ESTR(e));
+}
+
+static int file_open(const char *path, unsigned flags, void **handle)
+{
+    struct stat st;
+    int oflags = O_CLOEXEC | ((flags & VFS_O_RDWR) ? O_RDWR : O_RDONLY);
+    if (flags & VFS_O_CREATE)
+        oflags |= O_CREAT;
+    if (flags & VFS_O_EXCL)
+        oflags |= O_EXCL;
+
+    size_t n = strlen(path);
+    struct fhandle *fh = malloc(sizeof *fh + n + 1);
+    if (!fh)
+        return fail(ENOMEM, "open", path);
+    memcpy(fh->path, path, n + 1);
+    do
+        fh->fd = open(path, oflags, 0666);
+    while (fh->fd < 0 && errno == EINTR);
+    if (fh->fd < 0) {
+        int e = errno;
+        free(fh);
+        return fail(e, "open", path);
+    }
+    /* A read-only open of a directory succeeds in POSIX; an image never is one. */
+    int e = fstat(fh->fd, &st) < 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+    if (e) {
+        close(fh->fd);
+        free(fh);
+        return fail(e, "open", path);
+    }
+    *handle = fh;
+    return 0;
+}
+
+static void file_close(void *h)
+{
+    close(FH(h)->fd); /* an error here cannot be acted on: flush reports durability */
+    free(h);
+}
+
+static int file_pread(void *h, void *buf, size_t len, uint64_t off)
+{
+    char *p = buf;
+    while (len > 0) {
+        ssize_t n = pread(FH(h)->fd, p, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(errno, "pread", FH(h)->path);
+        }
+        if (n == 0) { /* end of file: the rest reads as zeroes */
+            memset(p, 0, len);
+            break;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int file_pwrite(void *h, const void *buf, size_t len, uint64_t off)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = pwrite(FH(h)->fd, p, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return fail(errno, "pwrite", FH(h)->path);
+        }
+        if (n == 0) /* no progress and no error: do not spin */
+            return fail(EIO, "pwrite", FH(h)->path);
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int file_flush(void *h)
+{
+    int r;
+    do
+        r = fdatasync(FH(h)->fd);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? fail(errno, "flush", FH(h)->path) : 0;
+}
+
+static int file_size(void *h, uint64_t *size)
+{
+    struct stat st;
+    if (fstat(FH(h)->fd, &st) < 0)
+        return fail(errno, "stat", FH(h)->path);
+    *size = (uint64_t)st.st_size;
+    return 0;
+}
+
+static int file_truncate(void *h, uint64_t size)
+{
+    int r;
+    do
+        r = ftruncate(FH(h)->fd, (off_t)size);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? fail(errno, "truncate", FH(h)->path) : 0;
+}
+
+/* Punch a hole; the size stays. -EOPNOTSUPP (a filesystem without holes) is
+ * passed on for the caller to treat discard as the hint it is. */
+static int file_discard(void *h, uint64_t off, uint64_t len)
+{
+    int r;
+    do
+        r = fallocate(FH(h)->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off,
+                      (off_t)len);
+    while (r < 0 && errno == EINTR);
+    return r < 0 ? fail(errno, "discard", FH(h)->path) : 0;
+}
+
+static unsigned file_caps(void *h)
+{
+    return VFS_CAP_DISCARD | VFS_CAP_BLOCK_STATUS;
+}
+
+static uint64_t min_u64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+static int file_block_status(void *h, uint64_t off, uint64_t len, uint64_t *pnum)
+{
+    uint64_t size;
+    int r = file_size(h, &size);
+    if (r < 0)
+        return r;
+    if (off >= size) {
+        *pnum = len;
+        return VFS_BS_HOLE;
+    }
+    off_t data = lseek(FH(h)->fd, (off_t)off, SEEK_DATA);
+    if (data < 0) {
+        if (errno == ENXIO) { /* no data from off on: hole to the end, and past it */
+            *pnum = len;
+            return VFS_BS_HOLE;
+        }
+        if (errno == EINVAL || errno == EOPNOTSUPP) /* no hole support: all data */
+            goto all_data;
+        return fail(errno, "seek data", FH(h)->path);
+    }
+    if ((uint64_t)data > off) {
+        *pnum = min_u64(len, (uint64_t)data - off);
+        return VFS_BS_HOLE;
+    }
+    off_t hole = lseek(FH(h)->fd, (off_t)off, SEEK_HOLE);
+    if (hole < 0 || (uint64_t)hole <= off) /* raced with a shrink, or no support */
+        goto all_data;
+    *pnum = min_u64(len, (uint64_t)hole - off);
+    return VFS_BS_DATA;
+all_data:
+    *pnum = min_u64(len, size - off);
+    return VFS_BS_DATA;
+}
+
+static int file_list(const char *dir, int (*cb)(void *ctx, const char *name), void *ctx)
+{
+    const char *d = *dir ? dir : ".";
+    DIR *dp = opendir(d);
+    struct dirent *de;
+    int r = 0;
+    if (!dp)
+        return fail(errno, "list", d);
+    for (;;) {
+        errno = 0;
+        if (!(de = readdir(dp))) {
+            if (errno)
+                r = fail(errno, "list", d);
+            break;
+        }
+        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
+            continue;
+        if ((r = cb(ctx, de->d_name)) != 0)
+            break;
+    }
+    closedir(dp);
+    return r;
+}
+
+static int file_stat(const char *path, struct vfs_stat *st)
+{
+    struct stat s;
+    if (stat(path, &s) < 0)
+        return fail(errno, "stat", path);
+    st->size = (uint64_t)s.st_size;
+    st->allocated = (uint64_t)s.st_blocks * 512;
+    st->mtime = (int64_t)s.st_mtime;
+    st->is_dir = S_ISDIR(s.st_mode);
+    return 0;
+}
+
+static int file_remove(const char *path)
+{
+    return unlink(path) < 0 ? fail(errno, "remove", path) : 0;
+}
+
+static int file_rename(const char *from, const char *to)
+{
+    if (rename(from, to) < 0) {
+        int e = errno;
+        return err_fail(e, "rename %s to %s: %s", from, to, VFS_ESTR(e));
+    }
+    return 0;
+}
+
+const struct vfs_ops vfs__file_ops = {
+    .version = VFS_OPS_VERSION,
+    .struct_size = sizeof(struct vfs_ops),
+    .name = "file",
+    .thread_model = VFS_THREAD_PARALLEL,
+    .open = file_open,
+    .close = file_close,
+    .pread = file_pread,
+    .pwrite = file_pwrite,
+    .flush = file_flush,
+    .size = file_size,
+    .truncate = file_truncate,
+    .discard = file_discard,
+    .caps = file_caps,
+    .block_status = file_block_status,
+    .list = file_list,
+    .stat = file_stat,
+    .remove = file_remove,
+    .rename = file_rename,
+};

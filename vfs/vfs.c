@@ -1,0 +1,649 @@
+/* vfs.c: the backend registry, URI dispatch, plugin loading, and the forwarders
+ * that check arguments and apply struct vfs_ops' documented defaults. */
+#include "vfs.h"
+
+#include <dirent.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "vfs_int.h"
+
+/* One registered backend. Never freed: handles and callers keep borrowed
+ * pointers to it for the life of the process. */
+struct backend {
+    struct vfs_ops ops;              /* copy; fields past the backend's struct_size are NULL */
+    char name[VFS_SCHEME_MAX + 1];   /* ops.name points here */
+    int serialize;                   /* thread model is not PARALLEL: take .lock per call */
+    pthread_mutex_t lock;            /* recursive, so a backend may call itself via vfs_* */
+    struct backend *next;
+};
+
+struct vfs_file {
+    struct backend *be; /* borrowed, lives forever */
+    void *handle;       /* the backend's, closed exactly once */
+    unsigned flags;     /* VFS_O_* as opened */
+    char *uri;          /* canonical URI, owned */
+};
+
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER; /* guards the list */
+static struct backend *backends;                             /* in registration order */
+static pthread_once_t builtin_once = PTHREAD_ONCE_INIT;
+
+/* ---- names ---- */
+
+static int scheme_char(char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' || c == '.' || c == '-';
+}
+
+size_t vfs__scheme_len(const char *uri)
+{
+    size_t i = 1;
+    if (!uri || !(uri[0] >= 'a' && uri[0] <= 'z'))
+        return 0;
+    while (scheme_char(uri[i]))
+        i++;
+    return uri[i] == ':' ? i : 0;
+}
+
+static int valid_scheme(const char *s)
+{
+    size_t n = s ? strlen(s) : 0;
+    if (n == 0 || n > VFS_SCHEME_MAX || !(s[0] >= 'a' && s[0] <= 'z'))
+        return 0;
+    for (size_t i = 1; i < n; i++)
+        if (!scheme_char(s[i]))
+            return 0;
+    return 1;
+}
+
+static int is_scheme(const char *uri, size_t n, const char *scheme)
+{
+    return n == strlen(scheme) && memcmp(uri, scheme, n) == 0;
+}
+
+/* ---- registry ---- */
+
+static struct backend *find_locked(const char *name, size_t len)
+{
+    for (struct backend *b = backends; b; b = b->next)
+        if (strlen(b->name) == len && memcmp(b->name, name, len) == 0)
+            return b;
+    return NULL;
+}
+
+static struct backend *lookup(const char *name, size_t len)
+{
+    pthread_mutex_lock(&reg_lock);
+    struct backend *b = find_locked(name, len);
+    pthread_mutex_unlock(&reg_lock);
+    return b;
+}
+
+static const char *missing_method(const struct vfs_ops *ops)
+{
+    if (!ops->open)
+        return "open";
+    if (!ops->close)
+        return "close";
+    if (!ops->pread)
+        return "pread";
+    if (!ops->size)
+        return "size";
+    return NULL;
+}
+
+/* Validate and copy ops into a new backend. Newer versions are accepted: we copy
+ * only the fields this host knows (up to our sizeof) and never look further. */
+static int do_register(const struct vfs_ops *ops)
+{
+    const char *miss;
+    pthread_mutexattr_t attr;
+
+    if (!ops)
+        return err_fail(EINVAL, "register backend: no vfs_ops given");
+    const char *nm = ops->name ? ops->name : "(unnamed)";
+    if (ops->version < 1)
+        return err_fail(EINVAL, "register backend %s: vfs_ops version %d is not valid", nm,
+                        ops->version);
+    if (ops->struct_size < VFS_OPS_V1_SIZE)
+        return err_fail(EINVAL,
+                        "register backend %s: struct_size %zu is smaller than version 1's %zu",
+                        nm, ops->struct_size, (size_t)VFS_OPS_V1_SIZE);
+    if (!valid_scheme(ops->name))
+        return err_fail(EINVAL, "register backend: \"%s\" is not a valid scheme name", nm);
+    if ((miss = missing_method(ops)))
+        return err_fail(EINVAL, "register backend %s: mandatory method .%s is missing", nm, miss);
+
+    struct backend *b = calloc(1, sizeof *b);
+    if (!b)
+        return err_fail(ENOMEM, "register backend %s: out of memory", nm);
+    size_t n = ops->struct_size < sizeof b->ops ? ops->struct_size : sizeof b->ops;
+    memcpy(&b->ops, ops, n);
+    snprintf(b->name, sizeof b->name, "%s", ops->name);
+    b->ops.name = b->name;
+    b->serialize = ops->thread_model != VFS_THREAD_PARALLEL;
+    pthread_mutexattr_init(&attr);
+    pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&b->lock, &attr);
+    pthread_mutexattr_destroy(&attr);
+
+    pthread_mutex_lock(&reg_lock);
+    if (find_locked(b->name, strlen(b->name))) {
+        pthread_mutex_unlock(&reg_lock);
+        pthread_mutex_destroy(&b->lock);
+        free(b);
+        return err_fail(EEXIST, "register backend %s: the scheme is already taken", nm);
+    }
+    struct backend **tail = &backends;
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = b;
+    pthread_mutex_unlock(&reg_lock);
+    return 0;
+}
+
+static void register_builtins(void)
+{
+    const struct vfs_ops *builtin[] = {&vfs__file_ops, &vfs__mem_ops, &vfs__fault_ops};
+    for (size_t i = 0; i < sizeof builtin / sizeof builtin[0]; i++) {
+        int r = do_register(builtin[i]);
+        if (r < 0) /* only ENOMEM can get here; the scheme then reports "unknown" */
+            fprintf(stderr, "qcowd: vfs: %s\n", err_msg(r));
+    }
+}
+
+static void init(void)
+{
+    pthread_once(&builtin_once, register_builtins);
+}
+
+int vfs_register(const struct vfs_ops *ops)
+{
+    init(); /* built-ins first, so nobody can take "file" from under them */
+    return do_register(ops);
+}
+
+/* ---- serialization ---- */
+
+static void enter(struct backend *b)
+{
+    if (b->serialize)
+        pthread_mutex_lock(&b->lock);
+}
+
+static void leave(struct backend *b)
+{
+    if (b->serialize)
+        pthread_mutex_unlock(&b->lock);
+}
+
+/* ---- plugins ---- */
+
+int vfs_load_plugin(const char *so_path)
+{
+    struct stat st;
+    char *local = NULL;
+    vfs_plugin_entry_fn entry;
+
+    init();
+    if (!so_path || !*so_path)
+        return err_fail(EINVAL, "load plugin: no path given");
+    if (stat(so_path, &st) < 0) {
+        int e = errno;
+        return err_fail(e, "load plugin %s: %s", so_path, VFS_ESTR(e));
+    }
+    /* dlopen searches the library path for a name without '/': we mean this file */
+    if (!strchr(so_path, '/') && asprintf(&local, "./%s", so_path) < 0)
+        return err_fail(ENOMEM, "load plugin %s: out of memory", so_path);
+    void *dl = dlopen(local ? local : so_path, RTLD_NOW | RTLD_LOCAL);
+    free(local);
+    if (!dl) {
+        const char *m = dlerror();
+        return err_fail(ENOEXEC, "load plugin %s: %s", so_path, m ? m : "dlopen failed");
+    }
+    dlerror();
+    void *sym = dlsym(dl, VFS_PLUGIN_ENTRY);
+    if (!sym) {
+        dlclose(dl);
+        return err_fail(ENOEXEC, "load plugin %s: not a qcowd plugin (no symbol %s)", so_path,
+                        VFS_PLUGIN_ENTRY);
+    }
+    memcpy(&entry, &sym, sizeof entry); /* object pointer to function pointer, as POSIX allows */
+    const struct vfs_ops *ops = entry(VFS_OPS_VERSION);
+    if (!ops) {
+        dlclose(dl);
+        return err_fail(ENOTSUP, "load plugin %s: the plugin declined host version %d", so_path,
+                        VFS_OPS_VERSION);
+    }
+    int r = do_register(ops);
+    if (r < 0) {
+        dlclose(dl); /* do_register kept nothing of it */
+        return err_prefix(r, "load plugin %s", so_path);
+    }
+    return 0; /* the object stays loaded for good: its methods are registered */
+}
+
+static int so_filter(const struct dirent *d)
+{
+    size_t n = strlen(d->d_name);
+    return n > 3 && strcmp(d->d_name + n - 3, ".so") == 0;
+}
+
+int vfs_load_plugins(const char *dir)
+{
+    struct dirent **ents;
+    int loaded = 0;
+
+    init();
+    if (!dir)
+        return err_fail(EINVAL, "load plugins: no folder given");
+    int n = scandir(dir, &ents, so_filter, alphasort);
+    if (n < 0) {
+        int e = errno;
+        return err_fail(e, "load plugins from %s: %s", dir, VFS_ESTR(e));
+    }
+    for (int i = 0; i < n; i++) {
+        char *path;
+        int r;
+        if (asprintf(&path, "%s/%s", dir, ents[i]->d_name) < 0)
+            r = err_fail(ENOMEM, "load plugin %s: out of memory", ents[i]->d_name);
+        else {
+            r = vfs_load_plugin(path);
+            free(path);
+        }
+        if (r < 0)
+            fprintf(stderr, "qcowd: %s\n", err_msg(r));
+        else
+            loaded++;
+        free(ents[i]);
+    }
+    free(ents);
+    return loaded;
+}
+
+/* ---- URIs ---- */
+
+/* Find the backend for uri and the path it gets (the part after "scheme:").
+ * op names the caller in the message. */
+static int split_uri(const char *op, const char *uri, struct backend **be, const char **path)
+{
+    init();
+    if (!uri)
+        return err_fail(EINVAL, "%s: no URI given", op);
+    size_t n = vfs__scheme_len(uri);
+    if (n == 0) {
+        *be = lookup("file", 4);
+        *path = uri;
+    } else {
+        *be = n <= VFS_SCHEME_MAX ? lookup(uri, n) : NULL;
+        *path = uri + n + 1;
+    }
+    if (!*be)
+        return err_fail(EINVAL, "%s %s: unknown storage scheme \"%.*s\"", op, uri,
+                        n ? (int)n : 4, n ? uri : "file");
+    return 0;
+}
+
+/* An absolute, symlink-free spelling of a file path; if realpath fails (a
+ * dangling name), at least absolute. NULL on ENOMEM. */
+static char *abs_path(const char *path)
+{
+    char cwd[PATH_MAX];
+    char *r = realpath(path, NULL);
+    if (r || path[0] == '/' || !getcwd(cwd, sizeof cwd))
+        return r ? r : strdup(path);
+    return asprintf(&r, "%s/%s", cwd, path) < 0 ? NULL : r;
+}
+
+/* The canonical URI for vfs_file_uri: files lose "file:" and get abs_path;
+ * "fault:" keeps its prefix over a canonical inner URI; others stay as given. */
+static char *canon_uri(const char *uri)
+{
+    size_t n = vfs__scheme_len(uri);
+    char *in, *r;
+    if (n == 0 || is_scheme(uri, n, "file"))
+        return abs_path(n ? uri + n + 1 : uri);
+    if (is_scheme(uri, n, "fault")) {
+        if (!(in = canon_uri(uri + n + 1)))
+            return NULL;
+        if (asprintf(&r, "fault:%s", in) < 0)
+            r = NULL;
+        free(in);
+        return r;
+    }
+    return strdup(uri);
+}
+
+char *vfs_resolve(const char *base_uri, const char *name)
+{
+    if (!name)
+        return NULL;
+    if (!base_uri || name[0] == '/' || vfs__scheme_len(name))
+        return strdup(name);
+    /* Keep the base's scheme prefix (looking through "fault:" to the inner
+     * scheme) and its folder, then append name. */
+    const char *p = base_uri;
+    for (;;) {
+        size_t n = vfs__scheme_len(p);
+        if (!n)
+            break;
+        int through = is_scheme(p, n, "fault");
+        p += n + 1;
+        if (!through)
+            break;
+    }
+    const char *slash = strrchr(p, '/');
+    size_t keep = slash ? (size_t)(slash - base_uri) + 1 : (size_t)(p - base_uri);
+    size_t nlen = strlen(name);
+    char *r = malloc(keep + nlen + 1);
+    if (!r)
+        return NULL;
+    memcpy(r, base_uri, keep);
+    memcpy(r + keep, name, nlen + 1);
+    return r;
+}
+
+int vfs_name_is_contained(const char *name)
+{
+    if (!name || !*name || name[0] == '/')
+        return 0;
+    /* Any ':' in the first component could read as a scheme or protocol
+     * ("json:{...}", "nbd:host"); refuse rather than guess. */
+    if (memchr(name, ':', strcspn(name, "/")))
+        return 0;
+    for (const char *p = name; *p;) {
+        size_t n = strcspn(p, "/");
+        if (n == 2 && p[0] == '.' && p[1] == '.')
+            return 0;
+        p += n;
+        while (*p == '/')
+            p++;
+    }
+    return 1;
+}
+
+/* ---- handles ---- */
+
+/* After a failing call that was given a fresh message slot: if the backend
+ * left no message of its own, name the operation and the URI. */
+static int ensure_msg(int r, const char *op, const char *uri)
+{
+    if (strcmp(err_msg(r), VFS_ESTR(r)) == 0)
+        return err_fail(-r, "%s %s: %s", op, uri, VFS_ESTR(r));
+    return r;
+}
+
+int vfs_open(const char *uri, unsigned flags, struct vfs_file **out)
+{
+    struct backend *be;
+    const char *path;
+    void *h = NULL;
+
+    int r = split_uri("open", uri, &be, &path);
+    if (r < 0)
+        return r;
+    if (flags & ~(VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL))
+        return err_fail(EINVAL, "open %s: unknown flags %#x", uri, flags);
+    if ((flags & VFS_O_CREATE) && !(flags & VFS_O_RDWR))
+        return err_fail(EINVAL, "open %s: creating needs read-write", uri);
+    if ((flags & VFS_O_EXCL) && !(flags & VFS_O_CREATE))
+        return err_fail(EINVAL, "open %s: exclusive open needs create", uri);
+    if ((flags & VFS_O_RDWR) && !be->ops.pwrite)
+        return err_fail(EROFS, "open %s: backend \"%s\" is read-only", uri, be->name);
+
+    struct vfs_file *f = calloc(1, sizeof *f);
+    if (!f)
+        return err_fail(ENOMEM, "open %s: out of memory", uri);
+    err_clear();
+    enter(be);
+    r = be->ops.open(path, flags, &h);
+    leave(be);
+    if (r < 0) {
+        free(f);
+        return ensure_msg(r, "open", uri);
+    }
+    f->be = be;
+    f->handle = h;
+    f->flags = flags;
+    if (!(f->uri = canon_uri(uri))) {
+        vfs_close(f);
+        return err_fail(ENOMEM, "open %s: out of memory", uri);
+    }
+    *out = f;
+    return 0;
+}
+
+void vfs_close(struct vfs_file *f)
+{
+    if (!f)
+        return;
+    enter(f->be);
+    f->be->ops.close(f->handle);
+    leave(f->be);
+    free(f->uri);
+    free(f);
+}
+
+const char *vfs_file_uri(const struct vfs_file *f)
+{
+    return f->uri;
+}
+
+/* off+len must not wrap and must fit an off_t. */
+static int check_range(const struct vfs_file *f, const char *op, uint64_t off, uint64_t len)
+{
+    uint64_t end;
+    if (__builtin_add_overflow(off, len, &end) || end > (uint64_t)INT64_MAX)
+        return err_fail(EINVAL, "%s %s: range %llu+%llu is out of bounds", op, f->uri,
+                        (unsigned long long)off, (unsigned long long)len);
+    return 0;
+}
+
+static int check_writable(const struct vfs_file *f, const char *op)
+{
+    if (!(f->flags & VFS_O_RDWR))
+        return err_fail(EBADF, "%s %s: opened read-only", op, f->uri);
+    return 0;
+}
+
+int vfs_pread(struct vfs_file *f, void *buf, size_t len, uint64_t off)
+{
+    int r = check_range(f, "pread", off, len);
+    if (r < 0 || len == 0)
+        return r;
+    enter(f->be);
+    r = f->be->ops.pread(f->handle, buf, len, off);
+    leave(f->be);
+    return r < 0 ? r : 0;
+}
+
+int vfs_pwrite(struct vfs_file *f, const void *buf, size_t len, uint64_t off)
+{
+    int r = check_writable(f, "pwrite");
+    if (r == 0)
+        r = check_range(f, "pwrite", off, len);
+    if (r < 0 || len == 0)
+        return r;
+    enter(f->be);
+    r = f->be->ops.pwrite(f->handle, buf, len, off);
+    leave(f->be);
+    return r < 0 ? r : 0;
+}
+
+int vfs_flush(struct vfs_file *f)
+{
+    int r;
+    if (!f->be->ops.flush) {
+        /* Nothing written through this handle can be pending without a writer. */
+        if (!(f->flags & VFS_O_RDWR) || !f->be->ops.pwrite)
+            return 0;
+        return err_fail(EOPNOTSUPP, "flush %s: backend \"%s\" cannot make writes durable",
+                        f->uri, f->be->name);
+    }
+    enter(f->be);
+    r = f->be->ops.flush(f->handle);
+    leave(f->be);
+    return r < 0 ? r : 0;
+}
+
+int vfs_size(struct vfs_file *f, uint64_t *size)
+{
+    uint64_t s = 0;
+    enter(f->be);
+    int r = f->be->ops.size(f->handle, &s);
+    leave(f->be);
+    if (r < 0)
+        return r;
+    *size = s;
+    return 0;
+}
+
+int vfs_truncate(struct vfs_file *f, uint64_t size)
+{
+    int r = check_writable(f, "truncate");
+    if (r < 0)
+        return r;
+    if (size > (uint64_t)INT64_MAX)
+        return err_fail(EFBIG, "truncate %s: size %llu is too large", f->uri,
+                        (unsigned long long)size);
+    if (!f->be->ops.truncate)
+        return err_fail(EOPNOTSUPP, "truncate %s: backend \"%s\" cannot resize", f->uri,
+                        f->be->name);
+    enter(f->be);
+    r = f->be->ops.truncate(f->handle, size);
+    leave(f->be);
+    return r < 0 ? r : 0;
+}
+
+int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len)
+{
+    int r = check_writable(f, "discard");
+    if (r == 0)
+        r = check_range(f, "discard", off, len);
+    if (r < 0 || len == 0)
+        return r;
+    if (!f->be->ops.discard)
+        return err_fail(EOPNOTSUPP, "discard %s: backend \"%s\" has no discard", f->uri,
+                        f->be->name);
+    enter(f->be);
+    r = f->be->ops.discard(f->handle, off, len);
+    leave(f->be);
+    return r < 0 ? r : 0;
+}
+
+unsigned vfs_caps(struct vfs_file *f)
+{
+    unsigned c;
+    if (!f->be->ops.caps)
+        return 0;
+    enter(f->be);
+    c = f->be->ops.caps(f->handle);
+    leave(f->be);
+    return c;
+}
+
+int vfs_block_status(struct vfs_file *f, uint64_t off, uint64_t len, uint64_t *pnum)
+{
+    uint64_t n = 0, size;
+    int r;
+    if (len == 0)
+        return err_fail(EINVAL, "block status %s: empty range", f->uri);
+    if ((r = check_range(f, "block status", off, len)) < 0)
+        return r;
+    if (!f->be->ops.block_status) { /* the default: data up to the size, hole after */
+        if ((r = vfs_size(f, &size)) < 0)
+            return r;
+        if (off >= size) {
+            *pnum = len;
+            return VFS_BS_HOLE;
+        }
+        *pnum = size - off < len ? size - off : len;
+        return VFS_BS_DATA;
+    }
+    enter(f->be);
+    r = f->be->ops.block_status(f->handle, off, len, &n);
+    leave(f->be);
+    if (r < 0)
+        return r;
+    if ((r != VFS_BS_DATA && r != VFS_BS_HOLE) || n == 0 || n > len)
+        return err_fail(EIO, "block status %s: backend \"%s\" answered %d for %llu bytes",
+                        f->uri, f->be->name, r, (unsigned long long)n);
+    *pnum = n;
+    return r;
+}
+
+/* ---- store-level calls ---- */
+
+/* Find the backend for uri and make sure it has the store-level method. */
+#define STORE_BACKEND(opname, method, uri, be, path)                                          \
+    do {                                                                                      \
+        int r_ = split_uri(opname, uri, &be, &path);                                          \
+        if (r_ < 0)                                                                           \
+            return r_;                                                                        \
+        if (!be->ops.method)                                                                  \
+            return err_fail(EOPNOTSUPP, "%s %s: backend \"%s\" does not support it", opname, \
+                            uri, be->name);                                                   \
+    } while (0)
+
+int vfs_list(const char *dir_uri, int (*cb)(void *ctx, const char *name), void *ctx)
+{
+    struct backend *be;
+    const char *path;
+    STORE_BACKEND("list", list, dir_uri, be, path);
+    enter(be);
+    int r = be->ops.list(path, cb, ctx);
+    leave(be);
+    return r;
+}
+
+int vfs_stat(const char *uri, struct vfs_stat *st)
+{
+    struct vfs_stat tmp = {0};
+    struct backend *be;
+    const char *path;
+    STORE_BACKEND("stat", stat, uri, be, path);
+    enter(be);
+    int r = be->ops.stat(path, &tmp);
+    leave(be);
+    if (r < 0)
+        return r;
+    *st = tmp;
+    return 0;
+}
+
+int vfs_remove(const char *uri)
+{
+    struct backend *be;
+    const char *path;
+    STORE_BACKEND("remove", remove, uri, be, path);
+    enter(be);
+    int r = be->ops.remove(path);
+    leave(be);
+    return r;
+}
+
+/* Both names must be in one store (the same backend): -EXDEV otherwise. */
+int vfs_rename(const char *from_uri, const char *to_uri)
+{
+    struct backend *be, *to_be;
+    const char *path, *to_path;
+    STORE_BACKEND("rename", rename, from_uri, be, path);
+    int r = split_uri("rename", to_uri, &to_be, &to_path);
+    if (r < 0)
+        return r;
+    if (to_be != be)
+        return err_fail(EXDEV, "rename %s to %s: not in the same store", from_uri, to_uri);
+    enter(be);
+    r = be->ops.rename(path, to_path);
+    leave(be);
+    return r;
+}

@@ -1,0 +1,77 @@
+/* vfs.h: what callers use to reach bytes on a store, whatever the backend.
+ * URIs: "scheme:path" picks a registered backend; a plain path means "file". */
+#ifndef QCOWD_VFS_H
+#define QCOWD_VFS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vfs_plugin.h"
+
+struct vfs_file; /* opaque: one open object */
+
+/* Register a backend under ops->name. Fails with -EEXIST if the scheme is taken,
+ * -EINVAL if the version or struct_size is unusable. Thread-safe. */
+int vfs_register(const struct vfs_ops *ops);
+
+/* Load one plugin shared object (dlopen, then VFS_PLUGIN_ENTRY) and register it. */
+int vfs_load_plugin(const char *so_path);
+
+/* Load every "*.so" in dir; returns the number loaded or a negative errno. A
+ * plugin that fails to load is skipped with its message written to stderr. */
+int vfs_load_plugins(const char *dir);
+
+/* Open the object at uri. On success *out is a new handle the caller closes with
+ * vfs_close; on failure *out is unchanged. The built-in backends ("file", "mem",
+ * "fault") are registered on first use. */
+int vfs_open(const char *uri, unsigned flags, struct vfs_file **out);
+void vfs_close(struct vfs_file *f);
+
+/* Forwarders to the backend, with the contracts of struct vfs_ops. Reads past
+ * the end are zero-filled. discard returns -EOPNOTSUPP where the backend has none. */
+int vfs_pread(struct vfs_file *f, void *buf, size_t len, uint64_t off);
+int vfs_pwrite(struct vfs_file *f, const void *buf, size_t len, uint64_t off);
+int vfs_flush(struct vfs_file *f);
+int vfs_size(struct vfs_file *f, uint64_t *size);
+int vfs_truncate(struct vfs_file *f, uint64_t size);
+int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len);
+unsigned vfs_caps(struct vfs_file *f);
+int vfs_block_status(struct vfs_file *f, uint64_t off, uint64_t len, uint64_t *pnum);
+
+/* The canonical URI this handle was opened as (for files: "file:" is dropped and
+ * the path made absolute and free of symlinks, so two names of one file compare
+ * equal). Borrowed; lives as long as f. */
+const char *vfs_file_uri(const struct vfs_file *f);
+
+/* Store-level calls on URIs; -EOPNOTSUPP where the backend lacks them. */
+int vfs_list(const char *dir_uri, int (*cb)(void *ctx, const char *name), void *ctx);
+int vfs_stat(const char *uri, struct vfs_stat *st);
+int vfs_remove(const char *uri);
+int vfs_rename(const char *from_uri, const char *to_uri);
+
+/* Resolve name relative to the folder of base_uri: "img/b.qcow2" against
+ * "mem:dir/a.qcow2" gives "mem:dir/img/b.qcow2"; an absolute path or a name with a
+ * scheme is returned unchanged. Returns a new string (free()) or NULL on ENOMEM. */
+char *vfs_resolve(const char *base_uri, const char *name);
+
+/* Whether name, taken relative to some image, would stay inside that image's
+ * store: relative, no scheme, no ".." component. */
+int vfs_name_is_contained(const char *name);
+
+/* ---- test seams ---- */
+
+/* The fault filter: opening "fault:INNER-URI" opens INNER-URI through a filter that
+ * counts calls across all fault handles and fails the armed one. Arm it with
+ * vfs_fault_arm(VFS_FAULT_WRITE, 3, ENOSPC): the third pwrite from now fails with
+ * -ENOSPC (once). Also armed from the environment at first use:
+ * QCOWD_FAULT="write:3:ENOSPC" (op read|write|flush|truncate|any, n >= 1,
+ * errno EIO|ENOSPC|EROFS or a number). */
+enum vfs_fault_op { VFS_FAULT_READ, VFS_FAULT_WRITE, VFS_FAULT_FLUSH, VFS_FAULT_TRUNCATE, VFS_FAULT_ANY };
+void vfs_fault_arm(enum vfs_fault_op op, unsigned long nth, int errnum);
+void vfs_fault_disarm(void);
+/* Calls of each kind counted since the last arm (for tests that step through). */
+unsigned long vfs_fault_count(enum vfs_fault_op op);
+/* Whether the armed fault has fired. */
+int vfs_fault_fired(void);
+
+#endif

@@ -1,0 +1,96 @@
+/* vfs_plugin.h: the versioned interface every storage backend implements.
+ * A backend is one `const struct vfs_ops`; fields are only ever appended. */
+#ifndef QCOWD_VFS_PLUGIN_H
+#define QCOWD_VFS_PLUGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* The interface version this header describes. A backend sets .version to the
+ * version it was written against; the host never calls a method the backend's
+ * version does not have, and checks .struct_size before touching later fields. */
+#define VFS_OPS_VERSION 1
+
+/* Open flags. */
+#define VFS_O_RDONLY 0x0u
+#define VFS_O_RDWR   0x1u
+#define VFS_O_CREATE 0x2u  /* create if missing (needs VFS_O_RDWR) */
+#define VFS_O_EXCL   0x4u  /* with VFS_O_CREATE: fail with -EEXIST if it exists */
+
+/* Thread models, as nbdkit's: how many calls the host may make at once. */
+enum vfs_thread_model {
+    VFS_THREAD_SERIALIZE = 0, /* one call at a time per backend (host takes a lock) */
+    VFS_THREAD_PARALLEL = 1,  /* any calls on any handles at once */
+};
+
+/* Capability bits returned by .caps (NULL .caps means 0). */
+#define VFS_CAP_DISCARD      0x1u /* .discard really frees space */
+#define VFS_CAP_BLOCK_STATUS 0x2u /* .block_status knows holes */
+
+/* Results of .block_status. */
+#define VFS_BS_HOLE 0 /* reads as zeroes (a hole, or past the end) */
+#define VFS_BS_DATA 1 /* may hold data */
+
+/* What .stat reports. */
+struct vfs_stat {
+    uint64_t size;      /* bytes */
+    uint64_t allocated; /* bytes of storage used (0 if unknown) */
+    int64_t mtime;      /* seconds since the epoch (0 if unknown) */
+    int is_dir;         /* 1 for a directory-like prefix */
+};
+
+/* Every method returns 0 (or a count where said) on success and a negative errno
+ * on failure, after setting a readable message with err_fail() (common/err.h).
+ * Paths given to a backend have the "scheme:" prefix removed. */
+struct vfs_ops {
+    int version;         /* VFS_OPS_VERSION the backend was written against */
+    size_t struct_size;  /* sizeof(struct vfs_ops) as the backend saw it */
+    const char *name;    /* the URI scheme it serves: "file", "mem", "s3" */
+    int thread_model;    /* enum vfs_thread_model */
+
+    /* ---- version 1 ---- */
+
+    /* Open path with VFS_O_* flags; on success store an opaque handle in *handle.
+     * On failure *handle is left alone and .close is not called. */
+    int (*open)(const char *path, unsigned flags, void **handle);
+    /* Release the handle; it never fails and is called exactly once per open. */
+    void (*close)(void *handle);
+    /* Read exactly len bytes at off. Bytes past the end of the object read as
+     * zeroes (a short read is zero-filled, never reported as an error). */
+    int (*pread)(void *handle, void *buf, size_t len, uint64_t off);
+    /* Write exactly len bytes at off, growing the object if needed. */
+    int (*pwrite)(void *handle, const void *buf, size_t len, uint64_t off);
+    /* Make every completed write durable before returning. */
+    int (*flush)(void *handle);
+    /* Current size in bytes. */
+    int (*size)(void *handle, uint64_t *size);
+    /* Set the size; growing reads back as zeroes. */
+    int (*truncate)(void *handle, uint64_t size);
+    /* Optional. Deallocate a range; it reads back as zeroes afterwards.
+     * NULL: the host reports -EOPNOTSUPP and callers treat discard as a hint. */
+    int (*discard)(void *handle, uint64_t off, uint64_t len);
+    /* Optional. VFS_CAP_* bits for this handle. NULL: 0. */
+    unsigned (*caps)(void *handle);
+    /* Optional. Whether [off, off+len) starts with data or a hole: returns
+     * VFS_BS_DATA or VFS_BS_HOLE and sets *pnum (1..len) to the length of the run
+     * with that status. Past the end is a hole. NULL: data up to the size, hole after. */
+    int (*block_status)(void *handle, uint64_t off, uint64_t len, uint64_t *pnum);
+    /* Optional. Call cb once per entry directly inside dir (names only, no "." or
+     * ".."); a non-zero cb return stops the walk and is returned. */
+    int (*list)(const char *dir, int (*cb)(void *ctx, const char *name), void *ctx);
+    /* Optional. Facts about path without opening it; -ENOENT if missing. */
+    int (*stat)(const char *path, struct vfs_stat *st);
+    /* Optional. Remove the object at path. */
+    int (*remove)(const char *path);
+    /* Optional. Atomically replace `to` with `from` (like rename(2)). */
+    int (*rename)(const char *from, const char *to);
+    /* ---- end of version 1 ---- */
+};
+
+/* A plugin shared object exports this symbol. host_version is VFS_OPS_VERSION of
+ * the loading host; return NULL to decline. The returned struct must stay valid
+ * until the process exits. */
+typedef const struct vfs_ops *(*vfs_plugin_entry_fn)(int host_version);
+#define VFS_PLUGIN_ENTRY "qcowd_vfs_plugin"
+
+#endif
