@@ -33,25 +33,28 @@ void err_set(const char *fmt, ...)
 
 int err_prefix(int errnum, const char *fmt, ...)
 {
-    char old[ERR_MSG_MAX];
+    /* "ctx: old"; when too long, the middle goes, so the reason at the end
+     * (the part that says what is wrong) always survives */
+    char old[ERR_MSG_MAX], ctx[ERR_MSG_MAX];
     va_list ap;
     snprintf(old, sizeof old, "%s", err_msg(errnum));
     va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    vsnprintf(ctx, sizeof ctx, fmt, ap);
     va_end(ap);
-    size_t used = n < 0 ? 0 : (size_t)n >= sizeof msg ? sizeof msg - 1 : (size_t)n;
-    size_t room = sizeof msg - used;
-    size_t olen = strlen(old);
-    if (room > 2) {
-        memcpy(msg + used, ": ", 2);
-        used += 2;
-        room -= 2;
-        if (olen >= room)
-            olen = room - 1;
-        memcpy(msg + used, old, olen);
-        used += olen;
+    size_t clen = strlen(ctx), olen = strlen(old);
+    if (clen + 2 + olen < sizeof msg) {
+        memcpy(msg, ctx, clen);
+        memcpy(msg + clen, ": ", 2);
+        memcpy(msg + clen + 2, old, olen + 1);
+    } else {
+        static const char gap[] = ": ... ";
+        size_t keep_ctx = clen < 120 ? clen : 120;
+        size_t room = sizeof msg - 1 - keep_ctx - (sizeof gap - 1);
+        size_t keep_old = olen < room ? olen : room;
+        memcpy(msg, ctx, keep_ctx);
+        memcpy(msg + keep_ctx, gap, sizeof gap - 1);
+        memcpy(msg + keep_ctx + sizeof gap - 1, old + olen - keep_old, keep_old + 1);
     }
-    msg[used] = 0;
     have_msg = 1;
     return errnum;
 }

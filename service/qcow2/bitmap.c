@@ -19,6 +19,11 @@
 
 void qcow2_free_bitmaps(struct qcow2_image *img)
 {
+    if (img->bm)
+        for (uint32_t i = 0; i < img->info.nb_bitmaps; i++)
+            free(img->bm[i].bits);
+    free(img->bm);
+    img->bm = NULL;
     if (img->bitmaps)
         for (uint32_t i = 0; i < img->info.nb_bitmaps; i++)
             free(img->bitmaps[i].name);
@@ -122,6 +127,9 @@ int qcow2_read_bitmaps(struct qcow2_image *img)
         b->auto_ = flags & BME_FLAG_AUTO;
         b->consistent = !(extra && !(flags & BME_FLAG_EXTRA_COMPAT));
         b->type = type;
+        b->entry_offset = img->bitmap_dir_off + pos;
+        b->table_offset = table_off;
+        b->table_size = table_size;
         pos += elen;
     }
 out:
@@ -130,5 +138,146 @@ out:
         qcow2_free_bitmaps(img);
         img->info.nb_bitmaps = 0;
     }
+    return ret;
+}
+
+/* ---- tracking writes (the image's write lock is held) ---- */
+
+/* Set or clear the in_use flag of a directory entry, keeping its other flags. */
+static int set_in_use(struct qcow2_image *img, const struct qcow2_bitmap_info *b, bool in_use)
+{
+    uint32_t be;
+    int ret = vfs_pread(img->file, &be, 4, b->entry_offset + 12);
+    if (ret < 0)
+        return ret;
+    uint32_t flags = be32toh(be);
+    flags = in_use ? flags | BME_FLAG_IN_USE : flags & ~BME_FLAG_IN_USE;
+    be = htobe32(flags);
+    return vfs_pwrite(img->file, &be, 4, b->entry_offset + 12);
+}
+
+int bitmaps_begin(struct qcow2_image *img)
+{
+    if (img->bm_loaded || !img->info.nb_bitmaps)
+        return 0;
+    uint32_t n = img->info.nb_bitmaps;
+    uint64_t cs = img->cluster_size;
+    img->bm = calloc(n, sizeof *img->bm);
+    if (!img->bm)
+        return err_fail(ENOMEM, "out of memory");
+    int ret = 0;
+    bool changed = false;
+    for (uint32_t i = 0; i < n && ret == 0; i++) {
+        struct qcow2_bitmap_info *b = &img->bitmaps[i];
+        struct bm_track *t = &img->bm[i];
+        /* a bitmap left in use by a crash is stale: it stays so until removed or cleared */
+        if (!b->auto_ || b->in_use || !b->consistent)
+            continue;
+        t->gran_bits = (uint32_t)__builtin_ctz(b->granularity);
+        t->nbits = (img->h.size + b->granularity - 1) >> t->gran_bits;
+        uint64_t bytes = (t->nbits + 7) / 8;
+        t->bits = calloc(1, (size_t)b->table_size * cs);
+        uint64_t *table = NULL;
+        if (!t->bits)
+            ret = err_fail(ENOMEM, "out of memory for bitmap '%s'", b->name);
+        if (ret == 0)
+            ret = qcow2_load_u64_table(img, b->table_offset, b->table_size, &table);
+        for (uint32_t j = 0; ret == 0 && j < b->table_size; j++) {
+            uint64_t off = table[j] & QCOW2_L2E_OFFSET_MASK;
+            if (off)
+                ret = vfs_pread(img->file, t->bits + (uint64_t)j * cs, cs, off);
+            else if (table[j] & 1)
+                memset(t->bits + (uint64_t)j * cs, 0xff, cs);
+        }
+        free(table);
+        if (ret == 0 && bytes * 8 > t->nbits) /* unused tail bits stay zero */
+            t->bits[bytes - 1] &= (unsigned char)((1u << (t->nbits % 8)) - 1);
+        if (ret < 0)
+            break;
+        b->in_use = true;
+        t->entry_off = b->entry_offset;
+        t->tracking = true;
+        ret = set_in_use(img, b, true);
+        changed = true;
+    }
+    if (ret == 0 && changed)
+        ret = vfs_flush(img->file);
+    img->bm_loaded = ret == 0;
+    return ret;
+}
+
+void bitmaps_mark(struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+    if (!img->bm || !len)
+        return;
+    for (uint32_t i = 0; i < img->info.nb_bitmaps; i++) {
+        struct bm_track *t = &img->bm[i];
+        if (!t->tracking)
+            continue;
+        uint64_t first = off >> t->gran_bits, last = (off + len - 1) >> t->gran_bits;
+        for (uint64_t k = first; k <= last && k < t->nbits; k++)
+            t->bits[k / 8] |= (unsigned char)(1u << (k % 8));
+    }
+}
+
+static bool all_zero(const unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i])
+            return false;
+    return true;
+}
+
+int bitmaps_store(struct qcow2_image *img)
+{
+    if (!img->bm)
+        return 0;
+    uint64_t cs = img->cluster_size;
+    int ret = 0;
+    for (uint32_t i = 0; i < img->info.nb_bitmaps && ret == 0; i++) {
+        struct qcow2_bitmap_info *b = &img->bitmaps[i];
+        struct bm_track *t = &img->bm[i];
+        if (!t->tracking)
+            continue;
+        uint64_t *table;
+        if ((ret = qcow2_load_u64_table(img, b->table_offset, b->table_size, &table)) < 0)
+            break;
+        /* data first (in place where a cluster exists, else a new one); the table
+         * is written only once the data and refcounts are on disk */
+        for (uint32_t j = 0; j < b->table_size && ret == 0; j++) {
+            const unsigned char *d = t->bits + (uint64_t)j * cs;
+            uint64_t off = table[j] & QCOW2_L2E_OFFSET_MASK;
+            if (all_zero(d, cs)) {
+                if (off)
+                    ret = free_later(img, off, cs);
+                table[j] = 0;
+                continue;
+            }
+            if (!off && (ret = alloc_clusters(img, 1, &off)) < 0)
+                break;
+            ret = vfs_pwrite(img->file, d, cs, off);
+            table[j] = off;
+        }
+        if (ret == 0)
+            ret = rc_writeback(img);
+        if (ret == 0)
+            ret = vfs_flush(img->file);
+        if (ret == 0) {
+            for (uint32_t j = 0; j < b->table_size; j++)
+                table[j] = htobe64(table[j]);
+            ret = overlap_check(img, b->table_offset, (uint64_t)b->table_size * 8, "bitmap table");
+            if (ret == 0)
+                ret = vfs_pwrite(img->file, table, (size_t)b->table_size * 8, b->table_offset);
+        }
+        free(table);
+        if (ret == 0)
+            ret = vfs_flush(img->file);
+        if (ret == 0) {
+            b->in_use = false;
+            ret = set_in_use(img, b, false);
+        }
+    }
+    if (ret == 0)
+        ret = vfs_flush(img->file);
     return ret;
 }

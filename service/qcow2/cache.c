@@ -109,8 +109,8 @@ int l2_cache_get(struct qcow2_image *img, uint64_t key, struct l2_slice **out)
         int victim = -1;
         for (unsigned j = 0; j < c->nslots; j++) {
             struct l2_slice *s = &c->slots[j];
-            if (c->loading[j] || s->refs)
-                continue;
+            if (c->loading[j] || s->refs || s->dirty)
+                continue; /* dirty slices leave only through a writeback */
             if (!s->valid) {
                 victim = (int)j;
                 break;
@@ -167,5 +167,59 @@ void l2_cache_put(struct qcow2_image *img, struct l2_slice *s)
     s->refs--;
     if (s->refs == 0)
         pthread_cond_broadcast(&c->loaded);
+    pthread_mutex_unlock(&c->lock);
+}
+
+void l2_cache_mark_dirty(struct qcow2_image *img, struct l2_slice *s)
+{
+    struct l2_cache *c = &img->cache;
+    pthread_mutex_lock(&c->lock);
+    if (!s->dirty) {
+        s->dirty = true;
+        c->ndirty++;
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* Called with the image's write lock held: no reader runs, so slices do not move. */
+int l2_cache_writeback(struct qcow2_image *img)
+{
+    struct l2_cache *c = &img->cache;
+    uint64_t *buf = NULL;
+    int ret = 0;
+    for (unsigned i = 0; i < c->nslots && c->ndirty; i++) {
+        struct l2_slice *s = &c->slots[i];
+        if (!s->valid || !s->dirty)
+            continue;
+        if (!buf && !(buf = malloc(c->slice_bytes)))
+            return err_fail(ENOMEM, "out of memory");
+        ret = overlap_check(img, s->key, c->slice_bytes, "L2 table");
+        if (ret < 0)
+            break;
+        for (uint32_t k = 0; k < c->slice_bytes / 8; k++)
+            buf[k] = htobe64(s->entries[k]);
+        ret = vfs_pwrite(img->file, buf, c->slice_bytes, s->key);
+        if (ret < 0)
+            break;
+        s->dirty = false;
+        c->ndirty--;
+    }
+    free(buf);
+    return ret;
+}
+
+void l2_cache_forget(struct qcow2_image *img, uint64_t table_off)
+{
+    struct l2_cache *c = &img->cache;
+    pthread_mutex_lock(&c->lock);
+    for (unsigned i = 0; i < c->nslots; i++) {
+        struct l2_slice *s = &c->slots[i];
+        if (s->valid && !s->refs && s->key >= table_off && s->key < table_off + img->cluster_size) {
+            if (s->dirty)
+                c->ndirty--;
+            unlink_slot(c, (int)i);
+            s->valid = s->dirty = false;
+        }
+    }
     pthread_mutex_unlock(&c->lock);
 }

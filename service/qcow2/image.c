@@ -21,6 +21,9 @@ static void free_image(struct qcow2_image *img)
     if (img->file)
         vfs_close(img->file);
     l2_cache_destroy(&img->cache);
+    rc_cache_drop(img);
+    free(img->pending);
+    pthread_rwlock_destroy(&img->rwlock);
     qcow2_free_snapshots(img);
     qcow2_free_bitmaps(img);
     pthread_mutex_destroy(&img->prealloc_lock);
@@ -39,6 +42,12 @@ static void free_image(struct qcow2_image *img)
 
 void qcow2_close(struct qcow2_image *img)
 {
+    if (img && img->rw && img->fmt == QCOW2_FMT_QCOW2) {
+        pthread_rwlock_wrlock(&img->rwlock);
+        if (finish_write(img) < 0)
+            fprintf(stderr, "qcow2: %s: closing: %s\n", img->uri, err_msg(-EIO));
+        pthread_rwlock_unlock(&img->rwlock);
+    }
     free_image(img);
 }
 
@@ -170,7 +179,9 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
     if (!img)
         return err_fail(ENOMEM, "out of memory");
     pthread_mutex_init(&img->prealloc_lock, NULL);
+    pthread_rwlock_init(&img->rwlock, NULL);
     img->depth = depth;
+    img->free_hint = 1;
     int ret = vfs_open(uri, o->read_write && depth == 0 ? VFS_O_RDWR : VFS_O_RDONLY, &img->file);
     if (ret < 0)
         goto fail;
@@ -222,6 +233,29 @@ fail:
     return ret;
 }
 
+/* Checks before the first write is allowed. */
+static int make_writable(struct qcow2_image *img, const struct qcow2_open_opts *o)
+{
+    if (img->fmt == QCOW2_FMT_RAW) {
+        img->rw = true;
+        return 0;
+    }
+    if (img->h.crypt_method)
+        return err_fail(ENOTSUP, "image is encrypted; qcowd cannot write it");
+    if ((img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !o->allow_corrupt)
+        return err_fail(EIO, "image is marked corrupt; it can be opened read-only, or repaired with check -r all");
+    img->rw = true;
+    if ((img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !o->allow_corrupt) {
+        /* a crash with lazy refcounts: the refcounts must be rebuilt before use */
+        int ret = qcow2_repair_refcounts(img);
+        if (ret < 0) {
+            img->rw = false;
+            return err_prefix(ret, "rebuilding refcounts of a dirty image");
+        }
+    }
+    return 0;
+}
+
 int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2_image **out)
 {
     struct qcow2_open_opts defaults = {0};
@@ -230,9 +264,9 @@ int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2
     const char **chain = calloc(max + 1, sizeof *chain);
     if (!chain)
         return err_fail(ENOMEM, "out of memory");
-    if (o->read_write) {
+    if (o->read_write && o->snapshot) {
         free(chain);
-        return err_fail(EROFS, "%s: writing is not supported yet", uri);
+        return err_fail(EINVAL, "a snapshot view is read-only");
     }
     struct qcow2_image *img;
     err_clear();
@@ -240,6 +274,13 @@ int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2
     free(chain);
     if (ret < 0)
         return ret;
+    if (o->read_write) {
+        ret = make_writable(img, o);
+        if (ret < 0) {
+            qcow2_close(img);
+            return ret;
+        }
+    }
     if (o->snapshot) {
         if (img->fmt != QCOW2_FMT_QCOW2) {
             qcow2_close(img);

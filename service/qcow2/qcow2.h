@@ -15,12 +15,13 @@ enum qcow2_format { QCOW2_FMT_QCOW2 = 0, QCOW2_FMT_RAW = 1 };
 struct qcow2_open_opts {
     const char *format;        /* NULL or "qcow2": must have the qcow2 magic; "raw": raw */
     const char *snapshot;      /* NULL, or an internal snapshot's name or id: a read-only view */
-    bool read_write;           /* false: read-only (the only mode for now) */
+    bool read_write;           /* open the top image for writing (backing files stay read-only) */
     bool no_backing;           /* do not open the backing chain (unallocated reads as zero) */
     bool contained;            /* backing/data file names must stay inside the image's store */
     size_t l2_cache_bytes;     /* 0: QCOW2_DEFAULT_L2_CACHE */
     unsigned max_chain_depth;  /* 0: QCOW2_DEFAULT_CHAIN_DEPTH */
     uint64_t max_meta_bytes;   /* 0: no extra bound; else refuse images whose tables need more */
+    bool allow_corrupt;        /* open a corrupt or dirty image read-write as it is (check and repair) */
 };
 
 #define QCOW2_DEFAULT_L2_CACHE (4u << 20)
@@ -78,6 +79,9 @@ struct qcow2_bitmap_info {
     uint32_t granularity;  /* bytes per bit */
     bool in_use, auto_, consistent;
     uint8_t type;
+    uint64_t entry_offset;  /* host offset of its directory entry */
+    uint64_t table_offset;  /* host offset of its bitmap table */
+    uint32_t table_size;    /* entries */
 };
 
 /* Facts about the open image (top layer). All borrowed; live as long as img. */
@@ -113,5 +117,70 @@ const struct qcow2_info *qcow2_get_info(const struct qcow2_image *img);
 
 /* The backing image of img, or NULL (borrowed). */
 struct qcow2_image *qcow2_backing(const struct qcow2_image *img);
+
+/* ---- writing (images opened with read_write) ----
+ * Writers are serialised per image and exclude readers while they run; every
+ * call returns 0 or a negative errno with err_msg() set. Metadata reaches the
+ * disk in an order that survives a crash at any point: data and refcounts
+ * before the L2 entries that use them, L2 tables before the L1 entries, and
+ * refcounts lowered only once no entry on disk points at the cluster. Writes
+ * are durable once qcow2_flush (or qcow2_close) returns. */
+
+/* Write len guest bytes at off (off+len within the size). */
+int qcow2_pwrite(struct qcow2_image *img, const void *buf, size_t len, uint64_t off);
+/* Make [off, off+len) read as zeroes; whole clusters become zero clusters (v3)
+ * and free their space. */
+int qcow2_pwrite_zeroes(struct qcow2_image *img, uint64_t off, uint64_t len);
+/* Discard [off, off+len): whole clusters are freed; on v3 they read back as
+ * zeroes (even over a backing file), on v2 they fall through to the backing file.
+ * Partial clusters are left as they are (discard is a hint). */
+int qcow2_discard(struct qcow2_image *img, uint64_t off, uint64_t len);
+/* Write one whole cluster compressed (off cluster aligned, len == cluster size,
+ * or the tail of the disk). Falls back to a plain write when it does not shrink. */
+int qcow2_pwrite_compressed(struct qcow2_image *img, const void *buf, size_t len, uint64_t off);
+/* Compress one cluster into out (cap bytes); returns the compressed size, or 0 when
+ * it would not save space, or -errno. Thread-safe and lock-free: for parallel
+ * compression before qcow2_write_compressed_raw. */
+long qcow2_compress_cluster(const struct qcow2_image *img, const void *in, size_t len, void *out, size_t cap);
+/* Store a cluster already compressed by qcow2_compress_cluster. */
+int qcow2_write_compressed_raw(struct qcow2_image *img, uint64_t off, const void *cdata, size_t clen);
+/* Write all cached metadata in order and make everything durable. */
+int qcow2_flush(struct qcow2_image *img);
+
+/* What check found (and fixed), with qemu-img check's meanings. */
+struct qcow2_check_result {
+    uint64_t corruptions, leaks, check_errors;
+    uint64_t corruptions_fixed, leaks_fixed;
+    uint64_t image_end_offset;
+    uint64_t total_clusters, allocated_clusters, fragmented_clusters, compressed_clusters;
+};
+enum qcow2_repair { QCOW2_REPAIR_NONE = 0, QCOW2_REPAIR_LEAKS = 1, QCOW2_REPAIR_ALL = 2 };
+/* Recount every reference (active L1, snapshots, bitmaps, metadata) and compare
+ * with the refcounts and OFLAG_COPIED flags; with repair (image opened read-write
+ * with allow_corrupt), fix leaks, or everything, and clear the corrupt bit. Each
+ * finding is passed to report (may be NULL) as one line. Returns 0 when the check
+ * ran (its findings are in *r), or -errno when it could not. */
+int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_check_result *r,
+                void (*report)(void *ctx, const char *line), void *ctx);
+
+/* Options for qcow2_create, named as qemu-img's -o options. Zeroed means defaults:
+ * 64 KiB clusters, version 3, 16-bit refcounts, zlib, no preallocation. */
+struct qcow2_create_opts {
+    uint64_t size;               /* virtual size in bytes */
+    uint32_t cluster_size;       /* 512 B .. 2 MiB, power of two; 0: 65536 */
+    int version;                 /* 2 or 3; 0: 3 */
+    unsigned refcount_bits;      /* 1,2,4,..,64; 0: 16 */
+    bool extended_l2;
+    bool lazy_refcounts;
+    bool compression_zstd;       /* compression_type=zstd */
+    bool prealloc_metadata;      /* preallocation=metadata */
+    const char *backing_file;    /* stored as given */
+    const char *backing_format;  /* "qcow2" or "raw" (NULL: none stored) */
+    const char *data_file;       /* external data file name, stored as given */
+    bool data_file_raw;
+};
+/* Create a new image at uri (refused with -EEXIST if it exists). The backing
+ * file, when given, is opened to check it and to take its size when size is 0. */
+int qcow2_create(const char *uri, const struct qcow2_create_opts *o);
 
 #endif

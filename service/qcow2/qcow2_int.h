@@ -118,6 +118,7 @@ struct l2_slice {
     unsigned refs;       /* borrowers; evictable at 0 */
     uint64_t lru;        /* last-use tick */
     bool valid;
+    bool dirty;          /* changed in memory, not yet written (writer only) */
 };
 
 struct l2_cache {
@@ -132,6 +133,31 @@ struct l2_cache {
     int *next;                /* per slot: next slot in its hash chain, -1 ends */
     int *bucket;              /* hash of key -> first slot, -1 if none */
     unsigned nbuckets;        /* power of two */
+    unsigned ndirty;          /* slices with dirty set */
+};
+
+/* A persistent bitmap being tracked while the image is written. */
+struct bm_track {
+    uint64_t entry_off;  /* host offset of its directory entry */
+    unsigned char *bits; /* bit i: guest bytes [i*gran, (i+1)*gran) written */
+    uint64_t nbits;
+    uint32_t gran_bits;
+    bool tracking;       /* enabled (auto) and consistent: writes mark it */
+};
+
+/* One cached refcount block, in its on-disk form. Writer only. */
+struct rb_entry {
+    uint64_t off;        /* host offset of the block */
+    unsigned char *buf;  /* cluster_size bytes */
+    uint64_t lru;
+    bool valid, dirty;
+};
+
+#define RB_CACHE_ENTRIES 32
+
+/* A range whose refcounts drop once the entries that dropped it are on disk. */
+struct pending_free {
+    uint64_t off, len;   /* host bytes; every cluster touched loses one reference */
 };
 
 struct qcow2_image {
@@ -176,8 +202,27 @@ struct qcow2_image {
     uint64_t bitmap_dir_off, bitmap_dir_size;
     struct qcow2_snapshot_info *snaps;
     uint32_t nb_snaps;
+    uint64_t snap_table_len;     /* bytes of the snapshot table */
     struct qcow2_bitmap_info *bitmaps;
     struct qcow2_info info;
+
+    /* writing (img->rw only; all under rwlock held for writing) */
+    bool rw;
+    pthread_rwlock_t rwlock;     /* readers shared; writers and flushes exclusive */
+    struct rb_entry rbc[RB_CACHE_ENTRIES];
+    uint64_t rb_tick;
+    uint64_t free_hint;          /* first cluster index that may be free */
+    uint32_t l1_dirty_lo, l1_dirty_hi; /* entries [lo, hi) changed in memory */
+    struct pending_free *pending;
+    size_t npending, cap_pending;
+    uint64_t cfree_off, cfree_end; /* room left in the last compressed-data cluster */
+    bool write_started;          /* first-write header duties done (autoclear, dirty bit) */
+    bool set_dirty_bit;          /* we set the dirty bit (lazy refcounts): clear on close */
+    bool broken;                 /* an inconsistency was found: writes refused */
+    struct bm_track *bm;         /* per bitmap, parallel to bitmaps[] */
+    bool bm_loaded;              /* tracking set up by the first write */
+    const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
+    uint64_t repair_n;
 };
 
 /* ---- index helpers ---- */
@@ -255,6 +300,75 @@ int qcow2_decompress(int type, const void *src, size_t len, void *dst, size_t ds
 int qcow2_get_refcount(struct qcow2_image *img, uint64_t cluster, uint64_t *refcount);
 /* QEMU's metadata-preallocation heuristic, computed once. */
 bool qcow2_meta_prealloc(struct qcow2_image *img);
+
+/* ---- rcache.c: refcounts for writers (under the write lock) ---- */
+int rc_get(struct qcow2_image *img, uint64_t cluster, uint64_t *val);
+/* Make sure a refcount block covers cluster (the new block may take a free cluster). */
+int rc_cover(struct qcow2_image *img, uint64_t cluster);
+/* Set the refcount of cluster; allocates refcount blocks (and grows the table) as needed. */
+int rc_set(struct qcow2_image *img, uint64_t cluster, uint64_t val);
+/* Add delta (+1/-1) to every cluster touched by host bytes [off, off+len). */
+int rc_update_range(struct qcow2_image *img, uint64_t off, uint64_t len, int delta);
+/* Write dirty refcount blocks (no flush). */
+int rc_writeback(struct qcow2_image *img);
+void rc_cache_drop(struct qcow2_image *img);
+uint64_t rc_max(const struct qcow2_image *img);
+
+/* ---- alloc.c ---- */
+/* Allocate n contiguous free clusters with refcount 1; *off is the first. */
+int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off);
+/* Allocate bytes for compressed data (may share a cluster with earlier data). */
+int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off);
+/* Queue host bytes [off, off+len) to lose one reference after the next metadata write. */
+int free_later(struct qcow2_image *img, uint64_t off, uint64_t len);
+/* Refuse a write of metadata or data over the header, tables or snapshot/bitmap
+ * metadata; marks the image corrupt when it would. */
+int overlap_check(struct qcow2_image *img, uint64_t off, uint64_t len, const char *what);
+
+/* ---- flush.c ---- */
+/* Write everything cached in order (see qcow2.h); with sync, end with a flush. */
+int meta_flush(struct qcow2_image *img);
+/* Write a header field (big-endian, size 4 or 8) at byte offset off and flush. */
+int header_write(struct qcow2_image *img, uint64_t off, uint64_t value, unsigned size);
+/* Set the corrupt bit (best effort) and refuse further writes; returns -EIO. */
+int mark_corrupt(struct qcow2_image *img, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Header duties before the first write: clear unknown autoclear bits, set the
+ * dirty bit for lazy refcounts. */
+int begin_write(struct qcow2_image *img);
+/* Clean close: flush, clear the dirty bit we set. */
+int finish_write(struct qcow2_image *img);
+
+/* ---- cache.c (writer side) ---- */
+void l2_cache_mark_dirty(struct qcow2_image *img, struct l2_slice *s);
+/* Write dirty slices (no flush). */
+int l2_cache_writeback(struct qcow2_image *img);
+/* Forget cached slices of the L2 table at off (after it is freed). */
+void l2_cache_forget(struct qcow2_image *img, uint64_t table_off);
+
+/* ---- read.c ---- */
+/* Read guest bytes without taking the image lock (writers use it for copy-on-write). */
+int qcow2_read_unlocked(struct qcow2_image *img, void *buf, uint64_t len, uint64_t off);
+
+/* ---- write.c ---- */
+/* Borrow the L2 slice for guest offset off, ready to change (allocating or
+ * copying the L2 table as needed); *idx is the entry within the slice. */
+int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **sp, uint32_t *idx);
+
+/* ---- create.c ---- */
+/* Give every guest cluster of a new image an L2 entry and a host cluster. */
+int qcow2_preallocate(const char *uri);
+
+/* ---- check.c ---- */
+/* Recount every reference and rewrite refcounts that differ (dirty images). */
+int qcow2_repair_refcounts(struct qcow2_image *img);
+
+/* ---- bitmap.c (writer side) ---- */
+/* First write: load enabled bitmaps and mark them in_use on disk. */
+int bitmaps_begin(struct qcow2_image *img);
+/* Record a guest write/zero/discard of [off, off+len) in the tracked bitmaps. */
+void bitmaps_mark(struct qcow2_image *img, uint64_t off, uint64_t len);
+/* Store tracked bitmaps and clear their in_use flag (close). */
+int bitmaps_store(struct qcow2_image *img);
 
 /* ---- snapshot.c ---- */
 int qcow2_read_snapshots(struct qcow2_image *img);

@@ -120,13 +120,21 @@ static int read_range(struct qcow2_image *img, unsigned char *buf, uint64_t len,
     return 0;
 }
 
+int qcow2_read_unlocked(struct qcow2_image *img, void *buf, uint64_t len, uint64_t off)
+{
+    return read_range(img, buf, len, off);
+}
+
 int qcow2_pread(struct qcow2_image *img, void *buf, size_t len, uint64_t off)
 {
     uint64_t end;
     if (__builtin_add_overflow(off, (uint64_t)len, &end) || end > img->size)
         return err_fail(EINVAL, "read of %zu bytes at %" PRIu64 " is past the end of the disk (%" PRIu64 " bytes)", len, off,
                         img->size);
-    return read_range(img, buf, len, off);
+    pthread_rwlock_rdlock(&img->rwlock);
+    int ret = read_range(img, buf, len, off);
+    pthread_rwlock_unlock(&img->rwlock);
+    return ret;
 }
 
 /* Status flags, as QEMU's block layer names them. */
@@ -194,7 +202,17 @@ static int layer_status(struct qcow2_image *img, uint64_t off, uint64_t bytes, s
     return 0;
 }
 
+static int block_status(struct qcow2_image *img, uint64_t off, uint64_t len, struct qcow2_extent *ext);
+
 int qcow2_block_status(struct qcow2_image *img, uint64_t off, uint64_t len, struct qcow2_extent *ext)
+{
+    pthread_rwlock_rdlock(&img->rwlock);
+    int ret = block_status(img, off, len, ext);
+    pthread_rwlock_unlock(&img->rwlock);
+    return ret;
+}
+
+static int block_status(struct qcow2_image *img, uint64_t off, uint64_t len, struct qcow2_extent *ext)
 {
     if (off >= img->size || len == 0)
         return err_fail(EINVAL, "block status at %" PRIu64 " is past the end of the disk", off);

@@ -70,8 +70,9 @@ int qcow2_read_snapshots(struct qcow2_image *img)
                            QCOW2_MAX_SNAPSHOT_EXTRA);
             goto out;
         }
+        /* the last entry's padding may be missing (QEMU writes none): check the
+         * unpadded length, pad only when stepping to the next entry */
         uint64_t len = SNAP_FIXED + (uint64_t)extra + id_len + name_len;
-        len = (len + 7) & ~7ull;
         if (len > maxlen - pos) {
             ret = err_fail(EINVAL, "snapshot table entry %u runs past the end of the table", i);
             goto out;
@@ -100,8 +101,9 @@ int qcow2_read_snapshots(struct qcow2_image *img)
             ret = err_fail(EINVAL, "snapshot %s has a virtual size of %" PRIu64 ", too large", s->id, s->disk_size);
             goto out;
         }
-        pos += len;
+        pos += (len + 7) & ~7ull;
     }
+    img->snap_table_len = pos < maxlen ? pos : maxlen;
 out:
     free(buf);
     if (ret < 0)

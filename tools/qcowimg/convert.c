@@ -24,7 +24,10 @@ struct chunk {
 
 struct job {
     struct qcow2_image *img;
-    struct vfs_file *out;
+    struct vfs_file *out;        /* raw output, or NULL */
+    struct qcow2_image *dst;     /* qcow2 output, or NULL */
+    bool compress;
+    uint32_t grid;               /* output cluster size (1 for raw) */
     struct chunk *chunks;
     size_t nchunks;
     atomic_size_t next;
@@ -63,6 +66,56 @@ static void record_error(struct job *j, int ret, const char *what)
     pthread_mutex_unlock(&j->err_lock);
 }
 
+/* Write one chunk of guest bytes to the output, leaving zero blocks out. For
+ * raw, 4 KiB blocks of zeroes stay holes, as qemu-img does; for qcow2, clusters
+ * of zeroes stay unallocated and the others are written (compressed with -c). */
+static int emit(struct job *j, unsigned char *buf, uint64_t len, uint64_t off)
+{
+    uint64_t blk = j->dst ? j->grid : 4096;
+    unsigned char *cbuf = NULL;
+    int ret = 0;
+    for (uint64_t p = 0; p < len && ret == 0;) {
+        uint64_t n = len - p < blk ? len - p : blk;
+        if (all_zero(buf + p, n)) {
+            p += n;
+            continue;
+        }
+        if (j->compress) {
+            size_t cap = j->grid - 512;
+            if (!cbuf && !(cbuf = malloc(cap))) {
+                ret = err_fail(ENOMEM, "out of memory");
+                break;
+            }
+            long cl = -1;
+            if (n == j->grid) /* compress here, in this thread; only the store takes the lock */
+                cl = qcow2_compress_cluster(j->dst, buf + p, n, cbuf, cap);
+            if (cl > 0)
+                ret = qcow2_write_compressed_raw(j->dst, off + p, cbuf, (size_t)cl);
+            else if (cl == 0)
+                ret = qcow2_pwrite(j->dst, buf + p, n, off + p);
+            else
+                ret = qcow2_pwrite_compressed(j->dst, buf + p, n, off + p); /* the short tail */
+            if (ret < 0)
+                record_error(j, ret, "writing the output: ");
+            p += n;
+            continue;
+        }
+        uint64_t q = p + n;
+        while (q < len) {
+            uint64_t m = len - q < blk ? len - q : blk;
+            if (all_zero(buf + q, m))
+                break;
+            q += m;
+        }
+        ret = j->dst ? qcow2_pwrite(j->dst, buf + p, q - p, off + p) : vfs_pwrite(j->out, buf + p, q - p, off + p);
+        if (ret < 0)
+            record_error(j, ret, "writing the output: ");
+        p = q;
+    }
+    free(cbuf);
+    return ret;
+}
+
 static void *worker(void *arg)
 {
     struct job *j = arg;
@@ -81,27 +134,8 @@ static void *worker(void *arg)
             record_error(j, ret, "");
             break;
         }
-        /* keep the output sparse: skip 4 KiB blocks of zeroes, as qemu-img does */
-        for (uint64_t p = 0; p < c->len;) {
-            uint64_t n = c->len - p < 4096 ? c->len - p : 4096;
-            if (all_zero(buf + p, n)) {
-                p += n;
-                continue;
-            }
-            uint64_t q = p + n;
-            while (q < c->len) {
-                uint64_t m = c->len - q < 4096 ? c->len - q : 4096;
-                if (all_zero(buf + q, m))
-                    break;
-                q += m;
-            }
-            ret = vfs_pwrite(j->out, buf + p, q - p, c->off + p);
-            if (ret < 0) {
-                record_error(j, ret, "writing the output: ");
-                goto out;
-            }
-            p = q;
-        }
+        if ((ret = emit(j, buf, c->len, c->off)) < 0)
+            goto out;
         atomic_fetch_add(&j->done_bytes, c->len);
     }
 out:
@@ -110,11 +144,12 @@ out:
 }
 
 /* The ranges that may hold non-zero data, cut into chunks of at most CHUNK bytes. */
-static int plan_chunks(struct qcow2_image *img, struct chunk **out, size_t *n, uint64_t *total)
+static int plan_chunks(struct qcow2_image *img, uint64_t size, uint64_t grid, struct chunk **out, size_t *n,
+                       uint64_t *total)
 {
     size_t cap = 1024, cnt = 0;
     struct chunk *v = malloc(cap * sizeof *v);
-    uint64_t size = qcow2_size(img), off = 0;
+    uint64_t off = 0;
     *total = 0;
     if (!v)
         return err_fail(ENOMEM, "out of memory");
@@ -126,7 +161,12 @@ static int plan_chunks(struct qcow2_image *img, struct chunk **out, size_t *n, u
             return ret;
         }
         if (!e.zero) {
-            uint64_t s = e.start, end = e.start + e.length;
+            /* on the output's cluster grid, so compressed clusters are whole */
+            uint64_t s = e.start / grid * grid, end = (e.start + e.length + grid - 1) / grid * grid;
+            if (end > size)
+                end = size;
+            if (cnt && s < v[cnt - 1].off + v[cnt - 1].len)
+                s = v[cnt - 1].off + v[cnt - 1].len;
             while (s < end) {
                 /* extend the previous chunk when contiguous and not full */
                 if (cnt && v[cnt - 1].off + v[cnt - 1].len == s && v[cnt - 1].len < CHUNK) {
@@ -170,14 +210,21 @@ int cmd_convert(int argc, char **argv)
 {
     static const struct option lo[] = {{"help", no_argument, 0, 'h'}, {"force-share", no_argument, 0, 'U'}, {0, 0, 0, 0}};
     const char *fmt = NULL, *ofmt = "raw", *snap = NULL;
-    bool progress = false, sync = false;
+    bool progress = false, sync = false, compress = false;
     long threads = 0;
-    int c;
+    char *optstr[16];
+    int nopt = 0, c;
     optind = 1;
-    while ((c = getopt_long(argc, argv, "f:O:l:s:pm:t:T:hUW", lo, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "f:O:l:s:pm:t:T:o:chUW", lo, NULL)) != -1) {
         switch (c) {
         case 'f': fmt = optarg; break;
         case 'O': ofmt = optarg; break;
+        case 'c': compress = true; break;
+        case 'o':
+            if (nopt == 16)
+                return fail("convert", "too many -o options");
+            optstr[nopt++] = optarg;
+            break;
         case 'l':
         case 's': snap = snapshot_arg(optarg); break;
         case 'p': progress = true; break;
@@ -192,7 +239,10 @@ int cmd_convert(int argc, char **argv)
         case 'U':
         case 'W': break;
         case 'h':
-            printf("usage: qcowimg convert [-f qcow2|raw] -O raw [-l snapshot.name=S] [-p] [-m THREADS] [-t CACHE] SRC DST\n"
+            printf("usage: qcowimg convert [-f qcow2|raw] -O raw|qcow2 [-c] [-o OPTIONS] [-l snapshot.name=S] [-p]\n"
+                   "                       [-m THREADS] [-t CACHE] SRC DST\n"
+                   "  -O qcow2  a new qcow2 image (create options with -o, as qemu-img's); -c compresses\n"
+                   "            its clusters, on every thread\n"
                    "  -t CACHE  unsafe (default: no flush, as qemu-img), or writeback/none/writethrough/directsync:\n"
                    "            flush the output before exiting\n");
             return 0;
@@ -201,8 +251,15 @@ int cmd_convert(int argc, char **argv)
     }
     if (optind != argc - 2)
         return fail("convert", "expected SRC and DST (see --help)");
-    if (strcmp(ofmt, "raw"))
-        return fail("convert", "output format '%s' is not supported yet (raw only)", ofmt);
+    bool to_qcow2 = !strcmp(ofmt, "qcow2");
+    if (!to_qcow2 && strcmp(ofmt, "raw"))
+        return fail("convert", "output format must be raw or qcow2, not '%s'", ofmt);
+    if (!to_qcow2 && (compress || nopt))
+        return fail("convert", "-c and -o need -O qcow2");
+    struct qcow2_create_opts co = {0};
+    for (int i = 0; i < nopt; i++)
+        if (parse_create_opts(argv[argc - 1], optstr[i], &co))
+            return 1;
     if (threads < 0 || threads > MAX_THREADS)
         return fail("convert", "-m takes 1 to %d threads", MAX_THREADS);
     const char *src = argv[optind], *dst = argv[optind + 1];
@@ -210,20 +267,39 @@ int cmd_convert(int argc, char **argv)
     if (open_image(src, fmt, snap, &img))
         return 1;
     int rc = 1;
-    struct job j = {.img = img};
+    uint64_t out_size = snap ? qcow2_get_info(img)->virtual_size : qcow2_size(img);
+    struct job j = {.img = img, .compress = compress, .grid = 1};
     pthread_mutex_init(&j.err_lock, NULL);
-    int ret = plan_chunks(img, &j.chunks, &j.nchunks, &j.total_bytes);
+    int ret;
+    if (to_qcow2) {
+        co.size = out_size;
+        struct qcow2_open_opts oo = {.read_write = true};
+        vfs_remove(dst); /* like qemu-img: the target is made anew */
+        ret = qcow2_create(dst, &co);
+        if (ret == 0)
+            ret = qcow2_open(dst, &oo, &j.dst);
+        if (ret < 0) {
+            fail_err(dst, ret);
+            goto out;
+        }
+        j.grid = qcow2_get_info(j.dst)->cluster_size;
+    } else {
+        ret = vfs_open(dst, VFS_O_RDWR | VFS_O_CREATE, &j.out);
+        if (ret == 0)
+            ret = vfs_truncate(j.out, 0);
+        if (ret == 0)
+            ret = vfs_truncate(j.out, out_size);
+        if (ret < 0) {
+            fail_err(dst, ret);
+            goto out;
+        }
+    }
+    /* as qemu-img: a snapshot is copied at the image's current size (cut, or
+     * padded with zeroes), whatever size it had when taken */
+    uint64_t in_size = qcow2_size(img) < out_size ? qcow2_size(img) : out_size;
+    ret = plan_chunks(img, in_size, j.grid, &j.chunks, &j.nchunks, &j.total_bytes);
     if (ret < 0) {
         fail_err(src, ret);
-        goto out;
-    }
-    ret = vfs_open(dst, VFS_O_RDWR | VFS_O_CREATE, &j.out);
-    if (ret == 0)
-        ret = vfs_truncate(j.out, 0);
-    if (ret == 0)
-        ret = vfs_truncate(j.out, qcow2_size(img));
-    if (ret < 0) {
-        fail_err(dst, ret);
         goto out;
     }
     if (!threads) {
@@ -252,7 +328,8 @@ int cmd_convert(int argc, char **argv)
         fail(src, "%s", j.err);
         goto out;
     }
-    ret = sync ? vfs_flush(j.out) : 0;
+    /* a qcow2 target always gets its metadata written (and flushed) before close */
+    ret = j.dst ? qcow2_flush(j.dst) : sync ? vfs_flush(j.out) : 0;
     if (ret < 0) {
         fail_err(dst, ret);
         goto out;
@@ -261,6 +338,8 @@ int cmd_convert(int argc, char **argv)
 out:
     if (j.out)
         vfs_close(j.out);
+    if (j.dst)
+        qcow2_close(j.dst);
     free(j.chunks);
     pthread_mutex_destroy(&j.err_lock);
     qcow2_close(img);

@@ -21,6 +21,16 @@ static const char usage[] =
     "                          write the guest disk (or a snapshot of it) to a sparse raw file\n"
     "  read [-f FMT] [-l snapshot.name=S] IMG OFFSET LENGTH\n"
     "                          write LENGTH guest bytes from OFFSET to standard output\n"
+    "  create -f qcow2 [-o OPTIONS] [-b BACKING -F FMT] IMG [SIZE]\n"
+    "                          make a new image (options as qemu-img's: cluster_size, compat, ...)\n"
+    "  write [-f FMT] [-c] IMG OFFSET\n"
+    "                          write standard input into the guest disk at OFFSET (-c: compressed)\n"
+    "  zero [-f FMT] IMG OFFSET LENGTH\n"
+    "                          make a range read as zeroes (whole clusters become zero clusters)\n"
+    "  discard [-f FMT] IMG OFFSET LENGTH\n"
+    "                          free whole clusters of a range\n"
+    "  check [-r leaks|all] [--output=human|json] IMG\n"
+    "                          verify refcounts and flags; exit 0 clean, 2 corrupt, 3 leaks\n"
     "\n"
     "FMT is qcow2 (the default) or raw; a file without the qcow2 magic is raw only with -f raw.\n"
     "Relative backing and data file names resolve against the image's own folder.\n"
@@ -93,7 +103,9 @@ int main(int argc, char **argv)
         const char *name;
         int (*fn)(int, char **);
     } cmds[] = {
-        {"info", cmd_info}, {"map", cmd_map}, {"convert", cmd_convert}, {"read", cmd_read},
+        {"info", cmd_info},   {"map", cmd_map},   {"convert", cmd_convert}, {"read", cmd_read},
+        {"create", cmd_create}, {"write", cmd_write}, {"zero", cmd_zero},     {"discard", cmd_discard},
+        {"check", cmd_check},
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(cmd, cmds[i].name))

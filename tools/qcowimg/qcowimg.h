@@ -23,5 +23,12 @@ int cmd_info(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 int cmd_read(int argc, char **argv);
+int cmd_create(int argc, char **argv);
+int cmd_write(int argc, char **argv);
+int cmd_zero(int argc, char **argv);
+int cmd_discard(int argc, char **argv);
+int cmd_check(int argc, char **argv);
+/* Parse qemu-img's -o key=value,... create options into *o (s is modified). */
+int parse_create_opts(const char *file, char *s, struct qcow2_create_opts *o);
 
 #endif

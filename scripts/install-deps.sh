@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# install-deps.sh: install the Debian 12 packages qcowd needs to build and run
+# (--run, the default) or also to test (--test). Idempotent: does nothing when
+# everything is already installed; runs apt-get update only when something is missing.
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 [--run|--test]" >&2
+    exit 2
+}
+
+mode=run
+case "${1:-}" in
+"" | --run) mode="run" ;;
+--test) mode="test" ;;
+-h | --help) usage ;;
+*) usage ;;
+esac
+[ $# -le 1 ] || usage
+
+# Build and run: compiler, CMake, the libraries the tree links, and qemu-img
+# (make run creates its sample image with it; the interop tests compare against it).
+run_pkgs=(
+    cmake make gcc pkg-config
+    zlib1g-dev libzstd-dev libgnutls28-dev libjansson-dev libmicrohttpd-dev libcurl4-gnutls-dev
+    qemu-utils
+)
+# Tests: clang with its sanitizer and libFuzzer runtime, Check, Debian's python3
+# (script tests use /usr/bin/python3), and /usr/bin/time.
+test_pkgs=(clang libclang-rt-14-dev check python3 time)
+
+want=("${run_pkgs[@]}")
+[ "$mode" = test ] && want+=("${test_pkgs[@]}")
+
+installed() {
+    dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+
+missing=()
+for p in "${want[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+    echo "install-deps: all ${#want[@]} packages for --$mode are installed"
+    exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+    as_root=(sudo)
+else
+    echo "install-deps: missing packages (${missing[*]}), not root and no sudo: install them and re-run" >&2
+    exit 1
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -q
+"${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+still=()
+for p in "${missing[@]}"; do
+    installed "$p" || still+=("$p")
+done
+if [ ${#still[@]} -ne 0 ]; then
+    echo "install-deps: still missing after apt-get install: ${still[*]}" >&2
+    exit 1
+fi
+echo "install-deps: done"

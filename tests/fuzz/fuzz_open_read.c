@@ -1,0 +1,137 @@
+/* fuzz_open_read.c: libFuzzer target for the qcow2 engine's read side: the input is
+ * an image file in the mem: store; open it, query it, map it and read from it. */
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "qcow2.h"
+#include "vfs.h"
+
+#define IMAGE_URI      "mem:fuzz.qcow2"
+#define MAX_EXTENTS    4096        /* block-status calls per open */
+#define READ_CHUNK     (64u << 10) /* bytes per read */
+#define READ_BUDGET    (1u << 20)  /* bytes read per open, at most */
+#define MAX_DATA_READS 8           /* reads at the start of allocated extents */
+#define CHAIN_DEPTH    4           /* backing chain bound for the second open */
+
+/* A broken promise of the API: crash so libFuzzer keeps the input. */
+#define CHECK(cond)           \
+    do {                      \
+        if (!(cond))          \
+            __builtin_trap(); \
+    } while (0)
+
+static unsigned char buf[READ_CHUNK];
+
+static void read_range(struct qcow2_image *img, uint64_t size, uint64_t off, uint64_t len, uint64_t *budget)
+{
+    if (off >= size || *budget == 0)
+        return;
+    if (len > size - off)
+        len = size - off;
+    if (len > READ_CHUNK)
+        len = READ_CHUNK;
+    if (len > *budget)
+        len = *budget;
+    *budget -= len;
+    (void)qcow2_pread(img, buf, (size_t)len, off); /* failing is fine; crashing is not */
+}
+
+/* Walk the map, then read where it says data lives, and at both ends. */
+static void exercise(struct qcow2_image *img)
+{
+    const struct qcow2_info *info = qcow2_get_info(img);
+    CHECK(info != NULL);
+    CHECK(info->nb_snapshots == 0 || info->snapshots != NULL);
+    CHECK(info->nb_bitmaps == 0 || info->bitmaps != NULL);
+    for (uint32_t i = 0; i < info->nb_snapshots; i++)
+        CHECK(info->snapshots[i].id != NULL && info->snapshots[i].name != NULL);
+    for (uint32_t i = 0; i < info->nb_bitmaps; i++)
+        CHECK(info->bitmaps[i].name != NULL);
+
+    uint64_t size = qcow2_size(img);
+    uint64_t budget = READ_BUDGET;
+    uint64_t data_at[MAX_DATA_READS];
+    unsigned n_data = 0;
+
+    uint64_t off = 0;
+    for (unsigned n = 0; off < size && n < MAX_EXTENTS; n++) {
+        struct qcow2_extent e;
+        if (qcow2_block_status(img, off, size - off, &e) < 0)
+            break;
+        CHECK(e.start == off);
+        CHECK(e.length > 0 && e.length <= size - off);
+        CHECK(e.file != NULL || !e.offset_valid);
+        if (e.data && n_data < MAX_DATA_READS)
+            data_at[n_data++] = off;
+        off += e.length;
+    }
+
+    read_range(img, size, 0, READ_CHUNK, &budget);
+    if (size > READ_CHUNK)
+        read_range(img, size, size - READ_CHUNK, READ_CHUNK, &budget);
+    if (size > 8192)
+        read_range(img, size, size / 2 - 1000, 4096, &budget); /* unaligned, mid-disk */
+    for (unsigned i = 0; i < n_data; i++)
+        read_range(img, size, data_at[i], READ_CHUNK, &budget);
+}
+
+/* Returns whether the image names a backing file. */
+static bool open_and_exercise(const struct qcow2_open_opts *opts)
+{
+    struct qcow2_image *img = NULL;
+    err_clear();
+    if (qcow2_open(IMAGE_URI, opts, &img) < 0) {
+        CHECK(img == NULL);
+        return false;
+    }
+    CHECK(img != NULL);
+    exercise(img);
+
+    /* Each snapshot is a view of its own L1 table: open the first one too. */
+    const struct qcow2_info *info = qcow2_get_info(img);
+    if (info->nb_snapshots > 0 && !opts->snapshot) {
+        struct qcow2_open_opts so = *opts;
+        struct qcow2_image *snap = NULL;
+        so.snapshot = info->snapshots[0].id;
+        if (qcow2_open(IMAGE_URI, &so, &snap) == 0) {
+            exercise(snap);
+            qcow2_close(snap);
+        }
+    }
+    bool has_backing = info->backing_file != NULL;
+    qcow2_close(img);
+    return has_backing;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    struct vfs_file *f = NULL;
+    if (vfs_open(IMAGE_URI, VFS_O_RDWR | VFS_O_CREATE, &f) < 0)
+        abort();
+    if (vfs_truncate(f, 0) < 0 || (size && vfs_pwrite(f, data, size, 0) < 0))
+        abort();
+    vfs_close(f);
+
+    /* Names in the image may only reach the mem: store (contained), never the disk. */
+    struct qcow2_open_opts opts = {
+        .no_backing = true,
+        .contained = true,
+        .l2_cache_bytes = 1u << 20,
+    };
+    bool has_backing = open_and_exercise(&opts);
+
+    /* Again with the backing chain: a backing name can only resolve to another mem:
+     * object, and the only one is the image itself, which exercises loop detection. */
+    if (has_backing) {
+        opts.no_backing = false;
+        opts.max_chain_depth = CHAIN_DEPTH;
+        open_and_exercise(&opts);
+    }
+
+    vfs_remove(IMAGE_URI);
+    return 0;
+}
