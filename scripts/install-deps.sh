@@ -26,8 +26,9 @@ run_pkgs=(
     qemu-utils
 )
 # Tests: clang with its sanitizer and libFuzzer runtime, Check, Debian's python3
-# (script tests use /usr/bin/python3), and /usr/bin/time.
-test_pkgs=(clang libclang-rt-14-dev check python3 time)
+# (script tests use /usr/bin/python3), /usr/bin/time, bc (benchmarks) and nbdinfo
+# (libnbd-bin: reads dirty bitmaps through qemu-nbd)
+test_pkgs=(clang libclang-rt-14-dev check python3 time bc libnbd-bin)
 
 want=("${run_pkgs[@]}")
 [ "$mode" = test ] && want+=("${test_pkgs[@]}")

@@ -201,7 +201,7 @@ int bitmaps_begin(struct qcow2_image *img)
         changed = true;
     }
     if (ret == 0 && changed)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     img->bm_loaded = ret == 0;
     return ret;
 }
@@ -261,7 +261,7 @@ int bitmaps_store(struct qcow2_image *img)
         if (ret == 0)
             ret = rc_writeback(img);
         if (ret == 0)
-            ret = vfs_flush(img->file);
+            ret = qcow2_sync(img, img->file);
         if (ret == 0) {
             for (uint32_t j = 0; j < b->table_size; j++)
                 table[j] = htobe64(table[j]);
@@ -271,13 +271,13 @@ int bitmaps_store(struct qcow2_image *img)
         }
         free(table);
         if (ret == 0)
-            ret = vfs_flush(img->file);
+            ret = qcow2_sync(img, img->file);
         if (ret == 0) {
             b->in_use = false;
             ret = set_in_use(img, b, false);
         }
     }
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     return ret;
 }

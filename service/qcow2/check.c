@@ -309,7 +309,7 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
     if ((ret = check_copied(&k, repair)) < 0)
         goto out;
     if (repair) {
-        if ((ret = meta_flush(img)) < 0 || (ret = rc_writeback(img)) < 0 || (ret = vfs_flush(img->file)) < 0)
+        if ((ret = meta_flush(img)) < 0 || (ret = rc_writeback(img)) < 0 || (ret = qcow2_sync(img, img->file)) < 0)
             goto out;
         uint64_t remaining = r->corruptions - r->corruptions_fixed;
         if (repair == QCOW2_REPAIR_ALL && !remaining && (img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT)) {

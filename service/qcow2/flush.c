@@ -17,9 +17,9 @@ static int sync_all(struct qcow2_image *img)
 {
     int ret = 0;
     if (img->data != img->file)
-        ret = vfs_flush(img->data);
+        ret = qcow2_sync(img, img->data);
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     return ret;
 }
 
@@ -54,12 +54,12 @@ int meta_flush(struct qcow2_image *img)
     if (ret == 0)
         ret = l2_cache_writeback(img);
     if (ret == 0 && img->l1_dirty_hi > img->l1_dirty_lo) {
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
         if (ret == 0)
             ret = write_l1(img);
     }
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     if (ret < 0)
         return ret;
     size_t n = img->npending;
@@ -84,7 +84,7 @@ int header_write(struct qcow2_image *img, uint64_t off, uint64_t value, unsigned
     }
     int ret = vfs_pwrite(img->file, b, size, off);
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     return ret;
 }
 

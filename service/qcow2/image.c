@@ -245,6 +245,7 @@ static int make_writable(struct qcow2_image *img, const struct qcow2_open_opts *
     if ((img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !o->allow_corrupt)
         return err_fail(EIO, "image is marked corrupt; it can be opened read-only, or repaired with check -r all");
     img->rw = true;
+    img->no_sync = o->cache_unsafe;
     if ((img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !o->allow_corrupt) {
         /* a crash with lazy refcounts: the refcounts must be rebuilt before use */
         int ret = qcow2_repair_refcounts(img);

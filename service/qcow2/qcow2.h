@@ -22,6 +22,8 @@ struct qcow2_open_opts {
     unsigned max_chain_depth;  /* 0: QCOW2_DEFAULT_CHAIN_DEPTH */
     uint64_t max_meta_bytes;   /* 0: no extra bound; else refuse images whose tables need more */
     bool allow_corrupt;        /* open a corrupt or dirty image read-write as it is (check and repair) */
+    bool cache_unsafe;         /* never flush to the disk (qemu-img's cache=unsafe): for new images whose
+                                  loss in a power cut does not matter, e.g. a convert target */
 };
 
 #define QCOW2_DEFAULT_L2_CACHE (4u << 20)

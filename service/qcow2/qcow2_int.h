@@ -219,6 +219,7 @@ struct qcow2_image {
     bool write_started;          /* first-write header duties done (autoclear, dirty bit) */
     bool set_dirty_bit;          /* we set the dirty bit (lazy refcounts): clear on close */
     bool broken;                 /* an inconsistency was found: writes refused */
+    bool no_sync;                /* cache=unsafe: order writes, but never wait for the disk */
     struct bm_track *bm;         /* per bitmap, parallel to bitmaps[] */
     bool bm_loaded;              /* tracking set up by the first write */
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
@@ -326,6 +327,13 @@ int free_later(struct qcow2_image *img, uint64_t off, uint64_t len);
 int overlap_check(struct qcow2_image *img, uint64_t off, uint64_t len, const char *what);
 
 /* ---- flush.c ---- */
+/* vfs_flush, unless the image was opened with cache_unsafe. Writes are still
+ * ordered in the page cache, so a killed process leaves a consistent image;
+ * only a power loss can tear it. */
+static inline int qcow2_sync(struct qcow2_image *img, struct vfs_file *f)
+{
+    return img->no_sync ? 0 : vfs_flush(f);
+}
 /* Write everything cached in order (see qcow2.h); with sync, end with a flush. */
 int meta_flush(struct qcow2_image *img);
 /* Write a header field (big-endian, size 4 or 8) at byte offset off and flush. */

@@ -154,7 +154,7 @@ static int new_refblock(struct qcow2_image *img, uint64_t ti)
     /* the block must be on disk before the table points at it */
     ret = vfs_pwrite(img->file, e->buf, img->cluster_size, off);
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     if (ret < 0) {
         e->valid = false;
         return ret;
@@ -184,7 +184,7 @@ static int refblock_at_end(struct qcow2_image *img, uint64_t ti)
         return ret;
     ret = vfs_pwrite(img->file, e->buf, img->cluster_size, off);
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     if (ret < 0) {
         e->valid = false;
         return ret;
@@ -328,7 +328,7 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries)
     if (ret == 0 && nrb)
         ret = vfs_pwrite(img->file, area, nrb * cs, toff + tclusters * cs);
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     if (ret < 0)
         goto out;
     note_file_end(img, toff + total * cs);
@@ -340,7 +340,7 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries)
     memcpy(hdr + 8, &be_cl, 4);
     ret = vfs_pwrite(img->file, hdr, 12, 48);
     if (ret == 0)
-        ret = vfs_flush(img->file);
+        ret = qcow2_sync(img, img->file);
     if (ret < 0)
         goto out;
     uint64_t old_off = img->h.refcount_table_offset, old_bytes = (uint64_t)img->h.refcount_table_clusters * cs;

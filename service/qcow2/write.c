@@ -37,6 +37,8 @@ static void l1_mark(struct qcow2_image *img, uint32_t i)
 static int host_zero(struct qcow2_image *img, struct vfs_file *f, uint64_t off, uint64_t len)
 {
     uint64_t fsize;
+    if (!len)
+        return 0;
     int ret = vfs_size(f, &fsize);
     if (ret < 0)
         return ret;
@@ -151,6 +153,17 @@ static int owned(struct qcow2_image *img, uint64_t l2e, bool *own)
     return 0;
 }
 
+/* Whether a cluster whose entry is l2e reads as zeroes from its metadata alone:
+ * a zero cluster, or unallocated with nothing below it. */
+static bool reads_zero(struct qcow2_image *img, uint64_t l2e, uint64_t cl)
+{
+    if (img->ext_l2 || (l2e & QCOW2_OFLAG_COMPRESSED))
+        return false;
+    if (l2e & QCOW2_OFLAG_ZERO)
+        return true;
+    return !(l2e & QCOW2_L2E_OFFSET_MASK) && (!img->backing || cl >= img->backing->size);
+}
+
 /* Drop the reference l2e holds (after the new entry is on disk). */
 static int release_entry(struct qcow2_image *img, uint64_t l2e)
 {
@@ -263,6 +276,19 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
     }
     const unsigned char *src = buf;
     uint64_t woff = in, wlen = n;
+    if (n != cs && !own && reads_zero(img, l2e, cl)) {
+        /* nothing to copy: write the new bytes, and make sure the rest of the
+         * cluster reads as zeroes (free past the end of the file, else a hole) */
+        if ((ret = overlap_check(img, newhost, cs, "guest data")) < 0 ||
+            (ret = host_zero(img, img->data, newhost, in)) < 0 ||
+            (ret = vfs_pwrite(img->data, buf, n, newhost + in)) < 0 ||
+            (ret = host_zero(img, img->data, newhost + in + n, cs - in - n)) < 0)
+            goto out;
+        if ((ret = release_entry(img, l2e)) < 0)
+            goto out;
+        set_entry(img, s, idx, newhost | QCOW2_OFLAG_COPIED, img->ext_l2 ? ALL_ALLOC : 0);
+        goto out;
+    }
     if (n != cs) {
         uint64_t avail = img->size - cl;
         if (!(tmp = calloc(1, cs))) {
@@ -613,7 +639,7 @@ int qcow2_flush(struct qcow2_image *img)
     if (!img->rw)
         return 0;
     if (img->fmt == QCOW2_FMT_RAW)
-        return vfs_flush(img->file);
+        return qcow2_sync(img, img->file);
     pthread_rwlock_wrlock(&img->rwlock);
     int ret = img->broken ? err_fail(EIO, "image is marked corrupt") : meta_flush(img);
     if (ret == 0)

@@ -273,7 +273,7 @@ int cmd_convert(int argc, char **argv)
     int ret;
     if (to_qcow2) {
         co.size = out_size;
-        struct qcow2_open_opts oo = {.read_write = true};
+        struct qcow2_open_opts oo = {.read_write = true, .cache_unsafe = !sync};
         vfs_remove(dst); /* like qemu-img: the target is made anew */
         ret = qcow2_create(dst, &co);
         if (ret == 0)
