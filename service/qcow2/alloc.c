@@ -53,7 +53,11 @@ int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off)
         /* shares the host cluster of the previous compressed data: one more reference */
         uint64_t c = img->cfree_off >> img->cluster_bits;
         uint64_t last = (img->cfree_off + bytes - 1) >> img->cluster_bits;
-        if (c == last && offset_into_cluster(img, img->cfree_off)) {
+        uint64_t v = 0;
+        if ((ret = rc_get(img, c, &v)) < 0)
+            return ret;
+        /* a narrow refcount (1 bit) cannot count a second user: start a new cluster */
+        if (c == last && offset_into_cluster(img, img->cfree_off) && v < rc_max(img)) {
             if ((ret = rc_update_range(img, img->cfree_off, 1, +1)) < 0)
                 return ret;
             *off = img->cfree_off;

@@ -280,8 +280,8 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
             }
         }
         uint64_t want = c < k.n ? k.expected[c] : 0, have = stored_rc(&k, c);
-        if (want || have)
-            highest = c;
+        if ((want || have) && c < k.n)
+            highest = c; /* as qemu-img: the end of what the file holds */
         if (want == have)
             continue;
         bool leak = have > want;

@@ -1,6 +1,7 @@
 /* image.c: opening an image and its backing chain (qcow2 or raw), external
  * data files, snapshot views, and the facts qcow2_get_info reports. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -182,6 +183,8 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
     pthread_rwlock_init(&img->rwlock, NULL);
     img->depth = depth;
     img->free_hint = 1;
+    static _Atomic uint64_t next_id = 1;
+    img->id = atomic_fetch_add(&next_id, 1);
     int ret = vfs_open(uri, o->read_write && depth == 0 ? VFS_O_RDWR : VFS_O_RDONLY, &img->file);
     if (ret < 0)
         goto fail;

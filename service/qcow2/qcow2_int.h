@@ -6,6 +6,7 @@
 
 #include <endian.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -206,6 +207,9 @@ struct qcow2_image {
     struct qcow2_bitmap_info *bitmaps;
     struct qcow2_info info;
 
+    uint64_t id;                 /* unique among the images opened by this process */
+    _Atomic uint64_t write_gen;  /* bumped by every write: readers' cached host bytes expire */
+
     /* writing (img->rw only; all under rwlock held for writing) */
     bool rw;
     pthread_rwlock_t rwlock;     /* readers shared; writers and flushes exclusive */
@@ -264,6 +268,18 @@ static inline uint16_t be16_at(const void *p)
     uint16_t v;
     __builtin_memcpy(&v, p, 2);
     return be16toh(v);
+}
+
+/* Entry i of a refcount block in its on-disk form (big-endian; sub-byte widths
+ * from the least significant bit). */
+static inline uint64_t qcow2_refcount_entry(const unsigned char *b, uint64_t i, unsigned bits)
+{
+    if (bits < 8)
+        return (b[i * bits / 8] >> (i * bits % 8)) & ((1u << bits) - 1);
+    uint64_t v = 0;
+    for (unsigned k = 0; k < bits / 8; k++)
+        v = (v << 8) | b[i * (bits / 8) + k];
+    return v;
 }
 
 /* ---- header.c ---- */

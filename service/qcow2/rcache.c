@@ -18,16 +18,6 @@ uint64_t rc_max(const struct qcow2_image *img)
     return img->refcount_bits == 64 ? UINT64_MAX : (1ull << img->refcount_bits) - 1;
 }
 
-static uint64_t entry_get(const unsigned char *b, uint64_t i, unsigned bits)
-{
-    if (bits < 8)
-        return (b[i * bits / 8] >> (i * bits % 8)) & ((1u << bits) - 1);
-    uint64_t v = 0;
-    for (unsigned k = 0; k < bits / 8; k++)
-        v = (v << 8) | b[i * (bits / 8) + k];
-    return v;
-}
-
 static void entry_set(unsigned char *b, uint64_t i, unsigned bits, uint64_t v)
 {
     if (bits < 8) {
@@ -121,7 +111,7 @@ int rc_get(struct qcow2_image *img, uint64_t cluster, uint64_t *val)
     int ret = rb_get(img, img->reftable[ti] & QCOW2_REFT_OFFSET_MASK, false, &e);
     if (ret < 0)
         return ret;
-    *val = entry_get(e->buf, cluster % per_block(img), img->refcount_bits);
+    *val = qcow2_refcount_entry(e->buf, cluster % per_block(img), img->refcount_bits);
     return 0;
 }
 
@@ -137,6 +127,26 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries);
  * describes (free by definition: nothing covers the range yet) and counting itself. */
 static int refblock_at_end(struct qcow2_image *img, uint64_t ti);
 
+/* Put the new block e on disk, then point refcount table entry ti at it: the
+ * block must be durable before the table refers to it. */
+static int install_refblock(struct qcow2_image *img, uint64_t ti, struct rb_entry *e)
+{
+    int ret = vfs_pwrite(img->file, e->buf, img->cluster_size, e->off);
+    if (ret == 0)
+        ret = qcow2_sync(img, img->file);
+    if (ret == 0) {
+        note_file_end(img, e->off + img->cluster_size);
+        uint64_t be = htobe64(e->off);
+        ret = vfs_pwrite(img->file, &be, 8, img->h.refcount_table_offset + ti * 8);
+    }
+    if (ret < 0) {
+        e->valid = false;
+        return ret;
+    }
+    img->reftable[ti] = e->off;
+    return 0;
+}
+
 static int new_refblock(struct qcow2_image *img, uint64_t ti)
 {
     uint64_t c0 = ti * per_block(img);
@@ -151,23 +161,7 @@ static int new_refblock(struct qcow2_image *img, uint64_t ti)
     if (ret < 0)
         return ret;
     entry_set(e->buf, 0, img->refcount_bits, 1);
-    /* the block must be on disk before the table points at it */
-    ret = vfs_pwrite(img->file, e->buf, img->cluster_size, off);
-    if (ret == 0)
-        ret = qcow2_sync(img, img->file);
-    if (ret < 0) {
-        e->valid = false;
-        return ret;
-    }
-    note_file_end(img, off + img->cluster_size);
-    uint64_t be = htobe64(off);
-    ret = vfs_pwrite(img->file, &be, 8, img->h.refcount_table_offset + ti * 8);
-    if (ret < 0) {
-        e->valid = false;
-        return ret;
-    }
-    img->reftable[ti] = off;
-    return 0;
+    return install_refblock(img, ti, e);
 }
 
 /* Repair only: a block for range ti past the end of the file, counted in
@@ -180,21 +174,9 @@ static int refblock_at_end(struct qcow2_image *img, uint64_t ti)
     uint64_t off = c << img->cluster_bits;
     struct rb_entry *e;
     int ret = rb_get(img, off, true, &e);
-    if (ret < 0)
-        return ret;
-    ret = vfs_pwrite(img->file, e->buf, img->cluster_size, off);
     if (ret == 0)
-        ret = qcow2_sync(img, img->file);
-    if (ret < 0) {
-        e->valid = false;
-        return ret;
-    }
-    note_file_end(img, off + img->cluster_size);
-    uint64_t be = htobe64(off);
-    if ((ret = vfs_pwrite(img->file, &be, 8, img->h.refcount_table_offset + ti * 8)) < 0)
-        return ret;
-    img->reftable[ti] = off;
-    return rc_set(img, c, 1);
+        ret = install_refblock(img, ti, e);
+    return ret < 0 ? ret : rc_set(img, c, 1);
 }
 
 int rc_cover(struct qcow2_image *img, uint64_t cluster)

@@ -1,6 +1,7 @@
 /* read.c: reading guest bytes through the chain, and the block status that
  * qemu-img map reports. Both are safe to call from many threads at once. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,10 +26,17 @@ static int read_backing(struct qcow2_image *img, unsigned char *buf, uint64_t le
     return 0;
 }
 
-/* Per-thread buffers for compressed clusters, freed when the thread ends. */
+/* Per-thread buffers for compressed clusters, freed when the thread ends. The
+ * window holds host bytes read ahead: compressed clusters lie one after the
+ * other, so a sequential reader needs one read per window, not per cluster. A
+ * window belongs to one open image and one write generation, so it never
+ * outlives a write that could reuse its bytes. */
+#define ZWIN (1u << 20)
 struct zbufs {
-    unsigned char *in, *out;
-    size_t in_cap, out_cap;
+    unsigned char *out;
+    size_t out_cap;
+    unsigned char *win;
+    uint64_t win_img, win_gen, win_off, win_len;
 };
 static pthread_key_t zbuf_key;
 static pthread_once_t zbuf_once = PTHREAD_ONCE_INIT;
@@ -36,8 +44,8 @@ static pthread_once_t zbuf_once = PTHREAD_ONCE_INIT;
 static void zbufs_free(void *p)
 {
     struct zbufs *z = p;
-    free(z->in);
     free(z->out);
+    free(z->win);
     free(z);
 }
 
@@ -46,7 +54,7 @@ static void zbuf_key_init(void)
     pthread_key_create(&zbuf_key, zbufs_free);
 }
 
-static struct zbufs *zbufs_get(size_t in_need, size_t out_need)
+static struct zbufs *zbufs_get(size_t out_need)
 {
     pthread_once(&zbuf_once, zbuf_key_init);
     struct zbufs *z = pthread_getspecific(zbuf_key);
@@ -55,33 +63,56 @@ static struct zbufs *zbufs_get(size_t in_need, size_t out_need)
             return NULL;
         pthread_setspecific(zbuf_key, z);
     }
-    if (z->in_cap < in_need) {
-        free(z->in);
-        z->in = malloc(in_need);
-        z->in_cap = z->in ? in_need : 0;
-    }
     if (z->out_cap < out_need) {
         free(z->out);
         z->out = malloc(out_need);
         z->out_cap = z->out ? out_need : 0;
     }
-    return z->in && z->out ? z : NULL;
+    if (!z->win && !(z->win = malloc(2 * ZWIN)))
+        return NULL;
+    return z->out ? z : NULL;
+}
+
+/* The compressed bytes of m, from the window or a fresh read into it. */
+static int compressed_bytes(struct qcow2_image *img, struct zbufs *z, const struct mapping *m, const unsigned char **p)
+{
+    uint64_t gen = atomic_load(&img->write_gen);
+    if (z->win_img != img->id || z->win_gen != gen || m->coff < z->win_off ||
+        m->coff + m->csize > z->win_off + z->win_len) {
+        /* a cluster is at most 2 MiB + a sector; the window is 2 MiB, so read
+         * exactly what is needed when that is more than the read-ahead */
+        uint64_t len = m->csize > ZWIN ? m->csize : ZWIN;
+        if (len > 2 * ZWIN)
+            return err_fail(EIO, "compressed cluster of %u bytes is too large", m->csize);
+        if (m->coff < img->file_size && len > img->file_size - m->coff && m->csize <= img->file_size - m->coff)
+            len = img->file_size - m->coff; /* no read-ahead past the end of the file */
+        z->win_img = 0;
+        int ret = vfs_pread(img->file, z->win, len, m->coff);
+        if (ret < 0)
+            return ret;
+        z->win_img = img->id;
+        z->win_gen = gen;
+        z->win_off = m->coff;
+        z->win_len = len;
+    }
+    *p = z->win + (m->coff - z->win_off);
+    return 0;
 }
 
 static int read_compressed(struct qcow2_image *img, const struct mapping *m, unsigned char *buf, uint64_t len,
                            uint64_t off)
 {
-    struct zbufs *z = zbufs_get(m->csize, img->cluster_size);
+    struct zbufs *z = zbufs_get(img->cluster_size);
     if (!z)
         return err_fail(ENOMEM, "out of memory for a compressed cluster");
-    unsigned char *in = z->in, *outbuf = z->out;
-    int ret = vfs_pread(img->file, in, m->csize, m->coff);
+    const unsigned char *in = NULL;
+    int ret = compressed_bytes(img, z, m, &in);
     if (ret < 0)
         return ret;
-    ret = qcow2_decompress(img->h.compression_type, in, m->csize, outbuf, img->cluster_size);
+    ret = qcow2_decompress(img->h.compression_type, in, m->csize, z->out, img->cluster_size);
     if (ret < 0)
         return err_prefix(ret, "guest offset %#" PRIx64, off & ~(uint64_t)(img->cluster_size - 1));
-    memcpy(buf, outbuf + offset_into_cluster(img, off), len);
+    memcpy(buf, z->out + offset_into_cluster(img, off), len);
     return 0;
 }
 

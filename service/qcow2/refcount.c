@@ -7,17 +7,6 @@
 
 #include "qcow2_int.h"
 
-/* Entry i of a refcount block in its on-disk form. */
-static uint64_t refcount_at(const unsigned char *blk, uint64_t i, unsigned bits)
-{
-    if (bits < 8)
-        return (blk[i * bits / 8] >> (i * bits % 8)) & ((1u << bits) - 1);
-    uint64_t v = 0;
-    for (unsigned k = 0; k < bits / 8; k++)
-        v = (v << 8) | blk[i * (bits / 8) + k];
-    return v;
-}
-
 int qcow2_get_refcount(struct qcow2_image *img, uint64_t cluster, uint64_t *refcount)
 {
     uint64_t per_block = ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
@@ -31,18 +20,13 @@ int qcow2_get_refcount(struct qcow2_image *img, uint64_t cluster, uint64_t *refc
     if (offset_into_cluster(img, block) || block + img->cluster_size > img->file_size)
         return err_fail(EIO, "refcount block at %#" PRIx64 " is misaligned or past the end of the file", block);
     unsigned bits = img->refcount_bits;
-    uint64_t bit_off = bi * bits;
+    uint64_t byte = bi * bits / 8;
     unsigned char buf[8];
-    int ret = vfs_pread(img->file, buf, bits >= 8 ? bits / 8 : 1, block + bit_off / 8);
+    int ret = vfs_pread(img->file, buf, bits >= 8 ? bits / 8 : 1, block + byte);
     if (ret < 0)
         return ret;
-    uint64_t v = 0;
-    if (bits < 8) {
-        v = (buf[0] >> (bit_off % 8)) & ((1u << bits) - 1);
-    } else {
-        for (unsigned i = 0; i < bits / 8; i++)
-            v = (v << 8) | buf[i];
-    }
+    /* the entry, re-indexed within the bytes just read */
+    uint64_t v = qcow2_refcount_entry(buf, bits >= 8 ? 0 : bi % (8 / bits), bits);
     *refcount = v;
     return 0;
 }
@@ -80,7 +64,7 @@ bool qcow2_meta_prealloc(struct qcow2_image *img)
         }
         uint64_t n = end - ti * per_block < per_block ? end - ti * per_block : per_block;
         for (uint64_t i = 0; i < n && counted <= threshold; i++)
-            if (refcount_at(blk, i, img->refcount_bits))
+            if (qcow2_refcount_entry(blk, i, img->refcount_bits))
                 counted++;
     }
     free(blk);

@@ -385,6 +385,7 @@ static int lock_for_write(struct qcow2_image *img, uint64_t off, uint64_t len)
     if (ret < 0)
         return ret;
     pthread_rwlock_wrlock(&img->rwlock);
+    atomic_fetch_add(&img->write_gen, 1);
     ret = begin_write(img);
     if (ret < 0)
         pthread_rwlock_unlock(&img->rwlock);
@@ -430,6 +431,17 @@ int qcow2_pwrite(struct qcow2_image *img, const void *vbuf, size_t len, uint64_t
     return unlock_after(img, ret);
 }
 
+/* Real zero bytes over [off, off+n) of one cluster. */
+static int write_zeroes_in_cluster(struct qcow2_image *img, uint64_t off, uint64_t n)
+{
+    unsigned char *z = calloc(1, n);
+    if (!z)
+        return err_fail(ENOMEM, "out of memory");
+    int ret = write_in_cluster(img, z, off, n);
+    free(z);
+    return ret;
+}
+
 /* Make one cluster's range [off, off+n) read as zeroes; `discard` frees and, on
  * v2, lets the backing file show through. */
 static int zero_in_cluster(struct qcow2_image *img, uint64_t off, uint64_t n, bool discard)
@@ -441,12 +453,7 @@ static int zero_in_cluster(struct qcow2_image *img, uint64_t off, uint64_t n, bo
     if (!whole && !img->ext_l2) {
         if (discard)
             return 0; /* a hint: partial clusters stay */
-        unsigned char *z = calloc(1, n);
-        if (!z)
-            return err_fail(ENOMEM, "out of memory");
-        int ret = write_in_cluster(img, z, off, n);
-        free(z);
-        return ret;
+        return write_zeroes_in_cluster(img, off, n);
     }
     struct l2_slice *s;
     uint32_t idx;
@@ -458,12 +465,7 @@ static int zero_in_cluster(struct qcow2_image *img, uint64_t off, uint64_t n, bo
     if (whole) {
         if (!v3 && !discard && img->backing && cl < img->backing->size) {
             l2_cache_put(img, s);
-            unsigned char *z = calloc(1, n);
-            if (!z)
-                return err_fail(ENOMEM, "out of memory");
-            ret = write_in_cluster(img, z, off, n);
-            free(z);
-            return ret;
+            return write_zeroes_in_cluster(img, off, n);
         }
         ret = release_entry(img, l2e);
         if (ret == 0) {
@@ -490,12 +492,7 @@ static int zero_in_cluster(struct qcow2_image *img, uint64_t off, uint64_t n, bo
         l2_cache_put(img, s);
         if (ret < 0 || discard)
             return ret;
-        unsigned char *z = calloc(1, n);
-        if (!z)
-            return err_fail(ENOMEM, "out of memory");
-        ret = write_in_cluster(img, z, off, n);
-        free(z);
-        return ret;
+        return write_zeroes_in_cluster(img, off, n);
     }
     if (a < b1) {
         uint64_t bits = sc_bits_range(a, b1 - 1);

@@ -289,7 +289,7 @@ static void check_human(const struct qcow2_check_result *r)
         printf("\n%" PRIu64 " internal errors have occurred during the check.\n", r->check_errors);
     if (!r->corruptions && !r->leaks && !r->check_errors)
         printf("No errors were found on the image.\n");
-    if (r->total_clusters)
+    if (r->total_clusters && r->allocated_clusters)
         printf("%" PRIu64 "/%" PRIu64 " = %.2f%% allocated, %.2f%% fragmented, %.2f%% compressed clusters\n",
                r->allocated_clusters, r->total_clusters, 100.0 * (double)r->allocated_clusters / (double)r->total_clusters,
                r->allocated_clusters ? 100.0 * (double)r->fragmented_clusters / (double)r->allocated_clusters : 0.0,
