@@ -244,6 +244,84 @@ START_TEST(parallel_readers_see_the_right_bytes)
 }
 END_TEST
 
+/* ---- one writer and many readers on one image ---- */
+struct mixer {
+    struct qcow2_image *img;
+    unsigned char *ref; /* the writer's half: what it wrote last */
+    size_t half;
+    unsigned seed;
+    int bad;
+};
+
+static void *write_random(void *arg)
+{
+    struct mixer *m = arg;
+    unsigned char *buf = malloc(100 * 1024);
+    for (int i = 0; i < 300; i++) {
+        size_t n = 1 + rand_r(&m->seed) % (100 * 1024);
+        size_t off = m->half + (size_t)rand_r(&m->seed) % (m->half - n);
+        memset(buf, (int)(i & 0xff), n);
+        if (i % 7 == 0) {
+            if (qcow2_pwrite_zeroes(m->img, off, n) != 0) {
+                m->bad++;
+                break;
+            }
+            memset(m->ref + (off - m->half), 0, n);
+        } else if (qcow2_pwrite(m->img, buf, n, off) != 0) {
+            m->bad++;
+            break;
+        } else {
+            memcpy(m->ref + (off - m->half), buf, n);
+        }
+        if (i % 50 == 0 && qcow2_flush(m->img) != 0)
+            m->bad++;
+    }
+    free(buf);
+    return NULL;
+}
+
+START_TEST(a_writer_and_readers_share_an_image)
+{
+    sh("qemu-img create -f qcow2 -o cluster_size=4k w.qcow2 8M && qemu-io -c 'write -P 3 0 4M' -c 'write -c -P 5 5M 4k' w.qcow2");
+    size_t rlen;
+    unsigned char *ref = oracle("w.qcow2", &rlen);
+    to_mem("w.qcow2");
+    struct qcow2_open_opts o = {.read_write = true, .l2_cache_bytes = 8 * 4096};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/w.qcow2", &o, &img);
+    ck_assert_msg(ret == 0, "open: %s", err_msg(ret));
+    size_t half = rlen / 2;
+    struct mixer m = {.img = img, .ref = malloc(half), .half = half, .seed = 99};
+    memcpy(m.ref, ref + half, half);
+    enum { N = 4 };
+    pthread_t w, t[N];
+    struct reader r[N];
+    ck_assert_int_eq(pthread_create(&w, NULL, write_random, &m), 0);
+    for (int i = 0; i < N; i++) { /* readers stay in the half the writer leaves alone */
+        r[i] = (struct reader){.img = img, .ref = ref, .len = half, .seed = 77u + (unsigned)i};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, read_random, &r[i]), 0);
+    }
+    pthread_join(w, NULL);
+    for (int i = 0; i < N; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert_int_eq(r[i].bad, 0);
+    }
+    ck_assert_int_eq(m.bad, 0);
+    unsigned char *got = malloc(half);
+    ck_assert_int_eq(qcow2_pread(img, got, half, half), 0);
+    ck_assert(memcmp(got, m.ref, half) == 0);
+    struct qcow2_check_result cr;
+    ck_assert_int_eq(qcow2_flush(img), 0);
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &cr, NULL, NULL), 0);
+    ck_assert_uint_eq(cr.corruptions, 0);
+    ck_assert_uint_eq(cr.leaks, 0);
+    qcow2_close(img);
+    free(got);
+    free(m.ref);
+    free(ref);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -257,6 +335,7 @@ static Suite *suite(void)
     tcase_add_test(tc, refuses_a_file_without_magic_unless_raw);
     tcase_add_test(tc, block_status_reports_zero_data_and_unallocated);
     tcase_add_test(tc, parallel_readers_see_the_right_bytes);
+    tcase_add_test(tc, a_writer_and_readers_share_an_image);
     suite_add_tcase(s, tc);
     return s;
 }
