@@ -1,5 +1,5 @@
 # Makefile: a thin wrapper over CMake for the common jobs.
-#   make run    install what it needs, build build/ (gcc, RelWithDebInfo), make a sample image, inspect it
+#   make run    install what it needs, build build/ (gcc, RelWithDebInfo), make a sample image, serve data/ with qcowd
 #   make test   install what it needs, then: gcc -Werror build, clang ASan+UBSan build + all tests,
 #               clang TSan build + the "tsan" tests
 #   make bench  the convert benchmark at 1024 MiB on the build/ tree
@@ -19,6 +19,8 @@ BENCH_MIB ?= 1024
 
 BUILD := build
 QCOWIMG := $(BUILD)/tools/qcowimg/qcowimg
+QCOWD := $(BUILD)/qcowd/qcowd
+LISTEN ?= 127.0.0.1:8080
 SAMPLE := data/sample.qcow2
 
 # Sanitizer builds keep assertions on (RelWithDebInfo would add -DNDEBUG).
@@ -36,9 +38,14 @@ help:
 	@sed -n '2,6s/^# \{0,1\}//p' Makefile
 
 ## make run ------------------------------------------------------------------
+# Serves data/ in the foreground until Ctrl-C (qcowd exits 0 on SIGINT/SIGTERM).
 run: build sample
 	$(QCOWIMG) info $(SAMPLE)
-	$(QCOWIMG) map --output=json $(SAMPLE)
+	@echo "==> qcowd serves data/ on http://$(LISTEN)/ until Ctrl-C; try:"
+	@echo "    curl -s http://$(LISTEN)/v1/images/sample"
+	@echo "    curl -s -r 0-15 http://$(LISTEN)/v1/images/sample/data | od -A d -t x1"
+	@echo "    curl -s 'http://$(LISTEN)/v1/images/sample/extents?context=zero'"
+	exec $(QCOWD) --listen $(LISTEN) --catalog data
 
 build:
 	bash scripts/install-deps.sh --run

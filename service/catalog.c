@@ -19,24 +19,24 @@
 struct catalog_image {
     struct catalog *cat;
     char *name;
-    uint64_t size;             /* identity of the file when opened: size and mtime */
+    uint64_t size; /* identity of the file when opened: size and mtime */
     int64_t mtime;
-    struct qcow2_image *img;   /* NULL: opening failed with err/msg */
-    int err;                   /* positive errno of the failure */
-    char *msg;                 /* its message */
-    unsigned refs;             /* holders, the cache included (under cat->lock) */
-    bool cached;               /* on cat->list */
-    uint64_t used;             /* LRU tick of the last get */
+    struct qcow2_image *img; /* NULL: opening failed with err/msg */
+    int err;                 /* positive errno of the failure */
+    char *msg;               /* its message */
+    unsigned refs;           /* holders, the cache included (under cat->lock) */
+    bool cached;             /* on cat->list */
+    uint64_t used;           /* LRU tick of the last get */
     struct catalog_image *next;
 };
 
 struct catalog {
-    char *root;                /* the folder: absolute path or "scheme:..." */
+    char *root; /* the folder: absolute path or "scheme:..." */
     struct catalog_opts opts;
-    pthread_mutex_t lock;      /* guards list, count, tick and every entry's refs/cached/used */
+    pthread_mutex_t lock; /* guards list, count, tick and every entry's refs/cached/used */
     struct catalog_image *list;
-    unsigned count;            /* entries on list */
-    unsigned open;             /* entries alive with an image (cached or held) */
+    unsigned count; /* entries on list */
+    unsigned open;  /* entries alive with an image (cached or held) */
     uint64_t tick;
 };
 
@@ -126,6 +126,10 @@ int catalog_valid_name(const char *name)
         return err_fail(EINVAL, "image name is empty");
     if (n > CATALOG_NAME_MAX)
         return err_fail(EINVAL, "image name is %zu bytes long, more than %d", n, CATALOG_NAME_MAX);
+    if (strstr(name, ".."))
+        return err_fail(EINVAL, "image name contains \"..\"");
+    if (strchr(name, '/'))
+        return err_fail(EINVAL, "image name contains '/'");
     for (size_t i = 0; i < n; i++) {
         unsigned char ch = (unsigned char)name[i];
         bool alnum = (ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z') || (ch >= '0' && ch <= '9');
@@ -133,8 +137,6 @@ int catalog_valid_name(const char *name)
             return err_fail(EINVAL, "image name has a character not allowed %s (0x%02x at byte %zu)",
                             i == 0 ? "first" : "in names", ch, i);
     }
-    if (strstr(name, ".."))
-        return err_fail(EINVAL, "image name contains \"..\"");
     return 0;
 }
 
@@ -230,7 +232,9 @@ static int check_chain(const struct catalog *c, struct qcow2_image *img)
         const struct qcow2_info *in = qcow2_get_info(l);
         if (!inside(c, in->uri))
             return err_fail(EPERM, "%s %s resolves outside the catalog", l == img ? "image file" : "backing file",
-                            l == img ? in->uri : in->backing_file ? in->backing_file : in->uri);
+                            l == img           ? in->uri
+                            : in->backing_file ? in->backing_file
+                                               : in->uri);
     }
     return 0;
 }
@@ -259,6 +263,10 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
         if (ret < 0) {
             qcow2_close(e->img);
             e->img = NULL;
+        } else {
+            pthread_mutex_lock(&c->lock);
+            c->open++;
+            pthread_mutex_unlock(&c->lock);
         }
     } else if (ret == -EINVAL) {
         ret = -EUCLEAN; /* the engine's "bad format": the image is corrupt */
@@ -344,6 +352,21 @@ static int take(struct catalog *c, struct catalog_image *e, struct catalog_image
     return 0;
 }
 
+static bool same_file(const struct catalog_image *e, const struct vfs_stat *st)
+{
+    return e->size == st->size && e->mtime == st->mtime;
+}
+
+/* With c->lock held: take e off the list and drop the cache's ref. */
+static void uncache(struct catalog *c, struct catalog_image *e, struct catalog_image **dead)
+{
+    unlink_entry(c, e);
+    if (--e->refs == 0) {
+        e->next = *dead;
+        *dead = e;
+    }
+}
+
 int catalog_get(struct catalog *c, const char *name, struct catalog_image **out)
 {
     int ret = catalog_valid_name(name);
@@ -362,68 +385,38 @@ int catalog_get(struct catalog *c, const char *name, struct catalog_image **out)
     struct catalog_image *dead = NULL, *e;
     pthread_mutex_lock(&c->lock);
     e = find(c, name);
-    if (e && e->size == st.size && e->mtime == st.mtime) {
-        ret = take(c, e, out);
+    if (!e || !same_file(e, &st)) {
+        /* open without the lock: other images stay available meanwhile */
         pthread_mutex_unlock(&c->lock);
-        goto out;
-    }
-    if (e) { /* the file changed: new handle; holders keep the old one */
-        unlink_entry(c, e);
-        if (--e->refs == 0) {
-            e->next = dead;
-            dead = e;
+        struct catalog_image *fresh = NULL;
+        ret = open_entry(c, name, uri, &st, &fresh);
+        if (ret < 0)
+            goto out;
+        pthread_mutex_lock(&c->lock);
+        e = find(c, name);
+        if (e && same_file(e, &st)) { /* another thread was quicker: use its handle */
+            fresh->refs = 0;
+            fresh->next = dead;
+            dead = fresh;
+        } else {
+            if (e) /* the file changed: holders keep the old handle until they put it */
+                uncache(c, e, &dead);
+            fresh->next = c->list;
+            c->list = fresh;
+            fresh->cached = true;
+            c->count++;
+            e = fresh;
         }
-    }
-    pthread_mutex_unlock(&c->lock);
-
-    struct catalog_image *fresh;
-    ret = open_entry(c, name, uri, &st, &fresh);
-    if (ret < 0)
-        goto out_dead;
-    pthread_mutex_lock(&c->lock);
-    e = find(c, name);
-    if (e && e->size == st.size && e->mtime == st.mtime) {
-        /* another thread opened it meanwhile: use theirs */
-        fresh->next = dead;
-        dead = fresh;
-        fresh->refs = 0;
-    } else {
-        if (e) {
-            unlink_entry(c, e);
-            if (--e->refs == 0) {
-                e->next = dead;
-                dead = e;
-            }
-        }
-        fresh->next = c->list;
-        c->list = fresh;
-        fresh->cached = true;
-        c->count++;
-        if (fresh->img)
-            c->open++;
-        e = fresh;
     }
     ret = take(c, e, out);
-    if (ret < 0) {
-        /* keep the message through the frees below */
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
-        evict(c, &dead);
-        pthread_mutex_unlock(&c->lock);
-        free_dead(c, dead);
-        ret = err_fail(-ret, "%s", msg);
-        goto out;
-    }
     evict(c, &dead);
     pthread_mutex_unlock(&c->lock);
-out_dead:
-    if (ret < 0) {
+    if (dead) {
         char msg[ERR_MSG_MAX];
         snprintf(msg, sizeof msg, "%s", err_msg(ret));
         free_dead(c, dead);
-        ret = err_fail(-ret, "%s", msg);
-    } else {
-        free_dead(c, dead);
+        if (ret < 0)
+            err_fail(-ret, "%s", msg);
     }
 out:
     free(uri);

@@ -27,8 +27,8 @@ struct catalog_opts {
  * folder). */
 int catalog_new(const char *root, const struct catalog_opts *opts, struct catalog **out);
 
-/* Close every cached image and free the catalog. Handles still held by callers
- * stay valid until their catalog_put; call this once no other thread uses c. */
+/* Close every cached image and free the catalog. Call it once no other thread
+ * uses c and every handle from catalog_get has been put. */
 void catalog_free(struct catalog *c);
 
 /* Whether name is a valid image name: ^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$ and no

@@ -1,0 +1,38 @@
+/* api.h: the daemon's HTTP layer: a libmicrohttpd server that routes REST calls
+ * (openapi/openapi.yaml) to the catalog and the engine. */
+#ifndef QCOWD_API_H
+#define QCOWD_API_H
+
+#include <stddef.h>
+
+struct catalog;
+struct api_server; /* opaque: one listening server */
+
+struct api_config {
+    const char *listen;   /* "HOST:PORT" or "[V6]:PORT"; port 0 picks a free one */
+    unsigned threads;     /* libmicrohttpd thread pool size (>= 1) */
+    unsigned timeout_sec; /* idle connection timeout; 0: 60 */
+    int log;              /* log one line per request to stderr */
+};
+
+/* Start serving cat (borrowed; must outlive the server). On success *out is a new
+ * server the caller stops with api_server_stop; on failure *out is unchanged, the
+ * return is a negative errno and err_msg() names the problem. */
+int api_server_start(const struct api_config *cfg, struct catalog *cat, struct api_server **out);
+
+/* The address it listens on, with the real port ("127.0.0.1:40123"). Borrowed. */
+const char *api_server_address(const struct api_server *s);
+
+/* Stop accepting connections; requests in flight (and new ones on connections
+ * already open) go on. Idempotent. */
+void api_server_quiesce(struct api_server *s);
+
+/* Wait until no request is in flight or timeout_ms passes. Returns 0, or
+ * -ETIMEDOUT with the number still in flight in err_msg(). */
+int api_server_drain(struct api_server *s, unsigned timeout_ms);
+
+/* Close every connection, join the threads and free s. Every image handle the
+ * server held has been put when this returns. */
+void api_server_stop(struct api_server *s);
+
+#endif

@@ -1,0 +1,346 @@
+/* images.c: the handlers of /v1/health and /v1/images/...: list, info, data
+ * (ranged, streamed) and extents (streamed JSON). */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api_int.h"
+#include "catalog.h"
+#include "err.h"
+#include "qcow2.h"
+
+#define DATA_BLOCK (256u << 10) /* bytes MHD asks the data stream for at a time */
+
+enum MHD_Result api_health(struct req *r, char **args)
+{
+    return api_reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
+}
+
+/* ---- info ---- */
+
+static json_t *snapshots_json(const struct qcow2_info *in)
+{
+    json_t *a = json_array();
+    for (uint32_t i = 0; a && i < in->nb_snapshots; i++) {
+        const struct qcow2_snapshot_info *s = &in->snapshots[i];
+        json_t *o =
+            json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name),
+                      "vm-state-size", (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
+                      (json_int_t)s->date_nsec, "vm-clock-sec", (json_int_t)(s->vm_clock_nsec / 1000000000u),
+                      "vm-clock-nsec", (json_int_t)(s->vm_clock_nsec % 1000000000u));
+        if (o && s->icount != UINT64_MAX)
+            json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
+        json_array_append_new(a, o);
+    }
+    return a;
+}
+
+static json_t *bitmaps_json(const struct qcow2_info *in)
+{
+    json_t *a = json_array();
+    for (uint32_t i = 0; a && i < in->nb_bitmaps; i++) {
+        const struct qcow2_bitmap_info *b = &in->bitmaps[i];
+        json_t *flags = json_array();
+        if (b->in_use)
+            json_array_append_new(flags, json_string("in-use"));
+        if (b->auto_)
+            json_array_append_new(flags, json_string("auto"));
+        json_array_append_new(a, json_pack("{s:o,s:o,s:I}", "name", api_jstr(b->name), "flags", flags, "granularity",
+                                           (json_int_t)b->granularity));
+    }
+    return a;
+}
+
+/* The info object: qemu-img info's names, with "name" and "filename" relative to
+ * the catalog (server paths are not shown). */
+static json_t *info_json(const char *name, struct qcow2_image *img)
+{
+    const struct qcow2_info *in = qcow2_get_info(img);
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
+    snprintf(file, sizeof file, "%s%s", name, CATALOG_SUFFIX);
+    json_object_set_new(o, "name", json_string(name));
+    json_object_set_new(o, "filename", json_string(file));
+    json_object_set_new(o, "format", json_string(in->format == QCOW2_FMT_RAW ? "raw" : "qcow2"));
+    json_object_set_new(o, "virtual-size", json_integer((json_int_t)in->virtual_size));
+    json_object_set_new(o, "actual-size", json_integer((json_int_t)in->file_allocated));
+    json_object_set_new(o, "dirty-flag", json_boolean(in->format == QCOW2_FMT_QCOW2 && in->dirty));
+    if (in->format != QCOW2_FMT_QCOW2)
+        return o;
+    json_object_set_new(o, "cluster-size", json_integer(in->cluster_size));
+    if (in->backing_file)
+        json_object_set_new(o, "backing-filename", api_jstr(in->backing_file));
+    if (in->backing_format)
+        json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
+    if (in->crypt_method)
+        json_object_set_new(o, "encrypted", json_true());
+    json_object_set_new(o, "snapshots", snapshots_json(in));
+    json_t *d = json_object();
+    json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
+    json_object_set_new(d, "compression-type", json_string(in->compression));
+    json_object_set_new(d, "lazy-refcounts", json_boolean(in->lazy_refcounts));
+    json_object_set_new(d, "refcount-bits", json_integer(in->refcount_bits));
+    json_object_set_new(d, "corrupt", json_boolean(in->corrupt));
+    json_object_set_new(d, "extended-l2", json_boolean(in->extended_l2));
+    json_object_set_new(d, "bitmaps", bitmaps_json(in));
+    if (in->data_file) {
+        json_object_set_new(d, "data-file", api_jstr(in->data_file));
+        json_object_set_new(d, "data-file-raw", json_boolean(in->data_file_raw));
+    }
+    json_object_set_new(o, "format-specific", json_pack("{s:s,s:o}", "type", "qcow2", "data", d));
+    return o;
+}
+
+/* Get the image named by a path argument, or queue the error. */
+static struct catalog_image *get_image(struct req *r, const char *name, enum MHD_Result *res)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(r->cat, name, &ci);
+    if (ret < 0) {
+        *res = api_reply_errno(r, ret);
+        return NULL;
+    }
+    return ci;
+}
+
+enum MHD_Result api_image_info(struct req *r, char **args)
+{
+    enum MHD_Result res = MHD_NO;
+    struct catalog_image *ci = get_image(r, args[0], &res);
+    if (!ci)
+        return res;
+    json_t *o = info_json(args[0], catalog_image_qcow2(ci));
+    catalog_put(ci);
+    return api_reply_json(r, 200, o);
+}
+
+enum MHD_Result api_images_list(struct req *r, char **args)
+{
+    char **names;
+    size_t n;
+    int ret = catalog_list(r->cat, &names, &n);
+    if (ret < 0)
+        return api_reply_errno(r, ret);
+    json_t *list = json_array();
+    for (size_t i = 0; list && i < n; i++) {
+        struct catalog_image *ci;
+        ret = catalog_get(r->cat, names[i], &ci);
+        if (ret == -ENOENT) /* removed since the listing */
+            continue;
+        if (ret < 0) {
+            json_array_append_new(list, json_pack("{s:s,s:{s:s,s:o}}", "name", names[i], "error", "code",
+                                                  api_errno_code(ret), "message", api_jstr(err_msg(ret))));
+            continue;
+        }
+        json_array_append_new(list, info_json(names[i], catalog_image_qcow2(ci)));
+        catalog_put(ci);
+    }
+    catalog_names_free(names, n);
+    return api_reply_json(r, 200, json_pack("{s:o}", "images", list));
+}
+
+/* ---- data ---- */
+
+struct data_stream {
+    struct catalog_image *ci;
+    struct req *r;  /* for the byte count; valid while MHD calls the reader */
+    uint64_t start; /* guest offset of the body's first byte */
+    uint64_t len;   /* body bytes */
+};
+
+static ssize_t data_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct data_stream *ds = cls;
+    if (pos >= ds->len)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    if (max > ds->len - pos)
+        max = (size_t)(ds->len - pos);
+    int ret = qcow2_pread(catalog_image_qcow2(ds->ci), buf, max, ds->start + pos);
+    if (ret < 0) {
+        fprintf(stderr, "qcowd: %s: read at %llu: %s\n", catalog_image_name(ds->ci),
+                (unsigned long long)(ds->start + pos), err_msg(ret));
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
+    ds->r->bytes += max;
+    return (ssize_t)max;
+}
+
+static void data_free(void *cls)
+{
+    struct data_stream *ds = cls;
+    catalog_put(ds->ci);
+    free(ds);
+}
+
+enum MHD_Result api_image_data(struct req *r, char **args)
+{
+    enum MHD_Result res = MHD_NO;
+    struct catalog_image *ci = get_image(r, args[0], &res);
+    if (!ci)
+        return res;
+    uint64_t size = qcow2_size(catalog_image_qcow2(ci)), start = 0, len = size;
+    char cr[96];
+    const char *range = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
+    if (range) {
+        int ret = api_parse_range(range, size, &start, &len);
+        if (ret < 0) {
+            catalog_put(ci);
+            if (ret != -ERANGE)
+                return api_reply_errno(r, ret);
+            snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
+            return api_reply_status(r, 416, api_errno_code(ret), err_msg(ret), MHD_HTTP_HEADER_CONTENT_RANGE, cr);
+        }
+        snprintf(cr, sizeof cr, "bytes %" PRIu64 "-%" PRIu64 "/%" PRIu64, start, start + len - 1, size);
+    }
+    struct data_stream *ds = malloc(sizeof *ds);
+    if (!ds) {
+        catalog_put(ci);
+        return MHD_NO;
+    }
+    *ds = (struct data_stream){.ci = ci, .r = r, .start = start, .len = len};
+    struct MHD_Response *resp = MHD_create_response_from_callback(len, DATA_BLOCK, data_read, ds, data_free);
+    if (!resp) {
+        data_free(ds);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
+    if (range)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_RANGE, cr);
+    return api_queue(r, range ? 206 : 200, resp);
+}
+
+/* ---- extents ---- */
+
+/* One merged run of the zero context. */
+struct run {
+    uint64_t start, length;
+    bool zero, hole;
+};
+
+struct extents_stream {
+    struct catalog_image *ci;
+    struct req *r;
+    uint64_t off, size; /* next guest offset to ask about; the disk size */
+    struct run next;    /* the run to print next (valid while next.length) */
+    bool first, done;
+    char text[160]; /* printed but not yet handed out */
+    size_t tlen, tpos;
+};
+
+/* Fill *out with the next merged run from es->off; out->length 0 at the end. */
+static int next_run(struct extents_stream *es, struct run *out)
+{
+    memset(out, 0, sizeof *out);
+    struct qcow2_image *img = catalog_image_qcow2(es->ci);
+    while (es->off < es->size) {
+        struct qcow2_extent e;
+        int ret = qcow2_block_status(img, es->off, es->size - es->off, &e);
+        if (ret < 0)
+            return ret;
+        if (e.length == 0 || e.start != es->off || e.length > es->size - es->off)
+            return err_fail(EIO, "block status at %" PRIu64 " returned a bad run", es->off);
+        bool zero = e.zero, hole = !e.present;
+        if (out->length && (zero != out->zero || hole != out->hole))
+            break;
+        if (!out->length)
+            *out = (struct run){.start = e.start, .zero = zero, .hole = hole};
+        out->length += e.length;
+        es->off += e.length;
+    }
+    return 0;
+}
+
+/* Print the next piece of the JSON array into es->text. */
+static int render(struct extents_stream *es)
+{
+    es->tpos = 0;
+    if (!es->next.length) {
+        es->tlen = (size_t)snprintf(es->text, sizeof es->text, "%s]\n", es->first ? "[" : "");
+        es->done = true;
+        return 0;
+    }
+    es->tlen = (size_t)snprintf(es->text, sizeof es->text,
+                                "%s{\"start\":%" PRIu64 ",\"length\":%" PRIu64 ",\"zero\":%s,\"hole\":%s}",
+                                es->first ? "[" : ",", es->next.start, es->next.length,
+                                es->next.zero ? "true" : "false", es->next.hole ? "true" : "false");
+    es->first = false;
+    return next_run(es, &es->next);
+}
+
+static ssize_t extents_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct extents_stream *es = cls;
+    size_t n = 0;
+    while (n < max) {
+        if (es->tpos == es->tlen) {
+            if (es->done)
+                break;
+            int ret = render(es);
+            if (ret < 0) {
+                fprintf(stderr, "qcowd: %s: extents: %s\n", catalog_image_name(es->ci), err_msg(ret));
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            }
+        }
+        size_t k = es->tlen - es->tpos < max - n ? es->tlen - es->tpos : max - n;
+        memcpy(buf + n, es->text + es->tpos, k);
+        es->tpos += k;
+        n += k;
+    }
+    if (n == 0)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    es->r->bytes += n;
+    return (ssize_t)n;
+}
+
+static void extents_free(void *cls)
+{
+    struct extents_stream *es = cls;
+    catalog_put(es->ci);
+    free(es);
+}
+
+enum MHD_Result api_image_extents(struct req *r, char **args)
+{
+    const char *raw = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "context");
+    if (raw) {
+        char *ctx = api_decode(raw, strlen(raw));
+        if (!ctx)
+            return api_reply_errno(r, -EINVAL);
+        bool ok = !strcmp(ctx, "zero");
+        free(ctx);
+        if (!ok)
+            return api_reply_error(r, -EINVAL, "unknown extents context: only \"zero\" is supported");
+    }
+    enum MHD_Result res = MHD_NO;
+    struct catalog_image *ci = get_image(r, args[0], &res);
+    if (!ci)
+        return res;
+    struct extents_stream *es = calloc(1, sizeof *es);
+    if (!es) {
+        catalog_put(ci);
+        return MHD_NO;
+    }
+    es->ci = ci;
+    es->r = r;
+    es->size = qcow2_size(catalog_image_qcow2(ci));
+    es->first = true;
+    /* the first run before answering, so a broken image gets a proper error */
+    int ret = next_run(es, &es->next);
+    if (ret < 0) {
+        extents_free(es);
+        return api_reply_errno(r, ret);
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, extents_read, es, extents_free);
+    if (!resp) {
+        extents_free(es);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    return api_queue(r, 200, resp);
+}

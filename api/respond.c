@@ -1,0 +1,139 @@
+/* respond.c: queueing responses: JSON bodies, JSON errors and the one table
+ * that turns a negative errno into an HTTP status and an error code. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api_int.h"
+#include "err.h"
+
+/* errno -> status and code. ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. */
+#define API_ERRNO_TABLE(X)                  \
+    X(EINVAL, 400, "bad-request")           \
+    X(ENAMETOOLONG, 400, "bad-request")     \
+    X(ENOENT, 404, "not-found")             \
+    X(EEXIST, 409, "conflict")              \
+    X(EBUSY, 409, "conflict")               \
+    X(EFBIG, 413, "too-large")              \
+    X(ERANGE, 416, "range-not-satisfiable") \
+    X(ENOTSUP, 422, "unsupported")          \
+    X(EUCLEAN, 422, "corrupt-image")        \
+    X(EIO, 422, "corrupt-image")            \
+    X(EPERM, 422, "outside-catalog")        \
+    X(ELOOP, 422, "bad-backing-chain")      \
+    X(ENXIO, 422, "bad-backing-chain")      \
+    X(EMFILE, 503, "unavailable")           \
+    X(ENFILE, 503, "unavailable")           \
+    X(ENOSPC, 507, "no-space")
+
+static const struct {
+    int err;
+    unsigned status;
+    const char *code;
+} errno_table[] = {
+#define ROW(e, s, c) {e, s, c},
+    API_ERRNO_TABLE(ROW)
+#undef ROW
+};
+
+static int find_errno(int err)
+{
+    err = abs(err);
+    for (size_t i = 0; i < sizeof errno_table / sizeof errno_table[0]; i++)
+        if (errno_table[i].err == err)
+            return (int)i;
+    return -1;
+}
+
+unsigned api_errno_status(int err)
+{
+    int i = find_errno(err);
+    return i < 0 ? 500 : errno_table[i].status;
+}
+
+const char *api_errno_code(int err)
+{
+    int i = find_errno(err);
+    return i < 0 ? "internal-error" : errno_table[i].code;
+}
+
+enum MHD_Result api_queue(struct req *r, unsigned status, struct MHD_Response *resp)
+{
+    if (!resp)
+        return MHD_NO; /* out of memory: MHD closes the connection */
+    enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
+    MHD_destroy_response(resp);
+    if (ret == MHD_YES) {
+        r->answered = true;
+        r->status = status;
+    }
+    return ret;
+}
+
+json_t *api_jstr(const char *s)
+{
+    json_t *j = json_string(s);
+    if (j)
+        return j;
+    /* not UTF-8 (a file name, a corrupt image's bytes): show it in ASCII */
+    char *copy = strdup(s);
+    if (!copy)
+        return NULL;
+    for (char *p = copy; *p; p++)
+        if ((unsigned char)*p >= 0x80)
+            *p = '?';
+    j = json_string(copy);
+    free(copy);
+    return j;
+}
+
+/* Queue body (stolen) as compact JSON plus a newline, with one optional header. */
+static enum MHD_Result queue_json(struct req *r, unsigned status, json_t *body, const char *hdr, const char *hdr_value)
+{
+    char *text = body ? json_dumps(body, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(body);
+    if (!text)
+        return MHD_NO;
+    size_t len = strlen(text);
+    /* a final newline keeps curl output readable; JSON parsers ignore it */
+    char *nl = realloc(text, len + 2);
+    if (!nl) {
+        free(text);
+        return MHD_NO;
+    }
+    nl[len++] = '\n';
+    nl[len] = '\0';
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, nl, MHD_RESPMEM_MUST_FREE);
+    if (!resp) {
+        free(nl);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    if (hdr)
+        MHD_add_response_header(resp, hdr, hdr_value);
+    if (!r->head)
+        r->bytes = len;
+    return api_queue(r, status, resp);
+}
+
+enum MHD_Result api_reply_json(struct req *r, unsigned status, json_t *body)
+{
+    return queue_json(r, status, body, NULL, NULL);
+}
+
+enum MHD_Result api_reply_status(struct req *r, unsigned status, const char *code, const char *msg, const char *hdr,
+                                 const char *hdr_value)
+{
+    return queue_json(r, status, json_pack("{s:{s:s,s:o}}", "error", "code", code, "message", api_jstr(msg)), hdr,
+                      hdr_value);
+}
+
+enum MHD_Result api_reply_error(struct req *r, int err, const char *msg)
+{
+    return api_reply_status(r, api_errno_status(err), api_errno_code(err), msg, NULL, NULL);
+}
+
+enum MHD_Result api_reply_errno(struct req *r, int err)
+{
+    return api_reply_error(r, err, err_msg(err));
+}

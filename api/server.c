@@ -1,0 +1,322 @@
+/* server.c: the libmicrohttpd server: start/quiesce/stop, the route table, the
+ * per-request state and the one-line-per-request log. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "api.h"
+#include "api_int.h"
+#include "err.h"
+
+struct api_server {
+    struct MHD_Daemon *daemon;
+    struct catalog *cat;
+    atomic_uint inflight; /* requests between their first call and completion */
+    int log;
+    char addr[80]; /* "host:port" as bound */
+};
+
+/* ---- routes ---- */
+
+#define M_GET 0x1u /* GET, and HEAD with the same headers and no body */
+
+struct route {
+    const char *seg[6]; /* path segments; "*" captures one (decoded) */
+    unsigned methods;
+    api_handler fn;
+};
+
+/* Matched in order; the sentinel (no segments) answers everything else with 404. */
+static const struct route routes[] = {
+    {{"v1", "health"}, M_GET, api_health},
+    {{"v1", "images"}, M_GET, api_images_list},
+    {{"v1", "images", "*"}, M_GET, api_image_info},
+    {{"v1", "images", "*", "data"}, M_GET, api_image_data},
+    {{"v1", "images", "*", "extents"}, M_GET, api_image_extents},
+    {{NULL}, 0, NULL},
+};
+
+#define MAX_SEGS 8
+
+static unsigned method_bit(const char *m)
+{
+    if (!strcmp(m, "GET") || !strcmp(m, "HEAD"))
+        return M_GET;
+    return 0;
+}
+
+static const char *allow_header(unsigned methods)
+{
+    return methods & M_GET ? "GET, HEAD" : "";
+}
+
+/* Split the raw path into decoded segments. Returns the count, or -1 with a
+ * 400 already queued. */
+static int split_path(struct req *r, const char *url, char **segs, unsigned *nsegs, enum MHD_Result *res)
+{
+    *nsegs = 0;
+    if (url[0] != '/') {
+        *res = api_reply_status(r, 400, "bad-request", "the request path must start with '/'", NULL, NULL);
+        return -1;
+    }
+    const char *p = url + 1;
+    for (;;) {
+        size_t n = strcspn(p, "/");
+        if ((n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.')) {
+            *res = api_reply_status(r, 400, "bad-request", "the request path has a '.' or '..' segment", NULL, NULL);
+            return -1;
+        }
+        if (*nsegs == MAX_SEGS) { /* longer than any route: unknown */
+            *res = api_reply_status(r, 404, "not-found", "no such endpoint", NULL, NULL);
+            return -1;
+        }
+        char *s = api_decode(p, n);
+        if (!s) {
+            *res = api_reply_error(r, -EINVAL, err_msg(EINVAL));
+            return -1;
+        }
+        segs[(*nsegs)++] = s;
+        p += n;
+        if (*p != '/')
+            break;
+        p++;
+    }
+    return 0;
+}
+
+static bool match(const struct route *rt, char **segs, unsigned nsegs, char **args)
+{
+    unsigned i = 0, a = 0;
+    for (; i < nsegs && rt->seg[i]; i++) {
+        if (!strcmp(rt->seg[i], "*")) {
+            if (a == API_MAX_ARGS)
+                return false;
+            args[a++] = segs[i];
+        } else if (strcmp(rt->seg[i], segs[i])) {
+            return false;
+        }
+    }
+    return i == nsegs && (i == sizeof rt->seg / sizeof rt->seg[0] || !rt->seg[i]);
+}
+
+static enum MHD_Result dispatch(struct req *r, const char *url)
+{
+    char *segs[MAX_SEGS];
+    unsigned nsegs;
+    enum MHD_Result res = MHD_NO;
+    if (split_path(r, url, segs, &nsegs, &res) < 0)
+        goto out;
+    unsigned want = method_bit(r->method), allowed = 0;
+    const struct route *rt;
+    char *args[API_MAX_ARGS] = {NULL};
+    for (rt = routes; rt->seg[0]; rt++) {
+        if (!match(rt, segs, nsegs, args))
+            continue;
+        if (rt->methods & want)
+            break;
+        allowed |= rt->methods;
+    }
+    if (rt->seg[0]) {
+        res = rt->fn(r, args);
+    } else if (allowed) {
+        char msg[160];
+        snprintf(msg, sizeof msg, "method %s is not allowed here; allowed: %s", r->method, allow_header(allowed));
+        res = api_reply_status(r, 405, "method-not-allowed", msg, MHD_HTTP_HEADER_ALLOW, allow_header(allowed));
+    } else {
+        res = api_reply_status(r, 404, "not-found", "no such endpoint", NULL, NULL);
+    }
+out:
+    for (unsigned i = 0; i < nsegs; i++)
+        free(segs[i]);
+    return res;
+}
+
+/* ---- MHD callbacks ---- */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls)
+{
+    struct api_server *s = cls;
+    struct req *r = *con_cls;
+    if (r) {
+        /* no endpoint takes a body yet: the answer is queued, drop what comes */
+        *upload_data_size = 0;
+        return r->answered ? MHD_YES : MHD_NO;
+    }
+    r = calloc(1, sizeof *r);
+    if (!r)
+        return MHD_NO;
+    clock_gettime(CLOCK_MONOTONIC, &r->t0);
+    r->srv = s;
+    r->cat = s->cat;
+    r->conn = conn;
+    snprintf(r->method, sizeof r->method, "%s", method);
+    r->head = !strcmp(method, "HEAD");
+    r->path = strdup(url);
+    *con_cls = r;
+    atomic_fetch_add(&s->inflight, 1);
+    if (!r->path)
+        return MHD_NO;
+    err_clear();
+    return dispatch(r, url);
+}
+
+/* The path for the log: printable ASCII kept, the rest as \xNN, bounded. */
+static void log_path(const char *p, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (; p && *p && o + 5 < cap; p++) {
+        unsigned char ch = (unsigned char)*p;
+        if (ch >= 0x20 && ch < 0x7f && ch != '\\')
+            out[o++] = (char)ch;
+        else
+            o += (size_t)snprintf(out + o, cap - o, "\\x%02x", ch);
+    }
+    out[o] = '\0';
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe)
+{
+    struct api_server *s = cls;
+    struct req *r = *con_cls;
+    if (!r)
+        return;
+    if (s->log) {
+        struct timespec t1;
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        double ms = (double)(t1.tv_sec - r->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - r->t0.tv_nsec) / 1e6;
+        char path[512];
+        log_path(r->path, path, sizeof path);
+        fprintf(stderr, "qcowd: %s %s %u %llu %.2fms%s\n", r->method, path, r->status, (unsigned long long)r->bytes, ms,
+                toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (aborted)");
+    }
+    free(r->path);
+    free(r);
+    *con_cls = NULL;
+    atomic_fetch_sub(&s->inflight, 1);
+}
+
+/* Keep %XX escapes: the router decodes each segment itself, so an encoded '/'
+ * stays inside a name (and fails its validation) instead of becoming a separator. */
+static size_t no_unescape(void *cls, struct MHD_Connection *c, char *s)
+{
+    return strlen(s);
+}
+
+/* ---- lifecycle ---- */
+
+static int parse_listen(const char *listen, struct addrinfo **res)
+{
+    char host[256];
+    const char *colon = strrchr(listen, ':');
+    if (!colon || colon == listen)
+        return err_fail(EINVAL, "--listen %s: expected HOST:PORT", listen);
+    size_t hl = (size_t)(colon - listen);
+    const char *h = listen;
+    if (h[0] == '[' && hl >= 2 && h[hl - 1] == ']') {
+        h++;
+        hl -= 2;
+    }
+    if (hl >= sizeof host)
+        return err_fail(EINVAL, "--listen %s: host too long", listen);
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    const char *port = colon + 1;
+    char *end;
+    long pn = strtol(port, &end, 10);
+    if (!*port || *end || pn < 0 || pn > 65535)
+        return err_fail(EINVAL, "--listen %s: bad port '%s'", listen, port);
+    struct addrinfo hints = {
+        .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    int e = getaddrinfo(host, port, &hints, res);
+    if (e)
+        return err_fail(EINVAL, "--listen %s: %s", listen, gai_strerror(e));
+    return 0;
+}
+
+int api_server_start(const struct api_config *cfg, struct catalog *cat, struct api_server **out)
+{
+    struct addrinfo *ai;
+    int ret = parse_listen(cfg->listen, &ai);
+    if (ret < 0)
+        return ret;
+    struct api_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        freeaddrinfo(ai);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    s->cat = cat;
+    s->log = cfg->log;
+    atomic_init(&s->inflight, 0);
+    unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+                                 MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(cfg->threads ? cfg->threads : 1),
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_UNESCAPE_CALLBACK,
+                                 no_unescape, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
+                                 (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60), MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!s->daemon) {
+        free(s);
+        return err_fail(EADDRNOTAVAIL, "cannot listen on %s (in use, or not an address of this machine?)", cfg->listen);
+    }
+    const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_LISTEN_FD);
+    struct sockaddr_storage ss = {0};
+    socklen_t sl = sizeof ss;
+    char host[64] = "?";
+    unsigned port = 0;
+    if (di && getsockname(di->listen_fd, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+            inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+            port = ntohs(a->sin6_port);
+        } else {
+            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+            inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+            port = ntohs(a->sin_port);
+        }
+    }
+    snprintf(s->addr, sizeof s->addr, ss.ss_family == AF_INET6 ? "[%s]:%u" : "%s:%u", host, port);
+    *out = s;
+    return 0;
+}
+
+const char *api_server_address(const struct api_server *s)
+{
+    return s->addr;
+}
+
+void api_server_quiesce(struct api_server *s)
+{
+    MHD_socket fd = MHD_quiesce_daemon(s->daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+}
+
+int api_server_drain(struct api_server *s, unsigned timeout_ms)
+{
+    for (unsigned waited = 0;; waited += 10) {
+        unsigned n = atomic_load(&s->inflight);
+        if (n == 0)
+            return 0;
+        if (waited >= timeout_ms)
+            return err_fail(ETIMEDOUT, "%u requests still in flight after %u ms", n, timeout_ms);
+        usleep(10 * 1000);
+    }
+}
+
+void api_server_stop(struct api_server *s)
+{
+    if (!s)
+        return;
+    MHD_stop_daemon(s->daemon);
+    free(s);
+}
