@@ -51,6 +51,15 @@ static int zstd_cluster(const void *src, size_t len, void *dst, size_t dst_len)
             return err_fail(ENOMEM, "zstd: cannot create a context");
         pthread_setspecific(dctx_key, dctx);
     }
+    /* the usual case, one frame: decompress it in one call straight into dst
+     * (no window buffer, and faster than streaming); the sector padding after
+     * the frame is left out by measuring the frame first */
+    size_t fsize = ZSTD_findFrameCompressedSize(src, len);
+    if (!ZSTD_isError(fsize)) {
+        size_t r = ZSTD_decompressDCtx(dctx, dst, dst_len, src, fsize);
+        if (!ZSTD_isError(r) && r == dst_len)
+            return 0;
+    }
     ZSTD_DCtx_reset(dctx, ZSTD_reset_session_and_parameters);
     /* a hostile frame must not make us allocate a large window */
     ZSTD_DCtx_setParameter(dctx, ZSTD_d_windowLogMax, 23);
