@@ -165,6 +165,14 @@ enum qcow2_repair { QCOW2_REPAIR_NONE = 0, QCOW2_REPAIR_LEAKS = 1, QCOW2_REPAIR_
 int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_check_result *r,
                 void (*report)(void *ctx, const char *line), void *ctx);
 
+/* Internal snapshots (image open read-write; names match an id first, then a
+ * name). create fails with -EEXIST for a name in use; delete and revert with
+ * -ENOENT for an unknown one. The caller's snapshot list (qcow2_get_info) is
+ * refreshed. */
+int qcow2_snapshot_create(struct qcow2_image *img, const char *name);
+int qcow2_snapshot_delete(struct qcow2_image *img, const char *name);
+int qcow2_snapshot_revert(struct qcow2_image *img, const char *name);
+
 /* Options for qcow2_create, named as qemu-img's -o options. Zeroed means defaults:
  * 64 KiB clusters, version 3, 16-bit refcounts, zlib, no preallocation. */
 struct qcow2_create_opts {

@@ -129,6 +129,26 @@ static void human_size(uint64_t v, char *buf, size_t len)
         snprintf(buf, len, "%.3g %s", d, units[u]);
 }
 
+void print_snapshot_table(const struct qcow2_info *in)
+{
+    printf("Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n");
+    for (uint32_t i = 0; i < in->nb_snapshots; i++) {
+        const struct qcow2_snapshot_info *s = &in->snapshots[i];
+        char date[32], vm[32];
+        time_t t = s->date_sec;
+        struct tm tm;
+        localtime_r(&t, &tm);
+        strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
+        human_size(s->vm_state_size, vm, sizeof vm);
+        uint64_t ms = s->vm_clock_nsec / 1000000;
+        printf("%-9s %-17s %7s %s %02" PRIu64 ":%02" PRIu64 ":%02" PRIu64 ".%03" PRIu64, s->id, s->name, vm, date,
+               ms / 3600000, ms / 60000 % 60, ms / 1000 % 60, ms % 1000);
+        if (s->icount != UINT64_MAX)
+            printf(" %10" PRIu64, s->icount);
+        printf("\n");
+    }
+}
+
 static void info_human(struct qcow2_image *img, const char *given)
 {
     const struct qcow2_info *in = qcow2_get_info(img);
@@ -150,24 +170,8 @@ static void info_human(struct qcow2_image *img, const char *given)
         if (in->backing_format)
             printf("backing file format: %s\n", in->backing_format);
     }
-    if (in->nb_snapshots) {
-        printf("Snapshot list:\nID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT\n");
-        for (uint32_t i = 0; i < in->nb_snapshots; i++) {
-            const struct qcow2_snapshot_info *s = &in->snapshots[i];
-            char date[32], vm[32];
-            time_t t = s->date_sec;
-            struct tm tm;
-            localtime_r(&t, &tm);
-            strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
-            human_size(s->vm_state_size, vm, sizeof vm);
-            uint64_t ms = s->vm_clock_nsec / 1000000;
-            printf("%-9s %-17s %7s %s %02" PRIu64 ":%02" PRIu64 ":%02" PRIu64 ".%03" PRIu64, s->id, s->name, vm, date,
-                   ms / 3600000, ms / 60000 % 60, ms / 1000 % 60, ms % 1000);
-            if (s->icount != UINT64_MAX)
-                printf(" %10" PRIu64, s->icount);
-            printf("\n");
-        }
-    }
+    if (in->nb_snapshots)
+        print_snapshot_table(in);
     printf("Format specific information:\n    compat: %s\n    compression type: %s\n", in->version >= 3 ? "1.1" : "0.10",
            in->compression);
     if (in->version >= 3)

@@ -29,6 +29,8 @@ static const char usage[] =
     "                          make a range read as zeroes (whole clusters become zero clusters)\n"
     "  discard [-f FMT] IMG OFFSET LENGTH\n"
     "                          free whole clusters of a range\n"
+    "  snapshot [-l | -c NAME | -d NAME | -a NAME] IMG\n"
+    "                          list, create, delete or apply internal snapshots\n"
     "  check [-r leaks|all] [--output=human|json] IMG\n"
     "                          verify refcounts and flags; exit 0 clean, 2 corrupt, 3 leaks\n"
     "\n"
@@ -105,7 +107,7 @@ int main(int argc, char **argv)
     } cmds[] = {
         {"info", cmd_info},   {"map", cmd_map},   {"convert", cmd_convert}, {"read", cmd_read},
         {"create", cmd_create}, {"write", cmd_write}, {"zero", cmd_zero},     {"discard", cmd_discard},
-        {"check", cmd_check},
+        {"check", cmd_check}, {"snapshot", cmd_snapshot},
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(cmd, cmds[i].name))

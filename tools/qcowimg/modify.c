@@ -372,3 +372,52 @@ int cmd_check(int argc, char **argv)
         return 3;
     return 0;
 }
+
+int cmd_snapshot(int argc, char **argv)
+{
+    const char *fmt = NULL, *name = NULL;
+    char op = 0;
+    int c;
+    optind = 1;
+    while ((c = getopt(argc, argv, "f:c:d:a:lhqU")) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'c':
+        case 'd':
+        case 'a':
+        case 'l':
+            if (op)
+                return fail("snapshot", "give one of -l, -c, -d, -a");
+            op = (char)c;
+            name = optarg;
+            break;
+        case 'q':
+        case 'U': break;
+        case 'h':
+            printf("usage: qcowimg snapshot [-l | -c NAME | -d NAME | -a NAME] IMG\n"
+                   "  -l list, -c create, -d delete, -a apply (revert the disk to the snapshot)\n");
+            return 0;
+        default: return 1;
+        }
+    }
+    if (optind != argc - 1)
+        return fail("snapshot", "expected one image file (see --help)");
+    const char *file = argv[optind];
+    if (!op)
+        op = 'l';
+    struct qcow2_image *img;
+    if (op == 'l') {
+        if (open_image(file, fmt, NULL, &img))
+            return 1;
+        if (qcow2_get_info(img)->nb_snapshots)
+            print_snapshot_table(qcow2_get_info(img));
+        qcow2_close(img);
+        return 0;
+    }
+    if (open_rw(file, fmt, &img))
+        return 1;
+    int ret = op == 'c' ? qcow2_snapshot_create(img, name)
+              : op == 'd' ? qcow2_snapshot_delete(img, name)
+                          : qcow2_snapshot_revert(img, name);
+    return finish(file, img, ret < 0 ? fail_err(file, ret) : 0);
+}
