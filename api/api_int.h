@@ -1,15 +1,42 @@
-/* api_int.h: what the files of the HTTP layer share: per-request state, replies,
- * the errno -> HTTP table, Range parsing and the route handlers. */
+/* api_int.h: what the files of the HTTP layer share: per-request state, request
+ * bodies, replies, the errno -> HTTP table, Range parsing, metrics and the route
+ * handlers. */
 #ifndef QCOWD_API_INT_H
 #define QCOWD_API_INT_H
 
 #include <jansson.h>
 #include <microhttpd.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <time.h>
 
 struct catalog;
+struct qcow2_image;
+struct req;
+
+/* How a request with a body (PUT, POST, PATCH) goes on after its handler ran on
+ * the headers and left no answer queued. The server calls data for each piece
+ * as it arrives (a failure is remembered, the rest of the body dropped and the
+ * failure answered once the body is complete), then end to queue the answer, and
+ * done in every case from the completion callback (completed false: the client
+ * went away before the body was complete, end was never called). */
+struct api_body {
+    int (*data)(struct req *r, const char *buf, size_t n); /* 0 or -errno with err_msg() */
+    enum MHD_Result (*end)(struct req *r);
+    void (*done)(struct req *r, bool completed);
+};
+
+/* Counters for GET /metrics, updated from the completion callback. */
+#define API_METHODS 8 /* GET HEAD PUT POST PATCH DELETE OPTIONS other */
+#define API_BUCKETS 12
+struct api_metrics {
+    atomic_ullong requests[API_METHODS][500]; /* by method and status 100..599 */
+    atomic_ullong bytes_in, bytes_out;        /* request and response body bytes */
+    atomic_ullong buckets[API_BUCKETS];       /* latency histogram (not cumulative) */
+    atomic_ullong count, usec_sum;            /* completed requests, their total latency */
+    atomic_uint inflight;                     /* requests between their first call and completion */
+};
 
 /* One request, kept in MHD's con_cls from the first call to the completion callback. */
 struct req {
@@ -23,6 +50,14 @@ struct req {
     unsigned status; /* the status queued */
     uint64_t bytes;  /* body bytes produced (streams add as they go) */
     struct timespec t0;
+    struct api_metrics *metrics;
+    unsigned threads;           /* the server's worker threads (max readers) */
+    /* requests with a body */
+    const struct api_body *body; /* set by the handler to receive the body */
+    void *ctx;                   /* the handler's state; freed by body->done */
+    uint64_t bytes_in;           /* body bytes received */
+    int body_err;                /* first failure of body->data (negative errno) */
+    char *body_msg;              /* its message */
 };
 
 #define API_MAX_ARGS 2 /* path segments a route captures */
@@ -39,6 +74,9 @@ const char *api_errno_code(int err);
 json_t *api_jstr(const char *s);
 /* Queue body (reference stolen) as JSON with status. */
 enum MHD_Result api_reply_json(struct req *r, unsigned status, json_t *body);
+/* The same with one extra header (e.g. Location). */
+enum MHD_Result api_reply_json_hdr(struct req *r, unsigned status, json_t *body, const char *hdr,
+                                   const char *hdr_value);
 /* Queue {"error":{"code","message"}} for err (negative errno) with message msg. */
 enum MHD_Result api_reply_error(struct req *r, int err, const char *msg);
 /* The same with err_msg(err) as the message. */
@@ -46,6 +84,8 @@ enum MHD_Result api_reply_errno(struct req *r, int err);
 /* Queue an error with an explicit status and code (405, 404 for routes). */
 enum MHD_Result api_reply_status(struct req *r, unsigned status, const char *code, const char *msg, const char *hdr,
                                  const char *hdr_value);
+/* Queue an empty answer (204, or a status whose body is not needed). */
+enum MHD_Result api_reply_empty(struct req *r, unsigned status, const char *hdr, const char *hdr_value);
 /* Queue resp with status; takes care of the bookkeeping; destroys resp. */
 enum MHD_Result api_queue(struct req *r, unsigned status, struct MHD_Response *resp);
 
@@ -61,6 +101,12 @@ int api_parse_range(const char *value, uint64_t size, uint64_t *start, uint64_t 
  * for a bad escape or an encoded NUL. */
 char *api_decode(const char *s, size_t len);
 
+/* Parse a decimal query argument "name" (percent-decoded) into *v; 0 when absent
+ * (v unchanged), 1 when present, -EINVAL with err_msg() for a bad value. */
+int api_query_u64(struct req *r, const char *name, uint64_t *v);
+/* A yes/no query argument ("y"/"n", also "yes"/"no", "true"/"false", "1"/"0"). */
+int api_query_bool(struct req *r, const char *name, bool *v);
+
 /* ---- images.c ---- */
 
 enum MHD_Result api_health(struct req *r, char **args);
@@ -68,5 +114,34 @@ enum MHD_Result api_images_list(struct req *r, char **args);
 enum MHD_Result api_image_info(struct req *r, char **args);
 enum MHD_Result api_image_data(struct req *r, char **args);
 enum MHD_Result api_image_extents(struct req *r, char **args);
+/* The info object of an open image (a new reference, NULL on ENOMEM). */
+json_t *api_info_json(const char *name, struct qcow2_image *img);
+
+/* ---- manage.c: create, delete, and JSON request bodies ---- */
+
+#define API_JSON_MAX (64u << 10) /* bytes a JSON request body may have */
+
+/* Start collecting a JSON body for r, then call end with the parsed object. */
+enum MHD_Result api_json_body(struct req *r, const char *name,
+                              enum MHD_Result (*end)(struct req *r, const char *name, json_t *body));
+enum MHD_Result api_image_create(struct req *r, char **args);
+enum MHD_Result api_image_delete(struct req *r, char **args);
+
+/* ---- write.c: PUT/PATCH/OPTIONS .../data ---- */
+
+enum MHD_Result api_data_put(struct req *r, char **args);
+enum MHD_Result api_data_patch(struct req *r, char **args);
+enum MHD_Result api_data_options(struct req *r, char **args);
+
+/* ---- file.c: GET/PUT .../file ---- */
+
+enum MHD_Result api_file_get(struct req *r, char **args);
+enum MHD_Result api_file_put(struct req *r, char **args);
+
+/* ---- metrics.c ---- */
+
+void api_metrics_record(struct api_metrics *m, const char *method, unsigned status, uint64_t in, uint64_t out,
+                        double seconds);
+enum MHD_Result api_metrics(struct req *r, char **args);
 
 #endif

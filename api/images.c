@@ -55,7 +55,7 @@ static json_t *bitmaps_json(const struct qcow2_info *in)
 
 /* The info object: qemu-img info's names, with "name" and "filename" relative to
  * the catalog (server paths are not shown). */
-static json_t *info_json(const char *name, struct qcow2_image *img)
+json_t *api_info_json(const char *name, struct qcow2_image *img)
 {
     const struct qcow2_info *in = qcow2_get_info(img);
     json_t *o = json_object();
@@ -113,7 +113,7 @@ enum MHD_Result api_image_info(struct req *r, char **args)
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
-    json_t *o = info_json(args[0], catalog_image_qcow2(ci));
+    json_t *o = api_info_json(args[0], catalog_image_qcow2(ci));
     catalog_put(ci);
     return api_reply_json(r, 200, o);
 }
@@ -136,7 +136,7 @@ enum MHD_Result api_images_list(struct req *r, char **args)
                                                   api_errno_code(ret), "message", api_jstr(err_msg(ret))));
             continue;
         }
-        json_array_append_new(list, info_json(names[i], catalog_image_qcow2(ci)));
+        json_array_append_new(list, api_info_json(names[i], catalog_image_qcow2(ci)));
         catalog_put(ci);
     }
     catalog_names_free(names, n);

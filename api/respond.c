@@ -14,6 +14,7 @@
     X(ENOENT, 404, "not-found")             \
     X(EEXIST, 409, "conflict")              \
     X(EBUSY, 409, "conflict")               \
+    X(EROFS, 409, "read-only")              \
     X(EFBIG, 413, "too-large")              \
     X(ERANGE, 416, "range-not-satisfiable") \
     X(ENOTSUP, 422, "unsupported")          \
@@ -121,11 +122,25 @@ enum MHD_Result api_reply_json(struct req *r, unsigned status, json_t *body)
     return queue_json(r, status, body, NULL, NULL);
 }
 
+enum MHD_Result api_reply_json_hdr(struct req *r, unsigned status, json_t *body, const char *hdr,
+                                   const char *hdr_value)
+{
+    return queue_json(r, status, body, hdr, hdr_value);
+}
+
 enum MHD_Result api_reply_status(struct req *r, unsigned status, const char *code, const char *msg, const char *hdr,
                                  const char *hdr_value)
 {
     return queue_json(r, status, json_pack("{s:{s:s,s:o}}", "error", "code", code, "message", api_jstr(msg)), hdr,
                       hdr_value);
+}
+
+enum MHD_Result api_reply_empty(struct req *r, unsigned status, const char *hdr, const char *hdr_value)
+{
+    struct MHD_Response *resp = MHD_create_response_from_buffer(0, NULL, MHD_RESPMEM_PERSISTENT);
+    if (resp && hdr)
+        MHD_add_response_header(resp, hdr, hdr_value);
+    return api_queue(r, status, resp);
 }
 
 enum MHD_Result api_reply_error(struct req *r, int err, const char *msg)
@@ -136,4 +151,52 @@ enum MHD_Result api_reply_error(struct req *r, int err, const char *msg)
 enum MHD_Result api_reply_errno(struct req *r, int err)
 {
     return api_reply_error(r, err, err_msg(err));
+}
+
+/* The decoded value of query argument name, or NULL (absent, or a bad escape:
+ * *bad set). */
+static char *query(struct req *r, const char *name, bool *bad)
+{
+    *bad = false;
+    const char *raw = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
+    if (!raw)
+        return NULL;
+    char *v = api_decode(raw, strlen(raw));
+    *bad = !v;
+    return v;
+}
+
+int api_query_u64(struct req *r, const char *name, uint64_t *v)
+{
+    bool bad;
+    char *s = query(r, name, &bad);
+    if (!s)
+        return bad ? err_fail(EINVAL, "query argument %s: %s", name, err_msg(EINVAL)) : 0;
+    char *end;
+    errno = 0;
+    unsigned long long n = strtoull(s, &end, 10);
+    int ret = 1;
+    if (!*s || *end || s[0] == '-' || s[0] == '+' || s[0] == ' ' || errno)
+        ret = err_fail(EINVAL, "query argument %s=%.40s: expected a decimal number of bytes", name, s);
+    else
+        *v = n;
+    free(s);
+    return ret;
+}
+
+int api_query_bool(struct req *r, const char *name, bool *v)
+{
+    bool bad;
+    char *s = query(r, name, &bad);
+    if (!s)
+        return bad ? err_fail(EINVAL, "query argument %s: %s", name, err_msg(EINVAL)) : 0;
+    int ret = 1;
+    if (!strcmp(s, "y") || !strcmp(s, "yes") || !strcmp(s, "true") || !strcmp(s, "1"))
+        *v = true;
+    else if (!strcmp(s, "n") || !strcmp(s, "no") || !strcmp(s, "false") || !strcmp(s, "0"))
+        *v = false;
+    else
+        ret = err_fail(EINVAL, "query argument %s=%.40s: expected y or n", name, s);
+    free(s);
+    return ret;
 }

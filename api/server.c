@@ -1,5 +1,5 @@
 /* server.c: the libmicrohttpd server: start/quiesce/stop, the route table, the
- * per-request state and the one-line-per-request log. */
+ * per-request state, request bodies and the one-line-per-request log. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
@@ -17,14 +17,20 @@
 struct api_server {
     struct MHD_Daemon *daemon;
     struct catalog *cat;
-    atomic_uint inflight; /* requests between their first call and completion */
+    struct api_metrics metrics; /* also holds the in-flight count */
+    unsigned threads;
     int log;
     char addr[80]; /* "host:port" as bound */
 };
 
 /* ---- routes ---- */
 
-#define M_GET 0x1u /* GET, and HEAD with the same headers and no body */
+#define M_GET     0x01u /* GET, and HEAD with the same headers and no body */
+#define M_PUT     0x02u
+#define M_POST    0x04u
+#define M_PATCH   0x08u
+#define M_DELETE  0x10u
+#define M_OPTIONS 0x20u
 
 struct route {
     const char *seg[6]; /* path segments; "*" captures one (decoded) */
@@ -36,24 +42,46 @@ struct route {
 static const struct route routes[] = {
     {{"v1", "health"}, M_GET, api_health},
     {{"v1", "images"}, M_GET, api_images_list},
+    {{"v1", "images"}, M_POST, api_image_create},
     {{"v1", "images", "*"}, M_GET, api_image_info},
+    {{"v1", "images", "*"}, M_DELETE, api_image_delete},
     {{"v1", "images", "*", "data"}, M_GET, api_image_data},
+    {{"v1", "images", "*", "data"}, M_PUT, api_data_put},
+    {{"v1", "images", "*", "data"}, M_PATCH, api_data_patch},
+    {{"v1", "images", "*", "data"}, M_OPTIONS, api_data_options},
     {{"v1", "images", "*", "extents"}, M_GET, api_image_extents},
+    {{"v1", "images", "*", "file"}, M_GET, api_file_get},
+    {{"v1", "images", "*", "file"}, M_PUT, api_file_put},
+    {{"metrics"}, M_GET, api_metrics},
     {{NULL}, 0, NULL},
 };
 
 #define MAX_SEGS 8
 
+static const struct {
+    const char *name;
+    unsigned bit;
+} methods[] = {
+    {"GET", M_GET},     {"HEAD", M_GET},       {"PUT", M_PUT},         {"POST", M_POST},
+    {"PATCH", M_PATCH}, {"DELETE", M_DELETE}, {"OPTIONS", M_OPTIONS},
+};
+
 static unsigned method_bit(const char *m)
 {
-    if (!strcmp(m, "GET") || !strcmp(m, "HEAD"))
-        return M_GET;
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+        if (!strcmp(m, methods[i].name))
+            return methods[i].bit;
     return 0;
 }
 
-static const char *allow_header(unsigned methods)
+/* "GET, HEAD, PUT" for the bits set, in the table's order. */
+static void allow_header(unsigned bits, char *out, size_t cap)
 {
-    return methods & M_GET ? "GET, HEAD" : "";
+    size_t o = 0;
+    out[0] = '\0';
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+        if (bits & methods[i].bit)
+            o += (size_t)snprintf(out + o, o < cap ? cap - o : 0, "%s%s", o ? ", " : "", methods[i].name);
 }
 
 /* Split the raw path into decoded segments. Returns the count, or -1 with a
@@ -125,9 +153,10 @@ static enum MHD_Result dispatch(struct req *r, const char *url)
     if (rt->seg[0]) {
         res = rt->fn(r, args);
     } else if (allowed) {
-        char msg[160];
-        snprintf(msg, sizeof msg, "method %s is not allowed here; allowed: %s", r->method, allow_header(allowed));
-        res = api_reply_status(r, 405, "method-not-allowed", msg, MHD_HTTP_HEADER_ALLOW, allow_header(allowed));
+        char msg[200], allow[80];
+        allow_header(allowed, allow, sizeof allow);
+        snprintf(msg, sizeof msg, "method %s is not allowed here; allowed: %s", r->method, allow);
+        res = api_reply_status(r, 405, "method-not-allowed", msg, MHD_HTTP_HEADER_ALLOW, allow);
     } else {
         res = api_reply_status(r, 404, "not-found", "no such endpoint", NULL, NULL);
     }
@@ -146,9 +175,29 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     struct api_server *s = cls;
     struct req *r = *con_cls;
     if (r) {
-        /* no endpoint takes a body yet: the answer is queued, drop what comes */
-        *upload_data_size = 0;
-        return r->answered ? MHD_YES : MHD_NO;
+        if (r->answered || !r->body) {
+            /* answered on the headers (an error): drop what comes */
+            *upload_data_size = 0;
+            return r->answered ? MHD_YES : MHD_NO;
+        }
+        size_t n = *upload_data_size;
+        if (n) {
+            if (!r->body_err) {
+                err_clear();
+                int ret = r->body->data(r, upload_data, n);
+                if (ret < 0) {
+                    r->body_err = ret;
+                    r->body_msg = strdup(err_msg(ret));
+                }
+            }
+            r->bytes_in += n;
+            *upload_data_size = 0;
+            return MHD_YES;
+        }
+        err_clear();
+        if (r->body_err)
+            return api_reply_error(r, r->body_err, r->body_msg ? r->body_msg : err_msg(r->body_err));
+        return r->body->end(r);
     }
     r = calloc(1, sizeof *r);
     if (!r)
@@ -157,11 +206,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->srv = s;
     r->cat = s->cat;
     r->conn = conn;
+    r->metrics = &s->metrics;
+    r->threads = s->threads;
     snprintf(r->method, sizeof r->method, "%s", method);
     r->head = !strcmp(method, "HEAD");
     r->path = strdup(url);
     *con_cls = r;
-    atomic_fetch_add(&s->inflight, 1);
+    atomic_fetch_add(&s->metrics.inflight, 1);
     if (!r->path)
         return MHD_NO;
     err_clear();
@@ -188,19 +239,24 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     struct req *r = *con_cls;
     if (!r)
         return;
+    bool ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
+    if (r->body) /* an upload cut short is settled before the log line */
+        r->body->done(r, r->answered);
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double ms = (double)(t1.tv_sec - r->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - r->t0.tv_nsec) / 1e6;
+    api_metrics_record(&s->metrics, r->method, r->status, r->bytes_in, r->bytes, ms / 1e3);
     if (s->log) {
-        struct timespec t1;
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        double ms = (double)(t1.tv_sec - r->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - r->t0.tv_nsec) / 1e6;
         char path[512];
         log_path(r->path, path, sizeof path);
-        fprintf(stderr, "qcowd: %s %s %u %llu %.2fms%s\n", r->method, path, r->status, (unsigned long long)r->bytes, ms,
-                toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (aborted)");
+        fprintf(stderr, "qcowd: %s %s %u %llu %.2fms%s\n", r->method, path, r->status,
+                (unsigned long long)(r->bytes + r->bytes_in), ms, ok ? "" : " (aborted)");
     }
+    free(r->body_msg);
     free(r->path);
     free(r);
     *con_cls = NULL;
-    atomic_fetch_sub(&s->inflight, 1);
+    atomic_fetch_sub(&s->metrics.inflight, 1);
 }
 
 /* Keep %XX escapes: the router decodes each segment itself, so an encoded '/'
@@ -254,8 +310,11 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     }
     s->cat = cat;
     s->log = cfg->log;
-    atomic_init(&s->inflight, 0);
-    unsigned flags = MHD_USE_AUTO_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    s->threads = cfg->threads ? cfg->threads : 1;
+    /* poll, not epoll: with epoll, libmicrohttpd 0.9.75 notices a client that
+     * closes in the middle of a request body only at the idle timeout, which
+     * would hold the image's writer reference (and delay the abort) for a minute. */
+    unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
@@ -304,7 +363,7 @@ void api_server_quiesce(struct api_server *s)
 int api_server_drain(struct api_server *s, unsigned timeout_ms)
 {
     for (unsigned waited = 0;; waited += 10) {
-        unsigned n = atomic_load(&s->inflight);
+        unsigned n = atomic_load(&s->metrics.inflight);
         if (n == 0)
             return 0;
         if (waited >= timeout_ms)

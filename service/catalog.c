@@ -1,5 +1,6 @@
 /* catalog.c: image names -> files "NAME.qcow2" in the catalog folder, opened
- * through the engine and cached as refcounted handles (failures cached too). */
+ * through the engine and cached as refcounted handles (failures cached too), and
+ * the whole-image operations: create, remove, upload, download. */
 #include "catalog.h"
 
 #include <errno.h>
@@ -10,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "err.h"
 #include "qcow2.h"
@@ -19,12 +21,17 @@
 struct catalog_image {
     struct catalog *cat;
     char *name;
+    char *uri;     /* the image file */
     uint64_t size; /* identity of the file when opened: size and mtime */
     int64_t mtime;
     struct qcow2_image *img; /* NULL: opening failed with err/msg */
     int err;                 /* positive errno of the failure */
     char *msg;               /* its message */
+    bool rw;                 /* img was opened read-write */
+    char *ro_msg;            /* else why not (NULL for a failure entry) */
     unsigned refs;           /* holders, the cache included (under cat->lock) */
+    unsigned writers;        /* holders from catalog_get_writable (under cat->lock) */
+    bool written;            /* a writer has held it: metadata may be pending */
     bool cached;             /* on cat->list */
     uint64_t used;           /* LRU tick of the last get */
     struct catalog_image *next;
@@ -38,6 +45,10 @@ struct catalog {
     unsigned count; /* entries on list */
     unsigned open;  /* entries alive with an image (cached or held) */
     uint64_t tick;
+    struct catalog_image *closing; /* entries whose image is being closed now */
+    pthread_cond_t closed;         /* signalled when one of them is done */
+    pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
+    unsigned long seq;             /* temporary names (under lock) */
 };
 
 static bool is_uri(const char *s)
@@ -84,6 +95,8 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
         goto fail;
     }
     pthread_mutex_init(&c->lock, NULL);
+    pthread_mutex_init(&c->create_lock, NULL);
+    pthread_cond_init(&c->closed, NULL);
     *out = c;
     return 0;
 fail:
@@ -92,12 +105,32 @@ fail:
     return ret;
 }
 
+/* Free e (off the list, no refs). Its image is closed while e sits on the
+ * closing list, so nobody opens the same file again before the close has written
+ * the handle's pending metadata. */
 static void entry_free(struct catalog_image *e)
 {
-    if (e->img)
+    struct catalog *c = e->cat;
+    if (e->img) {
+        pthread_mutex_lock(&c->lock);
+        e->next = c->closing;
+        c->closing = e;
+        pthread_mutex_unlock(&c->lock);
         qcow2_close(e->img);
+        pthread_mutex_lock(&c->lock);
+        for (struct catalog_image **p = &c->closing; *p; p = &(*p)->next)
+            if (*p == e) {
+                *p = e->next;
+                break;
+            }
+        c->open--;
+        pthread_cond_broadcast(&c->closed);
+        pthread_mutex_unlock(&c->lock);
+    }
     free(e->name);
+    free(e->uri);
     free(e->msg);
+    free(e->ro_msg);
     free(e);
 }
 
@@ -114,6 +147,8 @@ void catalog_free(struct catalog *c)
             fprintf(stderr, "catalog: image %s still in use at shutdown\n", e->name);
         e = next;
     }
+    pthread_cond_destroy(&c->closed);
+    pthread_mutex_destroy(&c->create_lock);
     pthread_mutex_destroy(&c->lock);
     free(c->root);
     free(c);
@@ -244,7 +279,9 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
                       struct catalog_image **out)
 {
     struct catalog_image *e = calloc(1, sizeof *e);
-    if (!e || !(e->name = strdup(name))) {
+    if (!e || !(e->name = strdup(name)) || !(e->uri = strdup(uri))) {
+        if (e)
+            free(e->name);
         free(e);
         return err_fail(ENOMEM, "out of memory");
     }
@@ -252,12 +289,23 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     e->size = st->size;
     e->mtime = st->mtime;
     e->refs = 1;
+    /* One handle serves readers and writers (the engine serialises them), so a
+     * first write never has to swap handles under readers. Opening read-write
+     * writes nothing until the first write. */
     struct qcow2_open_opts o = {
         .contained = true,
+        .read_write = true,
         .l2_cache_bytes = c->opts.l2_cache_bytes,
         .max_meta_bytes = c->opts.max_meta_bytes,
     };
     int ret = qcow2_open(uri, &o, &e->img);
+    e->rw = ret == 0;
+    if (ret < 0 && ret != -ENOMEM && ret != -ENOENT) {
+        /* read-only file, corrupt bit, encrypted...: serve it read-only */
+        e->ro_msg = strdup(err_msg(ret));
+        o.read_write = false;
+        ret = qcow2_open(uri, &o, &e->img);
+    }
     if (ret == 0) {
         ret = check_chain(c, e->img);
         if (ret < 0) {
@@ -323,11 +371,6 @@ static void free_dead(struct catalog *c, struct catalog_image *dead)
 {
     while (dead) {
         struct catalog_image *next = dead->next;
-        if (dead->img) {
-            pthread_mutex_lock(&c->lock);
-            c->open--;
-            pthread_mutex_unlock(&c->lock);
-        }
         entry_free(dead);
         dead = next;
     }
@@ -352,9 +395,19 @@ static int take(struct catalog *c, struct catalog_image *e, struct catalog_image
     return 0;
 }
 
+/* Whether the cached e still stands for the file: unchanged, or changed by our
+ * own writers (who record the new identity when the last one leaves). */
 static bool same_file(const struct catalog_image *e, const struct vfs_stat *st)
 {
-    return e->size == st->size && e->mtime == st->mtime;
+    return e->writers > 0 || (e->size == st->size && e->mtime == st->mtime);
+}
+
+static bool is_closing(const struct catalog *c, const char *name)
+{
+    for (const struct catalog_image *e = c->closing; e; e = e->next)
+        if (!strcmp(e->name, name))
+            return true;
+    return false;
 }
 
 /* With c->lock held: take e off the list and drop the cache's ref. */
@@ -385,6 +438,20 @@ int catalog_get(struct catalog *c, const char *name, struct catalog_image **out)
     struct catalog_image *dead = NULL, *e;
     pthread_mutex_lock(&c->lock);
     e = find(c, name);
+    if (e && e->written && !same_file(e, &st)) {
+        /* our own writers may have changed the file between the stat above and
+         * the lock; no writer runs now, so a stat under the lock tells an outside
+         * change from ours (reopening on our own change would read metadata the
+         * handle has not written yet) */
+        struct vfs_stat again;
+        if (vfs_stat(uri, &again) == 0)
+            st = again;
+    }
+    while ((!e || !same_file(e, &st)) && is_closing(c, name)) {
+        /* an old handle of this file is still writing its metadata */
+        pthread_cond_wait(&c->closed, &c->lock);
+        e = find(c, name);
+    }
     if (!e || !same_file(e, &st)) {
         /* open without the lock: other images stay available meanwhile */
         pthread_mutex_unlock(&c->lock);
@@ -430,8 +497,6 @@ void catalog_put(struct catalog_image *ci)
     struct catalog *c = ci->cat;
     pthread_mutex_lock(&c->lock);
     bool last = --ci->refs == 0;
-    if (last && ci->img)
-        c->open--;
     pthread_mutex_unlock(&c->lock);
     if (last)
         entry_free(ci);
@@ -453,4 +518,420 @@ unsigned catalog_open_count(struct catalog *c)
     unsigned n = c->open;
     pthread_mutex_unlock(&c->lock);
     return n;
+}
+
+bool catalog_image_writable(const struct catalog_image *ci)
+{
+    return ci->rw;
+}
+
+/* ---- writing ---- */
+
+/* -EBUSY when an image of the catalog other than name has the file target_uri in
+ * its backing chain; 0 otherwise. Images that cannot be opened are skipped. */
+static int find_user(struct catalog *c, const char *name, const char *target_uri)
+{
+    char **names;
+    size_t n;
+    int ret = catalog_list(c, &names, &n);
+    if (ret < 0)
+        return ret;
+    for (size_t i = 0; i < n && ret == 0; i++) {
+        struct catalog_image *ci;
+        if (!strcmp(names[i], name) || catalog_get(c, names[i], &ci) < 0)
+            continue;
+        for (struct qcow2_image *l = qcow2_backing(ci->img); l; l = qcow2_backing(l))
+            if (!strcmp(qcow2_get_info(l)->uri, target_uri)) {
+                ret = err_fail(EBUSY, "image '%s' is in the backing chain of image '%s'", name, names[i]);
+                break;
+            }
+        catalog_put(ci);
+    }
+    if (ret == 0)
+        err_clear();
+    catalog_names_free(names, n);
+    return ret;
+}
+
+static void writer_enter(struct catalog_image *ci)
+{
+    pthread_mutex_lock(&ci->cat->lock);
+    ci->writers++;
+    ci->written = true;
+    pthread_mutex_unlock(&ci->cat->lock);
+}
+
+static void writer_leave(struct catalog_image *ci)
+{
+    struct catalog *c = ci->cat;
+    pthread_mutex_lock(&c->lock);
+    if (--ci->writers == 0) {
+        /* our own changes: the file's new identity is still this handle. Under
+         * the lock, so no get compares against a stale identity meanwhile. */
+        struct vfs_stat st;
+        if (vfs_stat(ci->uri, &st) == 0) {
+            ci->size = st.size;
+            ci->mtime = st.mtime;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(c, name, &ci);
+    if (ret < 0)
+        return ret;
+    if (!ci->rw) {
+        ret = err_fail(EROFS, "image '%s' is read-only: %s", name, ci->ro_msg ? ci->ro_msg : "opened read-only");
+        catalog_put(ci);
+        return ret;
+    }
+    ret = find_user(c, name, qcow2_get_info(ci->img)->uri);
+    if (ret < 0) {
+        catalog_put(ci);
+        return ret;
+    }
+    writer_enter(ci);
+    *out = ci;
+    return 0;
+}
+
+void catalog_put_writable(struct catalog_image *ci)
+{
+    if (!ci)
+        return;
+    writer_leave(ci);
+    catalog_put(ci);
+}
+
+/* Flush the pending metadata of ci's handle, if any, so the file can be read by
+ * others; as a writer, so the change does not look like someone else's. */
+static int flush_own(struct catalog_image *ci)
+{
+    pthread_mutex_lock(&ci->cat->lock);
+    bool written = ci->written;
+    pthread_mutex_unlock(&ci->cat->lock);
+    if (!written || !ci->rw)
+        return 0;
+    writer_enter(ci);
+    int ret = qcow2_flush(ci->img);
+    writer_leave(ci);
+    return ret;
+}
+
+/* Drop the cache's entry for name (the file was removed or replaced by us). */
+static void forget(struct catalog *c, const char *name)
+{
+    struct catalog_image *dead = NULL;
+    pthread_mutex_lock(&c->lock);
+    struct catalog_image *e = find(c, name);
+    if (e)
+        uncache(c, e, &dead);
+    pthread_mutex_unlock(&c->lock);
+    free_dead(c, dead);
+}
+
+/* A new temporary URI in the catalog folder: ".KIND-NAME-PID-SEQ.tmp", which is
+ * never an image name (it starts with '.' and lacks the suffix). */
+static char *temp_uri(struct catalog *c, const char *kind, const char *name)
+{
+    pthread_mutex_lock(&c->lock);
+    unsigned long seq = ++c->seq;
+    pthread_mutex_unlock(&c->lock);
+    char *uri;
+    const char *sep = c->root[strlen(c->root) - 1] == '/' ? "" : "/";
+    if (asprintf(&uri, "%s%s.%s-%s-%ld-%lu.tmp", c->root, sep, kind, name, (long)getpid(), seq) < 0)
+        return NULL;
+    return uri;
+}
+
+static int exists(const char *uri, const char *name)
+{
+    struct vfs_stat st;
+    int ret = vfs_stat(uri, &st);
+    if (ret == 0)
+        return err_fail(EEXIST, "an image named '%s' already exists", name);
+    if (ret != -ENOENT)
+        return ret;
+    err_clear();
+    return 0;
+}
+
+int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *opts)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    struct qcow2_create_opts o = *opts;
+    char backing[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
+    if (o.backing_format && strcmp(o.backing_format, "qcow2"))
+        return err_fail(EINVAL, "backing-fmt must be \"qcow2\": catalog images are qcow2");
+    if (o.data_file)
+        return err_fail(EINVAL, "external data files are not supported in the catalog");
+    if (o.backing_file) {
+        if (catalog_valid_name(o.backing_file) < 0)
+            return err_prefix(-EINVAL, "backing-file");
+        struct catalog_image *bi;
+        ret = catalog_get(c, o.backing_file, &bi);
+        if (ret == -ENOENT)
+            return err_fail(EINVAL, "backing-file: no image named '%s' in the catalog", o.backing_file);
+        if (ret < 0)
+            return err_prefix(ret, "backing-file '%s'", o.backing_file);
+        pthread_mutex_lock(&c->lock);
+        unsigned writers = bi->writers;
+        pthread_mutex_unlock(&c->lock);
+        if (writers)
+            ret = err_fail(EBUSY, "backing-file '%s' is being written", o.backing_file);
+        else /* the new image reads it from the disk */
+            ret = flush_own(bi);
+        catalog_put(bi);
+        if (ret < 0)
+            return ret;
+        snprintf(backing, sizeof backing, "%s%s", o.backing_file, CATALOG_SUFFIX);
+        o.backing_file = backing;
+        o.backing_format = "qcow2";
+    } else if (o.backing_format) {
+        return err_fail(EINVAL, "backing-fmt without backing-file");
+    }
+    char *uri = image_uri(c, name), *tmp = temp_uri(c, "create", name);
+    if (!uri || !tmp) {
+        ret = err_fail(ENOMEM, "out of memory");
+        goto out;
+    }
+    pthread_mutex_lock(&c->create_lock);
+    ret = exists(uri, name);
+    if (ret == 0) {
+        ret = qcow2_create(tmp, &o);
+        if (ret == 0)
+            ret = vfs_rename(tmp, uri);
+        if (ret < 0) {
+            char msg[ERR_MSG_MAX];
+            snprintf(msg, sizeof msg, "%s", err_msg(ret));
+            vfs_remove(tmp);
+            err_fail(-ret, "%s", msg);
+        }
+    }
+    pthread_mutex_unlock(&c->create_lock);
+    if (ret == 0)
+        forget(c, name);
+out:
+    free(uri);
+    free(tmp);
+    return ret;
+}
+
+int catalog_remove(struct catalog *c, const char *name)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    char *uri = image_uri(c, name);
+    if (!uri)
+        return err_fail(ENOMEM, "out of memory");
+    pthread_mutex_lock(&c->create_lock);
+    struct vfs_stat st;
+    ret = vfs_stat(uri, &st);
+    if (ret == -ENOENT || (ret == 0 && st.is_dir))
+        ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
+    if (ret == 0) {
+        /* the canonical name, as the layers of other chains show it */
+        char *canon = realpath(uri, NULL);
+        ret = find_user(c, name, canon ? canon : uri);
+        free(canon);
+    }
+    if (ret == 0)
+        ret = vfs_remove(uri);
+    pthread_mutex_unlock(&c->create_lock);
+    if (ret == 0)
+        forget(c, name);
+    free(uri);
+    return ret;
+}
+
+/* ---- upload ---- */
+
+#define UPLOAD_MAX_META (256ull << 20) /* table bytes an uploaded image may need, unless configured */
+
+struct catalog_upload {
+    struct catalog *cat;
+    char *name, *uri, *tmp;
+    struct vfs_file *f;
+    uint64_t off; /* bytes written */
+};
+
+int catalog_upload_begin(struct catalog *c, const char *name, struct catalog_upload **out)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    struct catalog_upload *u = calloc(1, sizeof *u);
+    if (!u || !(u->name = strdup(name)) || !(u->uri = image_uri(c, name)) || !(u->tmp = temp_uri(c, "upload", name))) {
+        ret = err_fail(ENOMEM, "out of memory");
+        goto fail;
+    }
+    u->cat = c;
+    ret = exists(u->uri, name);
+    if (ret == 0)
+        ret = vfs_open(u->tmp, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
+    if (ret < 0)
+        goto fail;
+    *out = u;
+    return 0;
+fail:
+    if (u) {
+        free(u->name);
+        free(u->uri);
+        free(u->tmp);
+        free(u);
+    }
+    return ret;
+}
+
+int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
+{
+    int ret = vfs_pwrite(u->f, buf, len, u->off);
+    if (ret == 0)
+        u->off += len;
+    return ret;
+}
+
+static void upload_free(struct catalog_upload *u, bool keep)
+{
+    if (u->f)
+        vfs_close(u->f);
+    if (!keep) {
+        char msg[ERR_MSG_MAX];
+        snprintf(msg, sizeof msg, "%s", err_msg(EIO));
+        vfs_remove(u->tmp);
+        err_set("%s", msg);
+    }
+    free(u->name);
+    free(u->uri);
+    free(u->tmp);
+    free(u);
+}
+
+void catalog_upload_abort(struct catalog_upload *u)
+{
+    if (u)
+        upload_free(u, false);
+}
+
+/* The uploaded file opens as qcow2 inside the catalog, with nothing that reaches
+ * another store: its backing file must be a catalog image by its plain name. */
+static int validate_upload(struct catalog *c, const char *uri)
+{
+    struct qcow2_open_opts o = {
+        .contained = true,
+        .l2_cache_bytes = 1u << 20,
+        .max_meta_bytes = c->opts.max_meta_bytes ? c->opts.max_meta_bytes : UPLOAD_MAX_META,
+    };
+    struct qcow2_image *img;
+    int ret = qcow2_open(uri, &o, &img);
+    if (ret == -EINVAL)
+        return err_prefix(-EUCLEAN, "not a valid qcow2 image");
+    if (ret == -ENOENT)
+        return -ENXIO;
+    if (ret < 0)
+        return ret;
+    const struct qcow2_info *in = qcow2_get_info(img);
+    size_t sl = strlen(CATALOG_SUFFIX);
+    if (in->data_file) {
+        ret = err_fail(ENOTSUP, "the image has an external data file ('%s'); the catalog takes self-contained images",
+                       in->data_file);
+    } else if (in->backing_file) {
+        size_t n = strlen(in->backing_file);
+        char stem[CATALOG_NAME_MAX + 1];
+        bool ok = n > sl && n - sl <= CATALOG_NAME_MAX && !strcmp(in->backing_file + n - sl, CATALOG_SUFFIX);
+        if (ok) {
+            memcpy(stem, in->backing_file, n - sl);
+            stem[n - sl] = '\0';
+            ok = catalog_valid_name(stem) == 0;
+        }
+        if (!ok)
+            ret = err_fail(EPERM, "backing file '%s' is not an image of the catalog (NAME%s)", in->backing_file,
+                           CATALOG_SUFFIX);
+    }
+    if (ret == 0)
+        ret = check_chain(c, img);
+    qcow2_close(img);
+    if (ret == 0)
+        err_clear();
+    return ret;
+}
+
+int catalog_upload_commit(struct catalog_upload *u)
+{
+    struct catalog *c = u->cat;
+    int ret = vfs_flush(u->f);
+    vfs_close(u->f);
+    u->f = NULL;
+    if (ret == 0)
+        ret = validate_upload(c, u->tmp);
+    if (ret == 0) {
+        pthread_mutex_lock(&c->create_lock);
+        ret = exists(u->uri, u->name);
+        if (ret == 0)
+            ret = vfs_rename(u->tmp, u->uri);
+        pthread_mutex_unlock(&c->create_lock);
+    }
+    if (ret == 0)
+        forget(c, u->name);
+    upload_free(u, ret == 0);
+    return ret;
+}
+
+/* ---- download ---- */
+
+struct catalog_file {
+    struct vfs_file *f;
+};
+
+int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(c, name, &ci);
+    if (ret < 0 && ret != -EUCLEAN && ret != -EPERM && ret != -ENXIO && ret != -ELOOP && ret != -ENOTSUP)
+        return ret; /* a broken image can still be downloaded, to be looked at */
+    if (ret == 0) {
+        ret = flush_own(ci);
+        catalog_put(ci);
+        if (ret < 0)
+            return ret;
+    }
+    struct catalog_file *f = calloc(1, sizeof *f);
+    char *uri = image_uri(c, name);
+    if (!f || !uri) {
+        free(f);
+        free(uri);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    ret = vfs_open(uri, VFS_O_RDONLY, &f->f);
+    if (ret == 0)
+        ret = vfs_size(f->f, size);
+    free(uri);
+    if (ret < 0) {
+        if (f->f)
+            vfs_close(f->f);
+        free(f);
+        return ret;
+    }
+    err_clear();
+    *out = f;
+    return 0;
+}
+
+int catalog_file_pread(struct catalog_file *f, void *buf, size_t len, uint64_t off)
+{
+    return vfs_pread(f->f, buf, len, off);
+}
+
+void catalog_file_close(struct catalog_file *f)
+{
+    if (!f)
+        return;
+    vfs_close(f->f);
+    free(f);
 }

@@ -1,12 +1,15 @@
 /* catalog.h: the daemon's image catalog: names -> qcow2 files in one folder of a
- * store, opened read-only through the engine and shared as refcounted handles. */
+ * store, opened through the engine (read-write when the file allows it) and shared
+ * as refcounted handles; create, remove, upload and download of whole images. */
 #ifndef QCOWD_CATALOG_H
 #define QCOWD_CATALOG_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 struct qcow2_image;
+struct qcow2_create_opts;
 struct catalog;       /* opaque: one catalog folder and its cache of open images */
 struct catalog_image; /* opaque: one open image, shared; get/put */
 
@@ -42,8 +45,10 @@ int catalog_list(struct catalog *c, char ***names, size_t *count);
 void catalog_names_free(char **names, size_t count);
 
 /* Get the open image called name: from the cache when its file has not changed
- * (size and mtime), else opened now (read-only, backing and data files contained
- * in the catalog). On success *out is a new reference the caller releases with
+ * (size and mtime; changes made through the catalog's own handle do not count),
+ * else opened now: read-write when the engine accepts it (the file is writable,
+ * the image not marked corrupt), else read-only; backing and data files are
+ * contained in the catalog and always read-only. On success *out is a new reference the caller releases with
  * catalog_put. On failure *out is unchanged, err_msg() is set and the return is:
  * -EINVAL bad name, -ENOENT no such image, and for an image that cannot be used
  * -EUCLEAN (corrupt or not qcow2), -ENOTSUP (unsupported feature), -EPERM (its
@@ -62,5 +67,53 @@ const char *catalog_image_name(const struct catalog_image *ci);
 
 /* Number of images open now (cached or in use). Thread-safe. */
 unsigned catalog_open_count(struct catalog *c);
+
+/* ---- writing ---- */
+
+/* Like catalog_get, for writing through the handle: refused with -EROFS when the
+ * image could only be opened read-only (err_msg() says why) and -EBUSY when
+ * another image of the catalog has it in its backing chain. While the reference
+ * is held the catalog keeps this handle even though the file changes (its own
+ * writes). Release with catalog_put_writable. Thread-safe. */
+int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out);
+void catalog_put_writable(struct catalog_image *ci);
+
+/* Whether the handle was opened read-write. */
+bool catalog_image_writable(const struct catalog_image *ci);
+
+/* Create the image name with o (o->backing_file, when set, is the NAME of a
+ * catalog image, stored as "NAME.qcow2" with format qcow2; o->backing_format must
+ * be NULL or "qcow2"). The image is built under a temporary name and renamed into
+ * place, so no half-made image is ever listed. Returns 0, or -EINVAL (bad name or
+ * option, unknown backing image), -EEXIST (name taken), -EBUSY (the backing image
+ * is being written), an error of the backing image, or the engine's error. */
+int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *o);
+
+/* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
+ * image of the catalog has it in its backing chain (err_msg() names it). Holders
+ * of a handle keep it until they put it. */
+int catalog_remove(struct catalog *c, const char *name);
+
+/* Upload of a whole qcow2 container: begin creates a temporary file in the
+ * catalog (-EEXIST at once when name is taken), write appends bytes, commit
+ * validates the file (it opens as qcow2 within max_meta_bytes, its backing file is
+ * a catalog image named "NAME.qcow2", no external data file, no protocol names)
+ * and renames it into place. commit and abort free u and, unless the commit
+ * succeeded, delete the temporary file. Errors: -EEXIST, -EPERM (a name outside
+ * the catalog), -EUCLEAN (not a valid qcow2 image), -ENXIO (missing backing),
+ * -ENOTSUP, storage errors. Each upload is used by one thread at a time. */
+struct catalog_upload;
+int catalog_upload_begin(struct catalog *c, const char *name, struct catalog_upload **out);
+int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len);
+int catalog_upload_commit(struct catalog_upload *u);
+void catalog_upload_abort(struct catalog_upload *u);
+
+/* The container file of name for reading (pending metadata of the catalog's
+ * handle is flushed first). *size is the file's size. Writes that run while the
+ * file is read are not isolated from the reader. */
+struct catalog_file;
+int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size);
+int catalog_file_pread(struct catalog_file *f, void *buf, size_t len, uint64_t off);
+void catalog_file_close(struct catalog_file *f);
 
 #endif
