@@ -1,6 +1,7 @@
 /* metrics.c: GET /metrics in the Prometheus text format: requests by method and
  * status, body bytes in and out, a latency histogram, requests in flight, open
  * images. */
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -78,6 +79,16 @@ enum MHD_Result api_metrics(struct req *r, char **args)
             "# TYPE qcowd_open_images gauge\n"
             "qcowd_open_images %u\n",
             atomic_load(&m->inflight), catalog_open_count(r->cat));
+    uint64_t hits, misses;
+    catalog_cache_stats(r->cat, &hits, &misses);
+    fprintf(f,
+            "# HELP qcowd_l2_cache_hits_total L2 table cache lookups answered from memory.\n"
+            "# TYPE qcowd_l2_cache_hits_total counter\n"
+            "qcowd_l2_cache_hits_total %" PRIu64 "\n"
+            "# HELP qcowd_l2_cache_misses_total L2 table cache lookups that read the image file.\n"
+            "# TYPE qcowd_l2_cache_misses_total counter\n"
+            "qcowd_l2_cache_misses_total %" PRIu64 "\n",
+            hits, misses);
     if (fclose(f) != 0) {
         free(text);
         return MHD_NO;

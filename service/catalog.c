@@ -49,6 +49,7 @@ struct catalog {
     pthread_cond_t closed;         /* signalled when one of them is done */
     pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
     unsigned long seq;             /* temporary names (under lock) */
+    uint64_t closed_hits, closed_misses; /* L2 cache counts of images already closed (under lock) */
 };
 
 static bool is_uri(const char *s)
@@ -112,7 +113,11 @@ static void entry_free(struct catalog_image *e)
 {
     struct catalog *c = e->cat;
     if (e->img) {
+        uint64_t h, m;
+        qcow2_cache_stats(e->img, &h, &m);
         pthread_mutex_lock(&c->lock);
+        c->closed_hits += h;
+        c->closed_misses += m;
         e->next = c->closing;
         c->closing = e;
         pthread_mutex_unlock(&c->lock);
@@ -518,6 +523,21 @@ unsigned catalog_open_count(struct catalog *c)
     unsigned n = c->open;
     pthread_mutex_unlock(&c->lock);
     return n;
+}
+
+void catalog_cache_stats(struct catalog *c, uint64_t *hits, uint64_t *misses)
+{
+    pthread_mutex_lock(&c->lock);
+    *hits = c->closed_hits;
+    *misses = c->closed_misses;
+    for (struct catalog_image *e = c->list; e; e = e->next)
+        if (e->img) {
+            uint64_t h, m;
+            qcow2_cache_stats(e->img, &h, &m);
+            *hits += h;
+            *misses += m;
+        }
+    pthread_mutex_unlock(&c->lock);
 }
 
 bool catalog_image_writable(const struct catalog_image *ci)

@@ -67,6 +67,8 @@ const char *catalog_image_name(const struct catalog_image *ci);
 
 /* Number of images open now (cached or in use). Thread-safe. */
 unsigned catalog_open_count(struct catalog *c);
+/* L2 cache hits and misses of every image opened so far (for metrics). */
+void catalog_cache_stats(struct catalog *c, uint64_t *hits, uint64_t *misses);
 
 /* ---- writing ---- */
 

@@ -223,3 +223,15 @@ void l2_cache_forget(struct qcow2_image *img, uint64_t table_off)
     }
     pthread_mutex_unlock(&c->lock);
 }
+
+void qcow2_cache_stats(struct qcow2_image *img, uint64_t *hits, uint64_t *misses)
+{
+    struct l2_cache *c = &img->cache;
+    *hits = *misses = 0;
+    if (!c->slots)
+        return; /* raw images have no cache */
+    pthread_mutex_lock(&c->lock);
+    *hits = c->hits;
+    *misses = c->misses;
+    pthread_mutex_unlock(&c->lock);
+}

@@ -117,6 +117,9 @@ struct qcow2_info {
 };
 const struct qcow2_info *qcow2_get_info(const struct qcow2_image *img);
 
+/* L2 cache lookups of img so far (thread-safe). */
+void qcow2_cache_stats(struct qcow2_image *img, uint64_t *hits, uint64_t *misses);
+
 /* The backing image of img, or NULL (borrowed). */
 struct qcow2_image *qcow2_backing(const struct qcow2_image *img);
 
