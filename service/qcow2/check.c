@@ -236,6 +236,8 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
         return err_fail(ENOMEM, "out of memory for %" PRIu64 " refcounts", k.n);
     if (img->rw)
         pthread_rwlock_wrlock(&img->rwlock);
+    if (repair)
+        img->unsynced = true;
     int ret = 0;
     if (img->rw && (ret = meta_flush(img)) < 0)
         goto out;

@@ -44,9 +44,21 @@ static int write_l1(struct qcow2_image *img)
  * before anything points at them; (3) L2 slices, flush, then L1 entries, so
  * tables are durable before the L1 points at them; (4) flush; (5) only now
  * lower the refcounts of clusters the written tables dropped. */
+static bool rc_dirty(const struct qcow2_image *img)
+{
+    for (unsigned i = 0; i < RB_CACHE_ENTRIES; i++)
+        if (img->rbc[i].valid && img->rbc[i].dirty)
+            return true;
+    return false;
+}
+
 int meta_flush(struct qcow2_image *img)
 {
     if (!img->rw)
+        return 0;
+    /* nothing written since the last flush: no I/O at all */
+    if (!img->unsynced && !img->cache.ndirty && !img->npending && !rc_dirty(img) &&
+        img->l1_dirty_hi <= img->l1_dirty_lo)
         return 0;
     int ret = rc_writeback(img);
     if (ret == 0)
@@ -64,6 +76,7 @@ int meta_flush(struct qcow2_image *img)
         return ret;
     size_t n = img->npending;
     img->npending = 0;
+    img->unsynced = n > 0; /* lowered refcounts still to write */
     for (size_t i = 0; i < n; i++) {
         ret = rc_update_range(img, img->pending[i].off, img->pending[i].len, -1);
         if (ret < 0)
@@ -143,10 +156,6 @@ int finish_write(struct qcow2_image *img)
         ret = meta_flush(img);
     if (ret == 0)
         ret = meta_flush(img);
-    if (ret == 0)
-        ret = rc_writeback(img);
-    if (ret == 0)
-        ret = sync_all(img);
     if (ret == 0 && img->set_dirty_bit) {
         img->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
         ret = header_write(img, HDR_INCOMPAT, img->h.incompatible_features, 8);

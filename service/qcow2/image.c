@@ -41,15 +41,16 @@ static void free_image(struct qcow2_image *img)
     free(img);
 }
 
-void qcow2_close(struct qcow2_image *img)
+int qcow2_close(struct qcow2_image *img)
 {
+    int ret = 0;
     if (img && img->rw && img->fmt == QCOW2_FMT_QCOW2) {
         pthread_rwlock_wrlock(&img->rwlock);
-        if (finish_write(img) < 0)
-            fprintf(stderr, "qcow2: %s: closing: %s\n", img->uri, err_msg(-EIO));
+        ret = finish_write(img);
         pthread_rwlock_unlock(&img->rwlock);
     }
     free_image(img);
+    return ret;
 }
 
 static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth,

@@ -35,7 +35,11 @@ struct qcow2_open_opts {
  * -EINVAL/-EUCLEAN-like format errors use -EINVAL, unsupported features -ENOTSUP,
  * storage errors the backend's errno. */
 int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2_image **out);
-void qcow2_close(struct qcow2_image *img);
+/* Close img (NULL is fine). An image open read-write gets its last metadata,
+ * bitmaps and header flags written first; the return is 0, or the negative
+ * errno of that final write (the image is freed either way, and what failed to
+ * reach the disk leaves it as consistent as a crash would). */
+int qcow2_close(struct qcow2_image *img);
 
 /* Guest size in bytes (of the snapshot when opened on one). */
 uint64_t qcow2_size(const struct qcow2_image *img);

@@ -224,6 +224,7 @@ struct qcow2_image {
     bool set_dirty_bit;          /* we set the dirty bit (lazy refcounts): clear on close */
     bool broken;                 /* an inconsistency was found: writes refused */
     bool no_sync;                /* cache=unsafe: order writes, but never wait for the disk */
+    bool unsynced;               /* something was written since the last completed flush */
     struct bm_track *bm;         /* per bitmap, parallel to bitmaps[] */
     bool bm_loaded;              /* tracking set up by the first write */
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */

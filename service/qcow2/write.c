@@ -124,6 +124,12 @@ int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **
     return 0;
 }
 
+/* Guest data may not land on metadata; an external data file holds none. */
+static int data_overlap_check(struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+    return img->data == img->file ? overlap_check(img, off, len, "guest data") : 0;
+}
+
 /* Whether the standard cluster behind l2e belongs to the active image alone. */
 static int owned(struct qcow2_image *img, uint64_t l2e, bool *own)
 {
@@ -246,7 +252,7 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
             woff = s0;
             wlen = span;
         }
-        if ((ret = overlap_check(img, host + woff, wlen, "guest data")) < 0)
+        if ((ret = data_overlap_check(img, host + woff, wlen)) < 0)
             goto out;
         if ((ret = vfs_pwrite(img->data, src, wlen, host + woff)) < 0)
             goto out;
@@ -259,7 +265,7 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
     }
 
     if (own && !(l2e & QCOW2_OFLAG_ZERO)) {
-        if ((ret = overlap_check(img, host + in, n, "guest data")) < 0)
+        if ((ret = data_overlap_check(img, host + in, n)) < 0)
             goto out;
         ret = vfs_pwrite(img->data, buf, n, host + in);
         if (ret == 0 && !(l2e & QCOW2_OFLAG_COPIED))
@@ -279,7 +285,7 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
     if (n != cs && !own && reads_zero(img, l2e, cl)) {
         /* nothing to copy: write the new bytes, and make sure the rest of the
          * cluster reads as zeroes (free past the end of the file, else a hole) */
-        if ((ret = overlap_check(img, newhost, cs, "guest data")) < 0 ||
+        if ((ret = data_overlap_check(img, newhost, cs)) < 0 ||
             (ret = host_zero(img, img->data, newhost, in)) < 0 ||
             (ret = vfs_pwrite(img->data, buf, n, newhost + in)) < 0 ||
             (ret = host_zero(img, img->data, newhost + in + n, cs - in - n)) < 0)
@@ -303,7 +309,7 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
         woff = 0;
         wlen = cs;
     }
-    if ((ret = overlap_check(img, newhost + woff, wlen, "guest data")) < 0)
+    if ((ret = data_overlap_check(img, newhost + woff, wlen)) < 0)
         goto out;
     if ((ret = vfs_pwrite(img->data, src, wlen, newhost + woff)) < 0)
         goto out;
@@ -386,6 +392,7 @@ static int lock_for_write(struct qcow2_image *img, uint64_t off, uint64_t len)
         return ret;
     pthread_rwlock_wrlock(&img->rwlock);
     atomic_fetch_add(&img->write_gen, 1);
+    img->unsynced = true;
     ret = begin_write(img);
     if (ret < 0)
         pthread_rwlock_unlock(&img->rwlock);

@@ -338,8 +338,11 @@ int cmd_convert(int argc, char **argv)
 out:
     if (j.out)
         vfs_close(j.out);
-    if (j.dst)
-        qcow2_close(j.dst);
+    if (j.dst) {
+        int cret = qcow2_close(j.dst);
+        if (cret < 0 && rc == 0)
+            rc = fail_err(dst, cret);
+    }
     free(j.chunks);
     pthread_mutex_destroy(&j.err_lock);
     qcow2_close(img);

@@ -145,7 +145,9 @@ static int finish(const char *file, struct qcow2_image *img, int rc)
     int ret = qcow2_flush(img);
     if (ret < 0 && rc == 0)
         rc = fail_err(file, ret);
-    qcow2_close(img);
+    ret = qcow2_close(img); /* bitmaps and header flags are written here */
+    if (ret < 0 && rc == 0)
+        rc = fail_err(file, ret);
     return rc;
 }
 
@@ -348,7 +350,9 @@ int cmd_check(int argc, char **argv)
         r.corruptions_fixed = fixed.corruptions_fixed;
     }
     int flush = qcow2_flush(img);
-    qcow2_close(img);
+    int closed = qcow2_close(img);
+    if (flush == 0)
+        flush = closed;
     if (ret < 0 || flush < 0)
         return fail_err(file, ret < 0 ? ret : flush);
     if (json) {
