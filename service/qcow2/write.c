@@ -512,14 +512,11 @@ static int zero_in_cluster(struct qcow2_image *img, uint64_t off, uint64_t n, bo
         return 0;
     /* the partial subclusters at either end get real zeroes */
     uint64_t head_end = a < b1 ? (uint64_t)a * scs : in + n;
-    unsigned char *z = calloc(1, scs);
-    if (!z)
-        return err_fail(ENOMEM, "out of memory");
+    /* (without a whole subcluster inside, the head is the whole range) */
     if (head_end > in)
-        ret = write_in_cluster(img, z, off, head_end - in);
+        ret = write_zeroes_in_cluster(img, off, head_end - in);
     if (ret == 0 && a < b1 && (uint64_t)b1 * scs < in + n)
-        ret = write_in_cluster(img, z, cl + (uint64_t)b1 * scs, in + n - (uint64_t)b1 * scs);
-    free(z);
+        ret = write_zeroes_in_cluster(img, cl + (uint64_t)b1 * scs, in + n - (uint64_t)b1 * scs);
     return ret;
 }
 
