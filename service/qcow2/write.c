@@ -54,6 +54,15 @@ static int host_zero(struct qcow2_image *img, struct vfs_file *f, uint64_t off, 
     return ret;
 }
 
+/* Give back clusters allocated for a write that failed before anything pointed
+ * at them, so a failed write does not leak them (best effort). */
+static void unalloc(struct qcow2_image *img, uint64_t off, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (rc_set(img, (off >> img->cluster_bits) + i, 0) == 0 && (off >> img->cluster_bits) + i < img->free_hint)
+            img->free_hint = (off >> img->cluster_bits) + i;
+}
+
 /* The L2 slice holding guest offset off, ready to change: a new L2 table when
  * the L1 entry is empty, a private copy when the table is shared. */
 int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **sp, uint32_t *idx)
@@ -76,8 +85,10 @@ int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **
             return err_fail(ENOMEM, "out of memory");
         ret = vfs_pwrite(img->file, z, cs, n);
         free(z);
-        if (ret < 0)
+        if (ret < 0) {
+            unalloc(img, n, 1);
             return ret;
+        }
         if (n + cs > img->file_size)
             img->file_size = n + cs;
         img->l1[l1i] = n | QCOW2_OFLAG_COPIED;
@@ -91,7 +102,7 @@ int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **
             return mark_corrupt(img, "L2 table at %#" PRIx64 " has refcount 0", l2off);
         if (rc > 1) {
             /* shared with a snapshot: write a private copy; its entries are shared too */
-            uint64_t n;
+            uint64_t n = 0;
             uint64_t *t = malloc(cs);
             if (!t)
                 return err_fail(ENOMEM, "out of memory");
@@ -106,6 +117,8 @@ int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **
             free(t);
             if (ret == 0)
                 ret = free_later(img, l2off, cs);
+            else if (n)
+                unalloc(img, n, 1);
             if (ret < 0)
                 return ret;
             if (n + cs > img->file_size)
@@ -217,6 +230,7 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
     uint64_t bitmap = img->ext_l2 ? s->entries[idx * 2 + 1] : 0;
     uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
     unsigned char *tmp = NULL;
+    uint64_t fresh = 0; /* a cluster allocated here, given back if the write fails */
     bool own;
     if ((ret = owned(img, l2e, &own)) < 0)
         goto out;
@@ -231,9 +245,9 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
         unsigned a = (unsigned)(in / scs), b = (unsigned)((in + n - 1) / scs);
         uint64_t s0 = (uint64_t)a * scs, s1 = (uint64_t)(b + 1) * scs;
         if (!own) {
-            uint64_t gcl = cl;
-            if ((ret = new_data_cluster(img, gcl, &host)) < 0)
+            if ((ret = new_data_cluster(img, cl, &host)) < 0)
                 goto out;
+            fresh = img->data == img->file ? host : 0;
         }
         const unsigned char *src = buf;
         uint64_t woff = in, wlen = n;
@@ -279,6 +293,8 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
         newhost = host;
     } else if ((ret = new_data_cluster(img, cl, &newhost)) < 0) {
         goto out;
+    } else {
+        fresh = img->data == img->file ? newhost : 0;
     }
     const unsigned char *src = buf;
     uint64_t woff = in, wlen = n;
@@ -317,6 +333,8 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
         goto out;
     set_entry(img, s, idx, newhost | QCOW2_OFLAG_COPIED, img->ext_l2 ? ALL_ALLOC : 0);
 out:
+    if (ret < 0 && fresh)
+        unalloc(img, fresh, 1);
     free(tmp);
     l2_cache_put(img, s);
     return ret;
@@ -352,8 +370,8 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     if (k >= 2) {
         uint64_t host;
         ret = alloc_clusters(img, k, &host);
-        if (ret == 0)
-            ret = vfs_pwrite(img->file, buf, k * cs, host);
+        if (ret == 0 && (ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0)
+            unalloc(img, host, k);
         if (ret == 0) {
             for (uint64_t i = 0; i < k; i++)
                 set_entry(img, s, idx + (uint32_t)i, (host + i * cs) | QCOW2_OFLAG_COPIED, img->ext_l2 ? ALL_ALLOC : 0);
