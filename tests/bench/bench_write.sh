@@ -23,6 +23,7 @@ best() { # best of 3: prints the smallest wall time of "$@"
     local b=""
     for _ in 1 2 3; do
         local s e t
+        sync # no dirty pages left by the previous run (see bench_convert.sh)
         s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N)
         t=$(echo "$e - $s" | bc -l)
         if [ -z "$b" ] || [ "$(echo "$t < $b" | bc -l)" = 1 ]; then b=$t; fi
