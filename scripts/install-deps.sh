@@ -28,7 +28,7 @@ run_pkgs=(
 # Tests: clang with its sanitizer and libFuzzer runtime, Check, Debian's python3
 # (script tests use /usr/bin/python3), /usr/bin/time, bc (benchmarks) and nbdinfo
 # (libnbd-bin: reads dirty bitmaps through qemu-nbd)
-test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschema time bc libnbd-bin)
+test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschema time bc libnbd-bin nginx wrk)
 
 want=("${run_pkgs[@]}")
 [ "$mode" = test ] && want+=("${test_pkgs[@]}")
