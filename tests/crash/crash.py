@@ -4,14 +4,17 @@
 Each case makes one image of a kind (default, extended L2, lazy refcounts, 512-byte
 clusters with 1-bit refcounts so refcount blocks keep being added, 512-byte clusters
 with 64-bit refcounts so the refcount table keeps growing, an overlay on a backing
-file) and runs rounds. A round:
+file, an image whose clusters and L2 tables an internal snapshot shares) and runs
+rounds. A round:
   1. starts `crash_writer run` (random writes, zero writes, discards through the
      engine; qcow2_flush every 1..8 ops, each completed flush journaled and fsynced)
      and SIGKILLs it after a seeded random delay;
   2. unless the image carries the dirty bit (lazy refcounts: refcounts may lag until
      a read-write open rebuilds them), `qemu-img check` must find no corruptions
      (leaks are allowed: exit 0 or 3) and `qcowimg check` must agree, corruptions
-     and leak count both;
+     and leak count both (except leaks of clusters past the end of the file, which
+     qemu-img check does not look at: a write that failed before it could extend
+     the file leaves those);
   3. qemu's view of the guest disk (`qemu-img convert -O raw`) must hold every op up
      to the last journaled flush, and for bytes that ops after it touched, either
      that state or one of those ops' values (crash_writer verify explains the rule);
@@ -35,7 +38,7 @@ changing calls later (CRASH_FAIL_AT, CRASH_DIE_AFTER): the engine's handling of 
 storage error must not leave a state a crash turns into corruption. Sweeps with more
 points than --max-points test a seeded sample (the first and last few always).
 
-Environment: QCOWIMG, CRASH_WRITER (required), QEMU_IMG (default qemu-img).
+Environment: QCOWIMG, CRASH_WRITER (required), QEMU_IMG, QEMU_IO (default qemu-img, qemu-io).
 Usage: crash.py [-k NAME]... [-j N] [--seed N] [--rounds X] [--max-points N] [--keep] [--list]
 Prints `ok NAME (K kills, ...)` or `FAIL NAME: reason` per case, then
 `N passed, M failed`; exits 1 if anything failed, 2 on bad usage, 77 without qemu-img.
@@ -424,6 +427,19 @@ def _run_case(name, kind, mode, rounds, root, seed):
     return name, c, None, d
 
 
+def cleanup_on_signal(root, keep):
+    """SIGINT/SIGTERM (an interrupted run, a CI job stopped): remove the temporary
+    directory unless --keep, then exit at once (worker threads die with us)."""
+    def handler(signum, frame):
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"# interrupted by signal {signum}; " + (f"images kept in {root}" if keep else f"removed {root}"),
+              flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-k", action="append", default=[], metavar="NAME",
@@ -456,6 +472,7 @@ def main():
             print(f"cannot run {tool}: skipping (install qemu-utils)", file=sys.stderr)
             return 77
     root = tempfile.mkdtemp(prefix="qcowd-crash-")
+    cleanup_on_signal(root, args.keep)
     print(f"# seed {args.seed} (rerun with --seed {args.seed}); writer={WRITER}; dir {root}", flush=True)
     passed = failed = kills = 0
     t0 = time.time()

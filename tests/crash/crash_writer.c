@@ -4,7 +4,8 @@
  *
  *   crash_writer run IMG SEED FIRST COUNT FLUSH_EVERY JOURNAL PROGRESS
  *       Open IMG read-write and run ops FIRST, FIRST+1, ... (COUNT of them, or
- *       forever when COUNT is 0). Before op i starts, "i\n" is appended to
+ *       forever when COUNT is 0: then it dies with its parent, and after two
+ *       minutes by SIGALRM at the latest). Before op i starts, "i\n" is appended to
  *       PROGRESS (write(2) only: a SIGKILL keeps the page cache, so the line
  *       survives the kill; it is no durability claim). After every FLUSH_EVERY
  *       ops, and at the end, qcow2_flush runs; once it returns, "i\n" is
@@ -36,11 +37,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -282,6 +285,11 @@ static int cmd_run(char **argv)
     if (parse_u64(argv[1], &seed) || parse_u64(argv[2], &first) || parse_u64(argv[3], &count) ||
         parse_u64(argv[4], &every) || every == 0)
         return 2;
+    if (count == 0) {
+        /* run until killed: never outlive the harness that is to kill us */
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        alarm(120);
+    }
     int journal = open(jpath, O_WRONLY | O_CREAT | O_APPEND, 0644);
     int progress = open(ppath, O_WRONLY | O_CREAT | O_APPEND, 0644);
     if (journal < 0 || progress < 0) {

@@ -26,6 +26,20 @@ static int fail(const char *what, int ret)
     return 1;
 }
 
+/* A plain number (no size suffixes: faults.py passes bytes). */
+static int parse_u64(const char *s, uint64_t *v)
+{
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(s, &end, 0);
+    if (errno || end == s || *end || *s == '-') {
+        fprintf(stderr, "fault_probe: bad number '%s'\n", s);
+        return -1;
+    }
+    *v = x;
+    return 0;
+}
+
 /* What cmd_write does: fill whole chunks from stdin, compressed when asked and
  * the chunk is a whole cluster (or the disk's tail). */
 static int do_write(struct qcow2_image *img, uint64_t pos, bool compress)
@@ -45,7 +59,7 @@ static int do_write(struct qcow2_image *img, uint64_t pos, bool compress)
             break;
         }
         ret = compress && (n == cs || pos + n == size) ? qcow2_pwrite_compressed(img, buf, n, pos)
-                                                        : qcow2_pwrite(img, buf, n, pos);
+                                                       : qcow2_pwrite(img, buf, n, pos);
         pos += n;
     }
     free(buf);
@@ -62,7 +76,9 @@ int main(int argc, char **argv)
     const char *cmd = argv[1];
     char uri[4096];
     snprintf(uri, sizeof uri, "fault:%s", argv[2]);
-    uint64_t off = strtoull(argv[3], NULL, 0), len = argc > 4 ? strtoull(argv[4], NULL, 0) : 0;
+    uint64_t off, len = 0;
+    if (parse_u64(argv[3], &off) < 0 || (argc > 4 && parse_u64(argv[4], &len) < 0))
+        return 2;
 
     vfs_fault_arm(VFS_FAULT_ANY, 0, EIO); /* nth 0: count, never fire */
     struct qcow2_open_opts o = {.read_write = true};

@@ -44,6 +44,7 @@ import random
 import resource
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -604,6 +605,19 @@ def run_one(name, fn, root, seed, max_points):
     return name, r, None, d, time.time() - t0
 
 
+def cleanup_on_signal(root, keep):
+    """SIGINT/SIGTERM (an interrupted run, a CI job stopped): remove the temporary
+    directory unless --keep, then exit at once (worker threads die with us)."""
+    def handler(signum, frame):
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"# interrupted by signal {signum}; " + (f"images kept in {root}" if keep else f"removed {root}"),
+              flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-k", action="append", default=[], metavar="NAME",
@@ -636,6 +650,7 @@ def main():
             print(f"cannot run {tool}: skipping (install qemu-utils)", file=sys.stderr)
             return 77
     root = tempfile.mkdtemp(prefix="qcowd-faults-")
+    cleanup_on_signal(root, args.keep)
     print(f"# seed {args.seed}; qcowimg={QCOWIMG}; dir {root}", flush=True)
     passed = failed = points = 0
     t0 = time.time()

@@ -43,6 +43,7 @@ import random
 import resource
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -289,6 +290,8 @@ _created("create-compat11", 32 * MiB, "compat=1.1")
 for _bits in (1, 2, 4, 8, 16, 32, 64):
     _created(f"create-rc{_bits}", 16 * MiB, f"cluster_size=4096,refcount_bits={_bits}")
 _created("create-rc1-cs512", 4 * MiB, "cluster_size=512,refcount_bits=1")
+_created("create-rc1-compressed", 8 * MiB, "cluster_size=4096,refcount_bits=1", cprob=0.5)
+_created("create-rc2-cs512-zstd", 4 * MiB, "cluster_size=512,refcount_bits=2,compression_type=zstd", cprob=0.5)
 _created("create-rc64-cs512", 4 * MiB, "cluster_size=512,refcount_bits=64")
 _created("create-extl2", 32 * MiB, "extended_l2=on")
 _created("create-extl2-cs16k", 16 * MiB, "extended_l2=on,cluster_size=16384")
@@ -301,6 +304,8 @@ _created("create-prealloc-cs4k-extl2", 16 * MiB, "preallocation=metadata,cluster
 _created("create-datafile", 32 * MiB, "data_file=img.data")
 _created("create-datafile-raw", 32 * MiB, "data_file=img.data,data_file_raw=on")
 _created("create-odd-size", 10 * MiB + 3 * 512, None, cprob=0.2)
+_created("create-odd-size-extl2", 10 * MiB + 5 * 512, "extended_l2=on", cprob=0.2)
+_created("create-cs2m-extl2", 32 * MiB, "cluster_size=2M,extended_l2=on", ops_scale=0.5)
 
 
 def _backing_raw(b, top, name="backing.raw"):
@@ -352,7 +357,23 @@ def _(b):
     return Work("img.qcow2", backing_raw=_backing_raw(b, "img.qcow2"), expect_info=exp)
 
 
+@case("create-datafile-extl2-overlay")
+def _(b):
+    _qemu_base(b, "base.qcow2", 16 * MiB)
+    exp = b.create("img.qcow2", 16 * MiB, "data_file=img.data,extended_l2=on", backing="base.qcow2", bfmt="qcow2")
+    return Work("img.qcow2", files=["img.qcow2", "img.data"], backing_raw=_backing_raw(b, "img.qcow2"),
+                expect_info=exp)
+
+
 # ---- images qemu made ----
+
+@case("qemu-odd-size-compressed-tail")
+def _(b):
+    img = b.qemu_create("img.qcow2", 6 * MiB + 1536)
+    pat = b.pattern("semi.pat", 4099, semi=True)
+    b.io(img, f"write -q -c -s {pat} 0 1M", f"write -q -c -s {pat} 6M 1536", f"write -q -s {pat} 2M 100k")
+    return Work(img, cprob=0.25)
+
 
 @case("qemu-compressed-zlib")
 def _(b):
@@ -777,6 +798,19 @@ def run_case(name, fn, root, seed, nops, check_every):
     return name, None, d, time.time() - t0
 
 
+def cleanup_on_signal(root, keep):
+    """SIGINT/SIGTERM (an interrupted run, a CI job stopped): remove the temporary
+    directory unless --keep, then exit at once (worker threads die with us)."""
+    def handler(signum, frame):
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"# interrupted by signal {signum}; " + (f"images kept in {root}" if keep else f"removed {root}"),
+              flush=True)
+        os._exit(128 + signum)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-k", action="append", default=[], metavar="NAME",
@@ -812,6 +846,7 @@ def main():
             return 77
 
     root = tempfile.mkdtemp(prefix="qcowd-workload-")
+    cleanup_on_signal(root, args.keep)
     print(f"# seed {args.seed} (rerun with --seed {args.seed}); {args.ops} ops per case; "
           f"qcowimg={QCOWIMG}; dir {root}", flush=True)
     passed = failed = 0
