@@ -35,6 +35,7 @@ struct job {
     uint64_t total_bytes;
     atomic_int failed;
     pthread_mutex_t err_lock;
+    pthread_mutex_t out_lock;    /* one raw write at a time (see emit) */
     char err[ERR_MSG_MAX];
     int err_code;
 };
@@ -107,7 +108,16 @@ static int emit(struct job *j, unsigned char *buf, uint64_t len, uint64_t off)
                 break;
             q += m;
         }
-        ret = j->dst ? qcow2_pwrite(j->dst, buf + p, q - p, off + p) : vfs_pwrite(j->out, buf + p, q - p, off + p);
+        if (j->dst) {
+            ret = qcow2_pwrite(j->dst, buf + p, q - p, off + p);
+        } else {
+            /* Writers to one file serialise on its inode lock in the kernel, where
+             * a waiter spins and burns the CPU another worker would use to read or
+             * decompress: queue them here instead, where waiting sleeps. */
+            pthread_mutex_lock(&j->out_lock);
+            ret = vfs_pwrite(j->out, buf + p, q - p, off + p);
+            pthread_mutex_unlock(&j->out_lock);
+        }
         if (ret < 0)
             record_error(j, ret, "writing the output: ");
         p = q;
@@ -270,6 +280,7 @@ int cmd_convert(int argc, char **argv)
     uint64_t out_size = snap ? qcow2_get_info(img)->virtual_size : qcow2_size(img);
     struct job j = {.img = img, .compress = compress, .grid = 1};
     pthread_mutex_init(&j.err_lock, NULL);
+    pthread_mutex_init(&j.out_lock, NULL);
     int ret;
     if (to_qcow2) {
         co.size = out_size;
@@ -284,8 +295,15 @@ int cmd_convert(int argc, char **argv)
         }
         j.grid = qcow2_get_info(j.dst)->cluster_size;
     } else {
+        /* Cut an existing target to nothing first (its old bytes must not show
+         * through our holes), but leave a new empty file alone: on ext4 a
+         * truncate to 0 marks the file for writeback at close (auto_da_alloc),
+         * which costs a whole flush of the output. */
+        uint64_t old_size = 0;
         ret = vfs_open(dst, VFS_O_RDWR | VFS_O_CREATE, &j.out);
         if (ret == 0)
+            ret = vfs_size(j.out, &old_size);
+        if (ret == 0 && old_size > 0)
             ret = vfs_truncate(j.out, 0);
         if (ret == 0)
             ret = vfs_truncate(j.out, out_size);
@@ -345,6 +363,7 @@ out:
     }
     free(j.chunks);
     pthread_mutex_destroy(&j.err_lock);
+    pthread_mutex_destroy(&j.out_lock);
     qcow2_close(img);
     return rc;
 }
