@@ -28,7 +28,6 @@ Prints `ok NAME` or `FAIL NAME: reason` per case (details indented below), then
 """
 
 import argparse
-import concurrent.futures
 import fnmatch
 import json
 import os
@@ -43,7 +42,9 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import suite  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -1373,49 +1374,32 @@ def main():
     if unknown:
         print(f"unknown case(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
-    for tool in (QEMU_IMG, QEMU_IO):
-        if not shutil.which(tool):
-            print(f"skipped: {tool} not found", file=sys.stderr)
-            return 77
+    bad = suite.check_needs(tools=(QEMU_IMG, QEMU_IO))
+    if bad is not None:
+        return bad
     if not args.check_qemu:
         if not QCOWIMG or not os.access(QCOWIMG, os.X_OK):
             print("corrupt.py: set QCOWIMG to the qcowimg binary", file=sys.stderr)
             return 2
         ASAN_BUILD = binary_has_asan(QCOWIMG)
 
-    root = tempfile.mkdtemp(prefix="qcowd-corrupt-")
-    passed = failed = 0
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
+    def task(n, root):
+        def run():
             if args.check_qemu:
-                futs = {n: pool.submit(qemu_case, n, root) for n in names}
+                ok, problems = qemu_case(n, root)
             else:
-                futs = {n: pool.submit(run_case, n, root, args.keep) for n in names}
-            for n in names:
-                try:
-                    ok, problems = futs[n].result()
-                except Exception:
-                    ok, problems = False, ["harness error:\n" + traceback.format_exc()]
-                if ok:
-                    passed += 1
-                    print(f"ok {n}" + (f"  [{problems[0]}]" if args.check_qemu else ""))
-                else:
-                    failed += 1
-                    print(f"FAIL {n}: {problems[0].splitlines()[0]}")
-                    for p in problems:
-                        for line in p.splitlines():
-                            print(f"    {line}")
-                    print(f"    images: {os.path.join(root, n)}")
-                sys.stdout.flush()
-    finally:
-        if failed == 0 and not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-        else:
-            print(f"case folders kept in {root}")
+                ok, problems = run_case(n, root, args.keep)
+            if ok:
+                return suite.Outcome(n, [], os.path.join(root, n), problems[0] if args.check_qemu else "")
+            return suite.Outcome(n, [(p.splitlines()[0], p.splitlines()[1:]) for p in problems],
+                                 os.path.join(root, n))
+        return run
+
+    with suite.Scratch("qcowd-corrupt-", args.keep) as scratch:
+        passed, failed, _ = suite.run_all(scratch, [task(n, scratch.root) for n in names], args.j)
     if PEAK["where"]:
         print(f"largest peak RSS: {PEAK['kib'] // 1024} MiB ({PEAK['where']})")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.summary(passed, failed)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ Prints `ok NAME (K kills, ...)` or `FAIL NAME: reason` per case, then
 """
 
 import argparse
-import concurrent.futures
 import json
 import os
 import random
@@ -55,9 +54,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import suite  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -427,90 +428,42 @@ def _run_case(name, kind, mode, rounds, root, seed):
     return name, c, None, d
 
 
-def cleanup_on_signal(root, keep):
-    """SIGINT/SIGTERM (an interrupted run, a CI job stopped): remove the temporary
-    directory unless --keep, then exit at once (worker threads die with us)."""
-    def handler(signum, frame):
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"# interrupted by signal {signum}; " + (f"images kept in {root}" if keep else f"removed {root}"),
-              flush=True)
-        os._exit(128 + signum)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-k", action="append", default=[], metavar="NAME",
-                    help="run only this case (exact name, else every case containing it)")
-    ap.add_argument("-j", type=int, default=min(2, os.cpu_count() or 1), help="parallel cases")
+    suite.add_common_args(ap)
     ap.add_argument("--seed", type=int, default=int(os.environ.get("CRASH_SEED", "20240611")))
     ap.add_argument("--rounds", type=float, default=1.0, help="scale the rounds (kills) per kill case")
     ap.add_argument("--max-points", type=float, default=1.0, help="scale the points per sweep case")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args()
     if args.list:
         print("\n".join(c[0] for c in CASES))
         return 0
-    selected = CASES
-    if args.k:
-        selected = []
-        for k in args.k:
-            found = [c for c in CASES if c[0] == k] or [c for c in CASES if k in c[0]]
-            if not found:
-                print(f"no case matches {k!r}", file=sys.stderr)
-                return 2
-            selected += [c for c in found if c not in selected]
-    for var, val in (("QCOWIMG", QCOWIMG), ("CRASH_WRITER", WRITER)):
-        if not val or not shutil.which(val):
-            print(f"{var} is not set to a runnable binary", file=sys.stderr)
-            return 2
-    for tool in (QEMU_IMG, QEMU_IO):
-        if not shutil.which(tool):
-            print(f"cannot run {tool}: skipping (install qemu-utils)", file=sys.stderr)
-            return 77
-    root = tempfile.mkdtemp(prefix="qcowd-crash-")
-    cleanup_on_signal(root, args.keep)
-    print(f"# seed {args.seed} (rerun with --seed {args.seed}); writer={WRITER}; dir {root}", flush=True)
-    passed = failed = kills = 0
+    selected = suite.select(CASES, args.k)
+    if selected is None:
+        return suite.USAGE
+    bad = suite.check_needs({"QCOWIMG": QCOWIMG, "CRASH_WRITER": WRITER}, (QEMU_IMG, QEMU_IO))
+    if bad is not None:
+        return bad
+    def task(name, kind, mode, rounds, root):
+        def run():
+            scale = args.rounds if mode == "kill" else args.max_points
+            name_, c, problem, d = run_case(name, kind, mode, max(7, round(rounds * scale)), root, args.seed)
+            stats = (f"{c.kills} kills, {c.flushed_kills} after a flush, {c.dirty_kills} left dirty, "
+                     f"up to {c.max_ops} ops per run")
+            if c.mode != "kill":
+                stats = f"{c.kills} of {c.total_points} crash points, " + stats.split(", ", 1)[1]
+            if c.leaks_past_eof:
+                stats += f", {c.leaks_past_eof} leaks past the end of the file"
+            return suite.Outcome(name_, [problem] if problem else [], d, f"{stats}; {c.secs:.0f}s", c.kills)
+        return run
+
     t0 = time.time()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
-            futs = [pool.submit(run_case, n, kind, mode,
-                                max(7, round(rounds * (args.rounds if mode == "kill" else args.max_points))),
-                                root, args.seed)
-                    for n, kind, mode, rounds in selected]
-            for fut in futs:
-                name, c, problem, d = fut.result()
-                kills += c.kills
-                stats = (f"{c.kills} kills, {c.flushed_kills} after a flush, {c.dirty_kills} left dirty, "
-                         f"up to {c.max_ops} ops per run")
-                if c.mode != "kill":
-                    stats = f"{c.kills} of {c.total_points} crash points, " + stats.split(", ", 1)[1]
-                if c.leaks_past_eof:
-                    stats += f", {c.leaks_past_eof} leaks past the end of the file"
-                stats += f"; {c.secs:.0f}s"
-                if problem is None:
-                    passed += 1
-                    print(f"ok {name} ({stats})", flush=True)
-                    if not args.keep:
-                        shutil.rmtree(d, ignore_errors=True)
-                    continue
-                failed += 1
-                print(f"FAIL {name}: {problem[0]} ({stats})")
-                for line in problem[1]:
-                    print(f"        {line}")
-                sys.stdout.flush()
-    finally:
-        if args.keep or failed:
-            print(f"# images kept in {root}")
-        if not args.keep and not failed:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"# {kills} kills in {time.time() - t0:.0f}s")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    with suite.Scratch("qcowd-crash-", args.keep) as scratch:
+        print(f"# seed {args.seed} (rerun with --seed {args.seed}); writer={WRITER}; dir {scratch.root}",
+              flush=True)
+        passed, failed, outs = suite.run_all(scratch, [task(*c, scratch.root) for c in selected], args.j)
+    print(f"# {sum(o.count for o in outs)} kills in {time.time() - t0:.0f}s")
+    return suite.summary(passed, failed)
 
 
 if __name__ == "__main__":

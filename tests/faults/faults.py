@@ -36,21 +36,20 @@ bad usage, 77 without qemu-img/qemu-io.
 """
 
 import argparse
-import concurrent.futures
 import hashlib
 import json
 import os
 import random
 import resource
 import shlex
-import shutil
-import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import suite  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -605,86 +604,43 @@ def run_one(name, fn, root, seed, max_points):
     return name, r, None, d, time.time() - t0
 
 
-def cleanup_on_signal(root, keep):
-    """SIGINT/SIGTERM (an interrupted run, a CI job stopped): remove the temporary
-    directory unless --keep, then exit at once (worker threads die with us)."""
-    def handler(signum, frame):
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"# interrupted by signal {signum}; " + (f"images kept in {root}" if keep else f"removed {root}"),
-              flush=True)
-        os._exit(128 + signum)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-k", action="append", default=[], metavar="NAME",
-                    help="run only this scenario (exact name, else every one containing it)")
-    ap.add_argument("-j", type=int, default=min(2, os.cpu_count() or 1), help="parallel scenarios")
+    suite.add_common_args(ap, "scenario")
     ap.add_argument("--seed", type=int, default=int(os.environ.get("FAULTS_SEED", "20240611")))
     ap.add_argument("--max-points", type=int, default=60,
                     help="per call kind, test at most this many points (a seeded sample); 0: all")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args()
     if args.list:
         print("\n".join(n for n, _ in SCENARIOS))
         return 0
-    selected = SCENARIOS
-    if args.k:
-        selected = []
-        for k in args.k:
-            found = [c for c in SCENARIOS if c[0] == k] or [c for c in SCENARIOS if k in c[0]]
-            if not found:
-                print(f"no scenario matches {k!r}", file=sys.stderr)
-                return 2
-            selected += [c for c in found if c not in selected]
-    for var, val in (("QCOWIMG", QCOWIMG), ("FAULT_PROBE", PROBE)):
-        if not val or not shutil.which(val):
-            print(f"{var} is not set to a runnable binary", file=sys.stderr)
-            return 2
-    for tool in (QEMU_IMG, QEMU_IO):
-        if not shutil.which(tool):
-            print(f"cannot run {tool}: skipping (install qemu-utils)", file=sys.stderr)
-            return 77
-    root = tempfile.mkdtemp(prefix="qcowd-faults-")
-    cleanup_on_signal(root, args.keep)
-    print(f"# seed {args.seed}; qcowimg={QCOWIMG}; dir {root}", flush=True)
-    passed = failed = points = 0
+    selected = suite.select(SCENARIOS, args.k, "scenario")
+    if selected is None:
+        return suite.USAGE
+    bad = suite.check_needs({"QCOWIMG": QCOWIMG, "FAULT_PROBE": PROBE}, (QEMU_IMG, QEMU_IO))
+    if bad is not None:
+        return bad
+
+    def task(name, fn, root):
+        def run():
+            name_, r, problem, d, secs = run_one(name, fn, root, args.seed, args.max_points or 1 << 40)
+            pts = r.points if r else 0
+            counts = " ".join(f"{k} {v}" for k, v in r.counts.items()) if r and hasattr(r, "counts") else ""
+            if problem is None:
+                tol = f"; succeeded despite {compress_points(r.tolerated)}" if r.tolerated else ""
+                smp = f"; sampled {', '.join(r.sampled)}" if r.sampled else ""
+                note = f"{pts} fault points, {r.untouched} failed before writing; {counts}{smp}{tol}; {secs:.1f}s"
+            else:
+                note = f"after {pts} fault points passed; {counts}"
+            return suite.Outcome(name_, [problem] if problem else [], d, note, pts)
+        return run
+
     t0 = time.time()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
-            futs = [pool.submit(run_one, n, fn, root, args.seed, args.max_points or 1 << 40)
-                    for n, fn in selected]
-            for fut in futs:
-                name, r, problem, d, secs = fut.result()
-                pts = r.points if r else 0
-                points += pts
-                counts = " ".join(f"{k} {v}" for k, v in r.counts.items()) if r and hasattr(r, "counts") else ""
-                if problem is None:
-                    passed += 1
-                    tol = f"; succeeded despite {compress_points(r.tolerated)}" if r.tolerated else ""
-                    smp = f"; sampled {', '.join(r.sampled)}" if r.sampled else ""
-                    print(f"ok {name} ({pts} fault points, {r.untouched} failed before writing; {counts}{smp}{tol}; "
-                          f"{secs:.1f}s)", flush=True)
-                    if not args.keep:
-                        shutil.rmtree(d, ignore_errors=True)
-                    continue
-                failed += 1
-                print(f"FAIL {name}: {problem[0]} (after {pts} fault points passed; {counts})")
-                for line in problem[1]:
-                    print(f"        {line}")
-                sys.stdout.flush()
-    finally:
-        if args.keep or failed:
-            print(f"# images kept in {root}")
-        if not args.keep and not failed:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"# {points} fault points exercised in {time.time() - t0:.0f}s")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    with suite.Scratch("qcowd-faults-", args.keep) as scratch:
+        print(f"# seed {args.seed}; qcowimg={QCOWIMG}; dir {scratch.root}", flush=True)
+        passed, failed, outs = suite.run_all(scratch, [task(n, fn, scratch.root) for n, fn in selected], args.j)
+    print(f"# {sum(o.count for o in outs)} fault points exercised in {time.time() - t0:.0f}s")
+    return suite.summary(passed, failed)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,17 @@ QCOWIMG, 77 (CTest's skip code) when qemu-img or qemu-io is missing.
 """
 
 import argparse
-import concurrent.futures
 import json
 import os
 import random
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import suite  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -1262,71 +1262,28 @@ def make_patterns(root, seed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-k", action="append", default=[], metavar="NAME",
-                    help="run only this case (exact name, else every case containing it)")
-    ap.add_argument("-j", type=int, default=min(2, os.cpu_count() or 1), help="parallel cases")
+    suite.add_common_args(ap)
     ap.add_argument("--seed", type=int, default=int(os.environ.get("INTEROP_SEED", "20240611")))
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args()
-
-    names = [n for n, _ in CASES]
-    assert len(names) == len(set(names)), "duplicate case names"
     if args.list:
-        print("\n".join(names))
+        print("\n".join(n for n, _ in CASES))
         return 0
-    selected = CASES
-    if args.k:
-        selected = []
-        for k in args.k:
-            exact = [c for c in CASES if c[0] == k]
-            found = exact or [c for c in CASES if k in c[0]]
-            if not found:
-                print(f"no case matches {k!r}", file=sys.stderr)
-                return 2
-            selected += [c for c in found if c not in selected]
-    if not QCOWIMG:
-        print("QCOWIMG is not set: point it at the qcowimg binary", file=sys.stderr)
-        return 2
-    if not shutil.which(QCOWIMG):
-        print(f"cannot run {QCOWIMG}", file=sys.stderr)
-        return 2
-    for tool in (QEMU_IMG, QEMU_IO):
-        if not shutil.which(tool):
-            print(f"cannot run {tool}: skipping (install qemu-utils)", file=sys.stderr)
-            return 77   # CTest SKIP_RETURN_CODE
+    selected = suite.select(CASES, args.k)
+    if selected is None:
+        return suite.USAGE
+    bad = suite.check_needs({"QCOWIMG": QCOWIMG}, (QEMU_IMG, QEMU_IO))
+    if bad is not None:
+        return bad
 
-    root = tempfile.mkdtemp(prefix="qcowd-interop-")
-    print(f"# seed {args.seed} (rerun with --seed {args.seed}); qcowimg={QCOWIMG}; dir {root}",
-          flush=True)
-    make_patterns(root, args.seed)
-    passed = failed = 0
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
-            futs = [pool.submit(run_case, n, fn, root, args.seed) for n, fn in selected]
-            for fut in futs:
-                name, problems, d = fut.result()
-                if not problems:
-                    passed += 1
-                    print(f"ok {name}", flush=True)
-                    if not args.keep:
-                        shutil.rmtree(d, ignore_errors=True)
-                    continue
-                failed += 1
-                print(f"FAIL {name}: {problems[0][0]}" +
-                      (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
-                for reason, details in problems:
-                    print(f"    - {reason}")
-                    for line in details:
-                        print(f"        {line}")
-                sys.stdout.flush()
-    finally:
-        if args.keep or failed:
-            print(f"# images kept in {root}")
-        if not args.keep and not failed:
-            shutil.rmtree(root, ignore_errors=True)
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    def task(name, fn, root):
+        return lambda: suite.Outcome(*run_case(name, fn, root, args.seed))
+
+    with suite.Scratch("qcowd-interop-", args.keep) as scratch:
+        print(f"# seed {args.seed} (rerun with --seed {args.seed}); qcowimg={QCOWIMG}; dir {scratch.root}",
+              flush=True)
+        make_patterns(scratch.root, args.seed)
+        passed, failed, _ = suite.run_all(scratch, [task(n, fn, scratch.root) for n, fn in selected], args.j)
+    return suite.summary(passed, failed)
 
 
 if __name__ == "__main__":

@@ -36,20 +36,20 @@ if anything failed, 2 on bad usage, 77 (CTest's skip code) without qemu-img/qemu
 """
 
 import argparse
-import concurrent.futures
 import json
 import os
 import random
 import resource
 import shlex
 import shutil
-import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import suite  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -798,84 +798,36 @@ def run_case(name, fn, root, seed, nops, check_every):
     return name, None, d, time.time() - t0
 
 
-def cleanup_on_signal(root, keep):
-    """SIGINT/SIGTERM (an interrupted run, a CI job stopped): remove the temporary
-    directory unless --keep, then exit at once (worker threads die with us)."""
-    def handler(signum, frame):
-        if not keep:
-            shutil.rmtree(root, ignore_errors=True)
-        print(f"# interrupted by signal {signum}; " + (f"images kept in {root}" if keep else f"removed {root}"),
-              flush=True)
-        os._exit(128 + signum)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-k", action="append", default=[], metavar="NAME",
-                    help="run only this case (exact name, else every case containing it)")
-    ap.add_argument("-j", type=int, default=min(2, os.cpu_count() or 1), help="parallel cases")
+    suite.add_common_args(ap)
     ap.add_argument("--seed", type=int, default=int(os.environ.get("WORKLOAD_SEED", "20240611")))
     ap.add_argument("--ops", type=int, default=DEFAULT_OPS, help="ops per case")
     ap.add_argument("--check-every", type=int, default=1, help="run the qemu checks every N ops")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    ap.add_argument("--list", action="store_true", help="list the cases and exit")
     args = ap.parse_args()
-
-    names = [n for n, _ in CASES]
-    assert len(names) == len(set(names)), "duplicate case names"
     if args.list:
-        print("\n".join(names))
+        print("\n".join(n for n, _ in CASES))
         return 0
-    selected = CASES
-    if args.k:
-        selected = []
-        for k in args.k:
-            found = [c for c in CASES if c[0] == k] or [c for c in CASES if k in c[0]]
-            if not found:
-                print(f"no case matches {k!r}", file=sys.stderr)
-                return 2
-            selected += [c for c in found if c not in selected]
-    if not QCOWIMG or not shutil.which(QCOWIMG):
-        print("QCOWIMG is not set to a runnable qcowimg binary", file=sys.stderr)
-        return 2
-    for tool in (QEMU_IMG, QEMU_IO):
-        if not shutil.which(tool):
-            print(f"cannot run {tool}: skipping (install qemu-utils)", file=sys.stderr)
-            return 77
+    selected = suite.select(CASES, args.k)
+    if selected is None:
+        return suite.USAGE
+    bad = suite.check_needs({"QCOWIMG": QCOWIMG}, (QEMU_IMG, QEMU_IO))
+    if bad is not None:
+        return bad
 
-    root = tempfile.mkdtemp(prefix="qcowd-workload-")
-    cleanup_on_signal(root, args.keep)
-    print(f"# seed {args.seed} (rerun with --seed {args.seed}); {args.ops} ops per case; "
-          f"qcowimg={QCOWIMG}; dir {root}", flush=True)
-    passed = failed = 0
+    def task(name, fn, root):
+        def run():
+            name_, problem, d, secs = run_case(name, fn, root, args.seed, args.ops, args.check_every)
+            return suite.Outcome(name_, [problem] if problem else [], d, f"{secs:.1f}s")
+        return run
+
     t0 = time.time()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.j)) as pool:
-            futs = [pool.submit(run_case, n, fn, root, args.seed, args.ops, args.check_every)
-                    for n, fn in selected]
-            for fut in futs:
-                name, problem, d, secs = fut.result()
-                if problem is None:
-                    passed += 1
-                    print(f"ok {name} ({secs:.1f}s)", flush=True)
-                    if not args.keep:
-                        shutil.rmtree(d, ignore_errors=True)
-                    continue
-                failed += 1
-                print(f"FAIL {name}: {problem[0]}")
-                for line in problem[1]:
-                    print(f"        {line}")
-                sys.stdout.flush()
-    finally:
-        if args.keep or failed:
-            print(f"# images kept in {root}")
-        if not args.keep and not failed:
-            shutil.rmtree(root, ignore_errors=True)
+    with suite.Scratch("qcowd-workload-", args.keep) as scratch:
+        print(f"# seed {args.seed} (rerun with --seed {args.seed}); {args.ops} ops per case; "
+              f"qcowimg={QCOWIMG}; dir {scratch.root}", flush=True)
+        passed, failed, _ = suite.run_all(scratch, [task(n, fn, scratch.root) for n, fn in selected], args.j)
     print(f"# {time.time() - t0:.0f}s")
-    print(f"{passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return suite.summary(passed, failed)
 
 
 if __name__ == "__main__":
