@@ -47,6 +47,7 @@ struct req {
     char *path;      /* the raw path as received (for the log) */
     bool head;       /* a HEAD request: headers only */
     bool answered;   /* a response was queued */
+    bool deferred;   /* routed on the next call (methods without a body) */
     unsigned status; /* the status queued */
     uint64_t bytes;  /* body bytes produced (streams add as they go) */
     struct timespec t0;
