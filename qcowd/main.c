@@ -80,6 +80,15 @@ static char **with_file(int argc, char **argv, int *out_argc)
     return v;
 }
 
+static void note_stale(void *ctx, const char *tmp, int err)
+{
+    if (err < 0)
+        fprintf(stderr, "qcowd: cannot remove the stale temporary file %s: %s\n", tmp, err_msg(err));
+    else
+        fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted create or upload)\n",
+                tmp);
+}
+
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -166,6 +175,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
         return 1;
     }
+    ret = catalog_clean_temp(cat, note_stale, NULL);
+    if (ret < 0)
+        fprintf(stderr, "qcowd: looking for stale temporary files: %s\n", err_msg(ret));
     struct api_server *srv;
     ret = api_server_start(&cfg, cat, &srv);
     if (ret < 0) {
