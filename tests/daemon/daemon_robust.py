@@ -161,6 +161,10 @@ def main():
                 c.request("OPTIONS", "/v1/images/small/data")
                 assert json.loads(c.getresponse().read())["max_readers"] == 3
                 c.close()
+                # the main thread (waiting for signals) and a pool of 3 HTTP threads
+                # (TSan's runtime adds one of its own)
+                tasks = len(os.listdir("/proc/%d/task" % proc.pid))
+                assert 4 <= tasks <= 5, "%d threads, want 1 + a pool of 3" % tasks
             finally:
                 proc.send_signal(signal.SIGTERM)
                 rest = proc.communicate(timeout=60)[1].decode()
