@@ -62,7 +62,7 @@ static const struct {
     const char *name;
     unsigned bit;
 } methods[] = {
-    {"GET", M_GET},     {"HEAD", M_GET},      {"PUT", M_PUT},         {"POST", M_POST},
+    {"GET", M_GET},     {"HEAD", M_GET},       {"PUT", M_PUT},         {"POST", M_POST},
     {"PATCH", M_PATCH}, {"DELETE", M_DELETE}, {"OPTIONS", M_OPTIONS},
 };
 
