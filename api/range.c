@@ -147,9 +147,12 @@ char *api_decode(const char *s, size_t len)
 /* ---- ranged bodies: GET .../data, GET .../file ---- */
 
 /* Ranges up to this many bytes are read before answering, into one buffer: no
- * stream state, no reader block, and a failed read becomes a JSON error instead of
- * a cut-off body. Longer ones stream in blocks of RANGE_BLOCK. */
-#define RANGE_INLINE (256u << 10)
+ * stream state, no reader block for MHD to allocate and zero, one read, and a
+ * failed read becomes a JSON error instead of a cut-off body. Longer ones stream
+ * in blocks of RANGE_BLOCK. 1 MiB (a common client chunk) measured 10-20% less CPU
+ * per request than streaming it, at the same peak RSS with 64 clients. The cost:
+ * a client that stops reading holds up to this much per request it has open. */
+#define RANGE_INLINE (1024u << 10)
 #define RANGE_BLOCK  (256u << 10)
 
 struct range_stream {
