@@ -47,6 +47,7 @@ struct req {
     char *path;      /* the raw path as received (for the log) */
     bool head;       /* a HEAD request: headers only */
     bool answered;   /* a response was queued */
+    bool deferred;   /* routed on the next call (methods without a body) */
     unsigned status; /* the status queued */
     uint64_t bytes;  /* body bytes produced (streams add as they go) */
     struct timespec t0;
@@ -96,6 +97,23 @@ enum MHD_Result api_queue(struct req *r, unsigned status, struct MHD_Response *r
  * served (past the end, an empty suffix, or more than one range); err_msg() says
  * which. */
 int api_parse_range(const char *value, uint64_t size, uint64_t *start, uint64_t *len);
+
+/* Where the bytes of a ranged answer come from. pread reads exactly len bytes at
+ * off (0 or -errno with err_msg()); it may run on any of MHD's threads, one call
+ * at a time per answer. release frees ctx; what names the source in log lines
+ * (valid until release). */
+struct api_source {
+    void *ctx;
+    int (*pread)(void *ctx, void *buf, size_t len, uint64_t off);
+    void (*release)(void *ctx);
+    const char *what;
+};
+
+/* Answer a GET/HEAD of a body of size bytes from src, honouring one Range: 200
+ * with everything, 206 with Content-Range, 416 (the size in Content-Range) or 400 for a
+ * bad Range; short ranges are read before answering (a failure is a JSON error),
+ * long ones streamed. Takes src: released on every path. */
+enum MHD_Result api_reply_ranged(struct req *r, uint64_t size, const struct api_source *src);
 
 /* Decode %XX escapes of s (len bytes) into a new string; NULL with err_msg() set
  * for a bad escape or an encoded NUL. */

@@ -10,78 +10,40 @@
 #include "catalog.h"
 #include "err.h"
 
-#define FILE_BLOCK (256u << 10)
-
 /* ---- download ---- */
 
-struct file_stream {
+struct file_source {
     struct catalog_file *f;
-    struct req *r;
     char name[CATALOG_NAME_MAX + 1];
-    uint64_t start, len;
 };
 
-static ssize_t file_read(void *cls, uint64_t pos, char *buf, size_t max)
+static int file_pread(void *ctx, void *buf, size_t len, uint64_t off)
 {
-    struct file_stream *fs = cls;
-    if (pos >= fs->len)
-        return MHD_CONTENT_READER_END_OF_STREAM;
-    if (max > fs->len - pos)
-        max = (size_t)(fs->len - pos);
-    int ret = catalog_file_pread(fs->f, buf, max, fs->start + pos);
-    if (ret < 0) {
-        fprintf(stderr, "qcowd: %s: file read at %" PRIu64 ": %s\n", fs->name, fs->start + pos, err_msg(ret));
-        return MHD_CONTENT_READER_END_WITH_ERROR;
-    }
-    fs->r->bytes += max;
-    return (ssize_t)max;
+    struct file_source *fs = ctx;
+    return catalog_file_pread(fs->f, buf, len, off);
 }
 
-static void file_free(void *cls)
+static void file_release(void *ctx)
 {
-    struct file_stream *fs = cls;
+    struct file_source *fs = ctx;
     catalog_file_close(fs->f);
     free(fs);
 }
 
 enum MHD_Result api_file_get(struct req *r, char **args)
 {
-    struct catalog_file *f;
+    struct file_source *fs = calloc(1, sizeof *fs);
+    if (!fs)
+        return MHD_NO;
     uint64_t size;
-    int ret = catalog_file_open(r->cat, args[0], &f, &size);
-    if (ret < 0)
+    int ret = catalog_file_open(r->cat, args[0], &fs->f, &size);
+    if (ret < 0) {
+        free(fs);
         return api_reply_errno(r, ret);
-    uint64_t start = 0, len = size;
-    char cr[96];
-    const char *range = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
-    if (range) {
-        ret = api_parse_range(range, size, &start, &len);
-        if (ret < 0) {
-            catalog_file_close(f);
-            if (ret != -ERANGE)
-                return api_reply_errno(r, ret);
-            snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
-            return api_reply_status(r, 416, api_errno_code(ret), err_msg(ret), MHD_HTTP_HEADER_CONTENT_RANGE, cr);
-        }
-        snprintf(cr, sizeof cr, "bytes %" PRIu64 "-%" PRIu64 "/%" PRIu64, start, start + len - 1, size);
     }
-    struct file_stream *fs = calloc(1, sizeof *fs);
-    if (!fs) {
-        catalog_file_close(f);
-        return MHD_NO;
-    }
-    *fs = (struct file_stream){.f = f, .r = r, .start = start, .len = len};
     snprintf(fs->name, sizeof fs->name, "%s", args[0]);
-    struct MHD_Response *resp = MHD_create_response_from_callback(len, FILE_BLOCK, file_read, fs, file_free);
-    if (!resp) {
-        file_free(fs);
-        return MHD_NO;
-    }
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
-    if (range)
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_RANGE, cr);
-    return api_queue(r, range ? 206 : 200, resp);
+    struct api_source src = {.ctx = fs, .pread = file_pread, .release = file_release, .what = fs->name};
+    return api_reply_ranged(r, size, &src);
 }
 
 /* ---- upload ---- */

@@ -11,8 +11,6 @@
 #include "err.h"
 #include "qcow2.h"
 
-#define DATA_BLOCK (256u << 10) /* bytes MHD asks the data stream for at a time */
-
 enum MHD_Result api_health(struct req *r, char **args)
 {
     return api_reply_json(r, 200, json_pack("{s:s}", "status", "ok"));
@@ -145,35 +143,14 @@ enum MHD_Result api_images_list(struct req *r, char **args)
 
 /* ---- data ---- */
 
-struct data_stream {
-    struct catalog_image *ci;
-    struct req *r;  /* for the byte count; valid while MHD calls the reader */
-    uint64_t start; /* guest offset of the body's first byte */
-    uint64_t len;   /* body bytes */
-};
-
-static ssize_t data_read(void *cls, uint64_t pos, char *buf, size_t max)
+static int data_pread(void *ctx, void *buf, size_t len, uint64_t off)
 {
-    struct data_stream *ds = cls;
-    if (pos >= ds->len)
-        return MHD_CONTENT_READER_END_OF_STREAM;
-    if (max > ds->len - pos)
-        max = (size_t)(ds->len - pos);
-    int ret = qcow2_pread(catalog_image_qcow2(ds->ci), buf, max, ds->start + pos);
-    if (ret < 0) {
-        fprintf(stderr, "qcowd: %s: read at %llu: %s\n", catalog_image_name(ds->ci),
-                (unsigned long long)(ds->start + pos), err_msg(ret));
-        return MHD_CONTENT_READER_END_WITH_ERROR;
-    }
-    ds->r->bytes += max;
-    return (ssize_t)max;
+    return qcow2_pread(catalog_image_qcow2(ctx), buf, len, off);
 }
 
-static void data_free(void *cls)
+static void data_release(void *ctx)
 {
-    struct data_stream *ds = cls;
-    catalog_put(ds->ci);
-    free(ds);
+    catalog_put(ctx);
 }
 
 enum MHD_Result api_image_data(struct req *r, char **args)
@@ -182,36 +159,8 @@ enum MHD_Result api_image_data(struct req *r, char **args)
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
-    uint64_t size = qcow2_size(catalog_image_qcow2(ci)), start = 0, len = size;
-    char cr[96];
-    const char *range = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
-    if (range) {
-        int ret = api_parse_range(range, size, &start, &len);
-        if (ret < 0) {
-            catalog_put(ci);
-            if (ret != -ERANGE)
-                return api_reply_errno(r, ret);
-            snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
-            return api_reply_status(r, 416, api_errno_code(ret), err_msg(ret), MHD_HTTP_HEADER_CONTENT_RANGE, cr);
-        }
-        snprintf(cr, sizeof cr, "bytes %" PRIu64 "-%" PRIu64 "/%" PRIu64, start, start + len - 1, size);
-    }
-    struct data_stream *ds = malloc(sizeof *ds);
-    if (!ds) {
-        catalog_put(ci);
-        return MHD_NO;
-    }
-    *ds = (struct data_stream){.ci = ci, .r = r, .start = start, .len = len};
-    struct MHD_Response *resp = MHD_create_response_from_callback(len, DATA_BLOCK, data_read, ds, data_free);
-    if (!resp) {
-        data_free(ds);
-        return MHD_NO;
-    }
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
-    if (range)
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_RANGE, cr);
-    return api_queue(r, range ? 206 : 200, resp);
+    struct api_source src = {.ctx = ci, .pread = data_pread, .release = data_release, .what = catalog_image_name(ci)};
+    return api_reply_ranged(r, qcow2_size(catalog_image_qcow2(ci)), &src);
 }
 
 /* ---- extents ---- */

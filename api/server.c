@@ -174,6 +174,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
     struct api_server *s = cls;
     struct req *r = *con_cls;
+    if (r && r->deferred) {
+        if (*upload_data_size) { /* a body nobody asked for */
+            *upload_data_size = 0;
+            return MHD_YES;
+        }
+        r->deferred = false;
+        err_clear();
+        return dispatch(r, url);
+    }
     if (r) {
         if (r->answered || !r->body) {
             /* answered on the headers (an error): drop what comes */
@@ -215,6 +224,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     atomic_fetch_add(&s->metrics.inflight, 1);
     if (!r->path)
         return MHD_NO;
+    if (strcmp(method, "PUT") && strcmp(method, "POST") && strcmp(method, "PATCH")) {
+        /* answered on the next call, once MHD has the whole request: libmicrohttpd
+         * 0.9.75 closes the connection after a response queued on the first
+         * call, which would cost every read a new TCP connection. Methods with a
+         * body keep answering on the headers, so an error comes before the body
+         * is sent (the connection closes then, as it must). */
+        r->deferred = true;
+        return MHD_YES;
+    }
     err_clear();
     return dispatch(r, url);
 }

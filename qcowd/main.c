@@ -3,12 +3,14 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "api.h"
 #include "catalog.h"
+#include "config.h"
 #include "err.h"
 
 #define DEFAULT_LISTEN  "127.0.0.1:8080"
@@ -19,18 +21,78 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: qcowd [--listen HOST:PORT] [--catalog DIR] [--threads N] [--quiet]\n"
+            "usage: qcowd [--config FILE] [--listen HOST:PORT] [--catalog DIR] [--threads N] [--quiet]\n"
+            "  --config FILE       read settings from FILE first: one \"key = value\" a line, the key\n"
+            "                      being any long option below without its dashes (\"threads = 16\",\n"
+            "                      \"quiet = true\"); '#' starts a comment; options given on the\n"
+            "                      command line win over the file; an unknown key is an error\n"
             "  --listen HOST:PORT  address to serve on (default " DEFAULT_LISTEN "; port 0: any free port)\n"
             "  --catalog DIR       folder of the *.qcow2 images (default " DEFAULT_CATALOG ")\n"
-            "  --threads N         HTTP worker threads (default %d)\n"
+            "  --threads N         HTTP worker threads: the size of the server's thread pool (default %d)\n"
             "  --quiet             no per-request log lines\n"
             "  --version, --help\n",
             DEFAULT_THREADS);
 }
 
+/* The settings of the --config file, if any: its arguments come first in the
+ * argument list getopt sees, so the command line wins; static, since the
+ * settings point into it until exit. */
+static struct config_args file;
+static bool parsing; /* getopt is still going through the arguments */
+static int cur_arg;  /* index of the argument being handled */
+
+/* A bad value in the file is reported by the option's own check, which returns
+ * from main; this adds where it was set. */
+static void note_setting_origin(void)
+{
+    if (parsing && cur_arg > 0 && cur_arg < file.argc)
+        fprintf(stderr, "qcowd: (set in %s, line %u)\n", file.path, file.line[cur_arg]);
+}
+
+/* The FILE of --config FILE on the command line (the last one), or NULL. */
+static const char *config_path(int argc, char **argv, const struct option *lo, const char *shortopts)
+{
+    const char *path = NULL;
+    int c, saved = opterr;
+    opterr = 0; /* errors are reported by the real pass */
+    while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1)
+        if (c == 'C')
+            path = optarg;
+    opterr = saved;
+    optind = 0; /* a full restart of getopt */
+    return path;
+}
+
+/* argv with the file's arguments inserted after argv[0] (a new array of borrowed
+ * strings, never freed: it lives as long as the settings). NULL on ENOMEM. */
+static char **with_file(int argc, char **argv, int *out_argc)
+{
+    char **v = calloc((size_t)(argc + file.argc + 1), sizeof *v);
+    if (!v)
+        return NULL;
+    int n = 0;
+    v[n++] = argv[0];
+    for (int i = 1; i < file.argc; i++)
+        v[n++] = file.argv[i];
+    for (int i = 1; i < argc; i++)
+        v[n++] = argv[i];
+    *out_argc = n;
+    return v;
+}
+
+static void note_stale(void *ctx, const char *tmp, int err)
+{
+    if (err < 0)
+        fprintf(stderr, "qcowd: cannot remove the stale temporary file %s: %s\n", tmp, err_msg(err));
+    else
+        fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted create or upload)\n",
+                tmp);
+}
+
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
+        {"config", required_argument, 0, 'C'},
         {"listen", required_argument, 0, 'l'},
         {"catalog", required_argument, 0, 'c'},
         {"threads", required_argument, 0, 't'},
@@ -41,9 +103,27 @@ int main(int argc, char **argv)
     };
     struct api_config cfg = {.listen = DEFAULT_LISTEN, .threads = DEFAULT_THREADS, .log = 1};
     const char *root = DEFAULT_CATALOG;
+    static const char shortopts[] = "l:c:t:qh";
+    static const char *const not_in_file[] = {"config", "help", "version", NULL};
+    const char *conf = config_path(argc, argv, lo, shortopts);
+    if (conf) {
+        if (config_read(conf, argv[0], lo, not_in_file, &file) < 0)
+            return 2;
+        static char **all;
+        if (!(all = with_file(argc, argv, &argc))) {
+            fprintf(stderr, "qcowd: out of memory\n");
+            return 1;
+        }
+        argv = all;
+    }
+    parsing = true;
+    atexit(note_setting_origin);
     int c;
-    while ((c = getopt_long(argc, argv, "l:c:t:qh", lo, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
+        cur_arg = optind - 1; /* file settings are single "--key=value" arguments */
         switch (c) {
+        case 'C':
+            break; /* read above */
         case 'l':
             cfg.listen = optarg;
             break;
@@ -74,6 +154,7 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    parsing = false;
     if (optind != argc) {
         usage(stderr);
         return 2;
@@ -94,6 +175,9 @@ int main(int argc, char **argv)
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
         return 1;
     }
+    ret = catalog_clean_temp(cat, note_stale, NULL);
+    if (ret < 0)
+        fprintf(stderr, "qcowd: looking for stale temporary files: %s\n", err_msg(ret));
     struct api_server *srv;
     ret = api_server_start(&cfg, cat, &srv);
     if (ret < 0) {

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,8 +23,9 @@ struct catalog_image {
     struct catalog *cat;
     char *name;
     char *uri;     /* the image file */
-    uint64_t size; /* identity of the file when opened: size and mtime */
-    int64_t mtime;
+    uint64_t size; /* identity of the file when opened: size, mtime (ns), inode */
+    int64_t mtime, mtime_nsec;
+    uint64_t ino;
     struct qcow2_image *img; /* NULL: opening failed with err/msg */
     int err;                 /* positive errno of the failure */
     char *msg;               /* its message */
@@ -31,6 +33,7 @@ struct catalog_image {
     char *ro_msg;            /* else why not (NULL for a failure entry) */
     unsigned refs;           /* holders, the cache included (under cat->lock) */
     unsigned writers;        /* holders from catalog_get_writable (under cat->lock) */
+    unsigned downloads;      /* GET .../file readers of the container (under cat->lock) */
     bool written;            /* a writer has held it: metadata may be pending */
     bool cached;             /* on cat->list */
     uint64_t used;           /* LRU tick of the last get */
@@ -293,6 +296,8 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     e->cat = c;
     e->size = st->size;
     e->mtime = st->mtime;
+    e->mtime_nsec = st->mtime_nsec;
+    e->ino = st->ino;
     e->refs = 1;
     /* One handle serves readers and writers (the engine serialises them), so a
      * first write never has to swap handles under readers. Opening read-write
@@ -404,7 +409,8 @@ static int take(struct catalog *c, struct catalog_image *e, struct catalog_image
  * own writers (who record the new identity when the last one leaves). */
 static bool same_file(const struct catalog_image *e, const struct vfs_stat *st)
 {
-    return e->writers > 0 || (e->size == st->size && e->mtime == st->mtime);
+    return e->writers > 0 ||
+           (e->size == st->size && e->mtime == st->mtime && e->mtime_nsec == st->mtime_nsec && e->ino == st->ino);
 }
 
 static bool is_closing(const struct catalog *c, const char *name)
@@ -592,9 +598,28 @@ static void writer_leave(struct catalog_image *ci)
         if (vfs_stat(ci->uri, &st) == 0) {
             ci->size = st.size;
             ci->mtime = st.mtime;
+            ci->mtime_nsec = st.mtime_nsec;
+            ci->ino = st.ino;
         }
     }
     pthread_mutex_unlock(&c->lock);
+}
+
+/* writer_enter for a client's write: refused while the container is being
+ * downloaded, so a download is one consistent file. */
+static int writer_try_enter(struct catalog_image *ci)
+{
+    pthread_mutex_lock(&ci->cat->lock);
+    unsigned downloads = ci->downloads;
+    if (!downloads) {
+        ci->writers++;
+        ci->written = true;
+    }
+    pthread_mutex_unlock(&ci->cat->lock);
+    if (downloads)
+        return err_fail(EBUSY, "image '%s' is being downloaded (GET .../file, %u running); write after it ends",
+                        ci->name, downloads);
+    return 0;
 }
 
 int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out)
@@ -609,11 +634,12 @@ int catalog_get_writable(struct catalog *c, const char *name, struct catalog_ima
         return ret;
     }
     ret = find_user(c, name, qcow2_get_info(ci->img)->uri);
+    if (ret == 0)
+        ret = writer_try_enter(ci);
     if (ret < 0) {
         catalog_put(ci);
         return ret;
     }
-    writer_enter(ci);
     *out = ci;
     return 0;
 }
@@ -665,6 +691,76 @@ static char *temp_uri(struct catalog *c, const char *kind, const char *name)
     if (asprintf(&uri, "%s%s.%s-%s-%ld-%lu.tmp", c->root, sep, kind, name, (long)getpid(), seq) < 0)
         return NULL;
     return uri;
+}
+
+/* Whether file is a temporary name of temp_uri whose process is gone (not
+ * running on this machine): ".create-" or ".upload-", then NAME-PID-SEQ.tmp. */
+static bool stale_temp(const char *file)
+{
+    if (strncmp(file, ".create-", 8) && strncmp(file, ".upload-", 8))
+        return false;
+    size_t n = strlen(file);
+    if (n < 8 + 4 || strcmp(file + n - 4, ".tmp"))
+        return false;
+    /* PID and SEQ are the last two '-' fields (names may hold '-' too) */
+    const char *end = file + n - 4, *p = end;
+    int dashes = 0;
+    while (p > file + 8 && dashes < 2)
+        if (*--p == '-')
+            dashes++;
+    if (dashes < 2)
+        return false;
+    char *after;
+    long pid = strtol(p + 1, &after, 10);
+    if (*after != '-' || pid <= 0)
+        return false;
+    return pid != (long)getpid() && kill((pid_t)pid, 0) < 0 && errno == ESRCH;
+}
+
+static int collect_stale(void *ctx, const char *file)
+{
+    struct name_list *l = ctx;
+    if (!stale_temp(file))
+        return 0;
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? l->cap * 2 : 8;
+        char **v = realloc(l->v, cap * sizeof *v);
+        if (!v)
+            return -ENOMEM;
+        l->v = v;
+        l->cap = cap;
+    }
+    if (!(l->v[l->n] = strdup(file)))
+        return -ENOMEM;
+    l->n++;
+    return 0;
+}
+
+int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, int err), void *ctx)
+{
+    struct name_list l = {0};
+    int ret = vfs_list(c->root, collect_stale, &l);
+    if (ret < 0) {
+        catalog_names_free(l.v, l.n);
+        return ret == -ENOMEM ? err_fail(ENOMEM, "out of memory") : err_prefix(ret, "listing the catalog");
+    }
+    int removed = 0;
+    const char *sep = c->root[strlen(c->root) - 1] == '/' ? "" : "/";
+    for (size_t i = 0; i < l.n; i++) {
+        char *uri;
+        if (asprintf(&uri, "%s%s%s", c->root, sep, l.v[i]) < 0) {
+            ret = err_fail(ENOMEM, "out of memory");
+            break;
+        }
+        int r = vfs_remove(uri);
+        free(uri);
+        if (r == 0)
+            removed++;
+        if (note)
+            note(ctx, l.v[i], r);
+    }
+    catalog_names_free(l.v, l.n);
+    return ret < 0 ? ret : removed;
 }
 
 static int exists(const char *uri, const char *name)
@@ -907,36 +1003,68 @@ int catalog_upload_commit(struct catalog_upload *u)
 
 struct catalog_file {
     struct vfs_file *f;
+    struct catalog_image *ci; /* holds writers off while set (NULL: a broken image) */
 };
+
+static void download_leave(struct catalog_image *ci);
+
+/* Stop writes to ci for a download: -EBUSY while a write runs, else the hold is
+ * taken and the handle's pending metadata flushed, so the file is whole. */
+static int download_enter(struct catalog_image *ci)
+{
+    struct catalog *c = ci->cat;
+    pthread_mutex_lock(&c->lock);
+    unsigned writers = ci->writers;
+    if (!writers) {
+        ci->downloads++;
+        ci->writers++; /* the flush below is our own change */
+    }
+    bool written = ci->written;
+    pthread_mutex_unlock(&c->lock);
+    if (writers)
+        return err_fail(EBUSY, "image '%s' is being written; download it after the write ends", ci->name);
+    int ret = written && ci->rw ? qcow2_flush(ci->img) : 0;
+    writer_leave(ci);
+    if (ret < 0)
+        download_leave(ci);
+    return ret;
+}
+
+static void download_leave(struct catalog_image *ci)
+{
+    pthread_mutex_lock(&ci->cat->lock);
+    ci->downloads--;
+    pthread_mutex_unlock(&ci->cat->lock);
+}
 
 int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size)
 {
-    struct catalog_image *ci;
-    int ret = catalog_get(c, name, &ci);
-    if (ret < 0 && ret != -EUCLEAN && ret != -EPERM && ret != -ENXIO && ret != -ELOOP && ret != -ENOTSUP)
-        return ret; /* a broken image can still be downloaded, to be looked at */
-    if (ret == 0) {
-        ret = flush_own(ci);
-        catalog_put(ci);
-        if (ret < 0)
-            return ret;
-    }
     struct catalog_file *f = calloc(1, sizeof *f);
-    char *uri = image_uri(c, name);
-    if (!f || !uri) {
-        free(f);
-        free(uri);
+    if (!f)
         return err_fail(ENOMEM, "out of memory");
+    int ret = catalog_get(c, name, &f->ci);
+    if (ret < 0 && ret != -EUCLEAN && ret != -EPERM && ret != -ENXIO && ret != -ELOOP && ret != -ENOTSUP) {
+        free(f);
+        return ret; /* a broken image can still be downloaded, to be looked at */
     }
-    ret = vfs_open(uri, VFS_O_RDONLY, &f->f);
+    if (ret == 0) {
+        ret = download_enter(f->ci);
+        if (ret < 0) {
+            catalog_put(f->ci);
+            free(f);
+            return ret;
+        }
+    }
+    char *uri = image_uri(c, name);
+    ret = uri ? vfs_open(uri, VFS_O_RDONLY, &f->f) : err_fail(ENOMEM, "out of memory");
     if (ret == 0)
         ret = vfs_size(f->f, size);
     free(uri);
     if (ret < 0) {
-        if (f->f)
-            vfs_close(f->f);
-        free(f);
-        return ret;
+        char msg[ERR_MSG_MAX];
+        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        catalog_file_close(f);
+        return err_fail(-ret, "%s", msg);
     }
     err_clear();
     *out = f;
@@ -952,6 +1080,11 @@ void catalog_file_close(struct catalog_file *f)
 {
     if (!f)
         return;
-    vfs_close(f->f);
+    if (f->f)
+        vfs_close(f->f);
+    if (f->ci) {
+        download_leave(f->ci);
+        catalog_put(f->ci);
+    }
     free(f);
 }

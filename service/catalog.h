@@ -45,7 +45,8 @@ int catalog_list(struct catalog *c, char ***names, size_t *count);
 void catalog_names_free(char **names, size_t count);
 
 /* Get the open image called name: from the cache when its file has not changed
- * (size and mtime; changes made through the catalog's own handle do not count),
+ * (size, mtime to the nanosecond and inode; changes made through the catalog's own
+ * handle do not count),
  * else opened now: read-write when the engine accepts it (the file is writable,
  * the image not marked corrupt), else read-only; backing and data files are
  * contained in the catalog and always read-only. On success *out is a new reference the caller releases with
@@ -74,7 +75,8 @@ void catalog_cache_stats(struct catalog *c, uint64_t *hits, uint64_t *misses);
 
 /* Like catalog_get, for writing through the handle: refused with -EROFS when the
  * image could only be opened read-only (err_msg() says why) and -EBUSY when
- * another image of the catalog has it in its backing chain. While the reference
+ * another image of the catalog has it in its backing chain or its container is
+ * being downloaded (catalog_file_open). While the reference
  * is held the catalog keeps this handle even though the file changes (its own
  * writes). Release with catalog_put_writable. Thread-safe. */
 int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out);
@@ -90,6 +92,13 @@ bool catalog_image_writable(const struct catalog_image *ci);
  * option, unknown backing image), -EEXIST (name taken), -EBUSY (the backing image
  * is being written), an error of the backing image, or the engine's error. */
 int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *o);
+
+/* Remove the temporary files that create and upload leave behind when the
+ * daemon dies in the middle (".create-*" and ".upload-*" whose process is no
+ * longer running). note, when set, is called for each with 0 or the negative
+ * errno of its removal. Returns the number removed, or a negative errno (the
+ * folder cannot be listed). Call it at start-up. */
+int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, int err), void *ctx);
 
 /* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
  * image of the catalog has it in its backing chain (err_msg() names it). Holders
@@ -111,8 +120,11 @@ int catalog_upload_commit(struct catalog_upload *u);
 void catalog_upload_abort(struct catalog_upload *u);
 
 /* The container file of name for reading (pending metadata of the catalog's
- * handle is flushed first). *size is the file's size. Writes that run while the
- * file is read are not isolated from the reader. */
+ * handle is flushed first). *size is the file's size. From open to close the
+ * image takes no writes: catalog_get_writable fails with -EBUSY meanwhile, and
+ * open itself fails with -EBUSY while a write runs, so what is read is one
+ * consistent container. A broken image (one catalog_get refuses) can still be
+ * opened, to be looked at. */
 struct catalog_file;
 int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size);
 int catalog_file_pread(struct catalog_file *f, void *buf, size_t len, uint64_t off);

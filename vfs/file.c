@@ -220,7 +220,9 @@ static int file_stat(const char *path, struct vfs_stat *st)
         return fail(errno, "stat", path);
     st->size = (uint64_t)s.st_size;
     st->allocated = (uint64_t)s.st_blocks * 512;
-    st->mtime = (int64_t)s.st_mtime;
+    st->mtime = (int64_t)s.st_mtim.tv_sec;
+    st->mtime_nsec = (int64_t)s.st_mtim.tv_nsec;
+    st->ino = (uint64_t)s.st_ino;
     st->is_dir = S_ISDIR(s.st_mode);
     return 0;
 }

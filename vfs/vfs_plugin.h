@@ -37,6 +37,9 @@ struct vfs_stat {
     uint64_t allocated; /* bytes of storage used (0 if unknown) */
     int64_t mtime;      /* seconds since the epoch (0 if unknown) */
     int is_dir;         /* 1 for a directory-like prefix */
+    /* appended: a backend built against the older struct leaves them 0 */
+    int64_t mtime_nsec; /* nanoseconds within mtime (0 if unknown) */
+    uint64_t ino;       /* the object's identity, e.g. the inode number (0 if unknown) */
 };
 
 /* Every method returns 0 (or a count where said) on success and a negative errno

@@ -139,9 +139,9 @@ def runs_of_map(d, name):
 # ---- the daemon ----
 
 class Daemon:
-    def __init__(self, catalog, threads=4):
+    def __init__(self, catalog, threads=4, extra=()):
         self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog,
-                                      "--threads", str(threads)],
+                                      "--threads", str(threads)] + list(extra),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines = []
         self.port = None
@@ -187,6 +187,7 @@ class Checker:
         self.args = args
         self.rng = random.Random(args.seed)
         self.passed = self.failed = 0
+        self.bad_inputs = 0  # bad-input cases tried (every expected error counts one)
         with open(OPENAPI) as f:
             self.doc = yaml.safe_load(f)
         self.seen = []  # (schema name, json body, where)
@@ -202,6 +203,12 @@ class Checker:
             for line in traceback.format_exc().splitlines():
                 print("    " + line)
 
+    def report(self):
+        """The summary lines; returns the exit status."""
+        print("%d bad-input cases tried" % self.bad_inputs)
+        print("%d passed, %d failed" % (self.passed, self.failed))
+        return 1 if self.failed else 0
+
     # -- helpers --
     def json_of(self, status, headers, body, schema, where):
         if not headers.get("content-type", "").startswith("application/json"):
@@ -211,6 +218,7 @@ class Checker:
         return j
 
     def expect_error(self, where, status, want_status, headers, body, code=None):
+        self.bad_inputs += 1
         if status != want_status:
             raise AssertionError("%s: status %d, want %d (%r)" % (where, status, want_status, body[:200]))
         j = self.json_of(status, headers, body, "Error", where)
@@ -589,8 +597,7 @@ def main():
             print("kept", top)
         else:
             shutil.rmtree(top, ignore_errors=True)
-    print("%d passed, %d failed" % (ck.passed, ck.failed))
-    return 1 if ck.failed else 0
+    return ck.report()
 
 
 if __name__ == "__main__":

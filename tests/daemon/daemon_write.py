@@ -692,8 +692,7 @@ def main():
             print("kept", top)
         else:
             shutil.rmtree(top, ignore_errors=True)
-    print("%d passed, %d failed" % (ck.passed, ck.failed))
-    return 1 if ck.failed else 0
+    return ck.report()
 
 
 if __name__ == "__main__":
