@@ -382,3 +382,35 @@ out:
     pthread_rwlock_unlock(&img->rwlock);
     return ret;
 }
+
+int qcow2_bitmap_list(struct qcow2_image *img, struct qcow2_bitmap_info **out, uint32_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    if (img->fmt != QCOW2_FMT_QCOW2)
+        return 0;
+    pthread_rwlock_rdlock(&img->rwlock);
+    uint32_t n = img->info.nb_bitmaps;
+    struct qcow2_bitmap_info *l = calloc(n ? n : 1, sizeof *l);
+    int ret = l ? 0 : err_fail(ENOMEM, "out of memory");
+    for (uint32_t i = 0; ret == 0 && i < n; i++) {
+        l[i] = img->bitmaps[i];
+        if (!(l[i].name = strdup(img->bitmaps[i].name)))
+            ret = err_fail(ENOMEM, "out of memory");
+    }
+    pthread_rwlock_unlock(&img->rwlock);
+    if (ret < 0) {
+        qcow2_bitmap_list_free(l, n);
+        return ret;
+    }
+    *out = l;
+    *count = n;
+    return 0;
+}
+
+void qcow2_bitmap_list_free(struct qcow2_bitmap_info *list, uint32_t n)
+{
+    for (uint32_t i = 0; list && i < n; i++)
+        free(list[i].name);
+    free(list);
+}

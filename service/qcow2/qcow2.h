@@ -227,5 +227,10 @@ int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_im
  * in_use from a crash (inconsistent: its bits cannot be trusted). Thread-safe. */
 int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, uint64_t len, bool *dirty,
                        uint64_t *pnum);
+/* A copy of the bitmap list, safe while other threads change bitmaps (qcow2_get_info's
+ * list is not): *out is a new array of *n entries to free with qcow2_bitmap_list_free.
+ * Raw images have none. Thread-safe. */
+int qcow2_bitmap_list(struct qcow2_image *img, struct qcow2_bitmap_info **out, uint32_t *n);
+void qcow2_bitmap_list_free(struct qcow2_bitmap_info *list, uint32_t n);
 
 #endif
