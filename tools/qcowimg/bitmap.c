@@ -1,6 +1,7 @@
 /* bitmap.c: `qcowimg bitmap`, qemu-img bitmap's options: add, remove, clear,
  * enable, disable and merge persistent dirty bitmaps, in the order given. */
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,5 +107,70 @@ int cmd_bitmap(int argc, char **argv)
     ret = qcow2_close(img);
     if (ret < 0 && rc == 0)
         rc = fail_err(file, ret);
+    return rc;
+}
+
+/* `qcowimg dirty IMG BITMAP`: the dirty and clean runs of a bitmap, as
+ * `nbdinfo --map=qemu:dirty-bitmap:BITMAP` lists them over qemu-nbd. */
+int cmd_dirty(int argc, char **argv)
+{
+    static const struct option lo[] = {{"output", required_argument, 0, 'o'}, {"help", no_argument, 0, 'h'}, {0, 0, 0, 0}};
+    const char *fmt = NULL, *output = "human";
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "f:h", lo, NULL)) != -1) {
+        switch (c) {
+        case 'f': fmt = optarg; break;
+        case 'o': output = optarg; break;
+        case 'h':
+            printf("usage: qcowimg dirty [-f qcow2] [--output=human|json] IMG BITMAP\n"
+                   "List the runs of the disk that bitmap BITMAP marks dirty or clean.\n");
+            return 0;
+        default: return 1;
+        }
+    }
+    if (optind != argc - 2)
+        return fail("dirty", "expected IMG BITMAP (see --help)");
+    bool json = !strcmp(output, "json");
+    if (!json && strcmp(output, "human"))
+        return fail("dirty", "--output must be human or json");
+    const char *file = argv[optind], *name = argv[optind + 1];
+    struct qcow2_image *img;
+    if (open_image(file, fmt, NULL, &img))
+        return 1;
+    uint64_t size = qcow2_size(img), off = 0, start = 0, len = 0;
+    bool cur = false;
+    int rc = 0;
+    if (json)
+        printf("[");
+    for (bool first = true; off < size || len; ) {
+        bool d = false;
+        uint64_t n = 0;
+        if (off < size) {
+            int ret = qcow2_bitmap_dirty(img, name, off, size - off, &d, &n);
+            if (ret < 0) {
+                rc = fail_err(file, ret);
+                break;
+            }
+        }
+        if (len && (n == 0 || d != cur)) {
+            if (json)
+                printf("%s\n{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"dirty\": %s }", first ? "" : ",", start,
+                       len, cur ? "true" : "false");
+            else
+                printf("%12" PRIu64 " %12" PRIu64 "  %s\n", start, len, cur ? "dirty" : "clean");
+            first = false;
+            len = 0;
+        }
+        if (!len) {
+            start = off;
+            cur = d;
+        }
+        len += n;
+        off += n;
+    }
+    if (json && rc == 0)
+        printf("\n]\n");
+    qcow2_close(img);
     return rc;
 }
