@@ -391,8 +391,9 @@ def cases(s):
         qimg("bitmap", "--add", img, "crashed2")
         our_write(img, MiB, 4096, rng)
         # a writer killed while it had the image open: qemu-nbd marks enabled bitmaps in use
+        # (-t: it stays up after the client goes, so the kill finds it idle, not closing)
         sock = os.path.join(s.top, "nbd.sock")
-        p = subprocess.Popen([QEMU_NBD, "-f", "qcow2", "-k", sock, img], stdout=subprocess.DEVNULL,
+        p = subprocess.Popen([QEMU_NBD, "-t", "-f", "qcow2", "-k", sock, img], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
         for _ in range(200):
             if os.path.exists(sock):
