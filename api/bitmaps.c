@@ -121,7 +121,7 @@ static enum MHD_Result create_end(struct req *r, const char *image, json_t *body
     json_error_t je;
     if (json_unpack_ex(body, &je, JSON_STRICT, "{s:s, s?I, s?b}", "name", &name, "granularity", &gran, "disabled",
                        &disabled) < 0) {
-        char msg[240];
+        char msg[400];
         snprintf(msg, sizeof msg, "bad bitmap request: %s (expected {\"name\": string, \"granularity\"?: integer, "
                  "\"disabled\"?: boolean})", je.text);
         return api_reply_error(r, -EINVAL, msg);
@@ -230,7 +230,7 @@ static enum MHD_Result merge_run(struct req *r, struct merge_body *mb, json_t *b
     const char *src = NULL, *src_image = NULL;
     json_error_t je;
     if (json_unpack_ex(body, &je, JSON_STRICT, "{s:s, s?s}", "source", &src, "source-image", &src_image) < 0) {
-        char msg[240];
+        char msg[400];
         snprintf(msg, sizeof msg, "bad merge request: %s (expected {\"source\": string, \"source-image\"?: string})",
                  je.text);
         return api_reply_error(r, -EINVAL, msg);

@@ -438,7 +438,7 @@ static int disk_flags(struct qcow2_image *img, uint32_t i, uint32_t *flags)
 static int keep_extra(struct qcow2_image *img, struct new_entry *ents)
 {
     for (uint32_t k = 0; k < img->info.nb_bitmaps; k++) {
-        uint32_t f;
+        uint32_t f = 0;
         int ret = disk_flags(img, k, &f);
         if (ret < 0)
             return ret;
@@ -506,6 +506,11 @@ int qcow2_bitmap_add(struct qcow2_image *img, const char *name, uint32_t granula
         ret = err_fail(ENOSPC, "the image has the most bitmaps it can (%u)", QCOW2_MAX_BITMAPS);
         goto out;
     }
+    if (ts == 0) {
+        /* qemu refuses a bitmap without a table: there is nothing to track */
+        ret = err_fail(EINVAL, "a disk of 0 bytes cannot have bitmaps");
+        goto out;
+    }
     if (ts > BME_MAX_TABLE_SIZE || (uint64_t)ts * img->cluster_size > BME_MAX_PHYS_SIZE) {
         ret = err_fail(EINVAL, "a bitmap with granularity %u would take too much space for this disk; use a "
                        "larger granularity", granularity);
@@ -544,7 +549,7 @@ int qcow2_bitmap_remove(struct qcow2_image *img, const char *name)
         return ret;
     struct undo u = {0};
     struct new_entry *ents = NULL;
-    uint32_t i, n = img->info.nb_bitmaps;
+    uint32_t i = 0, n = img->info.nb_bitmaps;
     bool sw;
     /* a stale bitmap may go: nothing of it is trusted */
     if ((ret = find(img, name, &i)) < 0)
@@ -587,7 +592,7 @@ int qcow2_bitmap_clear(struct qcow2_image *img, const char *name)
     struct undo u = {0};
     struct new_entry *ents = NULL;
     unsigned char *bits = NULL;
-    uint32_t i, n = img->info.nb_bitmaps;
+    uint32_t i = 0, n = img->info.nb_bitmaps;
     bool sw = false;
     if ((ret = find(img, name, &i)) < 0)
         goto out;
@@ -630,7 +635,7 @@ static int set_enabled(struct qcow2_image *img, const char *name, bool enable)
     struct undo u = {0};
     struct new_entry *ents = NULL;
     unsigned char *loaded = NULL;
-    uint32_t i, n = img->info.nb_bitmaps;
+    uint32_t i = 0, n = img->info.nb_bitmaps;
     bool sw = false;
     if ((ret = find(img, name, &i)) < 0 || (ret = need_consistent(img, i)) < 0)
         goto out;
@@ -758,11 +763,11 @@ int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_im
     struct undo u = {0};
     struct new_entry *ents = NULL;
     unsigned char *dbits = NULL;
-    uint32_t i, n = img->info.nb_bitmaps;
+    uint32_t i = 0, n = img->info.nb_bitmaps;
     if ((ret = find(img, dst, &i)) < 0 || (ret = need_consistent(img, i)) < 0)
         goto out;
     if (!src_img) {
-        uint32_t s;
+        uint32_t s = 0;
         if ((ret = find(img, src, &s)) < 0 || (ret = need_consistent(img, s)) < 0 ||
             (ret = copy_bits(img, s, &sbits)) < 0)
             goto out;

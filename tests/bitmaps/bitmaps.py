@@ -106,9 +106,9 @@ def all_clean(size):
     return [(0, size, False)]
 
 
-def set_in_use(img, name):
-    """Poke the in_use flag of a bitmap's directory entry, as a crash leaves it."""
-    with open(img, "r+b") as f:
+def dir_entry(img, name):
+    """(entry offset, table offset, table size) of a bitmap, read from the file."""
+    with open(img, "rb") as f:
         h = f.read(4096)
         pos = struct.unpack(">I", h[100:104])[0]
         while True:
@@ -119,20 +119,25 @@ def set_in_use(img, name):
                 cnt, _, _, off = struct.unpack(">IIQQ", h[pos + 8:pos + 32])
                 break
             pos += 8 + ((n + 7) & ~7)
-        f.seek(off)
         for _ in range(cnt):
-            e = f.read(24)
-            nl, extra = struct.unpack(">HI", e[18:24])
-            nm = f.read(extra + nl)[extra:].decode()
-            if nm == name:
-                f.seek(off + 12)
-                fl = struct.unpack(">I", f.read(4))[0]
-                f.seek(off + 12)
-                f.write(struct.pack(">I", fl | 1))
-                return
-            off += (24 + extra + nl + 7) & ~7
             f.seek(off)
+            e = f.read(24)
+            toff, tsize = struct.unpack(">QI", e[:12])
+            nl, extra = struct.unpack(">HI", e[18:24])
+            if f.read(extra + nl)[extra:].decode() == name:
+                return off, toff, tsize
+            off += (24 + extra + nl + 7) & ~7
     raise AssertionError("no bitmap " + name)
+
+
+def set_in_use(img, name):
+    """Poke the in_use flag of a bitmap's directory entry, as a crash leaves it."""
+    off, _, _ = dir_entry(img, name)
+    with open(img, "r+b") as f:
+        f.seek(off + 12)
+        fl = struct.unpack(">I", f.read(4))[0]
+        f.seek(off + 12)
+        f.write(struct.pack(">I", fl | 1))
 
 
 class Suite:
@@ -458,6 +463,31 @@ def cases(s):
         check_clean(img)
         assert qemu_info_bitmaps(img) == [{"flags": ["auto"], "name": "x", "granularity": 65536}]
     s.case("bad_input_fails_as_qemu_img", errors)
+
+    def all_ones_and_empty():
+        # a table entry of 1 (no cluster) reads as all ones, in qemu and here
+        img = s.img("8M", "cluster_size=512")
+        qimg("bitmap", "--add", "-g", "512", "--disable", img, "ones")
+        _, toff, tsize = dir_entry(img, "ones")
+        assert tsize == 4, tsize  # 8 MiB / 512 B per bit / 8 bits = 2 KiB = 4 clusters
+        with open(img, "r+b") as f:
+            f.seek(toff + 8)
+            f.write(struct.pack(">Q", 1))
+        want = [(0, 2 * MiB, False), (2 * MiB, 2 * MiB, True), (4 * MiB, 4 * MiB, False)]
+        same_maps(img, "ones", want)
+        qimg("bitmap", "--add", "-g", "4k", "--disable", img, "m")
+        qimg("bitmap", "--merge", "ones", img, "m")
+        same_maps(img, "m", want)
+        qimg("bitmap", "--clear", img, "ones")
+        same_maps(img, "ones", all_clean(8 * MiB))
+        check_clean(img)
+        # a disk of 0 bytes has nothing to track (qemu cannot store such a bitmap either)
+        z = s.img("0")
+        r = qimg("bitmap", "--add", z, "b", ok=False)
+        assert r.returncode == 1 and b"0 bytes" in r.stderr, r.stderr
+        assert qemu_info_bitmaps(z) == []
+        check_clean(z)
+    s.case("all_ones_table_entry_and_empty_disk", all_ones_and_empty)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import traceback
 import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,26 +43,14 @@ MiB = 1024 * KiB
 SIZE = 32 * MiB
 
 
-class Suite:
+class Suite(bm.Suite):
     def __init__(self, args, cat):
-        self.rng = random.Random(args.seed)
+        super().__init__(args, cat)
         self.cat = cat
-        self.passed = self.failed = 0
         import yaml
         with open(dm.OPENAPI) as f:
             self.doc = yaml.safe_load(f)
         self.d = None
-
-    def case(self, name, fn):
-        try:
-            fn()
-            self.passed += 1
-            print("ok", name, flush=True)
-        except Exception as e:
-            self.failed += 1
-            print("FAIL %s: %s" % (name, e), flush=True)
-            for line in traceback.format_exc().splitlines():
-                print("    " + line)
 
     def call(self, method, path, body=None, headers=None, schema=None, want=None):
         c = self.d.conn()
