@@ -331,34 +331,30 @@ int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, 
     }
     if (len > img->h.size - off)
         len = img->h.size - off;
-    const unsigned char *bits;
+    /* bm[] and the read cache are filled by readers under bm_lock; tracked bits
+     * change only under the write lock, which excludes us */
+    const unsigned char *bits = NULL;
+    pthread_mutex_lock(&img->bm_lock);
     struct bm_track *t = img->bm ? &img->bm[i] : NULL;
     if (t && t->tracking) {
         bits = t->bits;
-    } else {
-        if (b->in_use) {
-            ret = err_fail(EUCLEAN, "bitmap '%s' is in use by another program or was left so by a crash: its bits "
-                           "cannot be trusted (remove or clear it)", name);
-            goto out;
-        }
-        if (!b->consistent) {
-            ret = err_fail(EUCLEAN, "bitmap '%s' has extra data this program does not know: it cannot be used", name);
-            goto out;
-        }
-        /* the read cache: filled once by one reader; replaced only under the write lock */
-        pthread_mutex_lock(&img->bm_lock);
-        ret = bitmap_tracks(img);
-        t = ret == 0 ? &img->bm[i] : NULL;
-        if (t && !t->loaded && (ret = bitmap_load_bits(img, b, &t->bits)) == 0) {
+    } else if (b->in_use) {
+        ret = err_fail(EUCLEAN, "bitmap '%s' is in use by another program or was left so by a crash: its bits "
+                       "cannot be trusted (remove or clear it)", name);
+    } else if (!b->consistent) {
+        ret = err_fail(EUCLEAN, "bitmap '%s' has extra data this program does not know: it cannot be used", name);
+    } else if ((ret = bitmap_tracks(img)) == 0) {
+        t = &img->bm[i];
+        if (!t->loaded && (ret = bitmap_load_bits(img, b, &t->bits)) == 0) {
             t->gran_bits = (uint32_t)__builtin_ctz(b->granularity);
             t->nbits = (img->h.size + b->granularity - 1) >> t->gran_bits;
             t->loaded = true;
         }
-        pthread_mutex_unlock(&img->bm_lock);
-        if (ret < 0)
-            goto out;
         bits = t->bits;
     }
+    pthread_mutex_unlock(&img->bm_lock);
+    if (ret < 0)
+        goto out;
     unsigned gb = (unsigned)__builtin_ctz(b->granularity);
     uint64_t k = off >> gb, last = (off + len - 1) >> gb;
     bool d = bm_bit(bits, k);

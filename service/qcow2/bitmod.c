@@ -743,12 +743,18 @@ int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_im
         int si = bitmap_find(src_img, src);
         if (si < 0)
             ret = err_fail(ENOENT, "no bitmap named '%s' in the source image", src);
-        else if (src_img->bitmaps[si].in_use && !tracked(src_img, (uint32_t)si))
-            ret = err_fail(EUCLEAN, "source bitmap '%s' is in use or was left so by a crash: it is inconsistent",
-                           src);
         else if (!src_img->bitmaps[si].consistent)
             ret = err_fail(EUCLEAN, "source bitmap '%s' has extra data this program does not know", src);
-        else if ((ret = copy_bits(src_img, (uint32_t)si, &sbits)) == 0) {
+        else {
+            pthread_mutex_lock(&src_img->bm_lock); /* other readers may fill bm[] and its read cache */
+            if (src_img->bitmaps[si].in_use && !tracked(src_img, (uint32_t)si))
+                ret = err_fail(EUCLEAN, "source bitmap '%s' is in use or was left so by a crash: it is inconsistent",
+                               src);
+            else
+                ret = copy_bits(src_img, (uint32_t)si, &sbits);
+            pthread_mutex_unlock(&src_img->bm_lock);
+        }
+        if (ret == 0 && sbits) {
             sgb = (unsigned)__builtin_ctz(src_img->bitmaps[si].granularity);
             ssize = src_img->h.size;
         }

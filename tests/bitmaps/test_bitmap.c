@@ -134,6 +134,7 @@ END_TEST
 
 struct shared {
     struct qcow2_image *img;
+    struct qcow2_image *src; /* another image: its disabled bitmap "frozen" is merged and read */
     unsigned char written[SIZE / GRAN]; /* granules the writer touched */
     pthread_mutex_t lock;
     int bad;
@@ -169,6 +170,8 @@ static void *changer(void *arg)
         if (!ret)
             ret = qcow2_bitmap_merge(s->img, name, NULL, "main");
         if (!ret)
+            ret = qcow2_bitmap_merge(s->img, name, s->src, "frozen");
+        if (!ret)
             ret = i % 3 ? qcow2_bitmap_disable(s->img, name) : qcow2_bitmap_clear(s->img, name);
         if (!ret && i % 4)
             ret = qcow2_bitmap_remove(s->img, name);
@@ -190,6 +193,7 @@ static void *reader(void *arg)
         struct qcow2_bitmap_info *l;
         uint32_t cnt;
         if (qcow2_bitmap_dirty(s->img, "main", (uint64_t)i * 4096 % SIZE, SIZE, &d, &n) ||
+            qcow2_bitmap_dirty(s->src, "frozen", (uint64_t)i * 4096 % SIZE, SIZE, &d, &n) ||
             qcow2_bitmap_list(s->img, &l, &cnt) || qcow2_pread(s->img, buf, 65536, (uint64_t)i * 12345 % (SIZE - 65536))) {
             s->bad++;
             break;
@@ -207,6 +211,13 @@ START_TEST(writers_readers_and_changes_at_once)
     pthread_mutex_init(&s->lock, NULL);
     s->img = make("mem:b/c.qcow2", 3, true);
     ck_assert_int_eq(qcow2_bitmap_add(s->img, "main", GRAN, false), 0);
+    /* the source image: one granule marked, then frozen, and reopened so its bits come from disk */
+    s->src = make("mem:b/src.qcow2", 3, true);
+    ck_assert_int_eq(qcow2_bitmap_add(s->src, "frozen", 4096, false), 0);
+    ck_assert_int_eq(qcow2_pwrite(s->src, "x", 1, SIZE - 1), 0);
+    ck_assert_int_eq(qcow2_bitmap_disable(s->src, "frozen"), 0);
+    ck_assert_int_eq(qcow2_close(s->src), 0);
+    s->src = reopen("mem:b/src.qcow2", false);
     pthread_t t[4];
     ck_assert_int_eq(pthread_create(&t[0], NULL, writer, s), 0);
     ck_assert_int_eq(pthread_create(&t[1], NULL, changer, s), 0);
@@ -215,9 +226,11 @@ START_TEST(writers_readers_and_changes_at_once)
     for (int i = 0; i < 4; i++)
         pthread_join(t[i], NULL);
     ck_assert_int_eq(s->bad, 0);
+    qcow2_close(s->src);
     static unsigned char map[SIZE / GRAN];
     dirty_map(s->img, "main", map);
     ck_assert(memcmp(map, s->written, sizeof map) == 0);
+    s->written[SIZE / GRAN - 1] = 1; /* what "frozen" brought into tmp4 */
     /* tmp0, tmp4, ...: kept, holding what main held when they merged it */
     ck_assert_int_eq(qcow2_bitmap_merge(s->img, "main", NULL, "tmp4"), 0);
     dirty_map(s->img, "main", map);
