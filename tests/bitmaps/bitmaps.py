@@ -489,6 +489,19 @@ def cases(s):
         check_clean(z)
     s.case("all_ones_table_entry_and_empty_disk", all_ones_and_empty)
 
+    def revert_refused():
+        # qemu-img refuses to apply a snapshot while the image has bitmaps: so do we
+        img = s.img("16M")
+        run(QEMU_IMG, "snapshot", "-c", "s", img)
+        qimg("bitmap", "--add", "--disable", img, "b")
+        assert run(QEMU_IMG, "snapshot", "-a", "s", img, ok=False).returncode != 0
+        r = qimg("snapshot", "-a", "s", img, ok=False)
+        assert r.returncode == 1 and b"bitmaps" in r.stderr, r.stderr
+        qimg("bitmap", "--remove", img, "b")
+        qimg("snapshot", "-a", "s", img)
+        check_clean(img)
+    s.case("snapshot_apply_refused_while_bitmaps_exist", revert_refused)
+
 
 if __name__ == "__main__":
     sys.exit(main())

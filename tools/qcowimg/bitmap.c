@@ -141,8 +141,6 @@ int cmd_dirty(int argc, char **argv)
     uint64_t size = qcow2_size(img), off = 0, start = 0, len = 0;
     bool cur = false;
     int rc = 0;
-    if (json)
-        printf("[");
     for (bool first = true; off < size || len; ) {
         bool d = false;
         uint64_t n = 0;
@@ -155,7 +153,7 @@ int cmd_dirty(int argc, char **argv)
         }
         if (len && (n == 0 || d != cur)) {
             if (json)
-                printf("%s\n{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"dirty\": %s }", first ? "" : ",", start,
+                printf("%s\n{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"dirty\": %s }", first ? "[" : ",", start,
                        len, cur ? "true" : "false");
             else
                 printf("%12" PRIu64 " %12" PRIu64 "  %s\n", start, len, cur ? "dirty" : "clean");
@@ -170,7 +168,7 @@ int cmd_dirty(int argc, char **argv)
         off += n;
     }
     if (json && rc == 0)
-        printf("\n]\n");
+        printf(size ? "\n]\n" : "[]\n");
     qcow2_close(img);
     return rc;
 }
