@@ -130,6 +130,11 @@ def dir_entry(img, name):
     raise AssertionError("no bitmap " + name)
 
 
+def autoclear(img):
+    with open(img, "rb") as f:
+        return struct.unpack(">Q", f.read(96)[88:96])[0]
+
+
 def set_in_use(img, name):
     """Poke the in_use flag of a bitmap's directory entry, as a crash leaves it."""
     off, _, _ = dir_entry(img, name)
@@ -366,8 +371,10 @@ def cases(s):
                 run(QEMU_IMG, "convert", "-O", "raw", img, img + ".raw")
                 with open(img + ".raw", "rb") as f:
                     assert f.read(4) == b"\x07" * 4, "backing data lost"
+            assert autoclear(img) & 1, "the bitmaps autoclear bit is not set"
             qimg("bitmap", "--remove", img, "x")
             qimg("bitmap", "--remove", img, "y")
+            assert not autoclear(img) & 1, "the bitmaps autoclear bit stays after the last bitmap went"
             check_clean(img)
             assert "bitmaps" not in json.loads(run(QEMU_IMG, "info", "--output=json", img).stdout)[
                 "format-specific"]["data"], "the extension stays after the last bitmap went"
