@@ -13,6 +13,7 @@
 
 struct catalog;
 struct qcow2_image;
+struct qcow2_bitmap_info;
 struct req;
 
 /* How a request with a body (PUT, POST, PATCH) goes on after its handler ran on
@@ -155,6 +156,22 @@ enum MHD_Result api_data_options(struct req *r, char **args);
 
 enum MHD_Result api_file_get(struct req *r, char **args);
 enum MHD_Result api_file_put(struct req *r, char **args);
+
+/* ---- bitmaps.c: persistent dirty bitmaps ---- */
+
+/* A bitmap as qemu-img info shows it; the list of an image (new references, NULL on ENOMEM). */
+json_t *api_bitmap_json(const struct qcow2_bitmap_info *b);
+json_t *api_bitmaps_json(struct qcow2_image *img);
+enum MHD_Result api_bitmaps_list(struct req *r, char **args);
+enum MHD_Result api_bitmap_create(struct req *r, char **args);
+enum MHD_Result api_bitmap_get(struct req *r, char **args);
+enum MHD_Result api_bitmap_delete(struct req *r, char **args);
+enum MHD_Result api_bitmap_clear(struct req *r, char **args);
+enum MHD_Result api_bitmap_enable(struct req *r, char **args);
+enum MHD_Result api_bitmap_disable(struct req *r, char **args);
+enum MHD_Result api_bitmap_merge(struct req *r, char **args);
+/* GET .../extents?context=dirty&bitmap=B of image. */
+enum MHD_Result api_dirty_extents(struct req *r, const char *image);
 
 /* ---- metrics.c ---- */
 

@@ -35,22 +35,6 @@ static json_t *snapshots_json(const struct qcow2_info *in)
     return a;
 }
 
-static json_t *bitmaps_json(const struct qcow2_info *in)
-{
-    json_t *a = json_array();
-    for (uint32_t i = 0; a && i < in->nb_bitmaps; i++) {
-        const struct qcow2_bitmap_info *b = &in->bitmaps[i];
-        json_t *flags = json_array();
-        if (b->in_use)
-            json_array_append_new(flags, json_string("in-use"));
-        if (b->auto_)
-            json_array_append_new(flags, json_string("auto"));
-        json_array_append_new(a, json_pack("{s:o,s:o,s:I}", "name", api_jstr(b->name), "flags", flags, "granularity",
-                                           (json_int_t)b->granularity));
-    }
-    return a;
-}
-
 /* The info object: qemu-img info's names, with "name" and "filename" relative to
  * the catalog (server paths are not shown). */
 json_t *api_info_json(const char *name, struct qcow2_image *img)
@@ -84,7 +68,7 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
     json_object_set_new(d, "refcount-bits", json_integer(in->refcount_bits));
     json_object_set_new(d, "corrupt", json_boolean(in->corrupt));
     json_object_set_new(d, "extended-l2", json_boolean(in->extended_l2));
-    json_object_set_new(d, "bitmaps", bitmaps_json(in));
+    json_object_set_new(d, "bitmaps", api_bitmaps_json(img)); /* a copy: bitmaps may change meanwhile */
     if (in->data_file) {
         json_object_set_new(d, "data-file", api_jstr(in->data_file));
         json_object_set_new(d, "data-file-raw", json_boolean(in->data_file_raw));
@@ -260,10 +244,12 @@ enum MHD_Result api_image_extents(struct req *r, char **args)
         char *ctx = api_decode(raw, strlen(raw));
         if (!ctx)
             return api_reply_errno(r, -EINVAL);
-        bool ok = !strcmp(ctx, "zero");
+        bool ok = !strcmp(ctx, "zero"), dirty = !strcmp(ctx, "dirty");
         free(ctx);
+        if (dirty)
+            return api_dirty_extents(r, args[0]);
         if (!ok)
-            return api_reply_error(r, -EINVAL, "unknown extents context: only \"zero\" is supported");
+            return api_reply_error(r, -EINVAL, "unknown extents context: \"zero\" or \"dirty\" (with bitmap=NAME)");
     }
     enum MHD_Result res = MHD_NO;
     struct catalog_image *ci = get_image(r, args[0], &res);

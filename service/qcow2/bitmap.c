@@ -1,5 +1,6 @@
 /* bitmap.c: the persistent bitmap directory: parsing and validating its
- * entries so info can list them and later code can use them. */
+ * entries, loading bitmaps, tracking guest writes in the enabled ones, storing
+ * them at close, and the dirty-status query. Changes are in bitmod.c. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -8,14 +9,6 @@
 
 #include "qcow2_int.h"
 
-#define BME_FIXED 24u
-#define BME_FLAG_IN_USE (1u << 0)
-#define BME_FLAG_AUTO (1u << 1)
-#define BME_FLAG_EXTRA_COMPAT (1u << 2)
-#define BME_RESERVED_FLAGS 0xfffffff8u
-#define BME_TYPE_DIRTY 1
-#define BME_MIN_GRAN_BITS 9
-#define BME_MAX_GRAN_BITS 31
 
 void qcow2_free_bitmaps(struct qcow2_image *img)
 {
@@ -141,6 +134,58 @@ out:
     return ret;
 }
 
+/* ---- loading ---- */
+
+int bitmap_find(const struct qcow2_image *img, const char *name)
+{
+    for (uint32_t i = 0; i < img->info.nb_bitmaps; i++)
+        if (!strcmp(img->bitmaps[i].name, name))
+            return (int)i;
+    return -1;
+}
+
+int bitmap_tracks(struct qcow2_image *img)
+{
+    if (img->bm || !img->info.nb_bitmaps)
+        return 0;
+    img->bm = calloc(img->info.nb_bitmaps, sizeof *img->bm);
+    return img->bm ? 0 : err_fail(ENOMEM, "out of memory");
+}
+
+int bitmap_load_bits(struct qcow2_image *img, const struct qcow2_bitmap_info *b, unsigned char **out)
+{
+    uint64_t cs = img->cluster_size;
+    unsigned gb = (unsigned)__builtin_ctz(b->granularity);
+    uint64_t nbits = (img->h.size + b->granularity - 1) >> gb, bytes = (nbits + 7) / 8;
+    unsigned char *bits = calloc(1, b->table_size ? (size_t)b->table_size * cs : 1);
+    uint64_t *table = NULL;
+    if (!bits)
+        return err_fail(ENOMEM, "out of memory for bitmap '%s'", b->name);
+    int ret = qcow2_load_u64_table(img, b->table_offset, b->table_size, &table);
+    for (uint32_t j = 0; ret == 0 && j < b->table_size; j++) {
+        uint64_t off = table[j] & QCOW2_L2E_OFFSET_MASK;
+        if (off && (offset_into_cluster(img, off) || off + cs > img->file_size))
+            ret = err_fail(EINVAL, "bitmap '%s': data cluster %#" PRIx64 " is misaligned or past the end of the file",
+                           b->name, off);
+        else if (off)
+            ret = vfs_pread(img->file, bits + (uint64_t)j * cs, cs, off);
+        else if (table[j] & 1)
+            memset(bits + (uint64_t)j * cs, 0xff, cs);
+    }
+    free(table);
+    if (ret < 0) {
+        free(bits);
+        return ret;
+    }
+    /* bits past the disk stay clear, whatever the file holds */
+    if (bytes * 8 > nbits)
+        bits[bytes - 1] &= (unsigned char)((1u << (nbits % 8)) - 1);
+    if ((uint64_t)b->table_size * cs > bytes)
+        memset(bits + bytes, 0, (size_t)((uint64_t)b->table_size * cs - bytes));
+    *out = bits;
+    return 0;
+}
+
 /* ---- tracking writes (the image's write lock is held) ---- */
 
 /* Set or clear the in_use flag of a directory entry, keeping its other flags. */
@@ -160,43 +205,22 @@ int bitmaps_begin(struct qcow2_image *img)
 {
     if (img->bm_loaded || !img->info.nb_bitmaps)
         return 0;
-    uint32_t n = img->info.nb_bitmaps;
-    uint64_t cs = img->cluster_size;
-    img->bm = calloc(n, sizeof *img->bm);
-    if (!img->bm)
-        return err_fail(ENOMEM, "out of memory");
-    int ret = 0;
+    int ret = bitmap_tracks(img);
     bool changed = false;
-    for (uint32_t i = 0; i < n && ret == 0; i++) {
+    for (uint32_t i = 0; i < img->info.nb_bitmaps && ret == 0; i++) {
         struct qcow2_bitmap_info *b = &img->bitmaps[i];
         struct bm_track *t = &img->bm[i];
         /* a bitmap left in use by a crash is stale: it stays so until removed or cleared */
-        if (!b->auto_ || b->in_use || !b->consistent)
+        if (!b->auto_ || b->in_use || !b->consistent || t->tracking)
             continue;
+        if (!t->loaded && (ret = bitmap_load_bits(img, b, &t->bits)) < 0)
+            break;
         t->gran_bits = (uint32_t)__builtin_ctz(b->granularity);
         t->nbits = (img->h.size + b->granularity - 1) >> t->gran_bits;
-        uint64_t bytes = (t->nbits + 7) / 8;
-        t->bits = calloc(1, (size_t)b->table_size * cs);
-        uint64_t *table = NULL;
-        if (!t->bits)
-            ret = err_fail(ENOMEM, "out of memory for bitmap '%s'", b->name);
-        if (ret == 0)
-            ret = qcow2_load_u64_table(img, b->table_offset, b->table_size, &table);
-        for (uint32_t j = 0; ret == 0 && j < b->table_size; j++) {
-            uint64_t off = table[j] & QCOW2_L2E_OFFSET_MASK;
-            if (off)
-                ret = vfs_pread(img->file, t->bits + (uint64_t)j * cs, cs, off);
-            else if (table[j] & 1)
-                memset(t->bits + (uint64_t)j * cs, 0xff, cs);
-        }
-        free(table);
-        if (ret == 0 && bytes * 8 > t->nbits) /* unused tail bits stay zero */
-            t->bits[bytes - 1] &= (unsigned char)((1u << (t->nbits % 8)) - 1);
-        if (ret < 0)
-            break;
-        b->in_use = true;
+        t->loaded = true;
         t->entry_off = b->entry_offset;
         t->tracking = true;
+        /* on disk it is in use from now on: a crash leaves it stale, as it should */
         ret = set_in_use(img, b, true);
         changed = true;
     }
@@ -243,7 +267,8 @@ int bitmaps_store(struct qcow2_image *img)
         if ((ret = qcow2_load_u64_table(img, b->table_offset, b->table_size, &table)) < 0)
             break;
         /* data first (in place where a cluster exists, else a new one); the table
-         * is written only once the data and refcounts are on disk */
+         * is written only once the data and refcounts are on disk. The entry is
+         * in use meanwhile, so a crash in between leaves it stale, never wrong. */
         for (uint32_t j = 0; j < b->table_size && ret == 0; j++) {
             const unsigned char *d = t->bits + (uint64_t)j * cs;
             uint64_t off = table[j] & QCOW2_L2E_OFFSET_MASK;
@@ -272,12 +297,116 @@ int bitmaps_store(struct qcow2_image *img)
         free(table);
         if (ret == 0)
             ret = qcow2_sync(img, img->file);
-        if (ret == 0) {
-            b->in_use = false;
+        if (ret == 0)
             ret = set_in_use(img, b, false);
-        }
+        if (ret == 0)
+            t->tracking = false; /* stored: the cached bits stay valid for readers */
     }
     if (ret == 0)
         ret = qcow2_sync(img, img->file);
+    if (ret == 0)
+        img->bm_loaded = false; /* the next write takes them up again */
     return ret;
+}
+
+/* ---- the dirty query (the read lock is held) ---- */
+
+int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, uint64_t len, bool *dirty,
+                       uint64_t *pnum)
+{
+    if (img->fmt != QCOW2_FMT_QCOW2)
+        return err_fail(ENOENT, "a raw image has no bitmaps");
+    pthread_rwlock_rdlock(&img->rwlock);
+    int ret = 0;
+    int i = bitmap_find(img, name);
+    if (i < 0) {
+        ret = err_fail(ENOENT, "no bitmap named '%s'", name);
+        goto out;
+    }
+    const struct qcow2_bitmap_info *b = &img->bitmaps[i];
+    if (off >= img->h.size || len == 0) {
+        ret = err_fail(EINVAL, "range %" PRIu64 "+%" PRIu64 " is outside the disk (%" PRIu64 " bytes)", off, len,
+                       img->h.size);
+        goto out;
+    }
+    if (len > img->h.size - off)
+        len = img->h.size - off;
+    /* bm[] and the read cache are filled by readers under bm_lock; tracked bits
+     * change only under the write lock, which excludes us */
+    const unsigned char *bits = NULL;
+    pthread_mutex_lock(&img->bm_lock);
+    struct bm_track *t = img->bm ? &img->bm[i] : NULL;
+    if (t && t->tracking) {
+        bits = t->bits;
+    } else if (b->in_use) {
+        ret = err_fail(EUCLEAN, "bitmap '%s' is in use by another program or was left so by a crash: its bits "
+                       "cannot be trusted (remove or clear it)", name);
+    } else if (!b->consistent) {
+        ret = err_fail(EUCLEAN, "bitmap '%s' has extra data this program does not know: it cannot be used", name);
+    } else if ((ret = bitmap_tracks(img)) == 0) {
+        t = &img->bm[i];
+        if (!t->loaded && (ret = bitmap_load_bits(img, b, &t->bits)) == 0) {
+            t->gran_bits = (uint32_t)__builtin_ctz(b->granularity);
+            t->nbits = (img->h.size + b->granularity - 1) >> t->gran_bits;
+            t->loaded = true;
+        }
+        bits = t->bits;
+    }
+    pthread_mutex_unlock(&img->bm_lock);
+    if (ret < 0)
+        goto out;
+    unsigned gb = (unsigned)__builtin_ctz(b->granularity);
+    uint64_t k = off >> gb, last = (off + len - 1) >> gb;
+    bool d = bm_bit(bits, k);
+    k++;
+    while (k <= last) {
+        /* whole bytes of the same value at once */
+        if (k % 8 == 0 && k + 8 <= last + 1 && bits[k / 8] == (d ? 0xff : 0)) {
+            k += 8;
+            continue;
+        }
+        if (bm_bit(bits, k) != d)
+            break;
+        k++;
+    }
+    uint64_t end = k << gb;
+    if (end > off + len || end < off) /* (the shift cannot wrap for sizes below 2^62) */
+        end = off + len;
+    *dirty = d;
+    *pnum = end - off;
+out:
+    pthread_rwlock_unlock(&img->rwlock);
+    return ret;
+}
+
+int qcow2_bitmap_list(struct qcow2_image *img, struct qcow2_bitmap_info **out, uint32_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    if (img->fmt != QCOW2_FMT_QCOW2)
+        return 0;
+    pthread_rwlock_rdlock(&img->rwlock);
+    uint32_t n = img->info.nb_bitmaps;
+    struct qcow2_bitmap_info *l = calloc(n ? n : 1, sizeof *l);
+    int ret = l ? 0 : err_fail(ENOMEM, "out of memory");
+    for (uint32_t i = 0; ret == 0 && i < n; i++) {
+        l[i] = img->bitmaps[i];
+        if (!(l[i].name = strdup(img->bitmaps[i].name)))
+            ret = err_fail(ENOMEM, "out of memory");
+    }
+    pthread_rwlock_unlock(&img->rwlock);
+    if (ret < 0) {
+        qcow2_bitmap_list_free(l, n);
+        return ret;
+    }
+    *out = l;
+    *count = n;
+    return 0;
+}
+
+void qcow2_bitmap_list_free(struct qcow2_bitmap_info *list, uint32_t n)
+{
+    for (uint32_t i = 0; list && i < n; i++)
+        free(list[i].name);
+    free(list);
 }

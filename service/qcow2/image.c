@@ -28,6 +28,7 @@ static void free_image(struct qcow2_image *img)
     qcow2_free_snapshots(img);
     qcow2_free_bitmaps(img);
     pthread_mutex_destroy(&img->prealloc_lock);
+    pthread_mutex_destroy(&img->bm_lock);
     free(img->l1);
     free(img->reftable);
     free(img->uri);
@@ -181,6 +182,7 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
     if (!img)
         return err_fail(ENOMEM, "out of memory");
     pthread_mutex_init(&img->prealloc_lock, NULL);
+    pthread_mutex_init(&img->bm_lock, NULL);
     pthread_rwlock_init(&img->rwlock, NULL);
     img->depth = depth;
     img->free_hint = 1;

@@ -83,7 +83,10 @@ struct qcow2_snapshot_info {
 struct qcow2_bitmap_info {
     char *name;
     uint32_t granularity;  /* bytes per bit */
-    bool in_use, auto_, consistent;
+    bool in_use;            /* in use by another writer, or left so by a crash: its bits cannot be
+                               trusted (this handle's own tracking of an enabled bitmap does not count) */
+    bool auto_;             /* enabled: writes mark it */
+    bool consistent;        /* no unknown extra data */
     uint8_t type;
     uint64_t entry_offset;  /* host offset of its directory entry */
     uint64_t table_offset;  /* host offset of its bitmap table */
@@ -199,5 +202,35 @@ struct qcow2_create_opts {
 /* Create a new image at uri (refused with -EEXIST if it exists). The backing
  * file, when given, is opened to check it and to take its size when size is 0. */
 int qcow2_create(const char *uri, const struct qcow2_create_opts *o);
+
+/* Persistent dirty bitmaps (image open read-write unless said). name: 1..1023 bytes.
+ * Changes reach the disk at once and crash-safely: new tables and directory are
+ * written and flushed before the header switches to them; old clusters are freed
+ * after. Enabled bitmaps are tracked in memory while the image is written and
+ * stored at close. Serialised with writers (the image's write lock); the dirty
+ * query runs alongside readers. Errors: -ENOENT unknown bitmap, -EEXIST name taken,
+ * -EINVAL bad name/granularity, -EUCLEAN a bitmap left in use by a crash where the
+ * operation needs it consistent (remove and clear work on it), -ENOTSUP v2 image,
+ * -EROFS read-only, -ENOSPC past 65535 bitmaps or a 64 MiB directory. */
+/* granularity 0: as qemu-img (the cluster size, within 4 KiB..64 KiB); else a power
+ * of two from 512 B to 2 GiB. disabled: not marked by writes (no "auto" flag). */
+int qcow2_bitmap_add(struct qcow2_image *img, const char *name, uint32_t granularity, bool disabled);
+int qcow2_bitmap_remove(struct qcow2_image *img, const char *name);
+int qcow2_bitmap_clear(struct qcow2_image *img, const char *name);
+int qcow2_bitmap_enable(struct qcow2_image *img, const char *name);
+int qcow2_bitmap_disable(struct qcow2_image *img, const char *name);
+/* dst |= src; src may live in another image (src_img NULL: img itself), which is only
+ * read and needs the same virtual size (granularities may differ). */
+int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_image *src_img, const char *src);
+/* Dirty status at off (read-only is fine): *dirty and *pnum (bytes with that status,
+ * whole granules, <= len). -ENOENT unknown bitmap, -EUCLEAN when the bitmap is
+ * in_use from a crash (inconsistent: its bits cannot be trusted). Thread-safe. */
+int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, uint64_t len, bool *dirty,
+                       uint64_t *pnum);
+/* A copy of the bitmap list, safe while other threads change bitmaps (qcow2_get_info's
+ * list is not): *out is a new array of *n entries to free with qcow2_bitmap_list_free.
+ * Raw images have none. Thread-safe. */
+int qcow2_bitmap_list(struct qcow2_image *img, struct qcow2_bitmap_info **out, uint32_t *n);
+void qcow2_bitmap_list_free(struct qcow2_bitmap_info *list, uint32_t n);
 
 #endif

@@ -31,6 +31,19 @@
 #define QCOW2_MAX_BITMAP_NAME 1023u
 #define QCOW2_MAX_NAME_EXT 4096u              /* our bound on extension strings */
 
+/* bitmap directory entries */
+#define BME_FIXED 24u                  /* bytes before the extra data and the name */
+#define BME_FLAG_IN_USE (1u << 0)      /* being changed, or left so by a crash: not to be trusted */
+#define BME_FLAG_AUTO (1u << 1)        /* enabled: writes mark it */
+#define BME_FLAG_EXTRA_COMPAT (1u << 2) /* extra data that may be ignored */
+#define BME_RESERVED_FLAGS 0xfffffff8u
+#define BME_TYPE_DIRTY 1
+#define BME_MIN_GRAN_BITS 9
+#define BME_MAX_GRAN_BITS 31
+#define BME_MAX_TABLE_SIZE 0x8000000u   /* entries of a bitmap table, as QEMU */
+#define BME_MAX_PHYS_SIZE 0x20000000u   /* bytes of one bitmap's data, as QEMU */
+#define BME_TABLE_ALL_ONES 1ull         /* a table entry without a cluster that reads as all ones */
+
 /* incompatible feature bits */
 #define QCOW2_INCOMPAT_DIRTY       (1ull << 0)
 #define QCOW2_INCOMPAT_CORRUPT     (1ull << 1)
@@ -144,6 +157,7 @@ struct bm_track {
     uint64_t nbits;
     uint32_t gran_bits;
     bool tracking;       /* enabled (auto) and consistent: writes mark it */
+    bool loaded;         /* bits hold the bitmap (always when tracking; else a read cache) */
 };
 
 /* One cached refcount block, in its on-disk form. Writer only. */
@@ -227,6 +241,7 @@ struct qcow2_image {
     bool unsynced;               /* something was written since the last completed flush */
     struct bm_track *bm;         /* per bitmap, parallel to bitmaps[] */
     bool bm_loaded;              /* tracking set up by the first write */
+    pthread_mutex_t bm_lock;     /* readers filling the read cache of bm[] (under the read lock) */
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
     uint64_t repair_n;
 };
@@ -404,5 +419,16 @@ int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
 /* ---- bitmap.c ---- */
 int qcow2_read_bitmaps(struct qcow2_image *img);
 void qcow2_free_bitmaps(struct qcow2_image *img);
+/* The bits of bitmap b from disk into a new buffer of table_size clusters (tail bits clear). */
+int bitmap_load_bits(struct qcow2_image *img, const struct qcow2_bitmap_info *b, unsigned char **out);
+/* Make img->bm exist (one zeroed track per bitmap). */
+int bitmap_tracks(struct qcow2_image *img);
+/* Index of the bitmap called name, or -1. */
+int bitmap_find(const struct qcow2_image *img, const char *name);
+/* Bit k of a bitmap buffer. */
+static inline bool bm_bit(const unsigned char *bits, uint64_t k)
+{
+    return bits[k / 8] >> (k % 8) & 1;
+}
 
 #endif

@@ -348,6 +348,13 @@ int qcow2_snapshot_revert(struct qcow2_image *img, const char *name)
         ret = err_fail(ENOENT, "no snapshot named '%s'", name);
         goto out;
     }
+    if (img->info.nb_bitmaps) {
+        /* as qemu-img: the bitmaps would not say what the revert changed (nor fit
+         * another disk size) */
+        ret = err_fail(EBUSY, "the image has dirty bitmaps; reverting to snapshot '%s' would leave them wrong "
+                       "(remove them first)", name);
+        goto out;
+    }
     if (sn->l1_size > img->h.l1_size) {
         ret = err_fail(ENOTSUP, "snapshot '%s' has a larger L1 table than the image (resize first)", name);
         goto out;
