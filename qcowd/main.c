@@ -6,10 +6,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "api.h"
 #include "catalog.h"
 #include "err.h"
+#include "vfs.h"
 
 #define DEFAULT_LISTEN  "127.0.0.1:8080"
 #define DEFAULT_CATALOG "./data"
@@ -24,8 +26,27 @@ static void usage(FILE *f)
             "  --catalog DIR       folder of the *.qcow2 images (default " DEFAULT_CATALOG ")\n"
             "  --threads N         HTTP worker threads (default %d)\n"
             "  --quiet             no per-request log lines\n"
+            "  --plugin-dir DIR    load storage plugins (*.so) from DIR (default: the build's or installed plugins)\n"
+            "  --s3-endpoint URL   S3 endpoint for s3://BUCKET/PREFIX catalogs (path-style; credentials from\n"
+            "                      AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or --s3-opt credentials-file=F)\n"
+            "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
             "  --version, --help\n",
             DEFAULT_THREADS);
+}
+
+/* Storage plugins: from --plugin-dir, else the build tree's folder when it is
+ * there, else the installed one. Only an explicit folder must exist. */
+static int load_plugins(const char *dir)
+{
+    struct stat st;
+    if (!dir)
+        dir = stat(QCOWD_BUILD_PLUGIN_DIR, &st) == 0 ? QCOWD_BUILD_PLUGIN_DIR : QCOWD_INSTALL_PLUGIN_DIR;
+    else if (stat(dir, &st) < 0)
+        return err_fail(errno, "--plugin-dir %s: %s", dir, strerror(errno));
+    if (stat(dir, &st) < 0)
+        return 0;
+    int n = vfs_load_plugins(dir);
+    return n < 0 ? n : 0;
 }
 
 int main(int argc, char **argv)
@@ -35,12 +56,18 @@ int main(int argc, char **argv)
         {"catalog", required_argument, 0, 'c'},
         {"threads", required_argument, 0, 't'},
         {"quiet", no_argument, 0, 'q'},
+        {"plugin-dir", required_argument, 0, 'P'},
+        {"s3-endpoint", required_argument, 0, 'E'},
+        {"s3-opt", required_argument, 0, 'O'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
     };
     struct api_config cfg = {.listen = DEFAULT_LISTEN, .threads = DEFAULT_THREADS, .log = 1};
     const char *root = DEFAULT_CATALOG;
+    const char *plugin_dir = NULL, *s3_endpoint = NULL;
+    char *s3_opts[32];
+    unsigned n_s3_opts = 0;
     int c;
     while ((c = getopt_long(argc, argv, "l:c:t:qh", lo, NULL)) != -1) {
         switch (c) {
@@ -62,6 +89,19 @@ int main(int argc, char **argv)
         }
         case 'q':
             cfg.log = 0;
+            break;
+        case 'P':
+            plugin_dir = optarg;
+            break;
+        case 'E':
+            s3_endpoint = optarg;
+            break;
+        case 'O':
+            if (n_s3_opts == sizeof s3_opts / sizeof s3_opts[0] || !strchr(optarg, '=')) {
+                fprintf(stderr, "qcowd: --s3-opt wants KEY=VALUE (at most 32 of them)\n");
+                return 2;
+            }
+            s3_opts[n_s3_opts++] = optarg;
             break;
         case 'h':
             usage(stdout);
@@ -88,8 +128,21 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    int ret = load_plugins(plugin_dir);
+    if (ret == 0 && s3_endpoint)
+        ret = vfs_config("s3", "endpoint", s3_endpoint);
+    for (unsigned i = 0; ret == 0 && i < n_s3_opts; i++) {
+        char *eq = strchr(s3_opts[i], '=');
+        *eq = '\0';
+        ret = vfs_config("s3", s3_opts[i], eq + 1);
+    }
+    if (ret < 0) {
+        fprintf(stderr, "qcowd: %s\n", err_msg(ret));
+        return 1;
+    }
+
     struct catalog *cat;
-    int ret = catalog_new(root, NULL, &cat);
+    ret = catalog_new(root, NULL, &cat);
     if (ret < 0) {
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
         return 1;

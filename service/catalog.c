@@ -87,6 +87,15 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
         c->root[--len] = '\0';
     struct vfs_stat st;
     ret = vfs_stat(c->root, &st);
+    if (ret == -ENOENT && is_uri(c->root)) {
+        /* an object store's folder exists once something is under it; asked as
+         * "root/", a backend may take an empty prefix of a bucket as a folder */
+        char *slashed;
+        if (asprintf(&slashed, "%s/", c->root) >= 0) {
+            ret = vfs_stat(slashed, &st);
+            free(slashed);
+        }
+    }
     if (ret < 0) {
         ret = err_prefix(ret, "catalog folder %s", root);
         goto fail;

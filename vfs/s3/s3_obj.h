@@ -1,0 +1,43 @@
+/* s3_obj.h: an open object (object.c) and the store-level helpers it shares
+ * with the plugin table (s3.c). */
+#ifndef QCOWD_S3_OBJ_H
+#define QCOWD_S3_OBJ_H
+
+#include <stdint.h>
+
+#include "vfs_plugin.h"
+
+/* A path as the plugin gets it ("//bucket/key" or "bucket/key"), split. */
+struct s3_name {
+    char *bucket;
+    char *key; /* "" for the bucket itself */
+    char *uri; /* "s3://bucket/key", for messages */
+};
+
+/* Split path; 0 or -EINVAL (no bucket) / -ENOMEM with a message. */
+int s3_name_parse(const char *path, struct s3_name *n);
+void s3_name_free(struct s3_name *n);
+
+/* What HEAD says of an object. */
+struct s3_head {
+    uint64_t size;
+    int64_t mtime;
+    char etag[128];
+};
+
+/* HEAD the object: 0, or -ENOENT with a message telling a missing bucket from a
+ * missing object, or the request's error. */
+int s3_head_object(const struct s3_name *n, struct s3_head *h);
+/* HEAD the bucket: 0, -ENOENT ("bucket does not exist") or the request's error. */
+int s3_head_bucket(const struct s3_name *n);
+
+/* The object ops (object.c). */
+int s3_obj_open(const char *path, unsigned flags, void **handle);
+void s3_obj_close(void *h);
+int s3_obj_pread(void *h, void *buf, size_t len, uint64_t off);
+int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off);
+int s3_obj_flush(void *h);
+int s3_obj_size(void *h, uint64_t *size);
+int s3_obj_truncate(void *h, uint64_t size);
+
+#endif
