@@ -549,6 +549,11 @@ void catalog_cache_stats(struct catalog *c, uint64_t *hits, uint64_t *misses)
     pthread_mutex_unlock(&c->lock);
 }
 
+int catalog_storage_stats(int (*cb)(void *ctx, const char *scheme, const char *name, uint64_t value), void *ctx)
+{
+    return vfs_stats(cb, ctx);
+}
+
 bool catalog_image_writable(const struct catalog_image *ci)
 {
     return ci->rw;
