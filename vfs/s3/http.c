@@ -405,8 +405,9 @@ static int fail_status(struct s3_req *r, const char *what, unsigned tries)
         return err_fail(EOPNOTSUPP, "%s: the S3 store does not implement it (501 %s%s%s)", what,
                         code[0] ? code : "NotImplemented", sep, msg);
     if (s == 503 && (!strcmp(code, "SlowDown") || !code[0]))
-        return err_fail(EAGAIN, "%s: the S3 store is throttling (503 %s) after %u attempts", what,
-                        code[0] ? code : "Service Unavailable", tries);
+        return err_fail(EAGAIN, "%s: the S3 store is %s (503 %s) after %u attempts", what,
+                        code[0] ? "throttling" : "unavailable or throttling", code[0] ? code : "Service Unavailable",
+                        tries);
     if (s == 429)
         return err_fail(EAGAIN, "%s: the S3 store is throttling (429) after %u attempts", what, tries);
     if (s >= 500)

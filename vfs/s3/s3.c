@@ -54,6 +54,28 @@ static int64_t parse_http_date(const char *s)
     return (int64_t)timegm(&tm);
 }
 
+/* A HEAD answer has no body, so a 403 does not say why: ask the same resource
+ * with a GET (one byte of the object, or a one-key listing of the bucket) whose
+ * error body names the cause. */
+static int explain_denied(const struct s3_name *n, int ret, const char *what)
+{
+    struct s3_param p[2] = {{"list-type", "2"}, {"max-keys", "1"}};
+    struct s3_hdr h = {"range", "bytes=0-0"};
+    char byte[1];
+    struct s3_req r = {.op = S3_OP_GET, .method = "GET", .bucket = n->bucket, .into = byte, .into_cap = 1};
+    if (n->key[0]) {
+        r.key = n->key;
+        r.hdrs = &h;
+        r.nhdrs = 1;
+    } else {
+        r.params = p;
+        r.nparams = 2;
+    }
+    int r2 = s3_http(&r, what);
+    s3_req_free(&r);
+    return r2 == -EACCES ? r2 : err_fail(-ret, "%s: access denied by the S3 store (403 Forbidden)", what);
+}
+
 int s3_head_bucket(const struct s3_name *n)
 {
     struct s3_req r = {.op = S3_OP_HEAD, .method = "HEAD", .bucket = n->bucket, .quiet_404 = 1};
@@ -62,6 +84,8 @@ int s3_head_bucket(const struct s3_name *n)
     int ret = s3_http(&r, what);
     if (ret == -ENOENT)
         ret = err_fail(ENOENT, "bucket '%s' does not exist at %s", n->bucket, s3_conf.endpoint);
+    else if (ret == -EACCES)
+        ret = explain_denied(n, ret, what);
     s3_req_free(&r);
     return ret;
 }
@@ -72,6 +96,8 @@ int s3_head_object(const struct s3_name *n, struct s3_head *h)
     char what[320];
     snprintf(what, sizeof what, "stat %s", n->uri);
     int ret = s3_http(&r, what);
+    if (ret == -EACCES)
+        ret = explain_denied(n, ret, what);
     if (ret == 0) {
         h->size = r.content_length;
         h->mtime = parse_http_date(r.last_modified);
