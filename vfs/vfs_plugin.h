@@ -28,6 +28,11 @@ enum vfs_thread_model {
 /* Capability bits returned by .caps (NULL .caps means 0). */
 #define VFS_CAP_DISCARD      0x1u /* .discard really frees space */
 #define VFS_CAP_BLOCK_STATUS 0x2u /* .block_status knows holes */
+/* .flush publishes every completed write at once: after a crash the object is
+ * as of some earlier flush, never a mix (an object store publishing a new
+ * version). Flushes that only order writes can then be skipped; a caller still
+ * flushes where it needs durability. */
+#define VFS_CAP_ATOMIC_FLUSH 0x4u
 
 /* Results of .block_status. */
 #define VFS_BS_HOLE 0 /* reads as zeroes (a hole, or past the end) */

@@ -26,9 +26,14 @@ struct range {
     uint64_t start, end; /* [start, end) */
 };
 
+/* One object open in this process, shared by every handle on its key (as a
+ * file's page cache is): a write through one handle is read through all. */
 struct obj {
     struct s3_name n;
-    int rw;
+    int rw;       /* has staging: some handle opened it read-write (under pub) */
+    int refs;     /* handles (under reg_lock) */
+    int detached; /* removed or renamed away: not in the registry, never published */
+    struct obj *next; /* registry list (under reg_lock) */
     /* Lock order: pub before state. Writers take both (pub so that no write
      * lands while a publish reads the staging file); readers take state shared;
      * a publish holds pub throughout, state shared while uploading and
@@ -276,9 +281,20 @@ static uint64_t ra_window(struct obj *o, uint64_t off, size_t len)
     return w;
 }
 
+/* A handle: the shared object and how this opener may use it. */
+struct handle {
+    struct obj *o;
+    int rw;
+};
+
+#define OBJ(h) (((struct handle *)(h))->o)
+
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER; /* the registry; held across opens */
+static struct obj *registry;
+
 int s3_obj_pread(void *h, void *buf, size_t len, uint64_t off)
 {
-    struct obj *o = h;
+    struct obj *o = OBJ(h);
     uint64_t ra = ra_window(o, off, len);
     pthread_rwlock_rdlock(&o->state);
     int ret = read_at(o, buf, len, off, ra);
@@ -288,7 +304,7 @@ int s3_obj_pread(void *h, void *buf, size_t len, uint64_t off)
 
 int s3_obj_size(void *h, uint64_t *size)
 {
-    struct obj *o = h;
+    struct obj *o = OBJ(h);
     pthread_rwlock_rdlock(&o->state);
     *size = o->size;
     pthread_rwlock_unlock(&o->state);
@@ -420,26 +436,53 @@ static void obj_free(struct obj *o)
     free(o);
 }
 
-int s3_obj_open(const char *path, unsigned flags, void **handle)
+static struct obj *reg_find(const struct s3_name *n)
 {
-    int ret = s3_conf_ready();
-    if (ret < 0)
-        return ret;
+    for (struct obj *o = registry; o; o = o->next)
+        if (!strcmp(o->n.bucket, n->bucket) && !strcmp(o->n.key, n->key))
+            return o;
+    return NULL;
+}
+
+/* Take o out of the registry (reg_lock held): later opens of its key get a new
+ * object; o's staging files go now, so the new one can lock its own. */
+static void reg_detach(struct obj *o)
+{
+    for (struct obj **p = &registry; *p; p = &(*p)->next)
+        if (*p == o) {
+            *p = o->next;
+            break;
+        }
+    o->detached = 1;
+    if (o->spath) {
+        unlink(o->mpath);
+        unlink(o->spath);
+    }
+}
+
+void s3_obj_forget(const struct s3_name *n)
+{
+    pthread_mutex_lock(&reg_lock);
+    struct obj *o = reg_find(n);
+    if (o)
+        reg_detach(o);
+    pthread_mutex_unlock(&reg_lock);
+}
+
+/* A new object for n: HEAD it; create it (on the first flush) if asked. */
+static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
+{
     struct obj *o = calloc(1, sizeof *o);
     if (!o)
-        return err_fail(ENOMEM, "open s3:%s: out of memory", path);
+        return err_fail(ENOMEM, "open %s: out of memory", n->uri);
     o->sfd = -1;
+    o->n = *n;
+    memset(n, 0, sizeof *n);
     pthread_mutex_init(&o->pub, NULL);
     pthread_mutex_init(&o->ra, NULL);
     pthread_rwlock_init(&o->state, NULL);
-    if ((ret = s3_name_parse(path, &o->n)) < 0)
-        goto fail;
-    if (!o->n.key[0] || o->n.key[strlen(o->n.key) - 1] == '/') {
-        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", o->n.uri);
-        goto fail;
-    }
     struct s3_head hd;
-    ret = s3_head_object(&o->n, &hd);
+    int ret = s3_head_object(&o->n, &hd);
     if (ret == 0) {
         if (flags & VFS_O_EXCL) {
             ret = err_fail(EEXIST, "open %s: the object exists", o->n.uri);
@@ -455,31 +498,88 @@ int s3_obj_open(const char *path, unsigned flags, void **handle)
         goto fail;
     }
     o->gen = s3_cache_gen();
-    o->rw = !!(flags & VFS_O_RDWR);
-    if (o->rw && (ret = staging_open(o)) < 0)
-        goto fail;
-    *handle = o;
+    *out = o;
     return 0;
 fail:
-    if (o->mpath && o->sfd >= 0)
-        unlink(o->mpath);
     obj_free(o);
+    return ret;
+}
+
+int s3_obj_open(const char *path, unsigned flags, void **handle)
+{
+    int ret = s3_conf_ready();
+    if (ret < 0)
+        return ret;
+    struct s3_name n;
+    if ((ret = s3_name_parse(path, &n)) < 0)
+        return ret;
+    if (!n.key[0] || n.key[strlen(n.key) - 1] == '/') {
+        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", n.uri);
+        s3_name_free(&n);
+        return ret;
+    }
+    struct handle *h = calloc(1, sizeof *h);
+    if (!h) {
+        s3_name_free(&n);
+        return err_fail(ENOMEM, "open s3:%s: out of memory", path);
+    }
+    h->rw = !!(flags & VFS_O_RDWR);
+    /* opens are serialised, so two opens of one key never make two objects */
+    pthread_mutex_lock(&reg_lock);
+    struct obj *o = reg_find(&n);
+    if (o && (flags & VFS_O_EXCL)) {
+        ret = err_fail(EEXIST, "open %s: the object exists (open in this process)", n.uri);
+    } else if (!o && (ret = obj_new(&n, flags, &o)) == 0) {
+        o->next = registry;
+        registry = o;
+    }
+    if (ret == 0 && h->rw) {
+        pthread_mutex_lock(&o->pub);
+        pthread_rwlock_wrlock(&o->state);
+        if (!o->rw && (ret = staging_open(o)) == 0)
+            o->rw = 1;
+        pthread_rwlock_unlock(&o->state);
+        pthread_mutex_unlock(&o->pub);
+    }
+    if (ret == 0) {
+        o->refs++;
+        h->o = o;
+        *handle = h;
+    } else if (o && o->refs == 0) { /* new, unused: drop it */
+        reg_detach(o);
+        obj_free(o);
+    }
+    pthread_mutex_unlock(&reg_lock);
+    s3_name_free(&n);
+    if (ret < 0)
+        free(h);
     return ret;
 }
 
 static int publish(struct obj *o);
 
-void s3_obj_close(void *h)
+/* The last handle publishes what is still staged (like a file's dirty pages
+ * reaching the disk after close), under reg_lock so no open sees the object
+ * half gone. */
+void s3_obj_close(void *hp)
 {
-    struct obj *o = h;
-    if (o->rw) {
+    struct handle *h = hp;
+    struct obj *o = h->o;
+    free(h);
+    pthread_mutex_lock(&reg_lock);
+    if (--o->refs > 0) {
+        pthread_mutex_unlock(&reg_lock);
+        return;
+    }
+    if (o->rw && !o->detached) {
         int r = publish(o);
         if (r < 0)
             fprintf(stderr, "qcowd: s3: %s: the writes since the last flush are lost: %s\n", o->n.uri,
                     err_msg(r));
-        unlink(o->mpath);
-        unlink(o->spath);
     }
+    if (!o->detached)
+        reg_detach(o);
+    pthread_mutex_unlock(&reg_lock);
     s3_cache_drop(o->gen, 0, UINT64_MAX);
     obj_free(o);
 }
@@ -488,7 +588,7 @@ void s3_obj_close(void *h)
 
 int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
 {
-    struct obj *o = h;
+    struct obj *o = OBJ(h);
     int ret = 0;
     pthread_mutex_lock(&o->pub);
     pthread_rwlock_wrlock(&o->state);
@@ -504,6 +604,8 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
         }
         done += (size_t)n;
     }
+    if (ret == 0 && !o->rw)
+        ret = err_fail(EBADF, "write %s: not opened for writing", o->n.uri);
     if (ret == 0)
         ret = dirty_add(o, off, off + len);
     if (ret == 0) {
@@ -521,7 +623,7 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
 
 int s3_obj_truncate(void *h, uint64_t size)
 {
-    struct obj *o = h;
+    struct obj *o = OBJ(h);
     int ret = 0;
     pthread_mutex_lock(&o->pub);
     pthread_rwlock_wrlock(&o->state);
@@ -542,8 +644,7 @@ int s3_obj_truncate(void *h, uint64_t size)
 
 int s3_obj_flush(void *h)
 {
-    struct obj *o = h;
-    return o->rw ? publish(o) : 0;
+    return ((struct handle *)h)->rw ? publish(OBJ(h)) : 0;
 }
 
 /* ---- publishing ---- */
@@ -757,7 +858,7 @@ static int publish(struct obj *o)
     char etag[128] = "";
     pthread_mutex_lock(&o->pub);
     pthread_rwlock_rdlock(&o->state); /* writers wait on pub; readers go on */
-    if (!o->changed) {
+    if (!o->changed || o->detached) { /* detached: removed or renamed, like an unlinked file */
         pthread_rwlock_unlock(&o->state);
         pthread_mutex_unlock(&o->pub);
         return 0;

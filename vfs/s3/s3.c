@@ -258,6 +258,7 @@ static int s3_remove(const char *path)
     int ret = s3_conf_ready();
     if (ret < 0 || (ret = s3_name_parse(path, &n)) < 0)
         return ret;
+    s3_obj_forget(&n);
     ret = delete_object(&n);
     s3_name_free(&n);
     return ret;
@@ -304,8 +305,12 @@ static int s3_rename(const char *from, const char *to)
         return ret;
     }
     ret = s3_head_object(&a, &h);
-    if (ret == 0)
+    if (ret == 0) {
+        s3_obj_forget(&b); /* like rename(2): handles on the old target keep the old file */
         ret = copy_object(&a, &b, h.size);
+    }
+    if (ret == 0)
+        s3_obj_forget(&a);
     if (ret == 0)
         ret = delete_object(&a);
     s3_name_free(&a);
@@ -342,6 +347,12 @@ static int s3_stats_walk(int (*cb)(void *ctx, const char *name, uint64_t value),
     return r;
 }
 
+/* Each flush publishes a whole new version at once. */
+static unsigned s3_caps(void *h)
+{
+    return VFS_CAP_ATOMIC_FLUSH;
+}
+
 static const struct vfs_ops s3_ops = {
     .version = VFS_OPS_VERSION,
     .struct_size = sizeof(struct vfs_ops),
@@ -354,6 +365,7 @@ static const struct vfs_ops s3_ops = {
     .flush = s3_obj_flush,
     .size = s3_obj_size,
     .truncate = s3_obj_truncate,
+    .caps = s3_caps,
     .list = s3_list,
     .stat = s3_stat,
     .remove = s3_remove,

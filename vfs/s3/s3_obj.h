@@ -39,5 +39,9 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off);
 int s3_obj_flush(void *h);
 int s3_obj_size(void *h, uint64_t *size);
 int s3_obj_truncate(void *h, uint64_t size);
+/* The object at n is being removed or renamed away: handles open on it keep
+ * reading what they had, but nothing of theirs is published any more, and a
+ * new open of the key starts afresh. */
+void s3_obj_forget(const struct s3_name *n);
 
 #endif
