@@ -59,7 +59,7 @@ void s3_canonical_query(struct sbuf *out, const struct s3_param *params, size_t 
         if (a.oom || b.oom || !v[i].name || !v[i].value)
             out->oom = 1;
     }
-    if (!out->oom)
+    if (!out->oom && n)
         qsort(v, n, sizeof *v, cmp_param);
     for (size_t i = 0; i < n && !out->oom; i++) {
         if (i)
@@ -124,7 +124,8 @@ int s3_sigv4_sign(const struct s3_sign_in *in, struct sbuf *auth, struct sbuf *c
         for (char *p = h[i].name; *p; p++)
             *p = (char)tolower((unsigned char)*p);
     }
-    qsort(h, in->nhdrs, sizeof *h, cmp_hdr);
+    if (in->nhdrs)
+        qsort(h, in->nhdrs, sizeof *h, cmp_hdr);
 
     /* the canonical request */
     sbuf_printf(&creq, "%s\n%s\n", in->method, in->path);
