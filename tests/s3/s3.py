@@ -290,9 +290,10 @@ def crash_before_complete_keeps_old_image(c):
 
 
 def create_upload_delete_chain(c):
-    """create, upload (PUT .../file), a backing chain across objects, delete."""
+    """create, upload (PUT .../file), a backing chain across objects, delete; the
+    renames that put images in place copy objects over 5 MiB in parts here."""
     p = c.prefix()
-    d = c.qcowd(p)
+    d = c.qcowd(p, opts=("copy-max=5M",))
     try:
         st, doc = d.json("POST", "/v1/images", {"name": "base", "size": 8 * MiB})
         check(st == 201, "create base: %s %s" % (st, doc))
@@ -303,11 +304,14 @@ def create_upload_delete_chain(c):
         d.write("top", 4096, b"\x70" * 4096)
         got = d.read("top", 0, 3 * 4096)
         check(got == b"\xb0" * 4096 + b"\x70" * 4096 + b"\xb0" * 4096, "chain read wrong")
-        up = c.image("up", 4 * MiB, "write -P 0x0f 0 64k")
+        up = c.image("up", 16 * MiB, "write -P 0x0f 0 12M")
         with open(up, "rb") as f:
             st, b = d.request("PUT", "/v1/images/up/file", f.read())
         check(st == 201, "upload: %s %s" % (st, b[:200]))
         check(d.read("up", 0, 4096) == b"\x0f" * 4096, "uploaded image reads wrong")
+        check(d.read("up", 12 * MiB - 4096, 4096) == b"\x0f" * 4096, "uploaded image reads wrong at the end")
+        # two creates renamed with CopyObject, the upload's rename in 3 copied parts
+        check(d.metric("requests_copy") >= 5, "the rename did not copy in parts (%d copies)" % d.metric("requests_copy"))
         st, doc = d.json("GET", "/v1/images")
         check(sorted(i["name"] for i in doc["images"]) == ["base", "top", "up"], "list: %s" % doc)
         st, doc = d.json("DELETE", "/v1/images/base")

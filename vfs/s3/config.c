@@ -114,6 +114,8 @@ static int set_locked(const char *key, const char *v)
         return parse_size(key, v, 5u << 20, &s3_conf.part_size);
     if (!strcmp(key, "staging-max"))
         return parse_size(key, v, 1u << 20, &s3_conf.staging_max);
+    if (!strcmp(key, "copy-max"))
+        return parse_size(key, v, 5u << 20, &s3_conf.copy_max);
     if (!strcmp(key, "connections")) {
         if ((r = parse_uint(key, v, 1, 256, &n)) == 0)
             s3_conf.connections = (unsigned)n;
@@ -136,7 +138,7 @@ static int set_locked(const char *key, const char *v)
     }
     return err_fail(EINVAL, "s3 configuration: unknown key \"%s\" (known: endpoint, region, access-key, "
                             "secret-key, credentials-file, staging-dir, block-size, cache-size, readahead, "
-                            "part-size, staging-max, connections, retries, timeout, connect-timeout)",
+                            "part-size, staging-max, copy-max, connections, retries, timeout, connect-timeout)",
                     key);
 }
 
@@ -222,6 +224,8 @@ int s3_conf_ready(void)
         s3_conf.staging_max = 1ull << 30;
     if (!s3_conf.connections)
         s3_conf.connections = 8;
+    if (!s3_conf.copy_max || s3_conf.copy_max > (5ull << 30))
+        s3_conf.copy_max = 5ull << 30;
     if (!s3_conf.retries && !getenv("QCOWD_S3_RETRIES"))
         s3_conf.retries = 4;
     if (!s3_conf.connect_timeout_ms)

@@ -155,6 +155,9 @@ static int get_range(struct obj *o, void *buf, uint64_t off, size_t len)
     if (ret == 0 && o->etag[0] && r.etag[0] && strcmp(o->etag, r.etag))
         ret = err_fail(ESTALE, "read %s: the object was replaced (ETag %s, this handle reads %s); reopen it",
                        o->n.uri, r.etag, o->etag);
+    if (ret == 0 && r.status != 206 && off != 0) /* a 200 is the object from byte 0 */
+        ret = err_fail(EPROTO, "read %s: the S3 store ignored the Range header (%ld for %s)", o->n.uri, r.status,
+                       range);
     if (ret == 0 && r.into_len != len)
         ret = err_fail(EREMOTEIO, "read %s: the S3 store sent %zu bytes for %s", o->n.uri, r.into_len, range);
     sbuf_free(&w);
@@ -346,18 +349,6 @@ static void write_meta(struct obj *o, const char *upload_id)
     fclose(f);
 }
 
-static void abort_upload(struct obj *o, const char *upload_id)
-{
-    struct s3_param p = {"uploadId", upload_id};
-    struct s3_req r = {.op = S3_OP_DELETE, .method = "DELETE", .bucket = o->n.bucket, .key = o->n.key,
-                       .params = &p, .nparams = 1};
-    char msg[ERR_MSG_MAX];
-    snprintf(msg, sizeof msg, "%s", err_msg(EIO));
-    s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
-    err_set("%s", msg);
-    s3_req_free(&r);
-}
-
 /* A staging file left by a run that ended without closing: its writes were
  * never published (a crash before flush loses them), so it is discarded. */
 static void discard_leftover(struct obj *o, struct stat *st)
@@ -383,7 +374,7 @@ static void discard_leftover(struct obj *o, struct stat *st)
             o->n.uri, pid, (unsigned long long)st->st_blocks * 512, etag, o->etag[0] ? o->etag : "none",
             upload_id[0] ? "; its unfinished multipart upload is aborted" : "");
     if (upload_id[0])
-        abort_upload(o, upload_id);
+        s3_mpu_abort(&o->n, upload_id);
 }
 
 static int staging_open(struct obj *o)
@@ -673,29 +664,7 @@ static int put_part(struct upload *u, unsigned i)
     struct s3_param p[2] = {{"partNumber", pn}, {"uploadId", u->id}};
     int ret;
     if (!atomic_load(&copy_unsupported) && e <= o->base_valid && !dirty_overlaps(o, s, e)) {
-        struct sbuf src = {0};
-        char range[64];
-        sbuf_puts(&src, "/");
-        s3_uri_encode(&src, o->n.bucket, 0);
-        sbuf_puts(&src, "/");
-        s3_uri_encode(&src, o->n.key, 1);
-        snprintf(range, sizeof range, "bytes=%llu-%llu", (unsigned long long)s, (unsigned long long)(e - 1));
-        struct s3_hdr hd[2] = {{"x-amz-copy-source", sbuf_str(&src) ? src.p : ""},
-                               {"x-amz-copy-source-range", range}};
-        struct s3_req r = {.op = S3_OP_COPY, .method = "PUT", .bucket = o->n.bucket, .key = o->n.key,
-                           .params = p, .nparams = 2, .hdrs = hd, .nhdrs = 2};
-        snprintf(what, sizeof what, "publish %s: copy part %u", o->n.uri, i + 1);
-        ret = s3_http(&r, what);
-        char *etag = ret == 0 ? s3_xml_next(sbuf_str(&r.text) ? r.text.p : "", "ETag", NULL) : NULL;
-        if (ret == 0 && !etag)
-            ret = err_fail(EREMOTEIO, "%s: no ETag in the answer", what);
-        if (etag) {
-            snprintf(u->etags[i], sizeof u->etags[i], "%s", etag);
-            atomic_fetch_add(&s3_stats.copied_bytes, e - s);
-        }
-        free(etag);
-        s3_req_free(&r);
-        sbuf_free(&src);
+        ret = s3_mpu_copy_part(&o->n, u->id, i + 1, &o->n, s, e, u->etags[i], sizeof u->etags[i]);
         if (ret != -EOPNOTSUPP)
             return ret;
         atomic_store(&copy_unsupported, 1); /* 501: upload this part and every later one instead */
@@ -755,23 +724,15 @@ static void test_crash_point(const char *point, const char *uri)
 
 static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
 {
-    char what[128];
     uint64_t part = s3_conf.part_size;
     while ((size + part - 1) / part > MAX_PARTS)
         part *= 2;
     if (part > MAX_PART_BYTES)
         return err_fail(EFBIG, "publish %s: %llu bytes is more than S3 takes", o->n.uri, (unsigned long long)size);
-    struct s3_param up = {"uploads", ""};
-    struct s3_req r = {.op = S3_OP_OTHER, .method = "POST", .bucket = o->n.bucket, .key = o->n.key, .params = &up,
-                       .nparams = 1};
-    snprintf(what, sizeof what, "publish %s: start multipart upload", o->n.uri);
-    int ret = s3_http(&r, what);
-    char *id = ret == 0 ? s3_xml_next(sbuf_str(&r.text) ? r.text.p : "", "UploadId", NULL) : NULL;
-    s3_req_free(&r);
+    char *id = NULL;
+    int ret = s3_mpu_start(&o->n, &id);
     if (ret < 0)
         return ret;
-    if (!id)
-        return err_fail(EREMOTEIO, "%s: no UploadId in the answer", what);
     write_meta(o, id);
 
     struct upload u = {.o = o, .id = id, .size = size, .part = part};
@@ -798,33 +759,10 @@ static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
     }
     test_crash_point("before-complete", o->n.uri);
 
-    struct sbuf body = {0};
-    sbuf_puts(&body, "<CompleteMultipartUpload>");
-    for (unsigned i = 0; i < u.nparts; i++)
-        sbuf_printf(&body, "<Part><PartNumber>%u</PartNumber><ETag>%s</ETag></Part>", i + 1, u.etags[i]);
-    sbuf_puts(&body, "</CompleteMultipartUpload>");
-    struct s3_param cp = {"uploadId", id};
-    struct s3_req c = {.op = S3_OP_OTHER, .method = "POST", .bucket = o->n.bucket, .key = o->n.key,
-                       .params = &cp, .nparams = 1, .body = body.p, .body_len = body.len};
-    snprintf(what, sizeof what, "publish %s: complete multipart upload", o->n.uri);
-    ret = sbuf_str(&body) ? s3_http(&c, what) : err_fail(ENOMEM, "%s: out of memory", what);
-    const char *t = ret == 0 && sbuf_str(&c.text) ? c.text.p : "";
-    if (ret == 0 && strstr(t, "<Error>")) { /* S3 may fail a complete inside a 200 */
-        char *code = s3_xml_next(t, "Code", NULL), *m = s3_xml_next(t, "Message", NULL);
-        ret = err_fail(EREMOTEIO, "%s: %s: %s", what, code ? code : "error", m ? m : "");
-        free(code);
-        free(m);
-    }
-    if (ret == 0) {
-        char *e = s3_xml_next(t, "ETag", NULL);
-        snprintf(etag_out, cap, "%s", e ? e : "");
-        free(e);
-    }
-    s3_req_free(&c);
-    sbuf_free(&body);
+    ret = s3_mpu_complete(&o->n, id, u.etags, u.nparts, etag_out, cap);
 out:
     if (ret < 0)
-        abort_upload(o, id);
+        s3_mpu_abort(&o->n, id);
     pthread_mutex_destroy(&u.lock);
     free(tids);
     free(u.etags);

@@ -13,8 +13,6 @@
 #include "s3_obj.h"
 #include "vfs_plugin.h"
 
-#define COPY_OBJECT_MAX (5ull << 30) /* larger objects cannot be copied in one request */
-
 /* ---- names ---- */
 
 int s3_name_parse(const char *path, struct s3_name *n)
@@ -264,14 +262,41 @@ static int s3_remove(const char *path)
     return ret;
 }
 
+/* An object too large for CopyObject: a multipart upload of parts the store
+ * copies (copy-max each, more when 10000 would not do). */
+static int copy_large(const struct s3_name *from, const struct s3_name *to, uint64_t size)
+{
+    uint64_t part = s3_conf.copy_max;
+    while ((size + part - 1) / part > 10000)
+        part *= 2;
+    if (part > (5ull << 30))
+        return err_fail(EFBIG, "copy %s: %llu bytes is more than S3 takes", from->uri, (unsigned long long)size);
+    unsigned n = (unsigned)((size + part - 1) / part);
+    char(*etags)[128] = calloc(n, sizeof *etags);
+    char *id = NULL, etag[128];
+    if (!etags)
+        return err_fail(ENOMEM, "copy %s: out of memory", from->uri);
+    int ret = s3_mpu_start(to, &id);
+    for (unsigned i = 0; ret == 0 && i < n; i++) {
+        uint64_t s = (uint64_t)i * part, e = s + part < size ? s + part : size;
+        ret = s3_mpu_copy_part(to, id, i + 1, from, s, e, etags[i], sizeof etags[i]);
+    }
+    if (ret == 0)
+        ret = s3_mpu_complete(to, id, etags, n, etag, sizeof etag);
+    if (ret < 0 && id)
+        s3_mpu_abort(to, id);
+    free(id);
+    free(etags);
+    return ret;
+}
+
 /* CopyObject: the store copies from to to in one request. */
 static int copy_object(const struct s3_name *from, const struct s3_name *to, uint64_t size)
 {
     char what[640];
     snprintf(what, sizeof what, "rename %s to %s: copy", from->uri, to->uri);
-    if (size > COPY_OBJECT_MAX)
-        return err_fail(EFBIG, "%s: %llu bytes is more than one CopyObject takes (5 GiB)", what,
-                        (unsigned long long)size);
+    if (size > s3_conf.copy_max)
+        return copy_large(from, to, size);
     struct sbuf src = {0};
     sbuf_puts(&src, "/");
     s3_uri_encode(&src, from->bucket, 0);

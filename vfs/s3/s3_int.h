@@ -81,6 +81,7 @@ struct s3_conf {
     uint64_t readahead;    /* largest read-ahead window (default 8 MiB) */
     uint64_t part_size;    /* multipart part size (default 8 MiB, at least 5 MiB) */
     uint64_t staging_max;  /* dirty bytes per object before an early publish (default 1 GiB) */
+    uint64_t copy_max;     /* largest CopyObject; larger copies go in parts of this size (default 5 GiB) */
     unsigned connections;  /* easy handles in the pool = requests in flight (default 8) */
     unsigned retries;      /* extra attempts for 5xx, throttling, transport errors (default 4) */
     long connect_timeout_ms; /* default 5000 */

@@ -44,4 +44,17 @@ int s3_obj_truncate(void *h, uint64_t size);
  * new open of the key starts afresh. */
 void s3_obj_forget(const struct s3_name *n);
 
+/* ---- mpu.c: multipart upload requests; each returns 0 or -errno with a message ---- */
+
+/* Start one on n: *id is a new string (free()). */
+int s3_mpu_start(const struct s3_name *n, char **id);
+/* Part partno (1-based) is bytes [s, e) of src, copied by the store. */
+int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, const struct s3_name *src,
+                     uint64_t s, uint64_t e, char *etag, size_t cap);
+/* Complete with the parts' ETags; *etag gets the new object's. */
+int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
+                    size_t cap);
+/* Abort (best effort; the thread's error message is kept). */
+void s3_mpu_abort(const struct s3_name *n, const char *id);
+
 #endif
