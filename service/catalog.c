@@ -24,6 +24,7 @@ struct catalog_image {
     char *uri;     /* the image file */
     uint64_t size; /* identity of the file when opened: size and mtime */
     int64_t mtime;
+    uint64_t version;        /* and the store's content version, where it has one */
     struct qcow2_image *img; /* NULL: opening failed with err/msg */
     int err;                 /* positive errno of the failure */
     char *msg;               /* its message */
@@ -302,6 +303,7 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     e->cat = c;
     e->size = st->size;
     e->mtime = st->mtime;
+    e->version = st->version;
     e->refs = 1;
     /* One handle serves readers and writers (the engine serialises them), so a
      * first write never has to swap handles under readers. Opening read-write
@@ -413,7 +415,7 @@ static int take(struct catalog *c, struct catalog_image *e, struct catalog_image
  * own writers (who record the new identity when the last one leaves). */
 static bool same_file(const struct catalog_image *e, const struct vfs_stat *st)
 {
-    return e->writers > 0 || (e->size == st->size && e->mtime == st->mtime);
+    return e->writers > 0 || (e->size == st->size && e->mtime == st->mtime && e->version == st->version);
 }
 
 static bool is_closing(const struct catalog *c, const char *name)
@@ -606,6 +608,7 @@ static void writer_leave(struct catalog_image *ci)
         if (vfs_stat(ci->uri, &st) == 0) {
             ci->size = st.size;
             ci->mtime = st.mtime;
+            ci->version = st.version;
         }
     }
     pthread_mutex_unlock(&c->lock);

@@ -44,6 +44,8 @@ struct vfs_stat {
     uint64_t allocated; /* bytes of storage used (0 if unknown) */
     int64_t mtime;      /* seconds since the epoch (0 if unknown) */
     int is_dir;         /* 1 for a directory-like prefix */
+    uint64_t version;   /* changes when the content is replaced (an object store's ETag,
+                         * hashed); 0 if unknown. Added after version 1: hosts zero it */
 };
 
 /* Every method returns 0 (or a count where said) on success and a negative errno

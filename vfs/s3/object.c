@@ -496,6 +496,27 @@ fail:
     return ret;
 }
 
+/* Whether another writer replaced or removed the published object that o
+ * shows, while o has nothing of its own to publish (else o's next flush wins,
+ * as the last writer). A failing HEAD says nothing: o is kept. */
+static int replaced_outside(struct obj *o)
+{
+    pthread_rwlock_rdlock(&o->state);
+    int mine = o->changed || !o->exists;
+    char etag[128];
+    snprintf(etag, sizeof etag, "%s", o->etag);
+    pthread_rwlock_unlock(&o->state);
+    if (mine)
+        return 0;
+    struct s3_head hd;
+    char msg[ERR_MSG_MAX];
+    int r = s3_head_object(&o->n, &hd);
+    snprintf(msg, sizeof msg, "%s", err_msg(r));
+    int gone = (r == 0 && strcmp(hd.etag, etag)) || (r == -ENOENT && strstr(msg, "no such object"));
+    err_clear();
+    return gone;
+}
+
 int s3_obj_open(const char *path, unsigned flags, void **handle)
 {
     int ret = s3_conf_ready();
@@ -518,6 +539,10 @@ int s3_obj_open(const char *path, unsigned flags, void **handle)
     /* opens are serialised, so two opens of one key never make two objects */
     pthread_mutex_lock(&reg_lock);
     struct obj *o = reg_find(&n);
+    if (o && !(flags & VFS_O_EXCL) && replaced_outside(o)) {
+        reg_detach(o); /* its handles keep the old version, as with a file renamed over */
+        o = NULL;
+    }
     if (o && (flags & VFS_O_EXCL)) {
         ret = err_fail(EEXIST, "open %s: the object exists (open in this process)", n.uri);
     } else if (!o && (ret = obj_new(&n, flags, &o)) == 0) {

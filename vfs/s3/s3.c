@@ -88,6 +88,14 @@ int s3_head_bucket(const struct s3_name *n)
     return ret;
 }
 
+uint64_t s3_etag_version(const char *etag)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (const unsigned char *p = (const unsigned char *)etag; *p; p++)
+        h = (h ^ *p) * 0x100000001b3ull;
+    return h ? h : 1;
+}
+
 int s3_head_object(const struct s3_name *n, struct s3_head *h)
 {
     struct s3_req r = {.op = S3_OP_HEAD, .method = "HEAD", .bucket = n->bucket, .key = n->key, .quiet_404 = 1};
@@ -219,6 +227,7 @@ static int s3_stat(const char *path, struct vfs_stat *st)
     if (ret == 0) {
         st->size = st->allocated = h.size;
         st->mtime = h.mtime;
+        st->version = s3_etag_version(h.etag);
     } else if (ret == -ENOENT && strstr(err_msg(ret), "no such object")) {
         struct sbuf prefix = {0};
         struct list_page pg = {0};

@@ -25,6 +25,9 @@ struct s3_head {
     char etag[128];
 };
 
+/* A vfs_stat version for an ETag (FNV-1a; never 0). */
+uint64_t s3_etag_version(const char *etag);
+
 /* HEAD the object: 0, or -ENOENT with a message telling a missing bucket from a
  * missing object, or the request's error. */
 int s3_head_object(const struct s3_name *n, struct s3_head *h);
