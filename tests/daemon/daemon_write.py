@@ -648,7 +648,7 @@ def main():
                     continue
                 k, v = ln.rsplit(" ", 1)
                 vals[k] = float(v)
-            assert vals.get('qcowd_http_requests_total{method="PUT",code="204"}', 0) >= 200, text[:500]
+            assert vals.get('qcowd_http_requests_total{method="PUT",code="204"}', 0) >= 200 * WRITE_BATCHES // 3, text[:500]
             assert vals.get('qcowd_http_requests_total{method="PATCH",code="400"}', 0) >= 10
             assert vals["qcowd_http_request_body_bytes_total"] > 10 * MiB
             assert vals["qcowd_http_response_body_bytes_total"] > 10 * MiB
