@@ -388,9 +388,54 @@ def faults_at_run_time(c):
         px.stop()
 
 
+def parallel_readers_and_a_writer(c):
+    """6 clients read random ranges of two images while a writer writes and
+    flushes one of them (publishes running under the readers): every byte read
+    is the old or the new version of its block, never anything else. Under TSan
+    this is the plugin's threads test (handle pool, cache, shared objects)."""
+    p = c.prefix()
+    c.upload(p, c.image("pa", 12 * MiB, "write -P 0x50 0 12M"))
+    c.upload(p, c.image("pb", 12 * MiB, "write -P 0x60 0 12M"))
+    d = c.qcowd(p, opts=("block-size=64k", "cache-size=2M", "part-size=5M", "connections=4"))
+    errors = []
+    blk = 256 * 1024
+    stop = threading.Event()
+
+    def reader(seed):
+        import random
+        r = random.Random(seed)
+        while not stop.is_set() and not errors:
+            name = r.choice(("pa", "pb"))
+            off = r.randrange(12 * MiB // blk) * blk
+            try:
+                got = d.read(name, off, blk)
+            except Exception as e:
+                errors.append(repr(e))
+                return
+            ok = (b"\x60",) if name == "pb" else (b"\x50", b"\x51", b"\x52")
+            if not any(got == o * blk for o in ok):
+                errors.append("%s at %d: a mix or wrong bytes (%r...)" % (name, off, got[:8]))
+
+    ts = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in ts:
+        t.start()
+    try:
+        for rnd, byte in enumerate((b"\x51", b"\x52")):
+            for k in range(rnd, 12 * MiB // blk, 8):
+                d.write("pa", k * blk, byte * blk, flush="y" if k % 24 == rnd else "n")
+            d.json("PATCH", "/v1/images/pa/data", {"op": "flush"})
+        check(d.metric("publishes") >= 4, "the writer published %d times" % d.metric("publishes"))
+    finally:
+        stop.set()
+        for t in ts:
+            t.join(120)
+        d.stop()
+    check(not errors, "; ".join(errors[:3]))
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret,
-         missing_bucket_and_unreachable, faults_at_run_time]
+         missing_bucket_and_unreachable, faults_at_run_time, parallel_readers_and_a_writer]
 
 
 def main():
