@@ -336,6 +336,31 @@ def wrong_secret(c):
     check("SignatureDoesNotMatch" in text and "secret" in text, "message: " + text)
 
 
+def credentials_file(c):
+    """Credentials from an AWS-style credentials file (--s3-opt credentials-file=F),
+    without the AWS_* variables; a file with a wrong secret names the cause."""
+    p = c.prefix()
+    c.upload(p, c.image("cf", MiB, "write -P 0x0c 0 64k"))
+    for secret, ok in ((c.s3.secret, True), ("wrong", False)):
+        path = os.path.join(c.tmp, "credentials")
+        with open(path, "w") as f:
+            f.write("[default]\naws_access_key_id = %s\naws_secret_access_key = %s\nregion = us-east-1\n" %
+                    (c.s3.access, secret))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        args = [QCOWD, "--listen", "127.0.0.1:0", "--catalog", "s3://%s/%s" % (BUCKET, p), "--s3-endpoint",
+                c.s3.endpoint, "--s3-opt", "credentials-file=" + path, "--s3-opt", "staging-dir=" + c.staging]
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line = proc.stderr.readline().decode()
+        if ok:
+            check("listening on" in line, "did not start with a credentials file: " + line)
+            proc.send_signal(signal.SIGTERM)
+            check(proc.wait(60) == 0, "exit status")
+        else:
+            err = line + proc.stderr.read().decode()
+            check(proc.wait(60) == 1 and "SignatureDoesNotMatch" in err, "wrong secret in a file: " + err)
+        proc.stderr.close()
+
+
 def missing_bucket_and_unreachable(c):
     """A missing bucket and an unreachable endpoint are named at start-up."""
     args = [QCOWD, "--listen", "127.0.0.1:0", "--catalog", "s3://no-such-bucket-here/x", "--s3-endpoint",
@@ -434,7 +459,7 @@ def parallel_readers_and_a_writer(c):
 
 
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
-         crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret,
+         crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, faults_at_run_time, parallel_readers_and_a_writer]
 
 
