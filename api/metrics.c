@@ -34,6 +34,14 @@ void api_metrics_record(struct api_metrics *m, const char *method, unsigned stat
     atomic_fetch_add(&m->usec_sum, (unsigned long long)(seconds * 1e6));
 }
 
+/* One storage backend counter as qcowd_storage_NAME_total{scheme="..."}. */
+static int storage_counter(void *ctx, const char *scheme, const char *name, uint64_t value)
+{
+    fprintf(ctx, "# TYPE qcowd_storage_%s_total counter\nqcowd_storage_%s_total{scheme=\"%s\"} %" PRIu64 "\n", name,
+            name, scheme, value);
+    return 0;
+}
+
 enum MHD_Result api_metrics(struct req *r, char **args)
 {
     struct api_metrics *m = r->metrics;
@@ -89,6 +97,7 @@ enum MHD_Result api_metrics(struct req *r, char **args)
             "# TYPE qcowd_l2_cache_misses_total counter\n"
             "qcowd_l2_cache_misses_total %" PRIu64 "\n",
             hits, misses);
+    catalog_storage_stats(storage_counter, f);
     if (fclose(f) != 0) {
         free(text);
         return MHD_NO;

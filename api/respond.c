@@ -25,6 +25,14 @@
     X(ENXIO, 422, "bad-backing-chain")      \
     X(EMFILE, 503, "unavailable")           \
     X(ENFILE, 503, "unavailable")           \
+    X(EACCES, 503, "unavailable")           \
+    X(ECONNREFUSED, 503, "unavailable")     \
+    X(EHOSTUNREACH, 503, "unavailable")     \
+    X(ECONNRESET, 503, "unavailable")       \
+    X(ETIMEDOUT, 503, "unavailable")        \
+    X(EAGAIN, 503, "unavailable")           \
+    X(EREMOTEIO, 503, "unavailable")        \
+    X(ESTALE, 503, "unavailable")           \
     X(ENOSPC, 507, "no-space")
 
 static const struct {

@@ -7,11 +7,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "api.h"
 #include "catalog.h"
 #include "config.h"
 #include "err.h"
+#include "vfs.h"
 
 #define DEFAULT_LISTEN  "127.0.0.1:8080"
 #define DEFAULT_CATALOG "./data"
@@ -30,6 +32,10 @@ static void usage(FILE *f)
             "  --catalog DIR       folder of the *.qcow2 images (default " DEFAULT_CATALOG ")\n"
             "  --threads N         HTTP worker threads: the size of the server's thread pool (default %d)\n"
             "  --quiet             no per-request log lines\n"
+            "  --plugin-dir DIR    load storage plugins (*.so) from DIR (default: the build's or installed plugins)\n"
+            "  --s3-endpoint URL   S3 endpoint for s3://BUCKET/PREFIX catalogs (path-style; credentials from\n"
+            "                      AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or --s3-opt credentials-file=F)\n"
+            "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
             "  --version, --help\n",
             DEFAULT_THREADS);
 }
@@ -87,6 +93,22 @@ static void note_stale(void *ctx, const char *tmp, int err)
     else
         fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted create or upload)\n",
                 tmp);
+    (void)ctx;
+}
+
+/* Storage plugins: from --plugin-dir, else the build tree's folder when it is
+ * there, else the installed one. Only an explicit folder must exist. */
+static int load_plugins(const char *dir)
+{
+    struct stat st;
+    if (!dir)
+        dir = stat(QCOWD_BUILD_PLUGIN_DIR, &st) == 0 ? QCOWD_BUILD_PLUGIN_DIR : QCOWD_INSTALL_PLUGIN_DIR;
+    else if (stat(dir, &st) < 0)
+        return err_fail(errno, "--plugin-dir %s: %s", dir, strerror(errno));
+    if (stat(dir, &st) < 0)
+        return 0;
+    int n = vfs_load_plugins(dir);
+    return n < 0 ? n : 0;
 }
 
 int main(int argc, char **argv)
@@ -97,6 +119,9 @@ int main(int argc, char **argv)
         {"catalog", required_argument, 0, 'c'},
         {"threads", required_argument, 0, 't'},
         {"quiet", no_argument, 0, 'q'},
+        {"plugin-dir", required_argument, 0, 'P'},
+        {"s3-endpoint", required_argument, 0, 'E'},
+        {"s3-opt", required_argument, 0, 'O'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
@@ -118,6 +143,9 @@ int main(int argc, char **argv)
     }
     parsing = true;
     atexit(note_setting_origin);
+    const char *plugin_dir = NULL, *s3_endpoint = NULL;
+    char *s3_opts[32];
+    unsigned n_s3_opts = 0;
     int c;
     while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
         cur_arg = optind - 1; /* file settings are single "--key=value" arguments */
@@ -142,6 +170,19 @@ int main(int argc, char **argv)
         }
         case 'q':
             cfg.log = 0;
+            break;
+        case 'P':
+            plugin_dir = optarg;
+            break;
+        case 'E':
+            s3_endpoint = optarg;
+            break;
+        case 'O':
+            if (n_s3_opts == sizeof s3_opts / sizeof s3_opts[0] || !strchr(optarg, '=')) {
+                fprintf(stderr, "qcowd: --s3-opt wants KEY=VALUE (at most 32 of them)\n");
+                return 2;
+            }
+            s3_opts[n_s3_opts++] = optarg;
             break;
         case 'h':
             usage(stdout);
@@ -169,8 +210,21 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
+    int ret = load_plugins(plugin_dir);
+    if (ret == 0 && s3_endpoint)
+        ret = vfs_config("s3", "endpoint", s3_endpoint);
+    for (unsigned i = 0; ret == 0 && i < n_s3_opts; i++) {
+        char *eq = strchr(s3_opts[i], '=');
+        *eq = '\0';
+        ret = vfs_config("s3", s3_opts[i], eq + 1);
+    }
+    if (ret < 0) {
+        fprintf(stderr, "qcowd: %s\n", err_msg(ret));
+        return 1;
+    }
+
     struct catalog *cat;
-    int ret = catalog_new(root, NULL, &cat);
+    ret = catalog_new(root, NULL, &cat);
     if (ret < 0) {
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
         return 1;

@@ -26,6 +26,7 @@ struct catalog_image {
     uint64_t size; /* identity of the file when opened: size, mtime (ns), inode */
     int64_t mtime, mtime_nsec;
     uint64_t ino;
+    uint64_t version;        /* and the store's content version, where it has one */
     struct qcow2_image *img; /* NULL: opening failed with err/msg */
     int err;                 /* positive errno of the failure */
     char *msg;               /* its message */
@@ -90,6 +91,15 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
         c->root[--len] = '\0';
     struct vfs_stat st;
     ret = vfs_stat(c->root, &st);
+    if (ret == -ENOENT && is_uri(c->root)) {
+        /* an object store's folder exists once something is under it; asked as
+         * "root/", a backend may take an empty prefix of a bucket as a folder */
+        char *slashed;
+        if (asprintf(&slashed, "%s/", c->root) >= 0) {
+            ret = vfs_stat(slashed, &st);
+            free(slashed);
+        }
+    }
     if (ret < 0) {
         ret = err_prefix(ret, "catalog folder %s", root);
         goto fail;
@@ -298,6 +308,7 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     e->mtime = st->mtime;
     e->mtime_nsec = st->mtime_nsec;
     e->ino = st->ino;
+    e->version = st->version;
     e->refs = 1;
     /* One handle serves readers and writers (the engine serialises them), so a
      * first write never has to swap handles under readers. Opening read-write
@@ -409,8 +420,8 @@ static int take(struct catalog *c, struct catalog_image *e, struct catalog_image
  * own writers (who record the new identity when the last one leaves). */
 static bool same_file(const struct catalog_image *e, const struct vfs_stat *st)
 {
-    return e->writers > 0 ||
-           (e->size == st->size && e->mtime == st->mtime && e->mtime_nsec == st->mtime_nsec && e->ino == st->ino);
+    return e->writers > 0 || (e->size == st->size && e->mtime == st->mtime && e->mtime_nsec == st->mtime_nsec &&
+                              e->ino == st->ino && e->version == st->version);
 }
 
 static bool is_closing(const struct catalog *c, const char *name)
@@ -546,6 +557,11 @@ void catalog_cache_stats(struct catalog *c, uint64_t *hits, uint64_t *misses)
     pthread_mutex_unlock(&c->lock);
 }
 
+int catalog_storage_stats(int (*cb)(void *ctx, const char *scheme, const char *name, uint64_t value), void *ctx)
+{
+    return vfs_stats(cb, ctx);
+}
+
 bool catalog_image_writable(const struct catalog_image *ci)
 {
     return ci->rw;
@@ -600,6 +616,7 @@ static void writer_leave(struct catalog_image *ci)
             ci->mtime = st.mtime;
             ci->mtime_nsec = st.mtime_nsec;
             ci->ino = st.ino;
+            ci->version = st.version;
         }
     }
     pthread_mutex_unlock(&c->lock);

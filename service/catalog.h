@@ -71,6 +71,10 @@ unsigned catalog_open_count(struct catalog *c);
 /* L2 cache hits and misses of every image opened so far (for metrics). */
 void catalog_cache_stats(struct catalog *c, uint64_t *hits, uint64_t *misses);
 
+/* Counters of the storage backends that keep them (the s3 plugin: requests by
+ * kind, bytes moved, cache hits): cb(ctx, scheme, name, value) per counter. */
+int catalog_storage_stats(int (*cb)(void *ctx, const char *scheme, const char *name, uint64_t value), void *ctx);
+
 /* ---- writing ---- */
 
 /* Like catalog_get, for writing through the handle: refused with -EROFS when the

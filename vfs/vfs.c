@@ -128,6 +128,10 @@ static int do_register(const struct vfs_ops *ops)
         return err_fail(ENOMEM, "register backend %s: out of memory", nm);
     size_t n = ops->struct_size < sizeof b->ops ? ops->struct_size : sizeof b->ops;
     memcpy(&b->ops, ops, n);
+    if (ops->version < 2) { /* methods a v1 backend does not know it has */
+        b->ops.config = NULL;
+        b->ops.stats = NULL;
+    }
     snprintf(b->name, sizeof b->name, "%s", ops->name);
     b->ops.name = b->name;
     b->serialize = ops->thread_model != VFS_THREAD_PARALLEL;
@@ -166,10 +170,59 @@ static void init(void)
     pthread_once(&builtin_once, register_builtins);
 }
 
+static int ensure_msg_cfg(int r, const char *scheme, const char *key)
+{
+    if (strcmp(err_msg(r), VFS_ESTR(r)) == 0)
+        return err_fail(-r, "configure %s: %s: %s", scheme, key, VFS_ESTR(r));
+    return r;
+}
+
+/* vfs_stats: adds the scheme to each counter of one backend. */
+struct stats_ctx {
+    int (*cb)(void *ctx, const char *scheme, const char *name, uint64_t value);
+    void *ctx;
+    const char *scheme;
+};
+
+static int stats_fwd(void *ctx, const char *name, uint64_t value)
+{
+    struct stats_ctx *sc = ctx;
+    return sc->cb(sc->ctx, sc->scheme, name, value);
+}
+
 int vfs_register(const struct vfs_ops *ops)
 {
     init(); /* built-ins first, so nobody can take "file" from under them */
     return do_register(ops);
+}
+
+int vfs_config(const char *scheme, const char *key, const char *value)
+{
+    init();
+    struct backend *b = scheme ? lookup(scheme, strlen(scheme)) : NULL;
+    if (!b)
+        return err_fail(EINVAL, "configure %s: unknown storage scheme (is its plugin loaded?)",
+                        scheme ? scheme : "(null)");
+    if (!b->ops.config)
+        return err_fail(EINVAL, "configure %s: the backend takes no configuration (%s=%s)", b->name,
+                        key, value);
+    err_clear();
+    int r = b->ops.config(key, value);
+    return r < 0 ? ensure_msg_cfg(r, b->name, key) : 0;
+}
+
+int vfs_stats(int (*cb)(void *ctx, const char *scheme, const char *name, uint64_t value), void *ctx)
+{
+    init();
+    int r = 0;
+    pthread_mutex_lock(&reg_lock); /* a backend's .stats must not register backends */
+    for (struct backend *b = backends; b && !r; b = b->next) {
+        struct stats_ctx sc = {cb, ctx, b->name};
+        if (b->ops.stats)
+            r = b->ops.stats(stats_fwd, &sc);
+    }
+    pthread_mutex_unlock(&reg_lock);
+    return r;
 }
 
 /* ---- serialization ---- */

@@ -21,6 +21,15 @@ int vfs_load_plugin(const char *so_path);
  * plugin that fails to load is skipped with its message written to stderr. */
 int vfs_load_plugins(const char *dir);
 
+/* Pass key=value to the backend of scheme (its .config): -EINVAL for an unknown
+ * scheme or a backend without .config, else the backend's answer. Call before
+ * the scheme is used; not thread-safe against opens of that scheme. */
+int vfs_config(const char *scheme, const char *key, const char *value);
+
+/* Walk the counters of every backend that has .stats: cb(ctx, scheme, name,
+ * value). A non-zero cb return stops the walk and is returned. */
+int vfs_stats(int (*cb)(void *ctx, const char *scheme, const char *name, uint64_t value), void *ctx);
+
 /* Open the object at uri. On success *out is a new handle the caller closes with
  * vfs_close; on failure *out is unchanged. The built-in backends ("file", "mem",
  * "fault") are registered on first use. */

@@ -12,6 +12,9 @@
  * A backend whose struct_size is smaller lacks mandatory fields and is refused. */
 #define VFS_OPS_V1_SIZE (offsetof(struct vfs_ops, rename) + sizeof(void *))
 
+/* Size of struct vfs_ops as version 2 defined it: the last v2 field is .stats. */
+#define VFS_OPS_V2_SIZE (offsetof(struct vfs_ops, stats) + sizeof(void *))
+
 /* Longest scheme name we accept ("file", "mem", "s3", ...). */
 #define VFS_SCHEME_MAX 32
 

@@ -8,8 +8,10 @@
 
 /* The interface version this header describes. A backend sets .version to the
  * version it was written against; the host never calls a method the backend's
- * version does not have, and checks .struct_size before touching later fields. */
-#define VFS_OPS_VERSION 1
+ * version does not have, and checks .struct_size before touching later fields.
+ * Version 2 appended .config and .stats; version 1 backends (struct_size ending
+ * at .rename) still load and simply have neither. */
+#define VFS_OPS_VERSION 2
 
 /* Open flags. */
 #define VFS_O_RDONLY 0x0u
@@ -26,6 +28,11 @@ enum vfs_thread_model {
 /* Capability bits returned by .caps (NULL .caps means 0). */
 #define VFS_CAP_DISCARD      0x1u /* .discard really frees space */
 #define VFS_CAP_BLOCK_STATUS 0x2u /* .block_status knows holes */
+/* .flush publishes every completed write at once: after a crash the object is
+ * as of some earlier flush, never a mix (an object store publishing a new
+ * version). Flushes that only order writes can then be skipped; a caller still
+ * flushes where it needs durability. */
+#define VFS_CAP_ATOMIC_FLUSH 0x4u
 
 /* Results of .block_status. */
 #define VFS_BS_HOLE 0 /* reads as zeroes (a hole, or past the end) */
@@ -40,6 +47,8 @@ struct vfs_stat {
     /* appended: a backend built against the older struct leaves them 0 */
     int64_t mtime_nsec; /* nanoseconds within mtime (0 if unknown) */
     uint64_t ino;       /* the object's identity, e.g. the inode number (0 if unknown) */
+    uint64_t version;   /* changes when the content is replaced (an object store's ETag,
+                         * hashed); 0 if unknown. Added after version 1: hosts zero it */
 };
 
 /* Every method returns 0 (or a count where said) on success and a negative errno
@@ -88,6 +97,20 @@ struct vfs_ops {
     /* Optional. Atomically replace `to` with `from` (like rename(2)). */
     int (*rename)(const char *from, const char *to);
     /* ---- end of version 1 ---- */
+
+    /* ---- version 2 ---- */
+
+    /* Optional. Configuration, as nbdkit's .config: the host passes each
+     * key=value the user gave for this scheme (qcowd's --s3-endpoint becomes
+     * config("endpoint", URL)) before the first open. Keys are lowercase words
+     * with '-'; an unknown key or a bad value is refused with -EINVAL and a
+     * message. NULL: the backend takes no configuration (the host refuses any). */
+    int (*config)(const char *key, const char *value);
+    /* Optional. Report the backend's counters (requests, bytes moved, cache hits):
+     * cb once per counter, name in Prometheus style ("requests_get"). A non-zero
+     * cb return stops the walk and is returned. NULL: no counters. */
+    int (*stats)(int (*cb)(void *ctx, const char *name, uint64_t value), void *ctx);
+    /* ---- end of version 2 ---- */
 };
 
 /* A plugin shared object exports this symbol. host_version is VFS_OPS_VERSION of

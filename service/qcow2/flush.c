@@ -144,6 +144,18 @@ int begin_write(struct qcow2_image *img)
     return 0;
 }
 
+int qcow2_durable(struct qcow2_image *img)
+{
+    int ret = 0;
+    if (img->no_sync)
+        return 0;
+    if (img->data != img->file && (vfs_caps(img->data) & VFS_CAP_ATOMIC_FLUSH))
+        ret = vfs_flush(img->data);
+    if (ret == 0 && (vfs_caps(img->file) & VFS_CAP_ATOMIC_FLUSH))
+        ret = vfs_flush(img->file);
+    return ret;
+}
+
 int finish_write(struct qcow2_image *img)
 {
     if (!img->rw || img->broken)
@@ -164,5 +176,7 @@ int finish_write(struct qcow2_image *img)
             img->info.dirty = false;
         }
     }
+    if (ret == 0)
+        ret = qcow2_durable(img);
     return ret;
 }

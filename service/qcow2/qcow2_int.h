@@ -364,8 +364,16 @@ int overlap_check(struct qcow2_image *img, uint64_t off, uint64_t len, const cha
  * only a power loss can tear it. */
 static inline int qcow2_sync(struct qcow2_image *img, struct vfs_file *f)
 {
-    return img->no_sync ? 0 : vfs_flush(f);
+    /* A store whose flush publishes everything atomically (VFS_CAP_ATOMIC_FLUSH)
+     * needs no flush to order writes: every version it can show is a prefix of
+     * the writes. qcow2_durable makes the writes durable where that is asked. */
+    if (img->no_sync || (vfs_caps(f) & VFS_CAP_ATOMIC_FLUSH))
+        return 0;
+    return vfs_flush(f);
 }
+/* The flush that qcow2_sync left out on VFS_CAP_ATOMIC_FLUSH stores, at the end
+ * of qcow2_flush and of a clean close; nothing on other stores. */
+int qcow2_durable(struct qcow2_image *img);
 /* Write everything cached in order (see qcow2.h); with sync, end with a flush. */
 int meta_flush(struct qcow2_image *img);
 /* Write a header field (big-endian, size 4 or 8) at byte offset off and flush. */

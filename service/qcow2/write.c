@@ -657,12 +657,16 @@ int qcow2_flush(struct qcow2_image *img)
 {
     if (!img->rw)
         return 0;
-    if (img->fmt == QCOW2_FMT_RAW)
-        return qcow2_sync(img, img->file);
+    if (img->fmt == QCOW2_FMT_RAW) {
+        int ret = qcow2_sync(img, img->file);
+        return ret ? ret : qcow2_durable(img);
+    }
     pthread_rwlock_wrlock(&img->rwlock);
     int ret = img->broken ? err_fail(EIO, "image is marked corrupt") : meta_flush(img);
     if (ret == 0)
         ret = meta_flush(img); /* write the refcounts the first one lowered */
+    if (ret == 0)
+        ret = qcow2_durable(img);
     pthread_rwlock_unlock(&img->rwlock);
     return ret;
 }

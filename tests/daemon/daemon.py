@@ -20,6 +20,9 @@ that is not qcow2, an empty disk), starts qcowd on a free loopback port and chec
 
 Environment: QCOWD (the binary, required), OPENAPI (default ../../openapi/openapi.yaml
 from this file), QEMU_IMG, QEMU_IO. Usage: daemon.py [--seed N] [--keep]
+QCOWD_S3=1 runs the same cases with the catalog in a bucket of a local Swift + s3api
+(tests/s3): the images are built locally, uploaded with the S3 API, and qcowd serves
+s3://BUCKET/catalog; exit 77 when Swift is not installed.
 Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`; exits 1 on a
 failure, 77 when qemu-img or qemu-io is missing.
 """
@@ -52,6 +55,8 @@ QEMU_IO = os.environ.get("QEMU_IO", "qemu-io")
 OPENAPI = os.environ.get("OPENAPI") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                      "..", "..", "openapi", "openapi.yaml")
 RANGES_PER_IMAGE = 100
+if os.environ.get("QCOWD_S3"):  # each range costs S3 round trips (Swift on loopback): fewer
+    RANGES_PER_IMAGE = 40
 CLIENTS = 16
 READS_PER_CLIENT = 25
 
@@ -136,13 +141,83 @@ def runs_of_map(d, name):
     return [{"start": s, "length": n, "zero": z, "hole": h} for s, n, z, h in runs]
 
 
+# ---- the catalog in a bucket (QCOWD_S3=1) ----
+
+S3 = None  # the tests/s3 store while the suite runs with QCOWD_S3=1
+S3_BUCKET, S3_PREFIX = "qcowd-daemon", "catalog"
+
+
+def s3_start(top):
+    """Start Swift (tests/s3/s3fixture.py) and create the bucket; None without QCOWD_S3.
+    Raises SystemExit(77) when Swift is not installed."""
+    global S3
+    if not os.environ.get("QCOWD_S3"):
+        return None
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "s3"))
+    import s3fixture
+    if not os.environ.get("S3_ENDPOINT") and not s3fixture.have_swift():
+        print("QCOWD_S3: Swift is not installed: skipped", file=sys.stderr)
+        raise SystemExit(77)
+    S3 = s3fixture.Swift(os.path.join(top, "swift"))
+    S3.create_bucket(S3_BUCKET)
+    return S3
+
+
+def s3_stop():
+    if S3:
+        S3.stop()
+
+
+def sync_up(cat):
+    """Upload every file of the local catalog folder to the bucket (no-op locally)."""
+    if S3:
+        for f in sorted(os.listdir(cat)):
+            S3.put_file(S3_BUCKET, S3_PREFIX + "/" + f, os.path.join(cat, f))
+
+
+def sync_down(cat, only=None):
+    """Make the local catalog folder a copy of the bucket's (no-op locally), so the
+    checks that run qemu-img or list files see what qcowd wrote; only: one file."""
+    if not S3:
+        return
+    keys = {k[len(S3_PREFIX) + 1:]: k for k in S3.keys(S3_BUCKET, S3_PREFIX + "/" + (only or ""))}
+    if only:
+        keys = {f: k for f, k in keys.items() if f == only}
+        if only not in keys and os.path.exists(os.path.join(cat, only)):
+            os.remove(os.path.join(cat, only))
+    for f in [only] if only else os.listdir(cat):
+        if f not in keys and os.path.isfile(os.path.join(cat, f)):
+            os.remove(os.path.join(cat, f))
+    for f, k in keys.items():
+        if f and "/" not in f:
+            with open(os.path.join(cat, f), "wb") as out:
+                out.write(S3.get(S3_BUCKET, k))
+
+
+def store_put(cat, src, name):
+    """Put the local file src into the catalog as name (a file copy, or a PUT)."""
+    if S3:
+        S3.put_file(S3_BUCKET, S3_PREFIX + "/" + name, src)
+    else:
+        shutil.copy(src, os.path.join(cat, name + ".tmp-put"))
+        os.replace(os.path.join(cat, name + ".tmp-put"), os.path.join(cat, name))
+
+
+def store_remove(cat, name):
+    if S3:
+        S3.delete(S3_BUCKET, S3_PREFIX + "/" + name)
+    else:
+        os.remove(os.path.join(cat, name))
+
+
 # ---- the daemon ----
 
 class Daemon:
     def __init__(self, catalog, threads=4, extra=()):
+        s3 = S3.qcowd_args(S3_BUCKET, S3_PREFIX, os.path.join(catalog, "..", "staging")) if S3 else []
         self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog,
-                                      "--threads", str(threads)] + list(extra),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                      "--threads", str(threads)] + s3 + list(extra),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=S3.env() if S3 else None)
         self.lines = []
         self.port = None
         ready = threading.Event()
@@ -313,6 +388,8 @@ def main():
     try:
         build_catalog(cat)
         raws = {n: raw_of(cat, n) for n in GOOD}
+        s3_start(top)
+        sync_up(cat)
         d = Daemon(cat)
         rng = ck.rng
 
@@ -499,19 +576,19 @@ def main():
         ck.case("bad_paths_and_methods", bad_paths)
 
         def drop_in():
-            shutil.copy(os.path.join(cat, "plain.qcow2"), os.path.join(cat, "dropped.qcow2"))
+            store_put(cat, os.path.join(cat, "plain.qcow2"), "dropped.qcow2")
             st, h, b = d.request("GET", "/v1/images")
             assert "dropped" in [i["name"] for i in json.loads(b)["images"]]
             st, h, b = d.request("GET", "/v1/images/dropped/data", {"Range": "bytes=0-99"})
             assert st == 206 and b == raws["plain"][:100]
             # replaced by another image: the new content is served
-            shutil.copy(os.path.join(cat, "base.qcow2"), os.path.join(cat, "dropped.qcow2.tmp"))
-            os.replace(os.path.join(cat, "dropped.qcow2.tmp"), os.path.join(cat, "dropped.qcow2"))
-            t = time.time() + 5
-            os.utime(os.path.join(cat, "dropped.qcow2"), (t, t))
+            store_put(cat, os.path.join(cat, "base.qcow2"), "dropped.qcow2")
+            if not S3:
+                t = time.time() + 5
+                os.utime(os.path.join(cat, "dropped.qcow2"), (t, t))
             st, h, b = d.request("GET", "/v1/images/dropped/data", {"Range": "bytes=0-99"})
             assert st == 206 and b == raws["base"][:100], "stale image served after replacement"
-            os.remove(os.path.join(cat, "dropped.qcow2"))
+            store_remove(cat, "dropped.qcow2")
             st, h, b = d.request("GET", "/v1/images/dropped")
             ck.expect_error("removed image", st, 404, h, b, "not-found")
         ck.case("dropped_in_replaced_removed", drop_in)
@@ -593,6 +670,7 @@ def main():
         if d and d.alive():
             d.proc.kill()
             d.proc.wait()
+        s3_stop()
         if args.keep:
             print("kept", top)
         else:

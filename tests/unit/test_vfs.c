@@ -612,6 +612,67 @@ START_TEST(test_register_refuses_bad_ops)
 }
 END_TEST
 
+/* Version 2's .config and .stats, for test_v1_and_v2_plugins_configure. */
+static char cfg_seen[64];
+static int v2_config(const char *key, const char *value)
+{
+    if (strcmp(key, "color"))
+        return err_fail(EINVAL, "unknown key %s", key);
+    snprintf(cfg_seen, sizeof cfg_seen, "%s=%s", key, value);
+    return 0;
+}
+
+static int v2_stats(int (*cb)(void *ctx, const char *name, uint64_t value), void *ctx)
+{
+    return cb(ctx, "answers", 42);
+}
+
+static int count_stats(void *ctx, const char *scheme, const char *name, uint64_t value)
+{
+    if (!strcmp(scheme, "vtwo") && !strcmp(name, "answers") && value == 42)
+        ++*(int *)ctx;
+    return 0;
+}
+
+/* A version 1 backend (struct_size ending at .rename) still registers and has
+ * no configuration; a version 2 one gets vfs_config and reports counters; a v1
+ * backend whose struct happens to be longer is not called past version 1. */
+START_TEST(test_v1_and_v2_plugins_configure)
+{
+    struct vfs_ops v1 = NOP_OPS("vone");
+    v1.version = 1;
+    v1.struct_size = offsetof(struct vfs_ops, config);
+    ck_assert_int_eq(vfs_register(&v1), 0);
+    vfs_close(open_ok("vone:x", VFS_O_RDONLY));
+    int r = vfs_config("vone", "color", "red");
+    ck_assert_int_eq(r, -EINVAL);
+    ck_assert_msg_has(r, "takes no configuration");
+
+    struct vfs_ops v1long = NOP_OPS("vonelong");
+    v1long.version = 1;
+    v1long.config = v2_config; /* garbage to a v1 host: never called */
+    ck_assert_int_eq(vfs_register(&v1long), 0);
+    ck_assert_int_eq(vfs_config("vonelong", "color", "red"), -EINVAL);
+    ck_assert_str_eq(cfg_seen, "");
+
+    struct vfs_ops v2 = NOP_OPS("vtwo");
+    v2.config = v2_config;
+    v2.stats = v2_stats;
+    ck_assert_int_eq(vfs_register(&v2), 0);
+    ck_assert_int_eq(vfs_config("vtwo", "color", "blue"), 0);
+    ck_assert_str_eq(cfg_seen, "color=blue");
+    r = vfs_config("vtwo", "shape", "round");
+    ck_assert_int_eq(r, -EINVAL);
+    ck_assert_msg_has(r, "unknown key shape");
+    r = vfs_config("nosuchscheme", "a", "b");
+    ck_assert_int_eq(r, -EINVAL);
+    ck_assert_msg_has(r, "unknown storage scheme");
+    int n = 0;
+    ck_assert_int_eq(vfs_stats(count_stats, &n), 0);
+    ck_assert_int_eq(n, 1);
+}
+END_TEST
+
 static atomic_int in_flight, max_in_flight;
 
 static int slow_pread(void *h, void *buf, size_t len, uint64_t off)
@@ -848,7 +909,8 @@ static Suite *vfs_suite(void)
         {"names", {test_uri_scheme_dispatch, test_resolve_relative_names, test_name_containment}},
         {"plugins",
          {test_plugin_loads_and_serves_reads, test_plugin_bad_objects_are_refused,
-          test_register_refuses_bad_ops, test_serialize_backend_gets_one_call_at_a_time}},
+          test_register_refuses_bad_ops, test_serialize_backend_gets_one_call_at_a_time,
+          test_v1_and_v2_plugins_configure}},
         {"fault",
          {test_fault_fails_nth_read_once, test_fault_fails_nth_write_with_enospc,
           test_fault_forwards_everything_else, test_fault_armed_from_environment}},

@@ -1,0 +1,116 @@
+"""faultproxy.py: an HTTP proxy in front of an S3 store that passes requests on
+unchanged (the Host header too, so SigV4 signatures stay valid) and, when told,
+answers instead with a fault: 503 SlowDown, 500, 403 SignatureDoesNotMatch, a
+delay, or a dropped connection. Used by s3.py to prove retries and error
+messages; runs in a thread of the test process.
+
+    p = FaultProxy("http://127.0.0.1:PORT")
+    p.fault("slowdown", count=2, match="/bkt/img/a.qcow2")   # the next 2 matching requests
+    p.fault("500")                                             # every request, until p.clear()
+"""
+import http.client
+import http.server
+import socketserver
+import threading
+import time
+import urllib.parse
+
+BODIES = {
+    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "403": (403, "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
+}
+
+
+class FaultProxy:
+    def __init__(self, upstream):
+        u = urllib.parse.urlsplit(upstream)
+        self.up_host, self.up_port = u.hostname, u.port
+        self.lock = threading.Lock()
+        self.rules = []  # [kind, remaining or None, match, arg]
+        self.hits = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def handle_any(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                rule = proxy.take(self.command, self.path)
+                if rule:
+                    kind, arg = rule
+                    if kind == "drop":
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    if kind == "delay":
+                        time.sleep(arg)
+                    else:
+                        status, code, msg = BODIES[kind]
+                        xml = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>%s</Code><Message>%s</Message></Error>"
+                               % (code, msg)).encode()
+                        self.send_response(status)
+                        self.send_header("Content-Type", "application/xml")
+                        self.send_header("Content-Length", str(len(xml) if self.command != "HEAD" else 0))
+                        self.end_headers()
+                        if self.command != "HEAD":
+                            self.wfile.write(xml)
+                        return
+                c = http.client.HTTPConnection(proxy.up_host, proxy.up_port, timeout=120)
+                hdrs = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+                c.request(self.command, self.path, body=body if (body or self.command in ("PUT", "POST")) else None,
+                          headers=hdrs)
+                r = c.getresponse()
+                data = r.read()
+                self.send_response(r.status, r.reason)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
+                        self.send_header(k, v)
+                if self.command == "HEAD":
+                    self.send_header("Content-Length", r.getheader("Content-Length") or "0")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                c.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.endpoint = "http://127.0.0.1:%d" % self.port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def fault(self, kind, count=None, match="", arg=None):
+        """Answer matching requests (path contains match) with kind: slowdown, 500,
+        403, drop, or delay (arg seconds, then pass on); count times, or always."""
+        with self.lock:
+            self.rules.append([kind, count, match, arg])
+
+    def clear(self):
+        with self.lock:
+            self.rules = []
+
+    def take(self, method, path):
+        with self.lock:
+            for r in self.rules:
+                if r[2] in path and (r[1] is None or r[1] > 0):
+                    if r[1] is not None:
+                        r[1] -= 1
+                    self.hits += 1
+                    return r[0], r[3]
+        return None
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()

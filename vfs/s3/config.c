@@ -1,0 +1,239 @@
+/* config.c: the s3 plugin's settings: from qcowd's options (.config), then the
+ * environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION,
+ * AWS_ENDPOINT_URL, QCOWD_S3_*), then a credentials file, then defaults. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "s3_int.h"
+
+struct s3_conf s3_conf;
+
+static pthread_mutex_t conf_lock = PTHREAD_MUTEX_INITIALIZER;
+static int conf_done; /* s3_conf_ready succeeded (under conf_lock) */
+
+static int set_str(char **dst, const char *v)
+{
+    char *s = strdup(v);
+    if (!s)
+        return err_fail(ENOMEM, "s3 configuration: out of memory");
+    free(*dst);
+    *dst = s;
+    return 0;
+}
+
+/* "8M", "256k", "1G" or bytes. */
+static int parse_size(const char *key, const char *v, uint64_t min, uint64_t *out)
+{
+    char *end;
+    unsigned long long n = strtoull(v, &end, 10);
+    unsigned shift = 0;
+    switch (*end) {
+    case 'k': case 'K': shift = 10; end++; break;
+    case 'm': case 'M': shift = 20; end++; break;
+    case 'g': case 'G': shift = 30; end++; break;
+    default: break;
+    }
+    if (end == v || *end || n > (UINT64_MAX >> shift) || (n << shift) < min)
+        return err_fail(EINVAL, "s3 configuration: %s=%s is not a size of at least %llu bytes", key, v,
+                        (unsigned long long)min);
+    *out = (uint64_t)n << shift;
+    return 0;
+}
+
+static int parse_uint(const char *key, const char *v, unsigned long min, unsigned long max, unsigned long *out)
+{
+    char *end;
+    unsigned long n = strtoul(v, &end, 10);
+    if (end == v || *end || n < min || n > max)
+        return err_fail(EINVAL, "s3 configuration: %s=%s is not a number in %lu..%lu", key, v, min, max);
+    *out = n;
+    return 0;
+}
+
+static int set_locked(const char *key, const char *v)
+{
+    unsigned long n;
+    int r;
+    if (!strcmp(key, "endpoint")) {
+        if (strncmp(v, "http://", 7) && strncmp(v, "https://", 8))
+            return err_fail(EINVAL, "s3 configuration: endpoint %s is not an http:// or https:// URL", v);
+        if ((r = set_str(&s3_conf.endpoint, v)) == 0) {
+            size_t len = strlen(s3_conf.endpoint);
+            while (len > 8 && s3_conf.endpoint[len - 1] == '/')
+                s3_conf.endpoint[--len] = '\0';
+        }
+        return r;
+    }
+    if (!strcmp(key, "region"))
+        return set_str(&s3_conf.region, v);
+    if (!strcmp(key, "access-key"))
+        return set_str(&s3_conf.access_key, v);
+    if (!strcmp(key, "secret-key"))
+        return set_str(&s3_conf.secret_key, v);
+    if (!strcmp(key, "staging-dir"))
+        return set_str(&s3_conf.staging_dir, v);
+    if (!strcmp(key, "credentials-file")) {
+        FILE *f = fopen(v, "r");
+        if (!f)
+            return err_fail(errno, "s3 configuration: credentials file %s: %s", v, strerror(errno));
+        char line[512];
+        r = 0;
+        while (r == 0 && fgets(line, sizeof line, f)) {
+            char *eq = strchr(line, '='), *k = line, *val;
+            if (!eq || line[0] == '#' || line[0] == '[')
+                continue;
+            *eq = '\0';
+            val = eq + 1;
+            val[strcspn(val, "\r\n")] = '\0';
+            while (*val == ' ')
+                val++;
+            k[strcspn(k, " \t")] = '\0';
+            if (!strcmp(k, "aws_access_key_id"))
+                r = set_str(&s3_conf.access_key, val);
+            else if (!strcmp(k, "aws_secret_access_key"))
+                r = set_str(&s3_conf.secret_key, val);
+            else if (!strcmp(k, "region"))
+                r = set_str(&s3_conf.region, val);
+            else if (!strcmp(k, "endpoint_url"))
+                r = set_locked("endpoint", val);
+        }
+        fclose(f);
+        return r;
+    }
+    if (!strcmp(key, "block-size"))
+        return parse_size(key, v, 4096, &s3_conf.block_size);
+    if (!strcmp(key, "cache-size"))
+        return parse_size(key, v, 0, &s3_conf.cache_bytes);
+    if (!strcmp(key, "readahead"))
+        return parse_size(key, v, 0, &s3_conf.readahead);
+    if (!strcmp(key, "part-size"))
+        return parse_size(key, v, 5u << 20, &s3_conf.part_size);
+    if (!strcmp(key, "staging-max"))
+        return parse_size(key, v, 1u << 20, &s3_conf.staging_max);
+    if (!strcmp(key, "copy-max"))
+        return parse_size(key, v, 5u << 20, &s3_conf.copy_max);
+    if (!strcmp(key, "connections")) {
+        if ((r = parse_uint(key, v, 1, 256, &n)) == 0)
+            s3_conf.connections = (unsigned)n;
+        return r;
+    }
+    if (!strcmp(key, "retries")) {
+        if ((r = parse_uint(key, v, 0, 20, &n)) == 0)
+            s3_conf.retries = (unsigned)n;
+        return r;
+    }
+    if (!strcmp(key, "timeout")) {
+        if ((r = parse_uint(key, v, 1, 3600, &n)) == 0)
+            s3_conf.timeout_ms = (long)n * 1000;
+        return r;
+    }
+    if (!strcmp(key, "connect-timeout")) {
+        if ((r = parse_uint(key, v, 1, 3600, &n)) == 0)
+            s3_conf.connect_timeout_ms = (long)n * 1000;
+        return r;
+    }
+    return err_fail(EINVAL, "s3 configuration: unknown key \"%s\" (known: endpoint, region, access-key, "
+                            "secret-key, credentials-file, staging-dir, block-size, cache-size, readahead, "
+                            "part-size, staging-max, copy-max, connections, retries, timeout, connect-timeout)",
+                    key);
+}
+
+int s3_conf_set(const char *key, const char *value)
+{
+    pthread_mutex_lock(&conf_lock);
+    int r = set_locked(key, value);
+    pthread_mutex_unlock(&conf_lock);
+    return r;
+}
+
+/* Environment variables that map to keys, applied when the key is still unset. */
+static int from_env(void)
+{
+    static const struct {
+        const char *env, *key;
+    } map[] = {
+        {"QCOWD_S3_CREDENTIALS_FILE", "credentials-file"},
+        {"AWS_ENDPOINT_URL", "endpoint"},
+        {"AWS_REGION", "region"},
+        {"AWS_DEFAULT_REGION", "region"},
+        {"AWS_ACCESS_KEY_ID", "access-key"},
+        {"AWS_SECRET_ACCESS_KEY", "secret-key"},
+        {"QCOWD_S3_STAGING_DIR", "staging-dir"},
+        {"QCOWD_S3_BLOCK_SIZE", "block-size"},
+        {"QCOWD_S3_CACHE_SIZE", "cache-size"},
+        {"QCOWD_S3_READAHEAD", "readahead"},
+        {"QCOWD_S3_PART_SIZE", "part-size"},
+        {"QCOWD_S3_STAGING_MAX", "staging-max"},
+        {"QCOWD_S3_CONNECTIONS", "connections"},
+        {"QCOWD_S3_RETRIES", "retries"},
+        {"QCOWD_S3_TIMEOUT", "timeout"},
+    };
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
+        const char *v = getenv(map[i].env);
+        if (!v || !*v)
+            continue;
+        char **s = !strcmp(map[i].key, "endpoint")     ? &s3_conf.endpoint
+                   : !strcmp(map[i].key, "region")     ? &s3_conf.region
+                   : !strcmp(map[i].key, "access-key") ? &s3_conf.access_key
+                   : !strcmp(map[i].key, "secret-key") ? &s3_conf.secret_key
+                   : !strcmp(map[i].key, "staging-dir") ? &s3_conf.staging_dir
+                                                        : NULL;
+        if (s && *s)
+            continue; /* given on the command line: it wins */
+        int r = set_locked(map[i].key, v);
+        if (r < 0)
+            return err_prefix(r, "environment %s", map[i].env);
+    }
+    return 0;
+}
+
+int s3_conf_ready(void)
+{
+    int r = 0;
+    pthread_mutex_lock(&conf_lock);
+    if (conf_done)
+        goto out;
+    if ((r = from_env()) < 0)
+        goto out;
+    if (!s3_conf.endpoint) {
+        r = err_fail(EINVAL, "s3: no endpoint configured (qcowd --s3-endpoint URL, or AWS_ENDPOINT_URL)");
+        goto out;
+    }
+    if (!s3_conf.access_key || !s3_conf.secret_key) {
+        r = err_fail(EACCES, "s3: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a "
+                             "credentials file)");
+        goto out;
+    }
+    if (!s3_conf.region && (r = set_str(&s3_conf.region, "us-east-1")) < 0)
+        goto out;
+    if (!s3_conf.staging_dir && (r = set_str(&s3_conf.staging_dir, "/var/tmp/qcowd-s3-staging")) < 0)
+        goto out;
+    if (!s3_conf.block_size)
+        s3_conf.block_size = 256u << 10;
+    if (!s3_conf.cache_bytes)
+        s3_conf.cache_bytes = 64u << 20;
+    if (!s3_conf.readahead)
+        s3_conf.readahead = 8u << 20;
+    if (!s3_conf.part_size)
+        s3_conf.part_size = 8u << 20;
+    if (!s3_conf.staging_max)
+        s3_conf.staging_max = 1ull << 30;
+    if (!s3_conf.connections)
+        s3_conf.connections = 8;
+    if (!s3_conf.copy_max || s3_conf.copy_max > (5ull << 30))
+        s3_conf.copy_max = 5ull << 30;
+    if (!s3_conf.retries && !getenv("QCOWD_S3_RETRIES"))
+        s3_conf.retries = 4;
+    if (!s3_conf.connect_timeout_ms)
+        s3_conf.connect_timeout_ms = 5000;
+    if (!s3_conf.timeout_ms)
+        s3_conf.timeout_ms = 30000;
+    conf_done = 1;
+out:
+    pthread_mutex_unlock(&conf_lock);
+    return r;
+}

@@ -1,0 +1,98 @@
+/* mpu.c: the requests of a multipart upload (start, copy a part server-side,
+ * complete, abort), shared by publishing (object.c) and large copies (s3.c). */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "err.h"
+#include "s3_int.h"
+#include "s3_obj.h"
+
+int s3_mpu_start(const struct s3_name *n, char **id)
+{
+    char what[320];
+    struct s3_param up = {"uploads", ""};
+    struct s3_req r = {.op = S3_OP_OTHER, .method = "POST", .bucket = n->bucket, .key = n->key, .params = &up,
+                       .nparams = 1};
+    snprintf(what, sizeof what, "%s: start multipart upload", n->uri);
+    int ret = s3_http(&r, what);
+    *id = ret == 0 ? s3_xml_next(sbuf_str(&r.text) ? r.text.p : "", "UploadId", NULL) : NULL;
+    s3_req_free(&r);
+    if (ret == 0 && !*id)
+        ret = err_fail(EREMOTEIO, "%s: no UploadId in the answer", what);
+    return ret;
+}
+
+int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, const struct s3_name *src,
+                     uint64_t s, uint64_t e, char *etag, size_t cap)
+{
+    char pn[16], what[320], range[64];
+    snprintf(pn, sizeof pn, "%u", partno);
+    struct s3_param p[2] = {{"partNumber", pn}, {"uploadId", id}};
+    struct sbuf from = {0};
+    sbuf_puts(&from, "/");
+    s3_uri_encode(&from, src->bucket, 0);
+    sbuf_puts(&from, "/");
+    s3_uri_encode(&from, src->key, 1);
+    snprintf(range, sizeof range, "bytes=%llu-%llu", (unsigned long long)s, (unsigned long long)(e - 1));
+    struct s3_hdr hd[2] = {{"x-amz-copy-source", sbuf_str(&from) ? from.p : ""}, {"x-amz-copy-source-range", range}};
+    struct s3_req r = {.op = S3_OP_COPY, .method = "PUT", .bucket = n->bucket, .key = n->key, .params = p,
+                       .nparams = 2, .hdrs = hd, .nhdrs = 2};
+    snprintf(what, sizeof what, "%s: copy part %u from %s", n->uri, partno, src->uri);
+    int ret = s3_http(&r, what);
+    char *t = ret == 0 ? s3_xml_next(sbuf_str(&r.text) ? r.text.p : "", "ETag", NULL) : NULL;
+    if (ret == 0 && !t)
+        ret = err_fail(EREMOTEIO, "%s: no ETag in the answer", what);
+    if (t) {
+        snprintf(etag, cap, "%s", t);
+        atomic_fetch_add(&s3_stats.copied_bytes, e - s);
+    }
+    free(t);
+    s3_req_free(&r);
+    sbuf_free(&from);
+    return ret;
+}
+
+int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
+                    size_t cap)
+{
+    char what[320];
+    struct sbuf body = {0};
+    sbuf_puts(&body, "<CompleteMultipartUpload>");
+    for (unsigned i = 0; i < nparts; i++)
+        sbuf_printf(&body, "<Part><PartNumber>%u</PartNumber><ETag>%s</ETag></Part>", i + 1, etags[i]);
+    sbuf_puts(&body, "</CompleteMultipartUpload>");
+    struct s3_param cp = {"uploadId", id};
+    struct s3_req c = {.op = S3_OP_OTHER, .method = "POST", .bucket = n->bucket, .key = n->key, .params = &cp,
+                       .nparams = 1, .body = body.p, .body_len = body.len};
+    snprintf(what, sizeof what, "%s: complete multipart upload", n->uri);
+    int ret = sbuf_str(&body) ? s3_http(&c, what) : err_fail(ENOMEM, "%s: out of memory", what);
+    const char *t = ret == 0 && sbuf_str(&c.text) ? c.text.p : "";
+    if (ret == 0 && strstr(t, "<Error>")) { /* S3 may fail a complete inside a 200 */
+        char *code = s3_xml_next(t, "Code", NULL), *m = s3_xml_next(t, "Message", NULL);
+        ret = err_fail(EREMOTEIO, "%s: %s: %s", what, code ? code : "error", m ? m : "");
+        free(code);
+        free(m);
+    }
+    if (ret == 0) {
+        char *e = s3_xml_next(t, "ETag", NULL);
+        snprintf(etag, cap, "%s", e ? e : "");
+        free(e);
+    }
+    s3_req_free(&c);
+    sbuf_free(&body);
+    return ret;
+}
+
+void s3_mpu_abort(const struct s3_name *n, const char *id)
+{
+    struct s3_param p = {"uploadId", id};
+    struct s3_req r = {.op = S3_OP_DELETE, .method = "DELETE", .bucket = n->bucket, .key = n->key, .params = &p,
+                       .nparams = 1};
+    char msg[ERR_MSG_MAX];
+    snprintf(msg, sizeof msg, "%s", err_msg(EIO));
+    s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
+    err_set("%s", msg);
+    s3_req_free(&r);
+}

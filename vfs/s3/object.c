@@ -1,0 +1,853 @@
+/* object.c: one open S3 object. Reads: ranged GETs of the published version
+ * through the block cache, with read-ahead when access is sequential. Writes:
+ * a local sparse staging file plus a map of dirty ranges; flush publishes a new
+ * object (one PUT, or a multipart upload whose unchanged parts are copied
+ * server-side), so readers see the old version or the new one, never a mix. */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "err.h"
+#include "s3_int.h"
+#include "s3_obj.h"
+
+#define MAX_PART_BYTES (5ull << 30) /* S3's largest part and single PUT */
+#define MAX_PARTS      10000
+
+struct range {
+    uint64_t start, end; /* [start, end) */
+};
+
+/* One object open in this process, shared by every handle on its key (as a
+ * file's page cache is): a write through one handle is read through all. */
+struct obj {
+    struct s3_name n;
+    int rw;       /* has staging: some handle opened it read-write (under pub) */
+    int refs;     /* handles (under reg_lock) */
+    int detached; /* removed or renamed away: not in the registry, never published */
+    struct obj *next; /* registry list (under reg_lock) */
+    /* Lock order: pub before state. Writers take both (pub so that no write
+     * lands while a publish reads the staging file); readers take state shared;
+     * a publish holds pub throughout, state shared while uploading and
+     * exclusive for the switch to the new version. */
+    pthread_mutex_t pub;
+    pthread_rwlock_t state;
+    /* the published version (under state) */
+    int exists;
+    char etag[128];
+    uint64_t base_size;  /* its size */
+    uint64_t base_valid; /* bytes of it still visible (a shrink hides the rest) */
+    uint64_t gen;        /* cache generation */
+    /* the logical object (under state) */
+    uint64_t size;
+    int changed; /* differs from the published version */
+    struct range *dirty;
+    size_t nd, capd;
+    uint64_t dirty_bytes;
+    /* staging (rw only) */
+    int sfd;
+    char *spath, *mpath;
+    /* read-ahead (under ra) */
+    pthread_mutex_t ra;
+    uint64_t ra_next; /* where a sequential read would start */
+    uint64_t ra_win;  /* extra bytes fetched ahead, doubling up to the limit */
+};
+
+static uint64_t min64(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* ---- dirty ranges ---- */
+
+/* Index of the first range with end > off. */
+static size_t dirty_after(const struct obj *o, uint64_t off)
+{
+    size_t lo = 0, hi = o->nd;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (o->dirty[mid].end > off)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
+static int dirty_overlaps(const struct obj *o, uint64_t s, uint64_t e)
+{
+    size_t i = dirty_after(o, s);
+    return i < o->nd && o->dirty[i].start < e;
+}
+
+static void dirty_recount(struct obj *o)
+{
+    o->dirty_bytes = 0;
+    for (size_t i = 0; i < o->nd; i++)
+        o->dirty_bytes += o->dirty[i].end - o->dirty[i].start;
+}
+
+/* Add [s, e), merging with touching ranges. */
+static int dirty_add(struct obj *o, uint64_t s, uint64_t e)
+{
+    size_t i = s ? dirty_after(o, s - 1) : 0; /* first range with end >= s */
+    size_t j = i;
+    while (j < o->nd && o->dirty[j].start <= e) {
+        s = min64(s, o->dirty[j].start);
+        e = e > o->dirty[j].end ? e : o->dirty[j].end;
+        j++;
+    }
+    if (i == j) { /* insert at i */
+        if (o->nd == o->capd) {
+            size_t cap = o->capd ? o->capd * 2 : 16;
+            struct range *v = realloc(o->dirty, cap * sizeof *v);
+            if (!v)
+                return err_fail(ENOMEM, "write %s: out of memory", o->n.uri);
+            o->dirty = v;
+            o->capd = cap;
+        }
+        memmove(o->dirty + i + 1, o->dirty + i, (o->nd - i) * sizeof *o->dirty);
+        o->nd++;
+    } else if (j > i + 1) { /* ranges i..j-1 become one */
+        memmove(o->dirty + i + 1, o->dirty + j, (o->nd - j) * sizeof *o->dirty);
+        o->nd -= j - i - 1;
+    }
+    o->dirty[i] = (struct range){s, e};
+    dirty_recount(o);
+    return 0;
+}
+
+/* Forget everything at or past size. */
+static void dirty_cut(struct obj *o, uint64_t size)
+{
+    size_t i = dirty_after(o, size);
+    if (i < o->nd && o->dirty[i].start < size) {
+        o->dirty[i].end = size;
+        i++;
+    }
+    o->nd = i;
+    dirty_recount(o);
+}
+
+/* ---- reading ---- */
+
+/* GET [off, off+len) of the published version into buf; the answer must come
+ * from the version this handle knows (its ETag), else -ESTALE. */
+static int get_range(struct obj *o, void *buf, uint64_t off, size_t len)
+{
+    char range[64], what[64];
+    snprintf(range, sizeof range, "bytes=%llu-%llu", (unsigned long long)off, (unsigned long long)(off + len - 1));
+    struct s3_hdr h = {"range", range};
+    struct s3_req r = {.op = S3_OP_GET, .method = "GET", .bucket = o->n.bucket, .key = o->n.key, .hdrs = &h,
+                       .nhdrs = 1, .into = buf, .into_cap = len};
+    snprintf(what, sizeof what, "GET %s", "s3");
+    struct sbuf w = {0};
+    sbuf_printf(&w, "read %s (%s)", o->n.uri, range);
+    int ret = s3_http(&r, sbuf_str(&w) ? w.p : what);
+    if (ret == 0 && o->etag[0] && r.etag[0] && strcmp(o->etag, r.etag))
+        ret = err_fail(ESTALE, "read %s: the object was replaced (ETag %s, this handle reads %s); reopen it",
+                       o->n.uri, r.etag, o->etag);
+    if (ret == 0 && r.status != 206 && off != 0) /* a 200 is the object from byte 0 */
+        ret = err_fail(EPROTO, "read %s: the S3 store ignored the Range header (%ld for %s)", o->n.uri, r.status,
+                       range);
+    if (ret == 0 && r.into_len != len)
+        ret = err_fail(EREMOTEIO, "read %s: the S3 store sent %zu bytes for %s", o->n.uri, r.into_len, range);
+    sbuf_free(&w);
+    s3_req_free(&r);
+    return ret;
+}
+
+/* Read [off, off+len) of the published version (all below base_valid) through
+ * the cache; runs of missing blocks are fetched with one GET, extended by ra
+ * bytes of read-ahead. */
+static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_t ra)
+{
+    uint64_t bs = s3_conf.block_size;
+    uint64_t nblocks = (o->base_size + bs - 1) / bs;
+    uint64_t first = off / bs, last = (off + len - 1) / bs;
+    unsigned char *blk = malloc(bs);
+    if (!blk)
+        return err_fail(ENOMEM, "read %s: out of memory", o->n.uri);
+    int ret = 0;
+    for (uint64_t i = first; i <= last && ret == 0;) {
+        long got = s3_cache_get(o->gen, i, blk);
+        if (got >= 0) {
+            uint64_t bstart = i * bs, s = off > bstart ? off : bstart;
+            uint64_t e = min64(off + len, bstart + (uint64_t)got);
+            if (e > s)
+                memcpy(buf + (s - off), blk + (s - bstart), e - s);
+            i++;
+            continue;
+        }
+        uint64_t j = i;
+        while (j + 1 <= last && !s3_cache_has(o->gen, j + 1))
+            j++;
+        uint64_t jmax = j, extra = (ra + bs - 1) / bs;
+        while (extra-- && jmax + 1 < nblocks && !s3_cache_has(o->gen, jmax + 1))
+            jmax++;
+        uint64_t fs = i * bs, fe = min64((jmax + 1) * bs, o->base_size);
+        unsigned char *fb = malloc(fe - fs);
+        if (!fb) {
+            ret = err_fail(ENOMEM, "read %s: out of memory", o->n.uri);
+            break;
+        }
+        ret = get_range(o, fb, fs, fe - fs);
+        if (ret == 0) {
+            for (uint64_t k = i; k <= jmax; k++) {
+                uint64_t ks = k * bs;
+                s3_cache_put(o->gen, k, fb + (ks - fs), min64(bs, fe - ks));
+            }
+            uint64_t s = off > fs ? off : fs, e = min64(off + len, min64(fe, (j + 1) * bs));
+            memcpy(buf + (s - off), fb + (s - fs), e - s);
+        }
+        free(fb);
+        i = j + 1;
+    }
+    free(blk);
+    return ret;
+}
+
+static int stage_read(struct obj *o, char *buf, size_t len, uint64_t off)
+{
+    while (len) {
+        ssize_t n = pread(o->sfd, buf, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return err_fail(errno, "read %s: staging file %s: %s", o->n.uri, o->spath, strerror(errno));
+        if (n == 0) {
+            memset(buf, 0, len);
+            break;
+        }
+        buf += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* The logical bytes [off, off+len): staged writes over the published version,
+ * zeroes past either's end. Caller holds state (shared or exclusive). */
+static int read_at(struct obj *o, char *buf, size_t len, uint64_t off, uint64_t ra)
+{
+    while (len) {
+        if (off >= o->size) {
+            memset(buf, 0, len);
+            return 0;
+        }
+        uint64_t n = min64(len, o->size - off);
+        size_t i = dirty_after(o, off);
+        int ret;
+        if (i < o->nd && o->dirty[i].start <= off) {
+            n = min64(n, o->dirty[i].end - off);
+            ret = stage_read(o, buf, (size_t)n, off);
+        } else {
+            if (i < o->nd)
+                n = min64(n, o->dirty[i].start - off);
+            if (off < o->base_valid) {
+                n = min64(n, o->base_valid - off);
+                ret = read_base(o, buf, (size_t)n, off, ra);
+            } else {
+                memset(buf, 0, (size_t)n);
+                ret = 0;
+            }
+        }
+        if (ret < 0)
+            return ret;
+        buf += n;
+        len -= (size_t)n;
+        off += n;
+    }
+    return 0;
+}
+
+/* Read-ahead for this read: grows while reads follow each other, else 0. */
+static uint64_t ra_window(struct obj *o, uint64_t off, size_t len)
+{
+    pthread_mutex_lock(&o->ra);
+    uint64_t bs = s3_conf.block_size;
+    if (off >= o->ra_next && off <= o->ra_next + bs && o->ra_next)
+        o->ra_win = o->ra_win ? min64(o->ra_win * 2, s3_conf.readahead) : min64(bs, s3_conf.readahead);
+    else
+        o->ra_win = 0;
+    o->ra_next = off + len;
+    uint64_t w = o->ra_win;
+    pthread_mutex_unlock(&o->ra);
+    return w;
+}
+
+/* A handle: the shared object and how this opener may use it. */
+struct handle {
+    struct obj *o;
+    int rw;
+};
+
+#define OBJ(h) (((struct handle *)(h))->o)
+
+static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER; /* the registry; held across opens */
+static struct obj *registry;
+
+int s3_obj_pread(void *h, void *buf, size_t len, uint64_t off)
+{
+    struct obj *o = OBJ(h);
+    uint64_t ra = ra_window(o, off, len);
+    pthread_rwlock_rdlock(&o->state);
+    int ret = read_at(o, buf, len, off, ra);
+    pthread_rwlock_unlock(&o->state);
+    return ret;
+}
+
+int s3_obj_size(void *h, uint64_t *size)
+{
+    struct obj *o = OBJ(h);
+    pthread_rwlock_rdlock(&o->state);
+    *size = o->size;
+    pthread_rwlock_unlock(&o->state);
+    return 0;
+}
+
+/* ---- the staging files ---- */
+
+static int mkdirs(const char *dir)
+{
+    char *p = strdup(dir);
+    if (!p)
+        return -ENOMEM;
+    for (char *s = p + 1; *s; s++)
+        if (*s == '/') {
+            *s = '\0';
+            mkdir(p, 0700);
+            *s = '/';
+        }
+    int r = mkdir(p, 0700) < 0 && errno != EEXIST ? -errno : 0;
+    free(p);
+    return r;
+}
+
+/* The meta file: what a later run needs to tell what it finds. */
+static void write_meta(struct obj *o, const char *upload_id)
+{
+    int fd = open(o->mpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f) {
+        if (fd >= 0)
+            close(fd);
+        return; /* only the log line of a later run is at stake */
+    }
+    fprintf(f, "qcowd-s3-staging 1\nobject %s\nbucket %s\nkey %s\nbase-etag %s\npid %ld\n", o->n.uri,
+            o->n.bucket, o->n.key, o->etag[0] ? o->etag : "-", (long)getpid());
+    if (upload_id)
+        fprintf(f, "upload-id %s\n", upload_id);
+    fclose(f);
+}
+
+/* A staging file left by a run that ended without closing: its writes were
+ * never published (a crash before flush loses them), so it is discarded. */
+static void discard_leftover(struct obj *o, struct stat *st)
+{
+    char line[512], upload_id[512] = "", etag[512] = "-";
+    long pid = 0;
+    FILE *f = fopen(o->mpath, "r");
+    if (f) {
+        while (fgets(line, sizeof line, f)) {
+            line[strcspn(line, "\n")] = '\0';
+            if (!strncmp(line, "upload-id ", 10))
+                snprintf(upload_id, sizeof upload_id, "%s", line + 10);
+            else if (!strncmp(line, "base-etag ", 10))
+                snprintf(etag, sizeof etag, "%s", line + 10);
+            else if (!strncmp(line, "pid ", 4))
+                pid = atol(line + 4);
+        }
+        fclose(f);
+    }
+    fprintf(stderr,
+            "qcowd: s3: %s: discarded the staging cache of an earlier run (pid %ld) that ended without "
+            "publishing: %llu bytes staged over version %s; the object stays as last published (ETag %s)%s\n",
+            o->n.uri, pid, (unsigned long long)st->st_blocks * 512, etag, o->etag[0] ? o->etag : "none",
+            upload_id[0] ? "; its unfinished multipart upload is aborted" : "");
+    if (upload_id[0])
+        s3_mpu_abort(&o->n, upload_id);
+}
+
+static int staging_open(struct obj *o)
+{
+    int r = mkdirs(s3_conf.staging_dir);
+    if (r < 0)
+        return err_fail(-r, "open %s: staging folder %s: %s", o->n.uri, s3_conf.staging_dir, strerror(-r));
+    struct sbuf id = {0};
+    sbuf_printf(&id, "%s\n%s\n%s", s3_conf.endpoint, o->n.bucket, o->n.key);
+    char hash[65];
+    s3_sha256_hex(id.p ? id.p : "", id.len, hash);
+    sbuf_free(&id);
+    if (asprintf(&o->spath, "%s/%.40s.data", s3_conf.staging_dir, hash) < 0 ||
+        asprintf(&o->mpath, "%s/%.40s.meta", s3_conf.staging_dir, hash) < 0)
+        return err_fail(ENOMEM, "open %s: out of memory", o->n.uri);
+    o->sfd = open(o->spath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (o->sfd < 0)
+        return err_fail(errno, "open %s: staging file %s: %s", o->n.uri, o->spath, strerror(errno));
+    if (flock(o->sfd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        close(o->sfd);
+        o->sfd = -1;
+        if (e == EWOULDBLOCK)
+            return err_fail(EBUSY, "open %s: it is open for writing elsewhere (staging file %s is locked)",
+                            o->n.uri, o->spath);
+        return err_fail(e, "open %s: lock staging file %s: %s", o->n.uri, o->spath, strerror(e));
+    }
+    struct stat st;
+    if (access(o->mpath, F_OK) == 0 && fstat(o->sfd, &st) == 0)
+        discard_leftover(o, &st);
+    if (ftruncate(o->sfd, 0) < 0)
+        return err_fail(errno, "open %s: staging file %s: %s", o->n.uri, o->spath, strerror(errno));
+    write_meta(o, NULL);
+    return 0;
+}
+
+/* ---- open and close ---- */
+
+static void obj_free(struct obj *o)
+{
+    if (o->sfd >= 0)
+        close(o->sfd);
+    free(o->spath);
+    free(o->mpath);
+    free(o->dirty);
+    s3_name_free(&o->n);
+    pthread_mutex_destroy(&o->pub);
+    pthread_mutex_destroy(&o->ra);
+    pthread_rwlock_destroy(&o->state);
+    free(o);
+}
+
+static struct obj *reg_find(const struct s3_name *n)
+{
+    for (struct obj *o = registry; o; o = o->next)
+        if (!strcmp(o->n.bucket, n->bucket) && !strcmp(o->n.key, n->key))
+            return o;
+    return NULL;
+}
+
+/* Take o out of the registry (reg_lock held): later opens of its key get a new
+ * object; o's staging files go now, so the new one can lock its own. */
+static void reg_detach(struct obj *o)
+{
+    for (struct obj **p = &registry; *p; p = &(*p)->next)
+        if (*p == o) {
+            *p = o->next;
+            break;
+        }
+    o->detached = 1;
+    if (o->spath) {
+        unlink(o->mpath);
+        unlink(o->spath);
+    }
+}
+
+void s3_obj_forget(const struct s3_name *n)
+{
+    pthread_mutex_lock(&reg_lock);
+    struct obj *o = reg_find(n);
+    if (o)
+        reg_detach(o);
+    pthread_mutex_unlock(&reg_lock);
+}
+
+/* A new object for n: HEAD it; create it (on the first flush) if asked. */
+static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
+{
+    struct obj *o = calloc(1, sizeof *o);
+    if (!o)
+        return err_fail(ENOMEM, "open %s: out of memory", n->uri);
+    o->sfd = -1;
+    o->n = *n;
+    memset(n, 0, sizeof *n);
+    pthread_mutex_init(&o->pub, NULL);
+    pthread_mutex_init(&o->ra, NULL);
+    pthread_rwlock_init(&o->state, NULL);
+    struct s3_head hd;
+    int ret = s3_head_object(&o->n, &hd);
+    if (ret == 0) {
+        if (flags & VFS_O_EXCL) {
+            ret = err_fail(EEXIST, "open %s: the object exists", o->n.uri);
+            goto fail;
+        }
+        o->exists = 1;
+        snprintf(o->etag, sizeof o->etag, "%s", hd.etag);
+        o->base_size = o->base_valid = o->size = hd.size;
+    } else if (ret == -ENOENT && (flags & VFS_O_CREATE) && strstr(err_msg(ret), "no such object")) {
+        o->changed = 1; /* the first flush creates it, even empty */
+        err_clear();
+    } else {
+        goto fail;
+    }
+    o->gen = s3_cache_gen();
+    *out = o;
+    return 0;
+fail:
+    obj_free(o);
+    return ret;
+}
+
+/* Whether another writer replaced or removed the published object that o
+ * shows, while o has nothing of its own to publish (else o's next flush wins,
+ * as the last writer). A failing HEAD says nothing: o is kept. */
+static int replaced_outside(struct obj *o)
+{
+    pthread_rwlock_rdlock(&o->state);
+    int mine = o->changed || !o->exists;
+    char etag[128];
+    snprintf(etag, sizeof etag, "%s", o->etag);
+    pthread_rwlock_unlock(&o->state);
+    if (mine)
+        return 0;
+    struct s3_head hd;
+    char msg[ERR_MSG_MAX];
+    int r = s3_head_object(&o->n, &hd);
+    snprintf(msg, sizeof msg, "%s", err_msg(r));
+    int gone = (r == 0 && strcmp(hd.etag, etag)) || (r == -ENOENT && strstr(msg, "no such object"));
+    err_clear();
+    return gone;
+}
+
+int s3_obj_open(const char *path, unsigned flags, void **handle)
+{
+    int ret = s3_conf_ready();
+    if (ret < 0)
+        return ret;
+    struct s3_name n;
+    if ((ret = s3_name_parse(path, &n)) < 0)
+        return ret;
+    if (!n.key[0] || n.key[strlen(n.key) - 1] == '/') {
+        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", n.uri);
+        s3_name_free(&n);
+        return ret;
+    }
+    struct handle *h = calloc(1, sizeof *h);
+    if (!h) {
+        s3_name_free(&n);
+        return err_fail(ENOMEM, "open s3:%s: out of memory", path);
+    }
+    h->rw = !!(flags & VFS_O_RDWR);
+    /* opens are serialised, so two opens of one key never make two objects */
+    pthread_mutex_lock(&reg_lock);
+    struct obj *o = reg_find(&n);
+    if (o && !(flags & VFS_O_EXCL) && replaced_outside(o)) {
+        reg_detach(o); /* its handles keep the old version, as with a file renamed over */
+        o = NULL;
+    }
+    if (o && (flags & VFS_O_EXCL)) {
+        ret = err_fail(EEXIST, "open %s: the object exists (open in this process)", n.uri);
+    } else if (!o && (ret = obj_new(&n, flags, &o)) == 0) {
+        o->next = registry;
+        registry = o;
+    }
+    if (ret == 0 && h->rw) {
+        pthread_mutex_lock(&o->pub);
+        pthread_rwlock_wrlock(&o->state);
+        if (!o->rw && (ret = staging_open(o)) == 0)
+            o->rw = 1;
+        pthread_rwlock_unlock(&o->state);
+        pthread_mutex_unlock(&o->pub);
+    }
+    if (ret == 0) {
+        o->refs++;
+        h->o = o;
+        *handle = h;
+    } else if (o && o->refs == 0) { /* new, unused: drop it */
+        reg_detach(o);
+        obj_free(o);
+    }
+    pthread_mutex_unlock(&reg_lock);
+    s3_name_free(&n);
+    if (ret < 0)
+        free(h);
+    return ret;
+}
+
+static int publish(struct obj *o);
+
+/* The last handle publishes what is still staged (like a file's dirty pages
+ * reaching the disk after close), under reg_lock so no open sees the object
+ * half gone. */
+void s3_obj_close(void *hp)
+{
+    struct handle *h = hp;
+    struct obj *o = h->o;
+    free(h);
+    pthread_mutex_lock(&reg_lock);
+    if (--o->refs > 0) {
+        pthread_mutex_unlock(&reg_lock);
+        return;
+    }
+    if (o->rw && !o->detached) {
+        int r = publish(o);
+        if (r < 0)
+            fprintf(stderr, "qcowd: s3: %s: the writes since the last flush are lost: %s\n", o->n.uri,
+                    err_msg(r));
+    }
+    if (!o->detached)
+        reg_detach(o);
+    pthread_mutex_unlock(&reg_lock);
+    s3_cache_drop(o->gen, 0, UINT64_MAX);
+    obj_free(o);
+}
+
+/* ---- writing ---- */
+
+int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
+{
+    struct obj *o = OBJ(h);
+    int ret = 0;
+    pthread_mutex_lock(&o->pub);
+    pthread_rwlock_wrlock(&o->state);
+    const char *p = buf;
+    for (size_t done = 0; done < len;) {
+        ssize_t n = pwrite(o->sfd, p + done, len - done, (off_t)(off + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            int e = n < 0 ? errno : EIO;
+            ret = err_fail(e, "write %s: staging file %s: %s", o->n.uri, o->spath, strerror(e));
+            break;
+        }
+        done += (size_t)n;
+    }
+    if (ret == 0 && !o->rw)
+        ret = err_fail(EBADF, "write %s: not opened for writing", o->n.uri);
+    if (ret == 0)
+        ret = dirty_add(o, off, off + len);
+    if (ret == 0) {
+        if (off + len > o->size)
+            o->size = off + len;
+        o->changed = 1;
+    }
+    int over = o->dirty_bytes > s3_conf.staging_max;
+    pthread_rwlock_unlock(&o->state);
+    pthread_mutex_unlock(&o->pub);
+    if (ret == 0 && over) /* bounded staging: publish early (a prefix of the writes is a valid state) */
+        ret = publish(o);
+    return ret;
+}
+
+int s3_obj_truncate(void *h, uint64_t size)
+{
+    struct obj *o = OBJ(h);
+    int ret = 0;
+    pthread_mutex_lock(&o->pub);
+    pthread_rwlock_wrlock(&o->state);
+    if (size < o->size) {
+        dirty_cut(o, size);
+        if (ftruncate(o->sfd, (off_t)size) < 0)
+            ret = err_fail(errno, "truncate %s: staging file %s: %s", o->n.uri, o->spath, strerror(errno));
+        o->base_valid = min64(o->base_valid, size);
+    }
+    if (ret == 0 && size != o->size) {
+        o->size = size;
+        o->changed = 1;
+    }
+    pthread_rwlock_unlock(&o->state);
+    pthread_mutex_unlock(&o->pub);
+    return ret;
+}
+
+int s3_obj_flush(void *h)
+{
+    return ((struct handle *)h)->rw ? publish(OBJ(h)) : 0;
+}
+
+/* ---- publishing ---- */
+
+/* One multipart upload in progress, shared by its workers. */
+struct upload {
+    struct obj *o;
+    const char *id;
+    uint64_t size, part;
+    unsigned nparts;
+    char (*etags)[128];
+    pthread_mutex_t lock;
+    unsigned next;  /* next part to do (under lock) */
+    int err;        /* first failure (under lock) */
+    char msg[ERR_MSG_MAX];
+};
+
+static atomic_int copy_unsupported; /* the server answered 501 to UploadPartCopy */
+
+static int put_part(struct upload *u, unsigned i)
+{
+    struct obj *o = u->o;
+    uint64_t s = (uint64_t)i * u->part, e = min64(u->size, s + u->part);
+    char pn[16], what[160];
+    snprintf(pn, sizeof pn, "%u", i + 1);
+    struct s3_param p[2] = {{"partNumber", pn}, {"uploadId", u->id}};
+    int ret;
+    if (!atomic_load(&copy_unsupported) && e <= o->base_valid && !dirty_overlaps(o, s, e)) {
+        ret = s3_mpu_copy_part(&o->n, u->id, i + 1, &o->n, s, e, u->etags[i], sizeof u->etags[i]);
+        if (ret != -EOPNOTSUPP)
+            return ret;
+        atomic_store(&copy_unsupported, 1); /* 501: upload this part and every later one instead */
+        fprintf(stderr, "qcowd: s3: the store has no UploadPartCopy (501); uploading unchanged parts instead\n");
+    }
+    char *buf = malloc(e - s ? e - s : 1);
+    if (!buf)
+        return err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
+    ret = read_at(o, buf, e - s, s, 0);
+    if (ret == 0) {
+        struct s3_req r = {.op = S3_OP_PART, .method = "PUT", .bucket = o->n.bucket, .key = o->n.key,
+                           .params = p, .nparams = 2, .body = buf, .body_len = e - s};
+        snprintf(what, sizeof what, "publish %s: upload part %u", o->n.uri, i + 1);
+        ret = s3_http(&r, what);
+        if (ret == 0 && !r.etag[0])
+            ret = err_fail(EREMOTEIO, "%s: no ETag in the answer", what);
+        if (ret == 0)
+            snprintf(u->etags[i], sizeof u->etags[i], "%s", r.etag);
+        s3_req_free(&r);
+    }
+    free(buf);
+    return ret;
+}
+
+static void *part_worker(void *arg)
+{
+    struct upload *u = arg;
+    for (;;) {
+        pthread_mutex_lock(&u->lock);
+        unsigned i = u->err ? u->nparts : u->next++;
+        pthread_mutex_unlock(&u->lock);
+        if (i >= u->nparts)
+            return NULL;
+        int r = put_part(u, i);
+        if (r < 0) {
+            pthread_mutex_lock(&u->lock);
+            if (!u->err) {
+                u->err = r;
+                snprintf(u->msg, sizeof u->msg, "%s", err_msg(r));
+            }
+            pthread_mutex_unlock(&u->lock);
+        }
+    }
+}
+
+/* The test seam of the crash test: QCOWD_S3_TEST_CRASH=before-complete kills
+ * the process once every part is uploaded, before CompleteMultipartUpload. */
+static void test_crash_point(const char *point, const char *uri)
+{
+    const char *v = getenv("QCOWD_S3_TEST_CRASH");
+    if (v && !strcmp(v, point)) {
+        fprintf(stderr, "qcowd: s3: %s: QCOWD_S3_TEST_CRASH=%s: killing the process now\n", uri, point);
+        fflush(stderr);
+        kill(getpid(), SIGKILL);
+    }
+}
+
+static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
+{
+    uint64_t part = s3_conf.part_size;
+    while ((size + part - 1) / part > MAX_PARTS)
+        part *= 2;
+    if (part > MAX_PART_BYTES)
+        return err_fail(EFBIG, "publish %s: %llu bytes is more than S3 takes", o->n.uri, (unsigned long long)size);
+    char *id = NULL;
+    int ret = s3_mpu_start(&o->n, &id);
+    if (ret < 0)
+        return ret;
+    write_meta(o, id);
+
+    struct upload u = {.o = o, .id = id, .size = size, .part = part};
+    u.nparts = (unsigned)((size + part - 1) / part);
+    u.etags = calloc(u.nparts, sizeof *u.etags);
+    pthread_mutex_init(&u.lock, NULL);
+    unsigned nw = u.nparts < s3_conf.connections ? u.nparts : s3_conf.connections;
+    pthread_t *tids = calloc(nw, sizeof *tids);
+    unsigned started = 0;
+    if (!u.etags || !tids) {
+        ret = err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
+        goto out;
+    }
+    for (; started < nw; started++)
+        if (pthread_create(&tids[started], NULL, part_worker, &u) != 0)
+            break;
+    if (started == 0)
+        part_worker(&u);
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    if (u.err) {
+        ret = err_fail(-u.err, "%s", u.msg);
+        goto out;
+    }
+    test_crash_point("before-complete", o->n.uri);
+
+    ret = s3_mpu_complete(&o->n, id, u.etags, u.nparts, etag_out, cap);
+out:
+    if (ret < 0)
+        s3_mpu_abort(&o->n, id);
+    pthread_mutex_destroy(&u.lock);
+    free(tids);
+    free(u.etags);
+    free(id);
+    return ret;
+}
+
+static int put_whole(struct obj *o, uint64_t size, char *etag_out, size_t cap)
+{
+    char what[128];
+    char *buf = malloc(size ? size : 1);
+    if (!buf)
+        return err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
+    int ret = read_at(o, buf, size, 0, 0);
+    if (ret == 0) {
+        struct s3_req r = {.op = S3_OP_PUT, .method = "PUT", .bucket = o->n.bucket, .key = o->n.key, .body = buf,
+                           .body_len = size};
+        snprintf(what, sizeof what, "publish %s", o->n.uri);
+        ret = s3_http(&r, what);
+        if (ret == 0)
+            snprintf(etag_out, cap, "%s", r.etag);
+        s3_req_free(&r);
+    }
+    free(buf);
+    return ret;
+}
+
+/* Make the logical object the published one. */
+static int publish(struct obj *o)
+{
+    char etag[128] = "";
+    pthread_mutex_lock(&o->pub);
+    pthread_rwlock_rdlock(&o->state); /* writers wait on pub; readers go on */
+    if (!o->changed || o->detached) { /* detached: removed or renamed, like an unlinked file */
+        pthread_rwlock_unlock(&o->state);
+        pthread_mutex_unlock(&o->pub);
+        return 0;
+    }
+    uint64_t size = o->size;
+    int ret = size <= s3_conf.part_size ? put_whole(o, size, etag, sizeof etag) : multipart(o, size, etag, sizeof etag);
+    pthread_rwlock_unlock(&o->state);
+    if (ret == 0) {
+        atomic_fetch_add(&s3_stats.publishes, 1);
+        pthread_rwlock_wrlock(&o->state);
+        /* cached blocks of the old version stay valid where nothing was written */
+        uint64_t bs = s3_conf.block_size;
+        for (size_t i = 0; i < o->nd; i++)
+            s3_cache_drop(o->gen, o->dirty[i].start / bs, (o->dirty[i].end - 1) / bs);
+        s3_cache_drop(o->gen, o->base_valid / bs, UINT64_MAX);
+        snprintf(o->etag, sizeof o->etag, "%s", etag);
+        o->exists = 1;
+        o->base_size = o->base_valid = size;
+        o->nd = 0;
+        o->dirty_bytes = 0;
+        o->changed = 0;
+        if (ftruncate(o->sfd, 0) < 0) { /* only space is at stake: the map says nothing is staged */
+        }
+        write_meta(o, NULL);
+        pthread_rwlock_unlock(&o->state);
+    }
+    pthread_mutex_unlock(&o->pub);
+    return ret;
+}

@@ -1,0 +1,166 @@
+/* s3_int.h: what the files of the s3 plugin share: growable strings, the SigV4
+ * signer (sigv4.c), the HTTP client with its handle pool (http.c), the block
+ * cache (cache.c), and the configuration. */
+#ifndef QCOWD_S3_INT_H
+#define QCOWD_S3_INT_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- sbuf.c: a growable, always NUL-terminated byte string ---- */
+
+struct sbuf {
+    char *p;    /* NULL until the first append */
+    size_t len; /* bytes, without the NUL */
+    size_t cap;
+    int oom;    /* an append failed: p is incomplete */
+};
+
+void sbuf_add(struct sbuf *b, const void *data, size_t n);
+void sbuf_puts(struct sbuf *b, const char *s);
+void sbuf_printf(struct sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void sbuf_free(struct sbuf *b);
+/* The string ("" when empty); NULL when an append ran out of memory. Borrowed. */
+const char *sbuf_str(struct sbuf *b);
+
+/* Append s percent-encoded as SigV4 wants (RFC 3986 unreserved kept, hex upper
+ * case); '/' is kept when keep_slash (object keys in paths). */
+void s3_uri_encode(struct sbuf *b, const char *s, int keep_slash);
+
+/* The text between the first <tag> and </tag> at or after *pos in xml, XML
+ * entities decoded, into a new string (free()); *pos moves past it. NULL when
+ * there is none (or on ENOMEM). */
+char *s3_xml_next(const char *xml, const char *tag, const char **pos);
+/* The same, the text left as it is (for an element holding elements). */
+char *s3_xml_raw(const char *xml, const char *tag, const char **pos);
+
+/* ---- sigv4.c: AWS Signature Version 4 ---- */
+
+struct s3_hdr {
+    const char *name;  /* any case; signed in lower case */
+    const char *value; /* trimmed and inner runs of spaces folded when signed */
+};
+
+struct s3_param {
+    const char *name; /* raw (not encoded) */
+    const char *value; /* raw; "" gives "name=" */
+};
+
+struct s3_sign_in {
+    const char *method;
+    const char *path;  /* the canonical, already encoded path: "/bucket/key" */
+    const struct s3_param *params; /* query parameters, any order */
+    size_t nparams;
+    const struct s3_hdr *hdrs; /* every header to sign, host and x-amz-date included */
+    size_t nhdrs;
+    const char *payload_hash; /* hex SHA-256 of the body, or "UNSIGNED-PAYLOAD" */
+    const char *amz_date;     /* YYYYMMDDTHHMMSSZ */
+    const char *region, *service, *access_key, *secret_key;
+};
+
+/* The canonical query string of params (sorted by encoded name, then value). */
+void s3_canonical_query(struct sbuf *out, const struct s3_param *params, size_t n);
+
+/* The Authorization header value for in, and (when not NULL) the canonical
+ * request and the string to sign, for tests. 0, or -ENOMEM/-EINVAL. */
+int s3_sigv4_sign(const struct s3_sign_in *in, struct sbuf *auth, struct sbuf *creq, struct sbuf *sts);
+
+/* Lower-case hex SHA-256 of data into out[65]. */
+void s3_sha256_hex(const void *data, size_t n, char out[65]);
+
+/* ---- config.c ---- */
+
+struct s3_conf {
+    char *endpoint;    /* "http://host:port", no trailing '/' */
+    char *region;      /* default us-east-1 */
+    char *access_key, *secret_key;
+    char *staging_dir; /* local staging files of objects open for writing */
+    uint64_t block_size;   /* read cache block (default 256 KiB) */
+    uint64_t cache_bytes;  /* block cache bound (default 64 MiB) */
+    uint64_t readahead;    /* largest read-ahead window (default 8 MiB) */
+    uint64_t part_size;    /* multipart part size (default 8 MiB, at least 5 MiB) */
+    uint64_t staging_max;  /* dirty bytes per object before an early publish (default 1 GiB) */
+    uint64_t copy_max;     /* largest CopyObject; larger copies go in parts of this size (default 5 GiB) */
+    unsigned connections;  /* easy handles in the pool = requests in flight (default 8) */
+    unsigned retries;      /* extra attempts for 5xx, throttling, transport errors (default 4) */
+    long connect_timeout_ms; /* default 5000 */
+    long timeout_ms;       /* no progress for this long: a timeout (default 30000) */
+};
+
+extern struct s3_conf s3_conf;
+
+/* Fill unset fields from the environment and defaults, once; 0 or -errno with a
+ * message (no endpoint, no credentials). Thread-safe. */
+int s3_conf_ready(void);
+int s3_conf_set(const char *key, const char *value);
+
+/* ---- http.c ---- */
+
+/* Counters for .stats, all atomics. */
+enum s3_op { S3_OP_GET, S3_OP_HEAD, S3_OP_PUT, S3_OP_PART, S3_OP_COPY, S3_OP_LIST, S3_OP_DELETE,
+             S3_OP_OTHER, S3_OP_COUNT };
+struct s3_stats {
+    atomic_ullong requests[S3_OP_COUNT];
+    atomic_ullong bytes_in;   /* response bodies received */
+    atomic_ullong bytes_out;  /* request bodies sent */
+    atomic_ullong retries;
+    atomic_ullong errors;
+    atomic_ullong cache_hits, cache_misses;  /* blocks */
+    atomic_ullong copied_bytes;  /* copied server-side by UploadPartCopy/CopyObject */
+    atomic_ullong publishes;
+};
+extern struct s3_stats s3_stats;
+extern const char *const s3_op_names[S3_OP_COUNT];
+
+struct s3_req {
+    /* in */
+    enum s3_op op;
+    const char *method;
+    const char *bucket;
+    const char *key;   /* NULL or "" for bucket requests */
+    const struct s3_param *params;
+    size_t nparams;
+    const struct s3_hdr *hdrs; /* extra headers, signed */
+    size_t nhdrs;
+    const void *body;
+    size_t body_len;
+    void *into;        /* GET: the body goes here (at most into_cap bytes) ... */
+    size_t into_cap;
+    int quiet_404;     /* a 404 is an answer, not an error to count */
+    /* out */
+    long status;
+    struct sbuf text;  /* ... else here */
+    size_t into_len;
+    char etag[128];
+    char last_modified[64];
+    uint64_t content_length;
+    int status_ok_hint; /* the response being received is a 2xx (body goes to into) */
+};
+
+/* Run r with retries. 0 when the server answered 2xx; else a negative errno with
+ * a message naming what (e.g. "GET s3://b/k") and the cause: -EACCES (403: wrong
+ * key or secret), -ENOENT (404; "no such bucket" when the server says so),
+ * -ECONNREFUSED / -EHOSTUNREACH (endpoint unreachable), -ETIMEDOUT, -EAGAIN
+ * (throttled after every retry), -EREMOTEIO (5xx after every retry), -ESTALE
+ * (412), -EOPNOTSUPP (501), -EPROTO (another 4xx). r->status is set whenever
+ * the server answered. Thread-safe: takes a handle from the pool. */
+int s3_http(struct s3_req *r, const char *what);
+void s3_req_free(struct s3_req *r);
+/* Free the pool (at exit). */
+void s3_http_cleanup(void);
+
+/* ---- cache.c: the shared block cache ---- */
+
+/* A new generation id: one per open object version. */
+uint64_t s3_cache_gen(void);
+/* Copy block idx of gen into buf if cached: returns its length, or -1. */
+long s3_cache_get(uint64_t gen, uint64_t idx, void *buf);
+/* Insert (replaces); evicts least recently used blocks past the bound. */
+/* Whether block idx of gen is cached (no LRU update, no counting). */
+int s3_cache_has(uint64_t gen, uint64_t idx);
+void s3_cache_put(uint64_t gen, uint64_t idx, const void *data, size_t len);
+/* Drop blocks [first, last] of gen (last UINT64_MAX: to the end). */
+void s3_cache_drop(uint64_t gen, uint64_t first, uint64_t last);
+
+#endif

@@ -1,0 +1,63 @@
+/* s3_obj.h: an open object (object.c) and the store-level helpers it shares
+ * with the plugin table (s3.c). */
+#ifndef QCOWD_S3_OBJ_H
+#define QCOWD_S3_OBJ_H
+
+#include <stdint.h>
+
+#include "vfs_plugin.h"
+
+/* A path as the plugin gets it ("//bucket/key" or "bucket/key"), split. */
+struct s3_name {
+    char *bucket;
+    char *key; /* "" for the bucket itself */
+    char *uri; /* "s3://bucket/key", for messages */
+};
+
+/* Split path; 0 or -EINVAL (no bucket) / -ENOMEM with a message. */
+int s3_name_parse(const char *path, struct s3_name *n);
+void s3_name_free(struct s3_name *n);
+
+/* What HEAD says of an object. */
+struct s3_head {
+    uint64_t size;
+    int64_t mtime;
+    char etag[128];
+};
+
+/* A vfs_stat version for an ETag (FNV-1a; never 0). */
+uint64_t s3_etag_version(const char *etag);
+
+/* HEAD the object: 0, or -ENOENT with a message telling a missing bucket from a
+ * missing object, or the request's error. */
+int s3_head_object(const struct s3_name *n, struct s3_head *h);
+/* HEAD the bucket: 0, -ENOENT ("bucket does not exist") or the request's error. */
+int s3_head_bucket(const struct s3_name *n);
+
+/* The object ops (object.c). */
+int s3_obj_open(const char *path, unsigned flags, void **handle);
+void s3_obj_close(void *h);
+int s3_obj_pread(void *h, void *buf, size_t len, uint64_t off);
+int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off);
+int s3_obj_flush(void *h);
+int s3_obj_size(void *h, uint64_t *size);
+int s3_obj_truncate(void *h, uint64_t size);
+/* The object at n is being removed or renamed away: handles open on it keep
+ * reading what they had, but nothing of theirs is published any more, and a
+ * new open of the key starts afresh. */
+void s3_obj_forget(const struct s3_name *n);
+
+/* ---- mpu.c: multipart upload requests; each returns 0 or -errno with a message ---- */
+
+/* Start one on n: *id is a new string (free()). */
+int s3_mpu_start(const struct s3_name *n, char **id);
+/* Part partno (1-based) is bytes [s, e) of src, copied by the store. */
+int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, const struct s3_name *src,
+                     uint64_t s, uint64_t e, char *etag, size_t cap);
+/* Complete with the parts' ETags; *etag gets the new object's. */
+int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
+                    size_t cap);
+/* Abort (best effort; the thread's error message is kept). */
+void s3_mpu_abort(const struct s3_name *n, const char *id);
+
+#endif
