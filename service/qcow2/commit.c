@@ -365,9 +365,12 @@ static int empty_top(struct qcow2_image *img)
             l1_mark(img, i);
         }
     }
-    /* the L1 durable, then the lowered refcounts, then the free tail goes */
+    /* the L1 durable, then the lowered refcounts, then the free tail goes (one
+     * truncate instead of a hole punched per freed cluster) */
+    img->keep_freed = true;
     for (int k = 0; k < 2 && ret == 0; k++)
         ret = meta_flush(img);
+    img->keep_freed = false;
     if (ret == 0)
         ret = trim_file(img);
     return ret;

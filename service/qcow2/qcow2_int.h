@@ -229,6 +229,7 @@ struct qcow2_image {
     bool bm_loaded;              /* tracking set up by the first write */
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
     uint64_t repair_n;
+    bool keep_freed;             /* freed clusters are not discarded (a truncate follows) */
 };
 
 /* ---- index helpers ---- */
