@@ -2,6 +2,7 @@
  * allocate into the base, then empty the top image so its reads fall through. */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,7 +23,6 @@ struct commit {
     struct qcow2_image *base;   /* our read-write handle on base */
     const struct qcow2_commit_opts *o;
     uint64_t done, total;
-    unsigned char *buf;
 };
 
 /* ---- finding base ---- */
@@ -147,52 +147,139 @@ static int zero_base(struct commit *c, uint64_t off, uint64_t len)
     return 0;
 }
 
-static int copy_run(struct commit *c, enum above kind, uint64_t off, uint64_t len)
-{
-    int ret;
-    if (kind == ABOVE_ZERO) {
-        ret = zero_base(c, off, len);
-    } else {
-        ret = qcow2_pread(c->top, c->buf, len, off);
-        if (ret == 0)
-            ret = qcow2_pwrite(c->base, c->buf, len, off);
-    }
-    if (ret < 0)
-        return ret;
-    c->done += len;
-    return report(c);
-}
+/* ---- the copy: a reader thread fills buffers from top, this thread writes ---- */
 
-/* Copy every range the images above base allocate, in runs of one kind of at
- * most CHUNK bytes (zero runs may be longer: they move no data). */
-static int copy_all(struct commit *c)
+#define NSLOTS 3
+
+struct run {
+    enum above kind;
+    uint64_t off, len;    /* len 0: the end */
+};
+
+struct slot {
+    struct run r;
+    unsigned char *buf;   /* CHUNK bytes: the data of an ABOVE_DATA run */
+    int ret;              /* the reader's error, and its message */
+    char msg[ERR_MSG_MAX];
+    bool full;            /* filled by the reader, not yet written */
+};
+
+struct pipeline {
+    struct commit *c;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct slot slots[NSLOTS];
+    unsigned head, tail;  /* next slot to fill, next to write */
+    bool stop;            /* the writer gave up: the reader ends */
+};
+
+/* The next run of one kind from *pos on: data runs of at most CHUNK bytes, zero
+ * runs of any length (they move no data); len 0 at the end of the disk. */
+static int next_run(struct commit *c, uint64_t *pos, struct run *r)
 {
-    uint64_t size = c->top->size, run_off = 0, run_len = 0;
-    enum above run_kind = ABOVE_NONE;
-    int ret = report(c);
-    for (uint64_t off = 0; off < size && ret == 0;) {
+    uint64_t size = c->top->size;
+    r->len = 0;
+    while (*pos < size) {
+        uint64_t want = size - *pos < CHUNK ? size - *pos : CHUNK;
         enum above k;
         uint64_t n;
-        uint64_t want = size - off;
-        if (want > CHUNK)
-            want = CHUNK;
-        if ((ret = status_locked(c, off, want, &k, &n)) < 0)
-            break;
-        if (run_len && (k != run_kind || (k == ABOVE_DATA && run_len + n > CHUNK))) {
-            ret = copy_run(c, run_kind, run_off, run_len);
-            run_len = 0;
-        }
-        if (ret == 0 && k != ABOVE_NONE) {
-            if (!run_len) {
-                run_off = off;
-                run_kind = k;
+        int ret = status_locked(c, *pos, want, &k, &n);
+        if (ret < 0)
+            return ret;
+        if (r->len && (k != r->kind || (k == ABOVE_DATA && r->len + n > CHUNK)))
+            return 0;
+        if (k != ABOVE_NONE) {
+            if (!r->len) {
+                r->off = *pos;
+                r->kind = k;
             }
-            run_len += n;
+            r->len += n;
         }
-        off += n;
+        *pos += n;
     }
-    if (ret == 0 && run_len)
-        ret = copy_run(c, run_kind, run_off, run_len);
+    return 0;
+}
+
+static void *reader(void *arg)
+{
+    struct pipeline *p = arg;
+    uint64_t pos = 0;
+    for (bool last = false; !last;) {
+        pthread_mutex_lock(&p->lock);
+        while (!p->stop && p->slots[p->head].full)
+            pthread_cond_wait(&p->cond, &p->lock);
+        bool stop = p->stop;
+        pthread_mutex_unlock(&p->lock);
+        if (stop)
+            break;
+        struct slot *s = &p->slots[p->head]; /* an empty slot is the reader's alone */
+        s->ret = next_run(p->c, &pos, &s->r);
+        if (s->ret == 0 && s->r.len && s->r.kind == ABOVE_DATA)
+            s->ret = qcow2_pread(p->c->top, s->buf, s->r.len, s->r.off);
+        if (s->ret < 0)
+            snprintf(s->msg, sizeof s->msg, "%s", err_msg(s->ret));
+        last = s->ret < 0 || !s->r.len;
+        pthread_mutex_lock(&p->lock);
+        s->full = true;
+        p->head = (p->head + 1) % NSLOTS;
+        pthread_cond_broadcast(&p->cond);
+        pthread_mutex_unlock(&p->lock);
+    }
+    return NULL;
+}
+
+/* Copy every range the images above base allocate: reading top overlaps writing
+ * base. Progress is reported after each run; a cancel stops at once. */
+static int copy_all(struct commit *c)
+{
+    struct pipeline p = {.c = c};
+    int ret = 0;
+    for (int i = 0; i < NSLOTS && ret == 0; i++)
+        if (!(p.slots[i].buf = malloc(CHUNK)))
+            ret = err_fail(ENOMEM, "out of memory");
+    if (ret == 0)
+        ret = report(c);
+    pthread_t t;
+    pthread_mutex_init(&p.lock, NULL);
+    pthread_cond_init(&p.cond, NULL);
+    bool started = false;
+    if (ret == 0 && !(started = pthread_create(&t, NULL, reader, &p) == 0))
+        ret = err_fail(EAGAIN, "cannot start the reading thread");
+    while (ret == 0) {
+        pthread_mutex_lock(&p.lock);
+        while (!p.slots[p.tail].full)
+            pthread_cond_wait(&p.cond, &p.lock);
+        pthread_mutex_unlock(&p.lock);
+        struct slot *s = &p.slots[p.tail];
+        if (s->ret < 0) {
+            ret = err_fail(-s->ret, "%s", s->msg);
+            break;
+        }
+        if (!s->r.len)
+            break;
+        ret = s->r.kind == ABOVE_ZERO ? zero_base(c, s->r.off, s->r.len)
+                                      : qcow2_pwrite(c->base, s->buf, s->r.len, s->r.off);
+        if (ret == 0) {
+            c->done += s->r.len;
+            ret = report(c);
+        }
+        pthread_mutex_lock(&p.lock);
+        s->full = false;
+        p.tail = (p.tail + 1) % NSLOTS;
+        pthread_cond_broadcast(&p.cond);
+        pthread_mutex_unlock(&p.lock);
+    }
+    if (started) {
+        pthread_mutex_lock(&p.lock);
+        p.stop = true;
+        pthread_cond_broadcast(&p.cond);
+        pthread_mutex_unlock(&p.lock);
+        pthread_join(t, NULL);
+    }
+    pthread_cond_destroy(&p.cond);
+    pthread_mutex_destroy(&p.lock);
+    for (int i = 0; i < NSLOTS; i++)
+        free(p.slots[i].buf);
     return ret;
 }
 
@@ -405,8 +492,6 @@ int qcow2_commit(struct qcow2_image *top, const struct qcow2_commit_opts *opts)
     if ((ret = qcow2_flush(top)) < 0)
         return ret;
     uint64_t gen = atomic_load(&top->write_gen);
-    if (!(c.buf = malloc(CHUNK)))
-        return err_fail(ENOMEM, "out of memory");
     bool touched = false;
     if ((ret = count_total(&c)) < 0 || (ret = open_base(&c)) < 0)
         goto out;
@@ -453,6 +538,5 @@ out:;
     }
     if (ret < 0)
         err_fail(-ret, "%s", msg);
-    free(c.buf);
     return ret;
 }

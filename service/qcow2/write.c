@@ -382,6 +382,34 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     return ret;
 }
 
+/* Whole clusters [off, off+k*cs) that this image owns, holding data at one run of
+ * host offsets, are overwritten in place by one write (overwrites, commits). */
+static int write_owned_run(struct qcow2_image *img, const unsigned char *buf, uint64_t off, uint64_t len, uint64_t *done)
+{
+    uint64_t cs = img->cluster_size;
+    struct l2_slice *s;
+    uint32_t idx;
+    *done = 0;
+    int ret = qcow2_l2_for_write(img, off, &s, &idx);
+    if (ret < 0)
+        return ret;
+    uint32_t per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
+    uint64_t first = s->entries[idx * img->l2_entry_words] & QCOW2_L2E_OFFSET_MASK, k = 0;
+    while (k < len / cs && idx + k < per_slice) {
+        uint64_t e = s->entries[(idx + k) * img->l2_entry_words];
+        uint64_t b = img->ext_l2 ? s->entries[(idx + k) * 2 + 1] : 0;
+        if (!(e & QCOW2_OFLAG_COPIED) || (e & (QCOW2_OFLAG_COMPRESSED | QCOW2_OFLAG_ZERO)) || !first ||
+            (e & QCOW2_L2E_OFFSET_MASK) != first + k * cs || (img->ext_l2 && b != ALL_ALLOC))
+            break;
+        k++;
+    }
+    if (k >= 2 && (ret = data_overlap_check(img, first, k * cs)) == 0 &&
+        (ret = vfs_pwrite(img->data, buf, k * cs, first)) == 0)
+        *done = k * cs;
+    l2_cache_put(img, s);
+    return ret;
+}
+
 static int check_writable(struct qcow2_image *img, uint64_t off, uint64_t len)
 {
     uint64_t end;
@@ -439,7 +467,9 @@ int qcow2_pwrite(struct qcow2_image *img, const void *vbuf, size_t len, uint64_t
     uint64_t cs = img->cluster_size;
     while (len && ret == 0) {
         uint64_t done = 0;
-        if (offset_into_cluster(img, off) == 0 && len >= 2 * cs && (ret = write_run(img, buf, off, len, &done)) < 0)
+        if (offset_into_cluster(img, off) == 0 && len >= 2 * cs &&
+            ((ret = write_run(img, buf, off, len, &done)) < 0 ||
+             (!done && (ret = write_owned_run(img, buf, off, len, &done)) < 0)))
             break;
         if (!done) {
             done = cs - offset_into_cluster(img, off);
