@@ -183,7 +183,7 @@ static int next_run(struct commit *c, uint64_t *pos, struct run *r)
         uint64_t want = size - *pos < CHUNK ? size - *pos : CHUNK;
         enum above k;
         uint64_t n;
-        int ret = status_locked(c, *pos, want, &k, &n);
+        int ret = above_status(c, *pos, want, &k, &n);
         if (ret < 0)
             return ret;
         if (r->len && (k != r->kind || (k == ABOVE_DATA && r->len + n > CHUNK)))
@@ -200,6 +200,8 @@ static int next_run(struct commit *c, uint64_t *pos, struct run *r)
     return 0;
 }
 
+/* The reading thread. It takes no lock of top: no writer may change top during
+ * the copy (qcow2_commit's contract), and it reads no byte of base. */
 static void *reader(void *arg)
 {
     struct pipeline *p = arg;
@@ -215,7 +217,7 @@ static void *reader(void *arg)
         struct slot *s = &p->slots[p->head]; /* an empty slot is the reader's alone */
         s->ret = next_run(p->c, &pos, &s->r);
         if (s->ret == 0 && s->r.len && s->r.kind == ABOVE_DATA)
-            s->ret = qcow2_pread(p->c->top, s->buf, s->r.len, s->r.off);
+            s->ret = qcow2_read_unlocked(p->c->top, s->buf, s->r.len, s->r.off);
         if (s->ret < 0)
             snprintf(s->msg, sizeof s->msg, "%s", err_msg(s->ret));
         last = s->ret < 0 || !s->r.len;
@@ -257,8 +259,13 @@ static int copy_all(struct commit *c)
         }
         if (!s->r.len)
             break;
+        /* readers of top reach base through top's own handle, which may load an L2
+         * table of base while this write changes it: they wait (the reading thread
+         * here does not: it reads only what top and the images in between hold) */
+        pthread_rwlock_wrlock(&c->top->rwlock);
         ret = s->r.kind == ABOVE_ZERO ? zero_base(c, s->r.off, s->r.len)
                                       : qcow2_pwrite(c->base, s->buf, s->r.len, s->r.off);
+        pthread_rwlock_unlock(&c->top->rwlock);
         if (ret == 0) {
             c->done += s->r.len;
             ret = report(c);
@@ -496,19 +503,33 @@ int qcow2_commit(struct qcow2_image *top, const struct qcow2_commit_opts *opts)
     if ((ret = count_total(&c)) < 0 || (ret = open_base(&c)) < 0)
         goto out;
     touched = true;
-    if (top->size > c.base->size && (ret = grow_base(c.base, top->size)) < 0)
+    /* top's own handle on base keeps cached L2 entries until it is refreshed at the
+     * end: no cluster base gives up may be reused before then */
+    c.base->defer_frees = true;
+    ret = top->size > c.base->size ? grow_base(c.base, top->size) : 0;
+    if (ret == 0)
+        ret = copy_all(&c);
+    /* base's data durable (the long flush) while readers of top go on */
+    if (ret == 0)
+        ret = qcow2_flush(c.base);
+    if (ret < 0) {
+        c.base->defer_frees = false;
         goto out;
-    if ((ret = copy_all(&c)) < 0)
-        goto out;
-    /* base durable (and closed cleanly) before anything in top changes */
+    }
+    /* then, with top's readers held off, base frees (and may punch holes in) what
+     * it gave up, is closed cleanly, and top's handle on base is refreshed: all
+     * before anything in top changes */
+    pthread_rwlock_wrlock(&top->rwlock);
+    c.base->defer_frees = false;
     ret = qcow2_flush(c.base);
     int cr = qcow2_close(c.base);
     c.base = NULL;
     if (ret == 0)
         ret = cr;
-    if (ret < 0)
+    if (ret < 0) {
+        pthread_rwlock_unlock(&top->rwlock);
         goto out;
-    pthread_rwlock_wrlock(&top->rwlock);
+    }
     touched = false;
     ret = qcow2_refresh_layer(c.below);
     if (ret == 0 && empty) {
@@ -526,15 +547,18 @@ out:;
     /* clean up without losing the message of what failed */
     char msg[ERR_MSG_MAX];
     snprintf(msg, sizeof msg, "%s", ret < 0 ? err_msg(ret) : "");
-    if (c.base) {
-        qcow2_flush(c.base);
-        qcow2_close(c.base);
-    }
     if (touched) {
         /* base changed under top's handle: top must see it as it now is */
         pthread_rwlock_wrlock(&top->rwlock);
+        if (c.base) {
+            c.base->defer_frees = false;
+            qcow2_flush(c.base);
+            qcow2_close(c.base);
+        }
         qcow2_refresh_layer(c.below);
         pthread_rwlock_unlock(&top->rwlock);
+    } else if (c.base) {
+        qcow2_close(c.base);
     }
     if (ret < 0)
         err_fail(-ret, "%s", msg);

@@ -230,6 +230,7 @@ struct qcow2_image {
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
     uint64_t repair_n;
     bool keep_freed;             /* freed clusters are not discarded (a truncate follows) */
+    bool defer_frees;            /* pending frees wait (a commit: other handles may still read them) */
 };
 
 /* ---- index helpers ---- */

@@ -426,7 +426,7 @@ static int check_writable(struct qcow2_image *img, uint64_t off, uint64_t len)
 /* Keep the cache from filling with dirty slices (readers never write them back). */
 static int after_write(struct qcow2_image *img)
 {
-    if (img->cache.ndirty * 2 >= img->cache.nslots || img->npending > 4096)
+    if (img->cache.ndirty * 2 >= img->cache.nslots || (img->npending > 4096 && !img->defer_frees))
         return meta_flush(img);
     return 0;
 }

@@ -128,6 +128,8 @@ START_TEST(keep_top_leaves_its_data)
 }
 END_TEST
 
+static atomic_bool copy_over; /* the copy is over (emptying top may still run) */
+
 struct prog {
     uint64_t calls, last_done, last_total, cancel_at;
     bool went_back;
@@ -142,6 +144,8 @@ static int progress(void *opaque, uint64_t done, uint64_t total)
     p->calls++;
     p->last_done = done;
     p->last_total = total;
+    if (done >= total)
+        atomic_store(&copy_over, true);
     if (p->pause_us)
         usleep(p->pause_us); /* a paused job blocks here */
     return p->cancel_at && done >= p->cancel_at;
@@ -206,6 +210,8 @@ struct reader_arg {
     char failure[200];
 };
 
+static atomic_bool commit_over;
+
 static void *read_loop(void *arg)
 {
     struct reader_arg *r = arg;
@@ -216,7 +222,8 @@ static void *read_loop(void *arg)
         uint64_t off = (s >> 4) % (SIZE - MiB), len = 1 + (s >> 8) % MiB;
         int ret = qcow2_pread(r->img, buf, len, off);
         if (ret < 0)
-            snprintf(r->failure, sizeof r->failure, "read at %llu: %s", (unsigned long long)off, err_msg(ret));
+            snprintf(r->failure, sizeof r->failure, "read at %llu (%s the commit): %s", (unsigned long long)off,
+                     atomic_load(&commit_over) ? "after" : atomic_load(&copy_over) ? "at the end of" : "during", err_msg(ret));
         else if (memcmp(buf, expect + off, len))
             snprintf(r->failure, sizeof r->failure, "read at %llu+%llu differs", (unsigned long long)off,
                      (unsigned long long)len);
@@ -226,9 +233,42 @@ static void *read_loop(void *arg)
     return NULL;
 }
 
-START_TEST(readers_of_top_see_the_same_bytes_during_a_commit)
+/* Base of compressed 64 KiB clusters, top of 4 KiB clusters writing pieces of
+ * them: the commit rewrites (copies) base's compressed clusters and gives their
+ * bytes back, while readers of top still read the rest through their cached view. */
+static void make_compressed_chain(void)
 {
-    make_chain();
+    vfs_remove("mem:c/base.qcow2");
+    vfs_remove("mem:c/top.qcow2");
+    struct qcow2_create_opts bo = {.size = SIZE};
+    ck_assert_int_eq(qcow2_create("mem:c/base.qcow2", &bo), 0);
+    struct qcow2_image *b = open_rw("mem:c/base.qcow2");
+    unsigned char *buf = malloc(MiB);
+    for (uint64_t off = 0; off < SIZE; off += 65536) {
+        fill(buf, 65536, (unsigned)(off >> 16) % 7); /* compressible: few distinct clusters */
+        ck_assert_int_eq(qcow2_pwrite_compressed(b, buf, 65536, off), 0);
+    }
+    ck_assert_int_eq(qcow2_close(b), 0);
+    struct qcow2_create_opts to = {.size = SIZE, .cluster_size = 4096, .backing_file = "base.qcow2",
+                                   .backing_format = "qcow2"};
+    ck_assert_int_eq(qcow2_create("mem:c/top.qcow2", &to), 0);
+    struct qcow2_image *t = open_rw("mem:c/top.qcow2");
+    fill(buf, 4096, 9);
+    for (uint64_t off = 8192; off < SIZE; off += 65536)
+        ck_assert_int_eq(qcow2_pwrite(t, buf, 4096, off), 0);
+    ck_assert_int_eq(qcow2_close(t), 0);
+    free(buf);
+    struct qcow2_image *v;
+    ck_assert_int_eq(qcow2_open("mem:c/top.qcow2", NULL, &v), 0);
+    free(expect);
+    expect = malloc(SIZE);
+    ck_assert_int_eq(qcow2_pread(v, expect, SIZE, 0), 0);
+    qcow2_close(v);
+}
+
+static void readers_during_commit(void (*make)(void))
+{
+    make();
     struct qcow2_image *t = open_rw("mem:c/top.qcow2");
     struct reader_arg r[2] = {{.img = t, .seed = 1}, {.img = t, .seed = 2}};
     pthread_t tid[2];
@@ -236,7 +276,10 @@ START_TEST(readers_of_top_see_the_same_bytes_during_a_commit)
         ck_assert_int_eq(pthread_create(&tid[i], NULL, read_loop, &r[i]), 0);
     struct prog p = {.pause_us = 2000};
     struct qcow2_commit_opts o = {.progress = progress, .opaque = &p};
+    atomic_store(&commit_over, false);
+    atomic_store(&copy_over, false);
     int ret = qcow2_commit(t, &o);
+    atomic_store(&commit_over, true);
     usleep(20000); /* and after it, through the refreshed base */
     for (int i = 0; i < 2; i++) {
         atomic_store(&r[i].stop, true);
@@ -247,6 +290,17 @@ START_TEST(readers_of_top_see_the_same_bytes_during_a_commit)
     ck_assert_msg(ret == 0, "commit: %s", err_msg(ret));
     assert_reads_as_before(t, "top");
     qcow2_close(t);
+}
+
+START_TEST(readers_of_top_see_the_same_bytes_during_a_commit)
+{
+    readers_during_commit(make_chain);
+}
+END_TEST
+
+START_TEST(readers_see_the_same_bytes_while_compressed_base_clusters_are_rewritten)
+{
+    readers_during_commit(make_compressed_chain);
 }
 END_TEST
 
@@ -260,6 +314,7 @@ static Suite *suite(void)
     tcase_add_test(tc, cancel_midway_leaves_top_as_before);
     tcase_add_test(tc, errors_leave_everything_as_it_was);
     tcase_add_test(tc, readers_of_top_see_the_same_bytes_during_a_commit);
+    tcase_add_test(tc, readers_see_the_same_bytes_while_compressed_base_clusters_are_rewritten);
     suite_add_tcase(s, tc);
     return s;
 }
