@@ -35,6 +35,17 @@ static struct qcow2_image *open_rw(const char *uri)
     return img;
 }
 
+/* Top's view, as it is now, into `expect`. */
+static void load_expect(void)
+{
+    struct qcow2_image *v;
+    ck_assert_int_eq(qcow2_open("mem:c/top.qcow2", NULL, &v), 0);
+    free(expect);
+    expect = malloc(SIZE);
+    ck_assert_int_eq(qcow2_pread(v, expect, SIZE, 0), 0);
+    qcow2_close(v);
+}
+
 /* mem:c/base.qcow2 (data everywhere, 16 MiB) <- mem:c/top.qcow2 (24 MiB: data,
  * zeroes, discards, a tail past base's end). Fills `expect`. */
 static void make_chain(void)
@@ -59,12 +70,7 @@ static void make_chain(void)
     ck_assert_int_eq(qcow2_discard(t, 14 * MiB, 512 * 1024), 0);
     ck_assert_int_eq(qcow2_close(t), 0);
     free(buf);
-    struct qcow2_image *v;
-    ck_assert_int_eq(qcow2_open("mem:c/top.qcow2", NULL, &v), 0);
-    free(expect);
-    expect = malloc(SIZE);
-    ck_assert_int_eq(qcow2_pread(v, expect, SIZE, 0), 0);
-    qcow2_close(v);
+    load_expect();
 }
 
 static void assert_reads_as_before(struct qcow2_image *img, const char *what)
@@ -258,12 +264,7 @@ static void make_compressed_chain(void)
         ck_assert_int_eq(qcow2_pwrite(t, buf, 4096, off), 0);
     ck_assert_int_eq(qcow2_close(t), 0);
     free(buf);
-    struct qcow2_image *v;
-    ck_assert_int_eq(qcow2_open("mem:c/top.qcow2", NULL, &v), 0);
-    free(expect);
-    expect = malloc(SIZE);
-    ck_assert_int_eq(qcow2_pread(v, expect, SIZE, 0), 0);
-    qcow2_close(v);
+    load_expect();
 }
 
 static void readers_during_commit(void (*make)(void))
