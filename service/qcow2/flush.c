@@ -57,7 +57,7 @@ int meta_flush(struct qcow2_image *img)
     if (!img->rw)
         return 0;
     /* nothing written since the last flush: no I/O at all */
-    if (!img->unsynced && !img->cache.ndirty && !img->npending && !rc_dirty(img) &&
+    if (!img->unsynced && !img->cache.ndirty && (!img->npending || img->defer_frees) && !rc_dirty(img) &&
         img->l1_dirty_hi <= img->l1_dirty_lo)
         return 0;
     int ret = rc_writeback(img);
@@ -72,7 +72,7 @@ int meta_flush(struct qcow2_image *img)
     }
     if (ret == 0)
         ret = qcow2_sync(img, img->file);
-    if (ret < 0)
+    if (ret < 0 || img->defer_frees)
         return ret;
     size_t n = img->npending;
     img->npending = 0;

@@ -232,5 +232,34 @@ int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, 
  * Raw images have none. Thread-safe. */
 int qcow2_bitmap_list(struct qcow2_image *img, struct qcow2_bitmap_info **out, uint32_t *n);
 void qcow2_bitmap_list_free(struct qcow2_bitmap_info *list, uint32_t n);
+/* ---- commit (qemu-img commit) ---- */
+
+/* Progress of a long operation: called on the working thread with the bytes done
+ * and the total; a non-zero return stops the operation, which then returns
+ * -ECANCELED. The callback may block (that is how a job pauses). */
+typedef int (*qcow2_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+struct qcow2_commit_opts {
+    const char *base;   /* NULL: top's backing file. Else an image further down top's
+                           chain, named as the backing_file field that points at it or
+                           by its resolved URI/path. */
+    bool keep_top;      /* qemu-img commit -d: leave top's data in place */
+    qcow2_progress_fn progress; /* may be NULL */
+    void *opaque;
+};
+/* Commit top (opened read-write) into base. On success top's guest view is
+ * unchanged and base holds the data; on any failure, cancel or crash, top's
+ * guest view is still exactly as before. Returns 0 or a negative errno with
+ * err_msg() set (-EINVAL no backing / unknown base, -ECANCELED, -EROFS ...).
+ * What is copied: every range some image above base allocates (data, or zeroes:
+ * base then reads zeroes there); base grows to top's size when smaller. Top is
+ * emptied (its clusters unallocated, so reads fall through to base) only when
+ * base is top's own backing file and keep_top is false: with a base further
+ * down, top and the images in between stay as they are (as qemu-img commit -b),
+ * and the images in between no longer read as before. Readers of top may run
+ * meanwhile; writers of top must wait for the commit (the caller keeps them off;
+ * a write seen before emptying fails the commit with -EBUSY, top intact). Top's
+ * handle on base is refreshed at the end (also after a failure). */
+int qcow2_commit(struct qcow2_image *top, const struct qcow2_commit_opts *o);
 
 #endif

@@ -20,7 +20,7 @@ static uint64_t sc_bits_range(unsigned a, unsigned b) /* subclusters a..b inclus
     return m & ~((1ull << a) - 1);
 }
 
-static void l1_mark(struct qcow2_image *img, uint32_t i)
+void l1_mark(struct qcow2_image *img, uint32_t i)
 {
     if (img->l1_dirty_hi <= img->l1_dirty_lo) {
         img->l1_dirty_lo = i;
@@ -184,7 +184,7 @@ static bool reads_zero(struct qcow2_image *img, uint64_t l2e, uint64_t cl)
 }
 
 /* Drop the reference l2e holds (after the new entry is on disk). */
-static int release_entry(struct qcow2_image *img, uint64_t l2e)
+int release_entry(struct qcow2_image *img, uint64_t l2e)
 {
     if (l2e & QCOW2_OFLAG_COMPRESSED) {
         uint64_t coff = l2e & img->coffset_mask;
@@ -382,6 +382,34 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     return ret;
 }
 
+/* Whole clusters [off, off+k*cs) that this image owns, holding data at one run of
+ * host offsets, are overwritten in place by one write (overwrites, commits). */
+static int write_owned_run(struct qcow2_image *img, const unsigned char *buf, uint64_t off, uint64_t len, uint64_t *done)
+{
+    uint64_t cs = img->cluster_size;
+    struct l2_slice *s;
+    uint32_t idx;
+    *done = 0;
+    int ret = qcow2_l2_for_write(img, off, &s, &idx);
+    if (ret < 0)
+        return ret;
+    uint32_t per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
+    uint64_t first = s->entries[idx * img->l2_entry_words] & QCOW2_L2E_OFFSET_MASK, k = 0;
+    while (k < len / cs && idx + k < per_slice) {
+        uint64_t e = s->entries[(idx + k) * img->l2_entry_words];
+        uint64_t b = img->ext_l2 ? s->entries[(idx + k) * 2 + 1] : 0;
+        if (!(e & QCOW2_OFLAG_COPIED) || (e & (QCOW2_OFLAG_COMPRESSED | QCOW2_OFLAG_ZERO)) || !first ||
+            (e & QCOW2_L2E_OFFSET_MASK) != first + k * cs || (img->ext_l2 && b != ALL_ALLOC))
+            break;
+        k++;
+    }
+    if (k >= 2 && (ret = data_overlap_check(img, first, k * cs)) == 0 &&
+        (ret = vfs_pwrite(img->data, buf, k * cs, first)) == 0)
+        *done = k * cs;
+    l2_cache_put(img, s);
+    return ret;
+}
+
 static int check_writable(struct qcow2_image *img, uint64_t off, uint64_t len)
 {
     uint64_t end;
@@ -398,7 +426,7 @@ static int check_writable(struct qcow2_image *img, uint64_t off, uint64_t len)
 /* Keep the cache from filling with dirty slices (readers never write them back). */
 static int after_write(struct qcow2_image *img)
 {
-    if (img->cache.ndirty * 2 >= img->cache.nslots || img->npending > 4096)
+    if (img->cache.ndirty * 2 >= img->cache.nslots || (img->npending > 4096 && !img->defer_frees))
         return meta_flush(img);
     return 0;
 }
@@ -439,7 +467,9 @@ int qcow2_pwrite(struct qcow2_image *img, const void *vbuf, size_t len, uint64_t
     uint64_t cs = img->cluster_size;
     while (len && ret == 0) {
         uint64_t done = 0;
-        if (offset_into_cluster(img, off) == 0 && len >= 2 * cs && (ret = write_run(img, buf, off, len, &done)) < 0)
+        if (offset_into_cluster(img, off) == 0 && len >= 2 * cs &&
+            ((ret = write_run(img, buf, off, len, &done)) < 0 ||
+             (!done && (ret = write_owned_run(img, buf, off, len, &done)) < 0)))
             break;
         if (!done) {
             done = cs - offset_into_cluster(img, off);

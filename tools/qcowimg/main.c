@@ -37,6 +37,8 @@ static const char usage[] =
     "                          change persistent dirty bitmaps\n"
     "  dirty [--output=human|json] IMG BITMAP\n"
     "                          list the runs a persistent dirty bitmap marks dirty or clean\n"
+    "  commit [-b BASE] [-d] [-p] IMG\n"
+    "                          write IMG's data into its backing file (or BASE further down), then empty IMG\n"
     "\n"
     "FMT is qcow2 (the default) or raw; a file without the qcow2 magic is raw only with -f raw.\n"
     "Relative backing and data file names resolve against the image's own folder.\n"
@@ -113,6 +115,7 @@ int main(int argc, char **argv)
         {"create", cmd_create}, {"write", cmd_write}, {"zero", cmd_zero},     {"discard", cmd_discard},
         {"check", cmd_check}, {"snapshot", cmd_snapshot},
         {"bitmap", cmd_bitmap}, {"dirty", cmd_dirty},
+        {"commit", cmd_commit},
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(cmd, cmds[i].name))

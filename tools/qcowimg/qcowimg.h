@@ -31,6 +31,7 @@ int cmd_check(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
 int cmd_bitmap(int argc, char **argv);
 int cmd_dirty(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
 /* qemu-img's "Snapshot list:" table. */
 void print_snapshot_table(const struct qcow2_info *in);
 /* Parse qemu-img's -o key=value,... create options into *o (s is modified). */
