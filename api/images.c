@@ -20,7 +20,7 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 /* ---- info ---- */
 
-static json_t *snapshots_json(const struct qcow2_info *in)
+json_t *api_snapshots_json(const struct qcow2_info *in)
 {
     json_t *a = json_array();
     for (uint32_t i = 0; a && i < in->nb_snapshots; i++) {
@@ -78,7 +78,7 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
         json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
     if (in->crypt_method)
         json_object_set_new(o, "encrypted", json_true());
-    json_object_set_new(o, "snapshots", snapshots_json(in));
+    json_object_set_new(o, "snapshots", api_snapshots_json(in));
     json_t *d = json_object();
     json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
     json_object_set_new(d, "compression-type", json_string(in->compression));
@@ -146,7 +146,9 @@ enum MHD_Result api_images_list(struct req *r, char **args)
 /* ---- data ---- */
 
 struct data_stream {
-    struct catalog_image *ci;
+    struct catalog_image *ci;  /* released at the end, or NULL */
+    struct qcow2_image *img;   /* what is read */
+    struct qcow2_image *own;   /* a private image closed at the end, or NULL */
     struct req *r;  /* for the byte count; valid while MHD calls the reader */
     uint64_t start; /* guest offset of the body's first byte */
     uint64_t len;   /* body bytes */
@@ -159,9 +161,9 @@ static ssize_t data_read(void *cls, uint64_t pos, char *buf, size_t max)
         return MHD_CONTENT_READER_END_OF_STREAM;
     if (max > ds->len - pos)
         max = (size_t)(ds->len - pos);
-    int ret = qcow2_pread(catalog_image_qcow2(ds->ci), buf, max, ds->start + pos);
+    int ret = qcow2_pread(ds->img, buf, max, ds->start + pos);
     if (ret < 0) {
-        fprintf(stderr, "qcowd: %s: read at %llu: %s\n", catalog_image_name(ds->ci),
+        fprintf(stderr, "qcowd: %s: read at %llu: %s\n", qcow2_get_info(ds->img)->uri,
                 (unsigned long long)(ds->start + pos), err_msg(ret));
         return MHD_CONTENT_READER_END_WITH_ERROR;
     }
@@ -173,6 +175,7 @@ static void data_free(void *cls)
 {
     struct data_stream *ds = cls;
     catalog_put(ds->ci);
+    qcow2_close(ds->own);
     free(ds);
 }
 
@@ -182,13 +185,20 @@ enum MHD_Result api_image_data(struct req *r, char **args)
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
-    uint64_t size = qcow2_size(catalog_image_qcow2(ci)), start = 0, len = size;
+    return api_send_data(r, catalog_image_qcow2(ci), ci, NULL);
+}
+
+enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct catalog_image *ci,
+                              struct qcow2_image *own)
+{
+    uint64_t size = qcow2_size(img), start = 0, len = size;
     char cr[96];
     const char *range = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
     if (range) {
         int ret = api_parse_range(range, size, &start, &len);
         if (ret < 0) {
             catalog_put(ci);
+            qcow2_close(own);
             if (ret != -ERANGE)
                 return api_reply_errno(r, ret);
             snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
@@ -199,9 +209,10 @@ enum MHD_Result api_image_data(struct req *r, char **args)
     struct data_stream *ds = malloc(sizeof *ds);
     if (!ds) {
         catalog_put(ci);
+        qcow2_close(own);
         return MHD_NO;
     }
-    *ds = (struct data_stream){.ci = ci, .r = r, .start = start, .len = len};
+    *ds = (struct data_stream){.ci = ci, .img = img, .own = own, .r = r, .start = start, .len = len};
     struct MHD_Response *resp = MHD_create_response_from_callback(len, DATA_BLOCK, data_read, ds, data_free);
     if (!resp) {
         data_free(ds);
