@@ -3,6 +3,7 @@
  * fails the armed one once (vfs.h's test seam; QCOWD_FAULT arms it from outside). */
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,7 @@
 #include "vfs_int.h"
 
 #define NKINDS (VFS_FAULT_ANY + 1)
+#define FAULT_KILL 100000 /* not an errno: "KILL" ends the process instead of failing the call */
 
 /* The one armed fault and the counters, all under fault_lock. Counting goes on
  * whether or not a fault is armed; arming restarts it from zero. Only the four
@@ -46,7 +48,7 @@ static void parse_env(void)
     static const struct {
         const char *name;
         int value;
-    } errnos[] = {{"EIO", EIO}, {"ENOSPC", ENOSPC}, {"EROFS", EROFS}};
+    } errnos[] = {{"EIO", EIO}, {"ENOSPC", ENOSPC}, {"EROFS", EROFS}, {"KILL", FAULT_KILL}};
     const char *env = getenv("QCOWD_FAULT");
     char opname[16], errname[32], *end;
     int op = -1, errnum = 0;
@@ -80,7 +82,7 @@ static void parse_env(void)
 bad:
     fprintf(stderr,
             "qcowd: ignoring QCOWD_FAULT=\"%s\": want OP:N:ERRNO with OP "
-            "read|write|flush|truncate|any, N >= 1, ERRNO EIO|ENOSPC|EROFS or a number\n",
+            "read|write|flush|truncate|any, N >= 1, ERRNO EIO|ENOSPC|EROFS|KILL or a number\n",
             env);
 }
 
@@ -137,6 +139,8 @@ static int tick(enum vfs_fault_op k, struct vfs_file *inner)
         e = armed_errnum;
     }
     pthread_mutex_unlock(&fault_lock);
+    if (e == FAULT_KILL)
+        raise(SIGKILL); /* a crash just before the call: the files hold exactly the calls before it */
     if (e)
         return err_fail(e, "%s %s: injected fault at %s #%lu: %s", kind_names[k],
                         vfs_file_uri(inner), kind_names[k], n, VFS_ESTR(e));

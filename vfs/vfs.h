@@ -65,7 +65,8 @@ int vfs_name_is_contained(const char *name);
  * vfs_fault_arm(VFS_FAULT_WRITE, 3, ENOSPC): the third pwrite from now fails with
  * -ENOSPC (once). Also armed from the environment at first use:
  * QCOWD_FAULT="write:3:ENOSPC" (op read|write|flush|truncate|any, n >= 1,
- * errno EIO|ENOSPC|EROFS or a number). */
+ * errno EIO|ENOSPC|EROFS or a number; KILL: SIGKILL just before that call, a crash
+ * at that instant). */
 enum vfs_fault_op { VFS_FAULT_READ, VFS_FAULT_WRITE, VFS_FAULT_FLUSH, VFS_FAULT_TRUNCATE, VFS_FAULT_ANY };
 void vfs_fault_arm(enum vfs_fault_op op, unsigned long nth, int errnum);
 void vfs_fault_disarm(void);

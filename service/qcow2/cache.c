@@ -214,7 +214,7 @@ void l2_cache_forget(struct qcow2_image *img, uint64_t table_off)
     pthread_mutex_lock(&c->lock);
     for (unsigned i = 0; i < c->nslots; i++) {
         struct l2_slice *s = &c->slots[i];
-        if (s->valid && !s->refs && s->key >= table_off && s->key < table_off + img->cluster_size) {
+        if (s->valid && !s->refs && (!table_off || (s->key >= table_off && s->key < table_off + img->cluster_size))) {
             if (s->dirty)
                 c->ndirty--;
             unlink_slot(c, (int)i);

@@ -315,3 +315,43 @@ struct qcow2_image *qcow2_backing(const struct qcow2_image *img)
 {
     return img->backing;
 }
+
+int qcow2_refresh_layer(struct qcow2_image *img)
+{
+    uint64_t fsize;
+    int ret = vfs_size(img->file, &fsize);
+    if (ret < 0)
+        return ret;
+    if (img->fmt == QCOW2_FMT_RAW) {
+        img->file_size = img->size = fsize;
+        fill_info(img);
+        return 0;
+    }
+    /* a fresh parse of the same file, then its tables move into img */
+    struct qcow2_open_opts o = {.no_backing = true, .l2_cache_bytes = 64u << 10};
+    const char *chain[1] = {NULL};
+    struct qcow2_image *fresh;
+    ret = open_layer(img->uri, "qcow2", &o, 0, chain, &fresh);
+    if (ret < 0)
+        return err_prefix(ret, "re-reading %s", img->uri);
+    l2_cache_forget(img, 0); /* every slice */
+    img->h = fresh->h;
+    img->size = fresh->size;
+    img->file_size = fresh->file_size;
+    uint64_t *t = img->l1;
+    img->l1 = fresh->l1;
+    img->l1_size = fresh->l1_size;
+    fresh->l1 = t;
+    t = img->reftable;
+    img->reftable = fresh->reftable;
+    img->reftable_size = fresh->reftable_size;
+    fresh->reftable = t;
+    pthread_mutex_lock(&img->prealloc_lock);
+    img->meta_prealloc_known = false;
+    pthread_mutex_unlock(&img->prealloc_lock);
+    atomic_fetch_add(&img->write_gen, 1); /* compressed read-ahead windows expire */
+    img->info.file_allocated = fresh->info.file_allocated;
+    fill_info(img);
+    free_image(fresh);
+    return 0;
+}

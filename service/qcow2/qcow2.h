@@ -200,4 +200,34 @@ struct qcow2_create_opts {
  * file, when given, is opened to check it and to take its size when size is 0. */
 int qcow2_create(const char *uri, const struct qcow2_create_opts *o);
 
+/* ---- commit (qemu-img commit) ---- */
+
+/* Progress of a long operation: called on the working thread with the bytes done
+ * and the total; a non-zero return stops the operation, which then returns
+ * -ECANCELED. The callback may block (that is how a job pauses). */
+typedef int (*qcow2_progress_fn)(void *opaque, uint64_t done, uint64_t total);
+
+struct qcow2_commit_opts {
+    const char *base;   /* NULL: top's backing file. Else an image further down top's
+                           chain, named as the backing_file field that points at it or
+                           by its resolved URI/path. */
+    bool keep_top;      /* qemu-img commit -d: leave top's data in place */
+    qcow2_progress_fn progress; /* may be NULL */
+    void *opaque;
+};
+/* Commit top (opened read-write) into base. On success top's guest view is
+ * unchanged and base holds the data; on any failure, cancel or crash, top's
+ * guest view is still exactly as before. Returns 0 or a negative errno with
+ * err_msg() set (-EINVAL no backing / unknown base, -ECANCELED, -EROFS ...).
+ * What is copied: every range some image above base allocates (data, or zeroes:
+ * base then reads zeroes there); base grows to top's size when smaller. Top is
+ * emptied (its clusters unallocated, so reads fall through to base) only when
+ * base is top's own backing file and keep_top is false: with a base further
+ * down, top and the images in between stay as they are (as qemu-img commit -b),
+ * and the images in between no longer read as before. Readers of top may run
+ * meanwhile; writers of top must wait for the commit (the caller keeps them off;
+ * a write seen before emptying fails the commit with -EBUSY, top intact). Top's
+ * handle on base is refreshed at the end (also after a failure). */
+int qcow2_commit(struct qcow2_image *top, const struct qcow2_commit_opts *o);
+
 #endif

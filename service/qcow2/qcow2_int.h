@@ -229,6 +229,7 @@ struct qcow2_image {
     bool bm_loaded;              /* tracking set up by the first write */
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
     uint64_t repair_n;
+    bool keep_freed;             /* freed clusters are not discarded (a truncate follows) */
 };
 
 /* ---- index helpers ---- */
@@ -367,7 +368,7 @@ int finish_write(struct qcow2_image *img);
 void l2_cache_mark_dirty(struct qcow2_image *img, struct l2_slice *s);
 /* Write dirty slices (no flush). */
 int l2_cache_writeback(struct qcow2_image *img);
-/* Forget cached slices of the L2 table at off (after it is freed). */
+/* Forget cached slices of the L2 table at off (after it is freed); off 0: every slice. */
 void l2_cache_forget(struct qcow2_image *img, uint64_t table_off);
 
 /* ---- read.c ---- */
@@ -378,6 +379,11 @@ int qcow2_read_unlocked(struct qcow2_image *img, void *buf, uint64_t len, uint64
 /* Borrow the L2 slice for guest offset off, ready to change (allocating or
  * copying the L2 table as needed); *idx is the entry within the slice. */
 int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **sp, uint32_t *idx);
+/* Queue the references an L2 entry holds (data cluster or compressed bytes) to drop
+ * after the next metadata write (free_later). */
+int release_entry(struct qcow2_image *img, uint64_t l2e);
+/* Note L1 entry i as changed in memory (written by the next metadata flush). */
+void l1_mark(struct qcow2_image *img, uint32_t i);
 
 /* ---- create.c ---- */
 /* Give every guest cluster of a new image an L2 entry and a host cluster. */
@@ -400,6 +406,12 @@ int qcow2_read_snapshots(struct qcow2_image *img);
 void qcow2_free_snapshots(struct qcow2_image *img);
 /* Switch img to the read-only view of snapshot `name` (matched by id, then name). */
 int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
+
+/* ---- image.c (commit) ---- */
+/* Re-read what a writer through another handle changed in layer img (header,
+ * L1 and refcount tables, sizes) and drop its cached L2 slices. The caller keeps
+ * every reader of img out. On failure img is unchanged. */
+int qcow2_refresh_layer(struct qcow2_image *img);
 
 /* ---- bitmap.c ---- */
 int qcow2_read_bitmaps(struct qcow2_image *img);

@@ -238,7 +238,8 @@ int rc_update_range(struct qcow2_image *img, uint64_t off, uint64_t len, int del
             if (c < img->free_hint)
                 img->free_hint = c;
             /* nothing refers to it any more: give the space back (a hint) */
-            vfs_discard(img->file, c << img->cluster_bits, img->cluster_size);
+            if (!img->keep_freed)
+                vfs_discard(img->file, c << img->cluster_bits, img->cluster_size);
         }
     }
     return 0;

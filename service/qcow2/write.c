@@ -20,7 +20,7 @@ static uint64_t sc_bits_range(unsigned a, unsigned b) /* subclusters a..b inclus
     return m & ~((1ull << a) - 1);
 }
 
-static void l1_mark(struct qcow2_image *img, uint32_t i)
+void l1_mark(struct qcow2_image *img, uint32_t i)
 {
     if (img->l1_dirty_hi <= img->l1_dirty_lo) {
         img->l1_dirty_lo = i;
@@ -184,7 +184,7 @@ static bool reads_zero(struct qcow2_image *img, uint64_t l2e, uint64_t cl)
 }
 
 /* Drop the reference l2e holds (after the new entry is on disk). */
-static int release_entry(struct qcow2_image *img, uint64_t l2e)
+int release_entry(struct qcow2_image *img, uint64_t l2e)
 {
     if (l2e & QCOW2_OFLAG_COMPRESSED) {
         uint64_t coff = l2e & img->coffset_mask;

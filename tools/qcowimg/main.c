@@ -33,6 +33,8 @@ static const char usage[] =
     "                          list, create, delete or apply internal snapshots\n"
     "  check [-r leaks|all] [--output=human|json] IMG\n"
     "                          verify refcounts and flags; exit 0 clean, 2 corrupt, 3 leaks\n"
+    "  commit [-b BASE] [-d] [-p] IMG\n"
+    "                          write IMG's data into its backing file (or BASE further down), then empty IMG\n"
     "\n"
     "FMT is qcow2 (the default) or raw; a file without the qcow2 magic is raw only with -f raw.\n"
     "Relative backing and data file names resolve against the image's own folder.\n"
@@ -108,6 +110,7 @@ int main(int argc, char **argv)
         {"info", cmd_info},   {"map", cmd_map},   {"convert", cmd_convert}, {"read", cmd_read},
         {"create", cmd_create}, {"write", cmd_write}, {"zero", cmd_zero},     {"discard", cmd_discard},
         {"check", cmd_check}, {"snapshot", cmd_snapshot},
+        {"commit", cmd_commit},
     };
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         if (!strcmp(cmd, cmds[i].name))

@@ -29,6 +29,7 @@ int cmd_zero(int argc, char **argv);
 int cmd_discard(int argc, char **argv);
 int cmd_check(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
+int cmd_commit(int argc, char **argv);
 /* qemu-img's "Snapshot list:" table. */
 void print_snapshot_table(const struct qcow2_info *in);
 /* Parse qemu-img's -o key=value,... create options into *o (s is modified). */
