@@ -12,7 +12,7 @@ struct events;          /* opaque: the bus */
 struct events_listener; /* opaque: one listener and its queue */
 
 #define EVENTS_DEFAULT_LISTENERS 32
-#define EVENTS_QUEUE             256 /* events a listener may fall behind before it loses some */
+#define EVENTS_QUEUE             1024 /* events a listener may fall behind before it loses some */
 #define EVENTS_KEEPALIVE_SEC     5   /* a comment line this often, so dead clients are noticed */
 
 /* A new bus for at most max_listeners (0: the default). Returns 0 or -errno. */

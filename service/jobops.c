@@ -242,10 +242,160 @@ int svc_check_job(struct jobs *js, struct catalog *cat, const char *image, const
 
 /* ---- commit ---- */
 
+#define COMMIT_MAX_NAMES 80 /* images a commit may hold: its chain and the users of its base */
+
+struct commit_arg {
+    struct catalog *cat;
+    char *image, *base;                 /* base: a catalog name */
+    char *names[COMMIT_MAX_NAMES + 1]; /* reserved while it runs (image first); NULL-terminated */
+};
+
+static void commit_free(void *p)
+{
+    struct commit_arg *a = p;
+    free(a->image);
+    free(a->base);
+    for (char **n = a->names; *n; n++)
+        free(*n);
+    free(a);
+}
+
+/* The catalog name of a layer's file ("/cat/NAME.qcow2" -> "NAME"), or NULL. */
+static char *layer_name(struct qcow2_image *l)
+{
+    const char *uri = qcow2_get_info(l)->uri, *slash = strrchr(uri, '/');
+    const char *file = slash ? slash + 1 : uri;
+    size_t n = strlen(file), sl = strlen(CATALOG_SUFFIX);
+    if (n <= sl || strcmp(file + n - sl, CATALOG_SUFFIX))
+        return NULL;
+    return strndup(file, n - sl);
+}
+
+static int add_name(struct commit_arg *a, const char *name)
+{
+    size_t i = 0;
+    for (; a->names[i]; i++)
+        if (!strcmp(a->names[i], name))
+            return 0;
+    if (i == COMMIT_MAX_NAMES)
+        return err_fail(E2BIG, "the commit would hold more than %d images", COMMIT_MAX_NAMES);
+    return (a->names[i] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
+}
+
+/* Every image of the chain from image down to base, and every catalog image that
+ * reads base (their view of it changes). */
+static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(cat, a->image, &ci);
+    if (ret < 0)
+        return ret;
+    struct qcow2_image *top = catalog_image_qcow2(ci), *l = qcow2_backing(top);
+    if (!l) {
+        catalog_put(ci);
+        return err_fail(EINVAL, "image '%s' has no backing file to commit into", a->image);
+    }
+    ret = add_name(a, a->image);
+    char *base_uri = NULL;
+    for (; l && ret == 0; l = qcow2_backing(l)) {
+        char *n = layer_name(l);
+        if (!n) {
+            ret = err_fail(ENOTSUP, "a backing file of '%s' is not a catalog image", a->image);
+            break;
+        }
+        ret = add_name(a, n);
+        bool last = !base || !strcmp(n, base);
+        if (last) {
+            a->base = n;
+            base_uri = strdup(qcow2_get_info(l)->uri);
+            break;
+        }
+        free(n);
+    }
+    catalog_put(ci);
+    if (ret == 0 && !a->base)
+        ret = err_fail(EINVAL, "image '%s' is not in the backing chain of '%s'", base, a->image);
+    char **names = NULL;
+    size_t count = 0;
+    if (ret == 0)
+        ret = catalog_list(cat, &names, &count);
+    for (size_t i = 0; ret == 0 && i < count; i++) {
+        if (catalog_get(cat, names[i], &ci) < 0)
+            continue;
+        for (l = qcow2_backing(catalog_image_qcow2(ci)); l && ret == 0; l = qcow2_backing(l))
+            if (!strcmp(qcow2_get_info(l)->uri, base_uri))
+                ret = add_name(a, names[i]);
+        catalog_put(ci);
+    }
+    catalog_names_free(names, count);
+    free(base_uri);
+    if (ret == 0)
+        err_clear();
+    return ret;
+}
+
+static int commit_run(struct job *j, void *p, json_t **result)
+{
+    struct commit_arg *a = p;
+    struct catalog *cat = a->cat;
+    int ret = 0;
+    size_t held = 0;
+    /* everyone out: base's data changes under every image that reads it */
+    for (; a->names[held] && ret == 0; held++)
+        if ((ret = svc_reserve(j, cat, a->names[held], true)) < 0)
+            break;
+    for (size_t i = 0; ret == 0 && i < held; i++)
+        ret = catalog_flush(cat, a->names[i]);
+    for (size_t i = 0; i < held; i++)
+        catalog_drop(cat, a->names[i]);
+    char *uri = ret == 0 ? catalog_uri(cat, a->image) : NULL;
+    char *base_uri = ret == 0 ? catalog_uri(cat, a->base) : NULL;
+    struct qcow2_image *top = NULL;
+    if (ret == 0 && (!uri || !base_uri))
+        ret = err_fail(ENOMEM, "out of memory");
+    if (ret == 0) {
+        struct qcow2_open_opts o = {.contained = true, .read_write = true};
+        ret = qcow2_open(uri, &o, &top);
+        if (ret == -EINVAL)
+            ret = err_prefix(-EUCLEAN, "image '%s'", a->image);
+    }
+    if (ret == 0) {
+        struct qcow2_commit_opts co = {.base = base_uri, .progress = job_progress, .opaque = j};
+        ret = qcow2_commit(top, &co);
+        int cl = qcow2_close(top);
+        if (ret == 0)
+            ret = cl;
+    }
+    /* the cached handles read the old base: open afresh from now on */
+    for (size_t i = 0; i < held; i++)
+        catalog_drop(cat, a->names[i]);
+    for (size_t i = 0; i < held; i++)
+        catalog_release(cat, a->names[i]);
+    if (ret == 0)
+        *result = json_pack("{s:s,s:s}", "top", a->image, "base", a->base);
+    free(uri);
+    free(base_uri);
+    return ret;
+}
+
 int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job)
 {
     int ret = svc_usable(cat, image);
+    if (ret == 0 && base && (ret = catalog_valid_name(base)) < 0)
+        ret = err_prefix(ret, "base");
     if (ret < 0)
         return ret;
-    return err_fail(ENOTSUP, "commit is not available in this build of qcowd");
+    struct commit_arg *a = calloc(1, sizeof *a);
+    if (!a || !(a->image = strdup(image))) {
+        free(a);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    a->cat = cat;
+    ret = commit_plan(cat, a, base);
+    if (ret < 0) {
+        commit_free(a);
+        return ret;
+    }
+    json_t *params = json_pack("{s:s}", "base", a->base);
+    return jobs_submit(js, "commit", image, (const char *const *)a->names, params, commit_run, a, commit_free, job);
 }

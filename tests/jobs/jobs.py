@@ -479,6 +479,82 @@ def main():
             print("    many: %d jobs, %s" % (len(jobs), counts))
         ck.case("many_jobs_queued_with_data_traffic", many)
 
+        def commits():
+            # a three-image chain, and the same chain copied for qemu-img commit
+            ref = os.path.join(top, "ref")
+            os.mkdir(ref)
+            for d_ in (cat, ref):
+                run(QEMU_IMG, "create", "-q", "-f", "qcow2", img(d_, "cb"), "8M")
+                dm.qemu_io(img(d_, "cb"), "write -q -P 0x01 0 6M")
+                run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "cb.qcow2", "-F", "qcow2", img(d_, "cm"))
+                dm.qemu_io(img(d_, "cm"), "write -q -P 0x02 1M 2M", "write -q -z 5M 256k")
+                run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "cm.qcow2", "-F", "qcow2", img(d_, "ct"))
+                dm.qemu_io(img(d_, "ct"), "write -q -P 0x03 2M 64k", "write -q -c -P 0x04 7M 64k",
+                           "write -q -z 0 64k")
+            want_top = raw(img(cat, "ct"))
+            j = ck.run_job(d, "POST", "/v1/images/ct/commit")
+            assert j["result"] == {"top": "ct", "base": "cm"}, j
+            run(QEMU_IMG, "commit", "-q", "-f", "qcow2", img(ref, "ct"))
+            for n in ("cb", "cm", "ct"):
+                assert_clean(img(cat, n))
+                assert raw(img(cat, n)) == raw(img(ref, n)), "%s differs from qemu-img commit's" % n
+            assert raw(img(cat, "ct")) == want_top
+            st, h, b = d.call("GET", "/v1/images/ct/data")
+            assert st == 200 and b == want_top, "GET after commit differs"
+            st, h, b = d.call("GET", "/v1/images/cm/data")
+            assert st == 200 and b == raw(img(ref, "cm"))
+            # into the image at the bottom (-b)
+            j = ck.run_job(d, "POST", "/v1/images/ct/commit", {"base": "cb"})
+            run(QEMU_IMG, "commit", "-q", "-f", "qcow2", "-b", "cb.qcow2", img(ref, "ct"))
+            for n in ("cb", "cm", "ct"):
+                assert_clean(img(cat, n))
+                assert raw(img(cat, n)) == raw(img(ref, n)), "%s differs from qemu-img commit -b's" % n
+            for body, want, code in (({"base": "disk"}, 400, "bad-request"), ({"base": "nosuch"}, 400, "bad-request"),
+                                     (None, 404, "not-found")):
+                path = "/v1/images/%s/commit" % ("nosuch" if want == 404 else "ct")
+                st, h, b = d.call("POST", path, body)
+                ck.expect_error("commit %r" % body, st, want, h, b, code)
+            st, h, b = d.call("POST", "/v1/images/disk/commit")
+            ck.expect_error("commit without backing", st, 400, h, b, "bad-request")
+        ck.case("commit_job_equals_qemu_img_commit", commits)
+
+        def commit_cancel():
+            # many small clusters: a commit that takes a while
+            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img(cat, "lb"), "24M")
+            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "lb.qcow2", "-F", "qcow2",
+                img(cat, "lt"))
+            dm.qemu_io(img(cat, "lt"), "write -q -P 0x5a 0 24M")
+            want = raw(img(cat, "lt"))
+            base_before = raw(img(cat, "lb"))
+            j = ck.start_job(d, "POST", "/v1/images/lt/commit")
+            jid = j["id"]
+            st, h, b = d.call("POST", "/v1/jobs/%s/pause" % jid)
+            assert st == 200, (st, b)
+            st, h, b = d.call("GET", "/v1/images/lb/data", headers={"Range": "bytes=0-1"})
+            assert st in (206, 409), st  # base busy while a commit into it is under way
+            time.sleep(0.3)
+            st, h, b = d.call("POST", "/v1/jobs/%s/resume" % jid)
+            assert st == 200, (st, b)
+            t = time.time() + 60
+            while ck.job(d, jid)["current-progress"] == 0 and time.time() < t:
+                time.sleep(0.005)
+            st, h, b = d.call("POST", "/v1/jobs/%s/cancel" % jid)
+            j = ck.wait(d, jid)
+            if st == 200 and j["cancelled"]:
+                assert j["error"], j
+            else:
+                print("    (the commit finished before the cancel)")
+            for n in ("lb", "lt"):
+                rc, q = qcheck(img(cat, n))
+                assert rc in (0, 3) and not q.get("corruptions"), (n, q)
+            assert raw(img(cat, "lt")) == want, "top's view changed by a cancelled commit"
+            st, h, b = d.call("GET", "/v1/images/lt/data")
+            assert st == 200 and b == want
+            if j["cancelled"]:
+                print("    commit cancelled at %d of %d bytes" % (j["current-progress"], j["total-progress"]))
+            del base_before
+        ck.case("commit_pause_resume_cancel", commit_cancel)
+
         def corrupt():
             st, h, b = d.call("POST", "/v1/images/corrupt/snapshots", {"name": "x"})
             j = ck.expect_error("snapshot of corrupt", st, 422, h, b, "corrupt-image")
@@ -553,7 +629,7 @@ def main():
                 kinds = {e for e, _ in ev}
                 for k in ("job-created", "job-status", "job-progress", "job-dismissed", "image-created",
                           "image-changed", "image-deleted"):
-                    assert k in kinds, (i, k, sorted(kinds))
+                    assert k in kinds, (i, k, sorted(kinds), [d_ for e, d_ in ev if e == "lost"])
                 assert "lost" not in kinds, i
                 st_seen = {data["status"] for e, data in ev if e == "job-status"}
                 assert {"running", "paused", "aborting", "concluded"} <= st_seen, st_seen
@@ -632,8 +708,38 @@ def main():
             assert_clean(p)
             assert raw(p) == want
             print("    killed while %s; leaks repaired: %s; snapshot survived: %s" % (state, leaks, bool(snaps)))
-            assert d3.stop() == 0
-        ck.case("sigkill_during_snapshot_delete_then_restart", restart_and_sigkill)
+            # SIGKILL in the middle of a commit: top reads as before, images check clean
+            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img(cat, "kb"), "16M")
+            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "kb.qcow2", "-F", "qcow2",
+                img(cat, "kt"))
+            dm.qemu_io(img(cat, "kt"), "write -q -P 0x6b 0 16M")
+            want_kt = raw(img(cat, "kt"))
+            j = ck.start_job(d3, "POST", "/v1/images/kt/commit")
+            t = time.time() + 30
+            while time.time() < t:
+                jj = ck.job(d3, j["id"])
+                if jj["current-progress"] > 0 or jj["status"] == "concluded":
+                    break
+            at = (jj["status"], jj["current-progress"], jj["total-progress"])
+            d3.proc.kill()
+            d3.proc.wait()
+            for n in ("kb", "kt"):
+                rc, q = qcheck(img(cat, n))
+                assert rc in (0, 3) and not q.get("corruptions"), (n, q)
+            assert raw(img(cat, "kt")) == want_kt, "top's view changed by a killed commit"
+            d4 = Daemon(cat, "--job-workers", "1")
+            jj = ck.job(d4, j["id"])
+            assert jj["status"] == "concluded", jj
+            if jj["error"]:
+                assert "cut off" in jj["error"], jj
+            print("    commit killed while %s at %d of %d bytes" % at)
+            for n in ("kb", "kt"):
+                ck.run_job(d4, "POST", "/v1/images/%s/check" % n, {"repair": "leaks"})
+                assert_clean(img(cat, n))
+            assert raw(img(cat, "kt")) == want_kt
+            assert d4.stop() == 0
+
+        ck.case("sigkill_during_snapshot_delete_and_commit_then_restart", restart_and_sigkill)
     except Exception:
         ck.failed += 1
         print("FAIL setup:", flush=True)
