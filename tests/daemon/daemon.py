@@ -139,9 +139,9 @@ def runs_of_map(d, name):
 # ---- the daemon ----
 
 class Daemon:
-    def __init__(self, catalog, threads=4):
+    def __init__(self, catalog, threads=4, extra=()):
         self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog,
-                                      "--threads", str(threads)],
+                                      "--threads", str(threads), *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines = []
         self.port = None

@@ -44,28 +44,7 @@ class Daemon(dm.Daemon):
     """qcowd with job options; same log pump as the daemon suite."""
 
     def __init__(self, catalog, *extra):
-        self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog, "--threads", "4",
-                                      *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines = []
-        self.port = None
-        ready = threading.Event()
-
-        def pump():
-            for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-                if m:
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        self.pump = threading.Thread(target=pump, daemon=True)
-        self.pump.start()
-        ready.wait(60)
-        if not self.port:
-            self.proc.kill()
-            raise RuntimeError("qcowd did not start: " + "\n".join(self.lines))
+        super().__init__(catalog, 4, extra)
 
     def call(self, method, path, body=None, headers=None):
         c = self.conn()
