@@ -1172,3 +1172,8 @@ char *catalog_path(struct catalog *c, const char *file)
         return NULL;
     return uri;
 }
+
+void catalog_changed(struct catalog *c, const char *name)
+{
+    notify(c, "image-changed", name);
+}

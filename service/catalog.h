@@ -153,5 +153,8 @@ int catalog_install(struct catalog *c, const char *tmp, const char *name);
  * thread that did it, with no catalog lock held. Set once before use. */
 typedef void (*catalog_notify_fn)(void *opaque, const char *what, const char *name);
 void catalog_set_notify(struct catalog *c, catalog_notify_fn fn, void *opaque);
+/* Tell the listener that name changed behind the catalog's handles (a job that
+ * wrote through a private handle). */
+void catalog_changed(struct catalog *c, const char *name);
 
 #endif

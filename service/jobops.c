@@ -200,8 +200,10 @@ static int check_run(struct job *j, void *p, json_t **result)
         if (ret == 0)
             ret = cret ? cret : cl;
     }
-    if (repair)
+    if (repair) {
         catalog_drop(a->cat, a->image);
+        catalog_changed(a->cat, a->image);
+    }
     if (ret == 0) {
         char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
         snprintf(file, sizeof file, "%s%s", a->image, CATALOG_SUFFIX);
@@ -371,6 +373,8 @@ static int commit_run(struct job *j, void *p, json_t **result)
         catalog_drop(cat, a->names[i]);
     for (size_t i = 0; i < held; i++)
         catalog_release(cat, a->names[i]);
+    for (size_t i = 0; i < held && top; i++)
+        catalog_changed(cat, a->names[i]);
     if (ret == 0)
         *result = json_pack("{s:s,s:s}", "top", a->image, "base", a->base);
     free(uri);
