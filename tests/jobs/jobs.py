@@ -325,7 +325,7 @@ def main():
                     assert q.get("compressed-clusters", 0) > 0, q
                 st, h, b = d.call("GET", "/v1/images/" + target)
                 assert st == 200, (target, st)
-            assert not [f for f in os.listdir(cat) if f.endswith(".tmp")], os.listdir(cat)
+            assert not [f for f in os.listdir(cat) if f.startswith(".convert-")], os.listdir(cat)
         ck.case("convert_jobs_equal_qemu_img_compare", converts)
 
         def long_job():
@@ -372,7 +372,7 @@ def main():
             j = ck.wait(d, jid)
             assert j["cancelled"] and j["error"], j
             assert not os.path.exists(img(cat, "long2"))
-            assert not [f for f in os.listdir(cat) if f.endswith(".tmp")], os.listdir(cat)
+            assert not [f for f in os.listdir(cat) if f.startswith(".convert-")], os.listdir(cat)
             st, h, b = d.call("POST", "/v1/jobs/%s/cancel" % jid)
             ck.expect_error("cancel concluded", st, 409, h, b, "conflict")
             st, h, b = d.call("DELETE", "/v1/jobs/" + jid)
