@@ -52,6 +52,34 @@ bool svc_has_snapshot(struct catalog *cat, const char *image, const char *snap)
     return found;
 }
 
+/* Call fn(ctx, name) for every catalog image with the file uri in its backing
+ * chain (images that cannot be opened now are skipped); stops at an error. */
+static int each_user(struct catalog *cat, const char *uri, int (*fn)(void *ctx, const char *name), void *ctx)
+{
+    char **names = NULL;
+    size_t count = 0;
+    int ret = catalog_list(cat, &names, &count);
+    for (size_t i = 0; ret == 0 && i < count; i++) {
+        struct catalog_image *ci;
+        if (catalog_get(cat, names[i], &ci) < 0)
+            continue;
+        for (struct qcow2_image *l = qcow2_backing(catalog_image_qcow2(ci)); l && ret == 0; l = qcow2_backing(l))
+            if (!strcmp(qcow2_get_info(l)->uri, uri))
+                ret = fn(ctx, names[i]);
+        catalog_put(ci);
+    }
+    catalog_names_free(names, count);
+    if (ret == 0)
+        err_clear();
+    return ret;
+}
+
+static int refuse_user(void *ctx, const char *name)
+{
+    return err_fail(EBUSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
+                    (const char *)ctx, name);
+}
+
 /* ---- snapshots ---- */
 
 struct snap_arg {
@@ -113,6 +141,14 @@ int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, co
         ; /* an id may equal the new name; the engine decides (-EEXIST) */
     else if (strcmp(op, "create") && !found)
         return err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, snap);
+    if (!strcmp(op, "revert")) {
+        char *uri = catalog_uri(cat, image), *canon = uri ? realpath(uri, NULL) : NULL;
+        ret = uri ? each_user(cat, canon ? canon : uri, refuse_user, (void *)image) : err_fail(ENOMEM, "out of memory");
+        free(canon);
+        free(uri);
+        if (ret < 0)
+            return ret;
+    }
     struct snap_arg *a = calloc(1, sizeof *a);
     if (!a || !(a->image = strdup(image)) || !(a->op = strdup(op)) || !(a->snap = strdup(snap))) {
         if (a)
@@ -284,6 +320,11 @@ static int add_name(struct commit_arg *a, const char *name)
     return (a->names[i] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
 }
 
+static int add_user(void *ctx, const char *name)
+{
+    return add_name(ctx, name);
+}
+
 /* Every image of the chain from image down to base, and every catalog image that
  * reads base (their view of it changes). */
 static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base)
@@ -317,19 +358,8 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
     catalog_put(ci);
     if (ret == 0 && !a->base)
         ret = err_fail(EINVAL, "image '%s' is not in the backing chain of '%s'", base, a->image);
-    char **names = NULL;
-    size_t count = 0;
     if (ret == 0)
-        ret = catalog_list(cat, &names, &count);
-    for (size_t i = 0; ret == 0 && i < count; i++) {
-        if (catalog_get(cat, names[i], &ci) < 0)
-            continue;
-        for (l = qcow2_backing(catalog_image_qcow2(ci)); l && ret == 0; l = qcow2_backing(l))
-            if (!strcmp(qcow2_get_info(l)->uri, base_uri))
-                ret = add_name(a, names[i]);
-        catalog_put(ci);
-    }
-    catalog_names_free(names, count);
+        ret = each_user(cat, base_uri, add_user, a);
     free(base_uri);
     if (ret == 0)
         err_clear();

@@ -495,6 +495,14 @@ def main():
                 ck.expect_error("commit %r" % body, st, want, h, b, code)
             st, h, b = d.call("POST", "/v1/images/disk/commit")
             ck.expect_error("commit without backing", st, 400, h, b, "bad-request")
+            # a backing file may get a snapshot, but not be reverted under its overlays
+            ck.run_job(d, "POST", "/v1/images/cb/snapshots", {"name": "sb"})
+            st, h, b = d.call("POST", "/v1/images/cb/snapshots/sb/revert")
+            j = ck.expect_error("revert of a backing file", st, 409, h, b, "conflict")
+            assert "backing chain" in j["error"]["message"], j
+            ck.run_job(d, "DELETE", "/v1/images/cb/snapshots/sb")
+            assert_clean(img(cat, "cb"))
+            assert raw(img(cat, "ct")) == raw(img(ref, "ct"))
         ck.case("commit_job_equals_qemu_img_commit", commits)
 
         def commit_cancel():
