@@ -408,10 +408,12 @@ def main():
             counts = {"put": 0, "busy": 0, "get": 0}
 
             def traffic(seed):
+                # each thread its own MiB of every image: concurrent writes to one
+                # range have no order a client could model
                 r = random.Random(seed)
                 while not stop.is_set():
                     n = r.choice(names)
-                    off = r.randrange(0, 4 * MiB - 64 * KiB, 4096)
+                    off = r.randrange(seed * MiB, (seed + 1) * MiB - 64 * KiB, 4096)
                     data = bytes([r.randrange(1, 256)]) * r.choice([4096, 65536])
                     st, h, b = d.call("PUT", "/v1/images/%s/data" % n, data,
                                       {"Content-Range": "bytes %d-%d/*" % (off, off + len(data) - 1)})
