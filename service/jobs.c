@@ -104,8 +104,10 @@ static json_t *to_json(const struct job *j)
     json_object_set_new(o, "total-progress", json_integer((json_int_t)j->total));
     json_object_set_new(o, "error", j->error ? json_string(j->error) : json_null());
     json_object_set_new(o, "cancelled", json_boolean(j->cancelled));
-    json_object_set_new(o, "result", j->result ? json_incref(j->result) : json_null());
-    json_object_set_new(o, "params", j->params ? json_incref(j->params) : json_object());
+    /* copies, not references: jansson's refcounts do not order a free in another
+     * thread after our reads (TSan sees a race), so no JSON value is shared */
+    json_object_set_new(o, "result", j->result ? json_deep_copy(j->result) : json_null());
+    json_object_set_new(o, "params", j->params ? json_deep_copy(j->params) : json_object());
     json_object_set_new(o, "created", time_json(j->created_ms));
     json_object_set_new(o, "started", time_json(j->started_ms));
     json_object_set_new(o, "finished", time_json(j->finished_ms));
