@@ -60,6 +60,8 @@ struct req {
     uint64_t bytes_in;           /* body bytes received */
     int body_err;                /* first failure of body->data (negative errno) */
     char *body_msg;              /* its message */
+    struct jobs *jobs;           /* the job engine, or NULL */
+    struct events *events;       /* the event bus, or NULL */
 };
 
 #define API_MAX_ARGS 2 /* path segments a route captures */
@@ -172,6 +174,41 @@ enum MHD_Result api_bitmap_disable(struct req *r, char **args);
 enum MHD_Result api_bitmap_merge(struct req *r, char **args);
 /* GET .../extents?context=dirty&bitmap=B of image. */
 enum MHD_Result api_dirty_extents(struct req *r, const char *image);
+/* The snapshots array of an image's info, qemu-img's names (new reference). */
+struct qcow2_info;
+struct catalog_image;
+json_t *api_snapshots_json(const struct qcow2_info *in);
+/* Answer a GET/HEAD of guest bytes of img (Range honoured). ci (a catalog
+ * reference) or own (a private image, closed at the end) is released when the
+ * response is done, also on failure. */
+enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct catalog_image *ci,
+                              struct qcow2_image *own);
+
+/* ---- jobs.c: /v1/jobs and the endpoints that start jobs ---- */
+
+/* Answer 202 with Location: /v1/jobs/ID and the job object (reference stolen). */
+enum MHD_Result api_reply_job(struct req *r, json_t *job);
+enum MHD_Result api_jobs_list(struct req *r, char **args);
+enum MHD_Result api_job_get(struct req *r, char **args);
+enum MHD_Result api_job_dismiss(struct req *r, char **args);
+enum MHD_Result api_job_cancel(struct req *r, char **args);
+enum MHD_Result api_job_pause(struct req *r, char **args);
+enum MHD_Result api_job_resume(struct req *r, char **args);
+enum MHD_Result api_image_convert(struct req *r, char **args);
+enum MHD_Result api_image_check(struct req *r, char **args);
+enum MHD_Result api_image_commit(struct req *r, char **args);
+
+/* ---- snapshots.c ---- */
+
+enum MHD_Result api_snapshots_list(struct req *r, char **args);
+enum MHD_Result api_snapshot_create(struct req *r, char **args);
+enum MHD_Result api_snapshot_delete(struct req *r, char **args);
+enum MHD_Result api_snapshot_revert(struct req *r, char **args);
+enum MHD_Result api_snapshot_data(struct req *r, char **args);
+
+/* ---- events.c: GET /v1/events (Server-Sent Events) ---- */
+
+enum MHD_Result api_events(struct req *r, char **args);
 
 /* ---- metrics.c ---- */
 

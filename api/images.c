@@ -18,7 +18,7 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 /* ---- info ---- */
 
-static json_t *snapshots_json(const struct qcow2_info *in)
+json_t *api_snapshots_json(const struct qcow2_info *in)
 {
     json_t *a = json_array();
     for (uint32_t i = 0; a && i < in->nb_snapshots; i++) {
@@ -60,7 +60,7 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
         json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
     if (in->crypt_method)
         json_object_set_new(o, "encrypted", json_true());
-    json_object_set_new(o, "snapshots", snapshots_json(in));
+    json_object_set_new(o, "snapshots", api_snapshots_json(in));
     json_t *d = json_object();
     json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
     json_object_set_new(d, "compression-type", json_string(in->compression));
@@ -127,14 +127,25 @@ enum MHD_Result api_images_list(struct req *r, char **args)
 
 /* ---- data ---- */
 
+/* What GET .../data reads: an image of the catalog (ci) or a private one (own,
+ * e.g. a snapshot view), released when the answer is done. */
+struct data_src {
+    struct catalog_image *ci;
+    struct qcow2_image *img;
+    struct qcow2_image *own;
+};
+
 static int data_pread(void *ctx, void *buf, size_t len, uint64_t off)
 {
-    return qcow2_pread(catalog_image_qcow2(ctx), buf, len, off);
+    return qcow2_pread(((struct data_src *)ctx)->img, buf, len, off);
 }
 
 static void data_release(void *ctx)
 {
-    catalog_put(ctx);
+    struct data_src *d = ctx;
+    catalog_put(d->ci);
+    qcow2_close(d->own);
+    free(d);
 }
 
 enum MHD_Result api_image_data(struct req *r, char **args)
@@ -143,8 +154,22 @@ enum MHD_Result api_image_data(struct req *r, char **args)
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
-    struct api_source src = {.ctx = ci, .pread = data_pread, .release = data_release, .what = catalog_image_name(ci)};
-    return api_reply_ranged(r, qcow2_size(catalog_image_qcow2(ci)), &src);
+    return api_send_data(r, catalog_image_qcow2(ci), ci, NULL);
+}
+
+enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct catalog_image *ci,
+                              struct qcow2_image *own)
+{
+    struct data_src *d = malloc(sizeof *d);
+    if (!d) {
+        catalog_put(ci);
+        qcow2_close(own);
+        return MHD_NO;
+    }
+    *d = (struct data_src){.ci = ci, .img = img, .own = own};
+    struct api_source src = {.ctx = d, .pread = data_pread, .release = data_release,
+                             .what = ci ? catalog_image_name(ci) : qcow2_get_info(img)->uri};
+    return api_reply_ranged(r, qcow2_size(img), &src);
 }
 
 /* ---- extents ---- */

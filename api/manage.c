@@ -37,7 +37,8 @@ static enum MHD_Result jbody_end(struct req *r)
 {
     struct jbody *jb = r->ctx;
     json_error_t je;
-    json_t *body = json_loadb(jb->buf ? jb->buf : "", jb->len, JSON_REJECT_DUPLICATES, &je);
+    /* no body at all is an empty object: calls whose options are all optional */
+    json_t *body = jb->len ? json_loadb(jb->buf, jb->len, JSON_REJECT_DUPLICATES, &je) : json_object();
     if (!body) {
         char msg[300];
         snprintf(msg, sizeof msg, "malformed JSON body: %s (line %d, column %d)", je.text, je.line, je.column);

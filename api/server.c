@@ -13,6 +13,7 @@
 #include "api.h"
 #include "api_int.h"
 #include "err.h"
+#include "events.h"
 
 struct api_server {
     struct MHD_Daemon *daemon;
@@ -21,6 +22,8 @@ struct api_server {
     unsigned threads;
     int log;
     char addr[80]; /* "host:port" as bound */
+    struct jobs *jobs;
+    struct events *events;
 };
 
 /* ---- routes ---- */
@@ -61,6 +64,21 @@ static const struct route routes[] = {
     {{"v1", "images", "*", "bitmaps", "*", "disable"}, M_POST, api_bitmap_disable},
     {{"v1", "images", "*", "bitmaps", "*", "merge"}, M_POST, api_bitmap_merge},
     {{"metrics"}, M_GET, api_metrics},
+    {{"v1", "jobs"}, M_GET, api_jobs_list},
+    {{"v1", "jobs", "*"}, M_GET, api_job_get},
+    {{"v1", "jobs", "*"}, M_DELETE, api_job_dismiss},
+    {{"v1", "jobs", "*", "cancel"}, M_POST, api_job_cancel},
+    {{"v1", "jobs", "*", "pause"}, M_POST, api_job_pause},
+    {{"v1", "jobs", "*", "resume"}, M_POST, api_job_resume},
+    {{"v1", "images", "*", "snapshots"}, M_GET, api_snapshots_list},
+    {{"v1", "images", "*", "snapshots"}, M_POST, api_snapshot_create},
+    {{"v1", "images", "*", "snapshots", "*"}, M_DELETE, api_snapshot_delete},
+    {{"v1", "images", "*", "snapshots", "*", "revert"}, M_POST, api_snapshot_revert},
+    {{"v1", "images", "*", "snapshots", "*", "data"}, M_GET, api_snapshot_data},
+    {{"v1", "images", "*", "convert"}, M_POST, api_image_convert},
+    {{"v1", "images", "*", "check"}, M_POST, api_image_check},
+    {{"v1", "images", "*", "commit"}, M_POST, api_image_commit},
+    {{"v1", "events"}, M_GET, api_events},
     {{NULL}, 0, NULL},
 };
 
@@ -225,6 +243,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->conn = conn;
     r->metrics = &s->metrics;
     r->threads = s->threads;
+    r->jobs = s->jobs;
+    r->events = s->events;
     snprintf(r->method, sizeof r->method, "%s", method);
     r->head = !strcmp(method, "HEAD");
     r->path = strdup(url);
@@ -337,10 +357,13 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     s->cat = cat;
     s->log = cfg->log;
     s->threads = cfg->threads ? cfg->threads : 1;
+    s->jobs = cfg->jobs;
+    s->events = cfg->events;
     /* poll, not epoll: with epoll, libmicrohttpd 0.9.75 notices a client that
      * closes in the middle of a request body only at the idle timeout, which
      * would hold the image's writer reference (and delay the abort) for a minute. */
     unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    flags |= MHD_ALLOW_SUSPEND_RESUME; /* event streams sleep suspended (api/events.c) */
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
@@ -381,6 +404,8 @@ const char *api_server_address(const struct api_server *s)
 
 void api_server_quiesce(struct api_server *s)
 {
+    if (s->events) /* end the event streams, or the drain would wait for them */
+        events_close(s->events);
     MHD_socket fd = MHD_quiesce_daemon(s->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);

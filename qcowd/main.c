@@ -14,11 +14,15 @@
 #include "config.h"
 #include "err.h"
 #include "vfs.h"
+#include "events.h"
+#include "jobs.h"
 
 #define DEFAULT_LISTEN  "127.0.0.1:8080"
 #define DEFAULT_CATALOG "./data"
 #define DEFAULT_THREADS 8
 #define DRAIN_MS        30000 /* how long in-flight requests get to finish on SIGTERM */
+#define DEFAULT_JOB_WORKERS 2
+#define JOBS_FILE       ".qcowd-jobs.json" /* job records, in the catalog folder */
 
 static void usage(FILE *f)
 {
@@ -36,8 +40,10 @@ static void usage(FILE *f)
             "  --s3-endpoint URL   S3 endpoint for s3://BUCKET/PREFIX catalogs (path-style; credentials from\n"
             "                      AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or --s3-opt credentials-file=F)\n"
             "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
+            "  --job-workers N     threads running jobs (default %d)\n"
+            "  --max-listeners N   GET /v1/events clients at once (default %d)\n"
             "  --version, --help\n",
-            DEFAULT_THREADS);
+            DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS);
 }
 
 /* The settings of the --config file, if any: its arguments come first in the
@@ -122,6 +128,8 @@ int main(int argc, char **argv)
         {"plugin-dir", required_argument, 0, 'P'},
         {"s3-endpoint", required_argument, 0, 'E'},
         {"s3-opt", required_argument, 0, 'O'},
+        {"job-workers", required_argument, 0, 'J'},
+        {"max-listeners", required_argument, 0, 'L'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
@@ -146,6 +154,7 @@ int main(int argc, char **argv)
     const char *plugin_dir = NULL, *s3_endpoint = NULL;
     char *s3_opts[32];
     unsigned n_s3_opts = 0;
+    unsigned job_workers = DEFAULT_JOB_WORKERS, max_listeners = EVENTS_DEFAULT_LISTENERS;
     int c;
     while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
         cur_arg = optind - 1; /* file settings are single "--key=value" arguments */
@@ -184,6 +193,20 @@ int main(int argc, char **argv)
             }
             s3_opts[n_s3_opts++] = optarg;
             break;
+        case 'J':
+        case 'L': {
+            char *end;
+            long n = strtol(optarg, &end, 10);
+            if (*end || n < 1 || n > 1024) {
+                fprintf(stderr, "qcowd: --%s must be 1..1024\n", c == 'J' ? "job-workers" : "max-listeners");
+                return 2;
+            }
+            if (c == 'J')
+                job_workers = (unsigned)n;
+            else
+                max_listeners = (unsigned)n;
+            break;
+        }
         case 'h':
             usage(stdout);
             return 0;
@@ -232,10 +255,31 @@ int main(int argc, char **argv)
     ret = catalog_clean_temp(cat, note_stale, NULL);
     if (ret < 0)
         fprintf(stderr, "qcowd: looking for stale temporary files: %s\n", err_msg(ret));
+    struct events *ev = NULL;
+    struct jobs *jobs = NULL;
+    char *jobs_file = catalog_path(cat, JOBS_FILE);
+    ret = jobs_file ? events_new(max_listeners, &ev) : -ENOMEM;
+    if (ret == 0) {
+        catalog_set_notify(cat, events_image_event, ev);
+        struct jobs_config jc = {
+            .workers = job_workers, .state_uri = jobs_file, .event = events_job_event, .event_opaque = ev};
+        ret = jobs_new(&jc, &jobs);
+    }
+    free(jobs_file);
+    if (ret < 0) {
+        fprintf(stderr, "qcowd: %s\n", err_msg(ret));
+        events_free(ev);
+        catalog_free(cat);
+        return 1;
+    }
+    cfg.jobs = jobs;
+    cfg.events = ev;
     struct api_server *srv;
     ret = api_server_start(&cfg, cat, &srv);
     if (ret < 0) {
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
+        jobs_free(jobs);
+        events_free(ev);
         catalog_free(cat);
         return 1;
     }
@@ -249,6 +293,8 @@ int main(int argc, char **argv)
     if (api_server_drain(srv, DRAIN_MS) < 0)
         fprintf(stderr, "qcowd: %s; closing them\n", err_msg(ETIMEDOUT));
     api_server_stop(srv);
+    jobs_free(jobs); /* running jobs are cancelled and release their images */
+    events_free(ev);
     catalog_free(cat);
     fprintf(stderr, "qcowd: stopped\n");
     return 0;

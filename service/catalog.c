@@ -54,7 +54,44 @@ struct catalog {
     pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
     unsigned long seq;             /* temporary names (under lock) */
     uint64_t closed_hits, closed_misses; /* L2 cache counts of images already closed (under lock) */
+    struct reservation *reserved;        /* images reserved by jobs (under lock) */
+    catalog_notify_fn notify;            /* image events, or NULL */
+    void *notify_opaque;
 };
+
+/* One image reserved by a job (catalog_reserve). */
+struct reservation {
+    char *name;
+    char *owner;
+    bool exclusive; /* readers refused too */
+    struct reservation *next;
+};
+
+static struct reservation *reserved(const struct catalog *c, const char *name)
+{
+    for (struct reservation *r = c->reserved; r; r = r->next)
+        if (!strcmp(r->name, name))
+            return r;
+    return NULL;
+}
+
+/* -EBUSY when name is reserved (for readers too when readers is set), else 0. */
+static int check_reserved(struct catalog *c, const char *name, bool readers)
+{
+    pthread_mutex_lock(&c->lock);
+    struct reservation *r = reserved(c, name);
+    int ret = 0;
+    if (r && (!readers || r->exclusive))
+        ret = err_fail(EBUSY, "image '%s' is busy: %s", name, r->owner);
+    pthread_mutex_unlock(&c->lock);
+    return ret;
+}
+
+static void notify(struct catalog *c, const char *what, const char *name)
+{
+    if (c->notify)
+        c->notify(c->notify_opaque, what, name);
+}
 
 static bool is_uri(const char *s)
 {
@@ -164,6 +201,13 @@ void catalog_free(struct catalog *c)
         else
             fprintf(stderr, "catalog: image %s still in use at shutdown\n", e->name);
         e = next;
+    }
+    while (c->reserved) {
+        struct reservation *r = c->reserved;
+        c->reserved = r->next;
+        free(r->name);
+        free(r->owner);
+        free(r);
     }
     pthread_cond_destroy(&c->closed);
     pthread_mutex_destroy(&c->create_lock);
@@ -442,10 +486,21 @@ static void uncache(struct catalog *c, struct catalog_image *e, struct catalog_i
     }
 }
 
+static int get_entry(struct catalog *c, const char *name, struct catalog_image **out, bool bypass);
+
 int catalog_get(struct catalog *c, const char *name, struct catalog_image **out)
+{
+    return get_entry(c, name, out, false);
+}
+
+/* catalog_get; bypass skips the reservation check (for the reserving job and
+ * for looking at other images' chains). */
+static int get_entry(struct catalog *c, const char *name, struct catalog_image **out, bool bypass)
 {
     int ret = catalog_valid_name(name);
     if (ret < 0)
+        return ret;
+    if (!bypass && (ret = check_reserved(c, name, true)) < 0)
         return ret;
     char *uri = image_uri(c, name);
     if (!uri)
@@ -580,7 +635,7 @@ static int find_user(struct catalog *c, const char *name, const char *target_uri
         return ret;
     for (size_t i = 0; i < n && ret == 0; i++) {
         struct catalog_image *ci;
-        if (!strcmp(names[i], name) || catalog_get(c, names[i], &ci) < 0)
+        if (!strcmp(names[i], name) || get_entry(c, names[i], &ci, true) < 0)
             continue;
         for (struct qcow2_image *l = qcow2_backing(ci->img); l; l = qcow2_backing(l))
             if (!strcmp(qcow2_get_info(l)->uri, target_uri)) {
@@ -607,7 +662,8 @@ static void writer_leave(struct catalog_image *ci)
 {
     struct catalog *c = ci->cat;
     pthread_mutex_lock(&c->lock);
-    if (--ci->writers == 0) {
+    bool last = --ci->writers == 0;
+    if (last) {
         /* our own changes: the file's new identity is still this handle. Under
          * the lock, so no get compares against a stale identity meanwhile. */
         struct vfs_stat st;
@@ -620,29 +676,42 @@ static void writer_leave(struct catalog_image *ci)
         }
     }
     pthread_mutex_unlock(&c->lock);
+    if (last)
+        notify(c, "image-changed", ci->name);
 }
 
 /* writer_enter for a client's write: refused while the container is being
- * downloaded, so a download is one consistent file. */
+ * downloaded, so a download is one consistent file, and while a job has
+ * reserved the image (looked at again here, under the lock catalog_reserve
+ * takes, since the caller's first look). */
 static int writer_try_enter(struct catalog_image *ci)
 {
-    pthread_mutex_lock(&ci->cat->lock);
+    struct catalog *c = ci->cat;
+    int ret = 0;
+    pthread_mutex_lock(&c->lock);
     unsigned downloads = ci->downloads;
-    if (!downloads) {
+    struct reservation *r = reserved(c, ci->name);
+    if (r)
+        ret = err_fail(EBUSY, "image '%s' is busy: %s", ci->name, r->owner);
+    else if (downloads)
+        ret = err_fail(EBUSY, "image '%s' is being downloaded (GET .../file, %u running); write after it ends",
+                       ci->name, downloads);
+    else {
         ci->writers++;
         ci->written = true;
     }
-    pthread_mutex_unlock(&ci->cat->lock);
-    if (downloads)
-        return err_fail(EBUSY, "image '%s' is being downloaded (GET .../file, %u running); write after it ends",
-                        ci->name, downloads);
-    return 0;
+    pthread_mutex_unlock(&c->lock);
+    return ret;
 }
 
 int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out)
 {
     struct catalog_image *ci;
-    int ret = catalog_get(c, name, &ci);
+    int ret = catalog_valid_name(name);
+    if (ret == 0)
+        ret = check_reserved(c, name, false);
+    if (ret == 0)
+        ret = catalog_get(c, name, &ci);
     if (ret < 0)
         return ret;
     if (!ci->rw) {
@@ -847,8 +916,10 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
         }
     }
     pthread_mutex_unlock(&c->create_lock);
-    if (ret == 0)
+    if (ret == 0) {
         forget(c, name);
+        notify(c, "image-created", name);
+    }
 out:
     free(uri);
     free(tmp);
@@ -865,7 +936,9 @@ int catalog_remove(struct catalog *c, const char *name)
         return err_fail(ENOMEM, "out of memory");
     pthread_mutex_lock(&c->create_lock);
     struct vfs_stat st;
-    ret = vfs_stat(uri, &st);
+    ret = check_reserved(c, name, false);
+    if (ret == 0)
+        ret = vfs_stat(uri, &st);
     if (ret == -ENOENT || (ret == 0 && st.is_dir))
         ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
     if (ret == 0) {
@@ -877,8 +950,10 @@ int catalog_remove(struct catalog *c, const char *name)
     if (ret == 0)
         ret = vfs_remove(uri);
     pthread_mutex_unlock(&c->create_lock);
-    if (ret == 0)
+    if (ret == 0) {
         forget(c, name);
+        notify(c, "image-deleted", name);
+    }
     free(uri);
     return ret;
 }
@@ -1010,8 +1085,10 @@ int catalog_upload_commit(struct catalog_upload *u)
             ret = vfs_rename(u->tmp, u->uri);
         pthread_mutex_unlock(&c->create_lock);
     }
-    if (ret == 0)
+    if (ret == 0) {
         forget(c, u->name);
+        notify(c, "image-created", u->name);
+    }
     upload_free(u, ret == 0);
     return ret;
 }
@@ -1104,4 +1181,142 @@ void catalog_file_close(struct catalog_file *f)
         catalog_put(f->ci);
     }
     free(f);
+}
+
+/* ---- jobs ---- */
+
+int catalog_reserve(struct catalog *c, const char *name, bool exclusive, const char *owner)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    struct reservation *r = calloc(1, sizeof *r);
+    if (!r || !(r->name = strdup(name)) || !(r->owner = strdup(owner))) {
+        if (r)
+            free(r->name);
+        free(r);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    r->exclusive = exclusive;
+    pthread_mutex_lock(&c->lock);
+    struct reservation *old = reserved(c, name);
+    struct catalog_image *e = find(c, name);
+    if (old)
+        ret = err_fail(EBUSY, "image '%s' is busy: %s", name, old->owner);
+    else if (e && e->writers)
+        ret = err_fail(EBUSY, "image '%s' is being written", name);
+    if (ret == 0) {
+        r->next = c->reserved;
+        c->reserved = r;
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (ret < 0) {
+        free(r->name);
+        free(r->owner);
+        free(r);
+    }
+    return ret;
+}
+
+void catalog_release(struct catalog *c, const char *name)
+{
+    pthread_mutex_lock(&c->lock);
+    for (struct reservation **p = &c->reserved; *p; p = &(*p)->next)
+        if (!strcmp((*p)->name, name)) {
+            struct reservation *r = *p;
+            *p = r->next;
+            free(r->name);
+            free(r->owner);
+            free(r);
+            break;
+        }
+    pthread_mutex_unlock(&c->lock);
+}
+
+int catalog_get_reserved(struct catalog *c, const char *name, struct catalog_image **out)
+{
+    struct catalog_image *ci;
+    int ret = get_entry(c, name, &ci, true);
+    if (ret < 0)
+        return ret;
+    if (!ci->rw) {
+        ret = err_fail(EROFS, "image '%s' is read-only: %s", name, ci->ro_msg ? ci->ro_msg : "opened read-only");
+        catalog_put(ci);
+        return ret;
+    }
+    writer_enter(ci);
+    *out = ci;
+    return 0;
+}
+
+int catalog_flush(struct catalog *c, const char *name)
+{
+    pthread_mutex_lock(&c->lock);
+    struct catalog_image *e = find(c, name);
+    if (e && e->img)
+        e->refs++;
+    else
+        e = NULL;
+    pthread_mutex_unlock(&c->lock);
+    if (!e)
+        return 0;
+    int ret = flush_own(e);
+    catalog_put(e);
+    return ret;
+}
+
+void catalog_drop(struct catalog *c, const char *name)
+{
+    forget(c, name);
+}
+
+char *catalog_uri(struct catalog *c, const char *name)
+{
+    return image_uri(c, name);
+}
+
+char *catalog_temp(struct catalog *c, const char *kind, const char *name)
+{
+    return temp_uri(c, kind, name);
+}
+
+int catalog_install(struct catalog *c, const char *tmp, const char *name)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    char *uri = image_uri(c, name);
+    if (!uri)
+        return err_fail(ENOMEM, "out of memory");
+    pthread_mutex_lock(&c->create_lock);
+    ret = exists(uri, name);
+    if (ret == 0)
+        ret = vfs_rename(tmp, uri);
+    pthread_mutex_unlock(&c->create_lock);
+    free(uri);
+    if (ret == 0) {
+        forget(c, name);
+        notify(c, "image-created", name);
+    }
+    return ret;
+}
+
+void catalog_set_notify(struct catalog *c, catalog_notify_fn fn, void *opaque)
+{
+    c->notify = fn;
+    c->notify_opaque = opaque;
+}
+
+char *catalog_path(struct catalog *c, const char *file)
+{
+    char *uri;
+    const char *sep = c->root[strlen(c->root) - 1] == '/' ? "" : "/";
+    if (asprintf(&uri, "%s%s%s", c->root, sep, file) < 0)
+        return NULL;
+    return uri;
+}
+
+void catalog_changed(struct catalog *c, const char *name)
+{
+    notify(c, "image-changed", name);
 }

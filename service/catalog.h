@@ -134,4 +134,43 @@ int catalog_file_open(struct catalog *c, const char *name, struct catalog_file *
 int catalog_file_pread(struct catalog_file *f, void *buf, size_t len, uint64_t off);
 void catalog_file_close(struct catalog_file *f);
 
+/* ---- jobs: reservations, private handles, temporary images, notifications ---- */
+
+/* Reserve name for a job (owner: a short text such as "job 7 (commit)"). Until
+ * catalog_release, catalog_get_writable and catalog_remove of name fail with
+ * -EBUSY naming the owner, and with exclusive also catalog_get (readers). Fails
+ * with -EBUSY when name is reserved already or a writer holds it now (retry
+ * later), -EINVAL for a bad name. Thread-safe. */
+int catalog_reserve(struct catalog *c, const char *name, bool exclusive, const char *owner);
+void catalog_release(struct catalog *c, const char *name);
+
+/* catalog_get_writable for the holder of the reservation of name (it skips the
+ * reservation and the backing-chain check). Release with catalog_put_writable. */
+int catalog_get_reserved(struct catalog *c, const char *name, struct catalog_image **out);
+
+/* Write the pending metadata of name's cached handle, if any (0 when none). */
+int catalog_flush(struct catalog *c, const char *name);
+/* Drop the cached handle of name: the next catalog_get opens the file again
+ * (holders keep the old one until they put it). Thread-safe. */
+void catalog_drop(struct catalog *c, const char *name);
+
+/* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
+ * in the catalog folder that is never listed (".KIND-NAME-PID-SEQ.tmp"). */
+char *catalog_uri(struct catalog *c, const char *name);
+char *catalog_temp(struct catalog *c, const char *kind, const char *name);
+/* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */
+char *catalog_path(struct catalog *c, const char *file);
+/* Rename the file tmp (made by the caller) into place as name: -EEXIST when the
+ * name is taken (tmp is left for the caller to remove). */
+int catalog_install(struct catalog *c, const char *tmp, const char *name);
+
+/* Called after an image is created, installed, removed, or its last writer
+ * leaves (what: "image-created", "image-deleted", "image-changed"), from the
+ * thread that did it, with no catalog lock held. Set once before use. */
+typedef void (*catalog_notify_fn)(void *opaque, const char *what, const char *name);
+void catalog_set_notify(struct catalog *c, catalog_notify_fn fn, void *opaque);
+/* Tell the listener that name changed behind the catalog's handles (a job that
+ * wrote through a private handle). */
+void catalog_changed(struct catalog *c, const char *name);
+
 #endif

@@ -150,7 +150,7 @@ def main():
             stop(d)
             # the file alone sets the pool size (the Daemon's own --threads left out)
             with open(conf, "w") as f:
-                f.write("listen = 127.0.0.1:0\ncatalog = %s\nthreads = 3\nquiet\n" % cat)
+                f.write("listen = 127.0.0.1:0\ncatalog = %s\nthreads = 3\njob-workers = 1\nquiet\n" % cat)
             proc = subprocess.Popen([base.QCOWD, "--config", conf], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE)
             line = proc.stderr.readline().decode()
@@ -161,10 +161,10 @@ def main():
                 c.request("OPTIONS", "/v1/images/small/data")
                 assert json.loads(c.getresponse().read())["max_readers"] == 3
                 c.close()
-                # the main thread (waiting for signals) and a pool of 3 HTTP threads
-                # (TSan's runtime adds one of its own)
+                # the main thread (waiting for signals), a pool of 3 HTTP threads,
+                # 1 job worker and the event bus's ticker (TSan's runtime adds one)
                 tasks = len(os.listdir("/proc/%d/task" % proc.pid))
-                assert 4 <= tasks <= 5, "%d threads, want 1 + a pool of 3" % tasks
+                assert 6 <= tasks <= 7, "%d threads, want 1 + a pool of 3 + 1 job worker + 1 ticker" % tasks
             finally:
                 proc.send_signal(signal.SIGTERM)
                 rest = proc.communicate(timeout=60)[1].decode()
@@ -207,7 +207,7 @@ def main():
                 with open(os.path.join(cat, f), "wb") as fh:
                     fh.write(b"half an image")
             d = start()
-            left = sorted(f for f in os.listdir(cat) if f.startswith("."))
+            left = sorted(f for f in os.listdir(cat) if f.startswith(".") and f != ".qcowd-jobs.json")
             stop(d)
             assert left == sorted([live, other]), left
             for f in stale:

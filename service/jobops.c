@@ -1,0 +1,435 @@
+/* jobops.c: snapshot, check and commit jobs: validation at submit time, then the
+ * work on a worker with the images reserved in the catalog (writers refused, and
+ * readers too while a snapshot table or a backing chain changes under them). */
+#include "jobops.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "catalog.h"
+#include "err.h"
+#include "jobs.h"
+#include "qcow2.h"
+
+int svc_reserve(struct job *j, struct catalog *cat, const char *name, bool exclusive)
+{
+    for (;;) {
+        int ret = catalog_reserve(cat, name, exclusive, job_owner(j));
+        if (ret != -EBUSY)
+            return ret;
+        /* a request is writing it now: wait for it to finish */
+        if (job_cancelled(j))
+            return -ECANCELED;
+        usleep(20 * 1000);
+    }
+}
+
+/* The image must open now (a clear error for a corrupt one comes at once). */
+int svc_usable(struct catalog *cat, const char *image)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(cat, image, &ci);
+    if (ret == -EBUSY) /* reserved by a job: the new one queues behind it */
+        return 0;
+    if (ret == 0)
+        catalog_put(ci);
+    return ret;
+}
+
+bool svc_has_snapshot(struct catalog *cat, const char *image, const char *snap)
+{
+    struct catalog_image *ci;
+    if (catalog_get(cat, image, &ci) < 0)
+        return true; /* busy: the job will tell */
+    const struct qcow2_info *in = qcow2_get_info(catalog_image_qcow2(ci));
+    bool found = false;
+    for (uint32_t i = 0; i < in->nb_snapshots && !found; i++)
+        found = !strcmp(in->snapshots[i].id, snap) || !strcmp(in->snapshots[i].name, snap);
+    catalog_put(ci);
+    return found;
+}
+
+/* Call fn(ctx, name) for every catalog image with the file uri in its backing
+ * chain (images that cannot be opened now are skipped); stops at an error. */
+static int each_user(struct catalog *cat, const char *uri, int (*fn)(void *ctx, const char *name), void *ctx)
+{
+    char **names = NULL;
+    size_t count = 0;
+    int ret = catalog_list(cat, &names, &count);
+    for (size_t i = 0; ret == 0 && i < count; i++) {
+        struct catalog_image *ci;
+        if (catalog_get(cat, names[i], &ci) < 0)
+            continue;
+        for (struct qcow2_image *l = qcow2_backing(catalog_image_qcow2(ci)); l && ret == 0; l = qcow2_backing(l))
+            if (!strcmp(qcow2_get_info(l)->uri, uri))
+                ret = fn(ctx, names[i]);
+        catalog_put(ci);
+    }
+    catalog_names_free(names, count);
+    if (ret == 0)
+        err_clear();
+    return ret;
+}
+
+static int refuse_user(void *ctx, const char *name)
+{
+    return err_fail(EBUSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
+                    (const char *)ctx, name);
+}
+
+/* ---- snapshots ---- */
+
+struct snap_arg {
+    struct catalog *cat;
+    char *image, *op, *snap;
+};
+
+static void snap_free(void *p)
+{
+    struct snap_arg *a = p;
+    free(a->image);
+    free(a->op);
+    free(a->snap);
+    free(a);
+}
+
+static int snap_run(struct job *j, void *p, json_t **result)
+{
+    struct snap_arg *a = p;
+    /* readers too: the snapshot list they would read is replaced */
+    int ret = svc_reserve(j, a->cat, a->image, true);
+    if (ret < 0)
+        return ret;
+    struct catalog_image *ci;
+    ret = catalog_get_reserved(a->cat, a->image, &ci);
+    if (ret == 0) {
+        job_progress(j, 0, 1);
+        struct qcow2_image *img = catalog_image_qcow2(ci);
+        if (!strcmp(a->op, "create"))
+            ret = qcow2_snapshot_create(img, a->snap);
+        else if (!strcmp(a->op, "delete"))
+            ret = qcow2_snapshot_delete(img, a->snap);
+        else
+            ret = qcow2_snapshot_revert(img, a->snap);
+        if (ret == 0)
+            ret = qcow2_flush(img);
+        if (ret == 0) {
+            job_progress(j, 1, 1);
+            *result = json_pack("{s:s,s:s}", "snapshot", a->snap, "op", a->op);
+        }
+        catalog_put_writable(ci);
+    }
+    catalog_release(a->cat, a->image);
+    return ret;
+}
+
+int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, const char *op, const char *snap,
+                     json_t **job)
+{
+    int ret = svc_usable(cat, image);
+    if (ret < 0)
+        return ret;
+    if (!snap || !*snap)
+        return err_fail(EINVAL, "a snapshot name is required");
+    if (strlen(snap) > 1023)
+        return err_fail(EINVAL, "a snapshot name has at most 1023 bytes");
+    bool found = svc_has_snapshot(cat, image, snap);
+    if (!strcmp(op, "create") && found)
+        ; /* an id may equal the new name; the engine decides (-EEXIST) */
+    else if (strcmp(op, "create") && !found)
+        return err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, snap);
+    if (!strcmp(op, "revert")) {
+        char *uri = catalog_uri(cat, image), *canon = uri ? realpath(uri, NULL) : NULL;
+        ret = uri ? each_user(cat, canon ? canon : uri, refuse_user, (void *)image) : err_fail(ENOMEM, "out of memory");
+        free(canon);
+        free(uri);
+        if (ret < 0)
+            return ret;
+    }
+    struct snap_arg *a = calloc(1, sizeof *a);
+    if (!a || !(a->image = strdup(image)) || !(a->op = strdup(op)) || !(a->snap = strdup(snap))) {
+        if (a)
+            snap_free(a);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    a->cat = cat;
+    char type[32];
+    snprintf(type, sizeof type, "snapshot-%s", op);
+    return jobs_submit(js, type, image, NULL, json_pack("{s:s}", "snapshot", snap), snap_run, a, snap_free, job);
+}
+
+/* ---- check ---- */
+
+struct check_arg {
+    struct catalog *cat;
+    char *image;
+    enum qcow2_repair repair;
+};
+
+static void check_free(void *p)
+{
+    struct check_arg *a = p;
+    free(a->image);
+    free(a);
+}
+
+static json_t *check_report(const char *file, const struct qcow2_check_result *r)
+{
+    json_t *o = json_object();
+#define PUT_NZ(key, v)                                                                                                 \
+    do {                                                                                                               \
+        if (v)                                                                                                         \
+            json_object_set_new(o, key, json_integer((json_int_t)(v)));                                                \
+    } while (0)
+    PUT_NZ("image-end-offset", r->image_end_offset);
+    PUT_NZ("total-clusters", r->total_clusters);
+    PUT_NZ("allocated-clusters", r->allocated_clusters);
+    PUT_NZ("fragmented-clusters", r->fragmented_clusters);
+    PUT_NZ("compressed-clusters", r->compressed_clusters);
+    PUT_NZ("corruptions", r->corruptions);
+    PUT_NZ("leaks", r->leaks);
+    PUT_NZ("corruptions-fixed", r->corruptions_fixed);
+    PUT_NZ("leaks-fixed", r->leaks_fixed);
+#undef PUT_NZ
+    json_object_set_new(o, "check-errors", json_integer((json_int_t)r->check_errors));
+    json_object_set_new(o, "filename", json_string(file));
+    json_object_set_new(o, "format", json_string("qcow2"));
+    return o;
+}
+
+static int check_run(struct job *j, void *p, json_t **result)
+{
+    struct check_arg *a = p;
+    bool repair = a->repair != QCOW2_REPAIR_NONE;
+    int ret = svc_reserve(j, a->cat, a->image, repair);
+    if (ret < 0)
+        return ret;
+    char *uri = catalog_uri(a->cat, a->image);
+    struct qcow2_image *img = NULL;
+    /* the file as qemu-img would see it: the shared handle's pending metadata
+     * first, then a private handle (read-write only to repair) */
+    ret = uri ? catalog_flush(a->cat, a->image) : err_fail(ENOMEM, "out of memory");
+    if (ret == 0 && repair)
+        catalog_drop(a->cat, a->image);
+    if (ret == 0) {
+        struct qcow2_open_opts o = {.contained = true, .read_write = repair, .allow_corrupt = true};
+        ret = qcow2_open(uri, &o, &img);
+        if (ret == -EINVAL)
+            ret = err_prefix(-EUCLEAN, "cannot check image '%s'", a->image);
+    }
+    job_progress(j, 0, 1);
+    struct qcow2_check_result r, fixed = {0};
+    if (ret == 0)
+        ret = qcow2_check(img, a->repair, &r, NULL, NULL);
+    if (ret == 0 && repair) {
+        fixed = r;
+        ret = qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL);
+        r.leaks_fixed = fixed.leaks_fixed;
+        r.corruptions_fixed = fixed.corruptions_fixed;
+    }
+    if (img) {
+        int cret = repair ? qcow2_flush(img) : 0;
+        int cl = qcow2_close(img);
+        if (ret == 0)
+            ret = cret ? cret : cl;
+    }
+    if (repair) {
+        catalog_drop(a->cat, a->image);
+        catalog_changed(a->cat, a->image);
+    }
+    if (ret == 0) {
+        char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
+        snprintf(file, sizeof file, "%s%s", a->image, CATALOG_SUFFIX);
+        *result = check_report(file, &r);
+        job_progress(j, 1, 1);
+    }
+    free(uri);
+    catalog_release(a->cat, a->image);
+    return ret;
+}
+
+int svc_check_job(struct jobs *js, struct catalog *cat, const char *image, const char *repair, json_t **job)
+{
+    enum qcow2_repair rep = QCOW2_REPAIR_NONE;
+    if (repair && !strcmp(repair, "leaks"))
+        rep = QCOW2_REPAIR_LEAKS;
+    else if (repair && !strcmp(repair, "all"))
+        rep = QCOW2_REPAIR_ALL;
+    else if (repair)
+        return err_fail(EINVAL, "repair must be \"leaks\" or \"all\"");
+    /* a corrupt image is what check is for: only a missing one is refused now */
+    struct catalog_image *ci;
+    int ret = catalog_get(cat, image, &ci);
+    if (ret == -EINVAL || ret == -ENOENT)
+        return ret;
+    if (ret == 0)
+        catalog_put(ci);
+    struct check_arg *a = calloc(1, sizeof *a);
+    if (!a || !(a->image = strdup(image))) {
+        free(a);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    a->cat = cat;
+    a->repair = rep;
+    json_t *params = repair ? json_pack("{s:s}", "repair", repair) : json_object();
+    return jobs_submit(js, "check", image, NULL, params, check_run, a, check_free, job);
+}
+
+/* ---- commit ---- */
+
+#define COMMIT_MAX_NAMES 80 /* images a commit may hold: its chain and the users of its base */
+
+struct commit_arg {
+    struct catalog *cat;
+    char *image, *base;                 /* base: a catalog name */
+    char *names[COMMIT_MAX_NAMES + 1]; /* reserved while it runs (image first); NULL-terminated */
+};
+
+static void commit_free(void *p)
+{
+    struct commit_arg *a = p;
+    free(a->image);
+    free(a->base);
+    for (char **n = a->names; *n; n++)
+        free(*n);
+    free(a);
+}
+
+/* The catalog name of a layer's file ("/cat/NAME.qcow2" -> "NAME"), or NULL. */
+static char *layer_name(struct qcow2_image *l)
+{
+    const char *uri = qcow2_get_info(l)->uri, *slash = strrchr(uri, '/');
+    const char *file = slash ? slash + 1 : uri;
+    size_t n = strlen(file), sl = strlen(CATALOG_SUFFIX);
+    if (n <= sl || strcmp(file + n - sl, CATALOG_SUFFIX))
+        return NULL;
+    return strndup(file, n - sl);
+}
+
+static int add_name(struct commit_arg *a, const char *name)
+{
+    size_t i = 0;
+    for (; a->names[i]; i++)
+        if (!strcmp(a->names[i], name))
+            return 0;
+    if (i == COMMIT_MAX_NAMES)
+        return err_fail(E2BIG, "the commit would hold more than %d images", COMMIT_MAX_NAMES);
+    return (a->names[i] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
+}
+
+static int add_user(void *ctx, const char *name)
+{
+    return add_name(ctx, name);
+}
+
+/* Every image of the chain from image down to base, and every catalog image that
+ * reads base (their view of it changes). */
+static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(cat, a->image, &ci);
+    if (ret < 0)
+        return ret;
+    struct qcow2_image *top = catalog_image_qcow2(ci), *l = qcow2_backing(top);
+    if (!l) {
+        catalog_put(ci);
+        return err_fail(EINVAL, "image '%s' has no backing file to commit into", a->image);
+    }
+    ret = add_name(a, a->image);
+    char *base_uri = NULL;
+    for (; l && ret == 0; l = qcow2_backing(l)) {
+        char *n = layer_name(l);
+        if (!n) {
+            ret = err_fail(ENOTSUP, "a backing file of '%s' is not a catalog image", a->image);
+            break;
+        }
+        ret = add_name(a, n);
+        bool last = !base || !strcmp(n, base);
+        if (last) {
+            a->base = n;
+            base_uri = strdup(qcow2_get_info(l)->uri);
+            break;
+        }
+        free(n);
+    }
+    catalog_put(ci);
+    if (ret == 0 && !a->base)
+        ret = err_fail(EINVAL, "image '%s' is not in the backing chain of '%s'", base, a->image);
+    if (ret == 0)
+        ret = each_user(cat, base_uri, add_user, a);
+    free(base_uri);
+    if (ret == 0)
+        err_clear();
+    return ret;
+}
+
+static int commit_run(struct job *j, void *p, json_t **result)
+{
+    struct commit_arg *a = p;
+    struct catalog *cat = a->cat;
+    int ret = 0;
+    size_t held = 0;
+    /* everyone out: base's data changes under every image that reads it */
+    for (; a->names[held] && ret == 0; held++)
+        if ((ret = svc_reserve(j, cat, a->names[held], true)) < 0)
+            break;
+    for (size_t i = 0; ret == 0 && i < held; i++)
+        ret = catalog_flush(cat, a->names[i]);
+    for (size_t i = 0; i < held; i++)
+        catalog_drop(cat, a->names[i]);
+    char *uri = ret == 0 ? catalog_uri(cat, a->image) : NULL;
+    char *base_uri = ret == 0 ? catalog_uri(cat, a->base) : NULL;
+    struct qcow2_image *top = NULL;
+    if (ret == 0 && (!uri || !base_uri))
+        ret = err_fail(ENOMEM, "out of memory");
+    if (ret == 0) {
+        struct qcow2_open_opts o = {.contained = true, .read_write = true};
+        ret = qcow2_open(uri, &o, &top);
+        if (ret == -EINVAL)
+            ret = err_prefix(-EUCLEAN, "image '%s'", a->image);
+    }
+    if (ret == 0) {
+        struct qcow2_commit_opts co = {.base = base_uri, .progress = job_progress, .opaque = j};
+        ret = qcow2_commit(top, &co);
+        int cl = qcow2_close(top);
+        if (ret == 0)
+            ret = cl;
+    }
+    /* the cached handles read the old base: open afresh from now on */
+    for (size_t i = 0; i < held; i++)
+        catalog_drop(cat, a->names[i]);
+    for (size_t i = 0; i < held; i++)
+        catalog_release(cat, a->names[i]);
+    for (size_t i = 0; i < held && top; i++)
+        catalog_changed(cat, a->names[i]);
+    if (ret == 0)
+        *result = json_pack("{s:s,s:s}", "top", a->image, "base", a->base);
+    free(uri);
+    free(base_uri);
+    return ret;
+}
+
+int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job)
+{
+    int ret = svc_usable(cat, image);
+    if (ret == 0 && base && (ret = catalog_valid_name(base)) < 0)
+        ret = err_prefix(ret, "base");
+    if (ret < 0)
+        return ret;
+    struct commit_arg *a = calloc(1, sizeof *a);
+    if (!a || !(a->image = strdup(image))) {
+        free(a);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    a->cat = cat;
+    ret = commit_plan(cat, a, base);
+    if (ret < 0) {
+        commit_free(a);
+        return ret;
+    }
+    json_t *params = json_pack("{s:s}", "base", a->base);
+    return jobs_submit(js, "commit", image, (const char *const *)a->names, params, commit_run, a, commit_free, job);
+}
