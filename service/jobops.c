@@ -223,7 +223,7 @@ static int check_run(struct job *j, void *p, json_t **result)
     job_progress(j, 0, 1);
     struct qcow2_check_result r, fixed = {0};
     if (ret == 0)
-        ret = qcow2_check(img, a->repair, &r, NULL, NULL);
+        ret = qcow2_check_progress(img, a->repair, &r, NULL, NULL, job_progress, j); /* pause/cancel inside */
     if (ret == 0 && repair) {
         fixed = r;
         ret = qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL);

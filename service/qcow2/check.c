@@ -17,7 +17,20 @@ struct ck {
     uint64_t n;         /* clusters in the file */
     void (*report)(void *, const char *);
     void *ctx;
+    qcow2_progress_fn progress; /* may be NULL */
+    void *opaque;
+    uint64_t done, total;       /* progress units: L1 entries walked, refcount blocks compared */
+    bool cancelled;             /* progress asked to stop */
 };
+
+/* n more units done; false once the caller asked to stop. */
+static bool tick(struct ck *k, uint64_t n)
+{
+    k->done += n;
+    if (k->progress && !k->cancelled && k->progress(k->opaque, k->done, k->total))
+        k->cancelled = true;
+    return !k->cancelled;
+}
 
 static void say(struct ck *k, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static void say(struct ck *k, const char *fmt, ...)
@@ -128,19 +141,25 @@ static void walk_l1(struct ck *k, uint64_t l1off, uint32_t l1size, bool active)
         k->r->check_errors++;
         return;
     }
-    uint64_t next_contig = 0;
+    uint64_t next_contig = 0, walked = 0;
     for (uint32_t i = 0; i < l1size; i++) {
         uint64_t l2off = l1[i] & QCOW2_L1E_OFFSET_MASK;
         if (!l2off)
             continue;
+        if (!tick(k, i + 1 - walked)) /* an L2 table is the unit of work */
+            break;
+        walked = i + 1;
         if (offset_into_cluster(img, l2off) || l2off + img->cluster_size > img->file_size) {
             say(k, "ERROR L2 table offset %#" PRIx64 " (L1 index %u) is misaligned or past the end", l2off, i);
             k->r->corruptions++;
             continue;
         }
         ref(k, l2off, img->cluster_size, "L2 table");
+        next_contig = 0; /* as qemu-img: fragmentation is counted within an L2 table */
         walk_l2(k, l2off, active, &next_contig);
     }
+    if (!k->cancelled)
+        tick(k, l1size - walked);
     if (!active)
         free(l1);
 }
@@ -224,12 +243,19 @@ static int check_copied(struct ck *k, enum qcow2_repair repair)
 int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_check_result *r,
                 void (*report)(void *ctx, const char *line), void *ctx)
 {
+    return qcow2_check_progress(img, repair, r, report, ctx, NULL, NULL);
+}
+
+int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_check_result *r,
+                         void (*report)(void *ctx, const char *line), void *ctx, qcow2_progress_fn progress,
+                         void *opaque)
+{
     memset(r, 0, sizeof *r);
     if (img->fmt != QCOW2_FMT_QCOW2)
         return err_fail(ENOTSUP, "only qcow2 images can be checked");
     if (repair && !img->rw)
         return err_fail(EROFS, "repair needs the image open read-write");
-    struct ck k = {.img = img, .r = r, .report = report, .ctx = ctx};
+    struct ck k = {.img = img, .r = r, .report = report, .ctx = ctx, .progress = progress, .opaque = opaque};
     k.n = size_to_clusters(img, img->file_size);
     k.expected = calloc(k.n ? k.n : 1, sizeof *k.expected);
     if (!k.expected)
@@ -242,11 +268,21 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
     if (img->rw && (ret = meta_flush(img)) < 0)
         goto out;
     r->total_clusters = size_to_clusters(img, img->h.size);
+    uint64_t per_block = ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
+    uint64_t covered = (uint64_t)img->reftable_size * per_block;
+    uint64_t limit = k.n > covered ? k.n : covered;
+    k.total = img->h.l1_size + limit / per_block + 1;
+    for (uint32_t i = 0; i < img->nb_snaps; i++)
+        k.total += img->snaps[i].l1_size;
 
     ref(&k, 0, img->cluster_size, "header");
     walk_l1(&k, img->h.l1_table_offset, img->h.l1_size, true);
-    for (uint32_t i = 0; i < img->nb_snaps; i++)
+    for (uint32_t i = 0; i < img->nb_snaps && !k.cancelled; i++)
         walk_l1(&k, img->snaps[i].l1_offset, img->snaps[i].l1_size, false);
+    if (k.cancelled) {
+        ret = err_fail(ECANCELED, "check cancelled");
+        goto out;
+    }
     if (img->h.nb_snapshots)
         ref(&k, img->h.snapshots_offset, img->snap_table_len, "snapshot table");
     ref(&k, img->h.refcount_table_offset, (uint64_t)img->h.refcount_table_clusters << img->cluster_bits, "refcount table");
@@ -266,12 +302,15 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
         ref(&k, img->crypto_off, img->crypto_len, "encryption header");
 
     /* compare; clusters past the file with a refcount are leaks too */
-    uint64_t per_block = ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
-    uint64_t covered = (uint64_t)img->reftable_size * per_block, highest = 0;
-    uint64_t limit = k.n > covered ? k.n : covered;
+    uint64_t highest = 0;
+    bool changed = false; /* a repair has changed a refcount: no stopping now */
     img->repair_expected = k.expected;
     img->repair_n = k.n;
     for (uint64_t c = 0; c < limit; c++) {
+        if (c % per_block == 0 && !tick(&k, 1) && !changed) {
+            ret = err_fail(ECANCELED, "check cancelled");
+            goto out;
+        }
         if (c >= k.n) { /* past the file: skip whole uncovered blocks fast */
             uint64_t ti = c / per_block;
             if (ti >= img->reftable_size)
@@ -299,6 +338,7 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
         else
             r->corruptions++;
         if (repair == QCOW2_REPAIR_ALL || (leak && repair == QCOW2_REPAIR_LEAKS)) {
+            changed = true;
             if ((ret = rc_set(img, c, want)) < 0)
                 goto out;
             if (leak)

@@ -239,6 +239,15 @@ void qcow2_bitmap_list_free(struct qcow2_bitmap_info *list, uint32_t n);
  * -ECANCELED. The callback may block (that is how a job pauses). */
 typedef int (*qcow2_progress_fn)(void *opaque, uint64_t done, uint64_t total);
 
+/* qcow2_check with progress: progress (may be NULL) is called as the tables are
+ * walked and the refcounts compared. Without repair a non-zero return stops the
+ * check (-ECANCELED, nothing changed); with repair it is only honoured before the
+ * first refcount is changed (after that the repair runs to its end: every fix is
+ * sound on its own, but a half-repaired image helps nobody). It may block. */
+int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_check_result *r,
+                         void (*report)(void *ctx, const char *line), void *ctx, qcow2_progress_fn progress,
+                         void *opaque);
+
 struct qcow2_commit_opts {
     const char *base;   /* NULL: top's backing file. Else an image further down top's
                            chain, named as the backing_file field that points at it or

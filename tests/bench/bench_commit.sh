@@ -10,6 +10,8 @@
 #
 # usage: bench_commit.sh SIZE_MIB   (env: QCOWIMG, QEMU_IMG, TMPDIR)
 set -euo pipefail
+# shellcheck source=timing.sh
+source "$(dirname "${BASH_SOURCE[0]}")/timing.sh"
 size_mib=${1:?usage: bench_commit.sh SIZE_MIB}
 qcowimg=${QCOWIMG:?set QCOWIMG}
 qemu_img=${QEMU_IMG:-qemu-img}
@@ -31,12 +33,6 @@ fresh() { # fresh copy of the chain in $1
     cp pristine/base.qcow2 pristine/top.qcow2 "$1"/
     sync
 }
-timed() { # seconds of "$@"
-    local s e
-    s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N)
-    echo "$e - $s" | bc -l
-}
-min() { if [ -z "$1" ] || [ "$(echo "$2 < $1" | bc -l)" = 1 ]; then echo "$2"; else echo "$1"; fi; }
 
 best_q="" best_c=""
 for _ in 1 2 3; do
