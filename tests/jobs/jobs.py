@@ -9,6 +9,10 @@ jobs and images to two listeners at once. Every JSON body seen is validated
 against openapi/openapi.yaml.
 
 Environment: QCOWD (required), OPENAPI, QEMU_IMG, QEMU_IO. Usage: jobs.py [--seed N] [--keep]
+QCOWD_S3=1 runs the same cases with the catalog in a bucket of a local Swift + s3api
+(daemon.py's s3_start): images are built locally and uploaded, and the checks with
+qemu-img first copy an image and its backing chain from the bucket; exit 77 when
+Swift is not installed.
 Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`; exits 1 on a
 failure, 77 when qemu-img is missing.
 """
@@ -42,9 +46,11 @@ run = dm.run
 
 class Daemon(dm.Daemon):
     """qcowd with job options; same log pump as the daemon suite."""
+    started = []  # every one, killed at the end if still running
 
     def __init__(self, catalog, *extra):
         super().__init__(catalog, 4, extra)
+        Daemon.started.append(self)
 
     def call(self, method, path, body=None, headers=None):
         c = self.conn()
@@ -98,11 +104,46 @@ class T(dm.Checker):
         return j
 
 
+CAT = None  # the catalog folder (with QCOWD_S3, the local copy of the bucket's catalog)
+
+
 def img(cat, name):
     return os.path.join(cat, name + ".qcow2")
 
 
+def upload(cat, *names):
+    """Images built locally with qemu-img into the catalog: with QCOWD_S3, into the bucket."""
+    if dm.S3:
+        for n in names:
+            dm.store_put(cat, img(cat, n), n + ".qcow2")
+
+
+def in_catalog(cat, name):
+    return name + ".qcow2" in dm.store_names(cat)
+
+
+def temp_files(cat):
+    return [f for f in dm.store_names(cat) if f.startswith(".convert-")]
+
+
+def fetch(path):
+    """With QCOWD_S3, copy a catalog image and its backing chain from the bucket to the
+    local folder, so that qemu-img sees what qcowd wrote (no-op otherwise)."""
+    seen = set()
+    while dm.S3 and path and os.path.dirname(path) == CAT and path not in seen:
+        seen.add(path)
+        dm.sync_down(CAT, os.path.basename(path))
+        if not os.path.exists(path):
+            return
+        with open(path, "rb") as f:
+            h = f.read(20)
+            off, n = int.from_bytes(h[8:16], "big"), int.from_bytes(h[16:20], "big")
+            f.seek(off)
+            path = os.path.join(CAT, f.read(n).decode()) if off and n else None
+
+
 def raw(path, snap=None):
+    fetch(path)
     out = path + ".raw"
     args = [QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw"]
     if snap:
@@ -115,6 +156,7 @@ def raw(path, snap=None):
 
 
 def qcheck(path):
+    fetch(path)
     p = subprocess.run([QEMU_IMG, "check", "--output=json", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=300)
     return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None
@@ -126,6 +168,7 @@ def assert_clean(path):
 
 
 def qinfo(path):
+    fetch(path)
     return json.loads(run(QEMU_IMG, "info", "--output=json", "-U", path).stdout)
 
 
@@ -211,6 +254,8 @@ def main():
     top = tempfile.mkdtemp(prefix="qcowd-jobs-")
     cat = os.path.join(top, "catalog")
     os.mkdir(cat)
+    global CAT
+    CAT = cat
     d = None
     try:
         run(QEMU_IMG, "create", "-q", "-f", "qcow2", img(cat, "disk"), "8M")
@@ -223,6 +268,8 @@ def main():
         with open(img(cat, "corrupt"), "r+b") as f:  # l1_table_offset, not cluster aligned
             f.seek(40)
             f.write((0x30008).to_bytes(8, "big"))
+        dm.s3_start(top)
+        dm.sync_up(cat)
         d = Daemon(cat, "--job-workers", "2", "--max-listeners", "2")
 
         ck.case("openapi_lint", lambda: dm.lint_openapi(ck.doc))
@@ -325,7 +372,7 @@ def main():
                     assert q.get("compressed-clusters", 0) > 0, q
                 st, h, b = d.call("GET", "/v1/images/" + target)
                 assert st == 200, (target, st)
-            assert not [f for f in os.listdir(cat) if f.startswith(".convert-")], os.listdir(cat)
+            assert not temp_files(cat), temp_files(cat)
         ck.case("convert_jobs_equal_qemu_img_compare", converts)
 
         def long_job():
@@ -340,6 +387,7 @@ def main():
                         f.write(blob[k:k + 24 * KiB] + bytes(40 * KiB))
             run(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", src, img(cat, "long"))
             os.remove(src)
+            upload(cat, "long")
             j = ck.start_job(d, "POST", "/v1/images/long/convert", {"target": "long2", "compress": True})
             jid = j["id"]
             j = ck.wait(d, jid, ("running",))
@@ -371,8 +419,8 @@ def main():
             assert st == 200 and json.loads(b)["status"] in ("aborting", "concluded"), (st, b)
             j = ck.wait(d, jid)
             assert j["cancelled"] and j["error"], j
-            assert not os.path.exists(img(cat, "long2"))
-            assert not [f for f in os.listdir(cat) if f.startswith(".convert-")], os.listdir(cat)
+            assert not in_catalog(cat, "long2")
+            assert not temp_files(cat), temp_files(cat)
             st, h, b = d.call("POST", "/v1/jobs/%s/cancel" % jid)
             ck.expect_error("cancel concluded", st, 409, h, b, "conflict")
             st, h, b = d.call("DELETE", "/v1/jobs/" + jid)
@@ -394,7 +442,7 @@ def main():
             assert j["status"] == "paused" and j["started"] is None, j
             st, h, b = d.call("POST", "/v1/jobs/%s/cancel" % b1["id"])
             assert st == 200 and json.loads(b)["status"] == "concluded", (st, b)
-            assert not os.path.exists(img(cat, "long3")) and not os.path.exists(img(cat, "long4"))
+            assert not in_catalog(cat, "long3") and not in_catalog(cat, "long4")
             assert_clean(img(cat, "long"))
         ck.case("pause_resume_cancel_of_a_long_convert", long_job)
 
@@ -402,6 +450,7 @@ def main():
             names = ["m%d" % i for i in range(3)]
             for n in names:
                 run(QEMU_IMG, "create", "-q", "-f", "qcow2", img(cat, n), "4M")
+            upload(cat, *names)
             model = {n: bytearray(4 * MiB) for n in names}
             stop = threading.Event()
             errors = []
@@ -472,6 +521,7 @@ def main():
                 run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "cm.qcow2", "-F", "qcow2", img(d_, "ct"))
                 dm.qemu_io(img(d_, "ct"), "write -q -P 0x03 2M 64k", "write -q -c -P 0x04 7M 64k",
                            "write -q -z 0 64k")
+            upload(cat, "cb", "cm", "ct")
             want_top = raw(img(cat, "ct"))
             j = ck.run_job(d, "POST", "/v1/images/ct/commit")
             assert j["result"] == {"top": "ct", "base": "cm"}, j
@@ -513,6 +563,7 @@ def main():
             run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "lb.qcow2", "-F", "qcow2",
                 img(cat, "lt"))
             dm.qemu_io(img(cat, "lt"), "write -q -P 0x5a 0 24M")
+            upload(cat, "lb", "lt")
             want = raw(img(cat, "lt"))
             base_before = raw(img(cat, "lb"))
             j = ck.start_job(d, "POST", "/v1/images/lt/commit")
@@ -656,6 +707,7 @@ def main():
             dm.qemu_io(p, "write -q -P 0x61 0 48M")
             run(QEMU_IMG, "snapshot", "-c", "big", p)
             dm.qemu_io(p, "write -q -P 0x62 0 48M")
+            upload(cat, "kill")
             want = raw(p)
             d2 = Daemon(cat, "--job-workers", "1")
             st, h, b = d2.call("GET", "/v1/jobs")
@@ -702,6 +754,7 @@ def main():
             run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "kb.qcow2", "-F", "qcow2",
                 img(cat, "kt"))
             dm.qemu_io(img(cat, "kt"), "write -q -P 0x6b 0 16M")
+            upload(cat, "kb", "kt")
             want_kt = raw(img(cat, "kt"))
             j = ck.start_job(d3, "POST", "/v1/images/kt/commit")
             t = time.time() + 30
@@ -734,9 +787,11 @@ def main():
         print("FAIL setup:", flush=True)
         traceback.print_exc(file=sys.stdout)
     finally:
-        if d and d.alive():
-            d.proc.kill()
-            d.proc.wait()
+        for x in Daemon.started:
+            if x.alive():
+                x.proc.kill()
+                x.proc.wait()
+        dm.s3_stop()
         if args.keep:
             print("kept", top)
         else:
