@@ -16,6 +16,10 @@
                OpenAPI document
 
 Environment: QCOWD, QCOWIMG (required), OPENAPI, QEMU_IMG, QEMU_NBD, NBDINFO.
+QCOWD_S3=1 runs the same cases with the catalog in a bucket of a local Swift + s3api
+(daemon.py's s3_start): the images are built locally and uploaded, and the checks
+with qemu tools first copy the bucket's objects into the local folder (sync_down);
+exit 77 when Swift is not installed.
 Usage: bitmaps_http.py [--seed N] [--keep]. Prints `ok NAME` / `FAIL NAME: reason`,
 then `N passed, M failed`; exits 1 on a failure, 77 when a qemu tool is missing.
 """
@@ -108,10 +112,13 @@ def main():
     os.mkdir(cat)
     s = Suite(args, cat)
     try:
+        dm.s3_start(top)
         cases(s)
     finally:
         if s.d and s.d.alive():
             s.d.proc.kill()
+            s.d.proc.wait()
+        dm.s3_stop()
         if args.keep:
             print("kept", top)
         else:
@@ -131,6 +138,7 @@ def cases(s):
         bm.run(bm.QEMU_IMG, "create", "-q", "-f", "qcow2", s.path(name), "32M")
     bm.run(bm.QEMU_IMG, "create", "-q", "-f", "qcow2", s.path("small"), "8M")
     bm.run(bm.QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "compat=0.10", s.path("v2"), "1M")
+    dm.sync_up(s.cat)
     s.d = dm.Daemon(s.cat)
     last = {}  # (image, bitmap) -> the last dirty runs qcowd showed
 
@@ -315,6 +323,7 @@ def cases(s):
             lists[img] = j["bitmaps"]
         stop(s)
         s.d = None
+        dm.sync_down(s.cat)
         for img, l in lists.items():
             bm.check_clean(s.path(img))
             assert bm.qemu_info_bitmaps(s.path(img)) == l, (img, bm.qemu_info_bitmaps(s.path(img)), l)
@@ -331,6 +340,7 @@ def cases(s):
         s.call("PATCH", "/v1/images/b/data", {"op": "flush"}, want=204)
         s.d.proc.kill()
         s.d.proc.wait()
+        dm.sync_down(s.cat, "b.qcow2")
         flags = {b["name"]: b["flags"] for b in bm.qemu_info_bitmaps(s.path("b"))}
         assert flags == {"inc": ["in-use", "auto"], "s1": ["in-use", "auto"], "s2": ["in-use", "auto"]}, flags
         s.d = dm.Daemon(s.cat)
@@ -348,6 +358,7 @@ def cases(s):
         assert s.dirty("b", "s1") == bm.expected_map(SIZE, 64 * KiB, [(2 * MiB, 1)])
         stop(s)
         s.d = None
+        dm.sync_down(s.cat, "b.qcow2")
         bm.check_clean(s.path("b"))
         flags = {b["name"]: b["flags"] for b in bm.qemu_info_bitmaps(s.path("b"))}
         assert flags == {"inc": ["in-use", "auto"], "s1": ["auto"]}, flags

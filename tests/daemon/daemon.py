@@ -210,6 +210,13 @@ def store_remove(cat, name):
         os.remove(os.path.join(cat, name))
 
 
+def store_names(cat):
+    """The file names of the catalog: the folder's, or the bucket's keys under the prefix."""
+    if S3:
+        return [k[len(S3_PREFIX) + 1:] for k in S3.keys(S3_BUCKET, S3_PREFIX + "/")]
+    return os.listdir(cat)
+
+
 # ---- the daemon ----
 
 class Daemon:

@@ -9,6 +9,10 @@ jobs and images to two listeners at once. Every JSON body seen is validated
 against openapi/openapi.yaml.
 
 Environment: QCOWD (required), OPENAPI, QEMU_IMG, QEMU_IO. Usage: jobs.py [--seed N] [--keep]
+QCOWD_S3=1 runs the same cases with the catalog in a bucket of a local Swift + s3api
+(daemon.py's s3_start): images are built locally and uploaded, and the checks with
+qemu-img first copy an image and its backing chain from the bucket; exit 77 when
+Swift is not installed.
 Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`; exits 1 on a
 failure, 77 when qemu-img is missing.
 """
@@ -38,13 +42,20 @@ QCOWD = os.environ.get("QCOWD", "")
 QEMU_IMG = dm.QEMU_IMG
 QEMU_IO = dm.QEMU_IO
 run = dm.run
+MANY_ROUNDS = 4  # snapshot + check of each image per round, and a convert
+KILL_MIB = 48  # the image whose snapshot delete is killed
+if os.environ.get("QCOWD_S3"):  # every job record and flush is a publish to Swift: fewer, smaller
+    MANY_ROUNDS = 2
+    KILL_MIB = 24
 
 
 class Daemon(dm.Daemon):
     """qcowd with job options; same log pump as the daemon suite."""
+    started = []  # every one, killed at the end if still running
 
     def __init__(self, catalog, *extra):
         super().__init__(catalog, 4, extra)
+        Daemon.started.append(self)
 
     def call(self, method, path, body=None, headers=None):
         c = self.conn()
@@ -98,11 +109,58 @@ class T(dm.Checker):
         return j
 
 
+CAT = None  # the catalog folder (with QCOWD_S3, the local copy of the bucket's catalog)
+
+
 def img(cat, name):
     return os.path.join(cat, name + ".qcow2")
 
 
+def etag(name):
+    st, h, _ = dm.S3.request("HEAD", dm.S3_BUCKET, dm.S3_PREFIX + "/" + name)
+    return {k.lower(): v for k, v in h.items()}.get("etag") if st == 200 else None
+
+
+FETCHED = {}  # local path -> ETag of the bucket's object copied there
+
+
+def upload(cat, *names):
+    """Images built locally with qemu-img into the catalog: with QCOWD_S3, into the bucket."""
+    if dm.S3:
+        for n in names:
+            dm.store_put(cat, img(cat, n), n + ".qcow2")
+            FETCHED[img(cat, n)] = etag(n + ".qcow2")
+
+
+def in_catalog(cat, name):
+    return name + ".qcow2" in dm.store_names(cat)
+
+
+def temp_files(cat):
+    return [f for f in dm.store_names(cat) if f.startswith(".convert-")]
+
+
+def fetch(path):
+    """With QCOWD_S3, copy a catalog image and its backing chain from the bucket to the
+    local folder, so that qemu-img sees what qcowd wrote (no-op otherwise)."""
+    seen = set()
+    while dm.S3 and path and os.path.dirname(path) == CAT and path not in seen:
+        seen.add(path)
+        tag = etag(os.path.basename(path))
+        if not tag or tag != FETCHED.get(path) or not os.path.exists(path):
+            dm.sync_down(CAT, os.path.basename(path))  # (a newer version than tag: fetched again next time)
+            FETCHED[path] = tag
+        if not os.path.exists(path):
+            return
+        with open(path, "rb") as f:
+            h = f.read(20)
+            off, n = int.from_bytes(h[8:16], "big"), int.from_bytes(h[16:20], "big")
+            f.seek(off)
+            path = os.path.join(CAT, f.read(n).decode()) if off and n else None
+
+
 def raw(path, snap=None):
+    fetch(path)
     out = path + ".raw"
     args = [QEMU_IMG, "convert", "-f", "qcow2", "-O", "raw"]
     if snap:
@@ -115,6 +173,7 @@ def raw(path, snap=None):
 
 
 def qcheck(path):
+    fetch(path)
     p = subprocess.run([QEMU_IMG, "check", "--output=json", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                        timeout=300)
     return p.returncode, json.loads(p.stdout) if p.stdout.strip() else None
@@ -126,6 +185,7 @@ def assert_clean(path):
 
 
 def qinfo(path):
+    fetch(path)
     return json.loads(run(QEMU_IMG, "info", "--output=json", "-U", path).stdout)
 
 
@@ -211,6 +271,8 @@ def main():
     top = tempfile.mkdtemp(prefix="qcowd-jobs-")
     cat = os.path.join(top, "catalog")
     os.mkdir(cat)
+    global CAT
+    CAT = cat
     d = None
     try:
         run(QEMU_IMG, "create", "-q", "-f", "qcow2", img(cat, "disk"), "8M")
@@ -223,6 +285,8 @@ def main():
         with open(img(cat, "corrupt"), "r+b") as f:  # l1_table_offset, not cluster aligned
             f.seek(40)
             f.write((0x30008).to_bytes(8, "big"))
+        dm.s3_start(top)
+        dm.sync_up(cat)
         d = Daemon(cat, "--job-workers", "2", "--max-listeners", "2")
 
         ck.case("openapi_lint", lambda: dm.lint_openapi(ck.doc))
@@ -363,7 +427,7 @@ def main():
                     assert q.get("compressed-clusters", 0) > 0, q
                 st, h, b = d.call("GET", "/v1/images/" + target)
                 assert st == 200, (target, st)
-            assert not [f for f in os.listdir(cat) if f.startswith(".convert-")], os.listdir(cat)
+            assert not temp_files(cat), temp_files(cat)
         ck.case("convert_jobs_equal_qemu_img_compare", converts)
 
         def long_job():
@@ -378,6 +442,7 @@ def main():
                         f.write(blob[k:k + 24 * KiB] + bytes(40 * KiB))
             run(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", src, img(cat, "long"))
             os.remove(src)
+            upload(cat, "long")
             j = ck.start_job(d, "POST", "/v1/images/long/convert", {"target": "long2", "compress": True})
             jid = j["id"]
             j = ck.wait(d, jid, ("running",))
@@ -409,8 +474,8 @@ def main():
             assert st == 200 and json.loads(b)["status"] in ("aborting", "concluded"), (st, b)
             j = ck.wait(d, jid)
             assert j["cancelled"] and j["error"], j
-            assert not os.path.exists(img(cat, "long2"))
-            assert not [f for f in os.listdir(cat) if f.startswith(".convert-")], os.listdir(cat)
+            assert not in_catalog(cat, "long2")
+            assert not temp_files(cat), temp_files(cat)
             st, h, b = d.call("POST", "/v1/jobs/%s/cancel" % jid)
             ck.expect_error("cancel concluded", st, 409, h, b, "conflict")
             st, h, b = d.call("DELETE", "/v1/jobs/" + jid)
@@ -432,7 +497,7 @@ def main():
             assert j["status"] == "paused" and j["started"] is None, j
             st, h, b = d.call("POST", "/v1/jobs/%s/cancel" % b1["id"])
             assert st == 200 and json.loads(b)["status"] == "concluded", (st, b)
-            assert not os.path.exists(img(cat, "long3")) and not os.path.exists(img(cat, "long4"))
+            assert not in_catalog(cat, "long3") and not in_catalog(cat, "long4")
             assert_clean(img(cat, "long"))
         ck.case("pause_resume_cancel_of_a_long_convert", long_job)
 
@@ -440,6 +505,7 @@ def main():
             names = ["m%d" % i for i in range(3)]
             for n in names:
                 run(QEMU_IMG, "create", "-q", "-f", "qcow2", img(cat, n), "4M")
+            upload(cat, *names)
             model = {n: bytearray(4 * MiB) for n in names}
             stop = threading.Event()
             errors = []
@@ -473,7 +539,7 @@ def main():
             for t in ts:
                 t.start()
             jobs = []
-            for i in range(4):
+            for i in range(MANY_ROUNDS):
                 for n in names:
                     jobs.append(ck.start_job(d, "POST", "/v1/images/%s/snapshots" % n, {"name": "q%d" % i})["id"])
                     jobs.append(ck.start_job(d, "POST", "/v1/images/%s/check" % n)["id"])
@@ -492,8 +558,8 @@ def main():
             for n in names:
                 assert_clean(img(cat, n))
                 assert raw(img(cat, n)) == bytes(model[n]), n
-                assert [s["name"] for s in qinfo(img(cat, n))["snapshots"]] == ["q0", "q1", "q2", "q3"]
-            for i in range(4):
+                assert [s["name"] for s in qinfo(img(cat, n))["snapshots"]] == ["q%d" % i for i in range(MANY_ROUNDS)]
+            for i in range(MANY_ROUNDS):
                 assert_clean(img(cat, "mc%d" % i))
             print("    many: %d jobs, %s" % (len(jobs), counts))
         ck.case("many_jobs_queued_with_data_traffic", many)
@@ -510,6 +576,7 @@ def main():
                 run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "cm.qcow2", "-F", "qcow2", img(d_, "ct"))
                 dm.qemu_io(img(d_, "ct"), "write -q -P 0x03 2M 64k", "write -q -c -P 0x04 7M 64k",
                            "write -q -z 0 64k")
+            upload(cat, "cb", "cm", "ct")
             want_top = raw(img(cat, "ct"))
             j = ck.run_job(d, "POST", "/v1/images/ct/commit")
             assert j["result"] == {"top": "ct", "base": "cm"}, j
@@ -551,6 +618,7 @@ def main():
             run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "lb.qcow2", "-F", "qcow2",
                 img(cat, "lt"))
             dm.qemu_io(img(cat, "lt"), "write -q -P 0x5a 0 24M")
+            upload(cat, "lb", "lt")
             want = raw(img(cat, "lt"))
             base_before = raw(img(cat, "lb"))
             j = ck.start_job(d, "POST", "/v1/images/lt/commit")
@@ -690,10 +758,11 @@ def main():
             assert not bad, bad[:5]
             # a snapshot delete with much to free; SIGKILL while it runs
             p = img(cat, "kill")
-            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "48M")
-            dm.qemu_io(p, "write -q -P 0x61 0 48M")
+            run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "%dM" % KILL_MIB)
+            dm.qemu_io(p, "write -q -P 0x61 0 %dM" % KILL_MIB)
             run(QEMU_IMG, "snapshot", "-c", "big", p)
-            dm.qemu_io(p, "write -q -P 0x62 0 48M")
+            dm.qemu_io(p, "write -q -P 0x62 0 %dM" % KILL_MIB)
+            upload(cat, "kill")
             want = raw(p)
             d2 = Daemon(cat, "--job-workers", "1")
             st, h, b = d2.call("GET", "/v1/jobs")
@@ -712,7 +781,7 @@ def main():
             assert raw(p) == want, "data changed by a killed snapshot delete"
             snaps = [s["name"] for s in qinfo(p).get("snapshots", [])]
             if snaps:
-                assert snaps == ["big"] and raw(p, "big") == bytes([0x61]) * 48 * MiB
+                assert snaps == ["big"] and raw(p, "big") == bytes([0x61]) * KILL_MIB * MiB
             d3 = Daemon(cat, "--job-workers", "1")
             jj = ck.job(d3, j["id"])
             assert jj["status"] == "concluded", jj
@@ -740,6 +809,7 @@ def main():
             run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "-b", "kb.qcow2", "-F", "qcow2",
                 img(cat, "kt"))
             dm.qemu_io(img(cat, "kt"), "write -q -P 0x6b 0 16M")
+            upload(cat, "kb", "kt")
             want_kt = raw(img(cat, "kt"))
             j = ck.start_job(d3, "POST", "/v1/images/kt/commit")
             t = time.time() + 30
@@ -772,9 +842,11 @@ def main():
         print("FAIL setup:", flush=True)
         traceback.print_exc(file=sys.stdout)
     finally:
-        if d and d.alive():
-            d.proc.kill()
-            d.proc.wait()
+        for x in Daemon.started:
+            if x.alive():
+                x.proc.kill()
+                x.proc.wait()
+        dm.s3_stop()
         if args.keep:
             print("kept", top)
         else:

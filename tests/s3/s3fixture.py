@@ -19,6 +19,8 @@ import datetime
 import hashlib
 import hmac
 import os
+import random
+import re
 import shutil
 import socket
 import subprocess
@@ -40,13 +42,27 @@ def have_swift():
                                          "swift-container-server", "swift-object-server"))
 
 
+def ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port_block(n=5):
-    """A base port with n free consecutive ports after it."""
+    """A base port with n free consecutive ports after it, below the ephemeral range
+    when there is room: there, no client connection nor listener on port 0 (another
+    test running at the same time) takes one between this check and Swift's bind."""
+    low = ephemeral_low()
     for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        base = s.getsockname()[1]
-        s.close()
+        if low > 12000:
+            base = random.SystemRandom().randrange(10000, low - n)
+        else:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+            s.close()
         if base + n >= 65535:
             continue
         ok = True
@@ -171,11 +187,17 @@ class Swift(Client):
             super().__init__(ep, os.environ.get("S3_ACCESS_KEY", ACCESS), os.environ.get("S3_SECRET_KEY", SECRET))
             return
         self.dir = workdir or tempfile.mkdtemp(prefix="qcowd-swift-")
-        port = free_port_block()
-        r = subprocess.run(["bash", os.path.join(HERE, "start-swift-s3.sh"), self.dir, str(port)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+        for attempt in range(3):  # a port of the block taken meanwhile: another block
+            port = free_port_block()
+            r = subprocess.run(["bash", os.path.join(HERE, "start-swift-s3.sh"), self.dir, str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=180)
+            out = r.stdout.decode(errors="replace")
+            if r.returncode == 0 or not re.search(r"Could not bind|already in use", out):
+                break
+            print("Swift: a port of %d-%d was taken, trying others" % (port, port + 4), file=sys.stderr)
+            shutil.rmtree(self.dir, ignore_errors=True)
         if r.returncode != 0:
-            raise RuntimeError("Swift did not start:\n" + r.stdout.decode(errors="replace"))
+            raise RuntimeError("Swift did not start:\n" + out)
         super().__init__("http://127.0.0.1:%d" % port)
 
     def stop(self):

@@ -77,13 +77,14 @@ uint64_t s3_cache_gen(void)
     return g;
 }
 
-long s3_cache_get(uint64_t gen, uint64_t idx, void *buf)
+long s3_cache_get(uint64_t gen, uint64_t idx, uint64_t from, size_t n, void *buf)
 {
     long r = -1;
     pthread_mutex_lock(&lock);
     struct block *b = *find(gen, idx);
     if (b) {
-        memcpy(buf, b->data, b->len);
+        if (from < b->len)
+            memcpy(buf, b->data + from, n < b->len - from ? n : b->len - from);
         r = (long)b->len;
         lru_unlink(b);
         lru_front(b);

@@ -173,17 +173,13 @@ static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_
     uint64_t bs = s3_conf.block_size;
     uint64_t nblocks = (o->base_size + bs - 1) / bs;
     uint64_t first = off / bs, last = (off + len - 1) / bs;
-    unsigned char *blk = malloc(bs);
-    if (!blk)
-        return err_fail(ENOMEM, "read %s: out of memory", o->n.uri);
     int ret = 0;
     for (uint64_t i = first; i <= last && ret == 0;) {
-        long got = s3_cache_get(o->gen, i, blk);
-        if (got >= 0) {
-            uint64_t bstart = i * bs, s = off > bstart ? off : bstart;
-            uint64_t e = min64(off + len, bstart + (uint64_t)got);
-            if (e > s)
-                memcpy(buf + (s - off), blk + (s - bstart), e - s);
+        /* only the part of the block this read wants is copied: a qcow2 check
+         * or map reads a few bytes at a time, and a whole block per read made
+         * such jobs tens of times slower than on a local file */
+        uint64_t bstart = i * bs, at = off > bstart ? off : bstart;
+        if (s3_cache_get(o->gen, i, at - bstart, (size_t)(min64(off + len, bstart + bs) - at), buf + (at - off)) >= 0) {
             i++;
             continue;
         }
@@ -211,7 +207,6 @@ static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_
         free(fb);
         i = j + 1;
     }
-    free(blk);
     return ret;
 }
 

@@ -154,8 +154,9 @@ void s3_http_cleanup(void);
 
 /* A new generation id: one per open object version. */
 uint64_t s3_cache_gen(void);
-/* Copy block idx of gen into buf if cached: returns its length, or -1. */
-long s3_cache_get(uint64_t gen, uint64_t idx, void *buf);
+/* If block idx of gen is cached, copy its bytes [from, from + n) (cut at its end)
+ * into buf and return its length; else -1. */
+long s3_cache_get(uint64_t gen, uint64_t idx, uint64_t from, size_t n, void *buf);
 /* Insert (replaces); evicts least recently used blocks past the bound. */
 /* Whether block idx of gen is cached (no LRU update, no counting). */
 int s3_cache_has(uint64_t gen, uint64_t idx);
