@@ -235,6 +235,8 @@ static int check_copied(struct ck *k, enum qcow2_repair repair)
                 }
             }
             l2_cache_put(img, s);
+            if (img->cache.ndirty * 2 >= img->cache.nslots && (ret = meta_flush(img)) < 0)
+                return ret; /* a cache full of dirty slices has no victim left */
         }
     }
     return 0;

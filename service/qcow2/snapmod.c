@@ -101,6 +101,11 @@ static int fix_copied(struct qcow2_image *img)
                 }
             }
             l2_cache_put(img, s);
+            /* a cache full of dirty slices has no victim: write them back (every
+             * caller has raised the refcounts first, and clearing COPIED is
+             * always safe to store early) */
+            if (ret == 0 && img->cache.ndirty * 2 >= img->cache.nslots)
+                ret = meta_flush(img);
             if (ret < 0)
                 return ret;
         }

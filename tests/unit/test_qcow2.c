@@ -280,6 +280,42 @@ static void *write_random(void *arg)
     return NULL;
 }
 
+/* Snapshot create clears OFLAG_COPIED in every L2 table: with more tables than a
+ * small L2 cache holds, the dirty slices must be written back on the way (a
+ * cache full of dirty slices has no victim: this hung once). Then check is clean
+ * and delete gives the flags back. */
+START_TEST(snapshot_with_more_l2_tables_than_the_cache)
+{
+    const char *uri = "mem:t/many-l2.qcow2";
+    vfs_remove(uri);
+    /* 4 KiB clusters: an L2 table maps 2 MiB; 64 tables, a cache of 4 slices */
+    struct qcow2_create_opts co = {.size = 128u << 20, .cluster_size = 4096};
+    ck_assert_int_eq(qcow2_create(uri, &co), 0);
+    struct qcow2_open_opts o = {.read_write = true, .l2_cache_bytes = 4 * 4096};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open(uri, &o, &img), 0);
+    unsigned char buf[4096];
+    for (unsigned i = 0; i < 64; i++) {
+        memset(buf, (int)i + 1, sizeof buf);
+        ck_assert_int_eq(qcow2_pwrite(img, buf, sizeof buf, (uint64_t)i << 21), 0);
+    }
+    ck_assert_int_eq(qcow2_snapshot_create(img, "s1"), 0);
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL), 0);
+    ck_assert_uint_eq(r.corruptions + r.leaks + r.check_errors, 0);
+    ck_assert_int_eq(qcow2_snapshot_delete(img, "s1"), 0);
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL), 0);
+    ck_assert_uint_eq(r.corruptions + r.leaks + r.check_errors, 0);
+    for (unsigned i = 0; i < 64; i++) {
+        ck_assert_int_eq(qcow2_pread(img, buf, sizeof buf, (uint64_t)i << 21), 0);
+        ck_assert_uint_eq(buf[0], i + 1);
+        ck_assert_uint_eq(buf[4095], i + 1);
+    }
+    ck_assert_int_eq(qcow2_close(img), 0);
+    vfs_remove(uri);
+}
+END_TEST
+
 START_TEST(a_writer_and_readers_share_an_image)
 {
     sh("qemu-img create -f qcow2 -o cluster_size=4k w.qcow2 8M && qemu-io -c 'write -P 3 0 4M' -c 'write -c -P 5 5M 4k' w.qcow2");
@@ -336,6 +372,7 @@ static Suite *suite(void)
     tcase_add_test(tc, block_status_reports_zero_data_and_unallocated);
     tcase_add_test(tc, parallel_readers_see_the_right_bytes);
     tcase_add_test(tc, a_writer_and_readers_share_an_image);
+    tcase_add_test(tc, snapshot_with_more_l2_tables_than_the_cache);
     suite_add_tcase(s, tc);
     return s;
 }
