@@ -177,7 +177,7 @@ enum MHD_Result api_dirty_extents(struct req *r, const char *image);
 /* The snapshots array of an image's info, qemu-img's names (new reference). */
 struct qcow2_info;
 struct catalog_image;
-json_t *api_snapshots_json(const struct qcow2_info *in);
+json_t *api_snapshots_json(struct qcow2_image *img); /* a copy: safe beside snapshot jobs */
 /* Answer a GET/HEAD of guest bytes of img (Range honoured). ci (a catalog
  * reference) or own (a private image, closed at the end) is released when the
  * response is done, also on failure. */

@@ -18,11 +18,15 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 /* ---- info ---- */
 
-json_t *api_snapshots_json(const struct qcow2_info *in)
+json_t *api_snapshots_json(struct qcow2_image *img)
 {
+    struct qcow2_snapshot_info *list;
+    uint32_t n;
+    if (qcow2_snapshot_list(img, &list, &n) < 0)
+        return NULL;
     json_t *a = json_array();
-    for (uint32_t i = 0; a && i < in->nb_snapshots; i++) {
-        const struct qcow2_snapshot_info *s = &in->snapshots[i];
+    for (uint32_t i = 0; a && i < n; i++) {
+        const struct qcow2_snapshot_info *s = &list[i];
         json_t *o =
             json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name),
                       "vm-state-size", (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
@@ -32,6 +36,7 @@ json_t *api_snapshots_json(const struct qcow2_info *in)
             json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
         json_array_append_new(a, o);
     }
+    qcow2_snapshot_list_free(list, n);
     return a;
 }
 
@@ -60,7 +65,7 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
         json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
     if (in->crypt_method)
         json_object_set_new(o, "encrypted", json_true());
-    json_object_set_new(o, "snapshots", api_snapshots_json(in));
+    json_object_set_new(o, "snapshots", api_snapshots_json(img));
     json_t *d = json_object();
     json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
     json_object_set_new(d, "compression-type", json_string(in->compression));

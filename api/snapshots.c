@@ -17,7 +17,7 @@ enum MHD_Result api_snapshots_list(struct req *r, char **args)
     int ret = catalog_get(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
-    json_t *a = api_snapshots_json(qcow2_get_info(catalog_image_qcow2(ci)));
+    json_t *a = api_snapshots_json(catalog_image_qcow2(ci));
     catalog_put(ci);
     return api_reply_json(r, 200, json_pack("{s:o}", "snapshots", a));
 }

@@ -182,6 +182,11 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
 int qcow2_snapshot_create(struct qcow2_image *img, const char *name);
 int qcow2_snapshot_delete(struct qcow2_image *img, const char *name);
 int qcow2_snapshot_revert(struct qcow2_image *img, const char *name);
+/* A copy of the snapshot list, safe while another thread creates, deletes or
+ * reverts snapshots (qcow2_get_info's list is replaced then): *out is a new array
+ * of *n entries to free with qcow2_snapshot_list_free. Raw images have none. */
+int qcow2_snapshot_list(struct qcow2_image *img, struct qcow2_snapshot_info **out, uint32_t *n);
+void qcow2_snapshot_list_free(struct qcow2_snapshot_info *list, uint32_t n);
 
 /* Options for qcow2_create, named as qemu-img's -o options. Zeroed means defaults:
  * 64 KiB clusters, version 3, 16-bit refcounts, zlib, no preallocation. */
