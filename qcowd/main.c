@@ -15,7 +15,9 @@
 #include "err.h"
 #include "vfs.h"
 #include "events.h"
+#include "jobops.h"
 #include "jobs.h"
+#include "qcow2.h"
 
 #define DEFAULT_LISTEN  "127.0.0.1:8080"
 #define DEFAULT_CATALOG "./data"
@@ -115,6 +117,55 @@ static int load_plugins(const char *dir)
         return 0;
     int n = vfs_load_plugins(dir);
     return n < 0 ? n : 0;
+}
+
+/* After a restart: a job cut off while it wrote metadata (snapshot create, delete
+ * or revert; commit, into top and base) may have left clusters with a refcount
+ * and no user (leaks: never corruption, by the write order). Queue a check job
+ * that reclaims them, and say so. */
+struct cut_off_ctx {
+    struct jobs *jobs;
+    struct catalog *cat;
+};
+
+static void repair_leaks(struct cut_off_ctx *x, const char *cut_id, const char *image)
+{
+    json_t *job = NULL;
+    int ret = svc_check_job(x->jobs, x->cat, image, "leaks", &job);
+    if (ret < 0)
+        fprintf(stderr, "qcowd: job %s was cut off by the restart; no repair of '%s' queued: %s\n", cut_id, image,
+                err_msg(ret));
+    else
+        fprintf(stderr, "qcowd: job %s was cut off by the restart; check job %s reclaims what it leaked in '%s'\n",
+                cut_id, json_string_value(json_object_get(job, "id")), image);
+    json_decref(job);
+}
+
+static void after_cut_off(void *ctx, const char *id, const char *type, const char *image, json_t *params)
+{
+    struct cut_off_ctx *x = ctx;
+    bool commit = !strcmp(type, "commit");
+    if (!commit && strncmp(type, "snapshot-", 9))
+        return; /* convert builds a temporary image (removed at start); check repairs itself */
+    repair_leaks(x, id, image);
+    if (!commit)
+        return;
+    /* the base: as asked, else top's backing file when it is a catalog image */
+    const char *base = json_string_value(json_object_get(params, "base"));
+    char name[CATALOG_NAME_MAX + 1] = "";
+    struct catalog_image *ci;
+    if (!base && catalog_get(x->cat, image, &ci) == 0) {
+        const char *b = qcow2_get_info(catalog_image_qcow2(ci))->backing_file;
+        size_t n = b ? strlen(b) : 0, sl = strlen(CATALOG_SUFFIX);
+        if (n > sl && n - sl <= CATALOG_NAME_MAX && !strcmp(b + n - sl, CATALOG_SUFFIX)) {
+            memcpy(name, b, n - sl);
+            name[n - sl] = '\0';
+        }
+        catalog_put(ci);
+        base = name[0] && catalog_valid_name(name) == 0 ? name : NULL;
+    }
+    if (base)
+        repair_leaks(x, id, base);
 }
 
 int main(int argc, char **argv)
@@ -274,6 +325,8 @@ int main(int argc, char **argv)
     }
     cfg.jobs = jobs;
     cfg.events = ev;
+    struct cut_off_ctx cut = {.jobs = jobs, .cat = cat};
+    jobs_foreach_cut_off(jobs, after_cut_off, &cut);
     struct api_server *srv;
     ret = api_server_start(&cfg, cat, &srv);
     if (ret < 0) {

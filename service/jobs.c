@@ -26,6 +26,7 @@ struct job {
     bool started;    /* run was called (or is about to be) */
     bool cancel_req; /* cancel asked while started */
     bool cancelled;
+    bool cut_off;    /* loaded from the records unconcluded: cut off by a restart */
     uint64_t cur, total;
     char *error;
     json_t *result; /* owned, or NULL */
@@ -261,6 +262,8 @@ static int load(struct jobs *js)
         j->finished_ms = time_parse(json_object_get(o, "finished"));
         const char *st = json_string_value(json_object_get(o, "status"));
         if (!st || strcmp(st, "concluded")) {
+            /* "created" too: the record of a start is saved a moment after it */
+            j->cut_off = true;
             char msg[200];
             snprintf(msg, sizeof msg, "cut off by a restart of qcowd (the job was %s)", st ? st : "unknown");
             free(j->error);
@@ -636,4 +639,34 @@ const char *job_id(const struct job *j)
 const char *job_owner(const struct job *j)
 {
     return j->owner;
+}
+
+void jobs_foreach_cut_off(struct jobs *js,
+                          void (*cb)(void *ctx, const char *id, const char *type, const char *image, json_t *params),
+                          void *ctx)
+{
+    /* copied under the lock, called without it: cb may submit jobs */
+    size_t n = 0, i = 0;
+    pthread_mutex_lock(&js->lock);
+    for (struct job *j = js->head; j; j = j->next)
+        n += j->cut_off;
+    struct job *copy = calloc(n ? n : 1, sizeof *copy);
+    for (struct job *j = js->head; copy && j; j = j->next)
+        if (j->cut_off) {
+            memcpy(copy[i].id, j->id, sizeof j->id);
+            copy[i].type = strdup(j->type);
+            copy[i].image = strdup(j->image);
+            copy[i].params = json_deep_copy(j->params);
+            j->cut_off = false; /* once */
+            i++;
+        }
+    pthread_mutex_unlock(&js->lock);
+    for (i = 0; copy && i < n; i++) {
+        if (copy[i].type && copy[i].image && copy[i].params)
+            cb(ctx, copy[i].id, copy[i].type, copy[i].image, copy[i].params);
+        free(copy[i].type);
+        free(copy[i].image);
+        json_decref(copy[i].params);
+    }
+    free(copy);
 }

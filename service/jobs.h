@@ -39,6 +39,14 @@ typedef int (*job_run_fn)(struct job *j, void *arg, json_t **result);
  * Returns 0 with *out set, or a negative errno with err_msg(). */
 int jobs_new(const struct jobs_config *cfg, struct jobs **out);
 
+/* Call cb once for each job the records showed unconcluded when the daemon
+ * stopped (now concluded as cut off), with its id, type, image and
+ * params, e.g. to queue a repair of what it may have leaked. Each is reported
+ * once. cb runs without the pool's lock (it may submit jobs). */
+void jobs_foreach_cut_off(struct jobs *js,
+                          void (*cb)(void *ctx, const char *id, const char *type, const char *image, json_t *params),
+                          void *ctx);
+
 /* Cancel every job, wait for the workers, save the records and free js. Jobs
  * running at that moment are recorded as cancelled by the shutdown. */
 void jobs_free(struct jobs *js);
