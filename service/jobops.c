@@ -1,6 +1,7 @@
 /* jobops.c: snapshot, check and commit jobs: validation at submit time, then the
  * work on a worker with the images reserved in the catalog (writers refused, and
  * readers too while a snapshot table or a backing chain changes under them). */
+#include "checkreport.h"
 #include "jobops.h"
 
 #include <errno.h>
@@ -176,30 +177,6 @@ static void check_free(void *p)
     free(a);
 }
 
-static json_t *check_report(const char *file, const struct qcow2_check_result *r)
-{
-    json_t *o = json_object();
-#define PUT_NZ(key, v)                                                                                                 \
-    do {                                                                                                               \
-        if (v)                                                                                                         \
-            json_object_set_new(o, key, json_integer((json_int_t)(v)));                                                \
-    } while (0)
-    PUT_NZ("image-end-offset", r->image_end_offset);
-    PUT_NZ("total-clusters", r->total_clusters);
-    PUT_NZ("allocated-clusters", r->allocated_clusters);
-    PUT_NZ("fragmented-clusters", r->fragmented_clusters);
-    PUT_NZ("compressed-clusters", r->compressed_clusters);
-    PUT_NZ("corruptions", r->corruptions);
-    PUT_NZ("leaks", r->leaks);
-    PUT_NZ("corruptions-fixed", r->corruptions_fixed);
-    PUT_NZ("leaks-fixed", r->leaks_fixed);
-#undef PUT_NZ
-    json_object_set_new(o, "check-errors", json_integer((json_int_t)r->check_errors));
-    json_object_set_new(o, "filename", json_string(file));
-    json_object_set_new(o, "format", json_string("qcow2"));
-    return o;
-}
-
 static int check_run(struct job *j, void *p, json_t **result)
 {
     struct check_arg *a = p;
@@ -243,7 +220,7 @@ static int check_run(struct job *j, void *p, json_t **result)
     if (ret == 0) {
         char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
         snprintf(file, sizeof file, "%s%s", a->image, CATALOG_SUFFIX);
-        *result = check_report(file, &r);
+        *result = svc_check_report(file, &r);
         job_progress(j, 1, 1);
     }
     free(uri);

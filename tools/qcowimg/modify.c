@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "checkreport.h"
 #include "err.h"
 #include "qcowimg.h"
 
@@ -253,30 +254,6 @@ static void print_line(void *ctx, const char *line)
     fprintf(stderr, "%s\n", line);
 }
 
-static json_t *check_json(const char *file, const struct qcow2_check_result *r)
-{
-    json_t *o = json_object();
-#define PUT_NZ(key, v)                                                                                                 \
-    do {                                                                                                               \
-        if (v)                                                                                                         \
-            json_object_set_new(o, key, json_integer((json_int_t)(v)));                                                \
-    } while (0)
-    PUT_NZ("image-end-offset", r->image_end_offset);
-    PUT_NZ("total-clusters", r->total_clusters);
-    PUT_NZ("allocated-clusters", r->allocated_clusters);
-    PUT_NZ("fragmented-clusters", r->fragmented_clusters);
-    PUT_NZ("compressed-clusters", r->compressed_clusters);
-    PUT_NZ("corruptions", r->corruptions);
-    PUT_NZ("leaks", r->leaks);
-    PUT_NZ("corruptions-fixed", r->corruptions_fixed);
-    PUT_NZ("leaks-fixed", r->leaks_fixed);
-#undef PUT_NZ
-    json_object_set_new(o, "check-errors", json_integer((json_int_t)r->check_errors));
-    json_object_set_new(o, "filename", json_string(file));
-    json_object_set_new(o, "format", json_string("qcow2"));
-    return o;
-}
-
 static void check_human(const struct qcow2_check_result *r)
 {
     if (r->corruptions)
@@ -356,7 +333,7 @@ int cmd_check(int argc, char **argv)
     if (ret < 0 || flush < 0)
         return fail_err(file, ret < 0 ? ret : flush);
     if (json) {
-        json_t *j = check_json(file, &r);
+        json_t *j = svc_check_report(file, &r);
         char *s = json_dumps(j, JSON_INDENT(4) | JSON_PRESERVE_ORDER);
         printf("%s\n", s);
         free(s);
