@@ -34,6 +34,7 @@ struct api_body {
 struct api_metrics {
     atomic_ullong requests[API_METHODS][500]; /* by method and status 100..599 */
     atomic_ullong bytes_in, bytes_out;        /* request and response body bytes */
+    atomic_ullong sendfile;                   /* responses sent from a file by the kernel */
     atomic_ullong buckets[API_BUCKETS];       /* latency histogram (not cumulative) */
     atomic_ullong count, usec_sum;            /* completed requests, their total latency */
     atomic_uint inflight;                     /* requests between their first call and completion */
@@ -60,6 +61,8 @@ struct req {
     uint64_t bytes_in;           /* body bytes received */
     int body_err;                /* first failure of body->data (negative errno) */
     char *body_msg;              /* its message */
+    void (*done)(void *ctx);     /* called once the request is over (after the body is sent) */
+    void *done_ctx;
     struct jobs *jobs;           /* the job engine, or NULL */
     struct events *events;       /* the event bus, or NULL */
 };
@@ -108,6 +111,10 @@ int api_parse_range(const char *value, uint64_t size, uint64_t *start, uint64_t 
 struct api_source {
     void *ctx;
     int (*pread)(void *ctx, void *buf, size_t len, uint64_t off);
+    /* Optional: when [off, off+len) is one run of bytes in a file descriptor,
+     * store it (borrowed) and the run's offset and return 1; the run stays those
+     * bytes until release. 0: use pread. */
+    int (*pin)(void *ctx, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off);
     void (*release)(void *ctx);
     const char *what;
 };

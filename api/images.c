@@ -138,6 +138,8 @@ struct data_src {
     struct catalog_image *ci;
     struct qcow2_image *img;
     struct qcow2_image *own;
+    struct qcow2_pin pin; /* valid while pinned */
+    bool pinned;
 };
 
 static int data_pread(void *ctx, void *buf, size_t len, uint64_t off)
@@ -145,9 +147,22 @@ static int data_pread(void *ctx, void *buf, size_t len, uint64_t off)
     return qcow2_pread(((struct data_src *)ctx)->img, buf, len, off);
 }
 
+/* Only a catalog image's own handle: its writers are the ones the pin holds
+ * off. A snapshot view is a second handle on the file, freed through the first. */
+static int data_pin(void *ctx, uint64_t off, uint64_t len, int *fd, uint64_t *fd_off)
+{
+    struct data_src *d = ctx;
+    if (d->own || !d->ci)
+        return 0;
+    d->pinned = qcow2_pin_run(d->img, off, len, fd, fd_off, &d->pin) == 1;
+    return d->pinned;
+}
+
 static void data_release(void *ctx)
 {
     struct data_src *d = ctx;
+    if (d->pinned)
+        qcow2_unpin(&d->pin);
     catalog_put(d->ci);
     qcow2_close(d->own);
     free(d);
@@ -172,7 +187,7 @@ enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct cat
         return MHD_NO;
     }
     *d = (struct data_src){.ci = ci, .img = img, .own = own};
-    struct api_source src = {.ctx = d, .pread = data_pread, .release = data_release,
+    struct api_source src = {.ctx = d, .pread = data_pread, .pin = data_pin, .release = data_release,
                              .what = ci ? catalog_image_name(ci) : qcow2_get_info(img)->uri};
     return api_reply_ranged(r, qcow2_size(img), &src);
 }

@@ -64,8 +64,12 @@ enum MHD_Result api_metrics(struct req *r, char **args)
             "qcowd_http_request_body_bytes_total %llu\n"
             "# HELP qcowd_http_response_body_bytes_total Response body bytes sent (reads, downloads, JSON).\n"
             "# TYPE qcowd_http_response_body_bytes_total counter\n"
-            "qcowd_http_response_body_bytes_total %llu\n",
-            (unsigned long long)atomic_load(&m->bytes_in), (unsigned long long)atomic_load(&m->bytes_out));
+            "qcowd_http_response_body_bytes_total %llu\n"
+            "# HELP qcowd_http_sendfile_responses_total Ranged reads the kernel sent straight from the image file.\n"
+            "# TYPE qcowd_http_sendfile_responses_total counter\n"
+            "qcowd_http_sendfile_responses_total %llu\n",
+            (unsigned long long)atomic_load(&m->bytes_in), (unsigned long long)atomic_load(&m->bytes_out),
+            (unsigned long long)atomic_load(&m->sendfile));
     fprintf(f, "# HELP qcowd_http_request_duration_seconds Time from the request line to the end of the answer.\n"
                "# TYPE qcowd_http_request_duration_seconds histogram\n");
     unsigned long long cum = 0;

@@ -298,6 +298,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         fprintf(stderr, "qcowd: %s %s %u %llu %.2fms%s\n", r->method, path, r->status,
                 (unsigned long long)(r->bytes + r->bytes_in), ms, ok ? "" : " (aborted)");
     }
+    if (r->done)
+        r->done(r->done_ctx);
     free(r->body_msg);
     free(r->path);
     free(r);

@@ -3,10 +3,13 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/magic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "err.h"
@@ -16,6 +19,7 @@
  * pwrite and lseek-for-holes), so any number of threads may share it. */
 struct fhandle {
     int fd;
+    bool direct; /* the descriptor may be handed out (.fd) */
     char path[]; /* as opened, for messages */
 };
 
@@ -25,6 +29,27 @@ struct fhandle {
 static int fail(int e, const char *op, const char *path)
 {
     return err_fail(e, "%s %s: %s", op, path, VFS_ESTR(e));
+}
+
+/* Whether the file system of fd deallocates on FALLOC_FL_PUNCH_HOLE, so that
+ * the page cache pages of a punched range leave the file: bytes the kernel is
+ * still sending from them (sendfile) cannot be changed by later writes there.
+ * Only file systems known to do so; anything else gets no .fd when writable. */
+static bool punches_holes(int fd)
+{
+    struct statfs sf;
+    if (fstatfs(fd, &sf) < 0)
+        return false;
+    switch ((unsigned long)sf.f_type) {
+    case EXT4_SUPER_MAGIC: /* also ext2/ext3 mounted by the ext4 driver */
+    case XFS_SUPER_MAGIC:
+    case BTRFS_SUPER_MAGIC:
+    case TMPFS_MAGIC:
+    case F2FS_SUPER_MAGIC:
+        return true;
+    default:
+        return false;
+    }
 }
 
 static int file_open(const char *path, unsigned flags, void **handle)
@@ -56,6 +81,7 @@ static int file_open(const char *path, unsigned flags, void **handle)
         free(fh);
         return fail(e, "open", path);
     }
+    fh->direct = !(flags & VFS_O_RDWR) || punches_holes(fh->fd);
     *handle = fh;
     return 0;
 }
@@ -241,6 +267,11 @@ static int file_rename(const char *from, const char *to)
     return 0;
 }
 
+static int file_fd(void *h)
+{
+    return FH(h)->direct ? FH(h)->fd : -1;
+}
+
 const struct vfs_ops vfs__file_ops = {
     .version = VFS_OPS_VERSION,
     .struct_size = sizeof(struct vfs_ops),
@@ -260,4 +291,5 @@ const struct vfs_ops vfs__file_ops = {
     .stat = file_stat,
     .remove = file_remove,
     .rename = file_rename,
+    .fd = file_fd,
 };

@@ -132,6 +132,8 @@ static int do_register(const struct vfs_ops *ops)
         b->ops.config = NULL;
         b->ops.stats = NULL;
     }
+    if (ops->version < 3)
+        b->ops.fd = NULL;
     snprintf(b->name, sizeof b->name, "%s", ops->name);
     b->ops.name = b->name;
     b->serialize = ops->thread_model != VFS_THREAD_PARALLEL;
@@ -575,6 +577,13 @@ int vfs_truncate(struct vfs_file *f, uint64_t size)
     r = f->be->ops.truncate(f->handle, size);
     leave(f->be);
     return r < 0 ? r : 0;
+}
+
+int vfs_fd(struct vfs_file *f)
+{
+    if (!f->be->ops.fd || f->be->serialize)
+        return -1;
+    return f->be->ops.fd(f->handle);
 }
 
 int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len)

@@ -44,6 +44,9 @@ int vfs_flush(struct vfs_file *f);
 int vfs_size(struct vfs_file *f, uint64_t *size);
 int vfs_truncate(struct vfs_file *f, uint64_t size);
 int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len);
+/* A descriptor to read f's bytes from directly (sendfile), or -1 when the
+ * backend has none. Borrowed: valid until vfs_close(f); never close it. */
+int vfs_fd(struct vfs_file *f);
 unsigned vfs_caps(struct vfs_file *f);
 int vfs_block_status(struct vfs_file *f, uint64_t off, uint64_t len, uint64_t *pnum);
 

@@ -11,7 +11,7 @@
  * version does not have, and checks .struct_size before touching later fields.
  * Version 2 appended .config and .stats; version 1 backends (struct_size ending
  * at .rename) still load and simply have neither. */
-#define VFS_OPS_VERSION 2
+#define VFS_OPS_VERSION 3
 
 /* Open flags. */
 #define VFS_O_RDONLY 0x0u
@@ -111,6 +111,16 @@ struct vfs_ops {
      * cb return stops the walk and is returned. NULL: no counters. */
     int (*stats)(int (*cb)(void *ctx, const char *name, uint64_t value), void *ctx);
     /* ---- end of version 2 ---- */
+
+    /* ---- version 3 ---- */
+
+    /* Optional. A file descriptor whose bytes at the handle's offsets are the
+     * handle's bytes, for a host that hands reads to the kernel (sendfile). The
+     * host only reads through it, never closes it, and stops using it before
+     * .close. Only for a backend whose thread_model is VFS_THREAD_PARALLEL.
+     * NULL or -1: there is none (the host uses .pread). */
+    int (*fd)(void *handle);
+    /* ---- end of version 3 ---- */
 };
 
 /* A plugin shared object exports this symbol. host_version is VFS_OPS_VERSION of

@@ -9,7 +9,12 @@
 
 int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off)
 {
+    pin_drain(img, false);
     uint64_t c = img->free_hint ? img->free_hint : 1;
+    /* clusters freed under pinned readers wait below the floor */
+    bool floored = (img->nquar || img->quar_lost) && c < img->quar_floor;
+    if (floored)
+        c = img->quar_floor;
     uint64_t limit = (1ull << (56 - img->cluster_bits)); /* host offsets stay below 2^56 */
     int ret;
     uint64_t reach = ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
@@ -40,7 +45,7 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off)
         if ((ret = rc_set(img, k, 1)) < 0)
             return ret;
     /* the hint stays a lower bound of the first free cluster */
-    if (n == 1 || c <= img->free_hint)
+    if (!floored && (n == 1 || c <= img->free_hint))
         img->free_hint = c + n;
     *off = c << img->cluster_bits;
     return overlap_check(img, *off, n << img->cluster_bits, "new cluster");

@@ -82,6 +82,7 @@ int meta_flush(struct qcow2_image *img)
         if (ret < 0)
             return ret; /* the rest leak: safe, and check -r leaks reclaims them */
     }
+    pin_drain(img, false);
     return 0;
 }
 

@@ -24,10 +24,13 @@ static void free_image(struct qcow2_image *img)
     l2_cache_destroy(&img->cache);
     rc_cache_drop(img);
     free(img->pending);
+    free(img->quar);
     pthread_rwlock_destroy(&img->rwlock);
     qcow2_free_snapshots(img);
     qcow2_free_bitmaps(img);
     pthread_mutex_destroy(&img->prealloc_lock);
+    pthread_mutex_destroy(&img->sent_lock);
+    free(img->sent);
     pthread_mutex_destroy(&img->bm_lock);
     free(img->l1);
     free(img->reftable);
@@ -48,6 +51,7 @@ int qcow2_close(struct qcow2_image *img)
     if (img && img->rw && img->fmt == QCOW2_FMT_QCOW2) {
         pthread_rwlock_wrlock(&img->rwlock);
         ret = finish_write(img);
+        pin_drain(img, true); /* no pins are out: their holders keep the image open */
         pthread_rwlock_unlock(&img->rwlock);
     }
     free_image(img);
@@ -182,6 +186,7 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
     if (!img)
         return err_fail(ENOMEM, "out of memory");
     pthread_mutex_init(&img->prealloc_lock, NULL);
+    pthread_mutex_init(&img->sent_lock, NULL);
     pthread_mutex_init(&img->bm_lock, NULL);
     pthread_rwlock_init(&img->rwlock, NULL);
     img->depth = depth;

@@ -49,6 +49,27 @@ uint64_t qcow2_size(const struct qcow2_image *img);
  * (a corrupt mapping fails only the read that meets it). */
 int qcow2_pread(struct qcow2_image *img, void *buf, size_t len, uint64_t off);
 
+/* A guest range pinned to its host bytes, for a reader that hands them to the
+ * kernel (sendfile) and so reads them after the image's locks are gone. */
+struct qcow2_pin {
+    struct qcow2_image *img;
+    unsigned slot;
+};
+
+/* When guest [off, off+len) of img's own layer is one run of plain data in one
+ * host file that has a descriptor (vfs_fd), store the descriptor (borrowed: valid
+ * while img is open) and the run's host offset, pin the run and return 1. Until
+ * qcow2_unpin, no cluster img frees is deallocated or given to new data, so the
+ * host bytes stay the guest's bytes or become those of a later write to the same
+ * range (as a pread racing that write could see). 0: not such a run (compressed,
+ * zero, unallocated, split, in a backing file, past the file's end...): read it
+ * with qcow2_pread. Never fails: a lookup error is a 0 and the pread reports it.
+ * Thread-safe, like qcow2_pread. */
+int qcow2_pin_run(struct qcow2_image *img, uint64_t off, uint64_t len, int *fd, uint64_t *host_off,
+                  struct qcow2_pin *pin);
+/* Let go of a pin; img must still be open. */
+void qcow2_unpin(struct qcow2_pin *pin);
+
 /* One run of guest bytes with the same status, as qemu-img map sees it. */
 struct qcow2_extent {
     uint64_t start, length; /* guest bytes */

@@ -246,6 +246,18 @@ struct qcow2_image {
     uint64_t repair_n;
     bool keep_freed;             /* freed clusters are not discarded (a truncate follows) */
     bool defer_frees;            /* pending frees wait (a commit: other handles may still read them) */
+
+    /* pinned runs (pin.c): readers that send host bytes after dropping the lock */
+    _Atomic unsigned pins[2];    /* outstanding pins, by the parity of their epoch */
+    uint64_t pin_epoch;          /* changes only under the write lock */
+    struct quarantined *quar;    /* freed while pins were out: not reused or discarded yet */
+    size_t nquar, cap_quar;
+    uint64_t quar_floor;         /* while nquar or quar_lost: allocations start at this cluster or above */
+    bool quar_lost;              /* a freed cluster could not be recorded (out of memory) */
+    _Atomic bool pins_off;       /* a freed cluster could not be punched: no more pins */
+    uint64_t *sent;              /* bit per host cluster: handed to the kernel since it was allocated */
+    uint64_t sent_words;         /* pinning readers change both under sent_lock; writers read them */
+    pthread_mutex_t sent_lock;   /* (writers exclude pinning readers: the image lock) */
 };
 
 /* ---- index helpers ---- */
@@ -356,6 +368,18 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off);
 int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off);
 /* Queue host bytes [off, off+len) to lose one reference after the next metadata write. */
 int free_later(struct qcow2_image *img, uint64_t off, uint64_t len);
+
+/* ---- pin.c (under the write lock) ---- */
+/* Cluster c's refcount just dropped to 0: give it back to the allocator and the
+ * host now, or later when pins may still send its bytes. */
+void pin_freed(struct qcow2_image *img, uint64_t c);
+/* Release what quarantine no pin can still read; all of it when all is true
+ * (closing: no pins are out). */
+void pin_drain(struct qcow2_image *img, bool all);
+/* Whether host cluster c was pinned since it was allocated: the kernel may still
+ * hold its page cache pages for a socket, so new data must not be written over
+ * it in place (the write copies the cluster instead). */
+bool pin_was_sent(const struct qcow2_image *img, uint64_t c);
 /* Refuse a write of metadata or data over the header, tables or snapshot/bitmap
  * metadata; marks the image corrupt when it would. */
 int overlap_check(struct qcow2_image *img, uint64_t off, uint64_t len, const char *what);

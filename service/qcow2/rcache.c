@@ -234,13 +234,8 @@ int rc_update_range(struct qcow2_image *img, uint64_t off, uint64_t len, int del
         ret = rc_set(img, c, delta > 0 ? v + 1 : v - 1);
         if (ret < 0)
             return ret;
-        if (delta < 0 && v == 1) {
-            if (c < img->free_hint)
-                img->free_hint = c;
-            /* nothing refers to it any more: give the space back (a hint) */
-            if (!img->keep_freed)
-                vfs_discard(img->file, c << img->cluster_bits, img->cluster_size);
-        }
+        if (delta < 0 && v == 1) /* nothing refers to it any more */
+            pin_freed(img, c);
     }
     return 0;
 }

@@ -234,6 +234,10 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
     bool own;
     if ((ret = owned(img, l2e, &own)) < 0)
         goto out;
+    /* bytes the kernel may still be sending from this cluster stay as they
+     * are: the new data goes to a copy (pin.c) */
+    if (own && host && img->data == img->file && pin_was_sent(img, host >> img->cluster_bits))
+        own = false;
     if (img->ext_l2 && ((bitmap >> 32) & bitmap)) {
         ret = mark_corrupt(img, "L2 entry for guest offset %#" PRIx64 " is invalid", cl);
         goto out;
@@ -399,7 +403,8 @@ static int write_owned_run(struct qcow2_image *img, const unsigned char *buf, ui
         uint64_t e = s->entries[(idx + k) * img->l2_entry_words];
         uint64_t b = img->ext_l2 ? s->entries[(idx + k) * 2 + 1] : 0;
         if (!(e & QCOW2_OFLAG_COPIED) || (e & (QCOW2_OFLAG_COMPRESSED | QCOW2_OFLAG_ZERO)) || !first ||
-            (e & QCOW2_L2E_OFFSET_MASK) != first + k * cs || (img->ext_l2 && b != ALL_ALLOC))
+            (e & QCOW2_L2E_OFFSET_MASK) != first + k * cs || (img->ext_l2 && b != ALL_ALLOC) ||
+            pin_was_sent(img, (first >> img->cluster_bits) + k))
             break;
         k++;
     }
