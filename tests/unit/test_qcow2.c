@@ -358,6 +358,96 @@ START_TEST(a_writer_and_readers_share_an_image)
 }
 END_TEST
 
+/* Host offset of guest cluster off (standard clusters, allocated). */
+static uint64_t host_of(struct qcow2_image *img, uint64_t off)
+{
+    struct qcow2_extent e;
+    ck_assert_int_eq(qcow2_block_status(img, off, 65536, &e), 0);
+    ck_assert(e.offset_valid);
+    return e.offset;
+}
+
+START_TEST(pinned_runs_keep_their_bytes)
+{
+    char uri[128];
+    snprintf(uri, sizeof uri, "%s/pin.qcow2", tmpdir);
+    struct qcow2_create_opts co = {.size = 64u << 20};
+    ck_assert_int_eq(qcow2_create(uri, &co), 0);
+    struct qcow2_open_opts o = {.read_write = true};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open(uri, &o, &img), 0);
+    enum { CS = 65536 };
+    unsigned char *buf = malloc(4 * CS), *got = malloc(4 * CS);
+    for (int i = 0; i < 4; i++)
+        memset(buf + i * CS, 'a' + i, CS);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, 4 * CS, 0), 0);
+    ck_assert_int_eq(qcow2_flush(img), 0);
+
+    /* unallocated, or past the disk: no pin */
+    int fd;
+    uint64_t hoff;
+    struct qcow2_pin pin, pin2;
+    ck_assert_int_eq(qcow2_pin_run(img, 8 * CS, CS, &fd, &hoff, &pin), 0);
+    ck_assert_int_eq(qcow2_pin_run(img, (64u << 20) - 4096, 8192, &fd, &hoff, &pin), 0);
+    /* four contiguous clusters: one run */
+    ck_assert_int_eq(qcow2_pin_run(img, 0, 4 * CS, &fd, &hoff, &pin), 1);
+    ck_assert_uint_eq(hoff, host_of(img, 0));
+    uint64_t h1 = host_of(img, CS), h2 = host_of(img, 2 * CS);
+
+    /* a write over a sent cluster goes to a copy; the pinned bytes stay */
+    memset(buf, 'X', CS);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, 4096, CS), 0);
+    ck_assert_uint_ne(host_of(img, CS), h1);
+    ck_assert_int_eq((int)pread(fd, got, 4 * CS, (off_t)hoff), 4 * CS);
+    for (int i = 0; i < 4; i++)
+        ck_assert_uint_eq(got[i * CS + 100], 'a' + i);
+    ck_assert_int_eq(qcow2_pread(img, got, 2 * CS, CS), 0);
+    ck_assert_uint_eq(got[0], 'X');
+    ck_assert_uint_eq(got[4096], 'b');
+
+    /* discarded and flushed while pinned: not reused, not punched */
+    ck_assert_int_eq(qcow2_discard(img, 2 * CS, CS), 0);
+    ck_assert_int_eq(qcow2_flush(img), 0);
+    memset(buf, 'N', CS);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, CS, 20 * CS), 0);
+    ck_assert_int_eq(qcow2_flush(img), 0);
+    ck_assert_uint_ne(host_of(img, 20 * CS), h2);
+    ck_assert_uint_ne(host_of(img, 20 * CS), h1);
+    ck_assert_int_eq((int)pread(fd, got, CS, (off_t)h2), CS);
+    ck_assert_uint_eq(got[0], 'c');
+    ck_assert_uint_eq(got[CS - 1], 'c');
+
+    /* a second reader pins in a later epoch, then cluster 0 is freed too:
+     * letting go of the first pin frees what only it could read (h1, h2),
+     * not what the second may still be sending (h0) */
+    uint64_t h0 = host_of(img, 0);
+    ck_assert_int_eq(qcow2_pin_run(img, 3 * CS, CS, &fd, &hoff, &pin2), 1);
+    ck_assert_int_eq(qcow2_discard(img, 0, CS), 0);
+    ck_assert_int_eq(qcow2_flush(img), 0);
+    qcow2_unpin(&pin);
+    uint64_t n[4];
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(qcow2_pwrite(img, buf, CS, (uint64_t)(21 + i) * CS), 0);
+        ck_assert_int_eq(qcow2_flush(img), 0);
+        n[i] = host_of(img, (uint64_t)(21 + i) * CS);
+    }
+    ck_assert((n[0] == h1 && n[1] == h2) || (n[0] == h2 && n[1] == h1));
+    ck_assert_uint_ne(n[2], h0);
+    qcow2_unpin(&pin2);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, CS, 24 * CS), 0);
+    ck_assert_int_eq(qcow2_flush(img), 0);
+    n[3] = host_of(img, 24 * CS);
+    ck_assert_uint_eq(n[3], h0);
+
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL), 0);
+    ck_assert_uint_eq(r.corruptions + r.leaks + r.check_errors, 0);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    free(buf);
+    free(got);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -373,6 +463,7 @@ static Suite *suite(void)
     tcase_add_test(tc, parallel_readers_see_the_right_bytes);
     tcase_add_test(tc, a_writer_and_readers_share_an_image);
     tcase_add_test(tc, snapshot_with_more_l2_tables_than_the_cache);
+    tcase_add_test(tc, pinned_runs_keep_their_bytes);
     suite_add_tcase(s, tc);
     return s;
 }
