@@ -7,6 +7,7 @@ messages; runs in a thread of the test process.
     p = FaultProxy("http://127.0.0.1:PORT")
     p.fault("slowdown", count=2, match="/bkt/img/a.qcow2")   # the next 2 matching requests
     p.fault("500")                                             # every request, until p.clear()
+    p.fault("drop", count=1, match="partNumber=", method="PUT")  # a part upload's connection cut
 """
 import http.client
 import http.server
@@ -27,7 +28,7 @@ class FaultProxy:
         u = urllib.parse.urlsplit(upstream)
         self.up_host, self.up_port = u.hostname, u.port
         self.lock = threading.Lock()
-        self.rules = []  # [kind, remaining or None, match, arg]
+        self.rules = []  # [kind, remaining or None, match, arg, method or None]
         self.hits = 0
         proxy = self
 
@@ -66,6 +67,7 @@ class FaultProxy:
                           headers=hdrs)
                 r = c.getresponse()
                 data = r.read()
+                c.close()
                 self.send_response(r.status, r.reason)
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
@@ -77,7 +79,6 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                c.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
 
@@ -91,11 +92,12 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def fault(self, kind, count=None, match="", arg=None):
-        """Answer matching requests (path contains match) with kind: slowdown, 500,
-        403, drop, or delay (arg seconds, then pass on); count times, or always."""
+    def fault(self, kind, count=None, match="", arg=None, method=None):
+        """Answer matching requests (path contains match; method, when given, is
+        theirs) with kind: slowdown, 500, 403, drop, or delay (arg seconds, then
+        pass on); count times, or always."""
         with self.lock:
-            self.rules.append([kind, count, match, arg])
+            self.rules.append([kind, count, match, arg, method])
 
     def clear(self):
         with self.lock:
@@ -104,7 +106,7 @@ class FaultProxy:
     def take(self, method, path):
         with self.lock:
             for r in self.rules:
-                if r[2] in path and (r[1] is None or r[1] > 0):
+                if r[2] in path and (r[4] is None or r[4] == method) and (r[1] is None or r[1] > 0):
                     if r[1] is not None:
                         r[1] -= 1
                     self.hits += 1

@@ -377,9 +377,10 @@ def missing_bucket_and_unreachable(c):
 
 
 def faults_at_run_time(c):
-    """Through a fault-injecting proxy: throttling is retried; persistent 503,
-    500, 403 and timeouts give a 503 JSON error naming the cause; the daemon
-    stays up and other images keep working."""
+    """Through a fault-injecting proxy: throttling and a connection dropped under
+    a PUT (whose body is then sent again) are retried; persistent 503, 500, 403
+    and timeouts give a 503 JSON error naming the cause; the daemon stays up and
+    other images keep working."""
     p = c.prefix()
     for n in ("f1", "f2"):
         c.upload(p, c.image(n, 8 * MiB, "write -P 0x61 0 8M"))
@@ -388,10 +389,15 @@ def faults_at_run_time(c):
     try:
         check(d.read("f1", 0, 4096) == b"\x61" * 4096, "read through the proxy")
         check(d.read("f2", 0, 4096) == b"\x61" * 4096, "read through the proxy")
-        r0 = d.metric("retries")
+        r0, h0 = d.metric("retries"), px.hits
         px.fault("slowdown", count=2, match="/f1.qcow2")
         check(d.read("f1", 2 * MiB, 4096) == b"\x61" * 4096, "throttled read did not succeed on retry")
         check(d.metric("retries") - r0 >= 2, "no retries counted")
+        # a connection dropped under a PUT: its body is sent again on a new one
+        px.fault("drop", count=1, match="/f1.qcow2?partNumber=1&", method="PUT")
+        d.write("f1", 1 * MiB, b"\x62" * 4096)
+        check(px.hits - h0 == 3, "the dropped PUT was not met")
+        check(d.read("f1", 1 * MiB, 8192) == b"\x62" * 4096 + b"\x61" * 4096, "the write after a drop differs")
         cases = (("slowdown", "throttling (503", 3 * MiB),
                  ("500", "failed (500", 4 * MiB),
                  ("403", "SignatureDoesNotMatch", 5 * MiB),
