@@ -3,10 +3,11 @@
 s3api on loopback, started here): reads checked against qemu-img, the bytes a
 4 KiB read fetches, writes published and seen after a restart, a multipart
 publish that copies unchanged parts server-side, a crash between the parts and
-CompleteMultipartUpload that leaves the old image whole, backing chains across
-objects, and every storage failure (wrong secret, missing bucket, unreachable
-endpoint, throttling, 5xx, timeouts) answered with a clear error while the
-daemon and the other images go on.
+CompleteMultipartUpload that leaves the old image whole, a CompleteMultipartUpload
+whose answer is lost (published all the same) or that really failed (an error),
+backing chains across objects, and every storage failure (wrong secret, missing
+bucket, unreachable endpoint, throttling, 5xx, timeouts) answered with a clear
+error while the daemon and the other images go on.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -465,9 +466,73 @@ def parallel_readers_and_a_writer(c):
     check(not errors, "; ".join(errors[:3]))
 
 
+def lost_complete_answer(c):
+    """CompleteMultipartUpload done by the store but its answer lost (on every
+    attempt; or once, the retry then answered NoSuchUpload as AWS does for a
+    completed upload): the flush succeeds and the data is right. A Complete that
+    really failed (500s, or connections dropped before the store saw it) is
+    still an error, leaves the old object, and a later flush publishes."""
+    p = c.prefix()
+    c.upload(p, c.image("lc", 16 * MiB, "write -P 0x31 0 12M"))
+    key = p + "/lc.qcow2"
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    d = c.qcowd(p, endpoint=px.endpoint, opts=("part-size=5M", "retries=2"))
+    complete = dict(match="/lc.qcow2?uploadId=", method="POST")
+    writes = []
+    try:
+        for i, rules in enumerate(([("lose", None)], [("lose", 1), ("nosuchupload", 1)])):
+            px.clear()
+            for kind, n in rules:
+                px.fault(kind, count=n, **complete)
+            hits = px.hits
+            data = bytes([0xa1 + i]) * 65536
+            t = time.time()
+            d.write("lc", (1 + i) * MiB, data)
+            writes.append(((1 + i) * MiB, data))
+            met = px.hits - hits
+            print("    Complete's answer lost (%s): published in %.1f s, %d Complete requests" %
+                  (", ".join("%s %s" % (k, "x%d" % n if n else "always") for k, n in rules), time.time() - t, met))
+            check(met >= 3 if rules[0][1] is None else met == 2, "the faults met %d times (%s)" % (met, rules))
+            check(sum("CompleteMultipartUpload did take effect" in ln for ln in d.lines) == i + 1,
+                  "no log line about the recovered Complete:\n" + "\n".join(d.lines[-5:]))
+            etag = c.s3.request("HEAD", BUCKET, key)[1].get("ETag", "")
+            check(re.fullmatch(r'"[0-9a-f]{32}-3"', etag), "not a 3-part upload's ETag: %r" % etag)
+            check(d.read("lc", (1 + i) * MiB, 65536) == data, "read after a recovered publish differs")
+        for i, kind in enumerate(("500", "drop")):
+            px.clear()
+            px.fault(kind, **complete)
+            before, uploads = c.s3.get(BUCKET, key), set(c.s3.uploads(BUCKET))
+            data = bytes([0xb1 + i]) * 65536
+            st, b = d.request("PUT", "/v1/images/lc/data?flush=y", data,
+                              {"Content-Range": "bytes %d-%d/*" % (5 * MiB + i * MiB, 5 * MiB + i * MiB + 65535)})
+            check(st == 503 and b"complete multipart upload" in b and b"is not the upload's" in b,
+                  "a failed Complete (%s): %d %s" % (kind, st, b[:400]))
+            print("    Complete failed (%s): %s" % (kind, json.loads(b)["error"]["message"][:160]))
+            writes.append((5 * MiB + i * MiB, data))
+            check(c.s3.get(BUCKET, key) == before, "the object changed although Complete failed (%s)" % kind)
+            check(set(c.s3.uploads(BUCKET)) <= uploads, "the failed upload was not aborted")
+        px.clear()
+        st, doc = d.json("PATCH", "/v1/images/lc/data", {"op": "flush"})
+        check(st == 204, "flush after the faults: %s %s" % (st, doc))
+    finally:
+        d.stop()
+        px.stop()
+    d = c.qcowd(p)
+    try:
+        for off, data in writes:
+            check(d.read("lc", off, len(data)) == data, "write at %d lost" % off)
+        check(d.read("lc", 0, 65536) == b"\x31" * 65536, "unwritten data changed")
+    finally:
+        d.stop()
+    out = os.path.join(c.tmp, "lc-dl.qcow2")
+    with open(out, "wb") as f:
+        f.write(c.s3.get(BUCKET, key))
+    run("qemu-img", "check", out)
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
-         missing_bucket_and_unreachable, faults_at_run_time, parallel_readers_and_a_writer]
+         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, parallel_readers_and_a_writer]
 
 
 def main():
