@@ -5,9 +5,10 @@ s3api on loopback, started here): reads checked against qemu-img, the bytes a
 publish that copies unchanged parts server-side, a crash between the parts and
 CompleteMultipartUpload that leaves the old image whole, a CompleteMultipartUpload
 whose answer is lost (published all the same) or that really failed (an error),
-backing chains across objects, and every storage failure (wrong secret, missing
-bucket, unreachable endpoint, throttling, 5xx, timeouts) answered with a clear
-error while the daemon and the other images go on.
+a catalog of more keys than one ListObjectsV2 page holds, backing chains across
+objects, and every storage failure (wrong secret, missing bucket, unreachable
+endpoint, throttling, 5xx, timeouts) answered with a clear error while the
+daemon and the other images go on.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -33,6 +34,7 @@ import s3fixture  # noqa: E402
 QCOWD = os.environ.get("QCOWD", "")
 BUCKET = "qcowd-s3-%d-%d" % (os.getpid(), int(time.time()) % 100000)
 MiB = 1 << 20
+LISTED = 1100  # keys in the listing case: past S3's 1000 per ListObjectsV2 answer
 
 
 def run(*cmd):
@@ -530,9 +532,59 @@ def lost_complete_answer(c):
     run("qemu-img", "check", out)
 
 
+def listing_past_one_page(c):
+    """A catalog prefix holding more keys than one ListObjectsV2 answer gives (S3:
+    1000 at most): GET /v1/images reads every page (continuation tokens, counted
+    as LIST requests) and lists every image once, those on both sides of the page
+    boundary too. Most keys are other files of the catalog (not listed), so the
+    listing does not open a thousand images."""
+    p = c.prefix()
+    tiny = os.path.join(c.tmp, "tiny.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", tiny, "1M")
+    with open(tiny, "rb") as f:
+        data = f.read()
+    images = set(range(0, LISTED, 25)) | {998, 999, 1000, 1001, LISTED - 1}
+    keys = ["k%04d.%s" % (i, "qcow2" if i in images else "raw") for i in range(LISTED)]
+    errors = []
+
+    def put(chunk):
+        try:
+            for k in chunk:
+                c.s3.put(BUCKET, "%s/%s" % (p, k), data if k.endswith(".qcow2") else b"x")
+        except Exception as e:
+            errors.append(repr(e))
+
+    t = time.time()
+    ts = [threading.Thread(target=put, args=(keys[k::8],)) for k in range(8)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    check(not errors, "uploads: %s" % errors[:3])
+    put_s = time.time() - t
+    want = sorted("k%04d" % i for i in images)
+    d = c.qcowd(p)
+    try:
+        lists = d.metric("requests_list")
+        t = time.time()
+        st, doc = d.json("GET", "/v1/images")
+        got = [i["name"] for i in doc["images"]] if st == 200 else []
+        pages = d.metric("requests_list") - lists
+        print("    %d keys put in %.1f s; GET /v1/images: %d images in %.1f s, %d LIST requests" %
+              (LISTED, put_s, len(got), time.time() - t, pages))
+        check(st == 200, "list: %s %s" % (st, doc))
+        check(len(got) == len(set(got)), "listed twice: %s" % sorted(n for n in set(got) if got.count(n) > 1)[:5])
+        check(sorted(got) == want, "missing: %s; not images: %s" % (sorted(set(want) - set(got))[:5],
+                                                                    sorted(set(got) - set(want))[:5]))
+        bad = [i for i in doc["images"] if "error" in i]
+        check(not bad, "images with errors: %s" % bad[:3])
+        check(pages >= 2, "%d LIST request(s) for %d keys: only one page read" % (pages, LISTED))
+    finally:
+        d.stop()
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
-         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, parallel_readers_and_a_writer]
+         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer]
 
 
 def main():
