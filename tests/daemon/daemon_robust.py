@@ -22,6 +22,15 @@
               the model is exact); then SIGTERM, exit 0, qemu-img check clean and
               qemu-img compare equal to the model
 Environment and output as daemon.py (QCOWD, OPENAPI, QEMU_IMG, QEMU_IO).
+QCOWD_S3=1 runs the cases with the catalog in a bucket of a local Swift + s3api
+(daemon.py's s3_start; exit 77 without Swift): images are built locally and
+uploaded, checks of the files read the bucket's keys (temporary objects, stale
+ones put there with the S3 API) and the plugin's staging folder (a cut upload
+leaves no staging file), the config file also names the bucket, the endpoint
+and an --s3-opt, the 64 clients do 15 operations each (every flush publishes an
+image), and qemu-img checks run on copies fetched from the bucket. The change
+case becomes object_changes_noticed_by_etag: an object replaced by one of the
+same size (Last-Modified has whole seconds, there are no inodes) is noticed.
 """
 
 import argparse
@@ -55,6 +64,8 @@ BLOCK = 64 * KiB
 OWN_PER_CLIENT = 2    # blocks each client owns in its image
 SHARED = 8            # blocks of each image every client of it may write
 OPS = 30              # operations per client
+if os.environ.get("QCOWD_S3"):  # a flush publishes the whole image to Swift: fewer rounds
+    OPS = 15
 
 
 def qemu_img(*a):
@@ -105,7 +116,6 @@ def main():
         print("daemon_robust.py: qemu-img/qemu-io not found: skipped", file=sys.stderr)
         return 77
     ck = base.Checker(args)
-    rng = ck.rng
     top = tempfile.mkdtemp(prefix="qcowd-robust-")
     cat = os.path.join(top, "catalog")
     os.mkdir(cat)
@@ -113,6 +123,35 @@ def main():
 
     def p(name):
         return os.path.join(cat, name + ".qcow2")
+
+    def publish(*names):
+        """Images built or changed locally in the catalog folder: with QCOWD_S3, put
+        into the bucket."""
+        if base.S3:
+            for n in names:
+                base.store_put(cat, p(n), n + ".qcow2")
+
+    def put_file(f, data):
+        """A file of the catalog (an object with QCOWD_S3) holding data."""
+        if base.S3:
+            base.S3.put(base.S3_BUCKET, base.S3_PREFIX + "/" + f, data)
+        else:
+            with open(os.path.join(cat, f), "wb") as fh:
+                fh.write(data)
+
+    def temps():
+        return [f for f in base.store_names(cat) if f.endswith(".tmp")]
+
+    def staging():
+        """The s3 plugin's staging files (a .data and a .meta per object open for writing)."""
+        sd = os.path.join(top, "staging")
+        return sorted(os.listdir(sd)) if base.S3 and os.path.isdir(sd) else []
+
+    def catalog_args():
+        """The catalog on qcowd's command line (or in its config file)."""
+        if base.S3:
+            return base.S3.qcowd_args(base.S3_BUCKET, base.S3_PREFIX, os.path.join(top, "staging"))
+        return ["--catalog", cat]
 
     def start(*extra, threads=8):
         d = base.Daemon(cat, threads=threads, extra=list(extra))
@@ -131,14 +170,17 @@ def main():
         for d in daemons:
             if d.alive():
                 d.proc.kill()
+        base.s3_stop()
         shutil.rmtree(top, ignore_errors=True)
         sys.exit(1)
     signal.signal(signal.SIGTERM, signal_handler)
     signal.signal(signal.SIGINT, signal_handler)
 
     try:
+        base.s3_start(top)
         qemu_img("create", "-q", "-f", "qcow2", p("small"), "4M")
         base.qemu_io(p("small"), "write -q -P 0x42 0 1M")
+        publish("small")
 
         def config():
             conf = os.path.join(top, "q.conf")
@@ -149,10 +191,12 @@ def main():
             assert st == 200 and json.loads(b)["max_readers"] == 5, (st, b)
             stop(d)
             # the file alone sets the pool size (the Daemon's own --threads left out)
-            with open(conf, "w") as f:
-                f.write("listen = 127.0.0.1:0\ncatalog = %s\nthreads = 3\njob-workers = 1\nquiet\n" % cat)
+            ca = catalog_args()
+            with open(conf, "w") as f:  # --catalog s3://... --s3-endpoint ... --s3-opt staging-dir=...
+                f.write("listen = 127.0.0.1:0\nthreads = 3\njob-workers = 1\nquiet\n" +
+                        "".join("%s = %s\n" % (ca[i][2:], ca[i + 1]) for i in range(0, len(ca), 2)))
             proc = subprocess.Popen([base.QCOWD, "--config", conf], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE)
+                                    stderr=subprocess.PIPE, env=base.S3.env() if base.S3 else None)
             line = proc.stderr.readline().decode()
             m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/ \(catalog .*, 3 threads\)", line)
             try:
@@ -184,7 +228,7 @@ def main():
             for text, want in cases:
                 with open(conf, "w") as f:
                     f.write(text)
-                start_fails(["--config", conf, "--catalog", cat], want)
+                start_fails(["--config", conf] + catalog_args(), want)
                 ck.bad_inputs += 1
             start_fails(["--config", os.path.join(top, "missing.conf")], r"missing\.conf: No such file")
             ck.bad_inputs += 1
@@ -204,16 +248,15 @@ def main():
             live = ".upload-x-%d-3.tmp" % os.getpid()
             other = ".upload-notours.txt"
             for f in stale + [live, other]:
-                with open(os.path.join(cat, f), "wb") as fh:
-                    fh.write(b"half an image")
+                put_file(f, b"half an image")
             d = start()
-            left = sorted(f for f in os.listdir(cat) if f.startswith(".") and f != ".qcowd-jobs.json")
+            left = sorted(f for f in base.store_names(cat) if f.startswith(".") and f != ".qcowd-jobs.json")
             stop(d)
             assert left == sorted([live, other]), left
             for f in stale:
                 assert any("removed the stale temporary file " + f in ln for ln in d.lines), (f, d.lines[:5])
             for f in (live, other):
-                os.unlink(os.path.join(cat, f))
+                base.store_remove(cat, f)
         ck.case("stale_temp_files_removed_at_start", stale_tmp)
 
         d = start()
@@ -237,6 +280,7 @@ def main():
             # streaming while the client waits
             qemu_img("create", "-q", "-f", "qcow2", p("big"), "64M")
             base.qemu_io(p("big"), "write -q -P 0x42 0 48M")
+            publish("big")
             with open(p("small"), "rb") as f:
                 small = f.read()
             with open(p("big"), "rb") as f:
@@ -282,18 +326,30 @@ def main():
             qemu_img("create", "-q", "-f", "qcow2", p("chg"), "1M")
             base.qemu_io(p("chg"), "write -q -P 0x01 0 64k", "write -q -P 0x09 64k 64k",
                          "write -q -P 0x0a 128k 64k", "discard -q 64k 64k")
+            publish("chg")
             st, h, b = d.request("GET", "/v1/images/chg/data", {"Range": "bytes=524288-524291"})
             assert b == b"\0" * 4
-            # same size and the same second: only the nanoseconds differ
+            # same size and the same second: only the nanoseconds differ (in a
+            # bucket: the ETag, Last-Modified having whole seconds)
             st0 = os.stat(p("chg"))
             base.qemu_io(p("chg"), "write -q -P 0x02 512k 64k")
             assert os.stat(p("chg")).st_size == st0.st_size, "the write grew the file"
-            sec, ns = divmod(st0.st_mtime_ns, 10**9)
-            os.utime(p("chg"), ns=(st0.st_atime_ns, sec * 10**9 + (ns + 1) % 10**9))
+            if base.S3:
+                publish("chg")
+            else:
+                sec, ns = divmod(st0.st_mtime_ns, 10**9)
+                os.utime(p("chg"), ns=(st0.st_atime_ns, sec * 10**9 + (ns + 1) % 10**9))
             st, h, b = d.request("GET", "/v1/images/chg/data", {"Range": "bytes=524288-524291"})
             assert b == b"\x02" * 4, "a change within one second went unnoticed: %r" % b
             st, h, b = d.request("GET", "/v1/images/chg/data", {"Range": "bytes=0-3"})
             assert b == b"\x01" * 4
+            if base.S3:  # no inodes: an object replaced by one of the same size, told by its ETag
+                base.qemu_io(p("chg"), "write -q -P 0x03 0 64k")
+                assert os.stat(p("chg")).st_size == st0.st_size
+                publish("chg")
+                st, h, b = d.request("GET", "/v1/images/chg/data", {"Range": "bytes=0-3"})
+                assert b == b"\x03" * 4, "an object replaced by one of the same size went unnoticed: %r" % b
+                return
             # replaced by a file of the same size and the same mtime: only the inode differs
             st0 = os.stat(p("chg"))
             tmp = os.path.join(top, "chg.new")
@@ -304,7 +360,8 @@ def main():
             os.rename(tmp, p("chg"))
             st, h, b = d.request("GET", "/v1/images/chg/data", {"Range": "bytes=0-3"})
             assert b == b"\x03" * 4, "a replaced file with the same size and mtime went unnoticed: %r" % b
-        ck.case("file_changes_noticed_by_ns_mtime_and_inode", file_changes)
+        ck.case("object_changes_noticed_by_etag" if base.S3 else "file_changes_noticed_by_ns_mtime_and_inode",
+                file_changes)
 
         def upload_cut():
             src = os.path.join(top, "up.qcow2")
@@ -317,6 +374,7 @@ def main():
                 (len(data), 0),               # headers only
                 (10**15, 4096),               # a Content-Length far past any disk
             ]
+            staged = staging()
             for i, (cl, sent) in enumerate(cases):
                 name = "cut%d" % i
                 head = ("PUT /v1/images/%s/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" %
@@ -328,8 +386,9 @@ def main():
                     if any("PUT /v1/images/%s/file" % name in ln for ln in list(d.lines)):
                         break
                     time.sleep(0.05)
-                tmps = [f for f in os.listdir(cat) if f.endswith(".tmp")]
+                tmps = temps()
                 assert not tmps, "temporary files left: %s" % tmps
+                assert staging() == staged, "staging files left: %s" % sorted(set(staging()) - set(staged))
                 st, h, b = d.request("GET", "/v1/images")
                 assert name not in [i["name"] for i in json.loads(b)["images"]], name
                 assert d.alive()
@@ -338,7 +397,7 @@ def main():
                                         "Connection: close\r\n\r\n" % cl).encode())
                 ck.bad_inputs += 1
                 assert re.match(rb"HTTP/1\.1 4\d\d ", out), (cl, out[:100])
-            assert not [f for f in os.listdir(cat) if f.endswith(".tmp")]
+            assert not temps()
             st, h, b = d.request("GET", "/v1/health")
             assert st == 200
         ck.case("upload_cut_short_leaves_nothing", upload_cut)
@@ -350,6 +409,7 @@ def main():
             qemu_img("create", "-q", "-f", "qcow2", *opts, p(name), str(IMG_SIZE))
             base.qemu_io(p(name), "write -q -P 0x5a 0 %d" % (IMG_SIZE // 2))
             models[name] = bytearray(b"\x5a" * (IMG_SIZE // 2) + b"\0" * (IMG_SIZE // 2))
+            publish(name)
         d = start(threads=8)
 
         def many_clients():
@@ -457,6 +517,7 @@ def main():
             print("    64 clients: %d PUTs, %d zeroes, %d GETs, %d bytes checked, %.1f s" %
                   (counts["put"], counts["zero"], counts["get"], counts["checked"], time.time() - t0), flush=True)
             stop(d)
+            base.sync_down(cat)
             for name, _ in IMAGES:
                 r = subprocess.run([base.QEMU_IMG, "check", "-f", "qcow2", p(name)], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT)
@@ -467,7 +528,7 @@ def main():
                 r = subprocess.run([base.QEMU_IMG, "compare", "-f", "raw", "-F", "qcow2", ref, p(name)],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
                 assert r.returncode == 0, "%s: qemu-img compare: %s" % (name, r.stdout.decode()[-300:])
-            assert not [f for f in os.listdir(cat) if f.endswith(".tmp")]
+            assert not temps()
         ck.case("64_clients_write_and_read_then_qemu_img_check_and_compare", many_clients)
     except Exception:
         ck.failed += 1
@@ -478,6 +539,7 @@ def main():
             if d.alive():
                 d.proc.kill()
                 d.proc.wait()
+        base.s3_stop()
         if args.keep:
             print("kept", top)
         else:

@@ -1,12 +1,14 @@
 """faultproxy.py: an HTTP proxy in front of an S3 store that passes requests on
 unchanged (the Host header too, so SigV4 signatures stay valid) and, when told,
-answers instead with a fault: 503 SlowDown, 500, 403 SignatureDoesNotMatch, a
-delay, or a dropped connection. Used by s3.py to prove retries and error
-messages; runs in a thread of the test process.
+answers instead with a fault: 503 SlowDown, 500, 403 SignatureDoesNotMatch,
+404 NoSuchUpload, a delay, a dropped connection, or a lost answer (the request
+reaches the store, the connection is then closed without its answer). Used by
+s3.py to prove retries and error messages; runs in a thread of the test process.
 
     p = FaultProxy("http://127.0.0.1:PORT")
     p.fault("slowdown", count=2, match="/bkt/img/a.qcow2")   # the next 2 matching requests
     p.fault("500")                                             # every request, until p.clear()
+    p.fault("lose", count=1, match="uploadId=", method="POST") # CompleteMultipartUpload done, answer lost
 """
 import http.client
 import http.server
@@ -19,6 +21,7 @@ BODIES = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "403": (403, "SignatureDoesNotMatch", "The request signature we calculated does not match the signature you provided."),
+    "nosuchupload": (404, "NoSuchUpload", "The specified multipart upload does not exist."),
 }
 
 
@@ -27,7 +30,7 @@ class FaultProxy:
         u = urllib.parse.urlsplit(upstream)
         self.up_host, self.up_port = u.hostname, u.port
         self.lock = threading.Lock()
-        self.rules = []  # [kind, remaining or None, match, arg]
+        self.rules = []  # [kind, remaining or None, match, arg, method or None]
         self.hits = 0
         proxy = self
 
@@ -49,7 +52,7 @@ class FaultProxy:
                         return
                     if kind == "delay":
                         time.sleep(arg)
-                    else:
+                    elif kind != "lose":
                         status, code, msg = BODIES[kind]
                         xml = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>%s</Code><Message>%s</Message></Error>"
                                % (code, msg)).encode()
@@ -66,6 +69,11 @@ class FaultProxy:
                           headers=hdrs)
                 r = c.getresponse()
                 data = r.read()
+                c.close()
+                if rule and rule[0] == "lose":  # the store did it; its answer never arrives
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 self.send_response(r.status, r.reason)
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
@@ -77,7 +85,6 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                c.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_any
 
@@ -91,11 +98,13 @@ class FaultProxy:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def fault(self, kind, count=None, match="", arg=None):
-        """Answer matching requests (path contains match) with kind: slowdown, 500,
-        403, drop, or delay (arg seconds, then pass on); count times, or always."""
+    def fault(self, kind, count=None, match="", arg=None, method=None):
+        """Answer matching requests (path contains match; method, when given, is
+        theirs) with kind: slowdown, 500, 403, nosuchupload, drop, lose (pass on,
+        then close without the answer), or delay (arg seconds, then pass on);
+        count times, or always."""
         with self.lock:
-            self.rules.append([kind, count, match, arg])
+            self.rules.append([kind, count, match, arg, method])
 
     def clear(self):
         with self.lock:
@@ -104,7 +113,7 @@ class FaultProxy:
     def take(self, method, path):
         with self.lock:
             for r in self.rules:
-                if r[2] in path and (r[1] is None or r[1] > 0):
+                if r[2] in path and (r[4] is None or r[4] == method) and (r[1] is None or r[1] > 0):
                     if r[1] is not None:
                         r[1] -= 1
                     self.hits += 1

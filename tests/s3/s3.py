@@ -3,7 +3,9 @@
 s3api on loopback, started here): reads checked against qemu-img, the bytes a
 4 KiB read fetches, writes published and seen after a restart, a multipart
 publish that copies unchanged parts server-side, a crash between the parts and
-CompleteMultipartUpload that leaves the old image whole, backing chains across
+CompleteMultipartUpload that leaves the old image whole, a CompleteMultipartUpload
+whose answer is lost (published all the same) or that really failed (an error),
+a catalog of more keys than one ListObjectsV2 page holds, backing chains across
 objects, and every storage failure (wrong secret, missing bucket, unreachable
 endpoint, throttling, 5xx, timeouts) answered with a clear error while the
 daemon and the other images go on.
@@ -32,6 +34,7 @@ import s3fixture  # noqa: E402
 QCOWD = os.environ.get("QCOWD", "")
 BUCKET = "qcowd-s3-%d-%d" % (os.getpid(), int(time.time()) % 100000)
 MiB = 1 << 20
+LISTED = 1100  # keys in the listing case: past S3's 1000 per ListObjectsV2 answer
 
 
 def run(*cmd):
@@ -377,9 +380,10 @@ def missing_bucket_and_unreachable(c):
 
 
 def faults_at_run_time(c):
-    """Through a fault-injecting proxy: throttling is retried; persistent 503,
-    500, 403 and timeouts give a 503 JSON error naming the cause; the daemon
-    stays up and other images keep working."""
+    """Through a fault-injecting proxy: throttling and a connection dropped under
+    a PUT (whose body is then sent again) are retried; persistent 503, 500, 403
+    and timeouts give a 503 JSON error naming the cause; the daemon stays up and
+    other images keep working."""
     p = c.prefix()
     for n in ("f1", "f2"):
         c.upload(p, c.image(n, 8 * MiB, "write -P 0x61 0 8M"))
@@ -388,10 +392,15 @@ def faults_at_run_time(c):
     try:
         check(d.read("f1", 0, 4096) == b"\x61" * 4096, "read through the proxy")
         check(d.read("f2", 0, 4096) == b"\x61" * 4096, "read through the proxy")
-        r0 = d.metric("retries")
+        r0, h0 = d.metric("retries"), px.hits
         px.fault("slowdown", count=2, match="/f1.qcow2")
         check(d.read("f1", 2 * MiB, 4096) == b"\x61" * 4096, "throttled read did not succeed on retry")
         check(d.metric("retries") - r0 >= 2, "no retries counted")
+        # a connection dropped under a PUT: its body is sent again on a new one
+        px.fault("drop", count=1, match="/f1.qcow2?partNumber=1&", method="PUT")
+        d.write("f1", 1 * MiB, b"\x62" * 4096)
+        check(px.hits - h0 == 3, "the dropped PUT was not met")
+        check(d.read("f1", 1 * MiB, 8192) == b"\x62" * 4096 + b"\x61" * 4096, "the write after a drop differs")
         cases = (("slowdown", "throttling (503", 3 * MiB),
                  ("500", "failed (500", 4 * MiB),
                  ("403", "SignatureDoesNotMatch", 5 * MiB),
@@ -459,9 +468,123 @@ def parallel_readers_and_a_writer(c):
     check(not errors, "; ".join(errors[:3]))
 
 
+def lost_complete_answer(c):
+    """CompleteMultipartUpload done by the store but its answer lost (on every
+    attempt; or once, the retry then answered NoSuchUpload as AWS does for a
+    completed upload): the flush succeeds and the data is right. A Complete that
+    really failed (500s, or connections dropped before the store saw it) is
+    still an error, leaves the old object, and a later flush publishes."""
+    p = c.prefix()
+    c.upload(p, c.image("lc", 16 * MiB, "write -P 0x31 0 12M"))
+    key = p + "/lc.qcow2"
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    d = c.qcowd(p, endpoint=px.endpoint, opts=("part-size=5M", "retries=2"))
+    complete = dict(match="/lc.qcow2?uploadId=", method="POST")
+    writes = []
+    try:
+        for i, rules in enumerate(([("lose", None)], [("lose", 1), ("nosuchupload", 1)])):
+            px.clear()
+            for kind, n in rules:
+                px.fault(kind, count=n, **complete)
+            hits = px.hits
+            data = bytes([0xa1 + i]) * 65536
+            t = time.time()
+            d.write("lc", (1 + i) * MiB, data)
+            writes.append(((1 + i) * MiB, data))
+            met = px.hits - hits
+            print("    Complete's answer lost (%s): published in %.1f s, %d Complete requests" %
+                  (", ".join("%s %s" % (k, "x%d" % n if n else "always") for k, n in rules), time.time() - t, met))
+            check(met >= 3 if rules[0][1] is None else met == 2, "the faults met %d times (%s)" % (met, rules))
+            check(sum("CompleteMultipartUpload did take effect" in ln for ln in d.lines) == i + 1,
+                  "no log line about the recovered Complete:\n" + "\n".join(d.lines[-5:]))
+            etag = c.s3.request("HEAD", BUCKET, key)[1].get("ETag", "")
+            check(re.fullmatch(r'"[0-9a-f]{32}-3"', etag), "not a 3-part upload's ETag: %r" % etag)
+            check(d.read("lc", (1 + i) * MiB, 65536) == data, "read after a recovered publish differs")
+        for i, kind in enumerate(("500", "drop")):
+            px.clear()
+            px.fault(kind, **complete)
+            before, uploads = c.s3.get(BUCKET, key), set(c.s3.uploads(BUCKET))
+            data = bytes([0xb1 + i]) * 65536
+            st, b = d.request("PUT", "/v1/images/lc/data?flush=y", data,
+                              {"Content-Range": "bytes %d-%d/*" % (5 * MiB + i * MiB, 5 * MiB + i * MiB + 65535)})
+            check(st == 503 and b"complete multipart upload" in b and b"is not the upload's" in b,
+                  "a failed Complete (%s): %d %s" % (kind, st, b[:400]))
+            print("    Complete failed (%s): %s" % (kind, json.loads(b)["error"]["message"][:160]))
+            writes.append((5 * MiB + i * MiB, data))
+            check(c.s3.get(BUCKET, key) == before, "the object changed although Complete failed (%s)" % kind)
+            check(set(c.s3.uploads(BUCKET)) <= uploads, "the failed upload was not aborted")
+        px.clear()
+        st, doc = d.json("PATCH", "/v1/images/lc/data", {"op": "flush"})
+        check(st == 204, "flush after the faults: %s %s" % (st, doc))
+    finally:
+        d.stop()
+        px.stop()
+    d = c.qcowd(p)
+    try:
+        for off, data in writes:
+            check(d.read("lc", off, len(data)) == data, "write at %d lost" % off)
+        check(d.read("lc", 0, 65536) == b"\x31" * 65536, "unwritten data changed")
+    finally:
+        d.stop()
+    out = os.path.join(c.tmp, "lc-dl.qcow2")
+    with open(out, "wb") as f:
+        f.write(c.s3.get(BUCKET, key))
+    run("qemu-img", "check", out)
+
+
+def listing_past_one_page(c):
+    """A catalog prefix holding more keys than one ListObjectsV2 answer gives (S3:
+    1000 at most): GET /v1/images reads every page (continuation tokens, counted
+    as LIST requests) and lists every image once, those on both sides of the page
+    boundary too. Most keys are other files of the catalog (not listed), so the
+    listing does not open a thousand images."""
+    p = c.prefix()
+    tiny = os.path.join(c.tmp, "tiny.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", tiny, "1M")
+    with open(tiny, "rb") as f:
+        data = f.read()
+    images = set(range(0, LISTED, 25)) | {998, 999, 1000, 1001, LISTED - 1}
+    keys = ["k%04d.%s" % (i, "qcow2" if i in images else "raw") for i in range(LISTED)]
+    errors = []
+
+    def put(chunk):
+        try:
+            for k in chunk:
+                c.s3.put(BUCKET, "%s/%s" % (p, k), data if k.endswith(".qcow2") else b"x")
+        except Exception as e:
+            errors.append(repr(e))
+
+    t = time.time()
+    ts = [threading.Thread(target=put, args=(keys[k::8],)) for k in range(8)]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    check(not errors, "uploads: %s" % errors[:3])
+    put_s = time.time() - t
+    want = sorted("k%04d" % i for i in images)
+    d = c.qcowd(p)
+    try:
+        lists = d.metric("requests_list")
+        t = time.time()
+        st, doc = d.json("GET", "/v1/images")
+        got = [i["name"] for i in doc["images"]] if st == 200 else []
+        pages = d.metric("requests_list") - lists
+        print("    %d keys put in %.1f s; GET /v1/images: %d images in %.1f s, %d LIST requests" %
+              (LISTED, put_s, len(got), time.time() - t, pages))
+        check(st == 200, "list: %s %s" % (st, doc))
+        check(len(got) == len(set(got)), "listed twice: %s" % sorted(n for n in set(got) if got.count(n) > 1)[:5])
+        check(sorted(got) == want, "missing: %s; not images: %s" % (sorted(set(want) - set(got))[:5],
+                                                                    sorted(set(got) - set(want))[:5]))
+        bad = [i for i in doc["images"] if "error" in i]
+        check(not bad, "images with errors: %s" % bad[:3])
+        check(pages >= 2, "%d LIST request(s) for %d keys: only one page read" % (pages, LISTED))
+    finally:
+        d.stop()
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
-         missing_bucket_and_unreachable, faults_at_run_time, parallel_readers_and_a_writer]
+         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer]
 
 
 def main():

@@ -3,6 +3,7 @@
  * get-vanilla-query-order-value, get-unreserved, and the S3 documentation's
  * ranged GET example), plus the canonical forms S3 needs. */
 #include <check.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -167,6 +168,20 @@ START_TEST(test_xml_reading)
 }
 END_TEST
 
+/* MD5("a"), quoted as S3 answers, and MD5("b") in upper case: the expected
+ * value is MD5 of the 32 binary bytes, "-2" (computed with Python's hashlib). */
+START_TEST(test_multipart_etag)
+{
+    char etags[3][128] = {"\"0cc175b9c0f1b6a831c399e269772661\"", "92EB5FFEE6AE2FEC3AD71C777531578F",
+                          "\"0cc175b9c0f1b6a831c399e26977266\""};
+    char out[64];
+    ck_assert_int_eq(s3_mpu_etag((const char(*)[128])etags, 2, out, sizeof out), 0);
+    ck_assert_str_eq(out, "\"96e024ba2074fe77e8e965ba43a704be-2\"");
+    ck_assert_int_eq(s3_mpu_etag((const char(*)[128])etags, 3, out, sizeof out), -EINVAL); /* 31 digits */
+    ck_assert_int_eq(s3_mpu_etag((const char(*)[128])etags, 2, out, 20), -EINVAL);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("s3sig");
@@ -183,6 +198,7 @@ int main(void)
     tcase_add_test(tc, test_key_encoding_keeps_slashes_only);
     tcase_add_test(tc, test_header_values_trimmed_and_folded);
     tcase_add_test(tc, test_xml_reading);
+    tcase_add_test(tc, test_multipart_etag);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

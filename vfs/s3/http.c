@@ -184,7 +184,9 @@ static size_t on_header(char *p, size_t sz, size_t n, void *u)
 }
 
 struct body_src {
-    const char *p;
+    const char *base; /* the whole body */
+    size_t len;
+    const char *p;    /* what is still to send */
     size_t left;
 };
 
@@ -199,9 +201,17 @@ static size_t on_read(char *buf, size_t sz, size_t n, void *u)
     return k;
 }
 
+/* curl sends the body again when a reused connection turns out dead under the
+ * request (it then retries on a fresh one by itself); without a rewind that
+ * would be CURLE_SEND_FAIL_REWIND, which is no answer to retry. */
 static int seek_body(void *u, curl_off_t off, int origin)
 {
-    return CURL_SEEKFUNC_CANTSEEK; /* curl rewinds through a fresh attempt instead */
+    struct body_src *b = u;
+    if (origin != SEEK_SET || off < 0 || (uint64_t)off > b->len)
+        return CURL_SEEKFUNC_CANTSEEK;
+    b->p = b->base + off;
+    b->left = b->len - (size_t)off;
+    return CURL_SEEKFUNC_OK;
 }
 
 /* The canonical path "/bucket/key" (key encoded, '/' kept). */
@@ -279,7 +289,7 @@ static CURLcode attempt(CURL *h, struct s3_req *r, const char *host, struct sbuf
     curl_easy_setopt(h, CURLOPT_WRITEDATA, r);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, r);
-    struct body_src src = {r->body, r->body_len};
+    struct body_src src = {r->body, r->body_len, r->body, r->body_len};
     if (!strcmp(r->method, "HEAD")) {
         curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
     } else if (!strcmp(r->method, "PUT") || !strcmp(r->method, "POST")) {
@@ -290,6 +300,7 @@ static CURLcode attempt(CURL *h, struct s3_req *r, const char *host, struct sbuf
         curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
         curl_easy_setopt(h, CURLOPT_READDATA, &src);
         curl_easy_setopt(h, CURLOPT_SEEKFUNCTION, seek_body);
+        curl_easy_setopt(h, CURLOPT_SEEKDATA, &src);
         if (!strcmp(r->method, "PUT"))
             curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, (curl_off_t)r->body_len);
         else

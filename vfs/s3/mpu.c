@@ -54,6 +54,58 @@ int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, c
     return ret;
 }
 
+/* Whether a Complete that failed (c's last attempt) may have been done by the
+ * store all the same: no answer came (a connection cut or a timeout after the
+ * store got the request), a 5xx or an error inside a 200 (S3 may finish the
+ * upload anyway), or NoSuchUpload, S3's answer to a retry of an upload an
+ * earlier attempt completed. Other refusals (403, InvalidPart, ...) are sure. */
+static int may_have_completed(int ret, struct s3_req *c)
+{
+    if (ret == -ENOMEM)
+        return 0;
+    if (c->status == 0 || c->status >= 500 || c->status / 100 == 2)
+        return 1;
+    const char *t = c->status == 404 ? sbuf_str(&c->text) : NULL;
+    return t && strstr(t, "<Code>NoSuchUpload</Code>");
+}
+
+/* a and b the same ETag, quoted or not */
+static int same_etag(const char *a, const char *b)
+{
+    size_t la = strlen(a), lb = strlen(b);
+    if (la >= 2 && a[0] == '"' && a[la - 1] == '"')
+        a++, la -= 2;
+    if (lb >= 2 && b[0] == '"' && b[lb - 1] == '"')
+        b++, lb -= 2;
+    return la == lb && !strncmp(a, b, la);
+}
+
+/* After a Complete that may have been done: the object at n has the ETag this
+ * upload gives it (the MD5 of the parts' MD5s, "-N") only if it took effect, so
+ * HEAD decides. 0 with *etag set when it did; else ret with its message. */
+static int check_completed(const struct s3_name *n, char (*etags)[128], unsigned nparts, char *etag, size_t cap,
+                           int ret)
+{
+    char msg[ERR_MSG_MAX], want[128];
+    struct s3_head h;
+    snprintf(msg, sizeof msg, "%s", err_msg(ret));
+    if (s3_mpu_etag((const char(*)[128])etags, nparts, want, sizeof want) < 0)
+        return err_fail(-ret, "%s", msg);
+    int r = s3_head_object(n, &h);
+    if (r == 0 && same_etag(h.etag, want)) {
+        fprintf(stderr,
+                "qcowd: s3: %s: CompleteMultipartUpload did take effect (the object has the upload's ETag %s) "
+                "although it seemed to fail: %s\n",
+                n->uri, want, msg);
+        snprintf(etag, cap, "%s", h.etag);
+        err_clear();
+        return 0;
+    }
+    if (r == 0)
+        return err_fail(-ret, "%s (the object is not the upload's: ETag %s, not %s)", msg, h.etag, want);
+    return err_fail(-ret, "%s (and asking whether it took effect failed: %s)", msg, err_msg(r));
+}
+
 int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
                     size_t cap)
 {
@@ -79,6 +131,8 @@ int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128],
         char *e = s3_xml_next(t, "ETag", NULL);
         snprintf(etag, cap, "%s", e ? e : "");
         free(e);
+    } else if (may_have_completed(ret, &c)) {
+        ret = check_completed(n, etags, nparts, etag, cap, ret);
     }
     s3_req_free(&c);
     sbuf_free(&body);

@@ -69,6 +69,12 @@ int s3_sigv4_sign(const struct s3_sign_in *in, struct sbuf *auth, struct sbuf *c
 /* Lower-case hex SHA-256 of data into out[65]. */
 void s3_sha256_hex(const void *data, size_t n, char out[65]);
 
+/* The ETag S3 gives the object a multipart upload of these parts makes: the MD5
+ * of the parts' binary MD5s, "-" and the part count, quoted ("\"hex-N\"").
+ * etags are the parts' ETags as the store answered (quoted or not). 0, or
+ * -EINVAL when one is not a hex MD5 (no such ETag to expect) or out is short. */
+int s3_mpu_etag(const char (*etags)[128], unsigned n, char *out, size_t cap);
+
 /* ---- config.c ---- */
 
 struct s3_conf {

@@ -1,7 +1,9 @@
 /* sigv4.c: AWS Signature Version 4 over gnutls' HMAC and SHA-256: canonical
- * query (sorted, RFC 3986 encoded), canonical headers, signing key, signature. */
+ * query (sorted, RFC 3986 encoded), canonical headers, signing key, signature;
+ * and the other digests S3 asks for (a multipart upload's ETag). */
 #include <ctype.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -24,6 +26,44 @@ void s3_sha256_hex(const void *data, size_t n, char out[65])
     unsigned char d[32];
     gnutls_hash_fast(GNUTLS_DIG_SHA256, data, n, d);
     hex(d, 32, out);
+}
+
+/* One hex digit's value, or -1. */
+static int unhex(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+int s3_mpu_etag(const char (*etags)[128], unsigned n, char *out, size_t cap)
+{
+    unsigned char *md5s = n ? malloc((size_t)n * 16) : NULL, d[16];
+    if (!md5s)
+        return -EINVAL;
+    for (unsigned i = 0; i < n; i++) {
+        const char *e = etags[i];
+        size_t len = strlen(e);
+        if (len == 34 && e[0] == '"' && e[33] == '"') {
+            e++;
+            len -= 2;
+        }
+        for (size_t k = 0; k < 16; k++) {
+            int hi = len == 32 ? unhex(e[2 * k]) : -1, lo = len == 32 ? unhex(e[2 * k + 1]) : -1;
+            if (hi < 0 || lo < 0) {
+                free(md5s);
+                return -EINVAL;
+            }
+            md5s[16 * i + k] = (unsigned char)(hi << 4 | lo);
+        }
+    }
+    gnutls_hash_fast(GNUTLS_DIG_MD5, md5s, (size_t)n * 16, d);
+    free(md5s);
+    char h[33];
+    hex(d, 16, h);
+    int k = snprintf(out, cap, "\"%s-%u\"", h, n);
+    return k > 0 && (size_t)k < cap ? 0 : -EINVAL;
 }
 
 static void hmac(const void *key, size_t klen, const char *msg, unsigned char out[32])
