@@ -13,6 +13,7 @@ struct api_config {
     unsigned threads;     /* libmicrohttpd thread pool size (>= 1) */
     unsigned timeout_sec; /* idle connection timeout; 0: 60 */
     int log;              /* log one line per request to stderr */
+    int no_sendfile;      /* copy every ranged read (no sendfile from the image file) */
     struct jobs *jobs;     /* the job engine (borrowed; NULL: job endpoints answer 503) */
     struct events *events; /* the event bus for GET /v1/events (borrowed; NULL: 503) */
 };

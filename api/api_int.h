@@ -55,6 +55,7 @@ struct req {
     struct timespec t0;
     struct api_metrics *metrics;
     unsigned threads;           /* the server's worker threads (max readers) */
+    bool no_sendfile;           /* --sendfile=no */
     /* requests with a body */
     const struct api_body *body; /* set by the handler to receive the body */
     void *ctx;                   /* the handler's state; freed by body->done */

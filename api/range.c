@@ -204,7 +204,7 @@ static struct MHD_Response *range_body(struct req *r, const struct api_source *s
     *res = MHD_NO;
     int fd;
     uint64_t fd_off;
-    if (!r->head && len >= RANGE_SENDFILE_MIN && src->pin && src->pin(src->ctx, start, len, &fd, &fd_off) == 1) {
+    if (!r->head && !r->no_sendfile && len >= RANGE_SENDFILE_MIN && src->pin && src->pin(src->ctx, start, len, &fd, &fd_off) == 1) {
         /* one run of a file: the kernel sends it from the page cache (sendfile)
          * with no copy through us; the source stays pinned until the request
          * is over, MHD closes its own descriptor */

@@ -20,6 +20,7 @@ struct api_server {
     struct catalog *cat;
     struct api_metrics metrics; /* also holds the in-flight count */
     unsigned threads;
+    bool no_sendfile;
     int log;
     char addr[80]; /* "host:port" as bound */
     struct jobs *jobs;
@@ -243,6 +244,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->conn = conn;
     r->metrics = &s->metrics;
     r->threads = s->threads;
+    r->no_sendfile = s->no_sendfile;
     r->jobs = s->jobs;
     r->events = s->events;
     snprintf(r->method, sizeof r->method, "%s", method);
@@ -359,6 +361,7 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     s->cat = cat;
     s->log = cfg->log;
     s->threads = cfg->threads ? cfg->threads : 1;
+    s->no_sendfile = cfg->no_sendfile;
     s->jobs = cfg->jobs;
     s->events = cfg->events;
     /* poll, not epoll: with epoll, libmicrohttpd 0.9.75 notices a client that

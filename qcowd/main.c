@@ -44,6 +44,9 @@ static void usage(FILE *f)
             "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
             "  --job-workers N     threads running jobs (default %d)\n"
             "  --max-listeners N   GET /v1/events clients at once (default %d)\n"
+            "  --sendfile yes|no   send ranged reads of plain data straight from the image file (default yes);\n"
+            "                      a cluster once sent is copied on its next write, so workloads that read and\n"
+            "                      then rewrite the same clusters in large pieces may prefer no\n"
             "  --version, --help\n",
             DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS);
 }
@@ -181,6 +184,7 @@ int main(int argc, char **argv)
         {"s3-opt", required_argument, 0, 'O'},
         {"job-workers", required_argument, 0, 'J'},
         {"max-listeners", required_argument, 0, 'L'},
+        {"sendfile", required_argument, 0, 'S'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
@@ -258,6 +262,13 @@ int main(int argc, char **argv)
                 max_listeners = (unsigned)n;
             break;
         }
+        case 'S':
+            if (!strcmp(optarg, "yes") || !strcmp(optarg, "no")) {
+                cfg.no_sendfile = !strcmp(optarg, "no");
+                break;
+            }
+            fprintf(stderr, "qcowd: --sendfile wants yes or no, not '%s'\n", optarg);
+            return 2;
         case 'h':
             usage(stdout);
             return 0;

@@ -6,6 +6,8 @@
 # measures (random offsets, aligned to the request size, a Lua script per point):
 #   GET 1 MiB ranges   at 1, 8, 64 connections: MiB/s, qcowd/nginx ratio (target >= 0.8)
 #   GET 4 KiB ranges   at 1, 8, 64 connections: req/s, ratio (target >= 0.7)
+#   how many of qcowd's answers went out with sendfile (ranges from 32 KiB up that
+#                      are one run of the image file)
 #   qcowd's peak RSS (VmHWM) after the 64-connection reads (target < 100 MiB)
 #   PUT 1 MiB ranges   qcowd only: MiB/s with flush=n at 1 and 8 connections, flush=y at 1
 #   empty 1 TiB copy   a client asks /extents, reads only the data ranges into a sparse
@@ -206,6 +208,10 @@ for bs in 1048576 4096; do
         echo "  ${rows[-1]}"
     done
 done
+# how the 1 MiB answers went out: sendfile (one run of a file) or copied
+sent=$(curl -s "http://127.0.0.1:$qport/metrics" | awk '$1 == "qcowd_http_sendfile_responses_total" { print $2 }')
+row "GETs sent with sendfile (count)" "${sent:-?}" "-" "-" "-" "-"
+echo "  ${rows[-1]}"
 hwm_kib=$(awk '/^VmHWM:/ { print $2 }' "/proc/$qpid/status")
 hwm=$((hwm_kib / 1024))
 if [ "$hwm" -lt 100 ]; then v=ok; else v=below; fi

@@ -26,6 +26,8 @@ no pin can still read it. These cases prove it from the outside:
               (a pin that is never let go would keep every freed cluster unused).
   killed      the same load on a restarted qcowd, then SIGKILL: qemu-img check finds
               no corruption (leaks at most) and no cluster holds another's data
+  no sendfile --sendfile no copies every answer (the counter stays 0); a bad value
+              is refused with exit 2
 
 Images: 64 KiB clusters, and extended L2 with 128 KiB clusters.
 Environment: QCOWD, QEMU_IMG (as daemon.py); SECONDS_LOAD (default 6).
@@ -379,6 +381,21 @@ def main():
                 bad = bad_words(f.read(CLUSTERS * cs), 0, cs)
             assert not bad, "%s after SIGKILL: clusters with another cluster's data: %s" % (name, bad[:3])
 
+    def sendfile_off():
+        d3 = base.Daemon(cat, threads=2, extra=["--sendfile", "no"])
+        try:
+            cs = IMAGES[0][1]
+            st, h, body = d3.request("GET", "/v1/images/%s/data" % IMAGES[0][0], {"Range": "bytes=0-%d" % (4 * cs - 1)})
+            assert st == 206 and len(body) == 4 * cs, st
+            assert not bad_words(body, 0, cs)
+            assert metric(d3, "qcowd_http_sendfile_responses_total") == 0, "--sendfile no still sent from the file"
+        finally:
+            d3.proc.kill()
+            d3.proc.wait(30)
+        r = subprocess.run([base.QCOWD, "--sendfile", "maybe"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert r.returncode == 2 and b"--sendfile wants yes or no" in r.stderr, (r.returncode, r.stderr)
+        ck.bad_inputs += 1
+
     try:
         ck.case("fill", fill)
         ck.case("reuse", reuse)
@@ -386,6 +403,7 @@ def main():
         ck.case("let go", let_go)
         ck.case("stop, check, compare", stop_check)
         ck.case("killed under load", killed)
+        ck.case("sendfile=no copies", sendfile_off)
     finally:
         if d.alive():
             d.proc.kill()
