@@ -9,7 +9,8 @@ no pin can still read it. These cases prove it from the outside:
 
   reuse       readers GET cluster-sized and multi-cluster ranges (half of them on
               keep-alive connections, half reading slowly through a small receive
-              buffer, so the kernel is still sending when writers act) while writers discard clusters and write others (so
+              buffer, so the kernel is still sending when writers act) while
+              writers discard clusters and write others (so
               freed clusters are reallocated at once); every 8-byte word a reader
               gets names the guest cluster it belongs to (or is zero, a racing
               discard): a word of another cluster is data served from a reused
