@@ -137,17 +137,26 @@ enum MHD_Result api_image_convert(struct req *r, char **args)
 
 /* ---- check ---- */
 
-static enum MHD_Result check_end(struct req *r, const char *name, json_t *body)
+/* A job whose body is one optional string setting ({"KEY": "..."}). */
+typedef int (*one_setting_job)(struct jobs *, struct catalog *, const char *image, const char *setting, json_t **job);
+
+static enum MHD_Result start_one_setting(struct req *r, const char *name, json_t *body, const char *what,
+                                         const char *key, one_setting_job fn)
 {
-    const char *repair = NULL;
+    const char *value = NULL;
     json_error_t je;
-    if (json_unpack_ex(body, &je, JSON_STRICT, "{s?s}", "repair", &repair) < 0)
-        return bad_body(r, "check", &je);
+    if (json_unpack_ex(body, &je, JSON_STRICT, "{s?s}", key, &value) < 0)
+        return bad_body(r, what, &je);
     json_t *job;
-    int ret = svc_check_job(r->jobs, r->cat, name, repair, &job);
+    int ret = fn(r->jobs, r->cat, name, value, &job);
     if (ret < 0)
         return api_reply_errno(r, ret);
     return api_reply_job(r, job);
+}
+
+static enum MHD_Result check_end(struct req *r, const char *name, json_t *body)
+{
+    return start_one_setting(r, name, body, "check", "repair", svc_check_job);
 }
 
 enum MHD_Result api_image_check(struct req *r, char **args)
@@ -159,15 +168,7 @@ enum MHD_Result api_image_check(struct req *r, char **args)
 
 static enum MHD_Result commit_end(struct req *r, const char *name, json_t *body)
 {
-    const char *base = NULL;
-    json_error_t je;
-    if (json_unpack_ex(body, &je, JSON_STRICT, "{s?s}", "base", &base) < 0)
-        return bad_body(r, "commit", &je);
-    json_t *job;
-    int ret = svc_commit_job(r->jobs, r->cat, name, base, &job);
-    if (ret < 0)
-        return api_reply_errno(r, ret);
-    return api_reply_job(r, job);
+    return start_one_setting(r, name, body, "commit", "base", svc_commit_job);
 }
 
 enum MHD_Result api_image_commit(struct req *r, char **args)
