@@ -150,7 +150,7 @@ def main():
     def catalog_args():
         """The catalog on qcowd's command line (or in its config file)."""
         if base.S3:
-            return base.S3.qcowd_args(base.S3_BUCKET, base.S3_PREFIX, os.path.join(top, "staging"))
+            return base.S3.qcowd_args(base.S3_BUCKET, base.S3_PREFIX, os.path.join(top, "staging"), *base.S3_OPTS)
         return ["--catalog", cat]
 
     def start(*extra, threads=8):
