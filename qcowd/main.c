@@ -97,13 +97,13 @@ static char **with_file(int argc, char **argv, int *out_argc)
     return v;
 }
 
-static void note_stale(void *ctx, const char *tmp, int err)
+static void note_stale(void *ctx, const char *tmp, const char *why, int err)
 {
     if (err < 0)
-        fprintf(stderr, "qcowd: cannot remove the stale temporary file %s: %s\n", tmp, err_msg(err));
+        fprintf(stderr, "qcowd: cannot remove the stale temporary file %s (%s): %s\n", tmp, why, err_msg(err));
     else
-        fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted create or upload)\n",
-                tmp);
+        fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted create or upload: %s)\n",
+                tmp, why);
     (void)ctx;
 }
 

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "err.h"
@@ -53,6 +54,7 @@ struct catalog {
     pthread_cond_t closed;         /* signalled when one of them is done */
     pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
     unsigned long seq;             /* temporary names (under lock) */
+    char host[64];                 /* this host in temporary names (host_id) */
     uint64_t closed_hits, closed_misses; /* L2 cache counts of images already closed (under lock) */
     struct reservation *reserved;        /* images reserved by jobs (under lock) */
     catalog_notify_fn notify;            /* image events, or NULL */
@@ -92,6 +94,8 @@ static void notify(struct catalog *c, const char *what, const char *name)
     if (c->notify)
         c->notify(c->notify_opaque, what, name);
 }
+
+static void host_id(char *out, size_t cap);
 
 static bool is_uri(const char *s)
 {
@@ -145,6 +149,7 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
         ret = err_fail(ENOTDIR, "catalog folder %s is not a folder", root);
         goto fail;
     }
+    host_id(c->host, sizeof c->host);
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->create_lock, NULL);
     pthread_cond_init(&c->closed, NULL);
@@ -765,8 +770,9 @@ static void forget(struct catalog *c, const char *name)
     free_dead(c, dead);
 }
 
-/* A new temporary URI in the catalog folder: ".KIND-NAME-PID-SEQ.tmp", which is
- * never an image name (it starts with '.' and lacks the suffix). */
+/* A new temporary URI in the catalog folder: ".KIND-NAME@HOST-PID-SEQ.tmp",
+ * which is never an image name (it starts with '.' and lacks the suffix), HOST
+ * being host_id()'s. */
 static char *temp_uri(struct catalog *c, const char *kind, const char *name)
 {
     pthread_mutex_lock(&c->lock);
@@ -774,21 +780,67 @@ static char *temp_uri(struct catalog *c, const char *kind, const char *name)
     pthread_mutex_unlock(&c->lock);
     char *uri;
     const char *sep = c->root[strlen(c->root) - 1] == '/' ? "" : "/";
-    if (asprintf(&uri, "%s%s.%s-%s-%ld-%lu.tmp", c->root, sep, kind, name, (long)getpid(), seq) < 0)
+    if (asprintf(&uri, "%s%s.%s-%s@%s-%ld-%lu.tmp", c->root, sep, kind, name, c->host, (long)getpid(), seq) < 0)
         return NULL;
     return uri;
 }
 
-/* Whether file is a temporary name of temp_uri whose process is gone (not
- * running on this machine): ".create-" or ".upload-", then NAME-PID-SEQ.tmp. */
-static bool stale_temp(const char *file)
+/* Where kill(pid, 0) means something: this boot of this kernel, in this pid
+ * namespace. Several daemons on one bucket (other machines, other containers)
+ * write temporary names too, and a pid of theirs says nothing here. So HOST is
+ * 16 hex digits of the kernel's random boot id, '.', and the pid namespace's
+ * inode in hex; without /proc, 'r' and random digits (no name is ever judged
+ * by its pid then, only by its age). */
+static void host_id(char *out, size_t cap)
+{
+    char boot[64] = "", hex[17] = "";
+    FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+    if (f) {
+        if (!fgets(boot, sizeof boot, f))
+            boot[0] = '\0';
+        fclose(f);
+    }
+    size_t n = 0;
+    for (const char *p = boot; *p && n < 16; p++)
+        if ((*p >= '0' && *p <= '9') || (*p >= 'a' && *p <= 'f'))
+            hex[n++] = *p;
+    hex[n] = '\0';
+    struct stat ns;
+    if (n == 16 && stat("/proc/self/ns/pid", &ns) == 0) {
+        snprintf(out, cap, "%s.%llx", hex, (unsigned long long)ns.st_ino);
+        return;
+    }
+    unsigned long long r = 0;
+    f = fopen("/dev/urandom", "r");
+    if (!f || fread(&r, sizeof r, 1, f) != 1)
+        r = (unsigned long long)time(NULL) ^ ((unsigned long long)getpid() << 32);
+    if (f)
+        fclose(f);
+    snprintf(out, cap, "r%016llx", r);
+}
+
+/* Temporary names older than this (by their mtime) are stale whoever made them. */
+#define TEMP_MAX_AGE (24 * 3600)
+
+static int64_t temp_max_age(void)
+{
+    const char *v = getenv("QCOWD_TEST_TEMP_AGE"); /* the tests' seam: objects cannot be aged */
+    return v && *v ? strtoll(v, NULL, 10) : TEMP_MAX_AGE;
+}
+
+/* Whether file is a temporary name of temp_uri left behind: ".create-" or
+ * ".upload-", NAME, then "@HOST-PID-SEQ.tmp" (names from before hosts were
+ * recorded lack "@HOST"). Stale when HOST is this one and its process is gone,
+ * or when it has not changed for TEMP_MAX_AGE (any host: a machine gone for
+ * good, or this one before a reboot). why gets the reason. */
+static bool stale_temp(struct catalog *c, const char *file, char *why, size_t cap)
 {
     if (strncmp(file, ".create-", 8) && strncmp(file, ".upload-", 8))
         return false;
     size_t n = strlen(file);
     if (n < 8 + 4 || strcmp(file + n - 4, ".tmp"))
         return false;
-    /* PID and SEQ are the last two '-' fields (names may hold '-' too) */
+    /* PID and SEQ are the last two '-' fields (names may hold '-' too; '@' never) */
     const char *end = file + n - 4, *p = end;
     int dashes = 0;
     while (p > file + 8 && dashes < 2)
@@ -800,13 +852,32 @@ static bool stale_temp(const char *file)
     long pid = strtol(p + 1, &after, 10);
     if (*after != '-' || pid <= 0)
         return false;
-    return pid != (long)getpid() && kill((pid_t)pid, 0) < 0 && errno == ESRCH;
+    const char *at = strrchr(file, '@');
+    char host[64] = "";
+    if (at && at < p && (size_t)(p - at - 1) < sizeof host)
+        snprintf(host, sizeof host, "%.*s", (int)(p - at - 1), at + 1);
+    if (!strcmp(host, c->host) && pid != (long)getpid() && kill((pid_t)pid, 0) < 0 && errno == ESRCH) {
+        snprintf(why, cap, "its process %ld on this host is gone", pid);
+        return true;
+    }
+    char *uri = catalog_path(c, file);
+    struct vfs_stat st;
+    int r = uri ? vfs_stat(uri, &st) : -ENOMEM;
+    free(uri);
+    err_clear();
+    int64_t age = r == 0 && st.mtime > 0 ? (int64_t)time(NULL) - st.mtime : -1;
+    if (age < 0 || age <= temp_max_age())
+        return false;
+    snprintf(why, cap, "not changed for %lld hours; made by process %ld on %s", (long long)(age / 3600), pid,
+             !host[0] ? "a host not recorded" : !strcmp(host, c->host) ? "this host" : "another host");
+    return true;
 }
 
-static int collect_stale(void *ctx, const char *file)
+/* Temporary names of the folder (candidates, judged after the listing). */
+static int collect_temp(void *ctx, const char *file)
 {
     struct name_list *l = ctx;
-    if (!stale_temp(file))
+    if (strncmp(file, ".create-", 8) && strncmp(file, ".upload-", 8))
         return 0;
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 8;
@@ -822,19 +893,22 @@ static int collect_stale(void *ctx, const char *file)
     return 0;
 }
 
-int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, int err), void *ctx)
+int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, const char *why, int err),
+                       void *ctx)
 {
     struct name_list l = {0};
-    int ret = vfs_list(c->root, collect_stale, &l);
+    int ret = vfs_list(c->root, collect_temp, &l);
     if (ret < 0) {
         catalog_names_free(l.v, l.n);
         return ret == -ENOMEM ? err_fail(ENOMEM, "out of memory") : err_prefix(ret, "listing the catalog");
     }
     int removed = 0;
-    const char *sep = c->root[strlen(c->root) - 1] == '/' ? "" : "/";
     for (size_t i = 0; i < l.n; i++) {
-        char *uri;
-        if (asprintf(&uri, "%s%s%s", c->root, sep, l.v[i]) < 0) {
+        char why[160];
+        if (!stale_temp(c, l.v[i], why, sizeof why))
+            continue;
+        char *uri = catalog_path(c, l.v[i]);
+        if (!uri) {
             ret = err_fail(ENOMEM, "out of memory");
             break;
         }
@@ -843,7 +917,7 @@ int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *fi
         if (r == 0)
             removed++;
         if (note)
-            note(ctx, l.v[i], r);
+            note(ctx, l.v[i], why, r);
     }
     catalog_names_free(l.v, l.n);
     return ret < 0 ? ret : removed;

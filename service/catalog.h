@@ -98,11 +98,16 @@ bool catalog_image_writable(const struct catalog_image *ci);
 int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *o);
 
 /* Remove the temporary files that create and upload leave behind when the
- * daemon dies in the middle (".create-*" and ".upload-*" whose process is no
- * longer running). note, when set, is called for each with 0 or the negative
- * errno of its removal. Returns the number removed, or a negative errno (the
- * folder cannot be listed). Call it at start-up. */
-int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, int err), void *ctx);
+ * daemon dies in the middle (".create-*" and ".upload-*"): those made on this
+ * host (this boot, this pid namespace: their name records it) whose process is
+ * no longer running, and those of any host not changed for a day (by their
+ * mtime); other hosts' recent ones may be uploads in progress and are kept.
+ * note, when set, is called for each with the reason ("its process 123 on this
+ * host is gone") and 0 or the negative errno of its removal. Returns the number
+ * removed, or a negative errno (the folder cannot be listed). Call it at
+ * start-up. */
+int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, const char *why, int err),
+                       void *ctx);
 
 /* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
  * image of the catalog has it in its backing chain (err_msg() names it). Holders
@@ -155,7 +160,7 @@ int catalog_flush(struct catalog *c, const char *name);
 void catalog_drop(struct catalog *c, const char *name);
 
 /* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
- * in the catalog folder that is never listed (".KIND-NAME-PID-SEQ.tmp"). */
+ * in the catalog folder that is never listed (".KIND-NAME@HOST-PID-SEQ.tmp"). */
 char *catalog_uri(struct catalog *c, const char *name);
 char *catalog_temp(struct catalog *c, const char *kind, const char *name);
 /* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */

@@ -219,9 +219,15 @@ def store_names(cat):
 
 # ---- the daemon ----
 
+# These suites change objects behind qcowd's back (as files of a local folder)
+# and expect it to notice at once: the plugin asks the store on every stat.
+# What stat-ttl saves, and when changes are noticed with it, is tests/s3/s3.py's.
+S3_OPTS = ("stat-ttl=0",)
+
+
 class Daemon:
     def __init__(self, catalog, threads=4, extra=()):
-        s3 = S3.qcowd_args(S3_BUCKET, S3_PREFIX, os.path.join(catalog, "..", "staging")) if S3 else []
+        s3 = S3.qcowd_args(S3_BUCKET, S3_PREFIX, os.path.join(catalog, "..", "staging"), *S3_OPTS) if S3 else []
         self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog,
                                       "--threads", str(threads)] + s3 + list(extra),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=S3.env() if S3 else None)

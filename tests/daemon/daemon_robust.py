@@ -5,8 +5,10 @@
               the command line wins; unknown keys, bad flag values, missing values,
               bad values, keys that are not settings, a missing file: exit 2 naming
               the file and line
-  stale tmp   temporary files of an interrupted create/upload (process gone) are
-              removed at start-up with a log line; a live process's are kept
+  stale tmp   temporary files of an interrupted create/upload are removed at
+              start-up with a log line: this host's whose process is gone, and
+              any host's not changed for a day; a live process's, another
+              host's and those without a host are kept while recent
   keep-alive  GETs on one connection reuse it (no "Connection: close")
   download    GET .../file is one consistent container: writes while it streams
               answer 409, the bytes equal the file before, writes work after it
@@ -150,7 +152,7 @@ def main():
     def catalog_args():
         """The catalog on qcowd's command line (or in its config file)."""
         if base.S3:
-            return base.S3.qcowd_args(base.S3_BUCKET, base.S3_PREFIX, os.path.join(top, "staging"))
+            return base.S3.qcowd_args(base.S3_BUCKET, base.S3_PREFIX, os.path.join(top, "staging"), *base.S3_OPTS)
         return ["--catalog", cat]
 
     def start(*extra, threads=8):
@@ -235,6 +237,14 @@ def main():
         ck.case("config_file_settings_and_errors", config)
 
         def stale_tmp():
+            """Temporary names carry the host (16 hex digits of the boot id, '.',
+            the pid namespace's inode: where kill(pid, 0) means something). This
+            host's whose process is gone are removed; a live one's, another
+            host's (a daemon elsewhere on the bucket) and names without a host
+            are kept while recent, and removed from any host once not changed for
+            a day (locally aged with utime; objects cannot be aged, so with
+            QCOWD_S3 they are a few seconds old and QCOWD_TEST_TEMP_AGE=3
+            stands for the day)."""
             dead = 1 << 22
             while True:  # a pid no process has
                 try:
@@ -244,18 +254,39 @@ def main():
                     break
                 except PermissionError:
                     dead += 1
-            stale = [".upload-small-%d-1.tmp" % dead, ".create-a-b-c-%d-7.tmp" % dead]
-            live = ".upload-x-%d-3.tmp" % os.getpid()
-            other = ".upload-notours.txt"
-            for f in stale + [live, other]:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                host = "%s.%x" % (f.read().strip().replace("-", "")[:16], os.stat("/proc/self/ns/pid").st_ino)
+            other = "0123456789abcdef.effffffb"
+            me = os.getpid()
+            old = [".upload-o1@%s-%d-1.tmp" % (other, dead), ".create-o2-%d-2.tmp" % me,
+                   ".upload-o3@%s-%d-3.tmp" % (host, me)]
+            stale = [".upload-small@%s-%d-1.tmp" % (host, dead), ".create-a-b-c@%s-%d-7.tmp" % (host, dead)]
+            kept = [".upload-x@%s-%d-3.tmp" % (host, me), ".upload-y@%s-%d-4.tmp" % (other, dead),
+                    ".upload-z-%d-5.tmp" % dead, ".upload-notours.txt"]
+            for f in old:
                 put_file(f, b"half an image")
-            d = start()
+                if not base.S3:
+                    t = time.time() - 2 * 86400
+                    os.utime(os.path.join(cat, f), (t, t))
+            if base.S3:
+                time.sleep(5.5)  # Last-Modified has whole seconds, rounded up
+                os.environ["QCOWD_TEST_TEMP_AGE"] = "3"
+            for f in stale + kept:
+                put_file(f, b"half an image")
+            try:
+                d = start()
+            finally:
+                os.environ.pop("QCOWD_TEST_TEMP_AGE", None)
             left = sorted(f for f in base.store_names(cat) if f.startswith(".") and f != ".qcowd-jobs.json")
             stop(d)
-            assert left == sorted([live, other]), left
+            assert left == sorted(kept), left
             for f in stale:
-                assert any("removed the stale temporary file " + f in ln for ln in d.lines), (f, d.lines[:5])
-            for f in (live, other):
+                assert any("removed the stale temporary file %s (left by an interrupted create or upload: its "
+                           "process %d on this host is gone)" % (f, dead) in ln for ln in d.lines), (f, d.lines[:8])
+            for f in old:
+                assert any("removed the stale temporary file %s (left by an interrupted create or upload: not "
+                           "changed for " % f in ln for ln in d.lines), (f, d.lines[:8])
+            for f in kept:
                 base.store_remove(cat, f)
         ck.case("stale_temp_files_removed_at_start", stale_tmp)
 

@@ -6,9 +6,12 @@ publish that copies unchanged parts server-side, a crash between the parts and
 CompleteMultipartUpload that leaves the old image whole, a CompleteMultipartUpload
 whose answer is lost (published all the same) or that really failed (an error),
 a catalog of more keys than one ListObjectsV2 page holds, backing chains across
-objects, and every storage failure (wrong secret, missing bucket, unreachable
+objects, every storage failure (wrong secret, missing bucket, unreachable
 endpoint, throttling, 5xx, timeouts) answered with a clear error while the
-daemon and the other images go on.
+daemon and the other images go on, and what stat-ttl saves, counted through
+/metrics (no HEAD for reads of an open image nor for listings within the TTL),
+with an object replaced behind qcowd's back noticed after the TTL (at once
+with stat-ttl=0) and qcowd's own changes seen at once.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -388,7 +391,9 @@ def faults_at_run_time(c):
     for n in ("f1", "f2"):
         c.upload(p, c.image(n, 8 * MiB, "write -P 0x61 0 8M"))
     px = faultproxy.FaultProxy(c.s3.endpoint)
-    d = c.qcowd(p, endpoint=px.endpoint, opts=("retries=3", "timeout=2", "block-size=64k"))
+    # stat-ttl=0: every request asks the store, so a fault is met even where the
+    # blocks are cached (the publish below reads all of f1 into the cache)
+    d = c.qcowd(p, endpoint=px.endpoint, opts=("retries=3", "timeout=2", "block-size=64k", "stat-ttl=0"))
     try:
         check(d.read("f1", 0, 4096) == b"\x61" * 4096, "read through the proxy")
         check(d.read("f2", 0, 4096) == b"\x61" * 4096, "read through the proxy")
@@ -582,9 +587,136 @@ def listing_past_one_page(c):
     finally:
         d.stop()
 
+
+def reads_within_ttl_make_no_head(c):
+    """Counted through /metrics: the first read of an image put into the bucket
+    after start-up (so not in the start-up listing) makes one HEAD (the catalog's
+    stat; the plugin's open and the engine's size lookup use its answer), then
+    with stat-ttl=60 20 more reads make none (the catalog's identity check is
+    answered from what the plugin knows); with stat-ttl=0 each read asks the
+    store (a HEAD at least each). A bad stat-ttl is refused."""
+    p = c.prefix()
+    img = c.image("t", 8 * MiB, "write -P 0x21 0 8M")
+    for ttl, reads in (("60", 20), ("0", 5)):
+        c.s3.delete(BUCKET, p + "/t.qcow2")
+        d = c.qcowd(p, opts=("stat-ttl=" + ttl,))
+        try:
+            c.upload(p, img)
+            h0 = d.metric("requests_head")
+            check(d.read("t", 0, 4096) == b"\x21" * 4096, "first read")
+            first = d.metric("requests_head") - h0
+            h0 = d.metric("requests_head")
+            for i in range(reads):
+                check(d.read("t", (i + 1) * 65536, 4096) == b"\x21" * 4096, "read %d" % i)
+            heads = d.metric("requests_head") - h0
+            print("    stat-ttl=%s: first read %d HEAD(s), %d more reads %d HEAD(s)" % (ttl, first, reads, heads))
+            check(first == 1 if ttl != "0" else first >= 1, "the first read made %d HEADs" % first)
+            check(heads == 0 if ttl != "0" else heads >= reads, "stat-ttl=%s: %d HEADs for %d reads" %
+                  (ttl, heads, reads))
+        finally:
+            d.stop()
+    d = c.qcowd(p, opts=("stat-ttl=soon",), expect_fail=True)
+    check(d.wait_exit(60) not in (0, None) and any("stat-ttl=soon" in l for l in d.lines),
+          "a bad stat-ttl: %s" % d.lines[-3:])
+
+
+def listing_validates_from_entries(c):
+    """GET /v1/images of 6 images: the first listing opens them without a HEAD
+    (the ListObjectsV2 entries answer the catalog's stat, the plugin's open and
+    the engine's size lookup), a second one makes no HEAD either, nor does one
+    after stat-ttl ran out (the listing itself renews what is known). With the
+    short TTL the first listing is not counted: opening 6 images may take
+    longer than 2 s under a sanitizer."""
+    p = c.prefix()
+    names = ["l%d" % i for i in range(6)]
+    img = c.image("l", MiB, "write -P 0x6c 0 64k")
+    for n in names:
+        c.upload(p, img, n + ".qcow2")
+    for ttl, pause in (("30", 0), ("2", 2.5)):
+        d = c.qcowd(p, opts=("stat-ttl=" + ttl,))
+        try:
+            counts = []
+            for i in range(2):
+                if i:
+                    time.sleep(pause)
+                h0, l0 = d.metric("requests_head"), d.metric("requests_list")
+                st, doc = d.json("GET", "/v1/images")
+                check(st == 200 and [x["name"] for x in doc["images"]] == names, "list: %s %s" % (st, doc))
+                check(not [x for x in doc["images"] if "error" in x], "errors: %s" % doc)
+                counts.append((d.metric("requests_head") - h0, d.metric("requests_list") - l0))
+            print("    stat-ttl=%s: listings of %d images (HEADs, LISTs): %s" % (ttl, len(names), counts))
+            for heads, lists in counts[0 if ttl == "30" else 1:]:
+                check(heads == 0 and lists == 1, "stat-ttl=%s: listings made (HEADs, LISTs) %s" % (ttl, counts))
+        finally:
+            d.stop()
+
+
+def outside_change_noticed_after_ttl(c):
+    """An object replaced behind qcowd's back (a plain S3 PUT by the test) is
+    noticed once stat-ttl has passed: until then reads of cached blocks give the
+    old image, after it the new one; with stat-ttl=0 it is noticed at once."""
+    p = c.prefix()
+    key = p + "/o.qcow2"
+    imgs = {b: c.image("o%02x" % b[0], 4 * MiB, "write -P 0x%02x 0 4M" % b[0]) for b in (b"\x0a", b"\x0b", b"\x0c")}
+    c.s3.put_file(BUCKET, key, imgs[b"\x0a"])
+    ttl = 4
+    d = c.qcowd(p, opts=("stat-ttl=%d" % ttl,))
+    try:
+        check(d.read("o", 0, 4096) == b"\x0a" * 4096, "first read")
+        t = time.time()
+        c.s3.put_file(BUCKET, key, imgs[b"\x0b"])
+        got = d.read("o", 0, 4096)
+        if time.time() - t < ttl - 1:  # the machine did not stall past the TTL meanwhile
+            check(got == b"\x0a" * 4096, "within stat-ttl the replaced object was already seen")
+        time.sleep(max(0, t + ttl + 0.3 - time.time()))
+        check(d.read("o", 0, 4096) == b"\x0b" * 4096, "the replaced object was not noticed after stat-ttl")
+    finally:
+        d.stop()
+    d = c.qcowd(p, opts=("stat-ttl=0",))
+    try:
+        check(d.read("o", 0, 4096) == b"\x0b" * 4096, "read")
+        c.s3.put_file(BUCKET, key, imgs[b"\x0c"])
+        check(d.read("o", 0, 4096) == b"\x0c" * 4096, "with stat-ttl=0 the replaced object was not noticed at once")
+    finally:
+        d.stop()
+
+
+def own_changes_seen_at_once(c):
+    """With a long stat-ttl (60 s), qcowd's own changes are seen at once: a name
+    looked up while missing is created and read, written, removed (404 at once,
+    gone from the listing) and created again; an upload reads right after."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("stat-ttl=60",))
+    try:
+        st, _ = d.json("GET", "/v1/images/n")
+        check(st == 404, "missing image: %s" % st)
+        for rnd in range(2):
+            st, doc = d.json("POST", "/v1/images", {"name": "n", "size": 4 * MiB})
+            check(st == 201, "create (round %d): %s %s" % (rnd, st, doc))
+            check(d.read("n", 0, 4096) == b"\0" * 4096, "a new image reads zeroes")
+            d.write("n", 8192, bytes([0x40 + rnd]) * 4096)
+            check(d.read("n", 8192, 4096) == bytes([0x40 + rnd]) * 4096, "own write not seen")
+            st, doc = d.json("GET", "/v1/images")
+            check([x["name"] for x in doc["images"]] == ["n"], "list after create: %s" % doc)
+            st, _ = d.json("DELETE", "/v1/images/n")
+            check(st == 204, "delete: %s" % st)
+            st, _ = d.json("GET", "/v1/images/n")
+            check(st == 404, "a removed image answers %s" % st)
+            st, doc = d.json("GET", "/v1/images")
+            check(doc["images"] == [], "list after delete: %s" % doc)
+        up = c.image("u", 2 * MiB, "write -P 0x55 0 1M")
+        with open(up, "rb") as f:
+            st, b = d.request("PUT", "/v1/images/u/file", f.read())
+        check(st == 201, "upload: %s %s" % (st, b[:200]))
+        check(d.read("u", 0, 4096) == b"\x55" * 4096, "an upload does not read right after")
+    finally:
+        d.stop()
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
-         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer]
+         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
+         reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
+         own_changes_seen_at_once]
 
 
 def main():

@@ -131,6 +131,15 @@ static int set_locked(const char *key, const char *v)
             s3_conf.timeout_ms = (long)n * 1000;
         return r;
     }
+    if (!strcmp(key, "stat-ttl")) {
+        char *end;
+        double sec = strtod(v, &end);
+        if (end == v || *end || !(sec >= 0 && sec <= 3600))
+            return err_fail(EINVAL, "s3 configuration: stat-ttl=%s is not a number of seconds in 0..3600", v);
+        s3_conf.stat_ttl_ns = (uint64_t)(sec * 1e9);
+        s3_conf.stat_ttl_set = 1;
+        return 0;
+    }
     if (!strcmp(key, "connect-timeout")) {
         if ((r = parse_uint(key, v, 1, 3600, &n)) == 0)
             s3_conf.connect_timeout_ms = (long)n * 1000;
@@ -138,7 +147,8 @@ static int set_locked(const char *key, const char *v)
     }
     return err_fail(EINVAL, "s3 configuration: unknown key \"%s\" (known: endpoint, region, access-key, "
                             "secret-key, credentials-file, staging-dir, block-size, cache-size, readahead, "
-                            "part-size, staging-max, copy-max, connections, retries, timeout, connect-timeout)",
+                            "part-size, staging-max, copy-max, connections, retries, timeout, connect-timeout, "
+                            "stat-ttl)",
                     key);
 }
 
@@ -232,6 +242,8 @@ int s3_conf_ready(void)
         s3_conf.connect_timeout_ms = 5000;
     if (!s3_conf.timeout_ms)
         s3_conf.timeout_ms = 30000;
+    if (!s3_conf.stat_ttl_set)
+        s3_conf.stat_ttl_ns = 1000000000u;
     conf_done = 1;
 out:
     pthread_mutex_unlock(&conf_lock);

@@ -152,9 +152,11 @@ static int get_range(struct obj *o, void *buf, uint64_t off, size_t len)
     struct sbuf w = {0};
     sbuf_printf(&w, "read %s (%s)", o->n.uri, range);
     int ret = s3_http(&r, sbuf_str(&w) ? w.p : what);
-    if (ret == 0 && o->etag[0] && r.etag[0] && strcmp(o->etag, r.etag))
+    if (ret == 0 && o->etag[0] && r.etag[0] && strcmp(o->etag, r.etag)) {
+        s3_meta_drop(o->n.bucket, o->n.key); /* what stat knows is old too: the next one asks */
         ret = err_fail(ESTALE, "read %s: the object was replaced (ETag %s, this handle reads %s); reopen it",
                        o->n.uri, r.etag, o->etag);
+    }
     if (ret == 0 && r.status != 206 && off != 0) /* a 200 is the object from byte 0 */
         ret = err_fail(EPROTO, "read %s: the S3 store ignored the Range header (%ld for %s)", o->n.uri, r.status,
                        range);
@@ -468,7 +470,7 @@ static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
     pthread_mutex_init(&o->ra, NULL);
     pthread_rwlock_init(&o->state, NULL);
     struct s3_head hd;
-    int ret = s3_head_object(&o->n, &hd);
+    int ret = s3_stat_object(&o->n, &hd); /* just listed or stat'ed: no second HEAD */
     if (ret == 0) {
         if (flags & VFS_O_EXCL) {
             ret = err_fail(EEXIST, "open %s: the object exists", o->n.uri);
@@ -493,7 +495,8 @@ fail:
 
 /* Whether another writer replaced or removed the published object that o
  * shows, while o has nothing of its own to publish (else o's next flush wins,
- * as the last writer). A failing HEAD says nothing: o is kept. */
+ * as the last writer), as far as known within stat-ttl. A failing HEAD says
+ * nothing: o is kept. */
 static int replaced_outside(struct obj *o)
 {
     pthread_rwlock_rdlock(&o->state);
@@ -505,7 +508,7 @@ static int replaced_outside(struct obj *o)
         return 0;
     struct s3_head hd;
     char msg[ERR_MSG_MAX];
-    int r = s3_head_object(&o->n, &hd);
+    int r = s3_stat_object(&o->n, &hd);
     snprintf(msg, sizeof msg, "%s", err_msg(r));
     int gone = (r == 0 && strcmp(hd.etag, etag)) || (r == -ENOENT && strstr(msg, "no such object"));
     err_clear();
@@ -790,7 +793,7 @@ out:
     return ret;
 }
 
-static int put_whole(struct obj *o, uint64_t size, char *etag_out, size_t cap)
+static int put_whole(struct obj *o, uint64_t size, char *etag_out, size_t cap, int64_t *mtime)
 {
     char what[128];
     char *buf = malloc(size ? size : 1);
@@ -802,8 +805,10 @@ static int put_whole(struct obj *o, uint64_t size, char *etag_out, size_t cap)
                            .body_len = size};
         snprintf(what, sizeof what, "publish %s", o->n.uri);
         ret = s3_http(&r, what);
-        if (ret == 0)
+        if (ret == 0) {
             snprintf(etag_out, cap, "%s", r.etag);
+            *mtime = s3_http_date(r.last_modified);
+        }
         s3_req_free(&r);
     }
     free(buf);
@@ -814,6 +819,7 @@ static int put_whole(struct obj *o, uint64_t size, char *etag_out, size_t cap)
 static int publish(struct obj *o)
 {
     char etag[128] = "";
+    int64_t mtime = 0;
     pthread_mutex_lock(&o->pub);
     pthread_rwlock_rdlock(&o->state); /* writers wait on pub; readers go on */
     if (!o->changed || o->detached) { /* detached: removed or renamed, like an unlinked file */
@@ -822,8 +828,13 @@ static int publish(struct obj *o)
         return 0;
     }
     uint64_t size = o->size;
-    int ret = size <= s3_conf.part_size ? put_whole(o, size, etag, sizeof etag) : multipart(o, size, etag, sizeof etag);
+    int ret = size <= s3_conf.part_size ? put_whole(o, size, etag, sizeof etag, &mtime)
+                                        : multipart(o, size, etag, sizeof etag);
     pthread_rwlock_unlock(&o->state);
+    /* stat and open see our own publish at once (an unknown outcome: they ask) */
+    struct s3_head pub = {.size = size, .mtime = mtime};
+    snprintf(pub.etag, sizeof pub.etag, "%s", etag);
+    s3_meta_own(&o->n, ret == 0 && etag[0] ? &pub : NULL, 0);
     if (ret == 0) {
         atomic_fetch_add(&s3_stats.publishes, 1);
         pthread_rwlock_wrlock(&o->state);

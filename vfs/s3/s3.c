@@ -44,7 +44,7 @@ void s3_name_free(struct s3_name *n)
 
 /* ---- HEAD ---- */
 
-static int64_t parse_http_date(const char *s)
+int64_t s3_http_date(const char *s)
 {
     struct tm tm = {0};
     if (!s || !strptime(s, "%a, %d %b %Y %H:%M:%S", &tm))
@@ -101,21 +101,79 @@ int s3_head_object(const struct s3_name *n, struct s3_head *h)
     struct s3_req r = {.op = S3_OP_HEAD, .method = "HEAD", .bucket = n->bucket, .key = n->key, .quiet_404 = 1};
     char what[320];
     snprintf(what, sizeof what, "stat %s", n->uri);
+    uint64_t stamp = s3_meta_stamp();
     int ret = s3_http(&r, what);
     if (ret == -EACCES)
         ret = explain_denied(n, ret, what);
     if (ret == 0) {
         h->size = r.content_length;
-        h->mtime = parse_http_date(r.last_modified);
+        h->mtime = s3_http_date(r.last_modified);
         snprintf(h->etag, sizeof h->etag, "%s", r.etag);
+        struct s3_meta m = {.exists = 1, .size = h->size, .mtime = h->mtime};
+        snprintf(m.etag, sizeof m.etag, "%s", h->etag);
+        s3_meta_learn(n->bucket, n->key, &m, stamp);
     } else if (ret == -ENOENT) {
         /* a HEAD answer has no body: ask the bucket which one is missing */
         ret = s3_head_bucket(n);
-        if (ret == 0)
+        if (ret == 0) {
+            struct s3_meta m = {.exists = 0};
+            s3_meta_learn(n->bucket, n->key, &m, stamp);
             ret = err_fail(ENOENT, "%s: no such object", n->uri);
+        }
     }
     s3_req_free(&r);
     return ret;
+}
+
+int s3_stat_object(const struct s3_name *n, struct s3_head *h)
+{
+    struct s3_meta m;
+    if (!s3_meta_get(n->bucket, n->key, &m))
+        return s3_head_object(n, h);
+    if (!m.exists)
+        return err_fail(ENOENT, "%s: no such object", n->uri);
+    h->size = m.size;
+    h->mtime = m.mtime;
+    snprintf(h->etag, sizeof h->etag, "%s", m.etag);
+    return 0;
+}
+
+void s3_meta_own(const struct s3_name *n, const struct s3_head *h, int gone)
+{
+    struct s3_meta m = {.exists = !!h};
+    if (h) {
+        m.size = h->size;
+        m.mtime = h->mtime ? h->mtime : (int64_t)time(NULL);
+        snprintf(m.etag, sizeof m.etag, "%s", h->etag);
+    }
+    s3_meta_set(n->bucket, n->key, h || gone ? &m : NULL);
+}
+
+/* An ISO 8601 time of a listing ("2026-11-24T23:02:53.000Z"), to whole seconds. */
+static int64_t parse_iso_date(const char *s)
+{
+    struct tm tm = {0};
+    if (!s || !strptime(s, "%Y-%m-%dT%H:%M:%S", &tm))
+        return 0;
+    return (int64_t)timegm(&tm);
+}
+
+/* What a listing's <Contents> entry tells of its object. */
+static void learn_entry(const struct s3_name *n, const char *key, const char *block, uint64_t stamp)
+{
+    char *etag = s3_xml_next(block, "ETag", NULL), *size = s3_xml_next(block, "Size", NULL),
+         *lm = s3_xml_next(block, "LastModified", NULL);
+    char *end = NULL;
+    struct s3_meta m = {.exists = 1, .mtime = parse_iso_date(lm)};
+    if (size)
+        m.size = strtoull(size, &end, 10);
+    if (etag && *etag && size && end && end != size && !*end && strlen(etag) < sizeof m.etag) {
+        snprintf(m.etag, sizeof m.etag, "%s", etag);
+        s3_meta_learn(n->bucket, key, &m, stamp);
+    }
+    free(etag);
+    free(size);
+    free(lm);
 }
 
 /* ---- listing ---- */
@@ -142,6 +200,7 @@ static int list_page(const struct s3_name *n, const char *prefix, int max_keys, 
     struct s3_req r = {.op = S3_OP_LIST, .method = "GET", .bucket = n->bucket, .params = p, .nparams = np};
     char what[320];
     snprintf(what, sizeof what, "list s3://%s/%s", n->bucket, prefix);
+    uint64_t stamp = s3_meta_stamp();
     int ret = s3_http(&r, what);
     const char *t = ret == 0 ? sbuf_str(&r.text) : NULL;
     if (ret == 0 && !t)
@@ -154,6 +213,8 @@ static int list_page(const struct s3_name *n, const char *prefix, int max_keys, 
         pos = t;
         while (ret == 0 && (block = s3_xml_raw(t, kinds[k][0], &pos))) {
             char *name = s3_xml_next(block, kinds[k][1], NULL);
+            if (name && k == 0)
+                learn_entry(n, name, block, stamp);
             free(block);
             if (!name) {
                 ret = err_fail(ENOMEM, "%s: out of memory", what);
@@ -223,7 +284,7 @@ static int s3_stat(const char *path, struct vfs_stat *st)
         goto out;
     }
     struct s3_head h;
-    ret = s3_head_object(&n, &h);
+    ret = s3_stat_object(&n, &h);
     if (ret == 0) {
         st->size = st->allocated = h.size;
         st->mtime = h.mtime;
@@ -267,13 +328,14 @@ static int s3_remove(const char *path)
         return ret;
     s3_obj_forget(&n);
     ret = delete_object(&n);
+    s3_meta_own(&n, NULL, ret == 0);
     s3_name_free(&n);
     return ret;
 }
 
 /* An object too large for CopyObject: a multipart upload of parts the store
  * copies (copy-max each, more when 10000 would not do). */
-static int copy_large(const struct s3_name *from, const struct s3_name *to, uint64_t size)
+static int copy_large(const struct s3_name *from, const struct s3_name *to, uint64_t size, struct s3_head *out)
 {
     uint64_t part = s3_conf.copy_max;
     while ((size + part - 1) / part > 10000)
@@ -292,6 +354,8 @@ static int copy_large(const struct s3_name *from, const struct s3_name *to, uint
     }
     if (ret == 0)
         ret = s3_mpu_complete(to, id, etags, n, etag, sizeof etag);
+    if (ret == 0)
+        snprintf(out->etag, sizeof out->etag, "%s", etag);
     if (ret < 0 && id)
         s3_mpu_abort(to, id);
     free(id);
@@ -300,12 +364,16 @@ static int copy_large(const struct s3_name *from, const struct s3_name *to, uint
 }
 
 /* CopyObject: the store copies from to to in one request. */
-static int copy_object(const struct s3_name *from, const struct s3_name *to, uint64_t size)
+/* *out gets the new object's ETag and mtime when the answer gives them ("" and
+ * 0 if not). */
+static int copy_object(const struct s3_name *from, const struct s3_name *to, uint64_t size, struct s3_head *out)
 {
     char what[640];
     snprintf(what, sizeof what, "rename %s to %s: copy", from->uri, to->uri);
+    memset(out, 0, sizeof *out);
+    out->size = size;
     if (size > s3_conf.copy_max)
-        return copy_large(from, to, size);
+        return copy_large(from, to, size, out);
     struct sbuf src = {0};
     sbuf_puts(&src, "/");
     s3_uri_encode(&src, from->bucket, 0);
@@ -318,8 +386,15 @@ static int copy_object(const struct s3_name *from, const struct s3_name *to, uin
     const char *t = sbuf_str(&r.text);
     if (ret == 0 && t && strstr(t, "<Error>"))
         ret = err_fail(EREMOTEIO, "%s: the store failed the copy", what);
-    if (ret == 0)
+    if (ret == 0) {
         atomic_fetch_add(&s3_stats.copied_bytes, size);
+        char *etag = s3_xml_next(t, "ETag", NULL), *lm = s3_xml_next(t, "LastModified", NULL);
+        if (etag && strlen(etag) < sizeof out->etag)
+            snprintf(out->etag, sizeof out->etag, "%s", etag);
+        out->mtime = parse_iso_date(lm);
+        free(etag);
+        free(lm);
+    }
     s3_req_free(&r);
     sbuf_free(&src);
     return ret;
@@ -330,7 +405,7 @@ static int copy_object(const struct s3_name *from, const struct s3_name *to, uin
 static int s3_rename(const char *from, const char *to)
 {
     struct s3_name a, b;
-    struct s3_head h;
+    struct s3_head h, copied;
     int ret = s3_conf_ready();
     if (ret < 0 || (ret = s3_name_parse(from, &a)) < 0)
         return ret;
@@ -338,15 +413,19 @@ static int s3_rename(const char *from, const char *to)
         s3_name_free(&a);
         return ret;
     }
-    ret = s3_head_object(&a, &h);
+    ret = s3_head_object(&a, &h); /* asked, not known: the size decides how to copy */
     if (ret == 0) {
         s3_obj_forget(&b); /* like rename(2): handles on the old target keep the old file */
-        ret = copy_object(&a, &b, h.size);
+        ret = copy_object(&a, &b, h.size, &copied);
+        /* an answer without the new ETag leaves the target unknown: asked next time */
+        s3_meta_own(&b, ret == 0 && copied.etag[0] ? &copied : NULL, 0);
     }
     if (ret == 0)
         s3_obj_forget(&a);
-    if (ret == 0)
+    if (ret == 0) {
         ret = delete_object(&a);
+        s3_meta_own(&a, NULL, ret == 0);
+    }
     s3_name_free(&a);
     s3_name_free(&b);
     return ret;
@@ -415,6 +494,7 @@ static struct vfs_ops s3_ops_v1;
 static void cleanup(void)
 {
     s3_http_cleanup();
+    s3_meta_cleanup();
 }
 
 __attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin(int host_version)

@@ -92,6 +92,8 @@ struct s3_conf {
     unsigned retries;      /* extra attempts for 5xx, throttling, transport errors (default 4) */
     long connect_timeout_ms; /* default 5000 */
     long timeout_ms;       /* no progress for this long: a timeout (default 30000) */
+    uint64_t stat_ttl_ns;  /* how long what is known of an object answers stat and open (default 1 s) */
+    int stat_ttl_set;      /* stat-ttl was given (0 is a value: always ask) */
 };
 
 extern struct s3_conf s3_conf;
@@ -169,5 +171,31 @@ int s3_cache_has(uint64_t gen, uint64_t idx);
 void s3_cache_put(uint64_t gen, uint64_t idx, const void *data, size_t len);
 /* Drop blocks [first, last] of gen (last UINT64_MAX: to the end). */
 void s3_cache_drop(uint64_t gen, uint64_t first, uint64_t last);
+
+/* ---- meta.c: what is known of objects, for stat-ttl ---- */
+
+/* An object as the store last showed it, or as our own last change left it. */
+struct s3_meta {
+    int exists;      /* 0: there is no such object */
+    uint64_t size;
+    int64_t mtime;   /* seconds since the epoch */
+    char etag[128];  /* as the store gives it, quoted */
+};
+
+/* A stamp to take before asking the store, for s3_meta_learn. */
+uint64_t s3_meta_stamp(void);
+/* 1 and *m when bucket/key was learned or changed by us less than stat-ttl ago;
+ * else 0 (the caller asks the store). Thread-safe, as all of these. */
+int s3_meta_get(const char *bucket, const char *key, struct s3_meta *m);
+/* An answer of the store (a HEAD, a listing entry) asked for at stamp; dropped
+ * when our own change of the key came after the stamp (the answer is older). */
+void s3_meta_learn(const char *bucket, const char *key, const struct s3_meta *m, uint64_t stamp);
+/* Our own change of bucket/key, known at once: m is what it is now, or NULL
+ * when the outcome is unknown (a failed publish): the next stat asks. */
+void s3_meta_set(const char *bucket, const char *key, const struct s3_meta *m);
+/* What is known of bucket/key is wrong (a read met another ETag): ask next time. */
+void s3_meta_drop(const char *bucket, const char *key);
+/* Free everything (at exit). */
+void s3_meta_cleanup(void);
 
 #endif

@@ -25,12 +25,21 @@ struct s3_head {
     char etag[128];
 };
 
+/* An HTTP date (Last-Modified) in seconds since the epoch; 0 if s is NULL or not one. */
+int64_t s3_http_date(const char *s);
+
 /* A vfs_stat version for an ETag (FNV-1a; never 0). */
 uint64_t s3_etag_version(const char *etag);
 
 /* HEAD the object: 0, or -ENOENT with a message telling a missing bucket from a
- * missing object, or the request's error. */
+ * missing object, or the request's error. What it learns is kept (meta.c). */
 int s3_head_object(const struct s3_name *n, struct s3_head *h);
+/* The same, answered from what is known of the object when that was learned
+ * less than stat-ttl ago (a listing, a HEAD, our own write), else a HEAD. */
+int s3_stat_object(const struct s3_name *n, struct s3_head *h);
+/* Our own change of n: it now is h, or it is gone (h NULL, gone 1), or its
+ * state is unknown (h NULL, gone 0: the next stat asks the store). */
+void s3_meta_own(const struct s3_name *n, const struct s3_head *h, int gone);
 /* HEAD the bucket: 0, -ENOENT ("bucket does not exist") or the request's error. */
 int s3_head_bucket(const struct s3_name *n);
 
