@@ -27,8 +27,6 @@ Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`; exits 1 on a
 failure, 77 when qemu-img or qemu-io is missing.
 """
 
-import argparse
-import http.client
 import json
 import os
 import random
@@ -38,20 +36,21 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 import jsonschema
 import yaml
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import qcowd  # noqa: E402  (the daemon, the cases, main()'s prologue)
+
 KiB = 1024
 MiB = 1024 * KiB
 
-QCOWD = os.environ.get("QCOWD", "")
-QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
-QEMU_IO = os.environ.get("QEMU_IO", "qemu-io")
+QCOWD = qcowd.QCOWD
+QEMU_IMG = qcowd.QEMU_IMG
+QEMU_IO = qcowd.QEMU_IO
 OPENAPI = os.environ.get("OPENAPI") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                      "..", "..", "openapi", "openapi.yaml")
 RANGES_PER_IMAGE = 100
@@ -225,77 +224,36 @@ def store_names(cat):
 S3_OPTS = ("stat-ttl=0",)
 
 
-class Daemon:
+class Daemon(qcowd.Qcowd):
+    """qcowd serving catalog (with QCOWD_S3, the bucket's catalog, staging beside
+    catalog) with `threads` HTTP threads and the extra arguments."""
+
     def __init__(self, catalog, threads=4, extra=()):
         s3 = S3.qcowd_args(S3_BUCKET, S3_PREFIX, os.path.join(catalog, "..", "staging"), *S3_OPTS) if S3 else []
-        self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog,
-                                      "--threads", str(threads)] + s3 + list(extra),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=S3.env() if S3 else None)
-        self.lines = []
-        self.port = None
-        ready = threading.Event()
-
-        def pump():
-            for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-                if m:
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        self.pump = threading.Thread(target=pump, daemon=True)
-        self.pump.start()
-        ready.wait(60)
-        if not self.port:
-            self.proc.kill()
-            raise RuntimeError("qcowd did not start: " + "\n".join(self.lines))
-
-    def conn(self):
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        super().__init__(QCOWD, ["--catalog", catalog, "--threads", str(threads)] + s3 + list(extra),
+                         env=S3.env() if S3 else None)
 
     def request(self, method, path, headers=None, conn=None):
-        c = conn or self.conn()
-        try:
-            c.request(method, path, headers=headers or {})
-            r = c.getresponse()
-            body = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, body
-        finally:
-            if conn is None:
-                c.close()
-
-    def alive(self):
-        return self.proc.poll() is None
+        """exchange() without a body: (status, headers, body)."""
+        return self.exchange(method, path, headers=headers, conn=conn)
 
 
-class Checker:
+class Checker(qcowd.Cases):
+    """The cases of an HTTP suite, with the OpenAPI document (doc), every JSON body
+    seen (checked against it at the end) and a count of bad inputs tried."""
+
     def __init__(self, args):
+        super().__init__(args.seed)
         self.args = args
-        self.rng = random.Random(args.seed)
-        self.passed = self.failed = 0
         self.bad_inputs = 0  # bad-input cases tried (every expected error counts one)
         with open(OPENAPI) as f:
             self.doc = yaml.safe_load(f)
         self.seen = []  # (schema name, json body, where)
 
-    def case(self, name, fn):
-        try:
-            fn()
-            self.passed += 1
-            print("ok", name, flush=True)
-        except Exception as e:
-            self.failed += 1
-            print("FAIL %s: %s" % (name, e), flush=True)
-            for line in traceback.format_exc().splitlines():
-                print("    " + line)
-
     def report(self):
         """The summary lines; returns the exit status."""
         print("%d bad-input cases tried" % self.bad_inputs)
-        print("%d passed, %d failed" % (self.passed, self.failed))
-        return 1 if self.failed else 0
+        return self.summary()
 
     # -- helpers --
     def json_of(self, status, headers, body, schema, where):
@@ -383,20 +341,8 @@ def validate(doc, schema_name, instance):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261124")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not QCOWD or not os.access(QCOWD, os.X_OK):
-        print("daemon.py: set QCOWD to the qcowd binary", file=sys.stderr)
-        return 2
-    if not shutil.which(QEMU_IMG) or not shutil.which(QEMU_IO):
-        print("daemon.py: qemu-img/qemu-io not found: skipped", file=sys.stderr)
-        return 77
+    args, top, cat = qcowd.prologue("qcowd-daemon-")
     ck = Checker(args)
-    top = tempfile.mkdtemp(prefix="qcowd-daemon-")
-    cat = os.path.join(top, "catalog")
-    os.mkdir(cat)
     d = None
     try:
         build_catalog(cat)
@@ -668,26 +614,16 @@ def main():
             rest = r.read()
             c.close()
             assert first + rest == raws["plain"], "in-flight download cut short (%d bytes)" % len(first + rest)
-            rc = d.proc.wait(60)
-            d.pump.join(10)
-            assert rc == 0, "exit status %d: %s" % (rc, d.lines[-5:])
+            d.check_clean_exit(60)
             assert refused, "new connections still accepted after SIGTERM"
-            bad = [ln for ln in d.lines if "Sanitizer" in ln or "runtime error" in ln or "LeakSanitizer" in ln]
-            assert not bad, bad[:5]
         ck.case("sigterm_finishes_in_flight_and_exits_0", sigterm)
     except Exception:
-        ck.failed += 1
-        print("FAIL setup:", flush=True)
-        traceback.print_exc(file=sys.stdout)
+        ck.setup_failed()
     finally:
-        if d and d.alive():
-            d.proc.kill()
-            d.proc.wait()
+        if d:
+            d.kill()
         s3_stop()
-        if args.keep:
-            print("kept", top)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
+        qcowd.remove_temp(top, args.keep)
     return ck.report()
 
 

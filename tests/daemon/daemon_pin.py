@@ -34,17 +34,13 @@ Images: 64 KiB clusters, and extended L2 with 128 KiB clusters.
 Environment: QCOWD, QEMU_IMG (as daemon.py); SECONDS_LOAD (default 6).
 """
 
-import argparse
 import array
 import os
 import random
-import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -128,21 +124,9 @@ def metric(d, name):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261124")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not base.QCOWD or not os.access(base.QCOWD, os.X_OK):
-        print("daemon_pin.py: set QCOWD to the qcowd binary", file=sys.stderr)
-        return 2
-    if not shutil.which(base.QEMU_IMG):
-        print("daemon_pin.py: qemu-img not found: skipped", file=sys.stderr)
-        return 77
+    args, top, cat = base.qcowd.prologue("qcowd-pin-", tools=(base.QEMU_IMG,))
     ck = base.Checker(args)
     rng = ck.rng
-    top = tempfile.mkdtemp(prefix="qcowd-pin-")
-    cat = os.path.join(top, "catalog")
-    os.mkdir(cat)
 
     def p(name):
         return os.path.join(cat, name + ".qcow2")
@@ -348,12 +332,7 @@ def main():
         c.close()
 
     def stop_check():
-        d.proc.send_signal(signal.SIGTERM)
-        rc = d.proc.wait(90)
-        d.pump.join(10)
-        assert rc == 0, "exit status %d: %s" % (rc, d.lines[-5:])
-        bad = [ln for ln in d.lines if "Sanitizer" in ln or "runtime error" in ln]
-        assert not bad, bad[:5]
+        d.stop_clean(90)
         for name, cs, _ in IMAGES:
             base.run(base.QEMU_IMG, "check", "-q", p(name))
             raw = os.path.join(top, name + ".raw")
@@ -406,10 +385,8 @@ def main():
         ck.case("killed under load", killed)
         ck.case("sendfile=no copies", sendfile_off)
     finally:
-        if d.alive():
-            d.proc.kill()
-        if not args.keep:
-            shutil.rmtree(top, ignore_errors=True)
+        d.kill()
+        base.qcowd.remove_temp(top, args.keep)
     return ck.report()
 
 

@@ -35,7 +35,6 @@ case becomes object_changes_noticed_by_etag: an object replaced by one of the
 same size (Last-Modified has whole seconds, there are no inodes) is noticed.
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -46,10 +45,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import daemon as base  # noqa: E402
@@ -107,20 +104,8 @@ def http_raw(port, data, read=True):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261124")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not base.QCOWD or not os.access(base.QCOWD, os.X_OK):
-        print("daemon_robust.py: set QCOWD to the qcowd binary", file=sys.stderr)
-        return 2
-    if not shutil.which(base.QEMU_IMG) or not shutil.which(base.QEMU_IO):
-        print("daemon_robust.py: qemu-img/qemu-io not found: skipped", file=sys.stderr)
-        return 77
+    args, top, cat = base.qcowd.prologue("qcowd-robust-")
     ck = base.Checker(args)
-    top = tempfile.mkdtemp(prefix="qcowd-robust-")
-    cat = os.path.join(top, "catalog")
-    os.mkdir(cat)
     daemons = []
 
     def p(name):
@@ -161,12 +146,7 @@ def main():
         return d
 
     def stop(d):
-        d.proc.send_signal(signal.SIGTERM)
-        rc = d.proc.wait(90)
-        d.pump.join(10)
-        assert rc == 0, "exit status %d: %s" % (rc, d.lines[-5:])
-        bad = [ln for ln in d.lines if "Sanitizer" in ln or "runtime error" in ln]
-        assert not bad, bad[:5]
+        d.stop_clean(90)
 
     def signal_handler(sig, frame):
         for d in daemons:
@@ -562,19 +542,12 @@ def main():
             assert not temps()
         ck.case("64_clients_write_and_read_then_qemu_img_check_and_compare", many_clients)
     except Exception:
-        ck.failed += 1
-        print("FAIL setup:", flush=True)
-        traceback.print_exc(file=sys.stdout)
+        ck.setup_failed()
     finally:
         for d in daemons:
-            if d.alive():
-                d.proc.kill()
-                d.proc.wait()
+            d.kill()
         base.s3_stop()
-        if args.keep:
-            print("kept", top)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
+        base.qcowd.remove_temp(top, args.keep)
     return ck.report()
 
 

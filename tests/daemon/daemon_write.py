@@ -29,20 +29,16 @@ for the catalog in a bucket: the checks on files first copy the bucket's objects
 into the local folder with base.sync_down).
 """
 
-import argparse
 import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import daemon as base  # noqa: E402  (shares the daemon harness and the OpenAPI checks)
@@ -108,11 +104,10 @@ def raw_request(port, head, body=b"", read=True):
 class W:
     """The test state: catalog, daemon, references."""
 
-    def __init__(self, ck, top):
+    def __init__(self, ck, top, cat):
         self.ck = ck
         self.top = top
-        self.cat = os.path.join(top, "catalog")
-        os.mkdir(self.cat)
+        self.cat = cat
         self.refs = {}
         self.cluster = {}
         self.d = None
@@ -199,20 +194,10 @@ def discard_model(ref, off, size, cs):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261125")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not base.QCOWD or not os.access(base.QCOWD, os.X_OK):
-        print("daemon_write.py: set QCOWD to the qcowd binary", file=sys.stderr)
-        return 2
-    if not shutil.which(base.QEMU_IMG) or not shutil.which(base.QEMU_IO):
-        print("daemon_write.py: qemu-img/qemu-io not found: skipped", file=sys.stderr)
-        return 77
+    args, top, cat = base.qcowd.prologue("qcowd-write-", seed=20261125)
     ck = base.Checker(args)
     rng = ck.rng
-    top = tempfile.mkdtemp(prefix="qcowd-write-")
-    w = W(ck, top)
+    w = W(ck, top, cat)
     try:
         w.build()
         base.s3_start(top)
@@ -676,11 +661,7 @@ def main():
             d.proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
             s.close()
-            rc = d.proc.wait(90)
-            d.pump.join(10)
-            assert rc == 0, "exit status %d: %s" % (rc, d.lines[-5:])
-            bad = [ln for ln in d.lines if "Sanitizer" in ln or "runtime error" in ln]
-            assert not bad, bad[:5]
+            d.check_clean_exit(90)
             base.sync_down(w.cat)
             for n in sorted(w.refs):
                 r = subprocess.run([base.QEMU_IMG, "check", "-f", "qcow2", w.p(n)], stdout=subprocess.PIPE,
@@ -699,18 +680,12 @@ def main():
             assert not leftovers, leftovers
         ck.case("sigterm_then_qemu_img_check_and_compare", sigterm_then_qemu)
     except Exception:
-        ck.failed += 1
-        print("FAIL setup:", flush=True)
-        traceback.print_exc(file=sys.stdout)
+        ck.setup_failed()
     finally:
-        if w.d and w.d.alive():
-            w.d.proc.kill()
-            w.d.proc.wait()
+        if w.d:
+            w.d.kill()
         base.s3_stop()
-        if args.keep:
-            print("kept", top)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
+        base.qcowd.remove_temp(top, args.keep)
     return ck.report()
 
 
