@@ -13,18 +13,18 @@ Usage: bitmaps.py [--seed N] [--keep]. Prints `ok NAME` / `FAIL NAME: reason`, t
 `N passed, M failed`; exits 1 on a failure, 77 when a qemu tool is missing.
 """
 
-import argparse
 import json
 import os
-import random
-import shutil
 import signal
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import qcowd  # noqa: E402  (Cases, the options)
+import suite  # noqa: E402  (check_needs)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -145,23 +145,13 @@ def set_in_use(img, name):
         f.write(struct.pack(">I", fl | 1))
 
 
-class Suite:
-    def __init__(self, args, top):
-        self.rng = random.Random(args.seed)
-        self.top = top
-        self.passed = self.failed = 0
-        self.n = 0
+class Suite(qcowd.Cases):
+    """The cases, and the images they make in top."""
 
-    def case(self, name, fn):
-        try:
-            fn()
-            self.passed += 1
-            print("ok", name, flush=True)
-        except Exception as e:
-            self.failed += 1
-            print("FAIL %s: %s" % (name, e), flush=True)
-            for line in traceback.format_exc().splitlines():
-                print("    " + line)
+    def __init__(self, args, top):
+        super().__init__(args.seed)
+        self.top = top
+        self.n = 0
 
     def img(self, size="64M", opts=None, backing=None):
         self.n += 1
@@ -194,29 +184,18 @@ def our_write(img, off, n, rng):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261124")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not QCOWIMG or not os.access(QCOWIMG, os.X_OK):
-        print("bitmaps.py: set QCOWIMG to the qcowimg binary", file=sys.stderr)
-        return 2
-    for t in (QEMU_IMG, QEMU_IO, QEMU_NBD, NBDINFO):
-        if not shutil.which(t):
-            print("bitmaps.py: %s not found: skipped" % t, file=sys.stderr)
-            return 77
+    args = qcowd.parse_args()
+    rc = suite.check_needs({"QCOWIMG": QCOWIMG}, (QEMU_IMG, QEMU_IO, QEMU_NBD, NBDINFO))
+    if rc is not None:
+        return rc
     top = tempfile.mkdtemp(prefix="qcowd-bitmaps-")
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
     s = Suite(args, top)
     try:
         cases(s)
     finally:
-        if args.keep:
-            print("kept", top)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
-    print("%d passed, %d failed" % (s.passed, s.failed))
-    return 1 if s.failed else 0
+        qcowd.remove_temp(top, args.keep)
+    return s.summary()
 
 
 def cases(s):

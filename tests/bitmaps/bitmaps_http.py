@@ -24,15 +24,11 @@ Usage: bitmaps_http.py [--seed N] [--keep]. Prints `ok NAME` / `FAIL NAME: reaso
 then `N passed, M failed`; exits 1 on a failure, 77 when a qemu tool is missing.
 """
 
-import argparse
 import json
 import os
 import random
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import urllib.parse
 
@@ -95,36 +91,19 @@ class Suite(bm.Suite):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261124")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not dm.QCOWD or not os.access(dm.QCOWD, os.X_OK) or not bm.QCOWIMG:
-        print("bitmaps_http.py: set QCOWD and QCOWIMG", file=sys.stderr)
-        return 2
-    for t in (bm.QEMU_IMG, bm.QEMU_NBD, bm.NBDINFO):
-        if not shutil.which(t):
-            print("bitmaps_http.py: %s not found: skipped" % t, file=sys.stderr)
-            return 77
-    top = tempfile.mkdtemp(prefix="qcowd-bitmaps-http-")
+    args, top, cat = dm.qcowd.prologue("qcowd-bitmaps-http-", tools=(bm.QEMU_IMG, bm.QEMU_NBD, bm.NBDINFO),
+                                        binaries={"QCOWD": dm.QCOWD, "QCOWIMG": bm.QCOWIMG})
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
-    cat = os.path.join(top, "catalog")
-    os.mkdir(cat)
     s = Suite(args, cat)
     try:
         dm.s3_start(top)
         cases(s)
     finally:
-        if s.d and s.d.alive():
-            s.d.proc.kill()
-            s.d.proc.wait()
+        if s.d:
+            s.d.kill()
         dm.s3_stop()
-        if args.keep:
-            print("kept", top)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
-    print("%d passed, %d failed" % (s.passed, s.failed))
-    return 1 if s.failed else 0
+        dm.qcowd.remove_temp(top, args.keep)
+    return s.summary()
 
 
 def stop(s):

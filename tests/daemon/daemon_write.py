@@ -145,15 +145,7 @@ class W:
         return self.body_request("PUT", path, data, hdr, conn)
 
     def body_request(self, method, path, body, headers=None, conn=None):
-        c = conn or self.d.conn()
-        try:
-            c.request(method, path, body=body, headers=headers or {})
-            r = c.getresponse()
-            b = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, b
-        finally:
-            if conn is None:
-                c.close()
+        return self.d.exchange(method, path, body, headers, conn)
 
     def patch(self, name, obj):
         body = obj if isinstance(obj, (bytes, str)) else json.dumps(obj)

@@ -17,28 +17,21 @@ Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`; exits 1 on a
 failure, 77 when qemu-img is missing.
 """
 
-import argparse
-import http.client
 import json
 import os
 import random
 import re
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "daemon"))
 import daemon as dm  # noqa: E402  (lint_openapi, validate, Checker)
 
 KiB = 1024
 MiB = 1024 * KiB
-QCOWD = os.environ.get("QCOWD", "")
 QEMU_IMG = dm.QEMU_IMG
 QEMU_IO = dm.QEMU_IO
 run = dm.run
@@ -58,23 +51,9 @@ class Daemon(dm.Daemon):
         Daemon.started.append(self)
 
     def call(self, method, path, body=None, headers=None):
-        c = self.conn()
-        try:
-            data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-            c.request(method, path, body=data, headers=headers or {})
-            r = c.getresponse()
-            b = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, b
-
-        finally:
-            c.close()
-
-    def stop(self, sig=signal.SIGTERM):
-        if self.alive():
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(60)
-        self.pump.join(10)
-        return rc
+        """exchange() with a dict or list body sent as JSON."""
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        return self.exchange(method, path, data, headers)
 
 
 class T(dm.Checker):
@@ -278,21 +257,9 @@ class Sse:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int(os.environ.get("SEED", "20261124")))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not QCOWD or not os.access(QCOWD, os.X_OK):
-        print("jobs.py: set QCOWD to the qcowd binary", file=sys.stderr)
-        return 2
-    if not shutil.which(QEMU_IMG) or not shutil.which(QEMU_IO):
-        print("jobs.py: qemu-img/qemu-io not found: skipped", file=sys.stderr)
-        return 77
+    args, top, cat = dm.qcowd.prologue("qcowd-jobs-")
     ck = T(args)
     rng = ck.rng
-    top = tempfile.mkdtemp(prefix="qcowd-jobs-")
-    cat = os.path.join(top, "catalog")
-    os.mkdir(cat)
     global CAT
     CAT = cat
     d = None
@@ -774,10 +741,7 @@ def main():
         def restart_and_sigkill():
             for s in sse:
                 s.close()
-            rc = d.stop()
-            assert rc == 0, (rc, d.lines[-5:])
-            bad = [ln for ln in d.lines if "Sanitizer" in ln or "runtime error" in ln]
-            assert not bad, bad[:5]
+            d.stop_clean(60)
             # a snapshot delete with much to free; SIGKILL while it runs
             p = img(cat, "kill")
             run(QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", p, "%dM" % KILL_MIB)
@@ -863,21 +827,13 @@ def main():
 
         ck.case("sigkill_during_snapshot_delete_and_commit_then_restart", restart_and_sigkill)
     except Exception:
-        ck.failed += 1
-        print("FAIL setup:", flush=True)
-        traceback.print_exc(file=sys.stdout)
+        ck.setup_failed()
     finally:
         for x in Daemon.started:
-            if x.alive():
-                x.proc.kill()
-                x.proc.wait()
+            x.kill()
         dm.s3_stop()
-        if args.keep:
-            print("kept", top)
-        else:
-            shutil.rmtree(top, ignore_errors=True)
-    print("%d passed, %d failed" % (ck.passed, ck.failed))
-    return 1 if ck.failed else 0
+        dm.qcowd.remove_temp(top, args.keep)
+    return ck.summary()
 
 
 if __name__ == "__main__":
