@@ -23,28 +23,21 @@ Usage: clients.py [--seed N] [--keep]. Prints `ok NAME` / `FAIL NAME: reason`, t
 `N passed, M failed`; exits 1 on a failure, 77 when qemu-img is missing.
 """
 
-import argparse
-import http.client
 import json
 import os
-import random
-import re
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
-import traceback
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "clients", "python"))
 from qcowd_client import Client, QcowdError  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
+import qcowd  # noqa: E402  (the daemon, the cases, main()'s prologue)
 
 KiB = 1024
 MiB = 1024 * KiB
 
-QCOWD = os.environ.get("QCOWD", "")
+QCOWD = qcowd.QCOWD
 QCOWCTL = os.environ.get("QCOWCTL", "")
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 
@@ -56,44 +49,16 @@ def run(*cmd, **kw):
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300, **kw)
 
 
-class Daemon:
+class Daemon(qcowd.Qcowd):
+    """qcowd serving catalog with 4 HTTP threads."""
+
     def __init__(self, catalog):
-        self.proc = subprocess.Popen([QCOWD, "--listen", "127.0.0.1:0", "--catalog", catalog, "--threads", "4"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines = []
-        self.port = None
-        ready = threading.Event()
-
-        def pump():
-            for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-                if m:
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(60)
-        if not self.port:
-            self.proc.kill()
-            raise RuntimeError("qcowd did not start: " + "\n".join(self.lines))
-        self.url = "http://127.0.0.1:%d" % self.port
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(120)
+        super().__init__(QCOWD, ["--catalog", catalog, "--threads", "4"])
 
     def raw_error(self, method, path):
         """The server's own JSON error for a request, as (status, message)."""
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        try:
-            c.request(method, path)
-            r = c.getresponse()
-            return r.status, json.loads(r.read())["error"]["message"]
-        finally:
-            c.close()
+        st, _, body = self.exchange(method, path)
+        return st, json.loads(body)["error"]["message"]
 
 
 def ctl(url, *args, stdin=None, input=None, check=True):
@@ -199,24 +164,6 @@ class Driver:
         if self.kind == "py":
             return self.py.delete(name)
         return ctl(self.url, "rm", name)
-
-
-class Checker:
-    def __init__(self, args):
-        self.args = args
-        self.rng = random.Random(args.seed)
-        self.passed = self.failed = 0
-
-    def case(self, name, fn):
-        try:
-            fn()
-            self.passed += 1
-            print("ok", name, flush=True)
-        except Exception as e:
-            self.failed += 1
-            print("FAIL %s: %s" % (name, e), flush=True)
-            for line in traceback.format_exc().splitlines():
-                print("    " + line)
 
 
 def scenario(ck, d, drv, catalog, refs, final_extents):
@@ -453,21 +400,11 @@ def py_errors(ck, d):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seed", type=int, default=int.from_bytes(os.urandom(4), "little"))
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-    if not QCOWD or not QCOWCTL:
-        print("QCOWD and QCOWCTL must name the binaries", file=sys.stderr)
-        return 1
-    if not shutil.which(QEMU_IMG):
-        print("skip: no qemu-img")
-        return 77
+    args, tmp, catalog = qcowd.prologue("qcowd-clients-", tools=(QEMU_IMG,),
+                                        seed=int.from_bytes(os.urandom(4), "little"),
+                                        binaries={"QCOWD": QCOWD, "QCOWCTL": QCOWCTL})
     print("seed", args.seed, flush=True)
-    ck = Checker(args)
-    tmp = tempfile.mkdtemp(prefix="qcowd-clients-")
-    catalog = os.path.join(tmp, "catalog")
-    os.mkdir(catalog)
+    ck = qcowd.Cases(args.seed)
     refs, final_extents = {}, {}
     d = Daemon(catalog)
     try:
@@ -484,7 +421,7 @@ def main():
                 assert a == b == final_extents[img], img
         ck.case("extents: qcowctl and python agree", t_same_extents)
     finally:
-        rc = d.stop()
+        rc = d.stop(timeout=120)
     ck.case("qcowd exits 0 on SIGTERM", lambda: (_ for _ in ()).throw(AssertionError("exit %d" % rc)) if rc else None)
 
     for img, ref in refs.items():
@@ -503,12 +440,8 @@ def main():
                 assert final_extents[img] == want, "extents %s != qemu-img map %s" % (final_extents[img][:6], want[:6])
         ck.case("%s: qemu-img check clean, compare equal, map equal" % img, t_offline)
 
-    if args.keep:
-        print("kept", tmp)
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print("%d passed, %d failed" % (ck.passed, ck.failed))
-    return 1 if ck.failed else 0
+    qcowd.remove_temp(tmp, args.keep)
+    return ck.summary()
 
 
 if __name__ == "__main__":
