@@ -28,31 +28,12 @@ class LocalStore:
         return dict(os.environ)
 
 
-def local_qcowd(folder):
-    d = s3.Qcowd.__new__(s3.Qcowd)
-    # the same harness, with a local catalog: no s3 options
-    import re
-    import threading
-    d.proc = subprocess.Popen([s3.QCOWD, "--listen", "127.0.0.1:0", "--quiet", "--catalog", folder],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    d.lines, d.port = [], None
-    ready = threading.Event()
+class LocalQcowd(s3.Qcowd):
+    """s3.py's harness (request, read, stop) on a local catalog folder: qcowd
+    started without any s3 option."""
 
-    def pump():
-        for raw in d.proc.stderr:
-            line = raw.decode(errors="replace").rstrip("\n")
-            d.lines.append(line)
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-            if m:
-                d.port = int(m.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready.wait(60)
-    if not d.port:
-        raise RuntimeError("qcowd did not start: %s" % d.lines)
-    return d
+    def __init__(self, folder):
+        s3.qcowd.Qcowd.__init__(self, s3.QCOWD, ["--quiet", "--catalog", folder])
 
 
 def measure(d, img, raw, size):
@@ -100,7 +81,7 @@ def main():
         os.unlink(rawp)
         local = os.path.join(tmp, "local")
         os.mkdir(local)
-        d = local_qcowd(local)
+        d = LocalQcowd(local)
         try:
             loc = measure(d, img, raw, size)
         finally:

@@ -32,6 +32,8 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import faultproxy  # noqa: E402
+sys.path.insert(0, os.path.join(HERE, "..", "lib"))
+import qcowd  # noqa: E402  (the daemon's start-up and log pump)
 import s3fixture  # noqa: E402
 
 QCOWD = os.environ.get("QCOWD", "")
@@ -44,44 +46,22 @@ def run(*cmd):
     return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300)
 
 
-class Qcowd:
+class Qcowd(qcowd.Qcowd):
     """qcowd on a free port with an s3 catalog; stderr kept in .lines."""
 
     def __init__(self, s3, prefix, staging, endpoint=None, env_extra=None, secret=None, opts=(), expect_fail=False):
-        args = [QCOWD, "--listen", "127.0.0.1:0", "--threads", "4", "--catalog", "s3://%s/%s" % (BUCKET, prefix),
+        args = ["--threads", "4", "--catalog", "s3://%s/%s" % (BUCKET, prefix),
                 "--s3-endpoint", endpoint or s3.endpoint, "--s3-opt", "staging-dir=" + staging]
         for o in opts:
             args += ["--s3-opt", o]
         env = s3.env(secret)
         env.update(env_extra or {})
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self.lines, self.port = [], None
-        ready = threading.Event()
-
-        def pump():
-            for raw in self.proc.stderr:
-                line = raw.decode(errors="replace").rstrip("\n")
-                self.lines.append(line)
-                m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
-                if m:
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        ready.wait(60)
-        if not self.port and not expect_fail:
-            self.proc.kill()
-            raise RuntimeError("qcowd did not start:\n" + "\n".join(self.lines))
+        super().__init__(QCOWD, args, env=env, expect_fail=expect_fail)
 
     def request(self, method, path, body=None, headers=None):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        try:
-            c.request(method, path, body=body, headers=headers or {})
-            r = c.getresponse()
-            return r.status, r.read()
-        finally:
-            c.close()
+        """exchange() without the answer's headers: (status, body)."""
+        st, _, b = self.exchange(method, path, body, headers)
+        return st, b
 
     def json(self, method, path, doc=None):
         body = json.dumps(doc).encode() if doc is not None else None
@@ -112,6 +92,7 @@ class Qcowd:
             return None
 
     def stop(self):
+        """SIGTERM, SIGKILL after 60 s; AssertionError unless it exited 0 (or was killed)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             if self.wait_exit(60) is None:
