@@ -99,10 +99,7 @@ def main():
         dm.s3_start(top)
         cases(s)
     finally:
-        if s.d:
-            s.d.kill()
-        dm.s3_stop()
-        dm.qcowd.remove_temp(top, args.keep)
+        dm.finish(top, args.keep, [s.d])
     return s.summary()
 
 

@@ -167,6 +167,16 @@ def s3_stop():
         S3.stop()
 
 
+def finish(top, keep, daemons):
+    """The end of a suite's main(): kills the daemons still running (None is
+    skipped), stops the S3 store if any, removes top (said and kept with keep)."""
+    for d in daemons:
+        if d:
+            d.kill()
+    s3_stop()
+    qcowd.remove_temp(top, keep)
+
+
 def sync_up(cat):
     """Upload every file of the local catalog folder to the bucket (no-op locally)."""
     if S3:
@@ -620,10 +630,7 @@ def main():
     except Exception:
         ck.setup_failed()
     finally:
-        if d:
-            d.kill()
-        s3_stop()
-        qcowd.remove_temp(top, args.keep)
+        finish(top, args.keep, [d])
     return ck.report()
 
 

@@ -544,10 +544,7 @@ def main():
     except Exception:
         ck.setup_failed()
     finally:
-        for d in daemons:
-            d.kill()
-        base.s3_stop()
-        base.qcowd.remove_temp(top, args.keep)
+        base.finish(top, args.keep, daemons)
     return ck.report()
 
 

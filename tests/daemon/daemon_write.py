@@ -674,10 +674,7 @@ def main():
     except Exception:
         ck.setup_failed()
     finally:
-        if w.d:
-            w.d.kill()
-        base.s3_stop()
-        base.qcowd.remove_temp(top, args.keep)
+        base.finish(top, args.keep, [w.d])
     return ck.report()
 
 

@@ -829,10 +829,7 @@ def main():
     except Exception:
         ck.setup_failed()
     finally:
-        for x in Daemon.started:
-            x.kill()
-        dm.s3_stop()
-        dm.qcowd.remove_temp(top, args.keep)
+        dm.finish(top, args.keep, Daemon.started)
     return ck.summary()
 
 
