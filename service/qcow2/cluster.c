@@ -39,6 +39,15 @@ static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, un
     return (bitmap & (1ull << (sc + 32))) ? SC_ZERO : SC_UNALLOC;
 }
 
+/* Where a compressed L2 entry's bytes lie: from *coff, *csize bytes (whole
+ * sectors from the one holding *coff). */
+static void compressed_extent(const struct qcow2_image *img, uint64_t l2e, uint64_t *coff, uint32_t *csize)
+{
+    *coff = l2e & img->coffset_mask;
+    uint64_t nsec = ((l2e >> img->csize_shift) & img->csize_mask) + 1;
+    *csize = (uint32_t)(nsec * QCOW2_COMPRESSED_SECTOR - (*coff & (QCOW2_COMPRESSED_SECTOR - 1)));
+}
+
 int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, struct mapping *m)
 {
     uint64_t l1_index = offset_to_l1_index(img, off);
@@ -108,9 +117,7 @@ int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, str
                 m->host_valid = hv;
                 m->host_off = hv ? h : 0;
                 if (t == SC_COMPRESSED) {
-                    m->coff = l2e & img->coffset_mask;
-                    uint64_t nsec = ((l2e >> img->csize_shift) & img->csize_mask) + 1;
-                    m->csize = (uint32_t)(nsec * QCOW2_COMPRESSED_SECTOR - (m->coff & (QCOW2_COMPRESSED_SECTOR - 1)));
+                    compressed_extent(img, l2e, &m->coff, &m->csize);
                     if (m->coff >= img->file_size) {
                         ret = err_fail(EIO, "compressed cluster for guest offset %#" PRIx64
                                             " starts at %#" PRIx64 ", past the end of the file", cl_start, m->coff);
@@ -137,4 +144,41 @@ done:
     if (pos > end && first_type == SC_COMPRESSED)
         m->bytes = end - off;
     return 0;
+}
+
+uint64_t qcow2_compressed_run_end(struct qcow2_image *img, uint64_t off, uint64_t bytes, const struct mapping *m,
+                                  uint64_t cap)
+{
+    uint64_t run_end = m->coff + m->csize;
+    uint64_t l1_index = offset_to_l1_index(img, off);
+    uint64_t l2_off = l1_index < img->l1_size ? img->l1[l1_index] & QCOW2_L1E_OFFSET_MASK : 0;
+    /* the entry was just read through this table by qcow2_get_mapping; if anything
+     * about it looks different now, the single cluster is the answer */
+    if (!l2_off || offset_into_cluster(img, l2_off) || l2_off + img->cluster_size > img->file_size)
+        return run_end;
+    uint32_t l2_index = offset_to_l2_index(img, off);
+    uint32_t per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
+    uint32_t slice_no = l2_index / per_slice, idx = l2_index % per_slice;
+    struct l2_slice *s;
+    if (l2_cache_get(img, l2_off + (uint64_t)slice_no * img->cache.slice_bytes, &s) < 0)
+        return run_end;
+    /* clusters after off's, while the request goes on and their bytes continue
+     * the run: QEMU packs compressed clusters byte by byte, so each starts inside
+     * the last sector of the one before (or right after it) */
+    uint64_t cl = (off & ~(uint64_t)(img->cluster_size - 1)) + img->cluster_size;
+    for (idx++; idx < per_slice && cl < off + bytes; idx++, cl += img->cluster_size) {
+        uint64_t l2e = s->entries[idx * img->l2_entry_words];
+        if (!(l2e & QCOW2_OFLAG_COMPRESSED))
+            break;
+        uint64_t coff;
+        uint32_t csize;
+        compressed_extent(img, l2e, &coff, &csize);
+        uint64_t end = coff + csize;
+        if (coff < m->coff || coff > run_end || end - m->coff > cap)
+            break;
+        if (end > run_end)
+            run_end = end;
+    }
+    l2_cache_put(img, s);
+    return run_end;
 }

@@ -337,6 +337,13 @@ void l2_cache_put(struct qcow2_image *img, struct l2_slice *s);
 /* ---- cluster.c ---- */
 /* Map guest offset off (at most `bytes` ahead) through l1 of img. Thread-safe. */
 int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, struct mapping *m);
+/* m is the SC_COMPRESSED mapping of guest offset off: the host offset where the
+ * compressed bytes of the clusters that follow it in [off, off+bytes) stop
+ * lying one after the other, so one read of [m->coff, end) serves them all.
+ * The run stays within one L2 slice and cap bytes; at least m->coff + m->csize.
+ * Errors only shorten the run. Thread-safe. */
+uint64_t qcow2_compressed_run_end(struct qcow2_image *img, uint64_t off, uint64_t bytes, const struct mapping *m,
+                                  uint64_t cap);
 
 /* ---- compress.c ---- */
 /* Decompress src (len bytes) into exactly dst_len bytes of dst. */

@@ -27,11 +27,12 @@ static int read_backing(struct qcow2_image *img, unsigned char *buf, uint64_t le
 }
 
 /* Per-thread buffers for compressed clusters, freed when the thread ends. The
- * window holds host bytes read ahead: compressed clusters lie one after the
- * other, so a sequential reader needs one read per window, not per cluster. A
- * window belongs to one open image and one write generation, so it never
- * outlives a write that could reuse its bytes. */
+ * window holds host bytes read at once: compressed clusters lie one after the
+ * other, so a reader of many clusters needs one read for all of them, not one
+ * per cluster. A window belongs to one open image and one write generation, so
+ * it never outlives a write that could reuse its bytes. */
 #define ZWIN (1u << 20)
+#define ZREADAHEAD (256u << 10) /* the least a window read takes, for small sequential reads */
 struct zbufs {
     unsigned char *out;
     size_t out_cap;
@@ -54,6 +55,7 @@ static void zbuf_key_init(void)
     pthread_key_create(&zbuf_key, zbufs_free);
 }
 
+/* The calling thread's buffers; out only when out_need is non-zero. */
 static struct zbufs *zbufs_get(size_t out_need)
 {
     pthread_once(&zbuf_once, zbuf_key_init);
@@ -67,25 +69,33 @@ static struct zbufs *zbufs_get(size_t out_need)
         free(z->out);
         z->out = malloc(out_need);
         z->out_cap = z->out ? out_need : 0;
+        if (!z->out)
+            return NULL;
     }
     if (!z->win && !(z->win = malloc(2 * ZWIN)))
         return NULL;
-    return z->out ? z : NULL;
+    return z;
 }
 
-/* The compressed bytes of m, from the window or a fresh read into it. */
-static int compressed_bytes(struct qcow2_image *img, struct zbufs *z, const struct mapping *m, const unsigned char **p)
+/* The compressed bytes of m (guest offset off, bytes left in the request), from
+ * the window or a fresh read into it. A fresh read takes the run of compressed
+ * clusters the request goes on to (qcow2_compressed_run_end), and at least
+ * ZREADAHEAD, so a convert reading 2 MiB chunks on several threads reads each
+ * chunk's bytes once, not a window spilling into the next thread's chunk. */
+static int compressed_bytes(struct qcow2_image *img, struct zbufs *z, const struct mapping *m, uint64_t off,
+                            uint64_t bytes, const unsigned char **p)
 {
     uint64_t gen = atomic_load(&img->write_gen);
     if (z->win_img != img->id || z->win_gen != gen || m->coff < z->win_off ||
         m->coff + m->csize > z->win_off + z->win_len) {
-        /* a cluster is at most 2 MiB + a sector; the window is 2 MiB, so read
-         * exactly what is needed when that is more than the read-ahead */
-        uint64_t len = m->csize > ZWIN ? m->csize : ZWIN;
-        if (len > 2 * ZWIN)
+        /* a cluster is at most 2 MiB + a sector; the window 2 MiB */
+        if (m->csize > 2 * ZWIN)
             return err_fail(EIO, "compressed cluster of %u bytes is too large", m->csize);
+        uint64_t len = qcow2_compressed_run_end(img, off, bytes, m, 2 * ZWIN) - m->coff;
+        if (len < ZREADAHEAD)
+            len = ZREADAHEAD < m->csize ? m->csize : ZREADAHEAD;
         if (m->coff < img->file_size && len > img->file_size - m->coff && m->csize <= img->file_size - m->coff)
-            len = img->file_size - m->coff; /* no read-ahead past the end of the file */
+            len = img->file_size - m->coff; /* no read past the end of the file */
         z->win_img = 0;
         int ret = vfs_pread(img->file, z->win, len, m->coff);
         if (ret < 0)
@@ -99,20 +109,24 @@ static int compressed_bytes(struct qcow2_image *img, struct zbufs *z, const stru
     return 0;
 }
 
+/* One compressed cluster's bytes [off, off+len) into buf. A whole cluster is
+ * decompressed straight into buf; a part goes through the thread's buffer. */
 static int read_compressed(struct qcow2_image *img, const struct mapping *m, unsigned char *buf, uint64_t len,
-                           uint64_t off)
+                           uint64_t off, uint64_t req_left)
 {
-    struct zbufs *z = zbufs_get(img->cluster_size);
+    bool whole = len == img->cluster_size;
+    struct zbufs *z = zbufs_get(whole ? 0 : img->cluster_size);
     if (!z)
         return err_fail(ENOMEM, "out of memory for a compressed cluster");
     const unsigned char *in = NULL;
-    int ret = compressed_bytes(img, z, m, &in);
+    int ret = compressed_bytes(img, z, m, off, req_left, &in);
     if (ret < 0)
         return ret;
-    ret = qcow2_decompress(img->h.compression_type, in, m->csize, z->out, img->cluster_size);
+    ret = qcow2_decompress(img->h.compression_type, in, m->csize, whole ? buf : z->out, img->cluster_size);
     if (ret < 0)
         return err_prefix(ret, "guest offset %#" PRIx64, off & ~(uint64_t)(img->cluster_size - 1));
-    memcpy(buf, z->out + offset_into_cluster(img, off), len);
+    if (!whole)
+        memcpy(buf, z->out + offset_into_cluster(img, off), len);
     return 0;
 }
 
@@ -139,7 +153,7 @@ static int read_range(struct qcow2_image *img, unsigned char *buf, uint64_t len,
             ret = vfs_pread(img->data, buf, n, m.host_off);
             break;
         case SC_COMPRESSED:
-            ret = read_compressed(img, &m, buf, n, off);
+            ret = read_compressed(img, &m, buf, n, off, len);
             break;
         }
         if (ret < 0)

@@ -126,6 +126,30 @@ START_TEST(reads_zstd_and_extended_l2)
 }
 END_TEST
 
+/* One read over many compressed clusters: packed runs, clusters rewritten
+ * elsewhere in the file (the run breaks and starts again), a plain and a zero
+ * cluster in between, and L2 tables and slices crossed (4 KiB clusters). */
+START_TEST(reads_runs_of_compressed_clusters_with_gaps)
+{
+    const char *kinds[] = {"zlib", "zstd"};
+    for (int k = 0; k < 2; k++) {
+        for (int cs = 4096; cs <= 65536; cs *= 16) {
+            char name[64];
+            snprintf(name, sizeof name, "run-%s-%d.qcow2", kinds[k], cs);
+            /* a compressed write needs an unallocated cluster: discard first, and
+             * qemu then puts the new bytes at the end of the file */
+            sh("head -c 4700000 /dev/urandom | base64 | head -c 6M > run.raw && "
+               "qemu-img convert -c -f raw -O qcow2 -o compression_type=%s,cluster_size=%d run.raw %s && "
+               "qemu-io -c 'discard %d %d' -c 'write -c -P 0x77 %d %d' -c 'write -P 0x78 %d %d' "
+               "-c 'write -z %d %d' -c 'discard %d %d' -c 'write -c -P 0x79 %d %d' %s",
+               kinds[k], cs, name, 5 * cs, cs, 5 * cs, cs, 9 * cs, cs, 12 * cs, cs, (2 << 20) - cs, 2 * cs,
+               (2 << 20) - cs, 2 * cs, name);
+            check_all(name, NULL);
+        }
+    }
+}
+END_TEST
+
 START_TEST(reads_through_a_backing_chain_in_mem)
 {
     sh("qemu-img create -f raw base.raw 1M && qemu-io -f raw -c 'write -P 0x55 0 1M' base.raw && "
@@ -456,6 +480,7 @@ static Suite *suite(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, reads_plain_zero_and_compressed_clusters);
     tcase_add_test(tc, reads_zstd_and_extended_l2);
+    tcase_add_test(tc, reads_runs_of_compressed_clusters_with_gaps);
     tcase_add_test(tc, reads_through_a_backing_chain_in_mem);
     tcase_add_test(tc, reads_a_snapshot_view);
     tcase_add_test(tc, refuses_a_file_without_magic_unless_raw);

@@ -15,7 +15,11 @@
 #include "qcowimg.h"
 #include "vfs.h"
 
-#define CHUNK (2u << 20)
+/* The unit of work: 1 MiB, or one output cluster if that is larger. Writing a
+ * new raw file in 2 MiB pieces took 2-3x the kernel time of 1 MiB pieces on the
+ * 2-core test VM (for 1 GiB of output, 0.8-2.2 s of system time against
+ * 0.32-0.41 s; 256 and 512 KiB were no better than 1 MiB). */
+#define CHUNK (1u << 20)
 #define MAX_THREADS 16
 
 struct chunk {
@@ -28,6 +32,7 @@ struct job {
     struct qcow2_image *dst;     /* qcow2 output, or NULL */
     bool compress;
     uint32_t grid;               /* output cluster size (1 for raw) */
+    uint64_t chunk;              /* bytes per chunk: CHUNK, or grid when larger */
     struct chunk *chunks;
     size_t nchunks;
     atomic_size_t next;
@@ -129,7 +134,7 @@ static int emit(struct job *j, unsigned char *buf, uint64_t len, uint64_t off)
 static void *worker(void *arg)
 {
     struct job *j = arg;
-    unsigned char *buf = malloc(CHUNK);
+    unsigned char *buf = malloc(j->chunk);
     if (!buf) {
         record_error(j, err_fail(ENOMEM, "out of memory"), "");
         return NULL;
@@ -153,8 +158,9 @@ out:
     return NULL;
 }
 
-/* The ranges that may hold non-zero data, cut into chunks of at most CHUNK bytes. */
-static int plan_chunks(struct qcow2_image *img, uint64_t size, uint64_t grid, struct chunk **out, size_t *n,
+/* The ranges that may hold non-zero data, cut into chunks of at most `chunk` bytes
+ * (a multiple of grid). */
+static int plan_chunks(struct qcow2_image *img, uint64_t size, uint64_t grid, uint64_t chunk, struct chunk **out, size_t *n,
                        uint64_t *total)
 {
     size_t cap = 1024, cnt = 0;
@@ -179,8 +185,8 @@ static int plan_chunks(struct qcow2_image *img, uint64_t size, uint64_t grid, st
                 s = v[cnt - 1].off + v[cnt - 1].len;
             while (s < end) {
                 /* extend the previous chunk when contiguous and not full */
-                if (cnt && v[cnt - 1].off + v[cnt - 1].len == s && v[cnt - 1].len < CHUNK) {
-                    uint64_t add = end - s < CHUNK - v[cnt - 1].len ? end - s : CHUNK - v[cnt - 1].len;
+                if (cnt && v[cnt - 1].off + v[cnt - 1].len == s && v[cnt - 1].len < chunk) {
+                    uint64_t add = end - s < chunk - v[cnt - 1].len ? end - s : chunk - v[cnt - 1].len;
                     v[cnt - 1].len += add;
                     s += add;
                     continue;
@@ -194,7 +200,7 @@ static int plan_chunks(struct qcow2_image *img, uint64_t size, uint64_t grid, st
                     }
                     v = nv;
                 }
-                uint64_t len = end - s < CHUNK ? end - s : CHUNK;
+                uint64_t len = end - s < chunk ? end - s : chunk;
                 v[cnt++] = (struct chunk){s, len};
                 s += len;
             }
@@ -315,7 +321,8 @@ int cmd_convert(int argc, char **argv)
     /* as qemu-img: a snapshot is copied at the image's current size (cut, or
      * padded with zeroes), whatever size it had when taken */
     uint64_t in_size = qcow2_size(img) < out_size ? qcow2_size(img) : out_size;
-    ret = plan_chunks(img, in_size, j.grid, &j.chunks, &j.nchunks, &j.total_bytes);
+    j.chunk = j.grid > CHUNK ? j.grid : CHUNK;
+    ret = plan_chunks(img, in_size, j.grid, j.chunk, &j.chunks, &j.nchunks, &j.total_bytes);
     if (ret < 0) {
         fail_err(src, ret);
         goto out;
