@@ -74,6 +74,11 @@ static enum MHD_Result put_end(struct req *r)
         ret = err_fail(EINVAL, "the body ended after %" PRIu64 " bytes, before the end of its range", pd->recv);
     if (ret == 0 && pd->flush)
         ret = qcow2_flush(catalog_image_qcow2(pd->ci));
+    /* the write is over: let go before answering, so that "image-changed" is
+     * announced, and the image free for a job or a DELETE, before the client
+     * hears the answer (put_done would do it only after it is sent) */
+    catalog_put_writable(pd->ci);
+    pd->ci = NULL;
     if (ret < 0)
         return api_reply_errno(r, ret);
     return api_reply_empty(r, 204, NULL, NULL);
@@ -82,14 +87,15 @@ static enum MHD_Result put_end(struct req *r)
 static void put_done(struct req *r, bool completed)
 {
     struct put_data *pd = r->ctx;
-    if (!completed && pd->blen) {
+    if (pd->ci && !completed && pd->blen) {
         /* the client went away: keep what arrived, claim nothing more */
         int ret = put_write(pd);
         if (ret < 0)
             fprintf(stderr, "qcowd: %s: after an interrupted upload: %s\n", catalog_image_name(pd->ci),
                     err_msg(ret));
     }
-    catalog_put_writable(pd->ci);
+    if (pd->ci)
+        catalog_put_writable(pd->ci);
     free(pd->buf);
     free(pd);
     r->ctx = NULL;
