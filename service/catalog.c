@@ -833,9 +833,15 @@ static int64_t temp_max_age(void)
  * recorded lack "@HOST"). Stale when HOST is this one and its process is gone,
  * or when it has not changed for TEMP_MAX_AGE (any host: a machine gone for
  * good, or this one before a reboot). why gets the reason. */
+/* Whether file starts as a temporary name of a create or an upload. */
+static bool is_temp_name(const char *file)
+{
+    return !strncmp(file, ".create-", 8) || !strncmp(file, ".upload-", 8);
+}
+
 static bool stale_temp(struct catalog *c, const char *file, char *why, size_t cap)
 {
-    if (strncmp(file, ".create-", 8) && strncmp(file, ".upload-", 8))
+    if (!is_temp_name(file))
         return false;
     size_t n = strlen(file);
     if (n < 8 + 4 || strcmp(file + n - 4, ".tmp"))
@@ -877,7 +883,7 @@ static bool stale_temp(struct catalog *c, const char *file, char *why, size_t ca
 static int collect_temp(void *ctx, const char *file)
 {
     struct name_list *l = ctx;
-    if (strncmp(file, ".create-", 8) && strncmp(file, ".upload-", 8))
+    if (!is_temp_name(file))
         return 0;
     if (l->n == l->cap) {
         size_t cap = l->cap ? l->cap * 2 : 8;

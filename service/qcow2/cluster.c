@@ -48,9 +48,37 @@ static void compressed_extent(const struct qcow2_image *img, uint64_t l2e, uint6
     *csize = (uint32_t)(nsec * QCOW2_COMPRESSED_SECTOR - (*coff & (QCOW2_COMPRESSED_SECTOR - 1)));
 }
 
-int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, struct mapping *m)
+/* The cached slice of the L2 table holding guest offset off's entry into *sp
+ * (give it back with l2_cache_put), with the entry's index in it and the
+ * entries a slice holds; *sp NULL when no L2 table maps off. A bad L1 entry is
+ * an error naming it. */
+static int l2_slice_at(struct qcow2_image *img, uint64_t off, struct l2_slice **sp, uint32_t *idx,
+                       uint32_t *per_slice)
 {
     uint64_t l1_index = offset_to_l1_index(img, off);
+    uint64_t l2_off = (l1_index < img->l1_size ? img->l1[l1_index] : 0) & QCOW2_L1E_OFFSET_MASK;
+    *sp = NULL;
+    if (!l2_off)
+        return 0;
+    if (offset_into_cluster(img, l2_off))
+        return err_fail(EIO, "L2 table offset %#" PRIx64 " (L1 index %" PRIu64 ") is not cluster aligned", l2_off,
+                        l1_index);
+    if (l2_off + img->cluster_size > img->file_size)
+        return err_fail(EIO, "L2 table at %#" PRIx64 " (L1 index %" PRIu64 ") lies past the end of the file", l2_off,
+                        l1_index);
+    uint32_t l2_index = offset_to_l2_index(img, off);
+    *per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
+    *idx = l2_index % *per_slice;
+    int ret = l2_cache_get(img, l2_off + (uint64_t)(l2_index / *per_slice) * img->cache.slice_bytes, sp);
+    if (ret < 0) {
+        *sp = NULL;
+        return err_prefix(ret, "reading L2 table at %#" PRIx64, l2_off);
+    }
+    return 0;
+}
+
+int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, struct mapping *m)
+{
     uint64_t l2_span = (uint64_t)img->l2_entries << img->cluster_bits;
     uint64_t in_l2 = l2_span - (off & (l2_span - 1));
     if (bytes > in_l2)
@@ -58,28 +86,16 @@ int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, str
     m->host_valid = false;
     m->host_off = 0;
 
-    uint64_t l1e = l1_index < img->l1_size ? img->l1[l1_index] : 0;
-    uint64_t l2_off = l1e & QCOW2_L1E_OFFSET_MASK;
-    if (!l2_off) {
+    struct l2_slice *s;
+    uint32_t idx, per_slice;
+    int ret = l2_slice_at(img, off, &s, &idx, &per_slice);
+    if (ret < 0)
+        return ret;
+    if (!s) {
         m->type = SC_UNALLOC;
         m->bytes = bytes;
         return 0;
     }
-    if (offset_into_cluster(img, l2_off))
-        return err_fail(EIO, "L2 table offset %#" PRIx64 " (L1 index %" PRIu64 ") is not cluster aligned", l2_off,
-                        l1_index);
-    if (l2_off + img->cluster_size > img->file_size)
-        return err_fail(EIO, "L2 table at %#" PRIx64 " (L1 index %" PRIu64 ") lies past the end of the file", l2_off,
-                        l1_index);
-
-    /* the slice of the L2 table holding this offset's entry */
-    uint32_t l2_index = offset_to_l2_index(img, off);
-    uint32_t per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
-    uint32_t slice_no = l2_index / per_slice, idx = l2_index % per_slice;
-    struct l2_slice *s;
-    int ret = l2_cache_get(img, l2_off + (uint64_t)slice_no * img->cache.slice_bytes, &s);
-    if (ret < 0)
-        return err_prefix(ret, "reading L2 table at %#" PRIx64, l2_off);
 
     uint64_t pos = off; /* walk forward while the run continues */
     uint64_t end = off + bytes;
@@ -150,18 +166,14 @@ uint64_t qcow2_compressed_run_end(struct qcow2_image *img, uint64_t off, uint64_
                                   uint64_t cap)
 {
     uint64_t run_end = m->coff + m->csize;
-    uint64_t l1_index = offset_to_l1_index(img, off);
-    uint64_t l2_off = l1_index < img->l1_size ? img->l1[l1_index] & QCOW2_L1E_OFFSET_MASK : 0;
-    /* the entry was just read through this table by qcow2_get_mapping; if anything
-     * about it looks different now, the single cluster is the answer */
-    if (!l2_off || offset_into_cluster(img, l2_off) || l2_off + img->cluster_size > img->file_size)
-        return run_end;
-    uint32_t l2_index = offset_to_l2_index(img, off);
-    uint32_t per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
-    uint32_t slice_no = l2_index / per_slice, idx = l2_index % per_slice;
+    /* the entry was just read through this table by qcow2_get_mapping; if the
+     * lookup fails now, the single cluster is the answer */
     struct l2_slice *s;
-    if (l2_cache_get(img, l2_off + (uint64_t)slice_no * img->cache.slice_bytes, &s) < 0)
+    uint32_t idx, per_slice;
+    if (l2_slice_at(img, off, &s, &idx, &per_slice) < 0 || !s) {
+        err_clear();
         return run_end;
+    }
     /* clusters after off's, while the request goes on and their bytes continue
      * the run: QEMU packs compressed clusters byte by byte, so each starts inside
      * the last sector of the one before (or right after it) */
