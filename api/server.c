@@ -36,8 +36,10 @@ struct api_server {
 #define M_DELETE  0x10u
 #define M_OPTIONS 0x20u
 
+#define ROUTE_SEGS 6 /* the longest route; a longer path is 404 before matching */
+
 struct route {
-    const char *seg[6]; /* path segments; "*" captures one (decoded) */
+    const char *seg[ROUTE_SEGS]; /* path segments; "*" captures one (decoded) */
     unsigned methods;
     api_handler fn;
 };
@@ -83,7 +85,7 @@ static const struct route routes[] = {
     {{NULL}, 0, NULL},
 };
 
-#define MAX_SEGS 8
+#define MAX_SEGS ROUTE_SEGS
 
 static const struct {
     const char *name;
@@ -145,8 +147,12 @@ static int split_path(struct req *r, const char *url, char **segs, unsigned *nse
     return 0;
 }
 
+/* Every index stays below ROUTE_SEGS whatever nsegs is: a path longer than the
+ * route simply does not match. */
 static bool match(const struct route *rt, char **segs, unsigned nsegs, char **args)
 {
+    if (nsegs > ROUTE_SEGS)
+        return false;
     unsigned i = 0, a = 0;
     for (; i < nsegs && rt->seg[i]; i++) {
         if (!strcmp(rt->seg[i], "*")) {
@@ -157,7 +163,7 @@ static bool match(const struct route *rt, char **segs, unsigned nsegs, char **ar
             return false;
         }
     }
-    return i == nsegs && (i == sizeof rt->seg / sizeof rt->seg[0] || !rt->seg[i]);
+    return i == nsegs && (i == ROUTE_SEGS || !rt->seg[i]);
 }
 
 static enum MHD_Result dispatch(struct req *r, const char *url)
