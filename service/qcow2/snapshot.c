@@ -52,7 +52,7 @@ int qcow2_read_snapshots(struct qcow2_image *img)
     uint64_t pos = 0;
     for (uint32_t i = 0; i < n; i++) {
         struct qcow2_snapshot_info *s = &img->snaps[i];
-        if (maxlen - pos < SNAP_FIXED) {
+        if (pos > maxlen || maxlen - pos < SNAP_FIXED) { /* the padded step may pass the end */
             ret = err_fail(EINVAL, "snapshot table is truncated at entry %u", i);
             goto out;
         }
