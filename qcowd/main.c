@@ -295,7 +295,10 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
-    int ret = load_plugins(plugin_dir);
+    /* catalog files: no symbolic links followed, regular files only, new ones 0640 */
+    int ret = vfs_config("file", "confine", "yes");
+    if (ret == 0)
+        ret = load_plugins(plugin_dir);
     if (ret == 0 && s3_endpoint)
         ret = vfs_config("s3", "endpoint", s3_endpoint);
     for (unsigned i = 0; ret == 0 && i < n_s3_opts; i++) {

@@ -25,6 +25,13 @@ struct fhandle {
 
 #define FH(h) ((struct fhandle *)(h))
 
+/* confine=yes (the daemon sets it before serving): the last component of a path
+ * is never followed when it is a symbolic link, only regular files are opened,
+ * and new files are private to the owner and the group (0640). Off (qcowimg):
+ * links are followed and devices opened, as qemu-img does, and new files get
+ * 0666 less the umask. Set once before any open; read without a lock after. */
+static bool confine;
+
 /* err_fail with "OP PATH: strerror(e)". */
 static int fail(int e, const char *op, const char *path)
 {
@@ -52,10 +59,21 @@ static bool punches_holes(int fd)
     }
 }
 
+/* The error for a path that confine refuses: a link is not followed, a FIFO or a
+ * device is not an image. */
+static int refuse_kind(const char *op, const char *path, mode_t mode)
+{
+    if (S_ISLNK(mode))
+        return err_fail(EPERM, "%s %s: a symbolic link (qcowd does not follow links in its catalog)", op, path);
+    return err_fail(EPERM, "%s %s: not a regular file", op, path);
+}
+
 static int file_open(const char *path, unsigned flags, void **handle)
 {
     struct stat st;
     int oflags = O_CLOEXEC | ((flags & VFS_O_RDWR) ? O_RDWR : O_RDONLY);
+    if (confine) /* O_NONBLOCK: opening a FIFO must not wait for a writer */
+        oflags |= O_NOFOLLOW | O_NONBLOCK | O_NOCTTY;
     if (flags & VFS_O_CREATE)
         oflags |= O_CREAT;
     if (flags & VFS_O_EXCL)
@@ -67,15 +85,24 @@ static int file_open(const char *path, unsigned flags, void **handle)
         return fail(ENOMEM, "open", path);
     memcpy(fh->path, path, n + 1);
     do
-        fh->fd = open(path, oflags, 0666);
+        fh->fd = open(path, oflags, confine ? 0640 : 0666);
     while (fh->fd < 0 && errno == EINTR);
     if (fh->fd < 0) {
         int e = errno;
         free(fh);
+        if (e == ELOOP && confine && lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+            return refuse_kind("open", path, st.st_mode);
         return fail(e, "open", path);
     }
     /* A read-only open of a directory succeeds in POSIX; an image never is one. */
     int e = fstat(fh->fd, &st) < 0 ? errno : S_ISDIR(st.st_mode) ? EISDIR : 0;
+    if (!e && confine && !S_ISREG(st.st_mode)) {
+        close(fh->fd);
+        free(fh);
+        return refuse_kind("open", path, st.st_mode);
+    }
+    if (!e && confine && fcntl(fh->fd, F_SETFL, fcntl(fh->fd, F_GETFL) & ~O_NONBLOCK) < 0)
+        e = errno;
     if (e) {
         close(fh->fd);
         free(fh);
@@ -242,8 +269,10 @@ static int file_list(const char *dir, int (*cb)(void *ctx, const char *name), vo
 static int file_stat(const char *path, struct vfs_stat *st)
 {
     struct stat s;
-    if (stat(path, &s) < 0)
+    if ((confine ? lstat(path, &s) : stat(path, &s)) < 0)
         return fail(errno, "stat", path);
+    if (confine && !S_ISREG(s.st_mode) && !S_ISDIR(s.st_mode))
+        return refuse_kind("stat", path, s.st_mode);
     st->size = (uint64_t)s.st_size;
     st->allocated = (uint64_t)s.st_blocks * 512;
     st->mtime = (int64_t)s.st_mtim.tv_sec;
@@ -253,9 +282,37 @@ static int file_stat(const char *path, struct vfs_stat *st)
     return 0;
 }
 
+/* Make a change of path's directory entry durable: fsync the folder holding it. */
+static int sync_dir_of(const char *path, const char *op)
+{
+    const char *slash = strrchr(path, '/');
+    char dir[4096];
+    if (!slash)
+        snprintf(dir, sizeof dir, ".");
+    else if (slash == path)
+        snprintf(dir, sizeof dir, "/");
+    else if ((size_t)(slash - path) < sizeof dir)
+        snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    else
+        return fail(ENAMETOOLONG, op, path);
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return fail(errno, op, dir);
+    int r;
+    do
+        r = fsync(fd);
+    while (r < 0 && errno == EINTR);
+    int e = errno;
+    close(fd);
+    /* some file systems cannot sync a folder: the change stands, only its durability is theirs */
+    return r < 0 && e != EINVAL && e != EROFS ? fail(e, op, dir) : 0;
+}
+
 static int file_remove(const char *path)
 {
-    return unlink(path) < 0 ? fail(errno, "remove", path) : 0;
+    if (unlink(path) < 0)
+        return fail(errno, "remove", path);
+    return sync_dir_of(path, "remove");
 }
 
 static int file_rename(const char *from, const char *to)
@@ -264,7 +321,26 @@ static int file_rename(const char *from, const char *to)
         int e = errno;
         return err_fail(e, "rename %s to %s: %s", from, to, VFS_ESTR(e));
     }
-    return 0;
+    int r = sync_dir_of(to, "rename");
+    const char *fs = strrchr(from, '/'), *ts = strrchr(to, '/');
+    bool same = (!fs && !ts) || (fs && ts && fs - from == ts - to && !memcmp(from, to, (size_t)(fs - from)));
+    if (r == 0 && !same)
+        r = sync_dir_of(from, "rename");
+    return r;
+}
+
+static int file_config(const char *key, const char *value)
+{
+    if (!strcmp(key, "confine")) {
+        if (!strcmp(value, "yes"))
+            confine = true;
+        else if (!strcmp(value, "no"))
+            confine = false;
+        else
+            return err_fail(EINVAL, "confine takes yes or no, not '%s'", value);
+        return 0;
+    }
+    return err_fail(EINVAL, "unknown setting '%s' (the file backend has: confine)", key);
 }
 
 static int file_fd(void *h)
@@ -292,4 +368,5 @@ const struct vfs_ops vfs__file_ops = {
     .remove = file_remove,
     .rename = file_rename,
     .fd = file_fd,
+    .config = file_config,
 };

@@ -62,10 +62,11 @@ class Prober(threading.Thread):
         self.lock = threading.Lock()
 
     def reset(self):
+        """(worst answer time, failures, reads) since the last reset."""
         with self.lock:
-            w, f = self.worst, self.failures
-            self.worst, self.failures = 0.0, []
-        return w, f
+            w, f, n = self.worst, self.failures, self.count
+            self.worst, self.failures, self.count = 0.0, [], 0
+        return w, f, n
 
     def run(self):
         c = None
@@ -186,12 +187,12 @@ class Hostile(qcowd.Cases):
             fn(self)
             self.up()
             peak = self.rss_kib("VmHWM")
-            worst, failures = self.prober.reset()
+            worst, failures, reads = self.prober.reset()
             grew = (peak - base) / 1024.0
             self.worst_rss = max(self.worst_rss, grew)
             self.worst_probe = max(self.worst_probe, worst)
-            print("   %s: rss +%.1f MiB (peak %.1f MiB), probe worst %.0f ms" %
-                  (name, grew, peak / 1024.0, worst * 1000), flush=True)
+            print("   %s: rss +%.1f MiB (peak %.1f MiB), %d probe reads, worst %.0f ms" %
+                  (name, grew, peak / 1024.0, reads, worst * 1000), flush=True)
             assert not failures, "the other client's reads failed: %s" % failures[:3]
             assert worst < PROBE_LIMIT_S, "the other client waited %.2f s for a read" % worst
             assert grew < RSS_BUDGET_MIB, "RSS rose by %.1f MiB (budget %d MiB)" % (grew, RSS_BUDGET_MIB)

@@ -10,6 +10,7 @@
 
 #include "auth.h"
 #include "err.h"
+#include "ticket.h"
 
 /* SHA-256("secret-token"), computed by the test itself so the test fails when
  * the hashing does. */
@@ -158,6 +159,57 @@ START_TEST(roles_by_name)
 }
 END_TEST
 
+START_TEST(tickets_scope_expiry_and_revocation)
+{
+    struct tickets *t = tickets_new(3);
+    struct ticket_info a, b, got;
+    char ta[AUTH_TOKEN_LEN + 1], tb[AUTH_TOKEN_LEN + 1];
+    ck_assert_int_eq(tickets_add(t, "vm1", TICKET_OP_READ, 3600, "ops", &a, ta), 0);
+    ck_assert_int_eq(tickets_add(t, "vm2", TICKET_OP_READ | TICKET_OP_WRITE, 1, "", &b, tb), 0);
+    ck_assert_str_ne(ta, tb);
+    ck_assert_str_ne(a.id, b.id);
+    ck_assert_uint_eq(strlen(a.id), TICKET_ID_LEN);
+    ck_assert_ptr_null(strstr(ta, a.id));
+    ck_assert_int_eq(tickets_find(t, ta, strlen(ta), &got), 0);
+    ck_assert_str_eq(got.image, "vm1");
+    ck_assert_uint_eq(got.ops, TICKET_OP_READ);
+    ck_assert_str_eq(got.owner, "ops");
+    ck_assert_int_eq(tickets_find(t, tb, strlen(tb), &got), 0);
+    ck_assert_str_eq(got.image, "vm2");
+    ck_assert_int_eq(tickets_find(t, "nope", 4, &got), -ENOENT);
+    /* bad requests */
+    ck_assert_int_eq(tickets_add(t, "vm1", 0, 10, "", &got, ta + 0), -EINVAL);
+    ck_assert_int_eq(tickets_add(t, "vm1", TICKET_OP_READ, 0, "", &got, tb + 0), -EINVAL);
+    ck_assert_int_eq(tickets_add(t, "vm1", TICKET_OP_READ, TICKET_MAX_TIMEOUT + 1, "", &got, tb + 0), -EINVAL);
+    /* the list has no secrets, only what they grant */
+    struct ticket_info *v;
+    size_t n;
+    ck_assert_int_eq(tickets_list(t, &v, &n), 0);
+    ck_assert_uint_eq(n, 2);
+    free(v);
+    sleep(2); /* b expires */
+    ck_assert_int_eq(tickets_find(t, tb, strlen(tb), &got), -ENOENT);
+    ck_assert_int_eq(tickets_list(t, &v, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_str_eq(v[0].id, a.id);
+    free(v);
+    /* the budget */
+    char tc[AUTH_TOKEN_LEN + 1];
+    struct ticket_info c;
+    ck_assert_int_eq(tickets_add(t, "x", TICKET_OP_READ, 60, "", &c, tc), 0);
+    ck_assert_int_eq(tickets_add(t, "y", TICKET_OP_READ, 60, "", &c, tc), 0);
+    ck_assert_int_eq(tickets_add(t, "z", TICKET_OP_READ, 60, "", &c, tc), -ENOSPC);
+    ck_assert_ptr_nonnull(strstr(err_msg(-ENOSPC), "--max-tickets"));
+    /* revocation */
+    ck_assert_int_eq(tickets_remove(t, a.id), 0);
+    ck_assert_int_eq(tickets_find(t, ta, strlen(ta), &got), -ENOENT);
+    ck_assert_int_eq(tickets_remove(t, a.id), -ENOENT);
+    ck_assert_uint_eq(ticket_op_parse("write"), TICKET_OP_WRITE);
+    ck_assert_uint_eq(ticket_op_parse("delete"), 0);
+    tickets_free(t);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("auth");
@@ -169,6 +221,8 @@ int main(void)
     tcase_add_test(tc, new_tokens_are_random_and_their_line_parses);
     tcase_add_test(tc, load_refuses_world_writable_file);
     tcase_add_test(tc, roles_by_name);
+    tcase_add_test(tc, tickets_scope_expiry_and_revocation);
+    tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);
