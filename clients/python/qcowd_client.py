@@ -18,6 +18,7 @@ reached. A Client keeps one HTTP/1.1 connection: use one Client per thread.
 import http.client
 import json
 import os
+import ssl
 import urllib.parse
 
 __all__ = ["Client", "QcowdError"]
@@ -36,7 +37,10 @@ class QcowdError(Exception):
 
 
 class Client:
-    def __init__(self, url="http://127.0.0.1:8080", timeout=300):
+    def __init__(self, url="http://127.0.0.1:8080", timeout=300, token=None, cacert=None):
+        """url: the server; token: the bearer token sent with every request
+        (default $QCOWD_TOKEN); cacert: a PEM file of the CA that verifies an
+        https:// server (default $QCOWD_CACERT, else the system's)."""
         u = urllib.parse.urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError("not an http(s) URL: %r" % url)
@@ -47,6 +51,12 @@ class Client:
         self._prefix = u.path.rstrip("/")
         self._timeout = timeout
         self._conn = None
+        token = token if token is not None else os.environ.get("QCOWD_TOKEN") or None
+        if token is not None and ("\r" in token or "\n" in token):
+            raise ValueError("the token has a line break in it")
+        self._auth = {"Authorization": "Bearer " + token} if token else {}
+        cacert = cacert if cacert is not None else os.environ.get("QCOWD_CACERT") or None
+        self._ssl = ssl.create_default_context(cafile=cacert) if self._https else None
 
     # ---- plumbing ----
 
@@ -63,8 +73,11 @@ class Client:
 
     def _connection(self):
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
+            if self._https:
+                self._conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                                         context=self._ssl)
+            else:
+                self._conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         return self._conn
 
     @staticmethod
@@ -76,6 +89,7 @@ class Client:
         A request whose body can be sent again is retried once on a fresh
         connection if a kept-alive one turns out to be closed."""
         headers = dict(headers or {})
+        headers.update(self._auth)
         retry = body is None or isinstance(body, (bytes, bytearray, memoryview))
         for attempt in (0, 1):
             conn = self._connection()

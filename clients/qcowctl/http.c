@@ -12,6 +12,8 @@
 
 static CURL *curl;
 static char *base_url;
+static char *auth_header; /* "Authorization: Bearer TOKEN", or NULL */
+static char *ca_file;
 
 struct xfer {
     const struct http_req *req;
@@ -22,7 +24,7 @@ struct xfer {
     int read_error;   /* errno of a failed read of req->in */
 };
 
-int http_init(const char *url)
+int http_init(const char *url, const char *token, const char *cacert)
 {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(curl = curl_easy_init())) {
         fprintf(stderr, "qcowctl: cannot initialise libcurl\n");
@@ -36,7 +38,17 @@ int http_init(const char *url)
         return -1;
     }
     base_url = strndup(url, n);
-    if (!base_url) {
+    if (token && *token) {
+        if (strpbrk(token, "\r\n")) {
+            fprintf(stderr, "qcowctl: the token has a line break in it\n");
+            return -1;
+        }
+        if (asprintf(&auth_header, "Authorization: Bearer %s", token) < 0)
+            auth_header = NULL;
+    }
+    if (cacert && *cacert)
+        ca_file = strdup(cacert);
+    if (!base_url || (token && *token && !auth_header) || (cacert && *cacert && !ca_file)) {
         fprintf(stderr, "qcowctl: out of memory\n");
         return -1;
     }
@@ -50,6 +62,12 @@ void http_done(void)
     curl = NULL;
     free(base_url);
     base_url = NULL;
+    if (auth_header) /* the secret does not outlive its use */
+        memset(auth_header, 0, strlen(auth_header));
+    free(auth_header);
+    auth_header = NULL;
+    free(ca_file);
+    ca_file = NULL;
     curl_global_cleanup();
 }
 
@@ -159,6 +177,10 @@ int http_do(const struct http_req *req, struct http_resp *resp)
     curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, 30L);
     /* no "Expect: 100-continue" round trip before a body */
     hdrs = curl_slist_append(hdrs, "Expect:");
+    if (auth_header)
+        hdrs = curl_slist_append(hdrs, auth_header);
+    if (ca_file)
+        curl_easy_setopt(curl, CURLOPT_CAINFO, ca_file);
     for (int i = 0; i < 4 && req->headers[i]; i++)
         hdrs = curl_slist_append(hdrs, req->headers[i]);
     if (req->content_type) {

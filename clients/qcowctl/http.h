@@ -29,9 +29,11 @@ struct http_resp {
     uint64_t sent; /* body bytes written to req.out */
 };
 
-/* Sets the server's base URL ("http://host:port", a trailing '/' is dropped);
- * call once before http_do. Returns 0, or -1 with a message printed. */
-int http_init(const char *url);
+/* Sets the server's base URL ("http://host:port" or "https://...", a trailing
+ * '/' is dropped), the bearer token sent with every request (NULL: none) and the
+ * CA certificate file that verifies the server (NULL: the system's); call once
+ * before http_do. Returns 0, or -1 with a message printed. */
+int http_init(const char *url, const char *token, const char *cacert);
 void http_done(void);
 
 /* Runs one request. Returns 0 when the server answered 2xx with the whole body;

@@ -23,8 +23,12 @@
 static void usage(FILE *f)
 {
     fprintf(f,
-            "usage: qcowctl [--url URL] COMMAND [ARGS]\n"
-            "  --url URL   the qcowd server (default $QCOWD_URL, else " DEFAULT_URL ")\n"
+            "usage: qcowctl [--url URL] [--token TOKEN] [--cacert FILE] COMMAND [ARGS]\n"
+            "  --url URL       the qcowd server (default $QCOWD_URL, else " DEFAULT_URL ")\n"
+            "  --token TOKEN   bearer token sent with every request (default $QCOWD_TOKEN; prefer the\n"
+            "                  variable: the command line is visible to other users)\n"
+            "  --cacert FILE   CA certificate (PEM) that verifies an https:// server (default\n"
+            "                  $QCOWD_CACERT, else the system's)\n"
             "\n"
             "commands:\n"
             "  list                          the catalog, as JSON\n"
@@ -544,11 +548,14 @@ int main(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"url", required_argument, 0, 'u'},
+        {"token", required_argument, 0, 't'},
+        {"cacert", required_argument, 0, 'c'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
     };
     const char *url = getenv("QCOWD_URL");
+    const char *token = getenv("QCOWD_TOKEN"), *cacert = getenv("QCOWD_CACERT");
     int c;
     if (!url || !*url)
         url = DEFAULT_URL;
@@ -556,6 +563,12 @@ int main(int argc, char **argv)
         switch (c) {
         case 'u':
             url = optarg;
+            break;
+        case 't':
+            token = optarg;
+            break;
+        case 'c':
+            cacert = optarg;
             break;
         case 'h':
             usage(stdout);
@@ -587,7 +600,7 @@ int main(int argc, char **argv)
                 usage(stdout);
                 return 0;
             }
-        if (http_init(url))
+        if (http_init(url, token, cacert))
             return 1;
         int r = commands[i].fn(sub_argc, sub_argv);
         http_done();

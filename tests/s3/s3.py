@@ -51,7 +51,8 @@ class Qcowd(qcowd.Qcowd):
 
     def __init__(self, s3, prefix, staging, endpoint=None, env_extra=None, secret=None, opts=(), expect_fail=False):
         args = ["--threads", "4", "--catalog", "s3://%s/%s" % (BUCKET, prefix),
-                "--s3-endpoint", endpoint or s3.endpoint, "--s3-opt", "staging-dir=" + staging]
+                "--s3-endpoint", endpoint or s3.endpoint, "--s3-opt", "staging-dir=" + staging,
+                "--s3-opt", "allow-http=yes"]
         for o in opts:
             args += ["--s3-opt", o]
         env = s3.env(secret)
@@ -336,7 +337,8 @@ def credentials_file(c):
                     (c.s3.access, secret))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         args = [QCOWD, "--listen", "127.0.0.1:0", "--catalog", "s3://%s/%s" % (BUCKET, p), "--s3-endpoint",
-                c.s3.endpoint, "--s3-opt", "credentials-file=" + path, "--s3-opt", "staging-dir=" + c.staging]
+                c.s3.endpoint, "--s3-opt", "credentials-file=" + path, "--s3-opt", "staging-dir=" + c.staging,
+                "--s3-opt", "allow-http=yes"]
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         line = proc.stderr.readline().decode()
         if ok:
@@ -352,15 +354,32 @@ def credentials_file(c):
 def missing_bucket_and_unreachable(c):
     """A missing bucket and an unreachable endpoint are named at start-up."""
     args = [QCOWD, "--listen", "127.0.0.1:0", "--catalog", "s3://no-such-bucket-here/x", "--s3-endpoint",
-            c.s3.endpoint]
+            c.s3.endpoint, "--s3-opt", "allow-http=yes"]
     r = subprocess.run(args, env=c.s3.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     err = r.stderr.decode()
     check(r.returncode == 1 and "bucket 'no-such-bucket-here' does not exist" in err, "missing bucket: " + err)
     args = [QCOWD, "--listen", "127.0.0.1:0", "--catalog", "s3://%s/x" % BUCKET, "--s3-endpoint",
-            "http://127.0.0.1:9", "--s3-opt", "retries=1"]
+            "http://127.0.0.1:9", "--s3-opt", "retries=1", "--s3-opt", "allow-http=yes"]
     r = subprocess.run(args, env=c.s3.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
     err = r.stderr.decode()
     check(r.returncode == 1 and "unreachable" in err, "unreachable endpoint: " + err)
+
+
+def secrets_and_plain_http_refused(c):
+    """The secret key is refused on the command line (others read it in /proc), a
+    plain http:// endpoint needs allow-http=yes, and an endpoint carrying
+    user:password@ is refused without the URL being echoed."""
+    base = [QCOWD, "--listen", "127.0.0.1:0", "--catalog", "s3://%s/x" % BUCKET]
+    for extra, want in (
+            (["--s3-endpoint", c.s3.endpoint, "--s3-opt", "allow-http=yes", "--s3-opt", "secret-key=hunter2"],
+             "secret-key cannot be a setting"),
+            (["--s3-endpoint", c.s3.endpoint], "plain HTTP"),
+            (["--s3-endpoint", c.s3.endpoint.replace("http://", "http://me:hunter2@"), "--s3-opt", "allow-http=yes"],
+             "carries credentials")):
+        r = subprocess.run(base + extra, env=c.s3.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        err = r.stderr.decode()
+        check(r.returncode != 0 and want in err, "%s: exit %d: %s" % (extra, r.returncode, err))
+        check("hunter2" not in err, "the secret was echoed: " + err)
 
 
 def faults_at_run_time(c):
@@ -695,7 +714,7 @@ def own_changes_seen_at_once(c):
 
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
-         missing_bucket_and_unreachable, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
+         missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once]
 

@@ -220,6 +220,8 @@ class Swift(Client):
 
     def qcowd_args(self, bucket, prefix, staging=None, *opts):
         args = ["--catalog", "s3://%s/%s" % (bucket, prefix), "--s3-endpoint", self.endpoint]
+        if self.endpoint.startswith("http://"):  # the local Swift: plain HTTP on loopback
+            args += ["--s3-opt", "allow-http=yes"]
         if staging:
             args += ["--s3-opt", "staging-dir=" + staging]
         for o in opts:

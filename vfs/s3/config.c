@@ -54,13 +54,26 @@ static int parse_uint(const char *key, const char *v, unsigned long min, unsigne
     return 0;
 }
 
+/* Whether the authority of URL v (after the scheme) holds user information
+ * ("user:password@host"): such an endpoint is refused without echoing it. */
+static int has_userinfo(const char *v)
+{
+    const char *a = strstr(v, "://");
+    a = a ? a + 3 : v;
+    size_t n = strcspn(a, "/?#");
+    return memchr(a, '@', n) != NULL;
+}
+
 static int set_locked(const char *key, const char *v)
 {
     unsigned long n;
     int r;
     if (!strcmp(key, "endpoint")) {
+        if (has_userinfo(v))
+            return err_fail(EINVAL, "s3 configuration: the endpoint URL carries credentials (user:password@); "
+                                    "give them in the environment or a credentials file instead");
         if (strncmp(v, "http://", 7) && strncmp(v, "https://", 8))
-            return err_fail(EINVAL, "s3 configuration: endpoint %s is not an http:// or https:// URL", v);
+            return err_fail(EINVAL, "s3 configuration: endpoint %.200s is not an http:// or https:// URL", v);
         if ((r = set_str(&s3_conf.endpoint, v)) == 0) {
             size_t len = strlen(s3_conf.endpoint);
             while (len > 8 && s3_conf.endpoint[len - 1] == '/')
@@ -76,8 +89,14 @@ static int set_locked(const char *key, const char *v)
         return set_str(&s3_conf.secret_key, v);
     if (!strcmp(key, "staging-dir"))
         return set_str(&s3_conf.staging_dir, v);
+    if (!strcmp(key, "allow-http")) {
+        if (strcmp(v, "yes") && strcmp(v, "no"))
+            return err_fail(EINVAL, "s3 configuration: allow-http takes yes or no, not '%.20s'", v);
+        s3_conf.allow_http = !strcmp(v, "yes");
+        return 0;
+    }
     if (!strcmp(key, "credentials-file")) {
-        FILE *f = fopen(v, "r");
+        FILE *f = fopen(v, "re");
         if (!f)
             return err_fail(errno, "s3 configuration: credentials file %s: %s", v, strerror(errno));
         char line[512];
@@ -145,8 +164,8 @@ static int set_locked(const char *key, const char *v)
             s3_conf.connect_timeout_ms = (long)n * 1000;
         return r;
     }
-    return err_fail(EINVAL, "s3 configuration: unknown key \"%s\" (known: endpoint, region, access-key, "
-                            "secret-key, credentials-file, staging-dir, block-size, cache-size, readahead, "
+    return err_fail(EINVAL, "s3 configuration: unknown key \"%.64s\" (known: endpoint, region, access-key, "
+                            "credentials-file, staging-dir, allow-http, block-size, cache-size, readahead, "
                             "part-size, staging-max, copy-max, connections, retries, timeout, connect-timeout, "
                             "stat-ttl)",
                     key);
@@ -154,6 +173,11 @@ static int set_locked(const char *key, const char *v)
 
 int s3_conf_set(const char *key, const char *value)
 {
+    /* what the host passes comes from its command line or settings file, which
+     * others can read (/proc/PID/cmdline): no secrets there */
+    if (!strcmp(key, "secret-key"))
+        return err_fail(EINVAL, "s3 configuration: secret-key cannot be a setting (the command line is visible "
+                                "to every user in /proc); use AWS_SECRET_ACCESS_KEY or credentials-file=FILE");
     pthread_mutex_lock(&conf_lock);
     int r = set_locked(key, value);
     pthread_mutex_unlock(&conf_lock);
@@ -216,6 +240,12 @@ int s3_conf_ready(void)
     if (!s3_conf.access_key || !s3_conf.secret_key) {
         r = err_fail(EACCES, "s3: no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or a "
                              "credentials file)");
+        goto out;
+    }
+    if (!strncmp(s3_conf.endpoint, "http://", 7) && !s3_conf.allow_http) {
+        r = err_fail(EINVAL, "s3: endpoint %.200s is plain HTTP, so credentials and data would cross the network "
+                             "unencrypted; use https://, or --s3-opt allow-http=yes for a store on a trusted network",
+                     s3_conf.endpoint);
         goto out;
     }
     if (!s3_conf.region && (r = set_str(&s3_conf.region, "us-east-1")) < 0)

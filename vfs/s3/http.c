@@ -129,6 +129,10 @@ static size_t on_body(char *p, size_t sz, size_t n, void *u)
         memcpy((char *)r->into + r->into_len, p, k);
         r->into_len += k;
     } else {
+        if (len > S3_TEXT_MAX - r->text.len) { /* a hostile or broken server: stop reading */
+            r->too_big = 1;
+            return 0;
+        }
         sbuf_add(&r->text, p, len);
         if (r->text.oom)
             return 0;
@@ -311,6 +315,7 @@ static CURLcode attempt(CURL *h, struct s3_req *r, const char *host, struct sbuf
     r->status = 0;
     r->into_len = 0;
     r->text.len = 0;
+    r->too_big = 0;
     if (r->text.p)
         r->text.p[0] = '\0';
     curl_err[0] = '\0';
@@ -479,7 +484,11 @@ int s3_http(struct s3_req *r, const char *what)
         }
         if (!(cc == CURLE_OK && r->status == 404 && r->quiet_404))
             atomic_fetch_add(&s3_stats.errors, 1);
-        ret = cc != CURLE_OK ? fail_curl(cc, what, curl_err, tries) : fail_status(r, what, tries);
+        if (cc == CURLE_WRITE_ERROR && r->too_big)
+            ret = err_fail(EREMOTEIO, "%s: the S3 server's answer is larger than %u MiB, the most qcowd reads", what,
+                           S3_TEXT_MAX >> 20);
+        else
+            ret = cc != CURLE_OK ? fail_curl(cc, what, curl_err, tries) : fail_status(r, what, tries);
         break;
     }
     sbuf_free(&url);

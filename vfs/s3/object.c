@@ -329,10 +329,30 @@ static int mkdirs(const char *dir)
     return r;
 }
 
+/* The staging folder holds unpublished image data: it must be a real folder (not
+ * a link), ours, and closed to everyone else. 0 or a negative errno with the
+ * message. */
+static int staging_private(const char *dir)
+{
+    struct stat st;
+    if (lstat(dir, &st) < 0)
+        return err_fail(errno, "staging folder %s: %s", dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return err_fail(EPERM, "staging folder %s is %s, not a folder", dir,
+                        S_ISLNK(st.st_mode) ? "a symbolic link" : "a file");
+    if (st.st_uid != geteuid())
+        return err_fail(EPERM, "staging folder %s belongs to uid %u, not to qcowd's uid %u", dir, (unsigned)st.st_uid,
+                        (unsigned)geteuid());
+    if (st.st_mode & 077)
+        return err_fail(EPERM, "staging folder %s is open to others (mode %03o): chmod 700 it", dir,
+                        (unsigned)(st.st_mode & 0777));
+    return 0;
+}
+
 /* The meta file: what a later run needs to tell what it finds. */
 static void write_meta(struct obj *o, const char *upload_id)
 {
-    int fd = open(o->mpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = open(o->mpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
     if (!f) {
         if (fd >= 0)
@@ -352,7 +372,10 @@ static void discard_leftover(struct obj *o, struct stat *st)
 {
     char line[512], upload_id[512] = "", etag[512] = "-";
     long pid = 0;
-    FILE *f = fopen(o->mpath, "r");
+    int mfd = open(o->mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    FILE *f = mfd >= 0 ? fdopen(mfd, "r") : NULL;
+    if (!f && mfd >= 0)
+        close(mfd);
     if (f) {
         while (fgets(line, sizeof line, f)) {
             line[strcspn(line, "\n")] = '\0';
@@ -379,6 +402,8 @@ static int staging_open(struct obj *o)
     int r = mkdirs(s3_conf.staging_dir);
     if (r < 0)
         return err_fail(-r, "open %s: staging folder %s: %s", o->n.uri, s3_conf.staging_dir, strerror(-r));
+    if ((r = staging_private(s3_conf.staging_dir)) < 0)
+        return err_prefix(r, "open %s", o->n.uri);
     struct sbuf id = {0};
     sbuf_printf(&id, "%s\n%s\n%s", s3_conf.endpoint, o->n.bucket, o->n.key);
     char hash[65];
@@ -387,7 +412,7 @@ static int staging_open(struct obj *o)
     if (asprintf(&o->spath, "%s/%.40s.data", s3_conf.staging_dir, hash) < 0 ||
         asprintf(&o->mpath, "%s/%.40s.meta", s3_conf.staging_dir, hash) < 0)
         return err_fail(ENOMEM, "open %s: out of memory", o->n.uri);
-    o->sfd = open(o->spath, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    o->sfd = open(o->spath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (o->sfd < 0)
         return err_fail(errno, "open %s: staging file %s: %s", o->n.uri, o->spath, strerror(errno));
     if (flock(o->sfd, LOCK_EX | LOCK_NB) < 0) {

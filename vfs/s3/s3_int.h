@@ -94,6 +94,7 @@ struct s3_conf {
     long timeout_ms;       /* no progress for this long: a timeout (default 30000) */
     uint64_t stat_ttl_ns;  /* how long what is known of an object answers stat and open (default 1 s) */
     int stat_ttl_set;      /* stat-ttl was given (0 is a value: always ask) */
+    int allow_http;        /* allow-http=yes: a plain http:// endpoint is accepted */
 };
 
 extern struct s3_conf s3_conf;
@@ -144,7 +145,12 @@ struct s3_req {
     char last_modified[64];
     uint64_t content_length;
     int status_ok_hint; /* the response being received is a 2xx (body goes to into) */
+    int too_big;        /* the text body passed S3_TEXT_MAX: the transfer was stopped */
 };
+
+/* The most of a response body kept as text (listings, errors, multipart
+ * answers): a ListObjectsV2 page of 1000 keys is well under 1 MiB. */
+#define S3_TEXT_MAX (16u << 20)
 
 /* Run r with retries. 0 when the server answered 2xx; else a negative errno with
  * a message naming what (e.g. "GET s3://b/k") and the cause: -EACCES (403: wrong
