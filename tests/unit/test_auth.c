@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "access.h"
 #include "auth.h"
 #include "err.h"
 #include "ticket.h"
@@ -210,6 +211,58 @@ START_TEST(tickets_scope_expiry_and_revocation)
 }
 END_TEST
 
+START_TEST(host_rules_stop_dns_rebinding)
+{
+    struct access_names names = {0};
+    ck_assert_int_eq(access_names_add(&names, "qcowd.example.net", "--public-name"), 0);
+    static const char *const ok[] = {"127.0.0.1:8080", "127.0.0.1", "[::1]:8080", "[::1]", "localhost",
+                                     "LocalHost:1", "10.1.2.3:443", "qcowd.example.net", "QCOWD.example.net:8443",
+                                     "", NULL};
+    static const char *const bad[] = {"evil.example", "evil.example:8080", "127.0.0.1:80x", "[::1",
+                                      "[::1]x", "localhost.evil.example", "qcowd.example.net.evil",
+                                      "127.0.0.1:", "127.0.0.1:123456", ":80"};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++)
+        ck_assert_msg(access_host_allowed(ok[i], &names), "refused %s", ok[i] ? ok[i] : "(none)");
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(!access_host_allowed(bad[i], &names), "allowed %s", bad[i]);
+    ck_assert_int_lt(access_names_add(&names, "a b", "--public-name"), 0);
+    access_names_free(&names);
+}
+END_TEST
+
+START_TEST(origin_rules)
+{
+    struct access_names cors = {0};
+    ck_assert_int_eq(access_names_add(&cors, "https://dash.example/", "--cors-origin"), 0);
+    ck_assert(access_origin_allowed(NULL, "127.0.0.1:8080", false, &cors));
+    ck_assert(access_origin_allowed("http://127.0.0.1:8080", "127.0.0.1:8080", false, &cors));
+    ck_assert(!access_origin_allowed("https://127.0.0.1:8080", "127.0.0.1:8080", false, &cors));
+    ck_assert(access_origin_allowed("https://127.0.0.1:8443", "127.0.0.1:8443", true, &cors));
+    ck_assert(access_origin_allowed("https://dash.example", "127.0.0.1:8080", false, &cors));
+    ck_assert(!access_origin_allowed("https://evil.example", "127.0.0.1:8080", false, &cors));
+    ck_assert(!access_origin_allowed("null", "127.0.0.1:8080", false, &cors));
+    ck_assert(!access_origin_allowed("http://127.0.0.1:8080.evil", "127.0.0.1:8080", false, NULL));
+    access_names_free(&cors);
+}
+END_TEST
+
+START_TEST(bearer_header)
+{
+    const char *t;
+    size_t n;
+    ck_assert_int_eq(access_bearer(NULL, &t, &n), -ENOENT);
+    ck_assert_int_eq(access_bearer("Bearer abc.DEF-_~+/=", &t, &n), 0);
+    ck_assert_uint_eq(n, 13);
+    ck_assert_int_eq(strncmp(t, "abc.DEF-_~+/=", 13), 0);
+    ck_assert_int_eq(access_bearer("bearer  x  ", &t, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_int_eq(access_bearer("Basic dXNlcjpw", &t, &n), -EINVAL);
+    ck_assert_int_eq(access_bearer("Bearer ", &t, &n), -EINVAL);
+    ck_assert_int_eq(access_bearer("Bearer a b", &t, &n), -EINVAL);
+    ck_assert_int_eq(access_bearer("Bearer a\x01", &t, &n), -EINVAL);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("auth");
@@ -222,6 +275,9 @@ int main(void)
     tcase_add_test(tc, load_refuses_world_writable_file);
     tcase_add_test(tc, roles_by_name);
     tcase_add_test(tc, tickets_scope_expiry_and_revocation);
+    tcase_add_test(tc, host_rules_stop_dns_rebinding);
+    tcase_add_test(tc, origin_rules);
+    tcase_add_test(tc, bearer_header);
     tcase_set_timeout(tc, 30);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
