@@ -561,11 +561,10 @@ static int get_entry(struct catalog *c, const char *name, struct catalog_image *
     evict(c, &dead);
     pthread_mutex_unlock(&c->lock);
     if (dead) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        struct err_saved saved;
+        err_save(&saved, ret);
         free_dead(c, dead);
-        if (ret < 0)
-            err_fail(-ret, "%s", msg);
+        err_restore(&saved);
     }
 out:
     free(uri);
@@ -989,10 +988,10 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
         if (ret == 0)
             ret = vfs_rename(tmp, uri);
         if (ret < 0) {
-            char msg[ERR_MSG_MAX];
-            snprintf(msg, sizeof msg, "%s", err_msg(ret));
+            struct err_saved saved;
+            err_save(&saved, ret);
             vfs_remove(tmp);
-            err_fail(-ret, "%s", msg);
+            err_restore(&saved);
         }
     }
     pthread_mutex_unlock(&c->create_lock);
@@ -1090,10 +1089,11 @@ static void upload_free(struct catalog_upload *u, bool keep)
     if (u->f)
         vfs_close(u->f);
     if (!keep) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(EIO));
+        /* the message of what failed the upload outlives the removal */
+        struct err_saved saved;
+        err_save(&saved, -EIO);
         vfs_remove(u->tmp);
-        err_set("%s", msg);
+        err_restore(&saved);
     }
     free(u->name);
     free(u->uri);
@@ -1235,10 +1235,10 @@ int catalog_file_open(struct catalog *c, const char *name, struct catalog_file *
         ret = vfs_size(f->f, size);
     free(uri);
     if (ret < 0) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        struct err_saved saved;
+        err_save(&saved, ret);
         catalog_file_close(f);
-        return err_fail(-ret, "%s", msg);
+        return err_restore(&saved);
     }
     err_clear();
     *out = f;

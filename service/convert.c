@@ -201,10 +201,10 @@ out:
     if (src)
         qcow2_close(src);
     if (made) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        struct err_saved saved;
+        err_save(&saved, ret);
         vfs_remove(tmp);
-        err_set("%s", msg);
+        err_restore(&saved);
     }
     free(buf);
     free(uri);
