@@ -61,13 +61,13 @@ static int copy_window(struct qcow2_image *src, struct qcow2_image *dst, const s
         if (ret < 0)
             return ret;
         if (!e.length || e.start != off)
-            return err_fail(EIO, "block status at %" PRIu64 " returned a bad run", off);
+            return err_fail(ENOTRECOVERABLE, "block status at %" PRIu64 " returned a bad run", off);
         bool copy = o->keep_backing ? e.depth == 0 && e.present : !e.zero;
         if (n && segs[n - 1].copy == copy && segs[n - 1].zero == e.zero) {
             segs[n - 1].len += e.length;
         } else {
             if (n == sizeof segs / sizeof segs[0])
-                return err_fail(EIO, "too many runs in one window at %" PRIu64, w);
+                return err_fail(ENOTRECOVERABLE, "too many runs in one window at %" PRIu64, w);
             segs[n++] = (struct seg){off, e.length, copy, e.zero};
         }
         any |= copy;

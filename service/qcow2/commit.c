@@ -358,7 +358,7 @@ static int grow_base(struct qcow2_image *b, uint64_t size)
     if (b->nb_bitmaps)
         return err_fail(ENOTSUP, "base has persistent bitmaps: growing it is not supported");
     if (b->broken)
-        return err_fail(EIO, "base is marked corrupt");
+        return err_fail(EUCLEAN, "base is marked corrupt");
     pthread_rwlock_wrlock(&b->rwlock);
     ret = begin_write(b);
     if (ret == 0)
