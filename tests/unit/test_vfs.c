@@ -831,6 +831,31 @@ START_TEST(test_fault_armed_from_environment)
 }
 END_TEST
 
+/* The daemon's forms (fresh process, as above): "N+" fails every call from the
+ * Nth, a fourth field only the files whose URI contains it, and "open" the opens. */
+START_TEST(test_fault_environment_sticky_matching_open)
+{
+    const char *fork = getenv("CK_FORK");
+    if (fork && strcmp(fork, "no") == 0)
+        return;
+    setenv("QCOWD_FAULT", "open:2+:EACCES:locked", 1);
+    struct vfs_file *f, *other = open_ok("fault:mem:other", VFS_O_RDWR | VFS_O_CREATE);
+    f = open_ok("fault:mem:locked", VFS_O_RDWR | VFS_O_CREATE); /* open #1 of it */
+    vfs_close(f);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(vfs_open("fault:mem:locked", VFS_O_RDONLY, &f), -EACCES);
+        ck_assert_msg(strstr(err_msg(-EACCES), "mem:locked") && strstr(err_msg(-EACCES), "Permission denied"),
+                      "%s", err_msg(-EACCES));
+    }
+    ck_assert_uint_eq(vfs_fault_count(VFS_FAULT_OPEN), 4); /* the other file's open is not counted */
+    ck_assert_uint_eq(vfs_fault_count(VFS_FAULT_ANY), 0);  /* "any" counts no opens */
+    vfs_close(other);
+    f = open_ok("fault:mem:other", VFS_O_RDONLY);
+    vfs_close(f);
+    unsetenv("QCOWD_FAULT");
+}
+END_TEST
+
 /* ---- threads ---- */
 
 #define PAT(i) ((unsigned char)(((i) * 2654435761u) >> 24))
@@ -913,7 +938,8 @@ static Suite *vfs_suite(void)
           test_v1_and_v2_plugins_configure}},
         {"fault",
          {test_fault_fails_nth_read_once, test_fault_fails_nth_write_with_enospc,
-          test_fault_forwards_everything_else, test_fault_armed_from_environment}},
+          test_fault_forwards_everything_else, test_fault_armed_from_environment,
+          test_fault_environment_sticky_matching_open}},
         {"threads", {test_concurrent_preads_on_one_handle}},
     };
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
