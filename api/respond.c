@@ -15,12 +15,15 @@
  *   included), ENOTSUP a feature qcowd does not handle, EPERM a file reaching
  *   outside the catalog (the catalog's and the engine's own meaning of EPERM),
  *   ELOOP/ENXIO a broken backing chain, E2BIG/EOVERFLOW past one of qcowd's
- *   limits (the message names it). 413 is only for request bodies (EFBIG).
+ *   limits (the message names it). EFBIG is 413: a request body too large (and,
+ *   until they move to EOVERFLOW, the engine's size limits: a virtual size or an
+ *   L1 table too large).
  * - 5xx: the service or its store failed, and the request may succeed later.
- *   EIO is the store's own I/O error (the VFS passes it through; the engine
- *   never uses it for corruption): 502, the image may be fine. EACCES is the
+ *   EIO is the store's own I/O error (the VFS passes it through; the engine never
+ *   uses it for corruption): 502, the image may be fine; so is EPROTO, a store
+ *   answering what it should not (an object store ignoring Range). EACCES is the
  *   store refusing qcowd (file mode, a bucket policy): 503 with the store's
- *   message naming the file, not 403, which is kept for the client's own rights;
+ *   message naming the file, not 403, which is kept for the client's own rights:
  *   the operator, not the client, can fix it. ENOMEM is 503 too (retryable),
  *   ENOSPC/EDQUOT 507.
  * - Anything else is a bug: 500 internal-error (qcowd's own consistency checks
@@ -43,6 +46,7 @@
     X(E2BIG, 422, "limit-exceeded")         \
     X(EOVERFLOW, 422, "limit-exceeded")     \
     X(EIO, 502, "storage-error")            \
+    X(EPROTO, 502, "storage-error")         \
     X(EACCES, 503, "storage-denied")        \
     X(ENOMEM, 503, "out-of-memory")         \
     X(EMFILE, 503, "unavailable")           \

@@ -201,6 +201,7 @@ static const struct {
     {E2BIG, 422, "limit-exceeded"},
     {EOVERFLOW, 422, "limit-exceeded"},
     {EIO, 502, "storage-error"},
+    {EPROTO, 502, "storage-error"},
     {EACCES, 503, "storage-denied"},
     {ENOMEM, 503, "out-of-memory"},
     {EMFILE, 503, "unavailable"},
@@ -239,7 +240,7 @@ END_TEST
 
 START_TEST(unknown_errnos_are_internal_errors)
 {
-    const int unknown[] = {ENOTRECOVERABLE, EPROTO, EBADF, EFAULT, EDOM, 0, 4095, 100000};
+    const int unknown[] = {ENOTRECOVERABLE, EBADMSG, EBADF, EFAULT, EDOM, 0, 4095, 100000};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         ck_assert_uint_eq(api_errno_status(-unknown[i]), 500);
         ck_assert_str_eq(api_errno_code(-unknown[i]), "internal-error");
