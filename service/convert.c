@@ -136,10 +136,11 @@ static int convert_run(struct job *j, void *p, json_t **result)
     struct qcow2_open_opts so = {.contained = true, .snapshot = a->snapshot};
     ret = qcow2_open(uri, &so, &src);
     if (ret < 0) {
-        if (ret == -EINVAL && a->snapshot)
+        if (ret == -EINVAL) /* a missing snapshot is -ENOENT; this is bad metadata */
+            ret = err_prefix(-EUCLEAN, "image '%s'%s%s%s", a->image, a->snapshot ? ", snapshot '" : "",
+                             a->snapshot ? a->snapshot : "", a->snapshot ? "'" : "");
+        else if (ret == -ENOENT && a->snapshot)
             ret = err_prefix(-ENOENT, "image '%s', snapshot '%s'", a->image, a->snapshot);
-        else if (ret == -EINVAL)
-            ret = err_prefix(-EUCLEAN, "image '%s'", a->image);
         goto out;
     }
     const struct qcow2_info *in = qcow2_get_info(src);

@@ -148,5 +148,25 @@ def storage_enospc(s):
     with_fault(s, "write:1+:EDQUOT:full.qcow2", quota)
 
 
+def snapshot_metadata(s):
+    """A snapshot whose own L1 table is too small for the disk is 422 corrupt-image
+    naming the problem, not 404 "no such snapshot"; the image itself still reads."""
+    p = s.path("badsnap")
+    hostile.qemu_img("create", "-q", "-f", "qcow2", p, "2G")   # 4 L1 entries with 64 KiB clusters
+    hostile.run(hostile.qcowd.QEMU_IO, "-f", "qcow2", "-c", "write -q -P 0x44 0 64k", p)
+    hostile.qemu_img("snapshot", "-c", "s1", p)
+    with open(p, "r+b") as f:
+        f.seek(64)
+        table = struct.unpack(">Q", f.read(8))[0]
+        f.seek(table + 8)
+        f.write(struct.pack(">I", 1))
+    expect(s, "GET", "/v1/images/badsnap/snapshots/s1/data", 422, "corrupt-image", "s1", "L1",
+           headers={"Range": "bytes=0-4095"})
+    st, _, data = s.call("GET", "/v1/images/badsnap/data", headers={"Range": "bytes=0-4095"})
+    assert st == 206 and data == b"\x44" * 4096, st
+    expect(s, "GET", "/v1/images/badsnap/snapshots/nosuch/data", 404, "not-found", "nosuch")
+
+
 CASES = [("errors-storage-eio", storage_eio), ("errors-corrupt-bit", corrupt_bit),
-         ("errors-storage-eacces", storage_eacces), ("errors-storage-enospc", storage_enospc)]
+         ("errors-storage-eacces", storage_eacces), ("errors-storage-enospc", storage_enospc),
+         ("errors-snapshot-metadata", snapshot_metadata)]
