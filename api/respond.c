@@ -13,7 +13,8 @@
  *   will fail again. 422 is a property of the image: EUCLEAN corrupt or invalid
  *   metadata (the engine's word for every corruption it finds, the corrupt bit
  *   included), ENOTSUP a feature qcowd does not handle, EPERM a file reaching
- *   outside the catalog (the catalog's and the engine's own meaning of EPERM),
+ *   outside the catalog (the catalog's and the engine's own meaning of EPERM: the
+ *   file backend returns the system's EPERM as EACCES),
  *   ELOOP/ENXIO a broken backing chain, E2BIG/EOVERFLOW past one of qcowd's
  *   limits (the message names it). EFBIG is 413: a request body too large (and,
  *   until they move to EOVERFLOW, the engine's size limits: a virtual size or an

@@ -25,10 +25,13 @@ struct fhandle {
 
 #define FH(h) ((struct fhandle *)(h))
 
-/* err_fail with "OP PATH: strerror(e)". */
+/* err_fail with "OP PATH: strerror(e)". The system's EPERM (an immutable or
+ * append-only file, a seal) is returned as EACCES, the store refusing us: above
+ * the VFS, EPERM means a name reaching outside the catalog. The message keeps the
+ * system's words. */
 static int fail(int e, const char *op, const char *path)
 {
-    return err_fail(e, "%s %s: %s", op, path, VFS_ESTR(e));
+    return err_fail(e == EPERM ? EACCES : e, "%s %s: %s", op, path, VFS_ESTR(e));
 }
 
 /* Whether the file system of fd deallocates on FALLOC_FL_PUNCH_HOLE, so that
