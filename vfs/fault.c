@@ -13,7 +13,7 @@
 #include "vfs.h"
 #include "vfs_int.h"
 
-#define NKINDS (VFS_FAULT_OPEN + 1)
+#define NKINDS     (VFS_FAULT_OPEN + 1)
 #define FAULT_KILL 100000 /* not an errno: "KILL" ends the process instead of failing the call */
 
 /* The one armed fault and the counters, all under fault_lock. Counting goes on
@@ -163,8 +163,7 @@ static int tick(enum vfs_fault_op k, const char *uri)
     if (e == FAULT_KILL)
         raise(SIGKILL); /* a crash just before the call: the files hold exactly the calls before it */
     if (e)
-        return err_fail(e, "%s %s: injected fault at %s #%lu: %s", kind_names[k], uri, kind_names[k], n,
-                        VFS_ESTR(e));
+        return err_fail(e, "%s %s: injected fault at %s #%lu: %s", kind_names[k], uri, kind_names[k], n, VFS_ESTR(e));
     return 0;
 }
 

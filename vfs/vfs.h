@@ -84,7 +84,14 @@ int vfs_name_is_contained(const char *name);
  * URI contains it: QCOWD_FAULT="open:1+:EACCES:locked.qcow2" makes that one image
  * unreadable as a file of mode 000 would be, whoever runs the test. "any" counts
  * every kind but open. */
-enum vfs_fault_op { VFS_FAULT_READ, VFS_FAULT_WRITE, VFS_FAULT_FLUSH, VFS_FAULT_TRUNCATE, VFS_FAULT_ANY, VFS_FAULT_OPEN };
+enum vfs_fault_op {
+    VFS_FAULT_READ,
+    VFS_FAULT_WRITE,
+    VFS_FAULT_FLUSH,
+    VFS_FAULT_TRUNCATE,
+    VFS_FAULT_ANY,
+    VFS_FAULT_OPEN
+};
 void vfs_fault_arm(enum vfs_fault_op op, unsigned long nth, int errnum);
 void vfs_fault_disarm(void);
 /* Calls of each kind counted since the last arm (for tests that step through). */

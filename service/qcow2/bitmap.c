@@ -339,8 +339,10 @@ int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, 
     if (t && t->tracking) {
         bits = t->bits;
     } else if (b->in_use) {
-        ret = err_fail(EBUSY, "bitmap '%s' is in use by another program or was left so by a crash: its bits "
-                       "cannot be trusted (remove or clear it)", name);
+        ret = err_fail(EBUSY,
+                       "bitmap '%s' is in use by another program or was left so by a crash: its bits "
+                       "cannot be trusted (remove or clear it)",
+                       name);
     } else if (!b->consistent) {
         ret = err_fail(ENOTSUP, "bitmap '%s' has extra data this program does not know: it cannot be used", name);
     } else if ((ret = bitmap_tracks(img)) == 0) {

@@ -473,8 +473,10 @@ static int need_consistent(struct qcow2_image *img, uint32_t i)
 {
     const struct qcow2_bitmap_info *b = &img->bitmaps[i];
     if (b->in_use && !tracked(img, i))
-        return err_fail(EBUSY, "bitmap '%s' is in use by another program or was left so by a crash: it is "
-                        "inconsistent and cannot be used (remove or clear it)", b->name);
+        return err_fail(EBUSY,
+                        "bitmap '%s' is in use by another program or was left so by a crash: it is "
+                        "inconsistent and cannot be used (remove or clear it)",
+                        b->name);
     if (!b->consistent)
         return err_fail(ENOTSUP, "bitmap '%s' has extra data this program does not know: it cannot be changed",
                         b->name);
@@ -748,8 +750,8 @@ int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_im
         else {
             pthread_mutex_lock(&src_img->bm_lock); /* other readers may fill bm[] and its read cache */
             if (src_img->bitmaps[si].in_use && !tracked(src_img, (uint32_t)si))
-                ret = err_fail(EBUSY, "source bitmap '%s' is in use or was left so by a crash: it is inconsistent",
-                               src);
+                ret =
+                    err_fail(EBUSY, "source bitmap '%s' is in use or was left so by a crash: it is inconsistent", src);
             else
                 ret = copy_bits(src_img, (uint32_t)si, &sbits);
             pthread_mutex_unlock(&src_img->bm_lock);

@@ -11,7 +11,8 @@ static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, un
 {
     if (l2e & QCOW2_OFLAG_COMPRESSED) {
         if (img->data != img->file)
-            return err_fail(EUCLEAN, "compressed cluster at guest offset %#" PRIx64 " in an image with an external data file",
+            return err_fail(EUCLEAN,
+                            "compressed cluster at guest offset %#" PRIx64 " in an image with an external data file",
                             guest);
         return SC_COMPRESSED;
     }
@@ -26,7 +27,8 @@ static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, un
         return allocated ? SC_NORMAL : SC_UNALLOC;
     }
     if ((bitmap >> 32) & bitmap)
-        return err_fail(EUCLEAN, "L2 entry for guest offset %#" PRIx64 " marks a subcluster both allocated and zero", guest);
+        return err_fail(EUCLEAN, "L2 entry for guest offset %#" PRIx64 " marks a subcluster both allocated and zero",
+                        guest);
     if (allocated) {
         if (bitmap & (1ull << (sc + 32)))
             return SC_ZERO;
@@ -35,7 +37,8 @@ static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, un
         return SC_UNALLOC;
     }
     if (bitmap & 0xffffffffull)
-        return err_fail(EUCLEAN, "L2 entry for guest offset %#" PRIx64 " has allocated subclusters but no host cluster", guest);
+        return err_fail(EUCLEAN, "L2 entry for guest offset %#" PRIx64 " has allocated subclusters but no host cluster",
+                        guest);
     return (bitmap & (1ull << (sc + 32))) ? SC_ZERO : SC_UNALLOC;
 }
 
@@ -64,8 +67,8 @@ static int l2_slice_at(struct qcow2_image *img, uint64_t off, struct l2_slice **
         return err_fail(EUCLEAN, "L2 table offset %#" PRIx64 " (L1 index %" PRIu64 ") is not cluster aligned", l2_off,
                         l1_index);
     if (l2_off + img->cluster_size > img->file_size)
-        return err_fail(EUCLEAN, "L2 table at %#" PRIx64 " (L1 index %" PRIu64 ") lies past the end of the file", l2_off,
-                        l1_index);
+        return err_fail(EUCLEAN, "L2 table at %#" PRIx64 " (L1 index %" PRIu64 ") lies past the end of the file",
+                        l2_off, l1_index);
     uint32_t l2_index = offset_to_l2_index(img, off);
     *per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
     *idx = l2_index % *per_slice;
@@ -108,7 +111,8 @@ int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, str
         uint64_t cl_start = pos & ~(uint64_t)(img->cluster_size - 1);
         uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
         if (!(l2e & QCOW2_OFLAG_COMPRESSED) && host && offset_into_cluster(img, host)) {
-            ret = err_fail(EUCLEAN, "data cluster offset %#" PRIx64 " for guest offset %#" PRIx64 " is not cluster aligned",
+            ret = err_fail(EUCLEAN,
+                           "data cluster offset %#" PRIx64 " for guest offset %#" PRIx64 " is not cluster aligned",
                            host, cl_start);
             break;
         }
@@ -135,8 +139,10 @@ int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, str
                 if (t == SC_COMPRESSED) {
                     compressed_extent(img, l2e, &m->coff, &m->csize);
                     if (m->coff >= img->file_size) {
-                        ret = err_fail(EUCLEAN, "compressed cluster for guest offset %#" PRIx64
-                                            " starts at %#" PRIx64 ", past the end of the file", cl_start, m->coff);
+                        ret = err_fail(EUCLEAN,
+                                       "compressed cluster for guest offset %#" PRIx64 " starts at %#" PRIx64
+                                       ", past the end of the file",
+                                       cl_start, m->coff);
                         goto done;
                     }
                     pos += step; /* one compressed cluster per mapping */

@@ -22,7 +22,8 @@ static int inflate_cluster(const void *src, size_t len, void *dst, size_t dst_le
     if ((zr == Z_STREAM_END || zr == Z_BUF_ERROR) && z.avail_out == 0)
         return 0;
     if (zr == Z_STREAM_END)
-        return err_fail(EUCLEAN, "compressed cluster (zlib) is short: %zu of %zu bytes", dst_len - z.avail_out, dst_len);
+        return err_fail(EUCLEAN, "compressed cluster (zlib) is short: %zu of %zu bytes", dst_len - z.avail_out,
+                        dst_len);
     return err_fail(EUCLEAN, "compressed cluster (zlib) is corrupt: %s", z.msg ? z.msg : "bad data");
 }
 

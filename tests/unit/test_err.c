@@ -179,6 +179,8 @@ END_TEST
 
 /* ---- the errno -> HTTP table ---- */
 
+/* one row a line, as in the table */
+/* clang-format off */
 static const struct {
     int err;
     unsigned status;
@@ -216,6 +218,7 @@ static const struct {
     {ENOSPC, 507, "no-space"},
     {EDQUOT, 507, "no-space"},
 };
+/* clang-format on */
 
 START_TEST(every_row_of_the_errno_table)
 {
