@@ -38,15 +38,6 @@ json_t *api_bitmaps_json(struct qcow2_image *img)
     return a;
 }
 
-/* Errors of bitmap calls: a stale bitmap is a conflict the client resolves by
- * removing or clearing it. */
-static enum MHD_Result reply_err(struct req *r, int ret)
-{
-    if (ret == -EUCLEAN)
-        return api_reply_status(r, 409, "conflict", err_msg(ret), NULL, NULL);
-    return api_reply_errno(r, ret);
-}
-
 /* The JSON of bitmap name of img, or an error reply. */
 static enum MHD_Result reply_bitmap(struct req *r, struct qcow2_image *img, const char *name, unsigned status,
                                     const char *location)
@@ -136,7 +127,7 @@ static enum MHD_Result create_end(struct req *r, const char *image, json_t *body
     ret = qcow2_bitmap_add(img, name, (uint32_t)gran, disabled);
     enum MHD_Result res;
     if (ret < 0) {
-        res = reply_err(r, ret);
+        res = api_reply_errno(r, ret);
     } else {
         char *loc = location_of(image, name);
         res = reply_bitmap(r, img, name, 201, loc);
@@ -174,7 +165,7 @@ static enum MHD_Result simple_op(struct req *r, char **args, int op)
     }
     enum MHD_Result res;
     if (ret < 0)
-        res = reply_err(r, ret);
+        res = api_reply_errno(r, ret);
     else if (op == OP_DELETE)
         res = api_reply_empty(r, 204, NULL, NULL);
     else
@@ -246,7 +237,7 @@ static enum MHD_Result merge_run(struct req *r, struct merge_body *mb, json_t *b
     struct qcow2_image *img = catalog_image_qcow2(ci);
     ret = qcow2_bitmap_merge(img, mb->bitmap, sci ? catalog_image_qcow2(sci) : NULL, src);
     catalog_put(sci);
-    enum MHD_Result res = ret < 0 ? reply_err(r, ret) : reply_bitmap(r, img, mb->bitmap, 200, NULL);
+    enum MHD_Result res = ret < 0 ? api_reply_errno(r, ret) : reply_bitmap(r, img, mb->bitmap, 200, NULL);
     catalog_put_writable(ci);
     return res;
 }
@@ -323,7 +314,7 @@ static int next_dirty(struct dirty_stream *ds)
         if (ret < 0)
             return ret;
         if (n == 0 || n > ds->size - ds->off)
-            return err_fail(EIO, "dirty status at %" PRIu64 " returned a bad run", ds->off);
+            return err_fail(ENOTRECOVERABLE, "dirty status at %" PRIu64 " returned a bad run", ds->off);
         if (ds->length && d != ds->dirty)
             break;
         if (!ds->length) {
@@ -416,7 +407,7 @@ enum MHD_Result api_dirty_extents(struct req *r, const char *image)
         ret = next_dirty(ds);
     }
     if (ret < 0) {
-        enum MHD_Result res = reply_err(r, ret);
+        enum MHD_Result res = api_reply_errno(r, ret);
         dirty_free(ds);
         return res;
     }

@@ -221,7 +221,7 @@ static int next_run(struct extents_stream *es, struct run *out)
         if (ret < 0)
             return ret;
         if (e.length == 0 || e.start != es->off || e.length > es->size - es->off)
-            return err_fail(EIO, "block status at %" PRIu64 " returned a bad run", es->off);
+            return err_fail(ENOTRECOVERABLE, "block status at %" PRIu64 " returned a bad run", es->off);
         bool zero = e.zero, hole = !e.present;
         if (out->length && (zero != out->zero || hole != out->hole))
             break;

@@ -7,7 +7,29 @@
 #include "api_int.h"
 #include "err.h"
 
-/* errno -> status and code. ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. */
+/* errno -> status and code: the one place an engine, catalog or store failure
+ * becomes HTTP. The rules:
+ * - 4xx: the request or the image is at fault, and sending it again as it is
+ *   will fail again. 422 is a property of the image: EUCLEAN corrupt or invalid
+ *   metadata (the engine's word for every corruption it finds, the corrupt bit
+ *   included), ENOTSUP a feature qcowd does not handle, EPERM a file reaching
+ *   outside the catalog (the catalog's and the engine's own meaning of EPERM: the
+ *   file backend returns the system's EPERM as EACCES),
+ *   ELOOP/ENXIO a broken backing chain, E2BIG/EOVERFLOW past one of qcowd's
+ *   limits (the message names it). EFBIG is 413: a request body too large (and,
+ *   until they move to EOVERFLOW, the engine's size limits: a virtual size or an
+ *   L1 table too large).
+ * - 5xx: the service or its store failed, and the request may succeed later.
+ *   EIO is the store's own I/O error (the VFS passes it through; the engine never
+ *   uses it for corruption): 502, the image may be fine; so is EPROTO, a store
+ *   answering what it should not (an object store ignoring Range). EACCES is the
+ *   store refusing qcowd (file mode, a bucket policy): 503 with the store's
+ *   message naming the file, not 403, which is kept for the client's own rights:
+ *   the operator, not the client, can fix it. ENOMEM is 503 too (retryable),
+ *   ENOSPC/EDQUOT 507.
+ * - Anything else is a bug: 500 internal-error (qcowd's own consistency checks
+ *   use ENOTRECOVERABLE, which is left out on purpose).
+ * ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. */
 #define API_ERRNO_TABLE(X)                  \
     X(EINVAL, 400, "bad-request")           \
     X(ENAMETOOLONG, 400, "bad-request")     \
@@ -19,13 +41,17 @@
     X(ERANGE, 416, "range-not-satisfiable") \
     X(ENOTSUP, 422, "unsupported")          \
     X(EUCLEAN, 422, "corrupt-image")        \
-    X(EIO, 422, "corrupt-image")            \
     X(EPERM, 422, "outside-catalog")        \
     X(ELOOP, 422, "bad-backing-chain")      \
     X(ENXIO, 422, "bad-backing-chain")      \
+    X(E2BIG, 422, "limit-exceeded")         \
+    X(EOVERFLOW, 422, "limit-exceeded")     \
+    X(EIO, 502, "storage-error")            \
+    X(EPROTO, 502, "storage-error")         \
+    X(EACCES, 503, "storage-denied")        \
+    X(ENOMEM, 503, "out-of-memory")         \
     X(EMFILE, 503, "unavailable")           \
     X(ENFILE, 503, "unavailable")           \
-    X(EACCES, 503, "unavailable")           \
     X(ECONNREFUSED, 503, "unavailable")     \
     X(EHOSTUNREACH, 503, "unavailable")     \
     X(ECONNRESET, 503, "unavailable")       \
@@ -33,7 +59,8 @@
     X(EAGAIN, 503, "unavailable")           \
     X(EREMOTEIO, 503, "unavailable")        \
     X(ESTALE, 503, "unavailable")           \
-    X(ENOSPC, 507, "no-space")
+    X(ENOSPC, 507, "no-space")              \
+    X(EDQUOT, 507, "no-space")
 
 static const struct {
     int err;

@@ -79,8 +79,10 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args)
     if (ret == 0) {
         struct qcow2_open_opts o = {.contained = true, .snapshot = args[1], .l2_cache_bytes = 1u << 20};
         ret = qcow2_open(uri, &o, &view);
-        if (ret == -EINVAL || ret == -ENOENT)
+        if (ret == -ENOENT)
             ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", args[0], args[1]);
+        else if (ret == -EINVAL) /* the image opened above: the snapshot's own metadata is bad */
+            ret = err_prefix(-EUCLEAN, "image '%s', snapshot '%s'", args[0], args[1]);
     }
     free(uri);
     if (ret < 0)

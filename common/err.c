@@ -1,4 +1,5 @@
-/* err.c: the thread-local error message behind err.h. */
+/* err.c: the thread-local error message behind err.h, and the saving of one
+ * failure across the cleanup that follows it. */
 #include "err.h"
 
 #include <stdio.h>
@@ -8,9 +9,12 @@
 static _Thread_local char msg[ERR_MSG_MAX];
 static _Thread_local int have_msg;
 
+/* Format aside, then copy: the arguments may point into msg (err_msg()). */
 static void vset(const char *fmt, va_list ap)
 {
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    char tmp[ERR_MSG_MAX];
+    vsnprintf(tmp, sizeof tmp, fmt, ap);
+    memcpy(msg, tmp, strlen(tmp) + 1);
     have_msg = 1;
 }
 
@@ -74,4 +78,23 @@ void err_clear(void)
 {
     have_msg = 0;
     msg[0] = 0;
+}
+
+int err_save(struct err_saved *s, int ret)
+{
+    s->ret = ret;
+    if (ret < 0)
+        snprintf(s->msg, sizeof s->msg, "%s", err_msg(ret));
+    else
+        s->msg[0] = 0;
+    return ret;
+}
+
+int err_restore(const struct err_saved *s)
+{
+    if (s->ret < 0) {
+        snprintf(msg, sizeof msg, "%s", s->msg);
+        have_msg = 1;
+    }
+    return s->ret;
 }

@@ -33,6 +33,7 @@ struct catalog_image {
     char *msg;               /* its message */
     bool rw;                 /* img was opened read-write */
     char *ro_msg;            /* else why not (NULL for a failure entry) */
+    int ro_err;              /* and the positive errno of that read-write open */
     unsigned refs;           /* holders, the cache included (under cat->lock) */
     unsigned writers;        /* holders from catalog_get_writable (under cat->lock) */
     unsigned downloads;      /* GET .../file readers of the container (under cat->lock) */
@@ -341,7 +342,36 @@ static int check_chain(const struct catalog *c, struct qcow2_image *img)
     return 0;
 }
 
-/* Open name into a new entry (one ref, not cached); failures give an entry too. */
+/* Failures of the store or of the moment rather than of the image: a retry may
+ * succeed, so they are not cached, and they are no reason to serve the image
+ * read-only. (EACCES is one too, but a read-only open may still succeed: a file
+ * of mode 0444.) */
+static bool transient(int err)
+{
+    switch (-err) {
+    case ENOMEM:
+    case EIO:
+    case EACCES:
+    case EAGAIN:
+    case EINTR:
+    case ETIMEDOUT:
+    case ECONNREFUSED:
+    case ECONNRESET:
+    case EHOSTUNREACH:
+    case EREMOTEIO:
+    case ESTALE:
+    case EMFILE:
+    case ENFILE:
+    case ENOSPC:
+    case EDQUOT:
+        return true;
+    default:
+        return false;
+    }
+}
+
+/* Open name into a new entry (one ref, not cached); failures of the image give
+ * an entry too, transient ones only their error. */
 static int open_entry(struct catalog *c, const char *name, const char *uri, const struct vfs_stat *st,
                       struct catalog_image **out)
 {
@@ -370,9 +400,10 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     };
     int ret = qcow2_open(uri, &o, &e->img);
     e->rw = ret == 0;
-    if (ret < 0 && ret != -ENOMEM && ret != -ENOENT) {
+    if (ret < 0 && ret != -ENOENT && (!transient(ret) || ret == -EACCES)) {
         /* read-only file, corrupt bit, encrypted...: serve it read-only */
         e->ro_msg = strdup(err_msg(ret));
+        e->ro_err = -ret;
         o.read_write = false;
         ret = qcow2_open(uri, &o, &e->img);
     }
@@ -392,7 +423,7 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
         ret = -ENXIO; /* the image exists (stat said so): a file it needs is missing */
     }
     if (ret < 0) {
-        if (ret == -ENOMEM) {
+        if (transient(ret)) {
             entry_free(e); /* not a property of the image: do not cache */
             return ret;
         }
@@ -561,11 +592,10 @@ static int get_entry(struct catalog *c, const char *name, struct catalog_image *
     evict(c, &dead);
     pthread_mutex_unlock(&c->lock);
     if (dead) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        struct err_saved saved;
+        err_save(&saved, ret);
         free_dead(c, dead);
-        if (ret < 0)
-            err_fail(-ret, "%s", msg);
+        err_restore(&saved);
     }
 out:
     free(uri);
@@ -709,6 +739,18 @@ static int writer_try_enter(struct catalog_image *ci)
     return ret;
 }
 
+/* Why ci, open read-only, cannot be written: a file qcowd may not write is
+ * -EROFS (409), an image property keeps its own errno (the corrupt bit -EUCLEAN,
+ * encryption -ENOTSUP: 422), so the client learns what is wrong with it. */
+static int refuse_write(const struct catalog_image *ci)
+{
+    const char *why = ci->ro_msg ? ci->ro_msg : "opened read-only";
+    int e = ci->ro_err;
+    if (!e || e == EROFS || e == EACCES || e == EPERM || transient(-e))
+        return err_fail(EROFS, "image '%s' is read-only: %s", ci->name, why);
+    return err_fail(e, "image '%s' cannot be written: %s", ci->name, why);
+}
+
 int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out)
 {
     struct catalog_image *ci;
@@ -720,7 +762,7 @@ int catalog_get_writable(struct catalog *c, const char *name, struct catalog_ima
     if (ret < 0)
         return ret;
     if (!ci->rw) {
-        ret = err_fail(EROFS, "image '%s' is read-only: %s", name, ci->ro_msg ? ci->ro_msg : "opened read-only");
+        ret = refuse_write(ci);
         catalog_put(ci);
         return ret;
     }
@@ -989,10 +1031,10 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
         if (ret == 0)
             ret = vfs_rename(tmp, uri);
         if (ret < 0) {
-            char msg[ERR_MSG_MAX];
-            snprintf(msg, sizeof msg, "%s", err_msg(ret));
+            struct err_saved saved;
+            err_save(&saved, ret);
             vfs_remove(tmp);
-            err_fail(-ret, "%s", msg);
+            err_restore(&saved);
         }
     }
     pthread_mutex_unlock(&c->create_lock);
@@ -1090,10 +1132,11 @@ static void upload_free(struct catalog_upload *u, bool keep)
     if (u->f)
         vfs_close(u->f);
     if (!keep) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(EIO));
+        /* the message of what failed the upload outlives the removal */
+        struct err_saved saved;
+        err_save(&saved, -EIO);
         vfs_remove(u->tmp);
-        err_set("%s", msg);
+        err_restore(&saved);
     }
     free(u->name);
     free(u->uri);
@@ -1235,10 +1278,10 @@ int catalog_file_open(struct catalog *c, const char *name, struct catalog_file *
         ret = vfs_size(f->f, size);
     free(uri);
     if (ret < 0) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        struct err_saved saved;
+        err_save(&saved, ret);
         catalog_file_close(f);
-        return err_fail(-ret, "%s", msg);
+        return err_restore(&saved);
     }
     err_clear();
     *out = f;
@@ -1320,7 +1363,7 @@ int catalog_get_reserved(struct catalog *c, const char *name, struct catalog_ima
     if (ret < 0)
         return ret;
     if (!ci->rw) {
-        ret = err_fail(EROFS, "image '%s' is read-only: %s", name, ci->ro_msg ? ci->ro_msg : "opened read-only");
+        ret = refuse_write(ci);
         catalog_put(ci);
         return ret;
     }

@@ -54,8 +54,10 @@ void catalog_names_free(char **names, size_t count);
  * -EINVAL bad name, -ENOENT no such image, and for an image that cannot be used
  * -EUCLEAN (corrupt or not qcow2), -ENOTSUP (unsupported feature), -EPERM (its
  * chain leaves the catalog), -ELOOP (backing loop or too deep), -ENXIO (a backing
- * or data file is missing), or another storage errno. Failures are cached too, so
- * a broken image costs one stat per call until its file changes. Thread-safe. */
+ * or data file is missing), or the store's errno (-EIO, -EACCES, -ENOSPC...).
+ * Failures of the image are cached too, so a broken image costs one stat per call
+ * until its file changes; failures of the store (and -ENOMEM) are not: the next
+ * call tries again. Thread-safe. */
 int catalog_get(struct catalog *c, const char *name, struct catalog_image **out);
 
 /* Release a reference from catalog_get; the image is closed when the last one
@@ -78,7 +80,9 @@ int catalog_storage_stats(int (*cb)(void *ctx, const char *scheme, const char *n
 /* ---- writing ---- */
 
 /* Like catalog_get, for writing through the handle: refused with -EROFS when the
- * image could only be opened read-only (err_msg() says why) and -EBUSY when
+ * file could only be opened read-only, or the image's own errno when the image
+ * forbids writing (-EUCLEAN the corrupt bit, -ENOTSUP encryption; err_msg() says
+ * why), and -EBUSY when
  * another image of the catalog has it in its backing chain or its container is
  * being downloaded (catalog_file_open). While the reference
  * is held the catalog keeps this handle even though the file changes (its own

@@ -61,13 +61,13 @@ static int copy_window(struct qcow2_image *src, struct qcow2_image *dst, const s
         if (ret < 0)
             return ret;
         if (!e.length || e.start != off)
-            return err_fail(EIO, "block status at %" PRIu64 " returned a bad run", off);
+            return err_fail(ENOTRECOVERABLE, "block status at %" PRIu64 " returned a bad run", off);
         bool copy = o->keep_backing ? e.depth == 0 && e.present : !e.zero;
         if (n && segs[n - 1].copy == copy && segs[n - 1].zero == e.zero) {
             segs[n - 1].len += e.length;
         } else {
             if (n == sizeof segs / sizeof segs[0])
-                return err_fail(EIO, "too many runs in one window at %" PRIu64, w);
+                return err_fail(ENOTRECOVERABLE, "too many runs in one window at %" PRIu64, w);
             segs[n++] = (struct seg){off, e.length, copy, e.zero};
         }
         any |= copy;
@@ -136,10 +136,11 @@ static int convert_run(struct job *j, void *p, json_t **result)
     struct qcow2_open_opts so = {.contained = true, .snapshot = a->snapshot};
     ret = qcow2_open(uri, &so, &src);
     if (ret < 0) {
-        if (ret == -EINVAL && a->snapshot)
+        if (ret == -EINVAL) /* a missing snapshot is -ENOENT; this is bad metadata */
+            ret = err_prefix(-EUCLEAN, "image '%s'%s%s%s", a->image, a->snapshot ? ", snapshot '" : "",
+                             a->snapshot ? a->snapshot : "", a->snapshot ? "'" : "");
+        else if (ret == -ENOENT && a->snapshot)
             ret = err_prefix(-ENOENT, "image '%s', snapshot '%s'", a->image, a->snapshot);
-        else if (ret == -EINVAL)
-            ret = err_prefix(-EUCLEAN, "image '%s'", a->image);
         goto out;
     }
     const struct qcow2_info *in = qcow2_get_info(src);
@@ -201,10 +202,10 @@ out:
     if (src)
         qcow2_close(src);
     if (made) {
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", err_msg(ret));
+        struct err_saved saved;
+        err_save(&saved, ret);
         vfs_remove(tmp);
-        err_set("%s", msg);
+        err_restore(&saved);
     }
     free(buf);
     free(uri);

@@ -326,8 +326,7 @@ static void *worker(void *arg)
         json_t *result = NULL;
         err_clear();
         int ret = j->run(j, j->arg, &result);
-        char msg[ERR_MSG_MAX];
-        snprintf(msg, sizeof msg, "%s", ret == -ECANCELED ? "cancelled" : err_msg(ret));
+        char *error = ret < 0 ? strdup(ret == -ECANCELED ? "cancelled" : err_msg(ret)) : NULL;
 
         pthread_mutex_lock(&js->lock);
         j->status = JOB_CONCLUDED;
@@ -335,7 +334,7 @@ static void *worker(void *arg)
         if (ret == -ECANCELED)
             j->cancelled = true;
         if (ret < 0) {
-            j->error = strdup(msg);
+            j->error = error;
             json_decref(result);
         } else {
             j->result = result;

@@ -1,6 +1,7 @@
 /* fault.c: the "fault" filter: "fault:INNER-URI" forwards every call to INNER-URI,
- * counts reads, writes, flushes and truncates across all fault handles, and
- * fails the armed one once (vfs.h's test seam; QCOWD_FAULT arms it from outside). */
+ * counts opens, reads, writes, flushes and truncates across all fault handles, and
+ * fails the armed one once, or every one from it on (vfs.h's test seam; QCOWD_FAULT
+ * arms it from outside, also for one file only). */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -12,60 +13,75 @@
 #include "vfs.h"
 #include "vfs_int.h"
 
-#define NKINDS (VFS_FAULT_ANY + 1)
+#define NKINDS     (VFS_FAULT_OPEN + 1)
 #define FAULT_KILL 100000 /* not an errno: "KILL" ends the process instead of failing the call */
 
 /* The one armed fault and the counters, all under fault_lock. Counting goes on
- * whether or not a fault is armed; arming restarts it from zero. Only the four
+ * whether or not a fault is armed; arming restarts it from zero. Only the five
  * kinds are counted (discard, size, block status, caps are not), and "any"
- * counts each of them. */
+ * counts each of them but opens. With a match armed, only calls on files whose
+ * URI contains it are counted (and can fail). */
 static pthread_mutex_t fault_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t env_once = PTHREAD_ONCE_INIT;
-static int armed, fired, armed_errnum;
+static int armed, fired, armed_errnum, armed_sticky;
 static enum vfs_fault_op armed_op;
 static unsigned long armed_nth;
+static char armed_match[256];
 static unsigned long counts[NKINDS];
 
-static const char *const kind_names[NKINDS] = {"read", "write", "flush", "truncate", "any"};
+static const char *const kind_names[NKINDS] = {"read", "write", "flush", "truncate", "any", "open"};
 
-/* Arm op's nth call (nth 0 never fires: a way to just count); errnum 0 means EIO. */
-static void arm(enum vfs_fault_op op, unsigned long nth, int errnum)
+/* Arm op's nth call (nth 0 never fires: a way to just count), and every later one
+ * when sticky; errnum 0 means EIO; match "" for every file. */
+static void arm(enum vfs_fault_op op, unsigned long nth, int errnum, int sticky, const char *match)
 {
     pthread_mutex_lock(&fault_lock);
     armed = op >= 0 && op < NKINDS;
     armed_op = op;
     armed_nth = nth;
     armed_errnum = errnum ? abs(errnum) : EIO;
+    armed_sticky = sticky;
+    snprintf(armed_match, sizeof armed_match, "%s", match);
     fired = 0;
     memset(counts, 0, sizeof counts);
     pthread_mutex_unlock(&fault_lock);
 }
 
-/* QCOWD_FAULT="op:n:errno", e.g. "write:3:ENOSPC". A malformed value is reported
- * on stderr and ignored, so a typo cannot pass for a run without faults silently. */
+/* QCOWD_FAULT="op:n[+]:errno[:match]", e.g. "write:3:ENOSPC", or
+ * "open:1+:EACCES:locked.qcow2" (every open of that file fails). A malformed value
+ * is reported on stderr and ignored, so a typo cannot pass for a run without
+ * faults silently. */
 static void parse_env(void)
 {
     static const struct {
         const char *name;
         int value;
-    } errnos[] = {{"EIO", EIO}, {"ENOSPC", ENOSPC}, {"EROFS", EROFS}, {"KILL", FAULT_KILL}};
+    } errnos[] = {{"EIO", EIO},       {"ENOSPC", ENOSPC}, {"EROFS", EROFS},
+                  {"EACCES", EACCES}, {"EDQUOT", EDQUOT}, {"KILL", FAULT_KILL}};
     const char *env = getenv("QCOWD_FAULT");
     char opname[16], errname[32], *end;
-    int op = -1, errnum = 0;
+    int op = -1, errnum = 0, sticky = 0;
     unsigned long nth;
 
     if (!env || !*env)
         return;
     const char *c1 = strchr(env, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-    if (!c2 || (size_t)(c1 - env) >= sizeof opname || strlen(c2 + 1) >= sizeof errname)
+    const char *c3 = c2 ? strchr(c2 + 1, ':') : NULL, *match = c3 ? c3 + 1 : "";
+    size_t elen = c3 ? (size_t)(c3 - c2 - 1) : (c2 ? strlen(c2 + 1) : 0);
+    if (!c2 || (size_t)(c1 - env) >= sizeof opname || elen >= sizeof errname || strlen(match) >= sizeof armed_match)
         goto bad;
     memcpy(opname, env, (size_t)(c1 - env));
     opname[c1 - env] = 0;
-    snprintf(errname, sizeof errname, "%s", c2 + 1);
+    memcpy(errname, c2 + 1, elen);
+    errname[elen] = 0;
     for (int i = 0; i < NKINDS; i++)
         if (strcmp(opname, kind_names[i]) == 0)
             op = i;
     nth = strtoul(c1 + 1, &end, 10);
+    if (*end == '+') {
+        sticky = 1;
+        end++;
+    }
     if (op < 0 || end != c2 || c1[1] == '-' || nth < 1)
         goto bad;
     for (size_t i = 0; i < sizeof errnos / sizeof errnos[0]; i++)
@@ -77,12 +93,12 @@ static void parse_env(void)
             goto bad;
         errnum = (int)v;
     }
-    arm((enum vfs_fault_op)op, nth, errnum);
+    arm((enum vfs_fault_op)op, nth, errnum, sticky, match);
     return;
 bad:
     fprintf(stderr,
-            "qcowd: ignoring QCOWD_FAULT=\"%s\": want OP:N:ERRNO with OP "
-            "read|write|flush|truncate|any, N >= 1, ERRNO EIO|ENOSPC|EROFS|KILL or a number\n",
+            "qcowd: ignoring QCOWD_FAULT=\"%s\": want OP:N[+]:ERRNO[:MATCH] with OP "
+            "read|write|flush|truncate|any|open, N >= 1, ERRNO EIO|ENOSPC|EROFS|EACCES|EDQUOT|KILL or a number\n",
             env);
 }
 
@@ -94,7 +110,7 @@ static void init(void)
 void vfs_fault_arm(enum vfs_fault_op op, unsigned long nth, int errnum)
 {
     init(); /* the environment must not override an arm made before first use */
-    arm(op, nth, errnum);
+    arm(op, nth, errnum, 0, "");
 }
 
 void vfs_fault_disarm(void)
@@ -125,16 +141,21 @@ int vfs_fault_fired(void)
     return f;
 }
 
-/* Count one call of kind k; if it is the armed one, fail it. */
-static int tick(enum vfs_fault_op k, struct vfs_file *inner)
+/* Count one call of kind k on the file uri; if it is the armed one, fail it. */
+static int tick(enum vfs_fault_op k, const char *uri)
 {
     int e = 0;
     unsigned long n;
     pthread_mutex_lock(&fault_lock);
+    if (armed_match[0] && !strstr(uri, armed_match)) {
+        pthread_mutex_unlock(&fault_lock);
+        return 0;
+    }
     n = ++counts[k];
-    ++counts[VFS_FAULT_ANY];
-    if (armed && !fired && (armed_op == k || armed_op == VFS_FAULT_ANY) &&
-        counts[armed_op] == armed_nth) {
+    if (k != VFS_FAULT_OPEN)
+        ++counts[VFS_FAULT_ANY];
+    if (armed && (!fired || armed_sticky) && (armed_op == k || (armed_op == VFS_FAULT_ANY && k != VFS_FAULT_OPEN)) &&
+        (armed_sticky ? counts[armed_op] >= armed_nth : counts[armed_op] == armed_nth)) {
         fired = 1;
         e = armed_errnum;
     }
@@ -142,8 +163,7 @@ static int tick(enum vfs_fault_op k, struct vfs_file *inner)
     if (e == FAULT_KILL)
         raise(SIGKILL); /* a crash just before the call: the files hold exactly the calls before it */
     if (e)
-        return err_fail(e, "%s %s: injected fault at %s #%lu: %s", kind_names[k],
-                        vfs_file_uri(inner), kind_names[k], n, VFS_ESTR(e));
+        return err_fail(e, "%s %s: injected fault at %s #%lu: %s", kind_names[k], uri, kind_names[k], n, VFS_ESTR(e));
     return 0;
 }
 
@@ -154,7 +174,9 @@ static int fault_open(const char *path, unsigned flags, void **handle)
 {
     struct vfs_file *inner;
     init();
-    int r = vfs_open(path, flags, &inner);
+    int r = tick(VFS_FAULT_OPEN, path);
+    if (r == 0)
+        r = vfs_open(path, flags, &inner);
     if (r < 0)
         return r;
     *handle = inner;
@@ -168,19 +190,19 @@ static void fault_close(void *h)
 
 static int fault_pread(void *h, void *buf, size_t len, uint64_t off)
 {
-    int r = tick(VFS_FAULT_READ, IN(h));
+    int r = tick(VFS_FAULT_READ, vfs_file_uri(IN(h)));
     return r < 0 ? r : vfs_pread(IN(h), buf, len, off);
 }
 
 static int fault_pwrite(void *h, const void *buf, size_t len, uint64_t off)
 {
-    int r = tick(VFS_FAULT_WRITE, IN(h));
+    int r = tick(VFS_FAULT_WRITE, vfs_file_uri(IN(h)));
     return r < 0 ? r : vfs_pwrite(IN(h), buf, len, off);
 }
 
 static int fault_flush(void *h)
 {
-    int r = tick(VFS_FAULT_FLUSH, IN(h));
+    int r = tick(VFS_FAULT_FLUSH, vfs_file_uri(IN(h)));
     return r < 0 ? r : vfs_flush(IN(h));
 }
 
@@ -191,7 +213,7 @@ static int fault_size(void *h, uint64_t *size)
 
 static int fault_truncate(void *h, uint64_t size)
 {
-    int r = tick(VFS_FAULT_TRUNCATE, IN(h));
+    int r = tick(VFS_FAULT_TRUNCATE, vfs_file_uri(IN(h)));
     return r < 0 ? r : vfs_truncate(IN(h), size);
 }
 

@@ -32,10 +32,13 @@ struct fhandle {
  * 0666 less the umask. Set once before any open; read without a lock after. */
 static bool confine;
 
-/* err_fail with "OP PATH: strerror(e)". */
+/* err_fail with "OP PATH: strerror(e)". The system's EPERM (an immutable or
+ * append-only file, a seal) is returned as EACCES, the store refusing us: above
+ * the VFS, EPERM means a name reaching outside the catalog. The message keeps the
+ * system's words. */
 static int fail(int e, const char *op, const char *path)
 {
-    return err_fail(e, "%s %s: %s", op, path, VFS_ESTR(e));
+    return err_fail(e == EPERM ? EACCES : e, "%s %s: %s", op, path, VFS_ESTR(e));
 }
 
 /* Whether the file system of fd deallocates on FALLOC_FL_PUNCH_HOLE, so that

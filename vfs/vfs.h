@@ -76,10 +76,22 @@ int vfs_name_is_contained(const char *name);
  * counts calls across all fault handles and fails the armed one. Arm it with
  * vfs_fault_arm(VFS_FAULT_WRITE, 3, ENOSPC): the third pwrite from now fails with
  * -ENOSPC (once). Also armed from the environment at first use:
- * QCOWD_FAULT="write:3:ENOSPC" (op read|write|flush|truncate|any, n >= 1,
- * errno EIO|ENOSPC|EROFS or a number; KILL: SIGKILL just before that call, a crash
- * at that instant). */
-enum vfs_fault_op { VFS_FAULT_READ, VFS_FAULT_WRITE, VFS_FAULT_FLUSH, VFS_FAULT_TRUNCATE, VFS_FAULT_ANY };
+ * QCOWD_FAULT="write:3:ENOSPC" (op read|write|flush|truncate|any|open, n >= 1,
+ * errno EIO|ENOSPC|EROFS|EACCES|EDQUOT or a number; KILL: SIGKILL just before that
+ * call, a crash at that instant). Two more forms, for a daemon serving a catalog
+ * through the filter (qcowd --catalog fault:DIR): "n+" fails the nth call and every
+ * later one, and a fourth field counts (and fails) only the calls on files whose
+ * URI contains it: QCOWD_FAULT="open:1+:EACCES:locked.qcow2" makes that one image
+ * unreadable as a file of mode 000 would be, whoever runs the test. "any" counts
+ * every kind but open. */
+enum vfs_fault_op {
+    VFS_FAULT_READ,
+    VFS_FAULT_WRITE,
+    VFS_FAULT_FLUSH,
+    VFS_FAULT_TRUNCATE,
+    VFS_FAULT_ANY,
+    VFS_FAULT_OPEN
+};
 void vfs_fault_arm(enum vfs_fault_op op, unsigned long nth, int errnum);
 void vfs_fault_disarm(void);
 /* Calls of each kind counted since the last arm (for tests that step through). */

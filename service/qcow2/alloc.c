@@ -23,7 +23,7 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off)
                         reach);
     for (;;) {
         if (c + n > limit)
-            return err_fail(ENOSPC, "no room for %" PRIu64 " more clusters below the 64 PiB limit", n);
+            return err_fail(EOVERFLOW, "no room for %" PRIu64 " more clusters below the 64 PiB limit", n);
         /* every range the run touches gets a refcount block first; a new block
          * may take a cluster of the run, so the run is checked afterwards */
         for (uint64_t k = c; k < c + n; k++)

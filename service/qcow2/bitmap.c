@@ -165,7 +165,7 @@ int bitmap_load_bits(struct qcow2_image *img, const struct qcow2_bitmap_info *b,
     for (uint32_t j = 0; ret == 0 && j < b->table_size; j++) {
         uint64_t off = table[j] & QCOW2_L2E_OFFSET_MASK;
         if (off && (offset_into_cluster(img, off) || off + cs > img->file_size))
-            ret = err_fail(EINVAL, "bitmap '%s': data cluster %#" PRIx64 " is misaligned or past the end of the file",
+            ret = err_fail(EUCLEAN, "bitmap '%s': data cluster %#" PRIx64 " is misaligned or past the end of the file",
                            b->name, off);
         else if (off)
             ret = vfs_pread(img->file, bits + (uint64_t)j * cs, cs, off);
@@ -339,10 +339,12 @@ int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, 
     if (t && t->tracking) {
         bits = t->bits;
     } else if (b->in_use) {
-        ret = err_fail(EUCLEAN, "bitmap '%s' is in use by another program or was left so by a crash: its bits "
-                       "cannot be trusted (remove or clear it)", name);
+        ret = err_fail(EBUSY,
+                       "bitmap '%s' is in use by another program or was left so by a crash: its bits "
+                       "cannot be trusted (remove or clear it)",
+                       name);
     } else if (!b->consistent) {
-        ret = err_fail(EUCLEAN, "bitmap '%s' has extra data this program does not know: it cannot be used", name);
+        ret = err_fail(ENOTSUP, "bitmap '%s' has extra data this program does not know: it cannot be used", name);
     } else if ((ret = bitmap_tracks(img)) == 0) {
         t = &img->bm[i];
         if (!t->loaded && (ret = bitmap_load_bits(img, b, &t->bits)) == 0) {

@@ -185,7 +185,7 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
         o += img->h.backing_file_size;
     }
     if (o > cs) {
-        ret = err_fail(ENOSPC, "no room in the header cluster (%" PRIu64 " bytes) for the bitmaps extension", cs);
+        ret = err_fail(EOVERFLOW, "no room in the header cluster (%" PRIu64 " bytes) for the bitmaps extension", cs);
         goto out;
     }
     uint64_t autoclear = n ? img->h.autoclear_features | QCOW2_AUTOCLEAR_BITMAPS
@@ -259,7 +259,7 @@ static int commit(struct qcow2_image *img, struct undo *u, struct new_entry *ent
         size += ents[k].from >= 0 ? starts[ents[k].from + 1] - starts[ents[k].from]
                                   : (BME_FIXED + strlen(add_name) + 7) & ~7ull;
     if (size > QCOW2_MAX_BITMAP_DIR) {
-        ret = err_fail(ENOSPC, "the bitmap directory would grow past %u bytes", QCOW2_MAX_BITMAP_DIR);
+        ret = err_fail(E2BIG, "the bitmap directory would grow past %u bytes", QCOW2_MAX_BITMAP_DIR);
         goto fail;
     }
     if (!(dir = calloc(1, size + 1))) {
@@ -377,7 +377,7 @@ static int begin(struct qcow2_image *img, const char *name)
     if (!img->rw)
         return err_fail(EROFS, "image is open read-only");
     if (img->broken)
-        return err_fail(EIO, "image is marked corrupt; run check -r all");
+        return err_fail(EUCLEAN, "image is marked corrupt; run check -r all");
     pthread_rwlock_wrlock(&img->rwlock);
     atomic_fetch_add(&img->write_gen, 1);
     img->unsynced = true;
@@ -473,10 +473,12 @@ static int need_consistent(struct qcow2_image *img, uint32_t i)
 {
     const struct qcow2_bitmap_info *b = &img->bitmaps[i];
     if (b->in_use && !tracked(img, i))
-        return err_fail(EUCLEAN, "bitmap '%s' is in use by another program or was left so by a crash: it is "
-                        "inconsistent and cannot be used (remove or clear it)", b->name);
+        return err_fail(EBUSY,
+                        "bitmap '%s' is in use by another program or was left so by a crash: it is "
+                        "inconsistent and cannot be used (remove or clear it)",
+                        b->name);
     if (!b->consistent)
-        return err_fail(EUCLEAN, "bitmap '%s' has extra data this program does not know: it cannot be changed",
+        return err_fail(ENOTSUP, "bitmap '%s' has extra data this program does not know: it cannot be changed",
                         b->name);
     return 0;
 }
@@ -503,7 +505,7 @@ int qcow2_bitmap_add(struct qcow2_image *img, const char *name, uint32_t granula
         goto out;
     }
     if (n >= QCOW2_MAX_BITMAPS) {
-        ret = err_fail(ENOSPC, "the image has the most bitmaps it can (%u)", QCOW2_MAX_BITMAPS);
+        ret = err_fail(E2BIG, "the image has the most bitmaps it can (%u)", QCOW2_MAX_BITMAPS);
         goto out;
     }
     if (ts == 0) {
@@ -744,12 +746,12 @@ int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_im
         if (si < 0)
             ret = err_fail(ENOENT, "no bitmap named '%s' in the source image", src);
         else if (!src_img->bitmaps[si].consistent)
-            ret = err_fail(EUCLEAN, "source bitmap '%s' has extra data this program does not know", src);
+            ret = err_fail(ENOTSUP, "source bitmap '%s' has extra data this program does not know", src);
         else {
             pthread_mutex_lock(&src_img->bm_lock); /* other readers may fill bm[] and its read cache */
             if (src_img->bitmaps[si].in_use && !tracked(src_img, (uint32_t)si))
-                ret = err_fail(EUCLEAN, "source bitmap '%s' is in use or was left so by a crash: it is inconsistent",
-                               src);
+                ret =
+                    err_fail(EBUSY, "source bitmap '%s' is in use or was left so by a crash: it is inconsistent", src);
             else
                 ret = copy_bits(src_img, (uint32_t)si, &sbits);
             pthread_mutex_unlock(&src_img->bm_lock);

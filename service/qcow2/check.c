@@ -380,7 +380,7 @@ int qcow2_repair_refcounts(struct qcow2_image *img)
     if (ret < 0)
         return ret;
     if (r.corruptions > r.corruptions_fixed)
-        return err_fail(EIO, "%" PRIu64 " corruptions remain after rebuilding the refcounts",
+        return err_fail(EUCLEAN, "%" PRIu64 " corruptions remain after rebuilding the refcounts",
                         r.corruptions - r.corruptions_fixed);
     if (img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) {
         img->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;

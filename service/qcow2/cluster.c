@@ -6,12 +6,13 @@
 
 #include "qcow2_int.h"
 
-/* The type of subcluster sc of an L2 entry; -EIO for an invalid combination. */
+/* The type of subcluster sc of an L2 entry; -EUCLEAN for an invalid combination. */
 static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, unsigned sc, uint64_t guest)
 {
     if (l2e & QCOW2_OFLAG_COMPRESSED) {
         if (img->data != img->file)
-            return err_fail(EIO, "compressed cluster at guest offset %#" PRIx64 " in an image with an external data file",
+            return err_fail(EUCLEAN,
+                            "compressed cluster at guest offset %#" PRIx64 " in an image with an external data file",
                             guest);
         return SC_COMPRESSED;
     }
@@ -20,13 +21,14 @@ static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, un
     if (!img->ext_l2) {
         if (l2e & QCOW2_OFLAG_ZERO) {
             if (img->h.version < 3)
-                return err_fail(EIO, "zero cluster entry at guest offset %#" PRIx64 " in a version 2 image", guest);
+                return err_fail(EUCLEAN, "zero cluster entry at guest offset %#" PRIx64 " in a version 2 image", guest);
             return SC_ZERO;
         }
         return allocated ? SC_NORMAL : SC_UNALLOC;
     }
     if ((bitmap >> 32) & bitmap)
-        return err_fail(EIO, "L2 entry for guest offset %#" PRIx64 " marks a subcluster both allocated and zero", guest);
+        return err_fail(EUCLEAN, "L2 entry for guest offset %#" PRIx64 " marks a subcluster both allocated and zero",
+                        guest);
     if (allocated) {
         if (bitmap & (1ull << (sc + 32)))
             return SC_ZERO;
@@ -35,7 +37,8 @@ static int entry_type(struct qcow2_image *img, uint64_t l2e, uint64_t bitmap, un
         return SC_UNALLOC;
     }
     if (bitmap & 0xffffffffull)
-        return err_fail(EIO, "L2 entry for guest offset %#" PRIx64 " has allocated subclusters but no host cluster", guest);
+        return err_fail(EUCLEAN, "L2 entry for guest offset %#" PRIx64 " has allocated subclusters but no host cluster",
+                        guest);
     return (bitmap & (1ull << (sc + 32))) ? SC_ZERO : SC_UNALLOC;
 }
 
@@ -61,11 +64,11 @@ static int l2_slice_at(struct qcow2_image *img, uint64_t off, struct l2_slice **
     if (!l2_off)
         return 0;
     if (offset_into_cluster(img, l2_off))
-        return err_fail(EIO, "L2 table offset %#" PRIx64 " (L1 index %" PRIu64 ") is not cluster aligned", l2_off,
+        return err_fail(EUCLEAN, "L2 table offset %#" PRIx64 " (L1 index %" PRIu64 ") is not cluster aligned", l2_off,
                         l1_index);
     if (l2_off + img->cluster_size > img->file_size)
-        return err_fail(EIO, "L2 table at %#" PRIx64 " (L1 index %" PRIu64 ") lies past the end of the file", l2_off,
-                        l1_index);
+        return err_fail(EUCLEAN, "L2 table at %#" PRIx64 " (L1 index %" PRIu64 ") lies past the end of the file",
+                        l2_off, l1_index);
     uint32_t l2_index = offset_to_l2_index(img, off);
     *per_slice = img->cache.slice_bytes / (8 * img->l2_entry_words);
     *idx = l2_index % *per_slice;
@@ -108,7 +111,8 @@ int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, str
         uint64_t cl_start = pos & ~(uint64_t)(img->cluster_size - 1);
         uint64_t host = l2e & QCOW2_L2E_OFFSET_MASK;
         if (!(l2e & QCOW2_OFLAG_COMPRESSED) && host && offset_into_cluster(img, host)) {
-            ret = err_fail(EIO, "data cluster offset %#" PRIx64 " for guest offset %#" PRIx64 " is not cluster aligned",
+            ret = err_fail(EUCLEAN,
+                           "data cluster offset %#" PRIx64 " for guest offset %#" PRIx64 " is not cluster aligned",
                            host, cl_start);
             break;
         }
@@ -135,8 +139,10 @@ int qcow2_get_mapping(struct qcow2_image *img, uint64_t off, uint64_t bytes, str
                 if (t == SC_COMPRESSED) {
                     compressed_extent(img, l2e, &m->coff, &m->csize);
                     if (m->coff >= img->file_size) {
-                        ret = err_fail(EIO, "compressed cluster for guest offset %#" PRIx64
-                                            " starts at %#" PRIx64 ", past the end of the file", cl_start, m->coff);
+                        ret = err_fail(EUCLEAN,
+                                       "compressed cluster for guest offset %#" PRIx64 " starts at %#" PRIx64
+                                       ", past the end of the file",
+                                       cl_start, m->coff);
                         goto done;
                     }
                     pos += step; /* one compressed cluster per mapping */

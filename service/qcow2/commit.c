@@ -159,8 +159,7 @@ struct run {
 struct slot {
     struct run r;
     unsigned char *buf;   /* CHUNK bytes: the data of an ABOVE_DATA run */
-    int ret;              /* the reader's error, and its message */
-    char msg[ERR_MSG_MAX];
+    struct err_saved err; /* the reader's error and its message (err.ret 0: none) */
     bool full;            /* filled by the reader, not yet written */
 };
 
@@ -215,12 +214,11 @@ static void *reader(void *arg)
         if (stop)
             break;
         struct slot *s = &p->slots[p->head]; /* an empty slot is the reader's alone */
-        s->ret = next_run(p->c, &pos, &s->r);
-        if (s->ret == 0 && s->r.len && s->r.kind == ABOVE_DATA)
-            s->ret = qcow2_read_unlocked(p->c->top, s->buf, s->r.len, s->r.off);
-        if (s->ret < 0)
-            snprintf(s->msg, sizeof s->msg, "%s", err_msg(s->ret));
-        last = s->ret < 0 || !s->r.len;
+        int ret = next_run(p->c, &pos, &s->r);
+        if (ret == 0 && s->r.len && s->r.kind == ABOVE_DATA)
+            ret = qcow2_read_unlocked(p->c->top, s->buf, s->r.len, s->r.off);
+        err_save(&s->err, ret);
+        last = ret < 0 || !s->r.len;
         pthread_mutex_lock(&p->lock);
         s->full = true;
         p->head = (p->head + 1) % NSLOTS;
@@ -253,8 +251,8 @@ static int copy_all(struct commit *c)
             pthread_cond_wait(&p.cond, &p.lock);
         pthread_mutex_unlock(&p.lock);
         struct slot *s = &p.slots[p.tail];
-        if (s->ret < 0) {
-            ret = err_fail(-s->ret, "%s", s->msg);
+        if (s->err.ret < 0) {
+            ret = err_restore(&s->err);
             break;
         }
         if (!s->r.len)
@@ -360,7 +358,7 @@ static int grow_base(struct qcow2_image *b, uint64_t size)
     if (b->nb_bitmaps)
         return err_fail(ENOTSUP, "base has persistent bitmaps: growing it is not supported");
     if (b->broken)
-        return err_fail(EIO, "base is marked corrupt");
+        return err_fail(EUCLEAN, "base is marked corrupt");
     pthread_rwlock_wrlock(&b->rwlock);
     ret = begin_write(b);
     if (ret == 0)
@@ -545,8 +543,8 @@ int qcow2_commit(struct qcow2_image *top, const struct qcow2_commit_opts *opts)
         c.o->progress(c.o->opaque, c.total, c.total); /* done: a cancel now changes nothing */
 out:;
     /* clean up without losing the message of what failed */
-    char msg[ERR_MSG_MAX];
-    snprintf(msg, sizeof msg, "%s", ret < 0 ? err_msg(ret) : "");
+    struct err_saved saved;
+    err_save(&saved, ret);
     if (touched) {
         /* base changed under top's handle: top must see it as it now is */
         pthread_rwlock_wrlock(&top->rwlock);
@@ -560,7 +558,5 @@ out:;
     } else if (c.base) {
         qcow2_close(c.base);
     }
-    if (ret < 0)
-        err_fail(-ret, "%s", msg);
-    return ret;
+    return err_restore(&saved);
 }

@@ -22,8 +22,9 @@ static int inflate_cluster(const void *src, size_t len, void *dst, size_t dst_le
     if ((zr == Z_STREAM_END || zr == Z_BUF_ERROR) && z.avail_out == 0)
         return 0;
     if (zr == Z_STREAM_END)
-        return err_fail(EIO, "compressed cluster (zlib) is short: %zu of %zu bytes", dst_len - z.avail_out, dst_len);
-    return err_fail(EIO, "compressed cluster (zlib) is corrupt: %s", z.msg ? z.msg : "bad data");
+        return err_fail(EUCLEAN, "compressed cluster (zlib) is short: %zu of %zu bytes", dst_len - z.avail_out,
+                        dst_len);
+    return err_fail(EUCLEAN, "compressed cluster (zlib) is corrupt: %s", z.msg ? z.msg : "bad data");
 }
 
 /* One zstd context per thread, kept for the thread's life: creating one per
@@ -70,17 +71,17 @@ static int zstd_cluster(const void *src, size_t len, void *dst, size_t dst_len)
         size_t in_before = in.pos, out_before = out.pos;
         size_t r = ZSTD_decompressStream(dctx, &out, &in);
         if (ZSTD_isError(r)) {
-            ret = err_fail(EIO, "compressed cluster (zstd) is corrupt: %s", ZSTD_getErrorName(r));
+            ret = err_fail(EUCLEAN, "compressed cluster (zstd) is corrupt: %s", ZSTD_getErrorName(r));
             break;
         }
         if (out.pos == out.size)
             break;
         if (in.pos == in.size) {
-            ret = err_fail(EIO, "compressed cluster (zstd) is short: %zu of %zu bytes", out.pos, out.size);
+            ret = err_fail(EUCLEAN, "compressed cluster (zstd) is short: %zu of %zu bytes", out.pos, out.size);
             break;
         }
         if (in.pos == in_before && out.pos == out_before) {
-            ret = err_fail(EIO, "compressed cluster (zstd) makes no progress");
+            ret = err_fail(EUCLEAN, "compressed cluster (zstd) makes no progress");
             break;
         }
     }

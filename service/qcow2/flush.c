@@ -115,7 +115,7 @@ int mark_corrupt(struct qcow2_image *img, const char *fmt, ...)
         header_write(img, HDR_INCOMPAT, img->h.incompatible_features, 8); /* best effort */
     }
     img->broken = true;
-    return err_fail(EIO, "image is corrupt: %s; further writes are refused (run check -r all)", msg);
+    return err_fail(EUCLEAN, "image is corrupt: %s; further writes are refused (run check -r all)", msg);
 }
 
 int begin_write(struct qcow2_image *img)

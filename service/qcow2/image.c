@@ -254,7 +254,9 @@ static int make_writable(struct qcow2_image *img, const struct qcow2_open_opts *
     if (img->h.crypt_method)
         return err_fail(ENOTSUP, "image is encrypted; qcowd cannot write it");
     if ((img->h.incompatible_features & QCOW2_INCOMPAT_CORRUPT) && !o->allow_corrupt)
-        return err_fail(EIO, "image is marked corrupt; it can be opened read-only, or repaired with check -r all");
+        return err_fail(EUCLEAN,
+                        "image is marked corrupt (the corrupt bit of its incompatible features is set); it can be "
+                        "opened read-only, or repaired with check -r all");
     img->rw = true;
     img->no_sync = o->cache_unsafe;
     if ((img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !o->allow_corrupt) {

@@ -32,8 +32,10 @@ struct qcow2_open_opts {
 /* Open uri with opts (NULL for defaults). On success *out is a new image the caller
  * closes; on failure *out is unchanged, the return is a negative errno and
  * err_msg() names the problem ("L1 table at 0x30008 is not cluster aligned").
- * -EINVAL/-EUCLEAN-like format errors use -EINVAL, unsupported features -ENOTSUP,
- * storage errors the backend's errno. */
+ * Format errors in the header and the tables it names use -EINVAL (the catalog
+ * reports them as -EUCLEAN), a corrupt bit that forbids read_write -EUCLEAN,
+ * unsupported features -ENOTSUP, storage errors the backend's errno (-EIO is only
+ * ever the store's: corruption found later, by any call, is -EUCLEAN). */
 int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2_image **out);
 /* Close img (NULL is fine). An image open read-write gets its last metadata,
  * bitmaps and header flags written first; the return is 0, or the negative
@@ -235,9 +237,10 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *o);
  * after. Enabled bitmaps are tracked in memory while the image is written and
  * stored at close. Serialised with writers (the image's write lock); the dirty
  * query runs alongside readers. Errors: -ENOENT unknown bitmap, -EEXIST name taken,
- * -EINVAL bad name/granularity, -EUCLEAN a bitmap left in use by a crash where the
- * operation needs it consistent (remove and clear work on it), -ENOTSUP v2 image,
- * -EROFS read-only, -ENOSPC past 65535 bitmaps or a 64 MiB directory. */
+ * -EINVAL bad name/granularity, -EBUSY a bitmap left in use by a crash where the
+ * operation needs it consistent (remove and clear work on it), -ENOTSUP v2 image or
+ * a bitmap with extra data it does not know, -EROFS read-only, -EUCLEAN image marked
+ * corrupt, -E2BIG past 65535 bitmaps or a 64 MiB directory. */
 /* granularity 0: as qemu-img (the cluster size, within 4 KiB..64 KiB); else a power
  * of two from 512 B to 2 GiB. disabled: not marked by writes (no "auto" flag). */
 int qcow2_bitmap_add(struct qcow2_image *img, const char *name, uint32_t granularity, bool disabled);
@@ -249,8 +252,9 @@ int qcow2_bitmap_disable(struct qcow2_image *img, const char *name);
  * read and needs the same virtual size (granularities may differ). */
 int qcow2_bitmap_merge(struct qcow2_image *img, const char *dst, struct qcow2_image *src_img, const char *src);
 /* Dirty status at off (read-only is fine): *dirty and *pnum (bytes with that status,
- * whole granules, <= len). -ENOENT unknown bitmap, -EUCLEAN when the bitmap is
- * in_use from a crash (inconsistent: its bits cannot be trusted). Thread-safe. */
+ * whole granules, <= len). -ENOENT unknown bitmap, -EBUSY when the bitmap is
+ * in_use from a crash (inconsistent: its bits cannot be trusted), -EUCLEAN a corrupt
+ * bitmap table. Thread-safe. */
 int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, uint64_t len, bool *dirty,
                        uint64_t *pnum);
 /* A copy of the bitmap list, safe while other threads change bitmaps (qcow2_get_info's

@@ -411,7 +411,7 @@ int qcow2_durable(struct qcow2_image *img);
 int meta_flush(struct qcow2_image *img);
 /* Write a header field (big-endian, size 4 or 8) at byte offset off and flush. */
 int header_write(struct qcow2_image *img, uint64_t off, uint64_t value, unsigned size);
-/* Set the corrupt bit (best effort) and refuse further writes; returns -EIO. */
+/* Set the corrupt bit (best effort) and refuse further writes; returns -EUCLEAN. */
 int mark_corrupt(struct qcow2_image *img, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Header duties before the first write: clear unknown autoclear bits, set the
  * dirty bit for lazy refcounts. */

@@ -90,7 +90,7 @@ static int compressed_bytes(struct qcow2_image *img, struct zbufs *z, const stru
         m->coff + m->csize > z->win_off + z->win_len) {
         /* a cluster is at most 2 MiB + a sector; the window 2 MiB */
         if (m->csize > 2 * ZWIN)
-            return err_fail(EIO, "compressed cluster of %u bytes is too large", m->csize);
+            return err_fail(EUCLEAN, "compressed cluster of %u bytes is too large", m->csize);
         uint64_t len = qcow2_compressed_run_end(img, off, bytes, m, 2 * ZWIN) - m->coff;
         if (len < ZREADAHEAD)
             len = ZREADAHEAD < m->csize ? m->csize : ZREADAHEAD;

@@ -18,7 +18,7 @@ int qcow2_get_refcount(struct qcow2_image *img, uint64_t cluster, uint64_t *refc
     if (!block)
         return 0;
     if (offset_into_cluster(img, block) || block + img->cluster_size > img->file_size)
-        return err_fail(EIO, "refcount block at %#" PRIx64 " is misaligned or past the end of the file", block);
+        return err_fail(EUCLEAN, "refcount block at %#" PRIx64 " is misaligned or past the end of the file", block);
     unsigned bits = img->refcount_bits;
     uint64_t byte = bi * bits / 8;
     unsigned char buf[8];

@@ -190,7 +190,7 @@ static int begin(struct qcow2_image *img)
     if (!img->rw || img->fmt != QCOW2_FMT_QCOW2)
         return err_fail(EROFS, "snapshots need a qcow2 image open read-write");
     if (img->broken)
-        return err_fail(EIO, "image is marked corrupt; run check -r all");
+        return err_fail(EUCLEAN, "image is marked corrupt; run check -r all");
     if (img->data != img->file)
         return err_fail(ENOTSUP, "images with an external data file cannot have internal snapshots");
     pthread_rwlock_wrlock(&img->rwlock);
@@ -221,7 +221,7 @@ int qcow2_snapshot_create(struct qcow2_image *img, const char *name)
     if (!nlen || nlen > 65535)
         return err_fail(EINVAL, "a snapshot name needs 1 to 65535 bytes");
     if (img->h.nb_snapshots >= QCOW2_MAX_SNAPSHOTS)
-        return err_fail(ENOSPC, "the image already has %u snapshots", QCOW2_MAX_SNAPSHOTS);
+        return err_fail(E2BIG, "the image already has %u snapshots", QCOW2_MAX_SNAPSHOTS);
     int ret = begin(img);
     if (ret < 0)
         return ret;

@@ -421,7 +421,7 @@ static int check_writable(struct qcow2_image *img, uint64_t off, uint64_t len)
     if (!img->rw)
         return err_fail(EROFS, "image is open read-only");
     if (img->broken)
-        return err_fail(EIO, "image is marked corrupt; writes are refused (run check -r all)");
+        return err_fail(EUCLEAN, "image is marked corrupt; writes are refused (run check -r all)");
     if (__builtin_add_overflow(off, len, &end) || end > img->size)
         return err_fail(EINVAL, "range %" PRIu64 "+%" PRIu64 " is past the end of the disk (%" PRIu64 " bytes)", off, len,
                         img->size);
@@ -651,7 +651,7 @@ int qcow2_write_compressed_raw(struct qcow2_image *img, uint64_t off, const void
     if (ret == 0) {
         uint64_t nsec = ((coff + clen - 1) >> 9) - (coff >> 9);
         if (nsec > img->csize_mask || coff > img->coffset_mask)
-            ret = err_fail(ENOSPC, "compressed data at %#" PRIx64 " cannot be addressed", coff);
+            ret = err_fail(EOVERFLOW, "compressed data at %#" PRIx64 " cannot be addressed", coff);
         else if ((ret = release_entry(img, l2e)) == 0)
             set_entry(img, s, idx, QCOW2_OFLAG_COMPRESSED | (nsec << img->csize_shift) | coff, 0);
     }
@@ -697,7 +697,7 @@ int qcow2_flush(struct qcow2_image *img)
         return ret ? ret : qcow2_durable(img);
     }
     pthread_rwlock_wrlock(&img->rwlock);
-    int ret = img->broken ? err_fail(EIO, "image is marked corrupt") : meta_flush(img);
+    int ret = img->broken ? err_fail(EUCLEAN, "image is marked corrupt") : meta_flush(img);
     if (ret == 0)
         ret = meta_flush(img); /* write the refcounts the first one lowered */
     if (ret == 0)

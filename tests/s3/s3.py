@@ -406,17 +406,17 @@ def faults_at_run_time(c):
         d.write("f1", 1 * MiB, b"\x62" * 4096)
         check(px.hits - h0 == 3, "the dropped PUT was not met")
         check(d.read("f1", 1 * MiB, 8192) == b"\x62" * 4096 + b"\x61" * 4096, "the write after a drop differs")
-        cases = (("slowdown", "throttling (503", 3 * MiB),
-                 ("500", "failed (500", 4 * MiB),
-                 ("403", "SignatureDoesNotMatch", 5 * MiB),
-                 ("delay", "timed out", 6 * MiB))
-        for kind, words, off in cases:
+        cases = (("slowdown", "throttling (503", 3 * MiB, "unavailable"),
+                 ("500", "failed (500", 4 * MiB, "unavailable"),
+                 ("403", "SignatureDoesNotMatch", 5 * MiB, "storage-denied"),
+                 ("delay", "timed out", 6 * MiB, "unavailable"))
+        for kind, words, off, code in cases:
             px.clear()
             px.fault(kind, match="/f1.qcow2", arg=6 if kind == "delay" else None)
             t = time.time()
             st, b = d.request("GET", "/v1/images/f1/data", headers={"Range": "bytes=%d-%d" % (off, off + 4095)})
             doc = json.loads(b)
-            check(st == 503 and doc["error"]["code"] == "unavailable" and words in doc["error"]["message"],
+            check(st == 503 and doc["error"]["code"] == code and words in doc["error"]["message"],
                   "%s: %d %s" % (kind, st, b[:400]))
             print("    %-8s -> 503 in %.1f s: %s" % (kind, time.time() - t, doc["error"]["message"][:150]))
             check(d.read("f2", off, 4096) == b"\x61" * 4096, "the other image stopped working")

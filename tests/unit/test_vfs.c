@@ -2,7 +2,10 @@
  * resolution, plugin loading, registration checks, the fault filter, threads. */
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <ftw.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -124,6 +127,31 @@ START_TEST(test_file_read_past_eof_zero_fills)
 {
     char p[PATH_MAX];
     check_zero_fill(in_tmp(p, "short.img"));
+}
+END_TEST
+
+/* The system's EPERM (here an immutable file: root and a file system that has the
+ * flag, else skipped) comes back as EACCES, with the system's words: EPERM means a
+ * name outside the catalog to the layers above. */
+START_TEST(test_file_system_eperm_is_eacces)
+{
+    char p[PATH_MAX];
+    struct vfs_file *f = open_ok(in_tmp(p, "immutable.img"), VFS_O_RDWR | VFS_O_CREATE);
+    vfs_close(f);
+    int fd = open(p, O_RDONLY), flags = 0;
+    if (fd < 0 || ioctl(fd, FS_IOC_GETFLAGS, &flags) < 0 ||
+        (flags |= FS_IMMUTABLE_FL, ioctl(fd, FS_IOC_SETFLAGS, &flags) < 0)) {
+        if (fd >= 0)
+            close(fd);
+        return; /* not root, or no such flag here */
+    }
+    int r = vfs_open(p, VFS_O_RDWR, &f);
+    flags &= ~FS_IMMUTABLE_FL;
+    ck_assert_int_eq(ioctl(fd, FS_IOC_SETFLAGS, &flags), 0);
+    close(fd);
+    ck_assert_int_eq(r, -EACCES);
+    ck_assert_msg_has(r, p);
+    ck_assert_msg_has(r, "Operation not permitted");
 }
 END_TEST
 
@@ -831,6 +859,31 @@ START_TEST(test_fault_armed_from_environment)
 }
 END_TEST
 
+/* The daemon's forms (fresh process, as above): "N+" fails every call from the
+ * Nth, a fourth field only the files whose URI contains it, and "open" the opens. */
+START_TEST(test_fault_environment_sticky_matching_open)
+{
+    const char *fork = getenv("CK_FORK");
+    if (fork && strcmp(fork, "no") == 0)
+        return;
+    setenv("QCOWD_FAULT", "open:2+:EACCES:locked", 1);
+    struct vfs_file *f, *other = open_ok("fault:mem:other", VFS_O_RDWR | VFS_O_CREATE);
+    f = open_ok("fault:mem:locked", VFS_O_RDWR | VFS_O_CREATE); /* open #1 of it */
+    vfs_close(f);
+    for (int i = 0; i < 3; i++) {
+        ck_assert_int_eq(vfs_open("fault:mem:locked", VFS_O_RDONLY, &f), -EACCES);
+        ck_assert_msg(strstr(err_msg(-EACCES), "mem:locked") && strstr(err_msg(-EACCES), "Permission denied"),
+                      "%s", err_msg(-EACCES));
+    }
+    ck_assert_uint_eq(vfs_fault_count(VFS_FAULT_OPEN), 4); /* the other file's open is not counted */
+    ck_assert_uint_eq(vfs_fault_count(VFS_FAULT_ANY), 0);  /* "any" counts no opens */
+    vfs_close(other);
+    f = open_ok("fault:mem:other", VFS_O_RDONLY);
+    vfs_close(f);
+    unsetenv("QCOWD_FAULT");
+}
+END_TEST
+
 /* ---- threads ---- */
 
 #define PAT(i) ((unsigned char)(((i) * 2654435761u) >> 24))
@@ -901,7 +954,7 @@ static Suite *vfs_suite(void)
          {test_file_read_write_resize_flush, test_file_read_past_eof_zero_fills,
           test_file_create_excl_and_flags, test_file_missing_is_enoent_naming_path,
           test_file_discard_reads_zero_and_is_a_hole, test_file_list_stat_rename_remove,
-          test_file_uri_is_canonical}},
+          test_file_uri_is_canonical, test_file_system_eperm_is_eacces}},
         {"mem",
          {test_mem_read_write_resize_flush, test_mem_objects_are_shared_and_persist,
           test_mem_create_excl_missing_and_names, test_mem_discard_block_status_and_limits,
@@ -913,7 +966,8 @@ static Suite *vfs_suite(void)
           test_v1_and_v2_plugins_configure}},
         {"fault",
          {test_fault_fails_nth_read_once, test_fault_fails_nth_write_with_enospc,
-          test_fault_forwards_everything_else, test_fault_armed_from_environment}},
+          test_fault_forwards_everything_else, test_fault_armed_from_environment,
+          test_fault_environment_sticky_matching_open}},
         {"threads", {test_concurrent_preads_on_one_handle}},
     };
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {

@@ -41,8 +41,7 @@ struct job {
     atomic_int failed;
     pthread_mutex_t err_lock;
     pthread_mutex_t out_lock;    /* one raw write at a time (see emit) */
-    char err[ERR_MSG_MAX];
-    int err_code;
+    struct err_saved err;        /* the first failure (under err_lock) */
 };
 
 static bool all_zero(const unsigned char *p, size_t n)
@@ -65,8 +64,7 @@ static void record_error(struct job *j, int ret, const char *what)
 {
     pthread_mutex_lock(&j->err_lock);
     if (!j->failed) {
-        snprintf(j->err, sizeof j->err, "%s%s", what, err_msg(ret));
-        j->err_code = ret;
+        err_save(&j->err, what ? err_prefix(ret, "%s", what) : ret);
         atomic_store(&j->failed, 1);
     }
     pthread_mutex_unlock(&j->err_lock);
@@ -102,7 +100,7 @@ static int emit(struct job *j, unsigned char *buf, uint64_t len, uint64_t off)
             else
                 ret = qcow2_pwrite_compressed(j->dst, buf + p, n, off + p); /* the short tail */
             if (ret < 0)
-                record_error(j, ret, "writing the output: ");
+                record_error(j, ret, "writing the output");
             p += n;
             continue;
         }
@@ -124,7 +122,7 @@ static int emit(struct job *j, unsigned char *buf, uint64_t len, uint64_t off)
             pthread_mutex_unlock(&j->out_lock);
         }
         if (ret < 0)
-            record_error(j, ret, "writing the output: ");
+            record_error(j, ret, "writing the output");
         p = q;
     }
     free(cbuf);
@@ -136,7 +134,7 @@ static void *worker(void *arg)
     struct job *j = arg;
     unsigned char *buf = malloc(j->chunk);
     if (!buf) {
-        record_error(j, err_fail(ENOMEM, "out of memory"), "");
+        record_error(j, err_fail(ENOMEM, "out of memory"), NULL);
         return NULL;
     }
     for (;;) {
@@ -146,7 +144,7 @@ static void *worker(void *arg)
         struct chunk *c = &j->chunks[i];
         int ret = qcow2_pread(j->img, buf, c->len, c->off);
         if (ret < 0) {
-            record_error(j, ret, "");
+            record_error(j, ret, NULL);
             break;
         }
         if ((ret = emit(j, buf, c->len, c->off)) < 0)
@@ -350,7 +348,7 @@ int cmd_convert(int argc, char **argv)
     if (progress)
         fprintf(stderr, "    (100.00/100%%)\n");
     if (j.failed) {
-        fail(src, "%s", j.err);
+        fail(src, "%s", j.err.msg);
         goto out;
     }
     /* a qcow2 target always gets its metadata written (and flushed) before close */

@@ -86,24 +86,25 @@ static int same_etag(const char *a, const char *b)
 static int check_completed(const struct s3_name *n, char (*etags)[128], unsigned nparts, char *etag, size_t cap,
                            int ret)
 {
-    char msg[ERR_MSG_MAX], want[128];
+    struct err_saved saved;
+    char want[128];
     struct s3_head h;
-    snprintf(msg, sizeof msg, "%s", err_msg(ret));
+    err_save(&saved, ret);
     if (s3_mpu_etag((const char(*)[128])etags, nparts, want, sizeof want) < 0)
-        return err_fail(-ret, "%s", msg);
+        return err_restore(&saved);
     int r = s3_head_object(n, &h);
     if (r == 0 && same_etag(h.etag, want)) {
         fprintf(stderr,
                 "qcowd: s3: %s: CompleteMultipartUpload did take effect (the object has the upload's ETag %s) "
                 "although it seemed to fail: %s\n",
-                n->uri, want, msg);
+                n->uri, want, saved.msg);
         snprintf(etag, cap, "%s", h.etag);
         err_clear();
         return 0;
     }
     if (r == 0)
-        return err_fail(-ret, "%s (the object is not the upload's: ETag %s, not %s)", msg, h.etag, want);
-    return err_fail(-ret, "%s (and asking whether it took effect failed: %s)", msg, err_msg(r));
+        return err_fail(-ret, "%s (the object is not the upload's: ETag %s, not %s)", saved.msg, h.etag, want);
+    return err_fail(-ret, "%s (and asking whether it took effect failed: %s)", saved.msg, err_msg(r));
 }
 
 int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
@@ -144,9 +145,9 @@ void s3_mpu_abort(const struct s3_name *n, const char *id)
     struct s3_param p = {"uploadId", id};
     struct s3_req r = {.op = S3_OP_DELETE, .method = "DELETE", .bucket = n->bucket, .key = n->key, .params = &p,
                        .nparams = 1};
-    char msg[ERR_MSG_MAX];
-    snprintf(msg, sizeof msg, "%s", err_msg(EIO));
+    struct err_saved saved; /* the caller's failure, which the abort follows */
+    err_save(&saved, -EIO);
     s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
-    err_set("%s", msg);
+    err_restore(&saved);
     s3_req_free(&r);
 }

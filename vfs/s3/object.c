@@ -532,10 +532,8 @@ static int replaced_outside(struct obj *o)
     if (mine)
         return 0;
     struct s3_head hd;
-    char msg[ERR_MSG_MAX];
     int r = s3_stat_object(&o->n, &hd);
-    snprintf(msg, sizeof msg, "%s", err_msg(r));
-    int gone = (r == 0 && strcmp(hd.etag, etag)) || (r == -ENOENT && strstr(msg, "no such object"));
+    int gone = (r == 0 && strcmp(hd.etag, etag)) || (r == -ENOENT && strstr(err_msg(r), "no such object"));
     err_clear();
     return gone;
 }
@@ -697,8 +695,7 @@ struct upload {
     char (*etags)[128];
     pthread_mutex_t lock;
     unsigned next;  /* next part to do (under lock) */
-    int err;        /* first failure (under lock) */
-    char msg[ERR_MSG_MAX];
+    struct err_saved err; /* first failure (under lock; err.ret 0: none) */
 };
 
 static atomic_int copy_unsupported; /* the server answered 501 to UploadPartCopy */
@@ -742,17 +739,15 @@ static void *part_worker(void *arg)
     struct upload *u = arg;
     for (;;) {
         pthread_mutex_lock(&u->lock);
-        unsigned i = u->err ? u->nparts : u->next++;
+        unsigned i = u->err.ret ? u->nparts : u->next++;
         pthread_mutex_unlock(&u->lock);
         if (i >= u->nparts)
             return NULL;
         int r = put_part(u, i);
         if (r < 0) {
             pthread_mutex_lock(&u->lock);
-            if (!u->err) {
-                u->err = r;
-                snprintf(u->msg, sizeof u->msg, "%s", err_msg(r));
-            }
+            if (!u->err.ret)
+                err_save(&u->err, r);
             pthread_mutex_unlock(&u->lock);
         }
     }
@@ -801,8 +796,8 @@ static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
         part_worker(&u);
     for (unsigned i = 0; i < started; i++)
         pthread_join(tids[i], NULL);
-    if (u.err) {
-        ret = err_fail(-u.err, "%s", u.msg);
+    if (u.err.ret) {
+        ret = err_restore(&u.err);
         goto out;
     }
     test_crash_point("before-complete", o->n.uri);
