@@ -67,11 +67,22 @@ struct req {
     void *done_ctx;
     struct jobs *jobs;           /* the job engine, or NULL */
     struct events *events;       /* the event bus, or NULL */
+    struct api_offload *off;     /* work running on a thread of its own (api_offload) */
     struct api_guard *guard;     /* the server's budgets for slow clients */
     struct guard_conn *gc;       /* this connection in it (NULL: not tracked) */
 };
 
 #define API_MAX_ARGS 2 /* path segments a route captures */
+
+/* Run work(ctx) on a thread of its own, with r's connection suspended (no
+ * server thread waits for it, nor do the other connections of that thread);
+ * once it is done, then(r, ctx) answers on a server thread. free_ctx(ctx) is
+ * called once neither needs ctx (also when the client went away). For work
+ * whose length the client controls (a preallocating create). Returns what the
+ * handler returns. */
+struct api_offload;
+enum MHD_Result api_offload(struct req *r, void (*work)(void *ctx), enum MHD_Result (*then)(struct req *r, void *ctx),
+                            void *ctx, void (*free_ctx)(void *ctx));
 
 typedef enum MHD_Result (*api_handler)(struct req *r, char **args);
 
@@ -252,8 +263,9 @@ const char *api_guard_addr(const struct guard_conn *gc);
  * --max-listeners-per-client. unlisten takes one back. Thread-safe. */
 int api_guard_listen(struct api_guard *g, const char *addr);
 void api_guard_unlisten(struct api_guard *g, const char *addr);
-/* Connections cut so far: past the header deadline, below the minimum rate. */
-void api_guard_counts(struct api_guard *g, uint64_t *cut_headers, uint64_t *cut_slow);
+/* Connections open now, and cut so far: past the header deadline, below the
+ * minimum rate. */
+void api_guard_counts(struct api_guard *g, unsigned *open, uint64_t *cut_headers, uint64_t *cut_slow);
 
 /* ---- metrics.c ---- */
 

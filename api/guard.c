@@ -52,6 +52,7 @@ struct api_guard {
     pthread_cond_t stop_cond;
     bool stopping;
     atomic_ullong cut_headers, cut_slow; /* connections cut, for the log and metrics */
+    atomic_uint open;                    /* connections open now */
 };
 
 static int64_t mono_ms(void)
@@ -210,6 +211,7 @@ struct guard_conn *api_guard_open(struct api_guard *g, int fd, const struct sock
     pthread_mutex_init(&gc->lock, NULL);
     gc->phase = GUARD_HEADERS;
     gc->since_ms = gc->mark_ms = mono_ms();
+    atomic_fetch_add(&g->open, 1);
     pthread_mutex_lock(&g->lock);
     gc->next = g->head;
     if (g->head)
@@ -232,6 +234,7 @@ void api_guard_close(struct guard_conn *gc)
     if (gc->next)
         gc->next->prev = gc->prev;
     pthread_mutex_unlock(&g->lock);
+    atomic_fetch_sub(&g->open, 1);
     pthread_mutex_destroy(&gc->lock);
     free(gc);
 }
@@ -299,8 +302,9 @@ void api_guard_unlisten(struct api_guard *g, const char *addr)
     pthread_mutex_unlock(&g->lock);
 }
 
-void api_guard_counts(struct api_guard *g, uint64_t *cut_headers, uint64_t *cut_slow)
+void api_guard_counts(struct api_guard *g, unsigned *open, uint64_t *cut_headers, uint64_t *cut_slow)
 {
+    *open = atomic_load(&g->open);
     *cut_headers = atomic_load(&g->cut_headers);
     *cut_slow = atomic_load(&g->cut_slow);
 }

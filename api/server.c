@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -29,6 +30,9 @@ struct api_server {
     struct events *events;
     struct api_guard *guard; /* the watchdog of slow clients, per-address counts */
     unsigned max_connections, max_per_client; /* as given to MHD */
+    pthread_mutex_t off_lock;                 /* guards offloads */
+    pthread_cond_t off_done;                  /* an offloaded work ended */
+    unsigned offloads;                        /* api_offload threads running */
 };
 
 /* ---- routes ---- */
@@ -203,6 +207,72 @@ out:
     return res;
 }
 
+/* ---- work off the server threads ---- */
+
+struct api_offload {
+    atomic_int refs; /* the thread and the request */
+    struct api_server *srv;
+    struct MHD_Connection *conn;
+    void (*work)(void *ctx);
+    enum MHD_Result (*then)(struct req *r, void *ctx);
+    void *ctx;
+    void (*free_ctx)(void *ctx);
+};
+
+static void offload_put(struct api_offload *o)
+{
+    if (o && atomic_fetch_sub(&o->refs, 1) == 1) {
+        o->free_ctx(o->ctx);
+        free(o);
+    }
+}
+
+static void *offload_main(void *p)
+{
+    struct api_offload *o = p;
+    struct api_server *s = o->srv;
+    o->work(o->ctx);
+    MHD_resume_connection(o->conn); /* MHD calls on_request again: then answers */
+    offload_put(o);
+    pthread_mutex_lock(&s->off_lock);
+    s->offloads--;
+    pthread_cond_broadcast(&s->off_done);
+    pthread_mutex_unlock(&s->off_lock);
+    return NULL;
+}
+
+enum MHD_Result api_offload(struct req *r, void (*work)(void *ctx), enum MHD_Result (*then)(struct req *r, void *ctx),
+                            void *ctx, void (*free_ctx)(void *ctx))
+{
+    struct api_server *s = r->srv;
+    struct api_offload *o = calloc(1, sizeof *o);
+    if (!o) {
+        free_ctx(ctx);
+        return MHD_NO;
+    }
+    *o = (struct api_offload){.srv = s, .conn = r->conn, .work = work, .then = then, .ctx = ctx, .free_ctx = free_ctx};
+    atomic_init(&o->refs, 2);
+    r->off = o;
+    pthread_mutex_lock(&s->off_lock);
+    s->offloads++;
+    pthread_mutex_unlock(&s->off_lock);
+    MHD_suspend_connection(r->conn);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int e = pthread_create(&(pthread_t){0}, &attr, offload_main, o);
+    pthread_attr_destroy(&attr);
+    if (e) { /* no thread: the work runs here after all */
+        MHD_resume_connection(r->conn);
+        pthread_mutex_lock(&s->off_lock);
+        s->offloads--;
+        pthread_mutex_unlock(&s->off_lock);
+        atomic_fetch_sub(&o->refs, 1);
+        work(ctx);
+    }
+    return MHD_YES;
+}
+
 /* ---- MHD callbacks ---- */
 
 /* A refusal on a body's first bytes (not qcow2, over a budget): answered now,
@@ -255,6 +325,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
     struct api_server *s = cls;
     struct req *r = *con_cls;
+    if (r && r->off && !r->answered) { /* back from api_offload */
+        err_clear();
+        return r->off->then(r, r->off->ctx);
+    }
     if (r && r->deferred) {
         if (*upload_data_size) { /* a body nobody asked for */
             *upload_data_size = 0;
@@ -367,6 +441,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     }
     if (r->done)
         r->done(r->done_ctx);
+    offload_put(r->off);
     api_guard_phase(r->gc, GUARD_HEADERS); /* the next request on the connection */
     free(r->body_msg);
     free(r->path);
@@ -477,6 +552,8 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     s->no_sendfile = cfg->no_sendfile;
     s->jobs = cfg->jobs;
     s->events = cfg->events;
+    pthread_mutex_init(&s->off_lock, NULL);
+    pthread_cond_init(&s->off_done, NULL);
     ret = size_limits(cfg, s);
     if (ret == 0)
         ret = api_guard_new(cfg, &s->guard);
@@ -557,7 +634,14 @@ void api_server_stop(struct api_server *s)
 {
     if (!s)
         return;
+    /* offloaded work resumes its connection at the end: MHD must be there */
+    pthread_mutex_lock(&s->off_lock);
+    while (s->offloads)
+        pthread_cond_wait(&s->off_done, &s->off_lock);
+    pthread_mutex_unlock(&s->off_lock);
     MHD_stop_daemon(s->daemon);
     api_guard_free(s->guard);
+    pthread_cond_destroy(&s->off_done);
+    pthread_mutex_destroy(&s->off_lock);
     free(s);
 }
