@@ -492,14 +492,11 @@ static int parse_listen(const char *listen, struct addrinfo **res)
  * reserve for images and plugins), or accept() would fail for everyone at
  * once; one address gets at most max_per_client of them, so a flood from one
  * address (MHD accepts and closes what is over) leaves room for the others. */
-static int size_limits(const struct api_config *cfg, struct api_server *s)
+static void size_limits(const struct api_config *cfg, struct api_server *s)
 {
     struct rlimit rl;
     uint64_t fds = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? rl.rlim_cur : 1u << 20;
-    if (fds < 2 * API_FD_RESERVE)
-        return err_fail(EMFILE, "the open-file limit (%llu) is too low for qcowd: raise ulimit -n to at least %u",
-                        (unsigned long long)fds, 2 * API_FD_RESERVE);
-    uint64_t cap = fds - API_FD_RESERVE;
+    uint64_t cap = fds > 2 * API_FD_RESERVE ? fds - API_FD_RESERVE : fds / 2;
     s->max_connections = cfg->max_connections ? cfg->max_connections : API_DEFAULT_CONNECTIONS;
     if (s->max_connections > cap) {
         if (cfg->max_connections)
@@ -510,7 +507,6 @@ static int size_limits(const struct api_config *cfg, struct api_server *s)
     s->max_per_client = cfg->max_per_client ? cfg->max_per_client : API_DEFAULT_PER_CLIENT;
     if (s->max_per_client > s->max_connections)
         s->max_per_client = s->max_connections;
-    return 0;
 }
 
 /* libmicrohttpd's messages; "connection limit" ones (a flood) once a minute at most. */
@@ -554,9 +550,8 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     s->events = cfg->events;
     pthread_mutex_init(&s->off_lock, NULL);
     pthread_cond_init(&s->off_done, NULL);
-    ret = size_limits(cfg, s);
-    if (ret == 0)
-        ret = api_guard_new(cfg, &s->guard);
+    size_limits(cfg, s);
+    ret = api_guard_new(cfg, &s->guard);
     if (ret < 0) {
         freeaddrinfo(ai);
         free(s);

@@ -246,9 +246,12 @@ static int parse_bytes(const char *s, uint64_t *out)
 static void raise_fd_limit(void)
 {
     struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    rlim_t want = rl.rlim_max == RLIM_INFINITY ? (rlim_t)1 << 20 : rl.rlim_max; /* Linux's nr_open default */
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want) {
         rlim_t was = rl.rlim_cur;
-        rl.rlim_cur = rl.rlim_max;
+        rl.rlim_cur = want;
         if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
             fprintf(stderr, "qcowd: cannot raise the open-file limit from %llu: %s\n", (unsigned long long)was,
                     strerror(errno));

@@ -498,6 +498,23 @@ def listeners_per_client(s):
         time.sleep(0.5)
 
 
+def open_images(s):
+    """--max-open-images bounds the open images the catalog keeps."""
+    defaults(s, "--max-open-images", "2")
+    names = ["open%d" % i for i in range(6)]
+    for n in names:
+        st, _, _ = s.call("POST", "/v1/images", body=json.dumps({"name": n, "size": 1 << 20}),
+                          headers={"Content-Type": "application/json"})
+        assert st == 201
+    for n in names:
+        st, _, _ = s.call("GET", "/v1/images/" + n)
+        assert st == 200
+    held = metric(s, "qcowd_open_images")
+    assert held <= 3, "%d images open (2 cached, the prober's in use)" % held
+    for n in names:
+        s.call("DELETE", "/v1/images/" + n)
+
+
 # ---- a crash's leftovers ----
 
 def stale_temporaries(s):
@@ -526,5 +543,6 @@ CASES = [("socket_flood", socket_flood), ("slow_headers", slow_headers), ("trick
          ("not_qcow2_at_once", not_qcow2_at_once), ("upload_caps", upload_caps),
          ("stalled_download", stalled_download), ("job_queue", job_queue),
          ("listeners_per_client", listeners_per_client), ("virtual_size", virtual_size),
-         ("create_outside_lock", create_outside_lock), ("stale_temporaries", stale_temporaries),
+         ("create_outside_lock", create_outside_lock), ("open_images", open_images),
+         ("stale_temporaries", stale_temporaries),
          ("budgets_restore", restore)]
