@@ -288,6 +288,26 @@ def upload_caps(s):
     assert st == 413, st
     names_budget(j, "--max-upload")
     assert not temporaries(s), temporaries(s)
+    # without a Content-Length (chunked), cut as it passes the cap, answered at once
+    c = raw(s)
+    try:
+        c.sendall(b"PUT /v1/images/big/file HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        try:
+            while sent < len(body):
+                piece = body[sent:sent + MiB]
+                c.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                sent += len(piece)
+        except OSError:
+            pass
+        st, j = read_answer(c, 5)
+        assert st == 413, st
+        names_budget(j, "--max-upload")
+        assert sent <= 20 * MiB, "%d bytes were taken" % sent
+    finally:
+        c.close()
+    time.sleep(0.2)
+    assert not temporaries(s), temporaries(s)
     defaults(s, "--max-catalog", "8M")
     small = qcow2_file(s, "small", "16M", fill="5M")
     st, j = put_head(s, "small", small)
