@@ -25,12 +25,12 @@ struct guard_conn {
     char addr[INET6_ADDRSTRLEN];    /* the client's address, without the port */
     pthread_mutex_t lock;           /* guards the fields below */
     enum guard_phase phase;
-    int64_t since_ms;     /* when the phase began */
-    int64_t mark_ms;      /* start of the rate window */
-    uint64_t mark_bytes;  /* bytes at its start */
-    bool served;          /* a request was completed on it (keep-alive) */
-    bool cut;             /* the watchdog shut it down */
-    atomic_ullong bytes;  /* body bytes moved in this phase */
+    int64_t since_ms;    /* when the phase began */
+    int64_t mark_ms;     /* start of the rate window */
+    uint64_t mark_bytes; /* bytes at its start */
+    bool served;         /* a request was completed on it (keep-alive) */
+    bool cut;            /* the watchdog shut it down */
+    atomic_ullong bytes; /* body bytes moved in this phase */
 };
 
 /* Event listeners of one client address. */

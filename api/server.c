@@ -28,7 +28,7 @@ struct api_server {
     char addr[80]; /* "host:port" as bound */
     struct jobs *jobs;
     struct events *events;
-    struct api_guard *guard; /* the watchdog of slow clients, per-address counts */
+    struct api_guard *guard;                  /* the watchdog of slow clients, per-address counts */
     unsigned max_connections, max_per_client; /* as given to MHD */
     pthread_mutex_t off_lock;                 /* guards offloads */
     pthread_cond_t off_done;                  /* an offloaded work ended */
@@ -520,8 +520,9 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
         long long prev = atomic_load(&last);
         if ((prev && ts.tv_sec - prev < 60) || !atomic_compare_exchange_strong(&last, &prev, (long long)ts.tv_sec))
             return;
-        fprintf(stderr, "qcowd: connections refused: over --max-connections (%u) or --max-connections-per-client "
-                        "(%u); this is said once a minute\n",
+        fprintf(stderr,
+                "qcowd: connections refused: over --max-connections (%u) or --max-connections-per-client "
+                "(%u); this is said once a minute\n",
                 s->max_connections, s->max_per_client);
         return;
     }
@@ -565,11 +566,10 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     s->daemon = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR,
-        ai->ai_addr, MHD_OPTION_THREAD_POOL_SIZE,
-        (unsigned)(cfg->threads ? cfg->threads : 1), MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-        MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape, NULL,
-        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60),
+        flags, 0, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(cfg->threads ? cfg->threads : 1), MHD_OPTION_NOTIFY_COMPLETED,
+        on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
+        NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60),
         MHD_OPTION_CONNECTION_LIMIT, s->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, s->max_per_client,
         MHD_OPTION_END);
     freeaddrinfo(ai);
