@@ -835,10 +835,10 @@ static int64_t temp_max_age(void)
 }
 
 /* Whether file is a temporary name of temp_uri left behind: ".create-",
- * ".upload-" or ".convert-", NAME, then "@HOST-PID-SEQ.tmp" (names from before hosts were
- * recorded lack "@HOST"). Stale when HOST is this one and its process is gone,
- * or when it has not changed for TEMP_MAX_AGE (any host: a machine gone for
- * good, or this one before a reboot). why gets the reason. */
+ * ".upload-" or ".convert-", NAME, then "@HOST-PID-SEQ.tmp" (names from before
+ * hosts were recorded lack "@HOST"). Stale when HOST is this one and its
+ * process is gone, or when it has not changed for TEMP_MAX_AGE (any host: a
+ * machine gone for good, or this one before a reboot). why gets the reason. */
 /* The length of the ".KIND-" prefix when file starts as a temporary name of a
  * create, an upload or a convert, else 0. */
 static size_t temp_prefix(const char *file)
