@@ -55,7 +55,7 @@ static void usage(FILE *f)
             "  --max-listeners-per-client N  GET /v1/events streams from one address (default %u)\n"
             "  --max-upload SIZE   bytes of one PUT .../file (default %s; 413 over it)\n"
             "  --max-catalog SIZE  bytes of all the image files together (default 0: only the store's free\n"
-            "                      space; 507 when an upload or a create would pass it)\n"
+            "                      space; 507 when an upload would pass it, or a create or convert finds it passed)\n"
             "  --max-virtual-size SIZE  disk size of a created or uploaded image (default %s)\n"
             "  --max-queued-jobs N jobs waiting to run (default %u; 503 with Retry-After over it)\n"
             "  --max-open-images N unused open images kept cached (default %u)\n"

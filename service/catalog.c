@@ -990,10 +990,9 @@ static int add_file(void *ctx, const char *file)
     return 0;
 }
 
-/* -ENOSPC naming --max-catalog when the folder's files and more bytes would pass
- * it; 0 otherwise (and at once when there is no such budget). One listing and a
- * stat per file: called per upload and create, never per read or write. */
-static int check_space(struct catalog *c, uint64_t more)
+/* One listing and a stat per file: called per upload, create and convert,
+ * never per read or write. */
+int catalog_check_space(struct catalog *c, uint64_t more)
 {
     if (c->opts.max_catalog == CATALOG_UNLIMITED)
         return 0;
@@ -1072,7 +1071,7 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
      * the rename only */
     ret = exists(uri, name);
     if (ret == 0)
-        ret = check_space(c, 0);
+        ret = catalog_check_space(c, 0);
     if (ret == 0)
         ret = qcow2_create(tmp, &o);
     if (ret == 0) {
@@ -1164,7 +1163,7 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
     u->cat = c;
     ret = exists(u->uri, name);
     if (ret == 0)
-        ret = check_space(c, length == UINT64_MAX ? 0 : length);
+        ret = catalog_check_space(c, length == UINT64_MAX ? 0 : length);
     if (ret == 0)
         ret = vfs_open(u->tmp, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
     if (ret < 0)
@@ -1305,7 +1304,7 @@ int catalog_upload_commit(struct catalog_upload *u)
                                 (unsigned long long)u->off)
                      : err_fail(EUCLEAN, "not a qcow2 image: the upload is empty");
     if (ret == 0)
-        ret = check_space(c, 0); /* the folder with this upload in it */
+        ret = catalog_check_space(c, 0); /* the folder with this upload in it */
     if (ret == 0)
         ret = validate_upload(c, u->tmp);
     if (ret == 0) {

@@ -121,6 +121,10 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
 int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, const char *why, int err),
                        void *ctx);
 
+/* 0, or -ENOSPC naming --max-catalog when the catalog folder's files and more
+ * bytes would pass it (0 at once without that budget). Thread-safe. */
+int catalog_check_space(struct catalog *c, uint64_t more);
+
 /* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
  * image of the catalog has it in its backing chain (err_msg() names it). Holders
  * of a handle keep it until they put it. */

@@ -315,6 +315,14 @@ def upload_caps(s):
     names_budget(j, "--max-catalog")
     assert not temporaries(s), temporaries(s)
     s.error("GET", "/v1/images/small", 404)
+    # a catalog past its cap takes no new image: create and convert are 507 too
+    defaults(s, "--max-catalog", "1M")
+    msg = s.error("POST", "/v1/images", 507, body=json.dumps({"name": "more", "size": 1 << 20}),
+                  headers={"Content-Type": "application/json"})
+    assert "--max-catalog" in msg, msg
+    msg = s.error("POST", "/v1/images/probe/convert", 507, body=json.dumps({"target": "copy"}),
+                  headers={"Content-Type": "application/json"})
+    assert "--max-catalog" in msg, msg
     # under the cap an upload goes through
     defaults(s, "--max-catalog", "64M")
     st, _, data = s.call("PUT", "/v1/images/small/file", body=small)
