@@ -1,5 +1,6 @@
 /* main.c: the qcowd daemon: options, the catalog, the HTTP server, and a clean
  * stop on SIGTERM/SIGINT (stop accepting, drain, close images, exit 0). */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -231,7 +232,7 @@ static int parse_bytes(const char *s, uint64_t *out)
     unsigned long long v = strtoull(s, &end, 10);
     if (errno || end == s || *s == '-')
         return -1;
-    const char *u = *end ? strchr(units, *end == 'k' ? 'K' : *end) : NULL;
+    const char *u = *end ? strchr(units, toupper((unsigned char)*end)) : NULL;
     if (*end && (!u || end[1]))
         return -1;
     unsigned shift = u ? 10u * (unsigned)(u - units + 1) : 0;
@@ -368,11 +369,10 @@ int main(int argc, char **argv)
         case OPT_MAX_QUEUED:
         case OPT_MAX_OPEN:
         case OPT_MIN_RATE: {
-            uint64_t v;
-            bool zero_ok = c == OPT_MIN_RATE;
-            if (parse_count(optarg, zero_ok ? 0 : 1, c == OPT_MIN_RATE ? UINT32_MAX - 1 : 1u << 20, &v) < 0) {
-                fprintf(stderr, "qcowd: --%s wants a number%s, not '%s'\n", option_name(lo, c),
-                        zero_ok ? "" : " from 1", optarg);
+            uint64_t v, min = c == OPT_MIN_RATE ? 0 : 1, max = c == OPT_MIN_RATE ? UINT32_MAX - 1 : 1u << 20;
+            if (parse_count(optarg, min, max, &v) < 0) {
+                fprintf(stderr, "qcowd: --%s wants a number from %llu to %llu, not '%s'\n", option_name(lo, c),
+                        (unsigned long long)min, (unsigned long long)max, optarg);
                 return 2;
             }
             if (c == OPT_MAX_CONN)
