@@ -8,10 +8,27 @@
 struct catalog;
 struct api_server; /* opaque: one listening server */
 
+#define API_DEFAULT_CONNECTIONS          4096
+#define API_DEFAULT_PER_CLIENT           128
+#define API_DEFAULT_HEADER_TIMEOUT       30   /* seconds */
+#define API_DEFAULT_MIN_RATE             4096 /* bytes per second */
+#define API_RATE_OFF                     (~0u)
+#define API_DEFAULT_LISTENERS_PER_CLIENT 8
+#define API_FD_RESERVE                   256 /* descriptors kept for images, plugins and logs */
+
 struct api_config {
     const char *listen;   /* "HOST:PORT" or "[V6]:PORT"; port 0 picks a free one */
     unsigned threads;     /* libmicrohttpd thread pool size (>= 1) */
     unsigned timeout_sec; /* idle connection timeout; 0: 60 */
+    /* budgets (0: the default named) */
+    unsigned max_connections;      /* connections at once in total (API_DEFAULT_CONNECTIONS, kept
+                                      below the process's open-file limit) */
+    unsigned max_per_client;       /* connections at once from one client address (API_DEFAULT_PER_CLIENT) */
+    unsigned header_timeout_sec;   /* request headers must arrive within it (API_DEFAULT_HEADER_TIMEOUT) */
+    unsigned min_rate;             /* bytes/s a request body or a container download must keep up,
+                                      measured over header_timeout_sec (API_DEFAULT_MIN_RATE; API_RATE_OFF: none) */
+    unsigned listeners_per_client; /* GET /v1/events streams from one client address
+                                      (API_DEFAULT_LISTENERS_PER_CLIENT) */
     int log;              /* log one line per request to stderr */
     int no_sendfile;      /* copy every ranged read (no sendfile from the image file) */
     struct jobs *jobs;     /* the job engine (borrowed; NULL: job endpoints answer 503) */

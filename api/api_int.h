@@ -62,13 +62,27 @@ struct req {
     uint64_t bytes_in;           /* body bytes received */
     int body_err;                /* first failure of body->data (negative errno) */
     char *body_msg;              /* its message */
+    bool body_now;               /* answer body_err at once, without the rest of the body */
     void (*done)(void *ctx);     /* called once the request is over (after the body is sent) */
     void *done_ctx;
     struct jobs *jobs;           /* the job engine, or NULL */
     struct events *events;       /* the event bus, or NULL */
+    struct api_offload *off;     /* work running on a thread of its own (api_offload) */
+    struct api_guard *guard;     /* the server's budgets for slow clients */
+    struct guard_conn *gc;       /* this connection in it (NULL: not tracked) */
 };
 
 #define API_MAX_ARGS 2 /* path segments a route captures */
+
+/* Run work(ctx) on a thread of its own, with r's connection suspended (no
+ * server thread waits for it, nor do the other connections of that thread);
+ * once it is done, then(r, ctx) answers on a server thread. free_ctx(ctx) is
+ * called once neither needs ctx (also when the client went away). For work
+ * whose length the client controls (a preallocating create). Returns what the
+ * handler returns. */
+struct api_offload;
+enum MHD_Result api_offload(struct req *r, void (*work)(void *ctx), enum MHD_Result (*then)(struct req *r, void *ctx),
+                            void *ctx, void (*free_ctx)(void *ctx));
 
 typedef enum MHD_Result (*api_handler)(struct req *r, char **args);
 
@@ -217,6 +231,41 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args);
 /* ---- events.c: GET /v1/events (Server-Sent Events) ---- */
 
 enum MHD_Result api_events(struct req *r, char **args);
+
+/* ---- guard.c: budgets for slow and greedy clients ---- */
+
+struct api_config;
+struct api_guard;  /* the watchdog and the per-address counts */
+struct guard_conn; /* one connection as the watchdog sees it */
+
+/* What a connection is doing, for the watchdog: waiting for request headers
+ * (cut past --header-timeout), receiving a body or sending a container download
+ * (cut below --min-rate over each --header-timeout window), or anything else
+ * (a handler at work, an event stream: never cut). */
+enum guard_phase { GUARD_HEADERS, GUARD_BUSY, GUARD_BODY, GUARD_SEND };
+
+/* Start the watchdog thread with cfg's budgets. 0 with *out, or -errno. */
+int api_guard_new(const struct api_config *cfg, struct api_guard **out);
+/* Stop the thread and free g; every connection must be closed. */
+void api_guard_free(struct api_guard *g);
+/* A connection accepted (fd, the client's address) and closed (before MHD
+ * closes fd); called from MHD's connection notifications. open returns NULL on
+ * ENOMEM (the connection is then not watched). Thread-safe. */
+struct guard_conn *api_guard_open(struct api_guard *g, int fd, const struct sockaddr *sa);
+void api_guard_close(struct guard_conn *gc);
+/* The connection enters phase (its clock and byte count start again); bytes
+ * counts n body bytes moved. NULL gc is ignored. From the connection's thread. */
+void api_guard_phase(struct guard_conn *gc, enum guard_phase phase);
+void api_guard_bytes(struct guard_conn *gc, uint64_t n);
+/* The client's address ("127.0.0.3"; "?" for NULL gc). Borrowed, valid while gc is. */
+const char *api_guard_addr(const struct guard_conn *gc);
+/* Count one more event stream of addr: 0, or -EAGAIN with err_msg() naming
+ * --max-listeners-per-client. unlisten takes one back. Thread-safe. */
+int api_guard_listen(struct api_guard *g, const char *addr);
+void api_guard_unlisten(struct api_guard *g, const char *addr);
+/* Connections open now, and cut so far: past the header deadline, below the
+ * minimum rate. */
+void api_guard_counts(struct api_guard *g, unsigned *open, uint64_t *cut_headers, uint64_t *cut_slow);
 
 /* ---- metrics.c ---- */
 

@@ -17,6 +17,8 @@ struct sse {
     struct events_listener *l;
     struct req *r;
     size_t hello_pos; /* bytes of the greeting sent */
+    struct api_guard *guard;
+    char addr[64]; /* the client's address, counted in guard's listeners */
 };
 
 static const char hello[] = "retry: 2000\n: qcowd events\n\n";
@@ -53,6 +55,7 @@ static void sse_free(void *cls)
 {
     struct sse *s = cls;
     events_unlisten(s->l);
+    api_guard_unlisten(s->guard, s->addr);
     free(s);
 }
 
@@ -71,8 +74,16 @@ enum MHD_Result api_events(struct req *r, char **args)
         return MHD_NO;
     s->conn = r->conn;
     s->r = r;
-    int ret = events_listen(r->events, sse_wake, s, &s->l);
+    s->guard = r->guard;
+    snprintf(s->addr, sizeof s->addr, "%s", api_guard_addr(r->gc));
+    int ret = api_guard_listen(s->guard, s->addr);
     if (ret < 0) {
+        free(s);
+        return api_reply_status(r, 503, "unavailable", err_msg(ret), MHD_HTTP_HEADER_RETRY_AFTER, "5");
+    }
+    ret = events_listen(r->events, sse_wake, s, &s->l);
+    if (ret < 0) {
+        api_guard_unlisten(s->guard, s->addr);
         free(s);
         return api_reply_status(r, 503, "unavailable", err_msg(ret), MHD_HTTP_HEADER_RETRY_AFTER, "5");
     }

@@ -12,14 +12,19 @@
 
 /* ---- download ---- */
 
+/* The container is held against writers while it is sent, so the connection is
+ * watched (GUARD_SEND): a client that stops reading is cut below --min-rate and
+ * the image let go. */
 struct file_source {
     struct catalog_file *f;
+    struct guard_conn *gc;
     char name[CATALOG_NAME_MAX + 1];
 };
 
 static int file_pread(void *ctx, void *buf, size_t len, uint64_t off)
 {
     struct file_source *fs = ctx;
+    api_guard_bytes(fs->gc, len);
     return catalog_file_pread(fs->f, buf, len, off);
 }
 
@@ -42,6 +47,8 @@ enum MHD_Result api_file_get(struct req *r, char **args)
         return api_reply_errno(r, ret);
     }
     snprintf(fs->name, sizeof fs->name, "%s", args[0]);
+    fs->gc = r->gc;
+    api_guard_phase(r->gc, GUARD_SEND);
     struct api_source src = {.ctx = fs, .pread = file_pread, .release = file_release, .what = fs->name};
     return api_reply_ranged(r, size, &src);
 }
@@ -56,7 +63,9 @@ struct file_upload {
 static int upload_data(struct req *r, const char *buf, size_t n)
 {
     struct file_upload *fu = r->ctx;
-    return catalog_upload_write(fu->u, buf, n);
+    int ret = catalog_upload_write(fu->u, buf, n);
+    r->body_now = ret < 0; /* not qcow2, over a budget, a storage error: the rest is not wanted */
+    return ret;
 }
 
 static enum MHD_Result upload_end(struct req *r)
@@ -92,7 +101,17 @@ enum MHD_Result api_file_put(struct req *r, char **args)
     struct file_upload *fu = calloc(1, sizeof *fu);
     if (!fu)
         return MHD_NO;
-    int ret = catalog_upload_begin(r->cat, args[0], &fu->u);
+    /* the declared size is checked against the budgets before a byte is stored */
+    const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    uint64_t length = UINT64_MAX;
+    if (cl) {
+        char *end;
+        errno = 0;
+        unsigned long long v = strtoull(cl, &end, 10);
+        if (!errno && end != cl && !*end && *cl != '-')
+            length = v;
+    }
+    int ret = catalog_upload_begin(r->cat, args[0], length, &fu->u);
     if (ret < 0) {
         free(fu);
         return api_reply_errno(r, ret);

@@ -135,13 +135,63 @@ static int create_opts(json_t *body, const char **name, struct qcow2_create_opts
     return 0;
 }
 
+/* A preallocating create writes for as long as the disk is large: on a thread
+ * of its own (api_offload), so no server thread and none of its other
+ * connections wait for it. */
+struct create_work {
+    struct catalog *cat;
+    json_t *body; /* the strings of o point into it */
+    const char *name;
+    struct qcow2_create_opts o;
+    int ret;
+    char msg[ERR_MSG_MAX];
+};
+
+static void create_work(void *ctx)
+{
+    struct create_work *w = ctx;
+    w->ret = catalog_create(w->cat, w->name, &w->o);
+    if (w->ret < 0)
+        snprintf(w->msg, sizeof w->msg, "%s", err_msg(w->ret));
+}
+
+static void create_work_free(void *ctx)
+{
+    struct create_work *w = ctx;
+    json_decref(w->body);
+    free(w);
+}
+
+static enum MHD_Result created(struct req *r, const char *name, int ret);
+
+static enum MHD_Result create_then(struct req *r, void *ctx)
+{
+    struct create_work *w = ctx;
+    if (w->ret < 0)
+        return api_reply_error(r, w->ret, w->msg);
+    return created(r, w->name, 0);
+}
+
 static enum MHD_Result create_end(struct req *r, const char *unused, json_t *body)
 {
     const char *name;
     struct qcow2_create_opts o;
     int ret = create_opts(body, &name, &o);
+    if (ret == 0 && o.prealloc_metadata) {
+        struct create_work *w = calloc(1, sizeof *w);
+        if (!w)
+            return api_reply_errno(r, err_fail(ENOMEM, "out of memory"));
+        *w = (struct create_work){.cat = r->cat, .body = json_incref(body), .name = name, .o = o};
+        return api_offload(r, create_work, create_then, w, create_work_free);
+    }
     if (ret == 0)
         ret = catalog_create(r->cat, name, &o);
+    return created(r, name, ret);
+}
+
+/* The answer to a create: 201 with the new image's info, or the error. */
+static enum MHD_Result created(struct req *r, const char *name, int ret)
+{
     if (ret < 0)
         return api_reply_errno(r, ret);
     struct catalog_image *ci;

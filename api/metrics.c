@@ -101,6 +101,22 @@ enum MHD_Result api_metrics(struct req *r, char **args)
             "# TYPE qcowd_l2_cache_misses_total counter\n"
             "qcowd_l2_cache_misses_total %" PRIu64 "\n",
             hits, misses);
+    uint64_t cut_headers = 0, cut_slow = 0;
+    unsigned conns = 0;
+    if (r->guard)
+        api_guard_counts(r->guard, &conns, &cut_headers, &cut_slow);
+    fprintf(f,
+            "# HELP qcowd_http_connections Client connections open now (this one included).\n"
+            "# TYPE qcowd_http_connections gauge\n"
+            "qcowd_http_connections %u\n",
+            conns);
+    fprintf(f,
+            "# HELP qcowd_http_connections_cut_total Connections closed by a budget: headers past "
+            "--header-timeout, a body or download below --min-rate.\n"
+            "# TYPE qcowd_http_connections_cut_total counter\n"
+            "qcowd_http_connections_cut_total{budget=\"header-timeout\"} %" PRIu64 "\n"
+            "qcowd_http_connections_cut_total{budget=\"min-rate\"} %" PRIu64 "\n",
+            cut_headers, cut_slow);
     catalog_storage_stats(storage_counter, f);
     if (fclose(f) != 0) {
         free(text);

@@ -180,7 +180,10 @@ enum MHD_Result api_reply_empty(struct req *r, unsigned status, const char *hdr,
 
 enum MHD_Result api_reply_error(struct req *r, int err, const char *msg)
 {
-    return api_reply_status(r, api_errno_status(err), api_errno_code(err), msg, NULL, NULL);
+    /* EAGAIN: a budget is full for now (queued jobs, listeners): come back later */
+    bool later = abs(err) == EAGAIN;
+    return api_reply_status(r, api_errno_status(err), api_errno_code(err), msg,
+                            later ? MHD_HTTP_HEADER_RETRY_AFTER : NULL, later ? "5" : NULL);
 }
 
 enum MHD_Result api_reply_errno(struct req *r, int err)

@@ -3,10 +3,13 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
+#include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -25,6 +28,11 @@ struct api_server {
     char addr[80]; /* "host:port" as bound */
     struct jobs *jobs;
     struct events *events;
+    struct api_guard *guard;                  /* the watchdog of slow clients, per-address counts */
+    unsigned max_connections, max_per_client; /* as given to MHD */
+    pthread_mutex_t off_lock;                 /* guards offloads */
+    pthread_cond_t off_done;                  /* an offloaded work ended */
+    unsigned offloads;                        /* api_offload threads running */
 };
 
 /* ---- routes ---- */
@@ -199,7 +207,117 @@ out:
     return res;
 }
 
+/* ---- work off the server threads ---- */
+
+struct api_offload {
+    atomic_int refs; /* the thread and the request */
+    struct api_server *srv;
+    struct MHD_Connection *conn;
+    void (*work)(void *ctx);
+    enum MHD_Result (*then)(struct req *r, void *ctx);
+    void *ctx;
+    void (*free_ctx)(void *ctx);
+};
+
+static void offload_put(struct api_offload *o)
+{
+    if (o && atomic_fetch_sub(&o->refs, 1) == 1) {
+        o->free_ctx(o->ctx);
+        free(o);
+    }
+}
+
+static void *offload_main(void *p)
+{
+    struct api_offload *o = p;
+    struct api_server *s = o->srv;
+    o->work(o->ctx);
+    MHD_resume_connection(o->conn); /* MHD calls on_request again: then answers */
+    offload_put(o);
+    pthread_mutex_lock(&s->off_lock);
+    s->offloads--;
+    pthread_cond_broadcast(&s->off_done);
+    pthread_mutex_unlock(&s->off_lock);
+    return NULL;
+}
+
+enum MHD_Result api_offload(struct req *r, void (*work)(void *ctx), enum MHD_Result (*then)(struct req *r, void *ctx),
+                            void *ctx, void (*free_ctx)(void *ctx))
+{
+    struct api_server *s = r->srv;
+    struct api_offload *o = calloc(1, sizeof *o);
+    if (!o) {
+        free_ctx(ctx);
+        return MHD_NO;
+    }
+    *o = (struct api_offload){.srv = s, .conn = r->conn, .work = work, .then = then, .ctx = ctx, .free_ctx = free_ctx};
+    atomic_init(&o->refs, 2);
+    r->off = o;
+    pthread_mutex_lock(&s->off_lock);
+    s->offloads++;
+    pthread_mutex_unlock(&s->off_lock);
+    MHD_suspend_connection(r->conn);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int e = pthread_create(&(pthread_t){0}, &attr, offload_main, o);
+    pthread_attr_destroy(&attr);
+    if (e) { /* no thread: the work runs here after all */
+        MHD_resume_connection(r->conn);
+        pthread_mutex_lock(&s->off_lock);
+        s->offloads--;
+        pthread_mutex_unlock(&s->off_lock);
+        atomic_fetch_sub(&o->refs, 1);
+        work(ctx);
+    }
+    return MHD_YES;
+}
+
 /* ---- MHD callbacks ---- */
+
+/* A refusal on a body's first bytes (not qcow2, over a budget): answered now,
+ * not after the whole body. MHD 0.9.75 takes no response in the middle of a
+ * body, so the JSON error is written to the socket (MHD writes nothing there
+ * while a body comes in) and the connection closed. */
+static enum MHD_Result refuse_now(struct req *r)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    int err = r->body_err;
+    unsigned status = api_errno_status(err);
+    json_t *e = json_pack("{s:{s:s,s:o}}", "error", "code", api_errno_code(err), "message",
+                          api_jstr(r->body_msg ? r->body_msg : err_msg(err)));
+    char *body = e ? json_dumps(e, JSON_COMPACT) : NULL;
+    json_decref(e);
+    char *msg = NULL;
+    int n = body && ci ? asprintf(&msg,
+                                  "HTTP/1.1 %u %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                  "Content-Length: %zu\r\n\r\n%s\n",
+                                  status, MHD_get_reason_phrase_for(status), strlen(body) + 1, body)
+                       : -1;
+    if (n > 0) {
+        (void)!send(ci->connect_fd, msg, (size_t)n, MSG_NOSIGNAL);
+        shutdown(ci->connect_fd, SHUT_WR);
+    }
+    free(msg);
+    free(body);
+    r->status = status;
+    r->answered = true;
+    return MHD_NO;
+}
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode code)
+{
+    struct api_server *s = cls;
+    if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+        api_guard_close(*socket_context);
+        *socket_context = NULL;
+        return;
+    }
+    const union MHD_ConnectionInfo *fd = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    const union MHD_ConnectionInfo *sa = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+    *socket_context = fd ? api_guard_open(s->guard, fd->connect_fd, sa ? sa->client_addr : NULL) : NULL;
+}
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
                                   const char *version, const char *upload_data, size_t *upload_data_size,
@@ -207,6 +325,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
     struct api_server *s = cls;
     struct req *r = *con_cls;
+    if (r && r->off && !r->answered) { /* back from api_offload */
+        err_clear();
+        return r->off->then(r, r->off->ctx);
+    }
     if (r && r->deferred) {
         if (*upload_data_size) { /* a body nobody asked for */
             *upload_data_size = 0;
@@ -233,9 +355,13 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
                 }
             }
             r->bytes_in += n;
+            api_guard_bytes(r->gc, n);
             *upload_data_size = 0;
+            if (r->body_err && r->body_now) /* refused on its first bytes: answer before the rest */
+                return refuse_now(r);
             return MHD_YES;
         }
+        api_guard_phase(r->gc, GUARD_BUSY);
         err_clear();
         if (r->body_err)
             return api_reply_error(r, r->body_err, r->body_msg ? r->body_msg : err_msg(r->body_err));
@@ -253,6 +379,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->no_sendfile = s->no_sendfile;
     r->jobs = s->jobs;
     r->events = s->events;
+    r->guard = s->guard;
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+    r->gc = ci ? ci->socket_context : NULL;
+    api_guard_phase(r->gc, GUARD_BUSY);
     snprintf(r->method, sizeof r->method, "%s", method);
     r->head = !strcmp(method, "HEAD");
     r->path = strdup(url);
@@ -270,7 +400,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return MHD_YES;
     }
     err_clear();
-    return dispatch(r, url);
+    enum MHD_Result res = dispatch(r, url);
+    if (r->body && !r->answered)
+        api_guard_phase(r->gc, GUARD_BODY);
+    return res;
 }
 
 /* The path for the log: printable ASCII kept, the rest as \xNN, bounded. */
@@ -308,6 +441,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     }
     if (r->done)
         r->done(r->done_ctx);
+    offload_put(r->off);
+    api_guard_phase(r->gc, GUARD_HEADERS); /* the next request on the connection */
     free(r->body_msg);
     free(r->path);
     free(r);
@@ -353,6 +488,50 @@ static int parse_listen(const char *listen, struct addrinfo **res)
     return 0;
 }
 
+/* The connection budgets: the total stays below the open-file limit (less a
+ * reserve for images and plugins), or accept() would fail for everyone at
+ * once; one address gets at most max_per_client of them, so a flood from one
+ * address (MHD accepts and closes what is over) leaves room for the others. */
+static void size_limits(const struct api_config *cfg, struct api_server *s)
+{
+    struct rlimit rl;
+    uint64_t fds = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? rl.rlim_cur : 1u << 20;
+    uint64_t cap = fds > 2 * API_FD_RESERVE ? fds - API_FD_RESERVE : fds / 2;
+    s->max_connections = cfg->max_connections ? cfg->max_connections : API_DEFAULT_CONNECTIONS;
+    if (s->max_connections > cap) {
+        if (cfg->max_connections)
+            fprintf(stderr, "qcowd: --max-connections %u lowered to %llu: the open-file limit is %llu\n",
+                    cfg->max_connections, (unsigned long long)cap, (unsigned long long)fds);
+        s->max_connections = (unsigned)cap;
+    }
+    s->max_per_client = cfg->max_per_client ? cfg->max_per_client : API_DEFAULT_PER_CLIENT;
+    if (s->max_per_client > s->max_connections)
+        s->max_per_client = s->max_connections;
+}
+
+/* libmicrohttpd's messages; "connection limit" ones (a flood) once a minute at most. */
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    static _Atomic long long last;
+    struct api_server *s = cls;
+    if (strstr(fmt, "connection limit")) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        long long prev = atomic_load(&last);
+        if ((prev && ts.tv_sec - prev < 60) || !atomic_compare_exchange_strong(&last, &prev, (long long)ts.tv_sec))
+            return;
+        fprintf(stderr,
+                "qcowd: connections refused: over --max-connections (%u) or --max-connections-per-client "
+                "(%u); this is said once a minute\n",
+                s->max_connections, s->max_per_client);
+        return;
+    }
+    if (strstr(fmt, "Application reported internal error"))
+        return; /* our MHD_NO: a refusal already answered (refuse_now) or logged */
+    fputs("qcowd: libmicrohttpd: ", stderr);
+    vfprintf(stderr, fmt, ap);
+}
+
 int api_server_start(const struct api_config *cfg, struct catalog *cat, struct api_server **out)
 {
     struct addrinfo *ai;
@@ -370,6 +549,15 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     s->no_sendfile = cfg->no_sendfile;
     s->jobs = cfg->jobs;
     s->events = cfg->events;
+    pthread_mutex_init(&s->off_lock, NULL);
+    pthread_cond_init(&s->off_done, NULL);
+    size_limits(cfg, s);
+    ret = api_guard_new(cfg, &s->guard);
+    if (ret < 0) {
+        freeaddrinfo(ai);
+        free(s);
+        return ret;
+    }
     /* poll, not epoll: with epoll, libmicrohttpd 0.9.75 notices a client that
      * closes in the middle of a request body only at the idle timeout, which
      * would hold the image's writer reference (and delay the abort) for a minute. */
@@ -377,13 +565,16 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     flags |= MHD_ALLOW_SUSPEND_RESUME; /* event streams sleep suspended (api/events.c) */
     if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
-                                 MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(cfg->threads ? cfg->threads : 1),
-                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_UNESCAPE_CALLBACK,
-                                 no_unescape, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
-                                 (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60), MHD_OPTION_END);
+    s->daemon = MHD_start_daemon(
+        flags, 0, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(cfg->threads ? cfg->threads : 1), MHD_OPTION_NOTIFY_COMPLETED,
+        on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
+        NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60),
+        MHD_OPTION_CONNECTION_LIMIT, s->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, s->max_per_client,
+        MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!s->daemon) {
+        api_guard_free(s->guard);
         free(s);
         return err_fail(EADDRNOTAVAIL, "cannot listen on %s (in use, or not an address of this machine?)", cfg->listen);
     }
@@ -438,6 +629,14 @@ void api_server_stop(struct api_server *s)
 {
     if (!s)
         return;
+    /* offloaded work resumes its connection at the end: MHD must be there */
+    pthread_mutex_lock(&s->off_lock);
+    while (s->offloads)
+        pthread_cond_wait(&s->off_done, &s->off_lock);
+    pthread_mutex_unlock(&s->off_lock);
     MHD_stop_daemon(s->daemon);
+    api_guard_free(s->guard);
+    pthread_cond_destroy(&s->off_done);
+    pthread_mutex_destroy(&s->off_lock);
     free(s);
 }

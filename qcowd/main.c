@@ -1,5 +1,6 @@
 /* main.c: the qcowd daemon: options, the catalog, the HTTP server, and a clean
  * stop on SIGTERM/SIGINT (stop accepting, drain, close images, exit 0). */
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -7,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "api.h"
@@ -44,11 +46,27 @@ static void usage(FILE *f)
             "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
             "  --job-workers N     threads running jobs (default %d)\n"
             "  --max-listeners N   GET /v1/events clients at once (default %d)\n"
+            "budgets (refusals name the option; SIZE takes K, M, G, T or P):\n"
+            "  --max-connections N connections at once in total (default %u, kept below the open-file\n"
+            "                      limit, whose soft value qcowd raises to the hard one)\n"
+            "  --max-connections-per-client N  connections at once from one address (default %u)\n"
+            "  --header-timeout S  a request's headers must arrive within S seconds (default %u)\n"
+            "  --min-rate B        bytes/s a request body or a container download must keep up over\n"
+            "                      each --header-timeout period, or the connection is closed (default %u; 0: off)\n"
+            "  --max-listeners-per-client N  GET /v1/events streams from one address (default %u)\n"
+            "  --max-upload SIZE   bytes of one PUT .../file (default %s; 413 over it)\n"
+            "  --max-catalog SIZE  bytes of all the image files together (default 0: only the store's free\n"
+            "                      space; 507 when an upload would pass it, or a create or convert finds it passed)\n"
+            "  --max-virtual-size SIZE  disk size of a created or uploaded image (default %s)\n"
+            "  --max-queued-jobs N jobs waiting to run (default %u; 503 with Retry-After over it)\n"
+            "  --max-open-images N unused open images kept cached (default %u)\n"
             "  --sendfile yes|no   send ranged reads of plain data straight from the image file (default yes);\n"
             "                      a cluster once sent is copied on its next write, so workloads that read and\n"
             "                      then rewrite the same clusters in large pieces may prefer no\n"
             "  --version, --help\n",
-            DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS);
+            DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS, API_DEFAULT_CONNECTIONS,
+            API_DEFAULT_PER_CLIENT, API_DEFAULT_HEADER_TIMEOUT, API_DEFAULT_MIN_RATE, API_DEFAULT_LISTENERS_PER_CLIENT,
+            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_VIRTUAL_TEXT, JOBS_DEFAULT_QUEUED, CATALOG_DEFAULT_OPEN);
 }
 
 /* The settings of the --config file, if any: its arguments come first in the
@@ -102,8 +120,8 @@ static void note_stale(void *ctx, const char *tmp, const char *why, int err)
     if (err < 0)
         fprintf(stderr, "qcowd: cannot remove the stale temporary file %s (%s): %s\n", tmp, why, err_msg(err));
     else
-        fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted create or upload: %s)\n",
-                tmp, why);
+        fprintf(stderr, "qcowd: removed the stale temporary file %s (left by an interrupted %s: %s)\n", tmp,
+                !strncmp(tmp, ".convert-", 9) ? "convert" : "create or upload", why);
     (void)ctx;
 }
 
@@ -171,6 +189,76 @@ static void after_cut_off(void *ctx, const char *id, const char *type, const cha
         repair_leaks(x, id, base);
 }
 
+/* Long options without a short letter. */
+enum {
+    OPT_MAX_CONN = 256,
+    OPT_PER_CLIENT,
+    OPT_HEADER_TIMEOUT,
+    OPT_MIN_RATE,
+    OPT_LISTENERS_PER_CLIENT,
+    OPT_MAX_UPLOAD,
+    OPT_MAX_CATALOG,
+    OPT_MAX_VIRTUAL,
+    OPT_MAX_QUEUED,
+    OPT_MAX_OPEN,
+};
+
+static const char *option_name(const struct option *lo, int val)
+{
+    for (; lo->name; lo++)
+        if (lo->val == val)
+            return lo->name;
+    return "?";
+}
+
+/* A decimal count in [min, max]; 0 or -1. */
+static int parse_count(const char *s, uint64_t min, uint64_t max, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *end || *s == '-' || v < min || v > max)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* A byte count with an optional binary suffix (K M G T P); 0 or -1. */
+static int parse_bytes(const char *s, uint64_t *out)
+{
+    static const char units[] = "KMGTP";
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *s == '-')
+        return -1;
+    const char *u = *end ? strchr(units, toupper((unsigned char)*end)) : NULL;
+    if (*end && (!u || end[1]))
+        return -1;
+    unsigned shift = u ? 10u * (unsigned)(u - units + 1) : 0;
+    if (v > (UINT64_MAX >> shift))
+        return -1;
+    *out = (uint64_t)v << shift;
+    return 0;
+}
+
+/* Idle sockets cost a descriptor each: take every one the hard limit allows
+ * (the connection budget is sized below it, api_server_start). */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    rlim_t want = rl.rlim_max == RLIM_INFINITY ? (rlim_t)1 << 20 : rl.rlim_max; /* Linux's nr_open default */
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want) {
+        rlim_t was = rl.rlim_cur;
+        rl.rlim_cur = want;
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0)
+            fprintf(stderr, "qcowd: cannot raise the open-file limit from %llu: %s\n", (unsigned long long)was,
+                    strerror(errno));
+    }
+}
+
 int main(int argc, char **argv)
 {
     static const struct option lo[] = {
@@ -185,11 +273,23 @@ int main(int argc, char **argv)
         {"job-workers", required_argument, 0, 'J'},
         {"max-listeners", required_argument, 0, 'L'},
         {"sendfile", required_argument, 0, 'S'},
+        {"max-connections", required_argument, 0, OPT_MAX_CONN},
+        {"max-connections-per-client", required_argument, 0, OPT_PER_CLIENT},
+        {"header-timeout", required_argument, 0, OPT_HEADER_TIMEOUT},
+        {"min-rate", required_argument, 0, OPT_MIN_RATE},
+        {"max-listeners-per-client", required_argument, 0, OPT_LISTENERS_PER_CLIENT},
+        {"max-upload", required_argument, 0, OPT_MAX_UPLOAD},
+        {"max-catalog", required_argument, 0, OPT_MAX_CATALOG},
+        {"max-virtual-size", required_argument, 0, OPT_MAX_VIRTUAL},
+        {"max-queued-jobs", required_argument, 0, OPT_MAX_QUEUED},
+        {"max-open-images", required_argument, 0, OPT_MAX_OPEN},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
     };
     struct api_config cfg = {.listen = DEFAULT_LISTEN, .threads = DEFAULT_THREADS, .log = 1};
+    struct catalog_opts copts = {0};
+    unsigned max_queued = 0;
     const char *root = DEFAULT_CATALOG;
     static const char shortopts[] = "l:c:t:qh";
     static const char *const not_in_file[] = {"config", "help", "version", NULL};
@@ -262,6 +362,52 @@ int main(int argc, char **argv)
                 max_listeners = (unsigned)n;
             break;
         }
+        case OPT_MAX_CONN:
+        case OPT_PER_CLIENT:
+        case OPT_HEADER_TIMEOUT:
+        case OPT_LISTENERS_PER_CLIENT:
+        case OPT_MAX_QUEUED:
+        case OPT_MAX_OPEN:
+        case OPT_MIN_RATE: {
+            uint64_t v, min = c == OPT_MIN_RATE ? 0 : 1, max = c == OPT_MIN_RATE ? UINT32_MAX - 1 : 1u << 20;
+            if (parse_count(optarg, min, max, &v) < 0) {
+                fprintf(stderr, "qcowd: --%s wants a number from %llu to %llu, not '%s'\n", option_name(lo, c),
+                        (unsigned long long)min, (unsigned long long)max, optarg);
+                return 2;
+            }
+            if (c == OPT_MAX_CONN)
+                cfg.max_connections = (unsigned)v;
+            else if (c == OPT_PER_CLIENT)
+                cfg.max_per_client = (unsigned)v;
+            else if (c == OPT_HEADER_TIMEOUT)
+                cfg.header_timeout_sec = (unsigned)v;
+            else if (c == OPT_LISTENERS_PER_CLIENT)
+                cfg.listeners_per_client = (unsigned)v;
+            else if (c == OPT_MAX_QUEUED)
+                max_queued = (unsigned)v;
+            else if (c == OPT_MAX_OPEN)
+                copts.max_open = (unsigned)v;
+            else
+                cfg.min_rate = v ? (unsigned)v : API_RATE_OFF;
+            break;
+        }
+        case OPT_MAX_UPLOAD:
+        case OPT_MAX_CATALOG:
+        case OPT_MAX_VIRTUAL: {
+            uint64_t v;
+            if (parse_bytes(optarg, &v) < 0 || (v == 0 && c != OPT_MAX_CATALOG)) {
+                fprintf(stderr, "qcowd: --%s wants a size (bytes, or with K, M, G, T, P)%s, not '%s'\n",
+                        option_name(lo, c), c == OPT_MAX_CATALOG ? "" : " above 0", optarg);
+                return 2;
+            }
+            if (c == OPT_MAX_UPLOAD)
+                copts.max_upload = v;
+            else if (c == OPT_MAX_CATALOG)
+                copts.max_catalog = v ? v : CATALOG_UNLIMITED;
+            else
+                copts.max_virtual_size = v;
+            break;
+        }
         case 'S':
             if (!strcmp(optarg, "yes") || !strcmp(optarg, "no")) {
                 cfg.no_sendfile = !strcmp(optarg, "no");
@@ -312,7 +458,8 @@ int main(int argc, char **argv)
     }
 
     struct catalog *cat;
-    ret = catalog_new(root, NULL, &cat);
+    raise_fd_limit();
+    ret = catalog_new(root, &copts, &cat);
     if (ret < 0) {
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
         return 1;
@@ -327,7 +474,11 @@ int main(int argc, char **argv)
     if (ret == 0) {
         catalog_set_notify(cat, events_image_event, ev);
         struct jobs_config jc = {
-            .workers = job_workers, .state_uri = jobs_file, .event = events_job_event, .event_opaque = ev};
+            .workers = job_workers,
+            .max_queued = max_queued,
+            .state_uri = jobs_file,
+            .event = events_job_event,
+            .event_opaque = ev};
         ret = jobs_new(&jc, &jobs);
     }
     free(jobs_file);

@@ -113,6 +113,12 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
         c->opts = *opts;
     if (!c->opts.max_open)
         c->opts.max_open = CATALOG_DEFAULT_OPEN;
+    if (!c->opts.max_upload)
+        c->opts.max_upload = CATALOG_DEFAULT_UPLOAD;
+    if (!c->opts.max_catalog)
+        c->opts.max_catalog = CATALOG_UNLIMITED;
+    if (!c->opts.max_virtual_size)
+        c->opts.max_virtual_size = CATALOG_DEFAULT_VIRTUAL;
     int ret;
     if (is_uri(root)) {
         c->root = strdup(root);
@@ -870,28 +876,39 @@ static int64_t temp_max_age(void)
     return v && *v ? strtoll(v, NULL, 10) : TEMP_MAX_AGE;
 }
 
-/* Whether file is a temporary name of temp_uri left behind: ".create-" or
- * ".upload-", NAME, then "@HOST-PID-SEQ.tmp" (names from before hosts were
- * recorded lack "@HOST"). Stale when HOST is this one and its process is gone,
- * or when it has not changed for TEMP_MAX_AGE (any host: a machine gone for
- * good, or this one before a reboot). why gets the reason. */
-/* Whether file starts as a temporary name of a create or an upload. */
+/* Whether file is a temporary name of temp_uri left behind: ".create-",
+ * ".upload-" or ".convert-", NAME, then "@HOST-PID-SEQ.tmp" (names from before
+ * hosts were recorded lack "@HOST"). Stale when HOST is this one and its
+ * process is gone, or when it has not changed for TEMP_MAX_AGE (any host: a
+ * machine gone for good, or this one before a reboot). why gets the reason. */
+/* The length of the ".KIND-" prefix when file starts as a temporary name of a
+ * create, an upload or a convert, else 0. */
+static size_t temp_prefix(const char *file)
+{
+    static const char *const kinds[] = {".create-", ".upload-", ".convert-"};
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (!strncmp(file, kinds[i], strlen(kinds[i])))
+            return strlen(kinds[i]);
+    return 0;
+}
+
 static bool is_temp_name(const char *file)
 {
-    return !strncmp(file, ".create-", 8) || !strncmp(file, ".upload-", 8);
+    return temp_prefix(file) > 0;
 }
 
 static bool stale_temp(struct catalog *c, const char *file, char *why, size_t cap)
 {
-    if (!is_temp_name(file))
+    size_t pre = temp_prefix(file);
+    if (!pre)
         return false;
     size_t n = strlen(file);
-    if (n < 8 + 4 || strcmp(file + n - 4, ".tmp"))
+    if (n < pre + 4 || strcmp(file + n - 4, ".tmp"))
         return false;
     /* PID and SEQ are the last two '-' fields (names may hold '-' too; '@' never) */
     const char *end = file + n - 4, *p = end;
     int dashes = 0;
-    while (p > file + 8 && dashes < 2)
+    while (p > file + pre && dashes < 2)
         if (*--p == '-')
             dashes++;
     if (dashes < 2)
@@ -971,6 +988,71 @@ int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *fi
     return ret < 0 ? ret : removed;
 }
 
+/* ---- budgets ---- */
+
+/* "1.5 GiB" for the messages that name a budget. */
+static void human(uint64_t v, char *out, size_t cap)
+{
+    static const char *const units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    unsigned u = 0;
+    double d = (double)v;
+    while (d >= 1024 && u < 6) {
+        d /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(out, cap, "%llu bytes", (unsigned long long)v);
+    else
+        snprintf(out, cap, "%.4g %s", d, units[u]);
+}
+
+static int over_virtual(const struct catalog *c, int err, uint64_t size)
+{
+    char a[32], b[32];
+    human(size, a, sizeof a);
+    human(c->opts.max_virtual_size, b, sizeof b);
+    return err_fail(err, "a virtual size of %s is over --max-virtual-size (%s)", a, b);
+}
+
+struct usage {
+    const char *root;
+    uint64_t bytes;
+};
+
+static int add_file(void *ctx, const char *file)
+{
+    struct usage *u = ctx;
+    char *uri;
+    if (asprintf(&uri, "%s/%s", u->root, file) < 0)
+        return -ENOMEM;
+    struct vfs_stat st;
+    if (vfs_stat(uri, &st) == 0 && !st.is_dir)
+        u->bytes += st.size;
+    free(uri);
+    return 0;
+}
+
+/* One listing and a stat per file: called per upload, create and convert,
+ * never per read or write. */
+int catalog_check_space(struct catalog *c, uint64_t more)
+{
+    if (c->opts.max_catalog == CATALOG_UNLIMITED)
+        return 0;
+    struct usage u = {.root = c->root};
+    int ret = vfs_list(c->root, add_file, &u);
+    if (ret < 0)
+        return ret == -ENOMEM ? err_fail(ENOMEM, "out of memory") : err_prefix(ret, "listing the catalog");
+    err_clear();
+    if (u.bytes <= c->opts.max_catalog && more <= c->opts.max_catalog - u.bytes)
+        return 0;
+    char used[32], cap[32], add[32];
+    human(u.bytes, used, sizeof used);
+    human(c->opts.max_catalog, cap, sizeof cap);
+    human(more, add, sizeof add);
+    return err_fail(ENOSPC, "the catalog holds %s%s%s: over --max-catalog (%s)", used, more ? " and needs " : "",
+                    more ? add : "", cap);
+}
+
 static int exists(const char *uri, const char *name)
 {
     struct vfs_stat st;
@@ -988,6 +1070,8 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
     int ret = catalog_valid_name(name);
     if (ret < 0)
         return ret;
+    if (opts->size > c->opts.max_virtual_size)
+        return over_virtual(c, EINVAL, opts->size);
     struct qcow2_create_opts o = *opts;
     char backing[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
     if (o.backing_format && strcmp(o.backing_format, "qcow2"))
@@ -1024,20 +1108,27 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
         ret = err_fail(ENOMEM, "out of memory");
         goto out;
     }
-    pthread_mutex_lock(&c->create_lock);
+    /* built under its temporary name with no lock held (a preallocation writes
+     * for as long as the disk is large); the lock covers the name's check and
+     * the rename only */
     ret = exists(uri, name);
-    if (ret == 0) {
+    if (ret == 0)
+        ret = catalog_check_space(c, 0);
+    if (ret == 0)
         ret = qcow2_create(tmp, &o);
+    if (ret == 0) {
+        pthread_mutex_lock(&c->create_lock);
+        ret = exists(uri, name);
         if (ret == 0)
             ret = vfs_rename(tmp, uri);
-        if (ret < 0) {
-            struct err_saved saved;
-            err_save(&saved, ret);
-            vfs_remove(tmp);
-            err_restore(&saved);
-        }
+        pthread_mutex_unlock(&c->create_lock);
     }
-    pthread_mutex_unlock(&c->create_lock);
+    if (ret < 0) {
+        struct err_saved saved;
+        err_save(&saved, ret);
+        vfs_remove(tmp);
+        err_restore(&saved);
+    }
     if (ret == 0) {
         forget(c, name);
         notify(c, "image-created", name);
@@ -1084,18 +1175,28 @@ int catalog_remove(struct catalog *c, const char *name)
 
 #define UPLOAD_MAX_META (256ull << 20) /* table bytes an uploaded image may need, unless configured */
 
+/* The first bytes of a qcow2 header: magic, version, cluster bits, disk size. */
+#define UPLOAD_HEAD 32
+
 struct catalog_upload {
     struct catalog *cat;
     char *name, *uri, *tmp;
     struct vfs_file *f;
     uint64_t off; /* bytes written */
+    unsigned char head[UPLOAD_HEAD];
 };
 
-int catalog_upload_begin(struct catalog *c, const char *name, struct catalog_upload **out)
+int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, struct catalog_upload **out)
 {
     int ret = catalog_valid_name(name);
     if (ret < 0)
         return ret;
+    char a[32], b[32];
+    if (length != UINT64_MAX && length > c->opts.max_upload) {
+        human(length, a, sizeof a);
+        human(c->opts.max_upload, b, sizeof b);
+        return err_fail(EFBIG, "an upload of %s is over --max-upload (%s)", a, b);
+    }
     struct catalog_upload *u = calloc(1, sizeof *u);
     if (!u || !(u->name = strdup(name)) || !(u->uri = image_uri(c, name)) || !(u->tmp = temp_uri(c, "upload", name))) {
         ret = err_fail(ENOMEM, "out of memory");
@@ -1103,6 +1204,8 @@ int catalog_upload_begin(struct catalog *c, const char *name, struct catalog_upl
     }
     u->cat = c;
     ret = exists(u->uri, name);
+    if (ret == 0)
+        ret = catalog_check_space(c, length == UINT64_MAX ? 0 : length);
     if (ret == 0)
         ret = vfs_open(u->tmp, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
     if (ret < 0)
@@ -1119,8 +1222,46 @@ fail:
     return ret;
 }
 
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The header's first bytes, as far as they came (have of them): refused at
+ * once when they cannot start a qcow2 image the catalog would take. */
+static int check_head(const struct catalog *c, const unsigned char *h, size_t have)
+{
+    static const unsigned char magic[4] = {'Q', 'F', 'I', 0xfb};
+    for (size_t i = 0; i < have && i < 4; i++)
+        if (h[i] != magic[i])
+            return err_fail(EUCLEAN, "not a qcow2 image: its first bytes are not the qcow2 magic \"QFI\\xfb\"");
+    if (have >= 8 && be32(h + 4) != 2 && be32(h + 4) != 3)
+        return err_fail(EUCLEAN, "not a valid qcow2 image: version %u (2 or 3 expected)", be32(h + 4));
+    if (have >= 24 && (be32(h + 20) < 9 || be32(h + 20) > 21))
+        return err_fail(EUCLEAN, "not a valid qcow2 image: cluster_bits %u (9 to 21 expected)", be32(h + 20));
+    if (have >= 32) {
+        uint64_t size = (uint64_t)be32(h + 24) << 32 | be32(h + 28);
+        if (size > c->opts.max_virtual_size)
+            return over_virtual(c, ENOTSUP, size);
+    }
+    return 0;
+}
+
 int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
 {
+    const struct catalog *c = u->cat;
+    if (len > c->opts.max_upload || u->off > c->opts.max_upload - len) {
+        char b[32];
+        human(c->opts.max_upload, b, sizeof b);
+        return err_fail(EFBIG, "the upload is over --max-upload (%s)", b);
+    }
+    if (u->off < UPLOAD_HEAD) {
+        size_t k = len < UPLOAD_HEAD - u->off ? len : UPLOAD_HEAD - (size_t)u->off;
+        memcpy(u->head + u->off, buf, k);
+        int ret = check_head(c, u->head, (size_t)u->off + k);
+        if (ret < 0)
+            return ret;
+    }
     int ret = vfs_pwrite(u->f, buf, len, u->off);
     if (ret == 0)
         u->off += len;
@@ -1169,7 +1310,9 @@ static int validate_upload(struct catalog *c, const char *uri)
         return ret;
     const struct qcow2_info *in = qcow2_get_info(img);
     size_t sl = strlen(CATALOG_SUFFIX);
-    if (in->data_file) {
+    if (in->virtual_size > c->opts.max_virtual_size) {
+        ret = over_virtual(c, ENOTSUP, in->virtual_size);
+    } else if (in->data_file) {
         ret = err_fail(ENOTSUP, "the image has an external data file ('%s'); the catalog takes self-contained images",
                        in->data_file);
     } else if (in->backing_file) {
@@ -1199,6 +1342,12 @@ int catalog_upload_commit(struct catalog_upload *u)
     int ret = vfs_flush(u->f);
     vfs_close(u->f);
     u->f = NULL;
+    if (ret == 0 && u->off < UPLOAD_HEAD)
+        ret = u->off ? err_fail(EUCLEAN, "not a qcow2 image: %llu bytes, shorter than a header",
+                                (unsigned long long)u->off)
+                     : err_fail(EUCLEAN, "not a qcow2 image: the upload is empty");
+    if (ret == 0)
+        ret = catalog_check_space(c, 0); /* the folder with this upload in it */
     if (ret == 0)
         ret = validate_upload(c, u->tmp);
     if (ret == 0) {

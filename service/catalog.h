@@ -16,11 +16,21 @@ struct catalog_image; /* opaque: one open image, shared; get/put */
 #define CATALOG_SUFFIX       ".qcow2"
 #define CATALOG_NAME_MAX     128 /* bytes in a name (without the suffix) */
 #define CATALOG_DEFAULT_OPEN 64  /* open images kept cached when unused */
+#define CATALOG_DEFAULT_UPLOAD       (1ull << 40) /* bytes of one upload */
+#define CATALOG_DEFAULT_UPLOAD_TEXT  "1T"
+#define CATALOG_DEFAULT_VIRTUAL      (64ull << 40) /* virtual size of an image */
+#define CATALOG_DEFAULT_VIRTUAL_TEXT "64T"
+#define CATALOG_UNLIMITED            UINT64_MAX
 
+/* Budgets name the qcowd option that sets them in their refusals. */
 struct catalog_opts {
-    size_t l2_cache_bytes;   /* per open image; 0: the engine's default */
-    unsigned max_open;       /* unused open images kept cached; 0: CATALOG_DEFAULT_OPEN */
-    uint64_t max_meta_bytes; /* refuse images whose tables need more; 0: no extra bound */
+    size_t l2_cache_bytes;     /* per open image; 0: the engine's default */
+    unsigned max_open;         /* unused open images kept cached (--max-open-images); 0: CATALOG_DEFAULT_OPEN */
+    uint64_t max_meta_bytes;   /* refuse images whose tables need more; 0: no extra bound */
+    uint64_t max_upload;       /* bytes of one upload (--max-upload); 0: CATALOG_DEFAULT_UPLOAD */
+    uint64_t max_catalog;      /* bytes of every file of the folder (--max-catalog); 0 or
+                                  CATALOG_UNLIMITED: the store's space only */
+    uint64_t max_virtual_size; /* of a created or uploaded image (--max-virtual-size); 0: CATALOG_DEFAULT_VIRTUAL */
 };
 
 /* Open the catalog at root (a folder path or a "scheme:" URI; a path is made
@@ -96,13 +106,15 @@ bool catalog_image_writable(const struct catalog_image *ci);
 /* Create the image name with o (o->backing_file, when set, is the NAME of a
  * catalog image, stored as "NAME.qcow2" with format qcow2; o->backing_format must
  * be NULL or "qcow2"). The image is built under a temporary name and renamed into
- * place, so no half-made image is ever listed. Returns 0, or -EINVAL (bad name or
- * option, unknown backing image), -EEXIST (name taken), -EBUSY (the backing image
- * is being written), an error of the backing image, or the engine's error. */
+ * place, so no half-made image is ever listed; the build (a preallocation can
+ * take long) runs outside the catalog's locks. Returns 0, or -EINVAL (bad name or
+ * option, unknown backing image, a size over --max-virtual-size), -EEXIST (name
+ * taken), -EBUSY (the backing image is being written), -ENOSPC (the folder is at
+ * --max-catalog), an error of the backing image, or the engine's error. */
 int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *o);
 
-/* Remove the temporary files that create and upload leave behind when the
- * daemon dies in the middle (".create-*" and ".upload-*"): those made on this
+/* Remove the temporary files that create, upload and convert leave behind when
+ * the daemon dies in the middle (".create-*", ".upload-*", ".convert-*"): those made on this
  * host (this boot, this pid namespace: their name records it) whose process is
  * no longer running, and those of any host not changed for a day (by their
  * mtime); other hosts' recent ones may be uploads in progress and are kept.
@@ -113,13 +125,22 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
 int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, const char *why, int err),
                        void *ctx);
 
+/* 0, or -ENOSPC naming --max-catalog when the catalog folder's files and more
+ * bytes would pass it (0 at once without that budget). Thread-safe. */
+int catalog_check_space(struct catalog *c, uint64_t more);
+
 /* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
  * image of the catalog has it in its backing chain (err_msg() names it). Holders
  * of a handle keep it until they put it. */
 int catalog_remove(struct catalog *c, const char *name);
 
 /* Upload of a whole qcow2 container: begin creates a temporary file in the
- * catalog (-EEXIST at once when name is taken), write appends bytes, commit
+ * catalog (-EEXIST at once when name is taken; -EFBIG when length, the declared
+ * size or UINT64_MAX when unknown, passes --max-upload; -ENOSPC when it would
+ * take the folder past --max-catalog), write appends bytes (-EFBIG past
+ * --max-upload; the first bytes must be a qcow2 header, -EUCLEAN when they are
+ * not, -ENOTSUP for a disk over --max-virtual-size: refused before the rest of
+ * the body is stored), commit
  * validates the file (it opens as qcow2 within max_meta_bytes, its backing file is
  * a catalog image named "NAME.qcow2", no external data file, no protocol names)
  * and renames it into place. commit and abort free u and, unless the commit
@@ -127,7 +148,7 @@ int catalog_remove(struct catalog *c, const char *name);
  * the catalog), -EUCLEAN (not a valid qcow2 image), -ENXIO (missing backing),
  * -ENOTSUP, storage errors. Each upload is used by one thread at a time. */
 struct catalog_upload;
-int catalog_upload_begin(struct catalog *c, const char *name, struct catalog_upload **out);
+int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, struct catalog_upload **out);
 int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len);
 int catalog_upload_commit(struct catalog_upload *u);
 void catalog_upload_abort(struct catalog_upload *u);

@@ -245,6 +245,8 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
     }
     if (ret == 0)
         ret = svc_usable(cat, image);
+    if (ret == 0)
+        ret = catalog_check_space(cat, 0); /* the copy's size is known only as it is made */
     if (ret == 0 && o->snapshot && !svc_has_snapshot(cat, image, o->snapshot))
         ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, o->snapshot);
     if (ret < 0) {

@@ -189,7 +189,7 @@ int events_listen(struct events *ev, void (*wake)(void *opaque), void *opaque, s
     if (ev->closed)
         ret = err_fail(EPIPE, "qcowd is stopping");
     else if (ev->count >= ev->max)
-        ret = err_fail(EAGAIN, "too many event listeners (at most %u)", ev->max);
+        ret = err_fail(EAGAIN, "too many event listeners: --max-listeners is %u", ev->max);
     if (ret == 0) {
         l->next = ev->list;
         ev->list = l;

@@ -17,15 +17,14 @@
 
 int svc_reserve(struct job *j, struct catalog *cat, const char *name, bool exclusive)
 {
-    for (;;) {
-        int ret = catalog_reserve(cat, name, exclusive, job_owner(j));
-        if (ret != -EBUSY)
-            return ret;
-        /* a request is writing it now: wait for it to finish */
-        if (job_cancelled(j))
-            return -ECANCELED;
-        usleep(20 * 1000);
-    }
+    int ret = catalog_reserve(cat, name, exclusive, job_owner(j));
+    if (ret != -EBUSY)
+        return ret;
+    if (job_cancelled(j))
+        return -ECANCELED;
+    /* a request is writing it now: try again later, off the worker (a slow
+     * client would hold the worker for as long as it writes) */
+    return job_retry_later(j);
 }
 
 /* The image must open now (a clear error for a corrupt one comes at once). */

@@ -41,8 +41,10 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
  * down its chain). -ENOTSUP when the engine has no commit. */
 int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job);
 
-/* Reserve name for job j, waiting while writers hold it; -ECANCELED when the job
- * is cancelled meanwhile. (Shared by the job kinds.) */
+/* Reserve name for job j. While a client's write holds it, -EAGAIN from
+ * job_retry_later (the run function returns it, having released what it took:
+ * the job waits off its worker and runs again later); -ECANCELED when the job
+ * is cancelled. (Shared by the job kinds.) */
 struct job;
 int svc_reserve(struct job *j, struct catalog *cat, const char *name, bool exclusive);
 

@@ -27,6 +27,9 @@ struct job {
     bool cancel_req; /* cancel asked while started */
     bool cancelled;
     bool cut_off;    /* loaded from the records unconcluded: cut off by a restart */
+    bool retry_req;  /* run asked to be run again later (job_retry_later; worker's own) */
+    bool parked;     /* started, waiting off any worker until retry_ms for an image */
+    int64_t retry_ms;
     uint64_t cur, total;
     char *error;
     json_t *result; /* owned, or NULL */
@@ -298,12 +301,30 @@ static bool locked(struct jobs *js, const struct job *j)
     return false;
 }
 
-static struct job *next_runnable(struct jobs *js)
+/* A job to run now: a queued one whose locks are free, or a parked one whose
+ * time has come (it holds its locks already); else NULL, with *wake_ms the
+ * earliest time a parked one can go (0: none). */
+static struct job *next_runnable(struct jobs *js, int64_t *wake_ms)
 {
-    for (struct job *j = js->head; j; j = j->next)
-        if (j->status == JOB_CREATED && !j->started && !locked(js, j))
+    int64_t now = now_ms();
+    *wake_ms = 0;
+    for (struct job *j = js->head; j; j = j->next) {
+        if (j->parked && (j->status == JOB_RUNNING || j->status == JOB_ABORTING)) {
+            if (j->retry_ms <= now || js->stopping)
+                return j;
+            if (!*wake_ms || j->retry_ms < *wake_ms)
+                *wake_ms = j->retry_ms;
+        } else if (j->status == JOB_CREATED && !j->started && !locked(js, j)) {
             return j;
+        }
+    }
     return NULL;
+}
+
+static void wait_until(struct jobs *js, int64_t ms)
+{
+    struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000L};
+    pthread_cond_timedwait(&js->cond, &js->lock, &ts);
 }
 
 static void *worker(void *arg)
@@ -312,20 +333,47 @@ static void *worker(void *arg)
     pthread_mutex_lock(&js->lock);
     for (;;) {
         struct job *j = NULL;
-        while (!js->stopping && !(j = next_runnable(js)))
-            pthread_cond_wait(&js->cond, &js->lock);
+        int64_t wake_ms = 0;
+        while (!js->stopping && !(j = next_runnable(js, &wake_ms))) {
+            if (wake_ms)
+                wait_until(js, wake_ms);
+            else
+                pthread_cond_wait(&js->cond, &js->lock);
+        }
         if (js->stopping)
             break;
+        bool again = j->parked; /* announced as running already */
+        j->parked = false;
         j->started = true;
-        j->status = JOB_RUNNING;
-        j->started_ms = now_ms();
+        if (!again) {
+            j->status = JOB_RUNNING;
+            j->started_ms = now_ms();
+        }
         pthread_mutex_unlock(&js->lock);
-        emit_job(js, "job-status", j);
-        save(js);
+        if (!again) {
+            emit_job(js, "job-status", j);
+            save(js);
+        }
 
         json_t *result = NULL;
         err_clear();
         int ret = j->run(j, j->arg, &result);
+        if (j->retry_req) {
+            /* an image it needs is being written by a client: off the worker
+             * until later, so a slow client holds no worker */
+            j->retry_req = false;
+            json_decref(result);
+            pthread_mutex_lock(&js->lock);
+            if (ret == -EAGAIN && !js->stopping && !j->cancel_req) {
+                j->parked = true;
+                j->retry_ms = now_ms() + JOBS_RETRY_MS;
+                continue;
+            }
+            pthread_mutex_unlock(&js->lock);
+            result = NULL;
+            if (ret == -EAGAIN)
+                ret = -ECANCELED;
+        }
         char *error = ret < 0 ? strdup(ret == -ECANCELED ? "cancelled" : err_msg(ret)) : NULL;
 
         pthread_mutex_lock(&js->lock);
@@ -365,6 +413,8 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
         return err_fail(ENOMEM, "out of memory");
     js->cfg = *cfg;
     js->next_num = 1;
+    if (!js->cfg.max_queued)
+        js->cfg.max_queued = JOBS_DEFAULT_QUEUED;
     if (!js->cfg.workers)
         js->cfg.workers = 1;
     pthread_mutex_init(&js->lock, NULL);
@@ -454,6 +504,14 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
         pthread_mutex_unlock(&js->lock);
         job_free(j);
         return err_fail(EAGAIN, "qcowd is stopping: no new jobs");
+    }
+    unsigned queued = 0;
+    for (struct job *o = js->head; o; o = o->next)
+        queued += o->status != JOB_CONCLUDED && !o->started;
+    if (queued >= js->cfg.max_queued) {
+        pthread_mutex_unlock(&js->lock);
+        job_free(j);
+        return err_fail(EAGAIN, "%u jobs are waiting to run: --max-queued-jobs is %u", queued, js->cfg.max_queued);
     }
     j->num = js->next_num++;
     snprintf(j->id, sizeof j->id, "%" PRIu64, j->num);
@@ -620,6 +678,12 @@ int job_progress(void *job, uint64_t done, uint64_t total)
         json_decref(o);
     }
     return ret;
+}
+
+int job_retry_later(struct job *j)
+{
+    j->retry_req = true;
+    return err_fail(EAGAIN, "job %s waits for an image in use", j->id);
 }
 
 bool job_cancelled(struct job *j)

@@ -20,8 +20,11 @@ enum job_status { JOB_CREATED, JOB_RUNNING, JOB_PAUSED, JOB_ABORTING, JOB_CONCLU
 typedef void (*jobs_event_fn)(void *opaque, const char *event, json_t *job);
 #define JOBS_PROGRESS_HZ 4
 
+#define JOBS_DEFAULT_QUEUED 256
+
 struct jobs_config {
     unsigned workers;       /* worker threads (>= 1) */
+    unsigned max_queued;    /* jobs waiting to run (--max-queued-jobs); 0: JOBS_DEFAULT_QUEUED */
     const char *state_uri;  /* VFS file holding the records (JSON), or NULL: not kept */
     jobs_event_fn event;    /* or NULL */
     void *event_opaque;
@@ -56,7 +59,8 @@ void jobs_free(struct jobs *js);
  * params: what was asked (reference stolen; shown in the job object). arg is
  * passed to run and freed with free_arg (may be NULL) when the job ends.
  * Returns 0 with *job_json a new reference to the job object, or -errno (arg is
- * freed then too). Thread-safe. */
+ * freed then too; -EAGAIN naming --max-queued-jobs when that many wait to run).
+ * Thread-safe. */
 int jobs_submit(struct jobs *js, const char *type, const char *image, const char *const *locks, json_t *params,
                 job_run_fn run, void *arg, void (*free_arg)(void *), json_t **job_json);
 
@@ -82,6 +86,13 @@ int jobs_dismiss(struct jobs *js, const char *id, json_t **job_json);
 /* Report progress (qcow2_progress_fn's shape: opaque is the job). Blocks while
  * the job is paused; returns -ECANCELED once it is cancelled, else 0. */
 int job_progress(void *job, uint64_t done, uint64_t total);
+/* For a run function that cannot start yet (an image it needs is being written
+ * by a client): returns -EAGAIN for run to return, once it has released what it
+ * took and done nothing else. The job then leaves its worker, keeps its status
+ * and its place (other jobs of its images wait behind it), and run is called
+ * again after JOBS_RETRY_MS; a cancel or a stop concludes it as cancelled. */
+#define JOBS_RETRY_MS 100
+int job_retry_later(struct job *j);
 /* Whether the job has been asked to cancel (no blocking). */
 bool job_cancelled(struct job *j);
 /* The job's id ("7") and a short owner text for reservations ("job 7 (commit)"). */

@@ -127,6 +127,96 @@ START_TEST(pause_stops_progress_and_resume_continues)
 }
 END_TEST
 
+/* ---- a job waiting for its image, off the worker ---- */
+
+static atomic_int image_busy; /* a client "writes" the image of waiter_run */
+static atomic_int waiter_calls;
+
+static int waiter_run(struct job *j, void *arg, json_t **result)
+{
+    atomic_fetch_add(&waiter_calls, 1);
+    if (atomic_load(&image_busy))
+        return job_retry_later(j);
+    *result = json_pack("{s:b}", "waited", 1);
+    return 0;
+}
+
+static char *submit_waiter(struct jobs *js, const char *image)
+{
+    json_t *o;
+    ck_assert_int_eq(jobs_submit(js, "check", image, NULL, NULL, waiter_run, NULL, NULL, &o), 0);
+    char *id = strdup(json_string_value(json_object_get(o, "id")));
+    json_decref(o);
+    return id;
+}
+
+START_TEST(job_waiting_for_its_image_leaves_the_worker)
+{
+    atomic_store(&image_busy, 1);
+    atomic_store(&waiter_calls, 0);
+    struct jobs *js = start(1, NULL);
+    char *w = submit_waiter(js, "busy");
+    json_decref(wait_status(js, w, "running"));
+    /* the one worker runs another image's job meanwhile */
+    char *other = submit(js, 1, 5);
+    json_decref(wait_status(js, other, "concluded"));
+    /* a job of the same image waits behind the parked one */
+    char *behind = submit_waiter(js, "busy");
+    usleep(300000);
+    int err;
+    json_t *o = jobs_get(js, behind, &err);
+    ck_assert_str_eq(status_of(o), "created");
+    json_decref(o);
+    ck_assert_int_ge(atomic_load(&waiter_calls), 2); /* tried again, not once and stuck */
+    atomic_store(&image_busy, 0);
+    o = wait_status(js, w, "concluded");
+    ck_assert(json_is_null(json_object_get(o, "error")));
+    json_decref(o);
+    json_decref(wait_status(js, behind, "concluded"));
+    /* a parked job cancelled concludes as cancelled */
+    atomic_store(&image_busy, 1);
+    char *c = submit_waiter(js, "busy");
+    json_decref(wait_status(js, c, "running"));
+    ck_assert_int_eq(jobs_cancel(js, c, &o), 0);
+    json_decref(o);
+    o = wait_status(js, c, "concluded");
+    ck_assert(json_is_true(json_object_get(o, "cancelled")));
+    json_decref(o);
+    atomic_store(&image_busy, 0);
+    free(w);
+    free(other);
+    free(behind);
+    free(c);
+    jobs_free(js);
+}
+END_TEST
+
+START_TEST(queued_jobs_over_the_budget_are_refused)
+{
+    atomic_store(&image_busy, 1);
+    struct jobs *js;
+    struct jobs_config cfg = {.workers = 1, .max_queued = 2};
+    ck_assert_int_eq(jobs_new(&cfg, &js), 0);
+    char *ids[3];
+    ids[0] = submit_waiter(js, "q"); /* parked: started, not queued */
+    json_decref(wait_status(js, ids[0], "running"));
+    ids[1] = submit_waiter(js, "q");
+    ids[2] = submit_waiter(js, "q");
+    json_t *o = NULL;
+    ck_assert_int_eq(jobs_submit(js, "check", "q", NULL, NULL, waiter_run, NULL, NULL, &o), -EAGAIN);
+    ck_assert_ptr_null(o);
+    atomic_store(&image_busy, 0);
+    for (int i = 0; i < 3; i++) {
+        json_decref(wait_status(js, ids[i], "concluded"));
+        free(ids[i]);
+    }
+    char *more = submit_waiter(js, "q"); /* room again */
+    json_decref(wait_status(js, more, "concluded"));
+    free(more);
+    jobs_free(js);
+}
+END_TEST
+
 /* Threads pause, resume and cancel random jobs while 4 workers run them. */
 struct racer {
     struct jobs *js;
@@ -314,6 +404,8 @@ static Suite *suite(void)
     tcase_add_test(tc, pause_resume_cancel_race_with_workers);
     tcase_add_test(tc, records_survive_a_restart);
     tcase_add_test(tc, slow_listener_loses_events_and_is_told);
+    tcase_add_test(tc, job_waiting_for_its_image_leaves_the_worker);
+    tcase_add_test(tc, queued_jobs_over_the_budget_are_refused);
     suite_add_tcase(s, tc);
     return s;
 }
