@@ -196,13 +196,14 @@ static int parse_listen(const char *listen, struct addrinfo **res)
 
 int api_server_start(const struct api_config *cfg, struct catalog *cat, struct api_server **out)
 {
-    struct addrinfo *ai;
-    int ret = parse_listen(cfg->listen, &ai);
+    struct addrinfo *ai = NULL;
+    int ret = cfg->listen ? parse_listen(cfg->listen, &ai) : 0;
     if (ret < 0)
         return ret;
     struct api_server *s = calloc(1, sizeof *s);
     if (!s) {
-        freeaddrinfo(ai);
+        if (ai)
+            freeaddrinfo(ai);
         return err_fail(ENOMEM, "out of memory");
     }
     s->cat = cat;
@@ -214,19 +215,28 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     /* poll, not epoll: with epoll, libmicrohttpd 0.9.75 notices a client that
      * closes in the middle of a request body only at the idle timeout, which
      * would hold the image's writer reference (and delay the abort) for a minute. */
-    unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | (cfg->quiet ? 0 : MHD_USE_ERROR_LOG);
     flags |= MHD_ALLOW_SUSPEND_RESUME; /* event streams sleep suspended (api/events.c) */
-    if (ai->ai_family == AF_INET6)
+    if (!ai) /* connections come from api_server_add_connection only */
+        flags |= MHD_USE_NO_LISTEN_SOCKET;
+    else if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
-    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, ai ? ai->ai_addr : NULL,
                                  MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(cfg->threads ? cfg->threads : 1),
                                  MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_UNESCAPE_CALLBACK,
                                  no_unescape, NULL, MHD_OPTION_CONNECTION_TIMEOUT,
                                  (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60), MHD_OPTION_END);
-    freeaddrinfo(ai);
+    if (ai)
+        freeaddrinfo(ai);
     if (!s->daemon) {
         free(s);
-        return err_fail(EADDRNOTAVAIL, "cannot listen on %s (in use, or not an address of this machine?)", cfg->listen);
+        return err_fail(EADDRNOTAVAIL, "cannot listen on %s (in use, or not an address of this machine?)",
+                        cfg->listen ? cfg->listen : "no address");
+    }
+    if (!cfg->listen) {
+        snprintf(s->addr, sizeof s->addr, "(no listen socket)");
+        *out = s;
+        return 0;
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_LISTEN_FD);
     struct sockaddr_storage ss = {0};
@@ -246,6 +256,14 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     }
     snprintf(s->addr, sizeof s->addr, ss.ss_family == AF_INET6 ? "[%s]:%u" : "%s:%u", host, port);
     *out = s;
+    return 0;
+}
+
+int api_server_add_connection(struct api_server *s, int fd)
+{
+    struct sockaddr_in peer = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (MHD_add_connection(s->daemon, fd, (const struct sockaddr *)&peer, sizeof peer) != MHD_YES)
+        return err_fail(EIO, "the server does not take the connection");
     return 0;
 }
 
