@@ -101,6 +101,15 @@ static int rb_get(struct qcow2_image *img, uint64_t off, bool zero_new, struct r
     return 0;
 }
 
+int rc_block(struct qcow2_image *img, uint64_t off, const unsigned char **buf)
+{
+    struct rb_entry *e;
+    int ret = rb_get(img, off, false, &e);
+    if (ret == 0)
+        *buf = e->buf;
+    return ret;
+}
+
 int rc_get(struct qcow2_image *img, uint64_t cluster, uint64_t *val)
 {
     uint64_t ti = cluster / per_block(img);
