@@ -1,7 +1,10 @@
 /* fuzz_api.c: libFuzzer target for the whole HTTP API in process: each input is a
  * few requests served by the real server, catalog and job engine on mem: images.
  *
- * Input: requests separated by a line "===". A request is its request line
+ * Input: requests separated by a line "===". When the input starts with the
+ * qcow2 magic, the part before the first separator is not a request but an
+ * image put in the catalog as "h" (hostile images for every endpoint; a bad one
+ * is refused at open, never trusted). A request is its request line
  * without the version ("POST /v1/images/a/snapshots"), header lines, an empty
  * line and the body (up to the separator). The harness adds "HTTP/1.1", Host,
  * Content-Length (the body's length: a fuzzed one is dropped, as are
@@ -10,7 +13,8 @@
  * answer to its end. Every input starts from the same catalog (seed images made
  * at start-up, copied back in), a new server and a new job engine; the jobs are
  * waited for, then the engine freed, so no state and no thread outlives an input.
- * QCOWD_FUZZ_500=trap makes a 500 answer a crash (500 is only for bugs). */
+ * QCOWD_FUZZ_500=trap makes a 500 answer a crash (500 is only for bugs);
+ * QCOWD_FUZZ_TRACE=1 prints each request line and its status. */
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
@@ -34,7 +38,7 @@
 #include "vfs.h"
 
 #define CAT_ROOT   "mem:fzcat"
-#define MAX_REQS   8
+#define MAX_REQS   12
 #define SEP        "\n===\n"
 #define ANSWER_MS  10000 /* no answer in this long is a stall: crash */
 #define JOBS_MS    3000  /* jobs still running after this are cancelled */
@@ -47,7 +51,7 @@ struct seed {
 };
 static struct seed seeds[8];
 static unsigned nseeds;
-static bool trap_500;
+static bool trap_500, trace;
 
 /* ---- seed images, made once with the engine ---- */
 
@@ -321,6 +325,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     signal(SIGPIPE, SIG_IGN);
     const char *t = getenv("QCOWD_FUZZ_500");
     trap_500 = t && !strcmp(t, "trap");
+    trace = getenv("QCOWD_FUZZ_TRACE") != NULL;
     make_seeds();
     return 0;
 }
@@ -339,12 +344,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     must(api_server_start(&ac, cat, &srv), "server");
 
     const char *p = (const char *)data, *end = p + size;
+    if (size >= 4 && !memcmp(data, "QFI\xfb", 4)) {
+        const char *sep = memmem(p, size, SEP, strlen(SEP));
+        const char *stop = sep ? sep : end;
+        fuzz_put_file(CAT_ROOT "/h.qcow2", data, (size_t)(stop - p));
+        p = sep ? sep + strlen(SEP) : end;
+    }
     for (unsigned n = 0; p < end && n < MAX_REQS; n++) {
         const char *sep = memmem(p, (size_t)(end - p), SEP, strlen(SEP));
         const char *stop = sep ? sep : end;
         struct out req = {0};
         build(p, (size_t)(stop - p), &req);
         unsigned status = exchange(srv, &req);
+        if (trace)
+            fprintf(stderr, "fuzz_api: %u %.*s\n", status, (int)strcspn(req.p, "\r\n"), req.p);
         free(req.p);
         CHECK(!(trap_500 && status == 500));
         p = sep ? sep + strlen(SEP) : end;

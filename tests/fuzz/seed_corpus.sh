@@ -7,18 +7,25 @@
 # ops (fuzz_engine_ops): images with several snapshots, bitmaps, extended L2,
 #   compressed clusters, a dirty bit, an overlay packed with its backing file, each
 #   followed by op scripts (the input format is in fuzz_engine_ops.c).
-# http (fuzz_http_parse) and api (fuzz_api): request text, no qemu needed.
+# http (fuzz_http_parse): text, no qemu needed. api (fuzz_api): requests, and small
+#   images (of the ops kind) followed by requests on them.
 # Environment: QEMU_IMG, QEMU_IO (default qemu-img, qemu-io). Exits 77 without them.
 set -euo pipefail
 
 out=${1:?usage: seed_corpus.sh DIR [images|ops|http|api]}
 kind=${2:-images}
+QEMU_IMG=${QEMU_IMG:-qemu-img}
+QEMU_IO=${QEMU_IO:-qemu-io}
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 case $kind in
-http | api)
+http)
     exec python3 "$here/seed_text.py" "$kind" "$out"
+    ;;
+api) # requests; with qemu-img also small images served as "h" with requests on them
+    python3 "$here/seed_text.py" api "$out"
+    command -v "$QEMU_IMG" >/dev/null && command -v "$QEMU_IO" >/dev/null || exit 0
     ;;
 images | ops) ;;
 *)
@@ -26,8 +33,6 @@ images | ops) ;;
     exit 2
     ;;
 esac
-QEMU_IMG=${QEMU_IMG:-qemu-img}
-QEMU_IO=${QEMU_IO:-qemu-io}
 command -v "$QEMU_IMG" >/dev/null && command -v "$QEMU_IO" >/dev/null || {
     echo "seed_corpus.sh: qemu-img/qemu-io not found" >&2
     exit 77
@@ -123,6 +128,10 @@ cp ob.qcow2 base.qcow2
 img rebase -u -b base.qcow2 -F qcow2 otop.qcow2
 io otop.qcow2 "write -P 0x52 8k 8k" "write -z 32k 4k"
 img bitmap --add otop.qcow2 ob0
+
+if [ "$kind" = api ]; then
+    exec python3 "$here/seed_text.py" api-images "$out" tiny.qcow2 v2.qcow2 self.qcow2
+fi
 
 # Each image (an overlay with its base after it) followed by op scripts.
 exec python3 "$here/seed_text.py" ops "$out" rich.qcow2 tiny.qcow2 v2s.qcow2 dirty.qcow2 extl2.qcow2 zstd.qcow2 \

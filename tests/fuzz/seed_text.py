@@ -68,6 +68,15 @@ API = [
      b"BREW /v1/images", b'POST /v1/images\n\n{"name":"a","size":-1}', b"POST /v1/images\n\n[1,2"],
 ]
 
+# requests on the image "h" that an input starting with the qcow2 magic carries
+API_ON_H = [
+    b"GET /v1/images/h", b"GET /v1/images/h/extents?context=zero", b"GET /v1/images/h/data\nRange: bytes=0-4095",
+    b"GET /v1/images/h/bitmaps", b"GET /v1/images/h/extents?context=dirty&bitmap=dirty",
+    b"PUT /v1/images/h/data\nContent-Range: bytes 0-3/*\n\nabcd", b'PATCH /v1/images/h/data\n\n{"op":"zero","offset":0,"size":4096}',
+    b'POST /v1/images/h/snapshots\n\n{"name":"n"}', b'POST /v1/images/h/check\n\n{"repair":"all"}',
+    b"GET /v1/images/h/snapshots/a/data\nRange: bytes=0-511", b"GET /v1/images/h/file\nRange: bytes=0-1023",
+]
+
 # ---- fuzz_engine_ops: IMAGE [QCOWDFZ: BASE] OPS N ----
 (OP_WRITE, OP_ZERO, OP_DISCARD, OP_WRITE_COMPRESSED, OP_READ, OP_SNAP_CREATE, OP_SNAP_DELETE,
  OP_SNAP_REVERT, OP_BITMAP_ADD, OP_BITMAP_REMOVE, OP_BITMAP_MERGE, OP_BITMAP_TOGGLE, OP_BITMAP_DIRTY,
@@ -102,6 +111,11 @@ def main():
     elif kind == "api":
         for i, reqs in enumerate(API):
             write(os.path.join(out, "api-%02d" % i), SEP.join(reqs))
+    elif kind == "api-images":
+        for path in sys.argv[3:]:
+            name = os.path.splitext(os.path.basename(path))[0]
+            image = open(path, "rb").read()
+            write(os.path.join(out, "api-h-" + name), SEP.join([image] + API_ON_H))
     elif kind == "ops":
         for spec in sys.argv[3:]:
             files = spec.split("+")
