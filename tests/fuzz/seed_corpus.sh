@@ -119,6 +119,20 @@ io v2s.qcow2 "write -P 0x32 4k 4k"
 img create -f qcow2 -o cluster_size=4k,lazy_refcounts=on dirty.qcow2 512k
 ("$QEMU_IO" -f qcow2 -c "write -P 0x41 0 12k" -c abort dirty.qcow2 >/dev/null 2>&1 || true) 2>/dev/null
 
+# Small ones (512-byte clusters): the fuzzer mutates their metadata more often.
+img create -f qcow2 -o cluster_size=512 small.qcow2 64k
+io small.qcow2 "write -P 0x61 0 2k" "write -c -P 0x62 4k 512"
+img snapshot -c s1 small.qcow2
+img bitmap --add -g 512 small.qcow2 b0
+io small.qcow2 "write -P 0x63 1k 1k" "write -z 8k 1k"
+img snapshot -c s2 small.qcow2
+img bitmap --add -g 4k --disable small.qcow2 b1
+img create -f qcow2 -o cluster_size=512 sbase.qcow2 64k
+io sbase.qcow2 "write -P 0x64 0 4k"
+img create -f qcow2 -o cluster_size=512 -b sbase.qcow2 -F qcow2 stop.qcow2 64k
+img rebase -u -b base.qcow2 -F qcow2 stop.qcow2
+io stop.qcow2 "write -P 0x65 1k 1k"
+
 # An overlay with a bitmap over a base with a snapshot (commit has something to do).
 img create -f qcow2 -o cluster_size=4k ob.qcow2 512k
 io ob.qcow2 "write -P 0x51 0 64k"
@@ -135,4 +149,4 @@ fi
 
 # Each image (an overlay with its base after it) followed by op scripts.
 exec python3 "$here/seed_text.py" ops "$out" rich.qcow2 tiny.qcow2 v2s.qcow2 dirty.qcow2 extl2.qcow2 zstd.qcow2 \
-    otop.qcow2+base.qcow2
+    otop.qcow2+base.qcow2 small.qcow2 stop.qcow2+sbase.qcow2
