@@ -52,8 +52,10 @@ enum {
 };
 
 static unsigned char iobuf[MAX_IO];
+static bool as_is; /* opened with allow_corrupt: only for check (as the daemon does) */
 
-/* Open the image read-write; a corrupt or dirty one as it is, as check does. */
+/* Open the image read-write; a corrupt or dirty one as it is, as check does
+ * (then only what the daemon does with such a handle runs on it: check, reads). */
 static struct qcow2_image *open_top(void)
 {
     struct qcow2_open_opts o = {
@@ -65,10 +67,11 @@ static struct qcow2_image *open_top(void)
     };
     struct qcow2_image *img = NULL;
     err_clear();
+    as_is = false;
     if (qcow2_open(TOP_URI, &o, &img) == 0)
         return img;
     CHECK(img == NULL);
-    o.allow_corrupt = true;
+    o.allow_corrupt = as_is = true;
     if (qcow2_open(TOP_URI, &o, &img) == 0)
         return img;
     CHECK(img == NULL);
@@ -149,8 +152,11 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
     uint64_t off = pick_off(size, a, b), len = pick_len(size, off, c);
     char nb[16], nb2[16];
     struct qcow2_check_result cr;
+    unsigned code = op[0] % OP_COUNT;
+    if (as_is && code != OP_CHECK && code != OP_READ && code != OP_MAP && code != OP_REOPEN)
+        return img;
     err_clear();
-    switch (op[0] % OP_COUNT) {
+    switch (code) {
     case OP_WRITE:
         memset(iobuf, a ^ c, (size_t)len);
         if (len)
