@@ -17,7 +17,8 @@ struct api_server; /* opaque: one listening server */
 #define API_FD_RESERVE                   256 /* descriptors kept for images, plugins and logs */
 
 struct api_config {
-    const char *listen;   /* "HOST:PORT" or "[V6]:PORT"; port 0 picks a free one */
+    const char *listen;   /* "HOST:PORT" or "[V6]:PORT"; port 0 picks a free one; NULL:
+                             no listen socket (api_server_add_connection only) */
     unsigned threads;     /* libmicrohttpd thread pool size (>= 1) */
     unsigned timeout_sec; /* idle connection timeout; 0: 60 */
     /* budgets (0: the default named) */
@@ -31,6 +32,7 @@ struct api_config {
                                       (API_DEFAULT_LISTENERS_PER_CLIENT) */
     int log;              /* log one line per request to stderr */
     int no_sendfile;      /* copy every ranged read (no sendfile from the image file) */
+    int quiet;            /* no libmicrohttpd error log on stderr */
     struct jobs *jobs;     /* the job engine (borrowed; NULL: job endpoints answer 503) */
     struct events *events; /* the event bus for GET /v1/events (borrowed; NULL: 503) */
 };
@@ -39,6 +41,11 @@ struct api_config {
  * server the caller stops with api_server_stop; on failure *out is unchanged, the
  * return is a negative errno and err_msg() names the problem. */
 int api_server_start(const struct api_config *cfg, struct catalog *cat, struct api_server **out);
+
+/* Serve one connected socket (taken: closed by the server in every case), as a
+ * client from 127.0.0.1; for in-process clients such as the fuzz target, over a
+ * socketpair. Returns 0, or a negative errno. Thread-safe. */
+int api_server_add_connection(struct api_server *s, int fd);
 
 /* The address it listens on, with the real port ("127.0.0.1:40123"). Borrowed. */
 const char *api_server_address(const struct api_server *s);

@@ -86,6 +86,29 @@ enum MHD_Result api_offload(struct req *r, void (*work)(void *ctx), enum MHD_Res
 
 typedef enum MHD_Result (*api_handler)(struct req *r, char **args);
 
+/* ---- route.c ---- */
+
+#define API_ROUTE_SEGS 6 /* segments of the longest route; a longer path is 404 */
+
+/* Where a request goes: a handler with its captured segments, or a verdict. */
+struct api_routing {
+    api_handler fn;              /* the handler, or NULL: answer status */
+    char *args[API_MAX_ARGS];    /* the segments the route captures (borrowed from segs) */
+    unsigned status;             /* fn NULL: 400 (bad path), 404 or 405 */
+    const char *code;            /* fn NULL: the error code ("not-found", ...) */
+    char msg[200];               /* fn NULL: the error message */
+    char allow[80];              /* 405: the Allow header ("GET, HEAD") */
+    char *segs[API_ROUTE_SEGS];  /* the decoded segments (owned) */
+    unsigned nsegs;
+};
+
+/* Route method (as sent, e.g. "GET") and url (the raw path, %XX escapes kept)
+ * through the route table: 0 with out->fn and out->args set, or -1 with the
+ * verdict in out. Either way the caller frees out with api_routing_free. Pure:
+ * no MHD calls, no allocation beyond the segments; thread-safe. */
+int api_route(const char *method, const char *url, struct api_routing *out);
+void api_routing_free(struct api_routing *rt);
+
 /* ---- respond.c ---- */
 
 /* Status and error code for a negative errno (one table for the whole API). */
@@ -144,11 +167,20 @@ enum MHD_Result api_reply_ranged(struct req *r, uint64_t size, const struct api_
  * for a bad escape or an encoded NUL. */
 char *api_decode(const char *s, size_t len);
 
+/* Parse "bytes FIRST-LAST/SIZE" or "bytes FIRST-LAST/ *" (no space), the
+ * Content-Range of a PUT. Returns 0 with *last >= *first (*complete UINT64_MAX for
+ * '*'), or -EINVAL with err_msg() for a malformed header. */
+int api_parse_content_range(const char *v, uint64_t *first, uint64_t *last, uint64_t *complete);
+
 /* Parse a decimal query argument "name" (percent-decoded) into *v; 0 when absent
  * (v unchanged), 1 when present, -EINVAL with err_msg() for a bad value. */
 int api_query_u64(struct req *r, const char *name, uint64_t *v);
 /* A yes/no query argument ("y"/"n", also "yes"/"no", "true"/"false", "1"/"0"). */
 int api_query_bool(struct req *r, const char *name, bool *v);
+/* The value parsers of the two above: raw is the argument as received (%XX
+ * escapes kept), or NULL when absent; same returns. */
+int api_parse_u64_arg(const char *name, const char *raw, uint64_t *v);
+int api_parse_bool_arg(const char *name, const char *raw, bool *v);
 
 /* ---- images.c ---- */
 

@@ -1,5 +1,5 @@
 /* range.c: the parsers for what arrives in a request line and headers (one
- * "Range: bytes=...", %XX escapes) and the ranged answers built on them. */
+ * "Range: bytes=...", a PUT's Content-Range, %XX escapes) and ranged answers. */
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -107,6 +107,44 @@ int api_parse_range(const char *value, uint64_t size, uint64_t *start, uint64_t 
     uint64_t last = sp.has_last && sp.last < size - 1 ? sp.last : size - 1;
     *start = sp.first;
     *len = last - sp.first + 1;
+    return 0;
+}
+
+/* Digits at *p into *v (at most 19, so no overflow). */
+static bool digits(const char **p, uint64_t *v)
+{
+    const char *s = *p;
+    uint64_t n = 0;
+    while (*s >= '0' && *s <= '9' && s - *p < 19)
+        n = n * 10 + (uint64_t)(*s++ - '0');
+    if (s == *p || (*s >= '0' && *s <= '9'))
+        return false;
+    *v = n;
+    *p = s;
+    return true;
+}
+
+int api_parse_content_range(const char *v, uint64_t *first, uint64_t *last, uint64_t *complete)
+{
+    const char *p = v;
+    while (*p == ' ')
+        p++;
+    bool ok = !strncasecmp(p, "bytes ", 6);
+    p += ok ? 6 : 0;
+    ok = ok && digits(&p, first) && *p++ == '-' && digits(&p, last) && *p++ == '/';
+    if (ok && *p == '*') {
+        *complete = UINT64_MAX;
+        p++;
+    } else {
+        ok = ok && digits(&p, complete);
+    }
+    while (ok && *p == ' ')
+        p++;
+    if (!ok || *p)
+        return err_fail(EINVAL, "malformed Content-Range: expected \"bytes FIRST-LAST/SIZE\" or \"bytes FIRST-LAST/*\"");
+    if (*last < *first)
+        return err_fail(EINVAL, "malformed Content-Range: last position %" PRIu64 " is before first position %" PRIu64,
+                        *last, *first);
     return 0;
 }
 

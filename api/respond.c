@@ -191,25 +191,13 @@ enum MHD_Result api_reply_errno(struct req *r, int err)
     return api_reply_error(r, err, err_msg(err));
 }
 
-/* The decoded value of query argument name, or NULL (absent, or a bad escape:
- * *bad set). */
-static char *query(struct req *r, const char *name, bool *bad)
+int api_parse_u64_arg(const char *name, const char *raw, uint64_t *v)
 {
-    *bad = false;
-    const char *raw = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name);
     if (!raw)
-        return NULL;
-    char *v = api_decode(raw, strlen(raw));
-    *bad = !v;
-    return v;
-}
-
-int api_query_u64(struct req *r, const char *name, uint64_t *v)
-{
-    bool bad;
-    char *s = query(r, name, &bad);
+        return 0;
+    char *s = api_decode(raw, strlen(raw));
     if (!s)
-        return bad ? err_fail(EINVAL, "query argument %s: %s", name, err_msg(EINVAL)) : 0;
+        return err_fail(EINVAL, "query argument %s: %s", name, err_msg(EINVAL));
     char *end;
     errno = 0;
     unsigned long long n = strtoull(s, &end, 10);
@@ -222,12 +210,13 @@ int api_query_u64(struct req *r, const char *name, uint64_t *v)
     return ret;
 }
 
-int api_query_bool(struct req *r, const char *name, bool *v)
+int api_parse_bool_arg(const char *name, const char *raw, bool *v)
 {
-    bool bad;
-    char *s = query(r, name, &bad);
+    if (!raw)
+        return 0;
+    char *s = api_decode(raw, strlen(raw));
     if (!s)
-        return bad ? err_fail(EINVAL, "query argument %s: %s", name, err_msg(EINVAL)) : 0;
+        return err_fail(EINVAL, "query argument %s: %s", name, err_msg(EINVAL));
     int ret = 1;
     if (!strcmp(s, "y") || !strcmp(s, "yes") || !strcmp(s, "true") || !strcmp(s, "1"))
         *v = true;
@@ -237,4 +226,14 @@ int api_query_bool(struct req *r, const char *name, bool *v)
         ret = err_fail(EINVAL, "query argument %s=%.40s: expected y or n", name, s);
     free(s);
     return ret;
+}
+
+int api_query_u64(struct req *r, const char *name, uint64_t *v)
+{
+    return api_parse_u64_arg(name, MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name), v);
+}
+
+int api_query_bool(struct req *r, const char *name, bool *v)
+{
+    return api_parse_bool_arg(name, MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, name), v);
 }

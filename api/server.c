@@ -1,5 +1,5 @@
-/* server.c: the libmicrohttpd server: start/quiesce/stop, the route table, the
- * per-request state, request bodies and the one-line-per-request log. */
+/* server.c: the libmicrohttpd server: start/quiesce/stop, dispatch through the
+ * route table (route.c), the per-request state, request bodies and the log. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netdb.h>
@@ -35,175 +35,16 @@ struct api_server {
     unsigned offloads;                        /* api_offload threads running */
 };
 
-/* ---- routes ---- */
-
-#define M_GET     0x01u /* GET, and HEAD with the same headers and no body */
-#define M_PUT     0x02u
-#define M_POST    0x04u
-#define M_PATCH   0x08u
-#define M_DELETE  0x10u
-#define M_OPTIONS 0x20u
-
-#define ROUTE_SEGS 6 /* the longest route; a longer path is 404 before matching */
-
-struct route {
-    const char *seg[ROUTE_SEGS]; /* path segments; "*" captures one (decoded) */
-    unsigned methods;
-    api_handler fn;
-};
-
-/* Matched in order; the sentinel (no segments) answers everything else with 404. */
-static const struct route routes[] = {
-    {{"v1", "health"}, M_GET, api_health},
-    {{"v1", "images"}, M_GET, api_images_list},
-    {{"v1", "images"}, M_POST, api_image_create},
-    {{"v1", "images", "*"}, M_GET, api_image_info},
-    {{"v1", "images", "*"}, M_DELETE, api_image_delete},
-    {{"v1", "images", "*", "data"}, M_GET, api_image_data},
-    {{"v1", "images", "*", "data"}, M_PUT, api_data_put},
-    {{"v1", "images", "*", "data"}, M_PATCH, api_data_patch},
-    {{"v1", "images", "*", "data"}, M_OPTIONS, api_data_options},
-    {{"v1", "images", "*", "extents"}, M_GET, api_image_extents},
-    {{"v1", "images", "*", "file"}, M_GET, api_file_get},
-    {{"v1", "images", "*", "file"}, M_PUT, api_file_put},
-    {{"v1", "images", "*", "bitmaps"}, M_GET, api_bitmaps_list},
-    {{"v1", "images", "*", "bitmaps"}, M_POST, api_bitmap_create},
-    {{"v1", "images", "*", "bitmaps", "*"}, M_GET, api_bitmap_get},
-    {{"v1", "images", "*", "bitmaps", "*"}, M_DELETE, api_bitmap_delete},
-    {{"v1", "images", "*", "bitmaps", "*", "clear"}, M_POST, api_bitmap_clear},
-    {{"v1", "images", "*", "bitmaps", "*", "enable"}, M_POST, api_bitmap_enable},
-    {{"v1", "images", "*", "bitmaps", "*", "disable"}, M_POST, api_bitmap_disable},
-    {{"v1", "images", "*", "bitmaps", "*", "merge"}, M_POST, api_bitmap_merge},
-    {{"metrics"}, M_GET, api_metrics},
-    {{"v1", "jobs"}, M_GET, api_jobs_list},
-    {{"v1", "jobs", "*"}, M_GET, api_job_get},
-    {{"v1", "jobs", "*"}, M_DELETE, api_job_dismiss},
-    {{"v1", "jobs", "*", "cancel"}, M_POST, api_job_cancel},
-    {{"v1", "jobs", "*", "pause"}, M_POST, api_job_pause},
-    {{"v1", "jobs", "*", "resume"}, M_POST, api_job_resume},
-    {{"v1", "images", "*", "snapshots"}, M_GET, api_snapshots_list},
-    {{"v1", "images", "*", "snapshots"}, M_POST, api_snapshot_create},
-    {{"v1", "images", "*", "snapshots", "*"}, M_DELETE, api_snapshot_delete},
-    {{"v1", "images", "*", "snapshots", "*", "revert"}, M_POST, api_snapshot_revert},
-    {{"v1", "images", "*", "snapshots", "*", "data"}, M_GET, api_snapshot_data},
-    {{"v1", "images", "*", "convert"}, M_POST, api_image_convert},
-    {{"v1", "images", "*", "check"}, M_POST, api_image_check},
-    {{"v1", "images", "*", "commit"}, M_POST, api_image_commit},
-    {{"v1", "events"}, M_GET, api_events},
-    {{NULL}, 0, NULL},
-};
-
-#define MAX_SEGS ROUTE_SEGS
-
-static const struct {
-    const char *name;
-    unsigned bit;
-} methods[] = {
-    {"GET", M_GET},     {"HEAD", M_GET},       {"PUT", M_PUT},         {"POST", M_POST},
-    {"PATCH", M_PATCH}, {"DELETE", M_DELETE}, {"OPTIONS", M_OPTIONS},
-};
-
-static unsigned method_bit(const char *m)
-{
-    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
-        if (!strcmp(m, methods[i].name))
-            return methods[i].bit;
-    return 0;
-}
-
-/* "GET, HEAD, PUT" for the bits set, in the table's order. */
-static void allow_header(unsigned bits, char *out, size_t cap)
-{
-    size_t o = 0;
-    out[0] = '\0';
-    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
-        if (bits & methods[i].bit)
-            o += (size_t)snprintf(out + o, o < cap ? cap - o : 0, "%s%s", o ? ", " : "", methods[i].name);
-}
-
-/* Split the raw path into decoded segments. Returns the count, or -1 with a
- * 400 already queued. */
-static int split_path(struct req *r, const char *url, char **segs, unsigned *nsegs, enum MHD_Result *res)
-{
-    *nsegs = 0;
-    if (url[0] != '/') {
-        *res = api_reply_status(r, 400, "bad-request", "the request path must start with '/'", NULL, NULL);
-        return -1;
-    }
-    const char *p = url + 1;
-    for (;;) {
-        size_t n = strcspn(p, "/");
-        if ((n == 1 && p[0] == '.') || (n == 2 && p[0] == '.' && p[1] == '.')) {
-            *res = api_reply_status(r, 400, "bad-request", "the request path has a '.' or '..' segment", NULL, NULL);
-            return -1;
-        }
-        if (*nsegs == MAX_SEGS) { /* longer than any route: unknown */
-            *res = api_reply_status(r, 404, "not-found", "no such endpoint", NULL, NULL);
-            return -1;
-        }
-        char *s = api_decode(p, n);
-        if (!s) {
-            *res = api_reply_error(r, -EINVAL, err_msg(EINVAL));
-            return -1;
-        }
-        segs[(*nsegs)++] = s;
-        p += n;
-        if (*p != '/')
-            break;
-        p++;
-    }
-    return 0;
-}
-
-/* Every index stays below ROUTE_SEGS whatever nsegs is: a path longer than the
- * route simply does not match. */
-static bool match(const struct route *rt, char **segs, unsigned nsegs, char **args)
-{
-    if (nsegs > ROUTE_SEGS)
-        return false;
-    unsigned i = 0, a = 0;
-    for (; i < nsegs && rt->seg[i]; i++) {
-        if (!strcmp(rt->seg[i], "*")) {
-            if (a == API_MAX_ARGS)
-                return false;
-            args[a++] = segs[i];
-        } else if (strcmp(rt->seg[i], segs[i])) {
-            return false;
-        }
-    }
-    return i == nsegs && (i == ROUTE_SEGS || !rt->seg[i]);
-}
-
 static enum MHD_Result dispatch(struct req *r, const char *url)
 {
-    char *segs[MAX_SEGS];
-    unsigned nsegs;
-    enum MHD_Result res = MHD_NO;
-    if (split_path(r, url, segs, &nsegs, &res) < 0)
-        goto out;
-    unsigned want = method_bit(r->method), allowed = 0;
-    const struct route *rt;
-    char *args[API_MAX_ARGS] = {NULL};
-    for (rt = routes; rt->seg[0]; rt++) {
-        if (!match(rt, segs, nsegs, args))
-            continue;
-        if (rt->methods & want)
-            break;
-        allowed |= rt->methods;
-    }
-    if (rt->seg[0]) {
-        res = rt->fn(r, args);
-    } else if (allowed) {
-        char msg[200], allow[80];
-        allow_header(allowed, allow, sizeof allow);
-        snprintf(msg, sizeof msg, "method %s is not allowed here; allowed: %s", r->method, allow);
-        res = api_reply_status(r, 405, "method-not-allowed", msg, MHD_HTTP_HEADER_ALLOW, allow);
-    } else {
-        res = api_reply_status(r, 404, "not-found", "no such endpoint", NULL, NULL);
-    }
-out:
-    for (unsigned i = 0; i < nsegs; i++)
-        free(segs[i]);
+    struct api_routing rt;
+    enum MHD_Result res;
+    if (api_route(r->method, url, &rt) == 0)
+        res = rt.fn(r, rt.args);
+    else
+        res = api_reply_status(r, rt.status, rt.code, rt.msg, rt.status == 405 ? MHD_HTTP_HEADER_ALLOW : NULL,
+                               rt.status == 405 ? rt.allow : NULL);
+    api_routing_free(&rt);
     return res;
 }
 
@@ -534,13 +375,14 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
 
 int api_server_start(const struct api_config *cfg, struct catalog *cat, struct api_server **out)
 {
-    struct addrinfo *ai;
-    int ret = parse_listen(cfg->listen, &ai);
+    struct addrinfo *ai = NULL;
+    int ret = cfg->listen ? parse_listen(cfg->listen, &ai) : 0;
     if (ret < 0)
         return ret;
     struct api_server *s = calloc(1, sizeof *s);
     if (!s) {
-        freeaddrinfo(ai);
+        if (ai)
+            freeaddrinfo(ai);
         return err_fail(ENOMEM, "out of memory");
     }
     s->cat = cat;
@@ -561,22 +403,31 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     /* poll, not epoll: with epoll, libmicrohttpd 0.9.75 notices a client that
      * closes in the middle of a request body only at the idle timeout, which
      * would hold the image's writer reference (and delay the abort) for a minute. */
-    unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | MHD_USE_ERROR_LOG;
+    unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | (cfg->quiet ? 0 : MHD_USE_ERROR_LOG);
     flags |= MHD_ALLOW_SUSPEND_RESUME; /* event streams sleep suspended (api/events.c) */
-    if (ai->ai_family == AF_INET6)
+    if (!ai) /* connections come from api_server_add_connection only */
+        flags |= MHD_USE_NO_LISTEN_SOCKET;
+    else if (ai->ai_family == AF_INET6)
         flags |= MHD_USE_IPv6;
     s->daemon = MHD_start_daemon(
-        flags, 0, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        flags, 0, NULL, NULL, on_request, s, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, s, MHD_OPTION_SOCK_ADDR, ai ? ai->ai_addr : NULL,
         MHD_OPTION_THREAD_POOL_SIZE, (unsigned)(cfg->threads ? cfg->threads : 1), MHD_OPTION_NOTIFY_COMPLETED,
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
         NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60),
         MHD_OPTION_CONNECTION_LIMIT, s->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, s->max_per_client,
         MHD_OPTION_END);
-    freeaddrinfo(ai);
+    if (ai)
+        freeaddrinfo(ai);
     if (!s->daemon) {
         api_guard_free(s->guard);
         free(s);
-        return err_fail(EADDRNOTAVAIL, "cannot listen on %s (in use, or not an address of this machine?)", cfg->listen);
+        return err_fail(EADDRNOTAVAIL, "cannot listen on %s (in use, or not an address of this machine?)",
+                        cfg->listen ? cfg->listen : "no address");
+    }
+    if (!cfg->listen) {
+        snprintf(s->addr, sizeof s->addr, "(no listen socket)");
+        *out = s;
+        return 0;
     }
     const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_LISTEN_FD);
     struct sockaddr_storage ss = {0};
@@ -596,6 +447,14 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     }
     snprintf(s->addr, sizeof s->addr, ss.ss_family == AF_INET6 ? "[%s]:%u" : "%s:%u", host, port);
     *out = s;
+    return 0;
+}
+
+int api_server_add_connection(struct api_server *s, int fd)
+{
+    struct sockaddr_in peer = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (MHD_add_connection(s->daemon, fd, (const struct sockaddr *)&peer, sizeof peer) != MHD_YES)
+        return err_fail(EIO, "the server does not take the connection");
     return 0;
 }
 

@@ -103,46 +103,6 @@ static void put_done(struct req *r, bool completed)
 
 static const struct api_body put_ops = {.data = put_data_cb, .end = put_end, .done = put_done};
 
-/* Digits at *p into *v (at most 19, so no overflow). */
-static bool digits(const char **p, uint64_t *v)
-{
-    const char *s = *p;
-    uint64_t n = 0;
-    while (*s >= '0' && *s <= '9' && s - *p < 19)
-        n = n * 10 + (uint64_t)(*s++ - '0');
-    if (s == *p || (*s >= '0' && *s <= '9'))
-        return false;
-    *v = n;
-    *p = s;
-    return true;
-}
-
-/* Parse "bytes FIRST-LAST/SIZE" or "bytes FIRST-LAST/ *" (no space) of a request. Returns 0,
- * or -EINVAL for a malformed header; *complete is UINT64_MAX for '*'. */
-static int parse_content_range(const char *v, uint64_t *first, uint64_t *last, uint64_t *complete)
-{
-    const char *p = v;
-    while (*p == ' ')
-        p++;
-    bool ok = !strncasecmp(p, "bytes ", 6);
-    p += ok ? 6 : 0;
-    ok = ok && digits(&p, first) && *p++ == '-' && digits(&p, last) && *p++ == '/';
-    if (ok && *p == '*') {
-        *complete = UINT64_MAX;
-        p++;
-    } else {
-        ok = ok && digits(&p, complete);
-    }
-    while (ok && *p == ' ')
-        p++;
-    if (!ok || *p)
-        return err_fail(EINVAL, "malformed Content-Range: expected \"bytes FIRST-LAST/SIZE\" or \"bytes FIRST-LAST/*\"");
-    if (*last < *first)
-        return err_fail(EINVAL, "malformed Content-Range: last position %" PRIu64 " is before first position %" PRIu64,
-                        *last, *first);
-    return 0;
-}
-
 enum MHD_Result api_data_put(struct req *r, char **args)
 {
     bool flush = true;
@@ -176,7 +136,7 @@ enum MHD_Result api_data_put(struct req *r, char **args)
     snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
     if (crh) {
         uint64_t a = 0, b = 0, n = 0;
-        ret = parse_content_range(crh, &a, &b, &n);
+        ret = api_parse_content_range(crh, &a, &b, &n);
         if (ret < 0) {
             catalog_put_writable(ci);
             return api_reply_errno(r, ret);

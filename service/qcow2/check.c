@@ -21,6 +21,8 @@ struct ck {
     void *opaque;
     uint64_t done, total;       /* progress units: L1 entries walked, refcount blocks compared */
     bool cancelled;             /* progress asked to stop */
+    unsigned char *seen;        /* refcount blocks met past the file's end, one bit per cluster */
+    unsigned char *scratch;     /* one cluster, for reading a block of a read-only image */
 };
 
 /* n more units done; false once the caller asked to stop. */
@@ -72,6 +74,42 @@ static uint64_t stored_rc(struct ck *k, uint64_t c)
         return 0;
     }
     return v;
+}
+
+/* Whether the compare loop may skip the refcount block at off, which covers
+ * only clusters past the end of the file: it holds no refcount, or it was met
+ * there already (one refcount block named by many table entries would otherwise
+ * cost a full pass each: a CPU bomb in a small file), or it cannot be read (one
+ * error for the block, not one per cluster). */
+static bool skip_past_block(struct ck *k, uint64_t off)
+{
+    struct qcow2_image *img = k->img;
+    uint64_t idx = off >> img->cluster_bits;
+    if (!offset_into_cluster(img, off) && idx < k->n) {
+        if (!k->seen && !(k->seen = calloc((size_t)(k->n / 8 + 1), 1)))
+            return false;
+        if (k->seen[idx / 8] & (1u << (idx % 8)))
+            return true;
+        k->seen[idx / 8] |= (unsigned char)(1u << (idx % 8));
+    }
+    const unsigned char *p = NULL;
+    int ret;
+    if (img->rw) {
+        ret = rc_block(img, off, &p); /* the cache: it may hold this check's repairs */
+    } else {
+        if (!k->scratch && !(k->scratch = malloc(img->cluster_size)))
+            return false;
+        ret = off + img->cluster_size > img->file_size
+                  ? err_fail(EIO, "refcount block at %#" PRIx64 " is past the end of the file", off)
+                  : vfs_pread(img->file, k->scratch, img->cluster_size, off);
+        p = k->scratch;
+    }
+    if (ret < 0) {
+        say(k, "ERROR cannot read the refcount block at %#" PRIx64 ": %s", off, err_msg(ret));
+        k->r->check_errors++;
+        return true;
+    }
+    return p[0] == 0 && !memcmp(p, p + 1, img->cluster_size - 1);
 }
 
 /* Walk one L2 table; `active` adds fragmentation statistics. */
@@ -317,7 +355,8 @@ int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, stru
             uint64_t ti = c / per_block;
             if (ti >= img->reftable_size)
                 break;
-            if (!(img->reftable[ti] & QCOW2_REFT_OFFSET_MASK)) {
+            uint64_t b = img->reftable[ti] & QCOW2_REFT_OFFSET_MASK;
+            if (!b || (c % per_block == 0 && skip_past_block(&k, b))) {
                 c = (ti + 1) * per_block - 1;
                 continue;
             }
@@ -369,6 +408,8 @@ out:
     if (img->rw)
         pthread_rwlock_unlock(&img->rwlock);
     free(k.expected);
+    free(k.seen);
+    free(k.scratch);
     return ret;
 }
 

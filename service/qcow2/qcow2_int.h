@@ -357,6 +357,9 @@ bool qcow2_meta_prealloc(struct qcow2_image *img);
 
 /* ---- rcache.c: refcounts for writers (under the write lock) ---- */
 int rc_get(struct qcow2_image *img, uint64_t cluster, uint64_t *val);
+/* The refcount block at host offset off as the cache has it (borrowed: valid
+ * until the next rc_ call); -EUCLEAN-like error for a block outside the file. */
+int rc_block(struct qcow2_image *img, uint64_t off, const unsigned char **buf);
 /* Make sure a refcount block covers cluster (the new block may take a free cluster). */
 int rc_cover(struct qcow2_image *img, uint64_t cluster);
 /* Set the refcount of cluster; allocates refcount blocks (and grows the table) as needed. */

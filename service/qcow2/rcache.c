@@ -101,6 +101,15 @@ static int rb_get(struct qcow2_image *img, uint64_t off, bool zero_new, struct r
     return 0;
 }
 
+int rc_block(struct qcow2_image *img, uint64_t off, const unsigned char **buf)
+{
+    struct rb_entry *e;
+    int ret = rb_get(img, off, false, &e);
+    if (ret == 0)
+        *buf = e->buf;
+    return ret;
+}
+
 int rc_get(struct qcow2_image *img, uint64_t cluster, uint64_t *val)
 {
     uint64_t ti = cluster / per_block(img);
@@ -255,6 +264,10 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries)
     unsigned char *area = NULL;
     int ret;
     for (;;) {
+        /* bounded first: the loops below walk the ranges the new table covers,
+         * and a refcount for a hostile offset (2^52) would make that billions */
+        if (want > QCOW2_MAX_REFTABLE_BYTES / 8)
+            return err_fail(EFBIG, "the refcount table would exceed %u bytes", QCOW2_MAX_REFTABLE_BYTES);
         tclusters = (want + entries_per_cluster - 1) / entries_per_cluster;
         total = tclusters + nrb;
         /* ranges touched by [start, start+total) that have no block yet */

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "err.h"
+#include "fuzz_util.h"
 #include "qcow2.h"
 #include "vfs.h"
 
@@ -16,13 +17,6 @@
 #define READ_BUDGET    (1u << 20)  /* bytes read per open, at most */
 #define MAX_DATA_READS 8           /* reads at the start of allocated extents */
 #define CHAIN_DEPTH    4           /* backing chain bound for the second open */
-
-/* A broken promise of the API: crash so libFuzzer keeps the input. */
-#define CHECK(cond)           \
-    do {                      \
-        if (!(cond))          \
-            __builtin_trap(); \
-    } while (0)
 
 static unsigned char buf[READ_CHUNK];
 
@@ -109,12 +103,7 @@ static bool open_and_exercise(const struct qcow2_open_opts *opts)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    struct vfs_file *f = NULL;
-    if (vfs_open(IMAGE_URI, VFS_O_RDWR | VFS_O_CREATE, &f) < 0)
-        abort();
-    if (vfs_truncate(f, 0) < 0 || (size && vfs_pwrite(f, data, size, 0) < 0))
-        abort();
-    vfs_close(f);
+    fuzz_put_file(IMAGE_URI, data, size);
 
     /* Names in the image may only reach the mem: store (contained), never the disk. */
     struct qcow2_open_opts opts = {

@@ -1,0 +1,116 @@
+/* fuzz_http_parse.c: libFuzzer target for what qcowd parses from a request line
+ * and headers: routing, Range, Content-Range, query arguments and %XX escapes. */
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api_int.h"
+#include "err.h"
+#include "fuzz_util.h"
+
+/* The first byte picks the parser; the rest is its text (NUL-terminated copy). */
+enum { P_ROUTE, P_RANGE, P_CONTENT_RANGE, P_QUERY, P_COUNT };
+
+static void fuzz_route(const char *text)
+{
+    /* "METHOD PATH": the method is what comes before the first space */
+    char method[16] = "GET";
+    const char *path = text, *sp = strchr(text, ' ');
+    if (sp && (size_t)(sp - text) < sizeof method) {
+        memcpy(method, text, (size_t)(sp - text));
+        method[sp - text] = '\0';
+        path = sp + 1;
+    }
+    struct api_routing rt;
+    int ret = api_route(method, path, &rt);
+    CHECK(rt.nsegs <= API_ROUTE_SEGS);
+    if (ret == 0) {
+        CHECK(rt.fn != NULL);
+        for (unsigned a = 0; a < API_MAX_ARGS; a++) {
+            bool found = rt.args[a] == NULL;
+            for (unsigned i = 0; i < rt.nsegs && !found; i++)
+                found = rt.args[a] == rt.segs[i];
+            CHECK(found); /* a capture is one of the decoded segments */
+        }
+    } else {
+        CHECK(ret == -1 && rt.fn == NULL && rt.code && rt.msg[0]);
+        CHECK(rt.status == 400 || rt.status == 404 || rt.status == 405);
+        CHECK(rt.status != 405 || rt.allow[0]);
+    }
+    api_routing_free(&rt);
+}
+
+static void fuzz_range(const char *text, uint64_t size)
+{
+    uint64_t start = 0, len = 0;
+    int ret = api_parse_range(text, size, &start, &len);
+    if (ret == 0)
+        CHECK(len > 0 && start < size && len <= size - start);
+    else
+        CHECK((ret == -EINVAL || ret == -ERANGE) && err_msg(ret)[0]);
+}
+
+static void fuzz_content_range(const char *text)
+{
+    uint64_t first = 0, last = 0, complete = 0;
+    int ret = api_parse_content_range(text, &first, &last, &complete);
+    if (ret == 0)
+        CHECK(first <= last);
+    else
+        CHECK(ret == -EINVAL);
+}
+
+static void fuzz_query(const char *text, size_t len)
+{
+    uint64_t v = 0;
+    bool b = false;
+    int ret = api_parse_u64_arg("offset", text, &v);
+    CHECK(ret == 0 || ret == 1 || ret == -EINVAL);
+    ret = api_parse_bool_arg("flush", text, &b);
+    CHECK(ret == 0 || ret == 1 || ret == -EINVAL);
+    char *d = api_decode(text, len);
+    if (d) {
+        CHECK(strlen(d) <= len);
+        free(d);
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (size < 1)
+        return 0;
+    unsigned which = data[0] % P_COUNT;
+    data++, size--;
+    uint64_t disk = 0;
+    if (which == P_RANGE) { /* a disk size: one byte's power of two plus another's */
+        if (size < 2)
+            return 0;
+        disk = (data[0] < 64 ? 1ull << data[0] : 0) + data[1];
+        data += 2, size -= 2;
+    }
+    char *text = malloc(size + 1);
+    if (!text)
+        abort();
+    memcpy(text, data, size);
+    text[size] = '\0'; /* headers and paths reach us as C strings */
+    err_clear();
+    switch (which) {
+    case P_ROUTE:
+        fuzz_route(text);
+        break;
+    case P_RANGE:
+        fuzz_range(text, disk);
+        break;
+    case P_CONTENT_RANGE:
+        fuzz_content_range(text);
+        break;
+    default:
+        fuzz_query(text, strlen(text));
+        break;
+    }
+    free(text);
+    return 0;
+}
