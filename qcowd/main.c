@@ -25,6 +25,7 @@
 #define DRAIN_MS        30000 /* how long in-flight requests get to finish on SIGTERM */
 #define DEFAULT_JOB_WORKERS 2
 #define JOBS_FILE       ".qcowd-jobs.json" /* job records, in the catalog folder */
+#define DEFAULT_MAX_IMAGE_META (16ull << 20) /* metadata memory per open image: a 256 TiB disk's L1 is 4 MiB */
 
 static void usage(FILE *f)
 {
@@ -44,6 +45,9 @@ static void usage(FILE *f)
             "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
             "  --job-workers N     threads running jobs (default %d)\n"
             "  --max-listeners N   GET /v1/events clients at once (default %d)\n"
+            "  --max-image-meta SIZE  metadata one open image (with its backing chain) may hold in memory:\n"
+            "                      L1 and refcount tables, snapshot table, bitmap directory, tracked bitmaps;\n"
+            "                      an image needing more is refused with 422 (default 16M; suffixes K, M, G)\n"
             "  --sendfile yes|no   send ranged reads of plain data straight from the image file (default yes);\n"
             "                      a cluster once sent is copied on its next write, so workloads that read and\n"
             "                      then rewrite the same clusters in large pieces may prefer no\n"
@@ -185,6 +189,7 @@ int main(int argc, char **argv)
         {"job-workers", required_argument, 0, 'J'},
         {"max-listeners", required_argument, 0, 'L'},
         {"sendfile", required_argument, 0, 'S'},
+        {"max-image-meta", required_argument, 0, 'M'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
@@ -210,6 +215,7 @@ int main(int argc, char **argv)
     char *s3_opts[32];
     unsigned n_s3_opts = 0;
     unsigned job_workers = DEFAULT_JOB_WORKERS, max_listeners = EVENTS_DEFAULT_LISTENERS;
+    struct catalog_opts copts = {.max_meta_bytes = DEFAULT_MAX_IMAGE_META};
     int c;
     while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
         cur_arg = optind - 1; /* file settings are single "--key=value" arguments */
@@ -269,6 +275,18 @@ int main(int argc, char **argv)
             }
             fprintf(stderr, "qcowd: --sendfile wants yes or no, not '%s'\n", optarg);
             return 2;
+        case 'M': {
+            char *end;
+            unsigned long long n = strtoull(optarg, &end, 10);
+            unsigned shift = !strcmp(end, "K") ? 10 : !strcmp(end, "M") ? 20 : !strcmp(end, "G") ? 30 : 0;
+            if (optarg[0] < '0' || optarg[0] > '9' || (*end && !shift) || n == 0 || n > (1ull << 40) >> shift) {
+                fprintf(stderr, "qcowd: --max-image-meta wants a size from 1 byte to 1T (e.g. 64M), not '%s'\n",
+                        optarg);
+                return 2;
+            }
+            copts.max_meta_bytes = (uint64_t)n << shift;
+            break;
+        }
         case 'h':
             usage(stdout);
             return 0;
@@ -309,7 +327,7 @@ int main(int argc, char **argv)
     }
 
     struct catalog *cat;
-    ret = catalog_new(root, NULL, &cat);
+    ret = catalog_new(root, &copts, &cat);
     if (ret < 0) {
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
         return 1;

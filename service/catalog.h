@@ -20,7 +20,7 @@ struct catalog_image; /* opaque: one open image, shared; get/put */
 struct catalog_opts {
     size_t l2_cache_bytes;   /* per open image; 0: the engine's default */
     unsigned max_open;       /* unused open images kept cached; 0: CATALOG_DEFAULT_OPEN */
-    uint64_t max_meta_bytes; /* refuse images whose tables need more; 0: no extra bound */
+    uint64_t max_meta_bytes; /* metadata budget per open image (qcow2_open_opts); 0: the engine's default */
 };
 
 /* Open the catalog at root (a folder path or a "scheme:" URI; a path is made

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cursor.h"
 #include "qcow2_int.h"
 
 #define HDR_BACKING_OFFSET 8
@@ -229,13 +230,19 @@ static int read_dir(struct qcow2_image *img, unsigned char **buf, uint64_t **sta
     int ret = len ? vfs_pread(img->file, *buf, len, img->bitmap_dir_off) : 0;
     if (ret < 0)
         return ret;
-    uint64_t pos = 0;
+    /* parsed when the image was opened, but read again: walk it as carefully */
+    struct cursor d = cur_init(*buf, (size_t)len), f;
     for (uint32_t i = 0; i < n; i++) {
-        (*starts)[i] = pos;
-        const unsigned char *e = *buf + pos;
-        pos += (BME_FIXED + (uint64_t)be32_at(e + 20) + be16_at(e + 18) + 7) & ~7ull;
+        (*starts)[i] = cur_pos(&d);
+        if (!cur_sub(&d, BME_FIXED, &f))
+            return mark_corrupt(img, "bitmap directory entry %u is truncated", i);
+        cur_skip(&f, 18);
+        uint16_t name_len = cur_be16(&f);
+        uint32_t extra = cur_be32(&f);
+        if (!cur_skip(&d, (uint64_t)extra + name_len) || !cur_align(&d, 8))
+            return mark_corrupt(img, "bitmap directory entry %u runs past the end of the directory", i);
     }
-    (*starts)[n] = pos;
+    (*starts)[n] = cur_pos(&d);
     return 0;
 }
 
@@ -516,6 +523,9 @@ int qcow2_bitmap_add(struct qcow2_image *img, const char *name, uint32_t granula
                        "larger granularity", granularity);
         goto out;
     }
+    /* an enabled bitmap is tracked in memory from now on */
+    if (!disabled && (ret = bitmap_bits_fit(img, name, (uint64_t)ts << img->cluster_bits)) < 0)
+        goto out;
     if (!(ents = same_dir(img, 1)) || (ret = keep_extra(img, ents)) < 0) {
         ret = ret < 0 ? ret : -ENOMEM;
         goto out;

@@ -83,14 +83,21 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *opts)
     }
     uint64_t size = (o.size + 511) & ~511ull;
     if (size > (1ull << 62))
-        return err_fail(EFBIG, "size %" PRIu64 " is too large", o.size);
+        return err_fail(ENOTSUP, "size %" PRIu64 " is more than the limit of 4 EiB (2^62 bytes)", o.size);
     unsigned cbits = (unsigned)__builtin_ctz(cs);
     uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
     uint64_t span = l2_entries << cbits;
     uint64_t l1_entries = (size + span - 1) / span;
     if (l1_entries * 8 > QCOW2_MAX_L1_BYTES)
-        return err_fail(EFBIG, "size %" PRIu64 " needs an L1 table over %u bytes: use larger clusters", size,
+        return err_fail(ENOTSUP, "size %" PRIu64 " needs an L1 table over the limit of %u bytes (32 MiB, as QEMU): use larger clusters", size,
                         QCOW2_MAX_L1_BYTES);
+    uint64_t budget = o.max_meta_bytes ? o.max_meta_bytes : QCOW2_DEFAULT_META_BYTES;
+    if (l1_entries * 8 > budget) {
+        char need[32], max[32];
+        return err_fail(ENOTSUP, "size %" PRIu64 " needs an L1 table of %s in memory, more than the metadata budget "
+                        "of %s per open image: use larger clusters", size, qcow2_human(l1_entries * 8, need, sizeof need),
+                        qcow2_human(budget, max, sizeof max));
+    }
     uint64_t l1c = (l1_entries * 8 + cs - 1) / cs;
     if (!l1c)
         l1c = 1;
