@@ -14,6 +14,7 @@
 struct catalog;
 struct qcow2_image;
 struct qcow2_bitmap_info;
+struct qcow2_snapshot_info;
 struct req;
 
 /* How a request with a body (PUT, POST, PATCH) goes on after its handler ran on
@@ -186,6 +187,7 @@ enum MHD_Result api_dirty_extents(struct req *r, const char *image);
 struct qcow2_info;
 struct catalog_image;
 json_t *api_snapshots_json(struct qcow2_image *img); /* a copy: safe beside snapshot jobs */
+json_t *api_snapshot_json(const struct qcow2_snapshot_info *s); /* one entry of the list */
 /* Answer a GET/HEAD of guest bytes of img (Range honoured). ci (a catalog
  * reference) or own (a private image, closed at the end) is released when the
  * response is done, also on failure. */

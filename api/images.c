@@ -18,6 +18,18 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 /* ---- info ---- */
 
+json_t *api_snapshot_json(const struct qcow2_snapshot_info *s)
+{
+    json_t *o = json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name),
+                          "vm-state-size", (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec,
+                          "date-nsec", (json_int_t)s->date_nsec, "vm-clock-sec",
+                          (json_int_t)(s->vm_clock_nsec / 1000000000u), "vm-clock-nsec",
+                          (json_int_t)(s->vm_clock_nsec % 1000000000u));
+    if (o && s->icount != UINT64_MAX)
+        json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
+    return o;
+}
+
 json_t *api_snapshots_json(struct qcow2_image *img)
 {
     struct qcow2_snapshot_info *list;
@@ -25,17 +37,8 @@ json_t *api_snapshots_json(struct qcow2_image *img)
     if (qcow2_snapshot_list(img, &list, &n) < 0)
         return NULL;
     json_t *a = json_array();
-    for (uint32_t i = 0; a && i < n; i++) {
-        const struct qcow2_snapshot_info *s = &list[i];
-        json_t *o =
-            json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name),
-                      "vm-state-size", (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
-                      (json_int_t)s->date_nsec, "vm-clock-sec", (json_int_t)(s->vm_clock_nsec / 1000000000u),
-                      "vm-clock-nsec", (json_int_t)(s->vm_clock_nsec % 1000000000u));
-        if (o && s->icount != UINT64_MAX)
-            json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
-        json_array_append_new(a, o);
-    }
+    for (uint32_t i = 0; a && i < n; i++)
+        json_array_append_new(a, api_snapshot_json(&list[i]));
     qcow2_snapshot_list_free(list, n);
     return a;
 }

@@ -11,15 +11,103 @@
 #include "jobops.h"
 #include "qcow2.h"
 
+/* The list streamed an entry at a time from the engine's shared list, so a
+ * listing costs one entry's JSON whatever the table's size (a 16k-entry table
+ * built as one JSON tree cost tens of MiB per request). */
+struct snap_stream {
+    struct qcow2_snapshot_info *list; /* shared with the image: held until the end */
+    uint32_t n, next;
+    struct req *r;
+    char *text; /* the piece being handed out (json_dumps), or NULL */
+    const char *fixed; /* or a constant piece */
+    size_t tlen, tpos;
+    bool done;
+};
+
+/* The next piece: the opening, one entry (with its comma), or the end. */
+static int snap_piece(struct snap_stream *ss)
+{
+    free(ss->text);
+    ss->text = NULL;
+    ss->tpos = 0;
+    if (ss->next == ss->n) {
+        ss->fixed = ss->n ? "]}\n" : "{\"snapshots\":[]}\n";
+        ss->done = true;
+    } else {
+        json_t *o = api_snapshot_json(&ss->list[ss->next]);
+        char *j = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+        json_decref(o);
+        size_t n = j ? strlen(j) : 0;
+        ss->text = j ? malloc(n + 16) : NULL;
+        if (ss->text)
+            snprintf(ss->text, n + 16, "%s%s", ss->next ? "," : "{\"snapshots\":[", j);
+        free(j);
+        if (!ss->text)
+            return -ENOMEM;
+        ss->fixed = ss->text;
+        ss->next++;
+    }
+    ss->tlen = strlen(ss->fixed);
+    return 0;
+}
+
+static ssize_t snap_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct snap_stream *ss = cls;
+    size_t n = 0;
+    (void)pos;
+    while (n < max) {
+        if (ss->tpos == ss->tlen) {
+            if (ss->done)
+                break;
+            if (snap_piece(ss) < 0)
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+        }
+        size_t k = ss->tlen - ss->tpos < max - n ? ss->tlen - ss->tpos : max - n;
+        memcpy(buf + n, ss->fixed + ss->tpos, k);
+        ss->tpos += k;
+        n += k;
+    }
+    if (n == 0)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    ss->r->bytes += n;
+    return (ssize_t)n;
+}
+
+static void snap_stream_free(void *cls)
+{
+    struct snap_stream *ss = cls;
+    qcow2_snapshot_list_free(ss->list, ss->n);
+    free(ss->text);
+    free(ss);
+}
+
 enum MHD_Result api_snapshots_list(struct req *r, char **args)
 {
     struct catalog_image *ci;
     int ret = catalog_get(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
-    json_t *a = api_snapshots_json(catalog_image_qcow2(ci));
-    catalog_put(ci);
-    return api_reply_json(r, 200, json_pack("{s:o}", "snapshots", a));
+    struct snap_stream *ss = calloc(1, sizeof *ss);
+    if (!ss) {
+        catalog_put(ci);
+        return MHD_NO;
+    }
+    ss->r = r;
+    ret = qcow2_snapshot_list(catalog_image_qcow2(ci), &ss->list, &ss->n);
+    catalog_put(ci); /* the list lives on its own */
+    if (ret < 0) {
+        free(ss);
+        return api_reply_errno(r, ret);
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, snap_read, ss, snap_stream_free);
+    if (!resp) {
+        snap_stream_free(ss);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    return api_queue(r, 200, resp);
 }
 
 static enum MHD_Result snap_job(struct req *r, const char *image, const char *op, const char *snap)
