@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../../service/qcow2/cursor.h" /* private to the engine: tested here on its own */
 #include "err.h"
 #include "qcow2.h"
 #include "vfs.h"
@@ -472,6 +473,130 @@ START_TEST(pinned_runs_keep_their_bytes)
 }
 END_TEST
 
+/* ---- the cursor and the metadata budget ---- */
+
+START_TEST(cursor_checks_every_step)
+{
+    static const unsigned char b[13] = {0, 1, 0, 0, 0, 2, 1, 2, 3, 4, 5, 6, 7};
+    struct cursor c = cur_init(b, sizeof b);
+    ck_assert_uint_eq(cur_be16(&c), 1);
+    ck_assert_uint_eq(cur_be32(&c), 2);
+    ck_assert(!c.failed);
+    /* 7 left: 8 do not fit, and the position stays */
+    ck_assert_ptr_null(cur_take(&c, 8));
+    ck_assert(c.failed);
+    ck_assert_uint_eq(cur_pos(&c), 6);
+    ck_assert_uint_eq(cur_be64(&c), 0);
+    ck_assert_uint_eq(cur_remaining(&c), 7);
+    /* a sub-cursor sees only its bytes */
+    struct cursor sub;
+    ck_assert(cur_sub(&c, 3, &sub));
+    ck_assert_uint_eq(cur_remaining(&sub), 3);
+    ck_assert_uint_eq(cur_u8(&sub), 1);
+    ck_assert_uint_eq(cur_be16(&sub), 0x0203);
+    ck_assert_uint_eq(cur_u8(&sub), 0);
+    ck_assert(sub.failed);
+    ck_assert(!cur_sub(&c, 5, &sub));
+    ck_assert_uint_eq(cur_remaining(&sub), 0);
+    /* at 9: padding to 16 needs 7 bytes, 4 remain */
+    ck_assert(!cur_align(&c, 8));
+    ck_assert_uint_eq(cur_pos(&c), 9);
+    ck_assert(cur_align_or_end(&c, 8));
+    ck_assert_uint_eq(cur_remaining(&c), 0);
+    ck_assert(!cur_skip(&c, 1));
+    struct cursor d = cur_init(b, 8);
+    ck_assert(cur_skip(&d, 3) && cur_align(&d, 8));
+    ck_assert_uint_eq(cur_pos(&d), 8);
+    ck_assert(cur_align(&d, 8)); /* aligned already: no step */
+}
+END_TEST
+
+START_TEST(budget_refuses_tables_that_need_more)
+{
+    /* 1 TiB: an L1 of 2048 entries (16 KiB); 64 KiB of refcount table */
+    sh("qemu-img create -f qcow2 big.qcow2 1T");
+    to_mem("big.qcow2");
+    struct qcow2_open_opts o = {.max_meta_bytes = 8192};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/big.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "L1 table needs 16 KiB of memory, more than the metadata budget of 8 KiB"),
+                  "%s", err_msg(ret));
+    o.max_meta_bytes = 32768; /* the L1 fits, not the refcount table beside it */
+    ret = qcow2_open("mem:t/big.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "refcount table needs 64 KiB") && strstr(err_msg(ret), "16 KiB this image holds"),
+                  "%s", err_msg(ret));
+    o.max_meta_bytes = 16384 + 65536;
+    ck_assert_int_eq(qcow2_open("mem:t/big.qcow2", &o, &img), 0);
+    qcow2_close(img);
+    /* a create is refused the same way, before anything is written */
+    struct qcow2_create_opts co = {.size = 1ull << 50, .max_meta_bytes = 1u << 20};
+    ret = qcow2_create("mem:t/huge.qcow2", &co);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "metadata budget of 1 MiB"), "%s", err_msg(ret));
+    ck_assert_int_eq(qcow2_open("mem:t/huge.qcow2", NULL, &img), -ENOENT);
+}
+END_TEST
+
+START_TEST(budget_counts_the_snapshot_table)
+{
+    sh("qemu-img create -f qcow2 sn.qcow2 1M && qemu-img snapshot -c first sn.qcow2 && "
+       "qemu-img snapshot -c second sn.qcow2");
+    to_mem("sn.qcow2");
+    /* 1M: one L1 entry and 64 KiB of refcount table; the snapshots need a little more */
+    struct qcow2_open_opts o = {.max_meta_bytes = 8 + 65536 + 16};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/sn.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "snapshot table needs") && strstr(err_msg(ret), "metadata budget"), "%s",
+                  err_msg(ret));
+    o.max_meta_bytes = 1u << 20;
+    ck_assert_int_eq(qcow2_open("mem:t/sn.qcow2", &o, &img), 0);
+    /* listings share the image's list: nothing copied, and it outlives the image */
+    struct qcow2_snapshot_info *a, *b;
+    uint32_t na, nb;
+    ck_assert_int_eq(qcow2_snapshot_list(img, &a, &na), 0);
+    ck_assert_int_eq(qcow2_snapshot_list(img, &b, &nb), 0);
+    ck_assert_uint_eq(na, 2);
+    ck_assert_ptr_eq(a, b);
+    ck_assert_ptr_eq(a, qcow2_get_info(img)->snapshots);
+    qcow2_snapshot_list_free(b, nb);
+    qcow2_close(img);
+    ck_assert_str_eq(a[1].name, "second");
+    qcow2_snapshot_list_free(a, na);
+}
+END_TEST
+
+START_TEST(a_dirty_image_opens_read_only_without_rebuild)
+{
+    /* the dirty bit (incompatible bit 0, byte 79 of the header) by hand */
+    sh("qemu-img create -f qcow2 -o lazy_refcounts=on d.qcow2 1M && qemu-io -c 'write -P 7 0 64k' d.qcow2 && "
+       "printf '\\001' | dd of=d.qcow2 bs=1 seek=79 conv=notrunc 2>/dev/null");
+    to_mem("d.qcow2");
+    struct qcow2_open_opts o = {.read_write = true, .no_rebuild = true};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/d.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -EROFS);
+    ck_assert_msg(strstr(err_msg(ret), "not closed cleanly"), "%s", err_msg(ret));
+    /* the check with repair makes it clean; then it opens for writing as it is */
+    o = (struct qcow2_open_opts){.read_write = true, .allow_corrupt = true};
+    ck_assert_int_eq(qcow2_open("mem:t/d.qcow2", &o, &img), 0);
+    ck_assert(qcow2_get_info(img)->dirty);
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_LEAKS, &r, NULL, NULL), 0);
+    ck_assert(!qcow2_get_info(img)->dirty);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    o = (struct qcow2_open_opts){.read_write = true, .no_rebuild = true};
+    ck_assert_int_eq(qcow2_open("mem:t/d.qcow2", &o, &img), 0);
+    ck_assert(!qcow2_get_info(img)->dirty);
+    unsigned char buf[512];
+    ck_assert_int_eq(qcow2_pread(img, buf, sizeof buf, 0), 0);
+    ck_assert_uint_eq(buf[511], 7);
+    qcow2_close(img);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -489,6 +614,10 @@ static Suite *suite(void)
     tcase_add_test(tc, a_writer_and_readers_share_an_image);
     tcase_add_test(tc, snapshot_with_more_l2_tables_than_the_cache);
     tcase_add_test(tc, pinned_runs_keep_their_bytes);
+    tcase_add_test(tc, cursor_checks_every_step);
+    tcase_add_test(tc, budget_refuses_tables_that_need_more);
+    tcase_add_test(tc, budget_counts_the_snapshot_table);
+    tcase_add_test(tc, a_dirty_image_opens_read_only_without_rebuild);
     suite_add_tcase(s, tc);
     return s;
 }
