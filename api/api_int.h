@@ -188,6 +188,9 @@ struct qcow2_info;
 struct catalog_image;
 json_t *api_snapshots_json(struct qcow2_image *img); /* a copy: safe beside snapshot jobs */
 json_t *api_snapshot_json(const struct qcow2_snapshot_info *s); /* one entry of the list */
+/* Answer 200 with head, img's snapshot list (JSON objects, commas between) and
+ * tail, streamed an entry at a time; head and tail are taken (freed). */
+enum MHD_Result api_reply_snapshots(struct req *r, struct qcow2_image *img, char *head, char *tail);
 /* Answer a GET/HEAD of guest bytes of img (Range honoured). ci (a catalog
  * reference) or own (a private image, closed at the end) is released when the
  * response is done, also on failure. */

@@ -43,14 +43,24 @@ json_t *api_snapshots_json(struct qcow2_image *img)
     return a;
 }
 
+static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps);
+
 /* The info object: qemu-img info's names, with "name" and "filename" relative to
  * the catalog (server paths are not shown). */
 json_t *api_info_json(const char *name, struct qcow2_image *img)
 {
+    return info_json(name, img, NULL);
+}
+
+/* ... with snaps (taken) as its snapshot list, or img's own when NULL. */
+static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps)
+{
     const struct qcow2_info *in = qcow2_get_info(img);
     json_t *o = json_object();
-    if (!o)
+    if (!o) {
+        json_decref(snaps);
         return NULL;
+    }
     char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
     snprintf(file, sizeof file, "%s%s", name, CATALOG_SUFFIX);
     json_object_set_new(o, "name", json_string(name));
@@ -59,8 +69,10 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
     json_object_set_new(o, "virtual-size", json_integer((json_int_t)in->virtual_size));
     json_object_set_new(o, "actual-size", json_integer((json_int_t)in->file_allocated));
     json_object_set_new(o, "dirty-flag", json_boolean(in->format == QCOW2_FMT_QCOW2 && in->dirty));
-    if (in->format != QCOW2_FMT_QCOW2)
+    if (in->format != QCOW2_FMT_QCOW2) {
+        json_decref(snaps);
         return o;
+    }
     json_object_set_new(o, "cluster-size", json_integer(in->cluster_size));
     if (in->backing_file)
         json_object_set_new(o, "backing-filename", api_jstr(in->backing_file));
@@ -68,7 +80,8 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
         json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
     if (in->crypt_method)
         json_object_set_new(o, "encrypted", json_true());
-    json_object_set_new(o, "snapshots", api_snapshots_json(img));
+    json_object_set_new(o, "snapshots", snaps ? snaps : api_snapshots_json(img));
+    snaps = NULL;
     json_t *d = json_object();
     json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
     json_object_set_new(d, "compression-type", json_string(in->compression));
@@ -103,9 +116,27 @@ enum MHD_Result api_image_info(struct req *r, char **args)
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
-    json_t *o = api_info_json(args[0], catalog_image_qcow2(ci));
+    /* the snapshot list goes in streamed: an empty one marks its place */
+    struct qcow2_image *img = catalog_image_qcow2(ci);
+    json_t *o = info_json(args[0], img, json_array());
+    char *text = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(o);
+    /* the key's quotes are bare, so the mark cannot be inside a string */
+    char *mark = text ? strstr(text, "\"snapshots\":[]") : NULL;
+    if (!mark) {
+        res = api_reply_json(r, 200, text ? json_loads(text, 0, NULL) : NULL);
+        free(text);
+        catalog_put(ci);
+        return res;
+    }
+    size_t at = (size_t)(mark - text) + strlen("\"snapshots\":[");
+    char *tail = malloc(strlen(text + at) + 2);
+    if (tail)
+        snprintf(tail, strlen(text + at) + 2, "%s\n", text + at);
+    text[at] = 0;
+    res = api_reply_snapshots(r, img, text, tail);
     catalog_put(ci);
-    return api_reply_json(r, 200, o);
+    return res;
 }
 
 enum MHD_Result api_images_list(struct req *r, char **args)

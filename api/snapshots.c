@@ -11,43 +11,49 @@
 #include "jobops.h"
 #include "qcow2.h"
 
-/* The list streamed an entry at a time from the engine's shared list, so a
- * listing costs one entry's JSON whatever the table's size (a 16k-entry table
- * built as one JSON tree cost tens of MiB per request). */
+/* A JSON answer holding the snapshot list, streamed an entry at a time from
+ * the engine's shared list between a head (ending with the list's '[') and a
+ * tail (from its ']'), so an answer costs one entry's JSON whatever the
+ * table's size (a 16k-entry table built as one JSON tree cost tens of MiB per
+ * request). */
 struct snap_stream {
     struct qcow2_snapshot_info *list; /* shared with the image: held until the end */
     uint32_t n, next;
     struct req *r;
-    char *text; /* the piece being handed out (json_dumps), or NULL */
-    const char *fixed; /* or a constant piece */
+    char *head, *tail;
+    char *text;        /* the entry being handed out (owned), or NULL */
+    const char *piece; /* what is being handed out: head, text or tail */
     size_t tlen, tpos;
-    bool done;
+    int stage;         /* 0 head next, 1 entries, 2 tail handed out */
 };
 
-/* The next piece: the opening, one entry (with its comma), or the end. */
+/* The next piece: the head, one entry (with its comma), or the tail. */
 static int snap_piece(struct snap_stream *ss)
 {
     free(ss->text);
     ss->text = NULL;
     ss->tpos = 0;
-    if (ss->next == ss->n) {
-        ss->fixed = ss->n ? "]}\n" : "{\"snapshots\":[]}\n";
-        ss->done = true;
+    if (ss->stage == 0) {
+        ss->piece = ss->head;
+        ss->stage = 1;
+    } else if (ss->next == ss->n) {
+        ss->piece = ss->tail;
+        ss->stage = 2;
     } else {
         json_t *o = api_snapshot_json(&ss->list[ss->next]);
         char *j = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
         json_decref(o);
         size_t n = j ? strlen(j) : 0;
-        ss->text = j ? malloc(n + 16) : NULL;
+        ss->text = j ? malloc(n + 2) : NULL;
         if (ss->text)
-            snprintf(ss->text, n + 16, "%s%s", ss->next ? "," : "{\"snapshots\":[", j);
+            snprintf(ss->text, n + 2, "%s%s", ss->next ? "," : "", j);
         free(j);
         if (!ss->text)
             return -ENOMEM;
-        ss->fixed = ss->text;
+        ss->piece = ss->text;
         ss->next++;
     }
-    ss->tlen = strlen(ss->fixed);
+    ss->tlen = strlen(ss->piece);
     return 0;
 }
 
@@ -58,13 +64,13 @@ static ssize_t snap_read(void *cls, uint64_t pos, char *buf, size_t max)
     (void)pos;
     while (n < max) {
         if (ss->tpos == ss->tlen) {
-            if (ss->done)
+            if (ss->stage == 2)
                 break;
             if (snap_piece(ss) < 0)
                 return MHD_CONTENT_READER_END_WITH_ERROR;
         }
         size_t k = ss->tlen - ss->tpos < max - n ? ss->tlen - ss->tpos : max - n;
-        memcpy(buf + n, ss->fixed + ss->tpos, k);
+        memcpy(buf + n, ss->piece + ss->tpos, k);
         ss->tpos += k;
         n += k;
     }
@@ -78,26 +84,26 @@ static void snap_stream_free(void *cls)
 {
     struct snap_stream *ss = cls;
     qcow2_snapshot_list_free(ss->list, ss->n);
+    free(ss->head);
+    free(ss->tail);
     free(ss->text);
     free(ss);
 }
 
-enum MHD_Result api_snapshots_list(struct req *r, char **args)
+enum MHD_Result api_reply_snapshots(struct req *r, struct qcow2_image *img, char *head, char *tail)
 {
-    struct catalog_image *ci;
-    int ret = catalog_get(r->cat, args[0], &ci);
-    if (ret < 0)
-        return api_reply_errno(r, ret);
     struct snap_stream *ss = calloc(1, sizeof *ss);
     if (!ss) {
-        catalog_put(ci);
+        free(head);
+        free(tail);
         return MHD_NO;
     }
     ss->r = r;
-    ret = qcow2_snapshot_list(catalog_image_qcow2(ci), &ss->list, &ss->n);
-    catalog_put(ci); /* the list lives on its own */
+    ss->head = head;
+    ss->tail = tail;
+    int ret = head && tail ? qcow2_snapshot_list(img, &ss->list, &ss->n) : err_fail(ENOMEM, "out of memory");
     if (ret < 0) {
-        free(ss);
+        snap_stream_free(ss);
         return api_reply_errno(r, ret);
     }
     struct MHD_Response *resp =
@@ -108,6 +114,19 @@ enum MHD_Result api_snapshots_list(struct req *r, char **args)
     }
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
     return api_queue(r, 200, resp);
+}
+
+enum MHD_Result api_snapshots_list(struct req *r, char **args)
+{
+    struct catalog_image *ci;
+    int ret = catalog_get(r->cat, args[0], &ci);
+    if (ret < 0)
+        return api_reply_errno(r, ret);
+    /* the list lives on its own once taken: the image may go */
+    enum MHD_Result res =
+        api_reply_snapshots(r, catalog_image_qcow2(ci), strdup("{\"snapshots\":["), strdup("]}\n"));
+    catalog_put(ci);
+    return res;
 }
 
 static enum MHD_Result snap_job(struct req *r, const char *image, const char *op, const char *snap)
