@@ -184,7 +184,8 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args)
     catalog_put(ci);
     struct qcow2_image *view = NULL;
     if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .snapshot = args[1], .l2_cache_bytes = 1u << 20};
+        struct qcow2_open_opts o = {.contained = true, .snapshot = args[1], .l2_cache_bytes = 1u << 20,
+                                    .max_meta_bytes = catalog_max_meta(r->cat)};
         ret = qcow2_open(uri, &o, &view);
         if (ret == -EINVAL || ret == -ENOENT)
             ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", args[0], args[1]);

@@ -1354,6 +1354,11 @@ int catalog_flush(struct catalog *c, const char *name)
     return ret;
 }
 
+uint64_t catalog_max_meta(const struct catalog *c)
+{
+    return c->opts.max_meta_bytes;
+}
+
 void catalog_drop(struct catalog *c, const char *name)
 {
     forget(c, name);

@@ -162,6 +162,8 @@ void catalog_drop(struct catalog *c, const char *name);
 /* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
  * in the catalog folder that is never listed (".KIND-NAME@HOST-PID-SEQ.tmp"). */
 char *catalog_uri(struct catalog *c, const char *name);
+/* The metadata budget every open of a catalog image passes (qcow2_open_opts.max_meta_bytes). */
+uint64_t catalog_max_meta(const struct catalog *c);
 char *catalog_temp(struct catalog *c, const char *kind, const char *name);
 /* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */
 char *catalog_path(struct catalog *c, const char *file);
