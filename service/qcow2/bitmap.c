@@ -425,7 +425,7 @@ static int64_t stored_run(struct qcow2_image *img, int bi, uint64_t k, uint64_t 
     bool first = true;
     while (k <= last) {
         uint32_t j = (uint32_t)(k / per);
-        uint64_t e, cend = ((uint64_t)j + 1) * per - 1, stop = cend < last ? cend : last;
+        uint64_t e = 0, cend = ((uint64_t)j + 1) * per - 1, stop = cend < last ? cend : last;
         int ret = window_entry(img, bi, j, &e);
         if (ret < 0)
             return ret;
@@ -440,7 +440,7 @@ static int64_t stored_run(struct qcow2_image *img, int bi, uint64_t k, uint64_t 
             k = stop + 1;
             continue;
         }
-        const unsigned char *data;
+        const unsigned char *data = NULL;
         if ((ret = window_data(img, bi, j, off, &data)) < 0)
             return ret;
         uint64_t base = (uint64_t)j * per;
@@ -476,7 +476,7 @@ int qcow2_bitmap_dirty(struct qcow2_image *img, const char *name, uint64_t off, 
     if (len > img->h.size - off)
         len = img->h.size - off;
     unsigned gb = (unsigned)__builtin_ctz(b->granularity);
-    uint64_t k = off >> gb, last = (off + len - 1) >> gb, end;
+    uint64_t k = off >> gb, last = (off + len - 1) >> gb, end = 0;
     bool d = false;
     /* bm[] and the window are used by readers under bm_lock; tracked bits
      * change only under the write lock, which excludes us */
