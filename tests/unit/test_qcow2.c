@@ -2,6 +2,7 @@
  * Images are made by qemu-img/qemu-io (the oracle), copied into mem: objects,
  * and read through the engine; the expected bytes come from qemu-img's raw. */
 #include <check.h>
+#include <endian.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -597,6 +598,80 @@ START_TEST(a_dirty_image_opens_read_only_without_rebuild)
 }
 END_TEST
 
+/* The runs of bitmap b from 0: [start, end) pairs of dirty bytes, at most max. */
+static unsigned dirty_runs(struct qcow2_image *img, uint64_t (*runs)[2], unsigned max)
+{
+    unsigned n = 0;
+    uint64_t off = 0, size = qcow2_size(img);
+    while (off < size) {
+        bool d;
+        uint64_t pnum;
+        int ret = qcow2_bitmap_dirty(img, "b", off, size - off, &d, &pnum);
+        ck_assert_msg(ret == 0, "dirty at %llu: %s", (unsigned long long)off, err_msg(ret));
+        ck_assert(pnum > 0 && pnum <= size - off);
+        if (d) {
+            ck_assert(n < max);
+            runs[n][0] = off;
+            runs[n][1] = off + pnum;
+            n++;
+        }
+        off += pnum;
+    }
+    return n;
+}
+
+START_TEST(dirty_query_reads_stored_bitmaps_a_piece_at_a_time)
+{
+    /* 512-byte clusters: a data cluster of the bitmap holds 4096 bits (2 MiB at
+     * 512 bytes a bit), so an 8 MiB disk has a table of 4 entries */
+    sh("qemu-img create -f qcow2 -o cluster_size=512 bm.qcow2 8M");
+    to_mem("bm.qcow2");
+    struct qcow2_open_opts o = {.read_write = true};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", &o, &img), 0);
+    ck_assert_int_eq(qcow2_bitmap_add(img, "b", 512, false), 0);
+    static unsigned char buf[1024];
+    ck_assert_int_eq(qcow2_pwrite(img, buf, 1024, 4096), 0);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, 512, (3u << 20) + 512), 0);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    /* read-only: the bits come from the file through the window */
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", NULL, &img), 0);
+    uint64_t runs[8][2];
+    ck_assert_uint_eq(dirty_runs(img, runs, 8), 2);
+    ck_assert_uint_eq(runs[0][0], 4096);
+    ck_assert_uint_eq(runs[0][1], 5120);
+    ck_assert_uint_eq(runs[1][0], (3u << 20) + 512);
+    ck_assert_uint_eq(runs[1][1], (3u << 20) + 1024);
+    struct qcow2_bitmap_info *l;
+    uint32_t n;
+    ck_assert_int_eq(qcow2_bitmap_list(img, &l, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_uint_eq(l[0].table_size, 4);
+    uint64_t table = l[0].table_offset;
+    qcow2_bitmap_list_free(l, n);
+    qcow2_close(img);
+    /* entry 2 (guest 4..6 MiB) all ones, without a data cluster; entry 3 past the file */
+    struct vfs_file *f;
+    ck_assert_int_eq(vfs_open("mem:t/bm.qcow2", VFS_O_RDWR, &f), 0);
+    uint64_t ones = htobe64(1), far = htobe64(1ull << 40);
+    ck_assert_int_eq(vfs_pwrite(f, &ones, 8, table + 16), 0);
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", NULL, &img), 0);
+    ck_assert_uint_eq(dirty_runs(img, runs, 8), 3);
+    ck_assert_uint_eq(runs[2][0], 4u << 20);
+    ck_assert_uint_eq(runs[2][1], 6u << 20);
+    qcow2_close(img);
+    ck_assert_int_eq(vfs_pwrite(f, &far, 8, table + 24), 0);
+    vfs_close(f);
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", NULL, &img), 0);
+    bool d;
+    uint64_t pnum;
+    int ret = qcow2_bitmap_dirty(img, "b", 6u << 20, 1u << 20, &d, &pnum);
+    ck_assert_int_eq(ret, -EUCLEAN);
+    ck_assert_msg(strstr(err_msg(ret), "bitmap 'b': table entry 3"), "%s", err_msg(ret));
+    qcow2_close(img);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -618,6 +693,7 @@ static Suite *suite(void)
     tcase_add_test(tc, budget_refuses_tables_that_need_more);
     tcase_add_test(tc, budget_counts_the_snapshot_table);
     tcase_add_test(tc, a_dirty_image_opens_read_only_without_rebuild);
+    tcase_add_test(tc, dirty_query_reads_stored_bitmaps_a_piece_at_a_time);
     suite_add_tcase(s, tc);
     return s;
 }
