@@ -153,11 +153,16 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
     memcpy(ext + 24, &v64, 8);
     bool placed = n == 0;
     /* the other extensions stay as they are, in their order; ours takes the old one's place */
-    while (pos + 8 <= end) {
-        uint32_t type = be32_at(old + pos), len = be32_at(old + pos + 4);
-        uint64_t step = 8 + (((uint64_t)len + 7) & ~7ull);
-        if (type == QCOW2_EXT_END || step > end - pos)
+    struct cursor c = cur_init(old, (size_t)(end < cs ? end : cs)), x;
+    cur_skip(&c, pos);
+    for (;;) {
+        struct cursor whole = c; /* the extension with its header and padding, as it is */
+        if (!cur_sub(&c, 8, &x))
             break;
+        uint32_t type = cur_be32(&x), len = cur_be32(&x);
+        if (type == QCOW2_EXT_END || !cur_skip(&c, len) || !cur_align(&c, 8))
+            break;
+        uint64_t step = cur_pos(&c) - cur_pos(&whole);
         if (type == QCOW2_EXT_BITMAPS) {
             if (!placed && o + sizeof ext <= cs) {
                 memcpy(nw + o, ext, sizeof ext);
@@ -165,12 +170,11 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
             }
             placed = true;
         } else if (o + step <= cs) {
-            memcpy(nw + o, old + pos, step);
+            memcpy(nw + o, cur_take(&whole, step), step);
             o += step;
         } else {
             o = cs + 1;
         }
-        pos += step;
     }
     if (!placed) {
         if (o + sizeof ext <= cs)
@@ -181,8 +185,15 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
     uint64_t backing = 0;
     if (img->h.backing_file_offset) {
         backing = o;
+        struct cursor b = cur_init(old, (size_t)cs);
+        const unsigned char *name =
+            cur_skip(&b, img->h.backing_file_offset) ? cur_take(&b, img->h.backing_file_size) : NULL;
+        if (!name) {
+            ret = mark_corrupt(img, "the backing file name left the header cluster");
+            goto out;
+        }
         if (o + img->h.backing_file_size <= cs)
-            memcpy(nw + o, old + img->h.backing_file_offset, img->h.backing_file_size);
+            memcpy(nw + o, name, img->h.backing_file_size);
         o += img->h.backing_file_size;
     }
     if (o > cs) {
