@@ -182,6 +182,35 @@ def huge_virtual_size(s):
     os.remove(p)
 
 
+def overlay_chain(s):
+    """Overlays multiply the L1 tables a chain holds: the budget is for the whole
+    chain. 256 TiB disks (a 4 MiB L1 each): the base and two overlays fit in
+    16 MiB; a third overlay does not: refused at create, and, made by hand, at
+    open, naming the budget."""
+    hdr = {"Content-Type": "application/json"}
+    names = ["ovl0", "ovl1", "ovl2", "ovl3"]
+    for i, name in enumerate(names):
+        req = {"name": name, "size": 256 * TiB}
+        if i:
+            req["backing-file"] = names[i - 1]
+        body = json.dumps(req).encode()
+        if i < 3:
+            st, _, data = s.call("POST", "/v1/images", body=body, headers=hdr)
+            assert st == 201, (name, st, data[:300])
+        else:
+            msg = s.error("POST", "/v1/images", 422, body=body, headers=hdr)
+            assert "backing chain holds" in msg and "metadata budget of 16 MiB" in msg, msg
+    for name in names[:3]:
+        st, _, data = s.call("GET", "/v1/images/%s/data" % name, headers={"Range": "bytes=0-4095"})
+        assert st == 206, (name, st, data[:300])
+    hostile.qemu_img("create", "-q", "-f", "qcow2", "-b", "ovl2.qcow2", "-F", "qcow2", s.path("ovl3"))
+    msg = s.error("GET", "/v1/images/ovl3/data", 422, headers={"Range": "bytes=0-4095"})
+    assert "metadata budget of 16 MiB" in msg and "L1 table" in msg, msg
+    for name in reversed(names):
+        if os.path.exists(s.path(name)):
+            os.remove(s.path(name))
+
+
 def snap_table_image(s, name, count, name_len):
     """A 1 MiB image whose snapshot table holds count entries (each pointing at
     the active L1) with names of name_len bytes."""
@@ -348,6 +377,7 @@ CASES = [
     ("bitmap-bomb", bitmap_bomb),
     ("bitmap-stream", bitmap_stream),
     ("huge-virtual-size", huge_virtual_size),
+    ("overlay-chain", overlay_chain),
     ("snapshots-16k", snapshots_16k),
     ("snapshots-over-budget", snapshots_over_budget),
     ("dirty-bit", dirty_bit),
