@@ -83,70 +83,60 @@ int snap_table_starts(const unsigned char *buf, uint64_t len, uint32_t n, uint64
     return 0;
 }
 
-/* Make buf hold at least need bytes of the table (of at most max bytes), read
- * in growing steps so a small table costs a small buffer. */
-static int fill(struct qcow2_image *img, unsigned char **buf, uint64_t *have, uint64_t need, uint64_t max)
+/* A window on the table in the file, to walk it an entry at a time without
+ * holding all of it: an entry is at most SNAP_MAX_ENTRY bytes, less than the
+ * window, so one read always brings a whole entry in. */
+#define SNAP_MAX_ENTRY (SNAP_FIXED + QCOW2_MAX_SNAPSHOT_EXTRA + 2 * 65535u + 7)
+#define SNAP_WINDOW (256u << 10)
+_Static_assert(SNAP_MAX_ENTRY < SNAP_WINDOW, "a window holds any entry");
+
+struct snap_walk {
+    struct qcow2_image *img;
+    unsigned char *buf; /* SNAP_WINDOW bytes */
+    uint64_t start, len; /* table bytes [start, start+len) are in buf */
+    uint64_t max;        /* the table ends here at the latest (file end, size limit) */
+    uint64_t pos;        /* where the next entry starts */
+};
+
+/* Make the window hold table bytes [pos, pos+need), or up to max. */
+static int walk_fill(struct snap_walk *w, uint64_t need)
 {
-    if (need <= *have)
+    uint64_t end = need > w->max - w->pos ? w->max : w->pos + need;
+    if (w->len && w->pos >= w->start && end <= w->start + w->len)
         return 0;
-    if (need > max)
-        need = max; /* the parse then reports the truncation */
-    /* the buffer is transient, but a table larger than the budget is refused */
-    int ret = meta_fits(img, need, "the snapshot table");
-    if (ret < 0)
-        return ret;
-    uint64_t room = meta_headroom(img);
-    uint64_t want = *have * 2 > SNAP_READ_STEP ? *have * 2 : SNAP_READ_STEP;
-    want = want > max ? max : want > room ? room : want;
-    want = want < need ? need : want;
-    if (want <= *have)
-        return 0;
-    unsigned char *b = realloc(*buf, want ? want : 1);
-    if (!b)
-        return err_fail(ENOMEM, "out of memory for the snapshot table");
-    *buf = b;
-    ret = vfs_pread(img->file, b + *have, want - *have, img->h.snapshots_offset + *have);
-    if (ret < 0)
-        return ret;
-    *have = want;
-    return 0;
+    w->start = w->pos;
+    w->len = w->max - w->pos < SNAP_WINDOW ? w->max - w->pos : SNAP_WINDOW;
+    return w->len ? vfs_pread(w->img->file, w->buf, (size_t)w->len, w->img->h.snapshots_offset + w->start) : 0;
 }
 
-/* Read the table bytes: as many as the n entries take. *len is the table's length. */
-static int read_table_bytes(struct qcow2_image *img, uint32_t n, unsigned char **out, uint64_t *len)
+/* A cursor on the window from the next entry on. */
+static struct cursor walk_cursor(const struct snap_walk *w)
 {
-    uint64_t avail = img->file_size - img->h.snapshots_offset; /* qcow2_check_table put the start inside */
-    uint64_t max = avail < QCOW2_MAX_SNAPSHOT_TABLE ? avail : QCOW2_MAX_SNAPSHOT_TABLE;
-    unsigned char *buf = NULL;
-    uint64_t have = 0, pos = 0;
-    int ret = 0;
-    for (uint32_t i = 0; i < n && ret == 0; i++) {
-        /* the fixed part says how long the entry is; then the entry itself */
-        if ((ret = fill(img, &buf, &have, pos + SNAP_FIXED, max)) < 0)
-            break;
-        struct cursor t = cur_init(buf, (size_t)have), f, x, id, name;
-        cur_skip(&t, pos);
-        struct cursor peek = t;
-        if (cur_sub(&peek, SNAP_FIXED, &f)) {
-            cur_skip(&f, 12);
-            uint64_t id_len = cur_be16(&f), name_len = cur_be16(&f);
-            cur_skip(&f, 20);
-            uint64_t entry = SNAP_FIXED + id_len + name_len + cur_be32(&f);
-            if ((ret = fill(img, &buf, &have, pos + entry + 7, max)) < 0)
-                break;
-            t = cur_init(buf, (size_t)have);
-            cur_skip(&t, pos);
-        }
-        if ((ret = take_entry(&t, i, &f, &x, &id, &name)) < 0)
-            break;
-        pos = cur_pos(&t);
-    }
-    if (ret < 0) {
-        free(buf);
+    struct cursor t = cur_init(w->buf, (size_t)w->len);
+    cur_skip(&t, w->pos - w->start);
+    return t;
+}
+
+/* Entry i, the next one (see take_entry). */
+static int walk_next(struct snap_walk *w, uint32_t i, struct cursor *fixed, struct cursor *extra, struct cursor *id,
+                     struct cursor *name)
+{
+    int ret = walk_fill(w, SNAP_FIXED);
+    if (ret < 0)
         return ret;
+    struct cursor t = walk_cursor(w), f;
+    if (cur_sub(&t, SNAP_FIXED, &f)) {
+        /* its fixed part says how long it is: bring all of it in */
+        cur_skip(&f, 12);
+        uint64_t id_len = cur_be16(&f), name_len = cur_be16(&f);
+        cur_skip(&f, 20);
+        if ((ret = walk_fill(w, SNAP_FIXED + id_len + name_len + cur_be32(&f) + 7)) < 0)
+            return ret;
     }
-    *out = buf;
-    *len = pos;
+    t = walk_cursor(w);
+    if ((ret = take_entry(&t, i, fixed, extra, id, name)) < 0)
+        return ret;
+    w->pos = w->start + cur_pos(&t);
     return 0;
 }
 
@@ -155,19 +145,20 @@ int qcow2_read_snapshots(struct qcow2_image *img)
     uint32_t n = img->h.nb_snapshots;
     if (!n)
         return 0;
-    unsigned char *buf = NULL;
-    uint64_t len = 0;
-    int ret = read_table_bytes(img, n, &buf, &len);
-    if (ret < 0)
-        return ret;
+    uint64_t avail = img->file_size - img->h.snapshots_offset; /* qcow2_check_table put the start inside */
+    struct snap_walk w = {.img = img, .max = avail < QCOW2_MAX_SNAPSHOT_TABLE ? avail : QCOW2_MAX_SNAPSHOT_TABLE};
+    if (!(w.buf = malloc(SNAP_WINDOW)))
+        return err_fail(ENOMEM, "out of memory for the snapshot table");
     /* the strings' total first, for one block holding everything */
-    struct cursor t = cur_init(buf, (size_t)len), f, x, id, name;
+    struct cursor f, x, id, name;
     uint64_t strings = 0;
+    int ret = 0;
     for (uint32_t i = 0; i < n; i++) {
-        if ((ret = take_entry(&t, i, &f, &x, &id, &name)) < 0)
+        if ((ret = walk_next(&w, i, &f, &x, &id, &name)) < 0)
             goto out;
         strings += cur_remaining(&id) + cur_remaining(&name) + 2;
     }
+    uint64_t len = w.pos;
     uint64_t bytes = sizeof(struct snap_set) + (uint64_t)n * sizeof(struct qcow2_snapshot_info) + strings;
     if ((ret = meta_charge(img, bytes, "the snapshot table")) < 0)
         goto out;
@@ -181,10 +172,14 @@ int qcow2_read_snapshots(struct qcow2_image *img)
     set->n = n;
     set->bytes = bytes;
     char *str = (char *)&set->s[n];
-    t = cur_init(buf, (size_t)len);
+    w.pos = w.len = 0; /* again from the start */
     for (uint32_t i = 0; i < n; i++) {
         struct qcow2_snapshot_info *s = &set->s[i];
-        take_entry(&t, i, &f, &x, &id, &name); /* it passed above */
+        if ((ret = walk_next(&w, i, &f, &x, &id, &name)) < 0) { /* it passed above: only I/O can fail */
+            meta_release(img, bytes);
+            set_put(set);
+            goto out;
+        }
         s->l1_offset = cur_be64(&f);
         s->l1_size = cur_be32(&f);
         cur_skip(&f, 4); /* id and name lengths */
@@ -227,7 +222,7 @@ int qcow2_read_snapshots(struct qcow2_image *img)
         }
     }
 out:
-    free(buf);
+    free(w.buf);
     if (ret < 0)
         qcow2_free_snapshots(img);
     return ret;
