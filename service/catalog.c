@@ -1050,7 +1050,6 @@ int catalog_remove(struct catalog *c, const char *name)
 
 /* ---- upload ---- */
 
-
 struct catalog_upload {
     struct catalog *cat;
     char *name, *uri, *tmp;

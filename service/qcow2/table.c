@@ -11,8 +11,7 @@ int qcow2_check_table(const struct qcow2_image *img, uint64_t off, uint64_t entr
                       uint64_t max_bytes, const char *what)
 {
     uint64_t bytes, end;
-    if (__builtin_mul_overflow(entries, (uint64_t)esize, &bytes) || bytes > max_bytes)
-    {
+    if (__builtin_mul_overflow(entries, (uint64_t)esize, &bytes) || bytes > max_bytes) {
         char lim[32];
         return err_fail(ENOTSUP, "%s is too large (%" PRIu64 " entries; the limit is %s)", what, entries,
                         qcow2_human(max_bytes, lim, sizeof lim));
