@@ -20,11 +20,11 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 json_t *api_snapshot_json(const struct qcow2_snapshot_info *s)
 {
-    json_t *o = json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name),
-                          "vm-state-size", (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec,
-                          "date-nsec", (json_int_t)s->date_nsec, "vm-clock-sec",
-                          (json_int_t)(s->vm_clock_nsec / 1000000000u), "vm-clock-nsec",
-                          (json_int_t)(s->vm_clock_nsec % 1000000000u));
+    json_t *o =
+        json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name), "vm-state-size",
+                  (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
+                  (json_int_t)s->date_nsec, "vm-clock-sec", (json_int_t)(s->vm_clock_nsec / 1000000000u),
+                  "vm-clock-nsec", (json_int_t)(s->vm_clock_nsec % 1000000000u));
     if (o && s->icount != UINT64_MAX)
         json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
     return o;

@@ -123,8 +123,7 @@ enum MHD_Result api_snapshots_list(struct req *r, char **args)
     if (ret < 0)
         return api_reply_errno(r, ret);
     /* the list lives on its own once taken: the image may go */
-    enum MHD_Result res =
-        api_reply_snapshots(r, catalog_image_qcow2(ci), strdup("{\"snapshots\":["), strdup("]}\n"));
+    enum MHD_Result res = api_reply_snapshots(r, catalog_image_qcow2(ci), strdup("{\"snapshots\":["), strdup("]}\n"));
     catalog_put(ci);
     return res;
 }
@@ -184,7 +183,9 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args)
     catalog_put(ci);
     struct qcow2_image *view = NULL;
     if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .snapshot = args[1], .l2_cache_bytes = 1u << 20,
+        struct qcow2_open_opts o = {.contained = true,
+                                    .snapshot = args[1],
+                                    .l2_cache_bytes = 1u << 20,
                                     .max_meta_bytes = catalog_max_meta(r->cat)};
         ret = qcow2_open(uri, &o, &view);
         if (ret == -EINVAL || ret == -ENOENT)

@@ -10,7 +10,6 @@
 #include "cursor.h"
 #include "qcow2_int.h"
 
-
 void bitmap_window_reset(struct qcow2_image *img)
 {
     free(img->bmw.table);
@@ -55,8 +54,10 @@ static int read_entry(struct qcow2_image *img, struct cursor *d, uint32_t i, str
     uint16_t name_len = cur_be16(&f);
     uint32_t extra_len = cur_be32(&f);
     if (!cur_sub(d, extra_len, &extra) || !cur_sub(d, name_len, &name) || !cur_align(d, 8))
-        return err_fail(EINVAL, "bitmap directory entry %u (at %#" PRIx64 ", %u bytes of extra data, a name of %u) "
-                        "runs past the end of the directory", i, at, extra_len, name_len);
+        return err_fail(EINVAL,
+                        "bitmap directory entry %u (at %#" PRIx64 ", %u bytes of extra data, a name of %u) "
+                        "runs past the end of the directory",
+                        i, at, extra_len, name_len);
     if (name_len == 0 || name_len > QCOW2_MAX_BITMAP_NAME)
         return err_fail(EINVAL, "bitmap %u has a name length of %u (1 to %u allowed)", i, name_len,
                         QCOW2_MAX_BITMAP_NAME);
@@ -384,8 +385,10 @@ static int window_data(struct qcow2_image *img, int bi, uint32_t j, uint64_t off
     struct bm_window *w = &img->bmw;
     if (w->data_idx != j) {
         if (offset_into_cluster(img, off) || off > img->file_size || img->file_size - off < img->cluster_size)
-            return err_fail(EUCLEAN, "bitmap '%s': table entry %u points at %#" PRIx64 ", misaligned or past the end "
-                            "of the file", img->bitmaps[bi].name, j, off);
+            return err_fail(EUCLEAN,
+                            "bitmap '%s': table entry %u points at %#" PRIx64 ", misaligned or past the end "
+                            "of the file",
+                            img->bitmaps[bi].name, j, off);
         if (!w->data && !(w->data = malloc(img->cluster_size)))
             return err_fail(ENOMEM, "out of memory");
         w->data_idx = UINT32_MAX;

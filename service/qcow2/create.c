@@ -92,19 +92,23 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *opts)
     uint64_t span = l2_entries << cbits;
     uint64_t l1_entries = (size + span - 1) / span;
     if (l1_entries * 8 > QCOW2_MAX_L1_BYTES)
-        return err_fail(ENOTSUP, "size %" PRIu64 " needs an L1 table over the limit of %u bytes (32 MiB, as QEMU): use larger clusters", size,
-                        QCOW2_MAX_L1_BYTES);
+        return err_fail(ENOTSUP,
+                        "size %" PRIu64
+                        " needs an L1 table over the limit of %u bytes (32 MiB, as QEMU): use larger clusters",
+                        size, QCOW2_MAX_L1_BYTES);
     uint64_t budget = o.max_meta_bytes ? o.max_meta_bytes : QCOW2_DEFAULT_META_BYTES;
     if (l1_entries * 8 > budget || chain_meta > budget - l1_entries * 8) {
         char need[32], max[32], held[32];
         if (chain_meta)
-            return err_fail(ENOTSUP, "size %" PRIu64 " needs an L1 table of %s in memory; with the %s its backing "
-                            "chain holds, that is more than the metadata budget of %s per open image", size,
-                            qcow2_human(l1_entries * 8, need, sizeof need), qcow2_human(chain_meta, held, sizeof held),
-                            qcow2_human(budget, max, sizeof max));
-        return err_fail(ENOTSUP, "size %" PRIu64 " needs an L1 table of %s in memory, more than the metadata budget "
-                        "of %s per open image: use larger clusters", size, qcow2_human(l1_entries * 8, need, sizeof need),
-                        qcow2_human(budget, max, sizeof max));
+            return err_fail(ENOTSUP,
+                            "size %" PRIu64 " needs an L1 table of %s in memory; with the %s its backing "
+                            "chain holds, that is more than the metadata budget of %s per open image",
+                            size, qcow2_human(l1_entries * 8, need, sizeof need),
+                            qcow2_human(chain_meta, held, sizeof held), qcow2_human(budget, max, sizeof max));
+        return err_fail(ENOTSUP,
+                        "size %" PRIu64 " needs an L1 table of %s in memory, more than the metadata budget "
+                        "of %s per open image: use larger clusters",
+                        size, qcow2_human(l1_entries * 8, need, sizeof need), qcow2_human(budget, max, sizeof max));
     }
     uint64_t l1c = (l1_entries * 8 + cs - 1) / cs;
     if (!l1c)

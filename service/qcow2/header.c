@@ -10,7 +10,7 @@
 #include "qcow2_int.h"
 
 #define FEATURE_ENTRY_SIZE 48 /* type, bit number, name */
-#define FEATURE_NAME_SIZE 46
+#define FEATURE_NAME_SIZE  46
 
 const char *qcow2_feature_name(const struct qcow2_image *img, int type, int bit, char *buf, size_t len)
 {
@@ -91,14 +91,17 @@ static int read_extensions(struct qcow2_image *img, const unsigned char *buf, ui
     while (cur_remaining(&c)) {
         uint64_t at = cur_pos(&c);
         if (!cur_sub(&c, 8, &x))
-            return err_fail(EINVAL, "header extension at %#" PRIx64 " is truncated (%zu bytes left, its header needs 8)",
-                            at, cur_remaining(&c));
+            return err_fail(EINVAL,
+                            "header extension at %#" PRIx64 " is truncated (%zu bytes left, its header needs 8)", at,
+                            cur_remaining(&c));
         uint32_t type = cur_be32(&x), len = cur_be32(&x);
         if (type == QCOW2_EXT_END)
             return 0;
         if (!cur_sub(&c, len, &d))
-            return err_fail(EINVAL, "header extension %#x at %#" PRIx64 " is %u bytes long, past the end of the header "
-                            "area (%zu bytes left)", type, at, len, cur_remaining(&c));
+            return err_fail(EINVAL,
+                            "header extension %#x at %#" PRIx64 " is %u bytes long, past the end of the header "
+                            "area (%zu bytes left)",
+                            type, at, len, cur_remaining(&c));
         switch (type) {
         case QCOW2_EXT_BACKING_FMT:
             if (len == 0 || len > 64)
@@ -296,7 +299,8 @@ int qcow2_read_header(struct qcow2_image *img)
 
     /* virtual size and the active L1 table */
     if (h->size > QCOW2_MAX_VIRTUAL_SIZE)
-        ret = err_fail(ENOTSUP, "virtual size %" PRIu64 " is more than the limit of %" PRIu64 " bytes", h->size, (uint64_t)QCOW2_MAX_VIRTUAL_SIZE);
+        ret = err_fail(ENOTSUP, "virtual size %" PRIu64 " is more than the limit of %" PRIu64 " bytes", h->size,
+                       (uint64_t)QCOW2_MAX_VIRTUAL_SIZE);
     if (ret < 0)
         goto out;
     uint64_t l2_span = (uint64_t)img->l2_entries << img->cluster_bits;

@@ -58,8 +58,8 @@ int qcow2_close(struct qcow2_image *img)
     return ret;
 }
 
-static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth,
-                      const char **chain, struct qcow2_image *top, struct qcow2_image **out);
+static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth, const char **chain,
+                      struct qcow2_image *top, struct qcow2_image **out);
 
 /* Is the file's first word the qcow2 magic? */
 static int has_qcow2_magic(struct vfs_file *f)
@@ -183,8 +183,8 @@ static void fill_info(struct qcow2_image *img)
     i->refcount_table_clusters = h->refcount_table_clusters;
 }
 
-static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth,
-                      const char **chain, struct qcow2_image *top, struct qcow2_image **out)
+static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth, const char **chain,
+                      struct qcow2_image *top, struct qcow2_image **out)
 {
     struct qcow2_image *img = calloc(1, sizeof *img);
     if (!img)
@@ -270,7 +270,7 @@ static int make_writable(struct qcow2_image *img, const struct qcow2_open_opts *
         if (o->no_rebuild) {
             img->rw = false;
             return err_fail(EROFS, "the image was not closed cleanly (dirty bit, lazy refcounts): its refcounts must "
-                            "be rebuilt before it is written, by a check with repair");
+                                   "be rebuilt before it is written, by a check with repair");
         }
         int ret = qcow2_repair_refcounts(img);
         if (ret < 0) {

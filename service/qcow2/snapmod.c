@@ -238,8 +238,9 @@ int qcow2_snapshot_create(struct qcow2_image *img, const char *name)
 
     /* the table is read back after the switch: refuse now what the budget would
      * refuse then (the read buffer, the new entry and its strings) */
-    if ((ret = meta_fits(img, img->snap_table_len + 2 * (40 + SNAP_EXTRA + sizeof id + nlen) +
-                                  sizeof(struct qcow2_snapshot_info), "the snapshot table with one more snapshot")) < 0)
+    if ((ret = meta_fits(
+             img, img->snap_table_len + 2 * (40 + SNAP_EXTRA + sizeof id + nlen) + sizeof(struct qcow2_snapshot_info),
+             "the snapshot table with one more snapshot")) < 0)
         goto out;
     /* 1. the references rise: everything the active L1 reaches is now shared */
     if ((ret = update_l1_refs(img, img->l1, img->l1_size, +1)) < 0)

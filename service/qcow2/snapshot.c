@@ -87,12 +87,12 @@ int snap_table_starts(const unsigned char *buf, uint64_t len, uint32_t n, uint64
  * holding all of it: an entry is at most SNAP_MAX_ENTRY bytes, less than the
  * window, so one read always brings a whole entry in. */
 #define SNAP_MAX_ENTRY (SNAP_FIXED + QCOW2_MAX_SNAPSHOT_EXTRA + 2 * 65535u + 7)
-#define SNAP_WINDOW (256u << 10)
+#define SNAP_WINDOW    (256u << 10)
 _Static_assert(SNAP_MAX_ENTRY < SNAP_WINDOW, "a window holds any entry");
 
 struct snap_walk {
     struct qcow2_image *img;
-    unsigned char *buf; /* SNAP_WINDOW bytes */
+    unsigned char *buf;  /* SNAP_WINDOW bytes */
     uint64_t start, len; /* table bytes [start, start+len) are in buf */
     uint64_t max;        /* the table ends here at the latest (file end, size limit) */
     uint64_t pos;        /* where the next entry starts */
@@ -216,7 +216,8 @@ int qcow2_read_snapshots(struct qcow2_image *img)
         if (ret < 0)
             goto out;
         if (s->disk_size > QCOW2_MAX_VIRTUAL_SIZE) {
-            ret = err_fail(ENOTSUP, "snapshot %.40s has a virtual size of %" PRIu64 " bytes, more than the limit of %" PRIu64,
+            ret = err_fail(ENOTSUP,
+                           "snapshot %.40s has a virtual size of %" PRIu64 " bytes, more than the limit of %" PRIu64,
                            s->id, s->disk_size, (uint64_t)QCOW2_MAX_VIRTUAL_SIZE);
             goto out;
         }

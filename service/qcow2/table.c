@@ -76,8 +76,10 @@ static int over_budget(struct qcow2_image *a, uint64_t bytes, uint64_t used, con
     if (!used)
         return err_fail(ENOTSUP, "%s needs %s of memory, more than the metadata budget of %s per open image", what,
                         need, max);
-    return err_fail(ENOTSUP, "%s needs %s of memory; with the %s this image holds already, that is more than the "
-                    "metadata budget of %s per open image", what, need, qcow2_human(used, have, sizeof have), max);
+    return err_fail(ENOTSUP,
+                    "%s needs %s of memory; with the %s this image holds already, that is more than the "
+                    "metadata budget of %s per open image",
+                    what, need, qcow2_human(used, have, sizeof have), max);
 }
 
 int meta_charge(struct qcow2_image *img, uint64_t bytes, const char *what)

@@ -521,12 +521,13 @@ START_TEST(budget_refuses_tables_that_need_more)
     struct qcow2_image *img;
     int ret = qcow2_open("mem:t/big.qcow2", &o, &img);
     ck_assert_int_eq(ret, -ENOTSUP);
-    ck_assert_msg(strstr(err_msg(ret), "L1 table needs 16 KiB of memory, more than the metadata budget of 8 KiB"),
-                  "%s", err_msg(ret));
+    ck_assert_msg(strstr(err_msg(ret), "L1 table needs 16 KiB of memory, more than the metadata budget of 8 KiB"), "%s",
+                  err_msg(ret));
     o.max_meta_bytes = 32768; /* the L1 fits, not the refcount table beside it */
     ret = qcow2_open("mem:t/big.qcow2", &o, &img);
     ck_assert_int_eq(ret, -ENOTSUP);
-    ck_assert_msg(strstr(err_msg(ret), "refcount table needs 64 KiB") && strstr(err_msg(ret), "16 KiB this image holds"),
+    ck_assert_msg(strstr(err_msg(ret), "refcount table needs 64 KiB") &&
+                      strstr(err_msg(ret), "16 KiB this image holds"),
                   "%s", err_msg(ret));
     o.max_meta_bytes = 16384 + 65536;
     ck_assert_int_eq(qcow2_open("mem:t/big.qcow2", &o, &img), 0);
