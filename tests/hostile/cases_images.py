@@ -326,7 +326,8 @@ def header_extensions(s):
 
 
 def bitmap_entry_past(s):
-    """A bitmap directory entry whose name runs past the directory."""
+    """A bitmap directory entry whose name or extra data runs past the directory,
+    and one whose table runs past the end of the file."""
     p = qcow2(s, "bmpast", 1 * MiB)
     hostile.qemu_img("bitmap", "--add", p, "b")
     doff, dsize, _, _ = bitmap_dir(p)
@@ -340,6 +341,16 @@ def bitmap_entry_past(s):
         f.write(struct.pack(">HI", 1, 0x7FFFFFF0))  # extra data past the directory
     msg = s.error("GET", "/v1/images/bmpast", 422)
     assert "bitmap directory entry 0" in msg and "runs past" in msg, msg
+    # a sane entry whose bitmap table lies past the end of the file
+    with open(p, "r+b") as f:
+        f.seek(doff + 18)
+        f.write(struct.pack(">HI", 1, 0))
+        f.seek(0, 2)
+        end = f.tell()
+        f.seek(doff)
+        f.write(struct.pack(">Q", (end + 65535) // 65536 * 65536))
+    msg = s.error("GET", "/v1/images/bmpast", 422)
+    assert "table of bitmap 'b'" in msg and "past the end of the file" in msg, msg
     os.remove(p)
 
 

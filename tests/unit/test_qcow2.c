@@ -673,6 +673,42 @@ START_TEST(dirty_query_reads_stored_bitmaps_a_piece_at_a_time)
 }
 END_TEST
 
+START_TEST(snapshot_create_stops_at_the_budget_and_leaves_the_image_whole)
+{
+    /* 1 MiB: 8 bytes of L1 and 64 KiB of refcount table; room for a few snapshots */
+    sh("qemu-img create -f qcow2 sb.qcow2 1M");
+    to_mem("sb.qcow2");
+    struct qcow2_open_opts o = {.read_write = true, .max_meta_bytes = 8 + 65536 + 2048};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/sb.qcow2", &o, &img), 0);
+    char name[64];
+    int ret = 0;
+    unsigned made = 0;
+    while (made < 100) {
+        snprintf(name, sizeof name, "snapshot-with-a-longish-name-%u", made);
+        if ((ret = qcow2_snapshot_create(img, name)) < 0)
+            break;
+        made++;
+    }
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "snapshot table with one more snapshot") &&
+                      strstr(err_msg(ret), "metadata budget of 66.0 KiB"),
+                  "%s", err_msg(ret));
+    ck_assert_uint_gt(made, 2);
+    ck_assert_uint_eq(qcow2_get_info(img)->nb_snapshots, made);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    /* what is on disk opens, all of it listed, and checks clean */
+    o = (struct qcow2_open_opts){.read_write = true, .allow_corrupt = true};
+    ck_assert_int_eq(qcow2_open("mem:t/sb.qcow2", &o, &img), 0);
+    ck_assert_uint_eq(qcow2_get_info(img)->nb_snapshots, made);
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL), 0);
+    ck_assert_uint_eq(r.corruptions, 0);
+    ck_assert_uint_eq(r.leaks, 0);
+    qcow2_close(img);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -695,6 +731,7 @@ static Suite *suite(void)
     tcase_add_test(tc, budget_counts_the_snapshot_table);
     tcase_add_test(tc, a_dirty_image_opens_read_only_without_rebuild);
     tcase_add_test(tc, dirty_query_reads_stored_bitmaps_a_piece_at_a_time);
+    tcase_add_test(tc, snapshot_create_stops_at_the_budget_and_leaves_the_image_whole);
     suite_add_tcase(s, tc);
     return s;
 }
