@@ -11,28 +11,57 @@
 #include "jobops.h"
 #include "qcow2.h"
 
-/* A JSON answer holding the snapshot list, streamed an entry at a time from
- * the engine's shared list between a head (ending with the list's '[') and a
- * tail (from its ']'), so an answer costs one entry's JSON whatever the
- * table's size (a 16k-entry table built as one JSON tree cost tens of MiB per
- * request). */
+/* A JSON answer holding snapshot lists, streamed an entry at a time from the
+ * engine's shared lists: segments of a head (ending with a list's '['), the
+ * list's entries and a tail (from its ']'), one after the other, so an answer
+ * costs one entry's JSON whatever the tables' sizes (a 16k-entry table built
+ * as one JSON tree cost tens of MiB per request). */
 struct snap_stream {
-    struct qcow2_snapshot_info *list; /* shared with the image: held until the end */
+    struct qcow2_snapshot_info *list; /* of this segment, shared with its image, or NULL */
     uint32_t n, next;
     struct req *r;
-    char *head, *tail;
-    char *text;        /* the entry being handed out (owned), or NULL */
-    const char *piece; /* what is being handed out: head, text or tail */
+    char *head, *tail;   /* of this segment */
+    char *text;          /* the entry being handed out (owned), or NULL */
+    const char *piece;   /* what is being handed out: head, text or tail */
     size_t tlen, tpos;
-    int stage;         /* 0 head next, 1 entries, 2 tail handed out */
+    int stage;           /* 0 head next, 1 entries, 2 tail handed out, 3 the end */
+    api_segment_fn more; /* the next segment, or NULL */
+    void *ctx;
+    void (*ctx_free)(void *);
 };
 
-/* The next piece: the head, one entry (with its comma), or the tail. */
+static void segment_free(struct snap_stream *ss)
+{
+    qcow2_snapshot_list_free(ss->list, ss->n);
+    free(ss->head);
+    free(ss->tail);
+    ss->list = NULL;
+    ss->head = ss->tail = NULL;
+    ss->n = ss->next = 0;
+}
+
+/* The next piece: the head, one entry (with its comma), the tail, or the next
+ * segment's head. 1: a piece, 0: the end. */
 static int snap_piece(struct snap_stream *ss)
 {
     free(ss->text);
     ss->text = NULL;
     ss->tpos = 0;
+    ss->piece = "";
+    ss->tlen = 0;
+    if (ss->stage == 3)
+        return 0;
+    if (ss->stage == 2) {
+        segment_free(ss);
+        int ret = ss->more ? ss->more(ss->ctx, &ss->head, &ss->tail, &ss->list, &ss->n) : 0;
+        if (ret <= 0) {
+            ss->stage = 3;
+            return ret;
+        }
+        if (!ss->head || !ss->tail)
+            return -ENOMEM;
+        ss->stage = 0;
+    }
     if (ss->stage == 0) {
         ss->piece = ss->head;
         ss->stage = 1;
@@ -54,7 +83,7 @@ static int snap_piece(struct snap_stream *ss)
         ss->next++;
     }
     ss->tlen = strlen(ss->piece);
-    return 0;
+    return 1;
 }
 
 static ssize_t snap_read(void *cls, uint64_t pos, char *buf, size_t max)
@@ -64,10 +93,12 @@ static ssize_t snap_read(void *cls, uint64_t pos, char *buf, size_t max)
     (void)pos;
     while (n < max) {
         if (ss->tpos == ss->tlen) {
-            if (ss->stage == 2)
-                break;
-            if (snap_piece(ss) < 0)
+            int ret = snap_piece(ss);
+            if (ret < 0)
                 return MHD_CONTENT_READER_END_WITH_ERROR;
+            if (ret == 0)
+                break;
+            continue;
         }
         size_t k = ss->tlen - ss->tpos < max - n ? ss->tlen - ss->tpos : max - n;
         memcpy(buf + n, ss->piece + ss->tpos, k);
@@ -83,28 +114,31 @@ static ssize_t snap_read(void *cls, uint64_t pos, char *buf, size_t max)
 static void snap_stream_free(void *cls)
 {
     struct snap_stream *ss = cls;
-    qcow2_snapshot_list_free(ss->list, ss->n);
-    free(ss->head);
-    free(ss->tail);
+    segment_free(ss);
     free(ss->text);
+    if (ss->ctx_free)
+        ss->ctx_free(ss->ctx);
     free(ss);
 }
 
-enum MHD_Result api_reply_snapshots(struct req *r, struct qcow2_image *img, char *head, char *tail)
+enum MHD_Result api_reply_segments(struct req *r, char *head, char *tail, struct qcow2_snapshot_info *list,
+                                   uint32_t n, api_segment_fn more, void *ctx, void (*ctx_free)(void *))
 {
     struct snap_stream *ss = calloc(1, sizeof *ss);
-    if (!ss) {
+    if (ss) {
+        *ss = (struct snap_stream){.list = list, .n = n, .r = r, .head = head, .tail = tail, .more = more,
+                                   .ctx = ctx, .ctx_free = ctx_free};
+    } else {
+        qcow2_snapshot_list_free(list, n);
         free(head);
         free(tail);
+        if (ctx_free)
+            ctx_free(ctx);
         return MHD_NO;
     }
-    ss->r = r;
-    ss->head = head;
-    ss->tail = tail;
-    int ret = head && tail ? qcow2_snapshot_list(img, &ss->list, &ss->n) : err_fail(ENOMEM, "out of memory");
-    if (ret < 0) {
+    if (!head || !tail) {
         snap_stream_free(ss);
-        return api_reply_errno(r, ret);
+        return api_reply_errno(r, err_fail(ENOMEM, "out of memory"));
     }
     struct MHD_Response *resp =
         MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, snap_read, ss, snap_stream_free);
@@ -122,10 +156,13 @@ enum MHD_Result api_snapshots_list(struct req *r, char **args)
     int ret = catalog_get(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
-    /* the list lives on its own once taken: the image may go */
-    enum MHD_Result res = api_reply_snapshots(r, catalog_image_qcow2(ci), strdup("{\"snapshots\":["), strdup("]}\n"));
-    catalog_put(ci);
-    return res;
+    struct qcow2_snapshot_info *list;
+    uint32_t n;
+    ret = qcow2_snapshot_list(catalog_image_qcow2(ci), &list, &n);
+    catalog_put(ci); /* the list lives on its own once taken */
+    if (ret < 0)
+        return api_reply_errno(r, ret);
+    return api_reply_segments(r, strdup("{\"snapshots\":["), strdup("]}\n"), list, n, NULL, NULL, NULL);
 }
 
 static enum MHD_Result snap_job(struct req *r, const char *image, const char *op, const char *snap)

@@ -228,10 +228,15 @@ def snap_table_image(s, name, count, name_len):
     return p
 
 
+def probe_listed(imgs):
+    """The prober's image is in a listing, without an error."""
+    return hostile.PROBE in imgs and "error" not in imgs[hostile.PROBE]
+
+
 def snapshots_16k(s):
     """16384 snapshots: listed in one streamed answer that costs one entry's JSON
     at a time, from the engine's shared list (no copy of the table per listing);
-    so does the image's info, which holds the list too."""
+    so do the image's info and the list of images, which hold the list too."""
     snap_table_image(s, "snap16k", 16384, 64)
     for _ in range(3):
         st, _, data = s.call("GET", "/v1/images/snap16k/snapshots")
@@ -243,6 +248,10 @@ def snapshots_16k(s):
         assert st == 200, (st, data[:300])
         info = json.loads(data)
         assert len(info["snapshots"]) == 16384 and info["format-specific"]["type"] == "qcow2", data[:300]
+        st, _, data = s.call("GET", "/v1/images")
+        assert st == 200, (st, data[:300])
+        imgs = {i["name"]: i for i in json.loads(data)["images"]}
+        assert len(imgs["snap16k"]["snapshots"]) == 16384 and probe_listed(imgs), list(imgs)
     os.remove(s.path("snap16k"))
 
 
