@@ -186,7 +186,7 @@ enum MHD_Result api_dirty_extents(struct req *r, const char *image);
 /* The snapshots array of an image's info, qemu-img's names (new reference). */
 struct qcow2_info;
 struct catalog_image;
-json_t *api_snapshots_json(struct qcow2_image *img); /* a copy: safe beside snapshot jobs */
+json_t *api_snapshots_json(struct qcow2_image *img); /* from the shared list: safe beside snapshot jobs */
 json_t *api_snapshot_json(const struct qcow2_snapshot_info *s); /* one entry of the list */
 /* The next segment of a streamed answer: *head, *list (of *n, from
  * qcow2_snapshot_list, or NULL) and *tail, all taken by the stream. Returns 1,
