@@ -3,6 +3,7 @@ qemu-img image by poking bytes, then read through qcowd."""
 import json
 import os
 import struct
+import subprocess
 import time
 
 import hostile
@@ -205,6 +206,24 @@ def overlay_chain(s):
         os.remove(s.path(name))
 
 
+def budget_option(s):
+    """--max-image-meta sets the budget (and bad values are refused at start):
+    with 64K, a 1 MiB image's 64 KiB refcount table and 8-byte L1 are too much."""
+    for bad in ("0", "12X", "-1", "2T", "M"):
+        r = subprocess.run([qcowd.QCOWD, "--max-image-meta", bad], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "--max-image-meta" in r.stderr, (bad, r.returncode, r.stderr)
+    qcow2(s, "tiny", 1 * MiB)
+    s.start("--max-image-meta", "64K")
+    try:
+        msg = s.error("GET", "/v1/images/tiny", 422)
+        assert "metadata budget of 64 KiB" in msg, msg
+    finally:
+        s.start()
+    st, _, data = s.call("GET", "/v1/images/tiny")
+    assert st == 200, (st, data[:300])
+    os.remove(s.path("tiny"))
+
+
 def snap_table_image(s, name, count, name_len):
     """A 1 MiB image whose snapshot table holds count entries (each pointing at
     the active L1) with names of name_len bytes."""
@@ -392,6 +411,7 @@ CASES = [
     ("bitmap-stream", bitmap_stream),
     ("huge-virtual-size", huge_virtual_size),
     ("overlay-chain", overlay_chain),
+    ("budget-option", budget_option),
     ("snapshots-16k", snapshots_16k),
     ("snapshots-over-budget", snapshots_over_budget),
     ("dirty-bit", dirty_bit),
