@@ -14,6 +14,7 @@
 struct catalog;
 struct qcow2_image;
 struct qcow2_bitmap_info;
+struct qcow2_snapshot_info;
 struct req;
 
 /* How a request with a body (PUT, POST, PATCH) goes on after its handler ran on
@@ -231,7 +232,17 @@ enum MHD_Result api_dirty_extents(struct req *r, const char *image);
 /* The snapshots array of an image's info, qemu-img's names (new reference). */
 struct qcow2_info;
 struct catalog_image;
-json_t *api_snapshots_json(struct qcow2_image *img); /* a copy: safe beside snapshot jobs */
+json_t *api_snapshots_json(struct qcow2_image *img); /* from the shared list: safe beside snapshot jobs */
+json_t *api_snapshot_json(const struct qcow2_snapshot_info *s); /* one entry of the list */
+/* The next segment of a streamed answer: *head, *list (of *n, from
+ * qcow2_snapshot_list, or NULL) and *tail, all taken by the stream. Returns 1,
+ * 0 when there is none left, or a negative errno. */
+typedef int (*api_segment_fn)(void *ctx, char **head, char **tail, struct qcow2_snapshot_info **list, uint32_t *n);
+/* Answer 200 with head, the snapshot list (JSON objects, commas between) and
+ * tail, then the segments more gives (may be NULL), streamed an entry at a
+ * time; everything is taken (ctx freed with ctx_free at the end). */
+enum MHD_Result api_reply_segments(struct req *r, char *head, char *tail, struct qcow2_snapshot_info *list,
+                                   uint32_t n, api_segment_fn more, void *ctx, void (*ctx_free)(void *));
 /* Answer a GET/HEAD of guest bytes of img (Range honoured). ci (a catalog
  * reference) or own (a private image, closed at the end) is released when the
  * response is done, also on failure. */

@@ -18,6 +18,18 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 /* ---- info ---- */
 
+json_t *api_snapshot_json(const struct qcow2_snapshot_info *s)
+{
+    json_t *o =
+        json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name), "vm-state-size",
+                  (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
+                  (json_int_t)s->date_nsec, "vm-clock-sec", (json_int_t)(s->vm_clock_nsec / 1000000000u),
+                  "vm-clock-nsec", (json_int_t)(s->vm_clock_nsec % 1000000000u));
+    if (o && s->icount != UINT64_MAX)
+        json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
+    return o;
+}
+
 json_t *api_snapshots_json(struct qcow2_image *img)
 {
     struct qcow2_snapshot_info *list;
@@ -25,29 +37,30 @@ json_t *api_snapshots_json(struct qcow2_image *img)
     if (qcow2_snapshot_list(img, &list, &n) < 0)
         return NULL;
     json_t *a = json_array();
-    for (uint32_t i = 0; a && i < n; i++) {
-        const struct qcow2_snapshot_info *s = &list[i];
-        json_t *o =
-            json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name),
-                      "vm-state-size", (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
-                      (json_int_t)s->date_nsec, "vm-clock-sec", (json_int_t)(s->vm_clock_nsec / 1000000000u),
-                      "vm-clock-nsec", (json_int_t)(s->vm_clock_nsec % 1000000000u));
-        if (o && s->icount != UINT64_MAX)
-            json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
-        json_array_append_new(a, o);
-    }
+    for (uint32_t i = 0; a && i < n; i++)
+        json_array_append_new(a, api_snapshot_json(&list[i]));
     qcow2_snapshot_list_free(list, n);
     return a;
 }
+
+static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps);
 
 /* The info object: qemu-img info's names, with "name" and "filename" relative to
  * the catalog (server paths are not shown). */
 json_t *api_info_json(const char *name, struct qcow2_image *img)
 {
+    return info_json(name, img, NULL);
+}
+
+/* ... with snaps (taken) as its snapshot list, or img's own when NULL. */
+static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps)
+{
     const struct qcow2_info *in = qcow2_get_info(img);
     json_t *o = json_object();
-    if (!o)
+    if (!o) {
+        json_decref(snaps);
         return NULL;
+    }
     char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
     snprintf(file, sizeof file, "%s%s", name, CATALOG_SUFFIX);
     json_object_set_new(o, "name", json_string(name));
@@ -56,8 +69,10 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
     json_object_set_new(o, "virtual-size", json_integer((json_int_t)in->virtual_size));
     json_object_set_new(o, "actual-size", json_integer((json_int_t)in->file_allocated));
     json_object_set_new(o, "dirty-flag", json_boolean(in->format == QCOW2_FMT_QCOW2 && in->dirty));
-    if (in->format != QCOW2_FMT_QCOW2)
+    if (in->format != QCOW2_FMT_QCOW2) {
+        json_decref(snaps);
         return o;
+    }
     json_object_set_new(o, "cluster-size", json_integer(in->cluster_size));
     if (in->backing_file)
         json_object_set_new(o, "backing-filename", api_jstr(in->backing_file));
@@ -65,7 +80,8 @@ json_t *api_info_json(const char *name, struct qcow2_image *img)
         json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
     if (in->crypt_method)
         json_object_set_new(o, "encrypted", json_true());
-    json_object_set_new(o, "snapshots", api_snapshots_json(img));
+    json_object_set_new(o, "snapshots", snaps ? snaps : api_snapshots_json(img));
+    snaps = NULL;
     json_t *d = json_object();
     json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
     json_object_set_new(d, "compression-type", json_string(in->compression));
@@ -94,40 +110,132 @@ static struct catalog_image *get_image(struct req *r, const char *name, enum MHD
     return ci;
 }
 
+/* The info object of img as a segment of a streamed answer: prefix, the text
+ * up to its snapshot list's '[' (*head), the list itself (*list, *n: taken from
+ * the engine, not copied) and the rest, then suffix (*tail). */
+static int info_segment(const char *name, struct qcow2_image *img, const char *prefix, const char *suffix,
+                        char **head, char **tail, struct qcow2_snapshot_info **list, uint32_t *n)
+{
+    *head = *tail = NULL;
+    *list = NULL;
+    *n = 0;
+    /* an empty list marks its place; the key's quotes are bare, so the mark
+     * cannot be inside a string */
+    json_t *o = info_json(name, img, json_array());
+    char *text = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(o);
+    if (!text)
+        return err_fail(ENOMEM, "out of memory");
+    const char *mark = strstr(text, "\"snapshots\":[]");
+    size_t at = mark ? (size_t)(mark - text) + strlen("\"snapshots\":[") : strlen(text);
+    size_t hl = strlen(prefix) + at + 1, tl = strlen(text + at) + strlen(suffix) + 1;
+    *head = malloc(hl);
+    *tail = malloc(tl);
+    int ret = *head && *tail ? 0 : err_fail(ENOMEM, "out of memory");
+    if (ret == 0) {
+        snprintf(*head, hl, "%s%.*s", prefix, (int)at, text);
+        snprintf(*tail, tl, "%s%s", text + at, suffix);
+        if (mark)
+            ret = qcow2_snapshot_list(img, list, n);
+    }
+    free(text);
+    if (ret < 0) {
+        free(*head);
+        free(*tail);
+        *head = *tail = NULL;
+    }
+    return ret;
+}
+
 enum MHD_Result api_image_info(struct req *r, char **args)
 {
     enum MHD_Result res = MHD_NO;
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
-    json_t *o = api_info_json(args[0], catalog_image_qcow2(ci));
+    char *head, *tail;
+    struct qcow2_snapshot_info *list;
+    uint32_t n;
+    int ret = info_segment(args[0], catalog_image_qcow2(ci), "", "\n", &head, &tail, &list, &n);
     catalog_put(ci);
-    return api_reply_json(r, 200, o);
+    if (ret < 0)
+        return api_reply_errno(r, ret);
+    return api_reply_segments(r, head, tail, list, n, NULL, NULL, NULL);
+}
+
+/* The images of a listing, one segment each, looked up as the answer goes. */
+struct images_walk {
+    struct catalog *cat;
+    char **names;
+    size_t n, i;
+    bool started, ended;
+};
+
+static void images_walk_free(void *p)
+{
+    struct images_walk *w = p;
+    catalog_names_free(w->names, w->n);
+    free(w);
+}
+
+static int images_next(void *p, char **head, char **tail, struct qcow2_snapshot_info **list, uint32_t *n)
+{
+    struct images_walk *w = p;
+    *list = NULL;
+    *n = 0;
+    if (w->ended)
+        return 0;
+    const char *sep = w->started ? "," : "{\"images\":[";
+    while (w->i < w->n) {
+        const char *name = w->names[w->i++];
+        struct catalog_image *ci;
+        int ret = catalog_get(w->cat, name, &ci);
+        if (ret == -ENOENT) /* removed since the listing */
+            continue;
+        w->started = true;
+        if (ret < 0) {
+            json_t *e = json_pack("{s:s,s:{s:s,s:o}}", "name", name, "error", "code", api_errno_code(ret), "message",
+                                  api_jstr(err_msg(ret)));
+            char *text = e ? json_dumps(e, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+            json_decref(e);
+            size_t hl = text ? strlen(sep) + strlen(text) + 1 : 0;
+            *head = text ? malloc(hl) : NULL;
+            if (*head)
+                snprintf(*head, hl, "%s%s", sep, text);
+            free(text);
+            *tail = strdup("");
+            return 1;
+        }
+        ret = info_segment(name, catalog_image_qcow2(ci), sep, "", head, tail, list, n);
+        catalog_put(ci);
+        return ret < 0 ? ret : 1;
+    }
+    w->ended = true;
+    *head = strdup(w->started ? "]}\n" : "{\"images\":[]}\n");
+    *tail = strdup("");
+    return 1;
 }
 
 enum MHD_Result api_images_list(struct req *r, char **args)
 {
-    char **names;
-    size_t n;
-    int ret = catalog_list(r->cat, &names, &n);
-    if (ret < 0)
+    struct images_walk *w = calloc(1, sizeof *w);
+    if (!w)
+        return MHD_NO;
+    w->cat = r->cat;
+    int ret = catalog_list(r->cat, &w->names, &w->n);
+    if (ret < 0) {
+        free(w);
         return api_reply_errno(r, ret);
-    json_t *list = json_array();
-    for (size_t i = 0; list && i < n; i++) {
-        struct catalog_image *ci;
-        ret = catalog_get(r->cat, names[i], &ci);
-        if (ret == -ENOENT) /* removed since the listing */
-            continue;
-        if (ret < 0) {
-            json_array_append_new(list, json_pack("{s:s,s:{s:s,s:o}}", "name", names[i], "error", "code",
-                                                  api_errno_code(ret), "message", api_jstr(err_msg(ret))));
-            continue;
-        }
-        json_array_append_new(list, api_info_json(names[i], catalog_image_qcow2(ci)));
-        catalog_put(ci);
     }
-    catalog_names_free(names, n);
-    return api_reply_json(r, 200, json_pack("{s:o}", "images", list));
+    /* each image is looked up when the answer reaches it: one info at a time */
+    char *head, *tail;
+    struct qcow2_snapshot_info *list;
+    uint32_t n;
+    if ((ret = images_next(w, &head, &tail, &list, &n)) < 0) {
+        images_walk_free(w);
+        return api_reply_errno(r, ret);
+    }
+    return api_reply_segments(r, head, tail, list, n, images_next, w, images_walk_free);
 }
 
 /* ---- data ---- */

@@ -11,15 +11,158 @@
 #include "jobops.h"
 #include "qcow2.h"
 
+/* A JSON answer holding snapshot lists, streamed an entry at a time from the
+ * engine's shared lists: segments of a head (ending with a list's '['), the
+ * list's entries and a tail (from its ']'), one after the other, so an answer
+ * costs one entry's JSON whatever the tables' sizes (a 16k-entry table built
+ * as one JSON tree cost tens of MiB per request). */
+struct snap_stream {
+    struct qcow2_snapshot_info *list; /* of this segment, shared with its image, or NULL */
+    uint32_t n, next;
+    struct req *r;
+    char *head, *tail;   /* of this segment */
+    char *text;          /* the entry being handed out (owned), or NULL */
+    const char *piece;   /* what is being handed out: head, text or tail */
+    size_t tlen, tpos;
+    int stage;           /* 0 head next, 1 entries, 2 tail handed out, 3 the end */
+    api_segment_fn more; /* the next segment, or NULL */
+    void *ctx;
+    void (*ctx_free)(void *);
+};
+
+static void segment_free(struct snap_stream *ss)
+{
+    qcow2_snapshot_list_free(ss->list, ss->n);
+    free(ss->head);
+    free(ss->tail);
+    ss->list = NULL;
+    ss->head = ss->tail = NULL;
+    ss->n = ss->next = 0;
+}
+
+/* The next piece: the head, one entry (with its comma), the tail, or the next
+ * segment's head. 1: a piece, 0: the end. */
+static int snap_piece(struct snap_stream *ss)
+{
+    free(ss->text);
+    ss->text = NULL;
+    ss->tpos = 0;
+    ss->piece = "";
+    ss->tlen = 0;
+    if (ss->stage == 3)
+        return 0;
+    if (ss->stage == 2) {
+        segment_free(ss);
+        int ret = ss->more ? ss->more(ss->ctx, &ss->head, &ss->tail, &ss->list, &ss->n) : 0;
+        if (ret <= 0) {
+            ss->stage = 3;
+            return ret;
+        }
+        if (!ss->head || !ss->tail)
+            return -ENOMEM;
+        ss->stage = 0;
+    }
+    if (ss->stage == 0) {
+        ss->piece = ss->head;
+        ss->stage = 1;
+    } else if (ss->next == ss->n) {
+        ss->piece = ss->tail;
+        ss->stage = 2;
+    } else {
+        json_t *o = api_snapshot_json(&ss->list[ss->next]);
+        char *j = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
+        json_decref(o);
+        size_t n = j ? strlen(j) : 0;
+        ss->text = j ? malloc(n + 2) : NULL;
+        if (ss->text)
+            snprintf(ss->text, n + 2, "%s%s", ss->next ? "," : "", j);
+        free(j);
+        if (!ss->text)
+            return -ENOMEM;
+        ss->piece = ss->text;
+        ss->next++;
+    }
+    ss->tlen = strlen(ss->piece);
+    return 1;
+}
+
+static ssize_t snap_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct snap_stream *ss = cls;
+    size_t n = 0;
+    (void)pos;
+    while (n < max) {
+        if (ss->tpos == ss->tlen) {
+            int ret = snap_piece(ss);
+            if (ret < 0)
+                return MHD_CONTENT_READER_END_WITH_ERROR;
+            if (ret == 0)
+                break;
+            continue;
+        }
+        size_t k = ss->tlen - ss->tpos < max - n ? ss->tlen - ss->tpos : max - n;
+        memcpy(buf + n, ss->piece + ss->tpos, k);
+        ss->tpos += k;
+        n += k;
+    }
+    if (n == 0)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    ss->r->bytes += n;
+    return (ssize_t)n;
+}
+
+static void snap_stream_free(void *cls)
+{
+    struct snap_stream *ss = cls;
+    segment_free(ss);
+    free(ss->text);
+    if (ss->ctx_free)
+        ss->ctx_free(ss->ctx);
+    free(ss);
+}
+
+enum MHD_Result api_reply_segments(struct req *r, char *head, char *tail, struct qcow2_snapshot_info *list,
+                                   uint32_t n, api_segment_fn more, void *ctx, void (*ctx_free)(void *))
+{
+    struct snap_stream *ss = calloc(1, sizeof *ss);
+    if (ss) {
+        *ss = (struct snap_stream){.list = list, .n = n, .r = r, .head = head, .tail = tail, .more = more,
+                                   .ctx = ctx, .ctx_free = ctx_free};
+    } else {
+        qcow2_snapshot_list_free(list, n);
+        free(head);
+        free(tail);
+        if (ctx_free)
+            ctx_free(ctx);
+        return MHD_NO;
+    }
+    if (!head || !tail) {
+        snap_stream_free(ss);
+        return api_reply_errno(r, err_fail(ENOMEM, "out of memory"));
+    }
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, snap_read, ss, snap_stream_free);
+    if (!resp) {
+        snap_stream_free(ss);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    return api_queue(r, 200, resp);
+}
+
 enum MHD_Result api_snapshots_list(struct req *r, char **args)
 {
     struct catalog_image *ci;
     int ret = catalog_get(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
-    json_t *a = api_snapshots_json(catalog_image_qcow2(ci));
-    catalog_put(ci);
-    return api_reply_json(r, 200, json_pack("{s:o}", "snapshots", a));
+    struct qcow2_snapshot_info *list;
+    uint32_t n;
+    ret = qcow2_snapshot_list(catalog_image_qcow2(ci), &list, &n);
+    catalog_put(ci); /* the list lives on its own once taken */
+    if (ret < 0)
+        return api_reply_errno(r, ret);
+    return api_reply_segments(r, strdup("{\"snapshots\":["), strdup("]}\n"), list, n, NULL, NULL, NULL);
 }
 
 static enum MHD_Result snap_job(struct req *r, const char *image, const char *op, const char *snap)
@@ -77,7 +220,10 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args)
     catalog_put(ci);
     struct qcow2_image *view = NULL;
     if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .snapshot = args[1], .l2_cache_bytes = 1u << 20};
+        struct qcow2_open_opts o = {.contained = true,
+                                    .snapshot = args[1],
+                                    .l2_cache_bytes = 1u << 20,
+                                    .max_meta_bytes = catalog_max_meta(r->cat)};
         ret = qcow2_open(uri, &o, &view);
         if (ret == -ENOENT)
             ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", args[0], args[1]);

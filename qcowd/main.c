@@ -27,6 +27,7 @@
 #define DRAIN_MS        30000 /* how long in-flight requests get to finish on SIGTERM */
 #define DEFAULT_JOB_WORKERS 2
 #define JOBS_FILE       ".qcowd-jobs.json" /* job records, in the catalog folder */
+#define DEFAULT_MAX_IMAGE_META (16ull << 20) /* metadata memory per open image: a 256 TiB disk's L1 is 4 MiB */
 
 static void usage(FILE *f)
 {
@@ -60,6 +61,9 @@ static void usage(FILE *f)
             "  --max-virtual-size SIZE  disk size of a created or uploaded image (default %s)\n"
             "  --max-queued-jobs N jobs waiting to run (default %u; 503 with Retry-After over it)\n"
             "  --max-open-images N unused open images kept cached (default %u)\n"
+            "  --max-image-meta SIZE  metadata one open image (with its backing chain) may hold in memory:\n"
+            "                      L1 and refcount tables, snapshot table, bitmap directory, tracked bitmaps;\n"
+            "                      an image needing more is refused with 422 (default 16M; suffixes K, M, G)\n"
             "  --sendfile yes|no   send ranged reads of plain data straight from the image file (default yes);\n"
             "                      a cluster once sent is copied on its next write, so workloads that read and\n"
             "                      then rewrite the same clusters in large pieces may prefer no\n"
@@ -283,12 +287,13 @@ int main(int argc, char **argv)
         {"max-virtual-size", required_argument, 0, OPT_MAX_VIRTUAL},
         {"max-queued-jobs", required_argument, 0, OPT_MAX_QUEUED},
         {"max-open-images", required_argument, 0, OPT_MAX_OPEN},
+        {"max-image-meta", required_argument, 0, 'M'},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
     };
     struct api_config cfg = {.listen = DEFAULT_LISTEN, .threads = DEFAULT_THREADS, .log = 1};
-    struct catalog_opts copts = {0};
+    struct catalog_opts copts = {.max_meta_bytes = DEFAULT_MAX_IMAGE_META};
     unsigned max_queued = 0;
     const char *root = DEFAULT_CATALOG;
     static const char shortopts[] = "l:c:t:qh";
@@ -415,6 +420,18 @@ int main(int argc, char **argv)
             }
             fprintf(stderr, "qcowd: --sendfile wants yes or no, not '%s'\n", optarg);
             return 2;
+        case 'M': {
+            char *end;
+            unsigned long long n = strtoull(optarg, &end, 10);
+            unsigned shift = !strcmp(end, "K") ? 10 : !strcmp(end, "M") ? 20 : !strcmp(end, "G") ? 30 : 0;
+            if (optarg[0] < '0' || optarg[0] > '9' || (*end && !shift) || n == 0 || n > (1ull << 40) >> shift) {
+                fprintf(stderr, "qcowd: --max-image-meta wants a size from 1 byte to 1T (e.g. 64M), not '%s'\n",
+                        optarg);
+                return 2;
+            }
+            copts.max_meta_bytes = (uint64_t)n << shift;
+            break;
+        }
         case 'h':
             usage(stdout);
             return 0;

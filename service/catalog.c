@@ -401,17 +401,26 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     struct qcow2_open_opts o = {
         .contained = true,
         .read_write = true,
+        .no_rebuild = true, /* a dirty image's refcount rebuild is a check job, not this request's work */
         .l2_cache_bytes = c->opts.l2_cache_bytes,
         .max_meta_bytes = c->opts.max_meta_bytes,
     };
     int ret = qcow2_open(uri, &o, &e->img);
     e->rw = ret == 0;
     if (ret < 0 && ret != -ENOENT && (!transient(ret) || ret == -EACCES)) {
-        /* read-only file, corrupt bit, encrypted...: serve it read-only */
-        e->ro_msg = strdup(err_msg(ret));
+        /* read-only file, corrupt bit, encrypted, dirty...: serve it read-only */
+        char msg[ERR_MSG_MAX];
+        int rw_ret = ret;
+        snprintf(msg, sizeof msg, "%s", err_msg(ret));
         e->ro_err = -ret;
         o.read_write = false;
         ret = qcow2_open(uri, &o, &e->img);
+        if (ret == 0 && rw_ret == -EROFS && qcow2_get_info(e->img)->dirty) {
+            size_t n = strlen(msg);
+            snprintf(msg + n, sizeof msg - n, ": POST /v1/images/%s/check with {\"repair\": \"leaks\"} (or \"all\")",
+                     name);
+        }
+        e->ro_msg = strdup(msg);
     }
     if (ret == 0) {
         ret = check_chain(c, e->img);
@@ -1073,6 +1082,7 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
     if (opts->size > c->opts.max_virtual_size)
         return over_virtual(c, EINVAL, opts->size);
     struct qcow2_create_opts o = *opts;
+    o.max_meta_bytes = c->opts.max_meta_bytes; /* an image the catalog could not open is not made */
     char backing[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
     if (o.backing_format && strcmp(o.backing_format, "qcow2"))
         return err_fail(EINVAL, "backing-fmt must be \"qcow2\": catalog images are qcow2");
@@ -1172,8 +1182,6 @@ int catalog_remove(struct catalog *c, const char *name)
 }
 
 /* ---- upload ---- */
-
-#define UPLOAD_MAX_META (256ull << 20) /* table bytes an uploaded image may need, unless configured */
 
 /* The first bytes of a qcow2 header: magic, version, cluster bits, disk size. */
 #define UPLOAD_HEAD 32
@@ -1298,7 +1306,7 @@ static int validate_upload(struct catalog *c, const char *uri)
     struct qcow2_open_opts o = {
         .contained = true,
         .l2_cache_bytes = 1u << 20,
-        .max_meta_bytes = c->opts.max_meta_bytes ? c->opts.max_meta_bytes : UPLOAD_MAX_META,
+        .max_meta_bytes = c->opts.max_meta_bytes,
     };
     struct qcow2_image *img;
     int ret = qcow2_open(uri, &o, &img);
@@ -1535,6 +1543,11 @@ int catalog_flush(struct catalog *c, const char *name)
     int ret = flush_own(e);
     catalog_put(e);
     return ret;
+}
+
+uint64_t catalog_max_meta(const struct catalog *c)
+{
+    return c->opts.max_meta_bytes;
 }
 
 void catalog_drop(struct catalog *c, const char *name)

@@ -26,7 +26,7 @@ struct catalog_image; /* opaque: one open image, shared; get/put */
 struct catalog_opts {
     size_t l2_cache_bytes;     /* per open image; 0: the engine's default */
     unsigned max_open;         /* unused open images kept cached (--max-open-images); 0: CATALOG_DEFAULT_OPEN */
-    uint64_t max_meta_bytes;   /* refuse images whose tables need more; 0: no extra bound */
+    uint64_t max_meta_bytes;   /* metadata budget per open image (--max-image-meta); 0: the engine's default */
     uint64_t max_upload;       /* bytes of one upload (--max-upload); 0: CATALOG_DEFAULT_UPLOAD */
     uint64_t max_catalog;      /* bytes of every file of the folder (--max-catalog); 0 or
                                   CATALOG_UNLIMITED: the store's space only */
@@ -187,6 +187,8 @@ void catalog_drop(struct catalog *c, const char *name);
 /* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
  * in the catalog folder that is never listed (".KIND-NAME@HOST-PID-SEQ.tmp"). */
 char *catalog_uri(struct catalog *c, const char *name);
+/* The metadata budget every open of a catalog image passes (qcow2_open_opts.max_meta_bytes). */
+uint64_t catalog_max_meta(const struct catalog *c);
 char *catalog_temp(struct catalog *c, const char *kind, const char *name);
 /* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */
 char *catalog_path(struct catalog *c, const char *file);

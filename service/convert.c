@@ -133,7 +133,7 @@ static int convert_run(struct job *j, void *p, json_t **result)
     ret = catalog_flush(cat, a->image);
     if (ret < 0)
         goto out;
-    struct qcow2_open_opts so = {.contained = true, .snapshot = a->snapshot};
+    struct qcow2_open_opts so = {.contained = true, .snapshot = a->snapshot, .max_meta_bytes = catalog_max_meta(cat)};
     ret = qcow2_open(uri, &so, &src);
     if (ret < 0) {
         if (ret == -EINVAL) /* a missing snapshot is -ENOENT; this is bad metadata */

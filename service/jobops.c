@@ -191,7 +191,8 @@ static int check_run(struct job *j, void *p, json_t **result)
     if (ret == 0 && repair)
         catalog_drop(a->cat, a->image);
     if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .read_write = repair, .allow_corrupt = true};
+        struct qcow2_open_opts o = {
+            .contained = true, .read_write = repair, .allow_corrupt = true, .max_meta_bytes = catalog_max_meta(a->cat)};
         ret = qcow2_open(uri, &o, &img);
         if (ret == -EINVAL)
             ret = err_prefix(-EUCLEAN, "cannot check image '%s'", a->image);
@@ -362,7 +363,7 @@ static int commit_run(struct job *j, void *p, json_t **result)
     if (ret == 0 && (!uri || !base_uri))
         ret = err_fail(ENOMEM, "out of memory");
     if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .read_write = true};
+        struct qcow2_open_opts o = {.contained = true, .read_write = true, .max_meta_bytes = catalog_max_meta(cat)};
         ret = qcow2_open(uri, &o, &top);
         if (ret == -EINVAL)
             ret = err_prefix(-EUCLEAN, "image '%s'", a->image);

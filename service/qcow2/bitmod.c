@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cursor.h"
 #include "qcow2_int.h"
 
 #define HDR_BACKING_OFFSET 8
@@ -152,11 +153,16 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
     memcpy(ext + 24, &v64, 8);
     bool placed = n == 0;
     /* the other extensions stay as they are, in their order; ours takes the old one's place */
-    while (pos + 8 <= end) {
-        uint32_t type = be32_at(old + pos), len = be32_at(old + pos + 4);
-        uint64_t step = 8 + (((uint64_t)len + 7) & ~7ull);
-        if (type == QCOW2_EXT_END || step > end - pos)
+    struct cursor c = cur_init(old, (size_t)(end < cs ? end : cs)), x;
+    cur_skip(&c, pos);
+    for (;;) {
+        struct cursor whole = c; /* the extension with its header and padding, as it is */
+        if (!cur_sub(&c, 8, &x))
             break;
+        uint32_t type = cur_be32(&x), len = cur_be32(&x);
+        if (type == QCOW2_EXT_END || !cur_skip(&c, len) || !cur_align(&c, 8))
+            break;
+        uint64_t step = cur_pos(&c) - cur_pos(&whole);
         if (type == QCOW2_EXT_BITMAPS) {
             if (!placed && o + sizeof ext <= cs) {
                 memcpy(nw + o, ext, sizeof ext);
@@ -164,12 +170,11 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
             }
             placed = true;
         } else if (o + step <= cs) {
-            memcpy(nw + o, old + pos, step);
+            memcpy(nw + o, cur_take(&whole, step), step);
             o += step;
         } else {
             o = cs + 1;
         }
-        pos += step;
     }
     if (!placed) {
         if (o + sizeof ext <= cs)
@@ -180,8 +185,15 @@ static int switch_ext(struct qcow2_image *img, uint32_t n, uint64_t dir_size, ui
     uint64_t backing = 0;
     if (img->h.backing_file_offset) {
         backing = o;
+        struct cursor b = cur_init(old, (size_t)cs);
+        const unsigned char *name =
+            cur_skip(&b, img->h.backing_file_offset) ? cur_take(&b, img->h.backing_file_size) : NULL;
+        if (!name) {
+            ret = mark_corrupt(img, "the backing file name left the header cluster");
+            goto out;
+        }
         if (o + img->h.backing_file_size <= cs)
-            memcpy(nw + o, old + img->h.backing_file_offset, img->h.backing_file_size);
+            memcpy(nw + o, name, img->h.backing_file_size);
         o += img->h.backing_file_size;
     }
     if (o > cs) {
@@ -229,13 +241,19 @@ static int read_dir(struct qcow2_image *img, unsigned char **buf, uint64_t **sta
     int ret = len ? vfs_pread(img->file, *buf, len, img->bitmap_dir_off) : 0;
     if (ret < 0)
         return ret;
-    uint64_t pos = 0;
+    /* parsed when the image was opened, but read again: walk it as carefully */
+    struct cursor d = cur_init(*buf, (size_t)len), f;
     for (uint32_t i = 0; i < n; i++) {
-        (*starts)[i] = pos;
-        const unsigned char *e = *buf + pos;
-        pos += (BME_FIXED + (uint64_t)be32_at(e + 20) + be16_at(e + 18) + 7) & ~7ull;
+        (*starts)[i] = cur_pos(&d);
+        if (!cur_sub(&d, BME_FIXED, &f))
+            return mark_corrupt(img, "bitmap directory entry %u is truncated", i);
+        cur_skip(&f, 18);
+        uint16_t name_len = cur_be16(&f);
+        uint32_t extra = cur_be32(&f);
+        if (!cur_skip(&d, (uint64_t)extra + name_len) || !cur_align(&d, 8))
+            return mark_corrupt(img, "bitmap directory entry %u runs past the end of the directory", i);
     }
-    (*starts)[n] = pos;
+    (*starts)[n] = cur_pos(&d);
     return 0;
 }
 
@@ -518,6 +536,9 @@ int qcow2_bitmap_add(struct qcow2_image *img, const char *name, uint32_t granula
                        "larger granularity", granularity);
         goto out;
     }
+    /* an enabled bitmap is tracked in memory from now on */
+    if (!disabled && (ret = bitmap_bits_fit(img, name, (uint64_t)ts << img->cluster_bits)) < 0)
+        goto out;
     if (!(ents = same_dir(img, 1)) || (ret = keep_extra(img, ents)) < 0) {
         ret = ret < 0 ? ret : -ENOMEM;
         goto out;

@@ -402,6 +402,15 @@ int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, stru
             if ((ret = header_write(img, 72, img->h.incompatible_features, 8)) < 0)
                 goto out;
         }
+        /* refcounts now right (nothing left unfixed): a dirty image is clean
+         * again, as after QEMU's repair; this handle did not set the bit itself */
+        if (!remaining && !r->check_errors && (img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) &&
+            !img->set_dirty_bit) {
+            img->h.incompatible_features &= ~QCOW2_INCOMPAT_DIRTY;
+            img->info.dirty = false;
+            if ((ret = header_write(img, 72, img->h.incompatible_features, 8)) < 0)
+                goto out;
+        }
     }
 out:
     img->repair_expected = NULL;

@@ -299,7 +299,7 @@ static int grow_l1(struct qcow2_image *b, uint64_t size)
     if (need <= b->l1_size)
         return 0;
     if (need * 8 > QCOW2_MAX_L1_BYTES)
-        return err_fail(EFBIG, "an L1 table for %" PRIu64 " bytes would be larger than 32 MiB", size);
+        return err_fail(ENOTSUP, "an L1 table for %" PRIu64 " bytes would be larger than the limit of 32 MiB", size);
     uint64_t clusters = size_to_clusters(b, need * 8), bytes = clusters << b->cluster_bits;
     uint64_t *l1 = calloc(need, 8), *disk = calloc(1, bytes);
     uint64_t off = 0;

@@ -64,17 +64,20 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *opts)
     int ret = validate(&o, cs, version, rbits);
     if (ret < 0)
         return ret;
+    uint64_t chain_meta = 0; /* what the backing chain holds in memory, when opened */
     if (o.backing_file) {
         /* the backing file must open, and gives the size when none is asked */
         struct qcow2_image *b;
         char *buri = vfs_resolve(uri, o.backing_file);
         if (!buri)
             return err_fail(ENOMEM, "out of memory");
-        struct qcow2_open_opts bo = {.format = o.backing_format};
+        struct qcow2_open_opts bo = {.format = o.backing_format, .max_meta_bytes = o.max_meta_bytes};
         ret = qcow2_open(buri, &bo, &b);
         free(buri);
         if (ret < 0)
             return err_prefix(ret, "backing file '%s'", o.backing_file);
+        if (opts->max_meta_bytes) /* the new image's chain is held in one budget */
+            chain_meta = atomic_load(&b->meta_used);
         if (!o.size)
             o.size = qcow2_size(b);
         if (!o.backing_format)
@@ -83,14 +86,30 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *opts)
     }
     uint64_t size = (o.size + 511) & ~511ull;
     if (size > (1ull << 62))
-        return err_fail(EFBIG, "size %" PRIu64 " is too large", o.size);
+        return err_fail(ENOTSUP, "size %" PRIu64 " is more than the limit of 4 EiB (2^62 bytes)", o.size);
     unsigned cbits = (unsigned)__builtin_ctz(cs);
     uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
     uint64_t span = l2_entries << cbits;
     uint64_t l1_entries = (size + span - 1) / span;
     if (l1_entries * 8 > QCOW2_MAX_L1_BYTES)
-        return err_fail(EFBIG, "size %" PRIu64 " needs an L1 table over %u bytes: use larger clusters", size,
-                        QCOW2_MAX_L1_BYTES);
+        return err_fail(ENOTSUP,
+                        "size %" PRIu64
+                        " needs an L1 table over the limit of %u bytes (32 MiB, as QEMU): use larger clusters",
+                        size, QCOW2_MAX_L1_BYTES);
+    uint64_t budget = o.max_meta_bytes ? o.max_meta_bytes : QCOW2_DEFAULT_META_BYTES;
+    if (l1_entries * 8 > budget || chain_meta > budget - l1_entries * 8) {
+        char need[32], max[32], held[32];
+        if (chain_meta)
+            return err_fail(ENOTSUP,
+                            "size %" PRIu64 " needs an L1 table of %s in memory; with the %s its backing "
+                            "chain holds, that is more than the metadata budget of %s per open image",
+                            size, qcow2_human(l1_entries * 8, need, sizeof need),
+                            qcow2_human(chain_meta, held, sizeof held), qcow2_human(budget, max, sizeof max));
+        return err_fail(ENOTSUP,
+                        "size %" PRIu64 " needs an L1 table of %s in memory, more than the metadata budget "
+                        "of %s per open image: use larger clusters",
+                        size, qcow2_human(l1_entries * 8, need, sizeof need), qcow2_human(budget, max, sizeof max));
+    }
     uint64_t l1c = (l1_entries * 8 + cs - 1) / cs;
     if (!l1c)
         l1c = 1;

@@ -6,17 +6,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cursor.h"
 #include "qcow2_int.h"
 
-#define FEATURE_ENTRY_SIZE 48
+#define FEATURE_ENTRY_SIZE 48 /* type, bit number, name */
+#define FEATURE_NAME_SIZE  46
 
 const char *qcow2_feature_name(const struct qcow2_image *img, int type, int bit, char *buf, size_t len)
 {
-    for (uint32_t i = 0; i + FEATURE_ENTRY_SIZE <= img->feature_table_len; i += FEATURE_ENTRY_SIZE) {
-        const unsigned char *e = (const unsigned char *)img->feature_table + i;
-        if (e[0] == type && e[1] == bit) {
-            size_t n = strnlen((const char *)e + 2, 46);
-            snprintf(buf, len, "%.*s", (int)n, (const char *)e + 2);
+    struct cursor t = cur_init(img->feature_table, img->feature_table_len), e;
+    while (cur_sub(&t, FEATURE_ENTRY_SIZE, &e)) {
+        uint8_t et = cur_u8(&e), eb = cur_u8(&e);
+        if (et == type && eb == bit) {
+            const char *name = (const char *)cur_take(&e, FEATURE_NAME_SIZE);
+            snprintf(buf, len, "%.*s", (int)strnlen(name, FEATURE_NAME_SIZE), name);
             return buf;
         }
     }
@@ -82,25 +85,29 @@ static char *dup_name(const unsigned char *p, uint32_t len, const char *what)
 /* Walk the extensions in buf[start, end). */
 static int read_extensions(struct qcow2_image *img, const unsigned char *buf, uint64_t start, uint64_t end)
 {
-    uint64_t off = start;
+    struct cursor c = cur_init(buf, (size_t)end), x, d;
     bool seen_bitmaps = false;
-    while (off < end) {
-        if (end - off < 8)
-            return err_fail(EINVAL, "header extension at %#" PRIx64 " is truncated", off);
-        uint32_t type = be32_at(buf + off), len = be32_at(buf + off + 4);
-        off += 8;
+    cur_skip(&c, start);
+    while (cur_remaining(&c)) {
+        uint64_t at = cur_pos(&c);
+        if (!cur_sub(&c, 8, &x))
+            return err_fail(EINVAL,
+                            "header extension at %#" PRIx64 " is truncated (%zu bytes left, its header needs 8)", at,
+                            cur_remaining(&c));
+        uint32_t type = cur_be32(&x), len = cur_be32(&x);
         if (type == QCOW2_EXT_END)
             return 0;
-        if (len > end - off)
-            return err_fail(EINVAL, "header extension %#x at %#" PRIx64 " is %u bytes long, past the end of the header area",
-                            type, off - 8, len);
-        const unsigned char *d = buf + off;
+        if (!cur_sub(&c, len, &d))
+            return err_fail(EINVAL,
+                            "header extension %#x at %#" PRIx64 " is %u bytes long, past the end of the header "
+                            "area (%zu bytes left)",
+                            type, at, len, cur_remaining(&c));
         switch (type) {
         case QCOW2_EXT_BACKING_FMT:
             if (len == 0 || len > 64)
                 return err_fail(EINVAL, "backing format extension has an invalid length %u", len);
             free(img->backing_fmt);
-            if (!(img->backing_fmt = dup_name(d, len, "backing format")))
+            if (!(img->backing_fmt = dup_name(cur_take(&d, len), len, "backing format")))
                 return -EINVAL;
             break;
         case QCOW2_EXT_FEATURE_TABLE:
@@ -108,14 +115,15 @@ static int read_extensions(struct qcow2_image *img, const unsigned char *buf, ui
             img->feature_table = malloc(len ? len : 1);
             if (!img->feature_table)
                 return err_fail(ENOMEM, "out of memory");
-            memcpy(img->feature_table, d, len);
-            img->feature_table_len = len;
+            if (len)
+                memcpy(img->feature_table, cur_take(&d, len), len);
+            img->feature_table_len = len; /* a partial last entry is never read */
             break;
         case QCOW2_EXT_CRYPTO:
             if (len != 16)
                 return err_fail(EINVAL, "encryption header extension has length %u, expected 16", len);
-            img->crypto_off = be64_at(d);
-            img->crypto_len = be64_at(d + 8);
+            img->crypto_off = cur_be64(&d);
+            img->crypto_len = cur_be64(&d);
             break;
         case QCOW2_EXT_BITMAPS:
             if (seen_bitmaps)
@@ -123,23 +131,23 @@ static int read_extensions(struct qcow2_image *img, const unsigned char *buf, ui
             seen_bitmaps = true;
             if (len != 24)
                 return err_fail(EINVAL, "bitmaps extension has length %u, expected 24", len);
-            if (be32_at(d + 4) != 0)
+            img->nb_bitmaps = cur_be32(&d);
+            if (cur_be32(&d) != 0)
                 return err_fail(EINVAL, "bitmaps extension: reserved field is not zero");
-            img->nb_bitmaps = be32_at(d);
-            img->bitmap_dir_size = be64_at(d + 8);
-            img->bitmap_dir_off = be64_at(d + 16);
+            img->bitmap_dir_size = cur_be64(&d);
+            img->bitmap_dir_off = cur_be64(&d);
             break;
         case QCOW2_EXT_DATA_FILE:
             if (len == 0 || len > QCOW2_MAX_NAME_EXT)
                 return err_fail(EINVAL, "data file name extension has an invalid length %u", len);
             free(img->data_name);
-            if (!(img->data_name = dup_name(d, len, "data file name")))
+            if (!(img->data_name = dup_name(cur_take(&d, len), len, "data file name")))
                 return -EINVAL;
             break;
         default:
             break; /* unknown extensions are skipped, as the spec says */
         }
-        off += (len + 7u) & ~7ull;
+        cur_align_or_end(&c, 8); /* padding cut by the backing name's offset ends the area */
     }
     return 0;
 }
@@ -243,11 +251,14 @@ int qcow2_read_header(struct qcow2_image *img)
                            QCOW2_MAX_BACKING_NAME);
             goto out;
         }
-        if (h->backing_file_offset + h->backing_file_size > hdr_area) {
-            ret = err_fail(EINVAL, "backing file name runs past the header cluster");
+        struct cursor c = cur_init(buf, hdr_area);
+        const unsigned char *name = cur_skip(&c, h->backing_file_offset) ? cur_take(&c, h->backing_file_size) : NULL;
+        if (!name) {
+            ret = err_fail(EINVAL, "backing file name (%u bytes at %#" PRIx64 ") runs past the header cluster",
+                           h->backing_file_size, h->backing_file_offset);
             goto out;
         }
-        if (!(img->backing_name = dup_name(buf + h->backing_file_offset, h->backing_file_size, "backing file name"))) {
+        if (!(img->backing_name = dup_name(name, h->backing_file_size, "backing file name"))) {
             ret = -EINVAL;
             goto out;
         }
@@ -287,8 +298,9 @@ int qcow2_read_header(struct qcow2_image *img)
     }
 
     /* virtual size and the active L1 table */
-    if (h->size > (1ull << 62))
-        ret = err_fail(EFBIG, "virtual size %" PRIu64 " is too large", h->size);
+    if (h->size > QCOW2_MAX_VIRTUAL_SIZE)
+        ret = err_fail(ENOTSUP, "virtual size %" PRIu64 " is more than the limit of %" PRIu64 " bytes", h->size,
+                       (uint64_t)QCOW2_MAX_VIRTUAL_SIZE);
     if (ret < 0)
         goto out;
     uint64_t l2_span = (uint64_t)img->l2_entries << img->cluster_bits;

@@ -58,8 +58,8 @@ int qcow2_close(struct qcow2_image *img)
     return ret;
 }
 
-static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth,
-                      const char **chain, struct qcow2_image **out);
+static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth, const char **chain,
+                      struct qcow2_image *top, struct qcow2_image **out);
 
 /* Is the file's first word the qcow2 magic? */
 static int has_qcow2_magic(struct vfs_file *f)
@@ -85,7 +85,7 @@ static int open_backing(struct qcow2_image *img, const struct qcow2_open_opts *o
         return err_fail(ELOOP, "backing chain is deeper than %u images",
                         o->max_chain_depth ? o->max_chain_depth : QCOW2_DEFAULT_CHAIN_DEPTH);
     chain[img->depth] = img->uri;
-    int ret = open_layer(img->backing_uri, fmt, o, img->depth + 1, chain, &img->backing);
+    int ret = open_layer(img->backing_uri, fmt, o, img->depth + 1, chain, img->acct ? img->acct : img, &img->backing);
     if (ret < 0)
         return err_prefix(ret, "backing file '%s'", img->backing_name);
     return 0;
@@ -111,10 +111,14 @@ static int open_qcow2(struct qcow2_image *img, const struct qcow2_open_opts *o, 
         return ret;
     img->size = img->h.size;
     img->l1_size = img->h.l1_size;
+    img->reftable_size = (uint32_t)(((uint64_t)img->h.refcount_table_clusters << img->cluster_bits) / 8);
+    /* both tables stay in memory while the image is open */
+    if ((ret = meta_charge(img, (uint64_t)img->l1_size * 8, "the L1 table")) < 0 ||
+        (ret = meta_charge(img, (uint64_t)img->reftable_size * 8, "the refcount table")) < 0)
+        return ret;
     ret = qcow2_load_u64_table(img, img->h.l1_table_offset, img->h.l1_size, &img->l1);
     if (ret < 0)
         return err_prefix(ret, "reading the L1 table");
-    img->reftable_size = (uint32_t)(((uint64_t)img->h.refcount_table_clusters << img->cluster_bits) / 8);
     ret = qcow2_load_u64_table(img, img->h.refcount_table_offset, img->reftable_size, &img->reftable);
     if (ret < 0)
         return err_prefix(ret, "reading the refcount table");
@@ -179,8 +183,8 @@ static void fill_info(struct qcow2_image *img)
     i->refcount_table_clusters = h->refcount_table_clusters;
 }
 
-static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth,
-                      const char **chain, struct qcow2_image **out)
+static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_opts *o, int depth, const char **chain,
+                      struct qcow2_image *top, struct qcow2_image **out)
 {
     struct qcow2_image *img = calloc(1, sizeof *img);
     if (!img)
@@ -191,6 +195,9 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
     pthread_rwlock_init(&img->rwlock, NULL);
     img->depth = depth;
     img->free_hint = 1;
+    img->bmw = (struct bm_window){.bitmap = -1, .data_idx = UINT32_MAX};
+    img->meta_max = o->max_meta_bytes ? o->max_meta_bytes : QCOW2_DEFAULT_META_BYTES;
+    img->acct = top; /* a backing layer's tables count in the budget of the chain's top */
     static _Atomic uint64_t next_id = 1;
     img->id = atomic_fetch_add(&next_id, 1);
     int ret = vfs_open(uri, o->read_write && depth == 0 ? VFS_O_RDWR : VFS_O_RDONLY, &img->file);
@@ -260,7 +267,13 @@ static int make_writable(struct qcow2_image *img, const struct qcow2_open_opts *
     img->rw = true;
     img->no_sync = o->cache_unsafe;
     if ((img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !o->allow_corrupt) {
-        /* a crash with lazy refcounts: the refcounts must be rebuilt before use */
+        /* a crash with lazy refcounts: the refcounts must be rebuilt before use,
+         * a walk of every table whose length the image decides */
+        if (o->no_rebuild) {
+            img->rw = false;
+            return err_fail(EROFS, "the image was not closed cleanly (dirty bit, lazy refcounts): its refcounts must "
+                                   "be rebuilt before it is written, by a check with repair");
+        }
         int ret = qcow2_repair_refcounts(img);
         if (ret < 0) {
             img->rw = false;
@@ -284,7 +297,7 @@ int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2
     }
     struct qcow2_image *img;
     err_clear();
-    int ret = open_layer(uri, o->format, o, 0, chain, &img);
+    int ret = open_layer(uri, o->format, o, 0, chain, NULL, &img);
     free(chain);
     if (ret < 0)
         return ret;
@@ -340,13 +353,16 @@ int qcow2_refresh_layer(struct qcow2_image *img)
     struct qcow2_open_opts o = {.no_backing = true, .l2_cache_bytes = 64u << 10};
     const char *chain[1] = {NULL};
     struct qcow2_image *fresh;
-    ret = open_layer(img->uri, "qcow2", &o, 0, chain, &fresh);
+    ret = open_layer(img->uri, "qcow2", &o, 0, chain, NULL, &fresh);
     if (ret < 0)
         return err_prefix(ret, "re-reading %s", img->uri);
     l2_cache_forget(img, 0); /* every slice */
     img->h = fresh->h;
     img->size = fresh->size;
     img->file_size = fresh->file_size;
+    /* the budget follows the tables: fresh was charged the same way */
+    meta_release(img, (uint64_t)img->l1_size * 8 + (uint64_t)img->reftable_size * 8);
+    meta_force(img, (uint64_t)fresh->l1_size * 8 + (uint64_t)fresh->reftable_size * 8);
     uint64_t *t = img->l1;
     img->l1 = fresh->l1;
     img->l1_size = fresh->l1_size;

@@ -20,14 +20,21 @@ struct qcow2_open_opts {
     bool contained;            /* backing/data file names must stay inside the image's store */
     size_t l2_cache_bytes;     /* 0: QCOW2_DEFAULT_L2_CACHE */
     unsigned max_chain_depth;  /* 0: QCOW2_DEFAULT_CHAIN_DEPTH */
-    uint64_t max_meta_bytes;   /* 0: no extra bound; else refuse images whose tables need more */
+    uint64_t max_meta_bytes;   /* budget per layer of the chain: bytes of metadata held in memory (L1 and
+                                  refcount tables, snapshot table, bitmap directory, tracked bitmaps);
+                                  an image needing more is refused with -ENOTSUP naming it.
+                                  0: QCOW2_DEFAULT_META_BYTES */
     bool allow_corrupt;        /* open a corrupt or dirty image read-write as it is (check and repair) */
+    bool no_rebuild;           /* read_write on a dirty image (lazy refcounts left by a crash): fail with
+                                  -EROFS instead of rebuilding its refcounts inside the open (a walk of
+                                  every table: for callers that must not block, e.g. request threads) */
     bool cache_unsafe;         /* never flush to the disk (qemu-img's cache=unsafe): for new images whose
                                   loss in a power cut does not matter, e.g. a convert target */
 };
 
 #define QCOW2_DEFAULT_L2_CACHE (4u << 20)
 #define QCOW2_DEFAULT_CHAIN_DEPTH 64
+#define QCOW2_DEFAULT_META_BYTES (64ull << 20)
 
 /* Open uri with opts (NULL for defaults). On success *out is a new image the caller
  * closes; on failure *out is unchanged, the return is a negative errno and
@@ -205,9 +212,10 @@ int qcow2_check(struct qcow2_image *img, enum qcow2_repair repair, struct qcow2_
 int qcow2_snapshot_create(struct qcow2_image *img, const char *name);
 int qcow2_snapshot_delete(struct qcow2_image *img, const char *name);
 int qcow2_snapshot_revert(struct qcow2_image *img, const char *name);
-/* A copy of the snapshot list, safe while another thread creates, deletes or
- * reverts snapshots (qcow2_get_info's list is replaced then): *out is a new array
- * of *n entries to free with qcow2_snapshot_list_free. Raw images have none. */
+/* The snapshot list, safe while another thread creates, deletes or reverts
+ * snapshots (qcow2_get_info's list is replaced then): *out is a read-only array
+ * of *n entries shared with the image and other listings (nothing is copied),
+ * released with qcow2_snapshot_list_free. Raw images have none (*out NULL). */
 int qcow2_snapshot_list(struct qcow2_image *img, struct qcow2_snapshot_info **out, uint32_t *n);
 void qcow2_snapshot_list_free(struct qcow2_snapshot_info *list, uint32_t n);
 
@@ -226,6 +234,7 @@ struct qcow2_create_opts {
     const char *backing_format;  /* "qcow2" or "raw" (NULL: none stored) */
     const char *data_file;       /* external data file name, stored as given */
     bool data_file_raw;
+    uint64_t max_meta_bytes;     /* refuse a size whose L1 table passes this open budget; 0: the default */
 };
 /* Create a new image at uri (refused with -EEXIST if it exists). The backing
  * file, when given, is opened to check it and to take its size when size is 0. */

@@ -30,6 +30,7 @@
 #define QCOW2_MAX_BITMAP_DIR (64u << 20)
 #define QCOW2_MAX_BITMAP_NAME 1023u
 #define QCOW2_MAX_NAME_EXT 4096u              /* our bound on extension strings */
+#define QCOW2_MAX_VIRTUAL_SIZE (1ull << 62)
 
 /* bitmap directory entries */
 #define BME_FIXED 24u                  /* bytes before the extra data and the name */
@@ -160,6 +161,18 @@ struct bm_track {
     bool loaded;         /* bits hold the bitmap (always when tracking; else a read cache) */
 };
 
+/* A window on one stored bitmap, for dirty queries that read it from disk a
+ * piece at a time: memory per query is bounded whatever the bitmap's size.
+ * Under bm_lock; reset whenever the directory or a stored table changes. */
+#define BM_WINDOW_ENTRIES 4096u /* table entries read at once (32 KiB) */
+struct bm_window {
+    int bitmap;          /* index in bitmaps[] the window holds, -1: none */
+    uint64_t *table;     /* BM_WINDOW_ENTRIES entries of its table, CPU order */
+    uint32_t first, n;   /* table entries [first, first+n) are in table */
+    unsigned char *data; /* one data cluster */
+    uint32_t data_idx;   /* the table index of the cluster in data, UINT32_MAX: none */
+};
+
 /* One cached refcount block, in its on-disk form. Writer only. */
 struct rb_entry {
     uint64_t off;        /* host offset of the block */
@@ -219,7 +232,12 @@ struct qcow2_image {
     uint32_t nb_snaps;
     uint64_t snap_table_len;     /* bytes of the snapshot table */
     struct qcow2_bitmap_info *bitmaps;
+    uint64_t bitmaps_held;       /* bytes of bitmaps[] and its names charged to the budget */
     struct qcow2_info info;
+
+    uint64_t meta_max;           /* budget: bytes of metadata the chain may hold in memory */
+    _Atomic uint64_t meta_used;  /* charged so far (L1, refcount table, snapshots, bitmaps) */
+    struct qcow2_image *acct;    /* a backing layer: the top, whose budget it charges; else NULL */
 
     uint64_t id;                 /* unique among the images opened by this process */
     _Atomic uint64_t write_gen;  /* bumped by every write: readers' cached host bytes expire */
@@ -242,6 +260,7 @@ struct qcow2_image {
     struct bm_track *bm;         /* per bitmap, parallel to bitmaps[] */
     bool bm_loaded;              /* tracking set up by the first write */
     pthread_mutex_t bm_lock;     /* readers filling the read cache of bm[] (under the read lock) */
+    struct bm_window bmw;        /* dirty queries of stored bitmaps (under bm_lock) */
     const uint32_t *repair_expected; /* during repair: true refcounts, so new blocks avoid used clusters */
     uint64_t repair_n;
     bool keep_freed;             /* freed clusters are not discarded (a truncate follows) */
@@ -323,6 +342,18 @@ const char *qcow2_feature_name(const struct qcow2_image *img, int type, int bit,
  * no overflow, inside the file, and under max_bytes. `what` names it in errors. */
 int qcow2_check_table(const struct qcow2_image *img, uint64_t off, uint64_t entries, uint32_t esize,
                       uint64_t max_bytes, const char *what);
+/* "512 MiB", "1.5 GiB", "300 KiB", "12 bytes": a size for messages. */
+const char *qcow2_human(uint64_t bytes, char *buf, size_t len);
+/* The metadata budget (img->meta_max). meta_charge counts bytes of `what` held
+ * from now on, or fails with -ENOTSUP and a message naming the budget and its
+ * value; meta_fits only checks (transient buffers); meta_release gives back.
+ * Thread-safe. */
+int meta_charge(struct qcow2_image *img, uint64_t bytes, const char *what);
+int meta_fits(struct qcow2_image *img, uint64_t bytes, const char *what);
+void meta_release(struct qcow2_image *img, uint64_t bytes);
+/* Charge without a check (tables already checked through another handle). */
+void meta_force(struct qcow2_image *img, uint64_t bytes);
+uint64_t meta_headroom(struct qcow2_image *img);
 /* Load a table of big-endian u64 into a new CPU-order array (free()). */
 int qcow2_load_u64_table(struct qcow2_image *img, uint64_t off, uint32_t entries, uint64_t **out);
 
@@ -460,7 +491,11 @@ void bitmaps_mark(struct qcow2_image *img, uint64_t off, uint64_t len);
 int bitmaps_store(struct qcow2_image *img);
 
 /* ---- snapshot.c ---- */
+/* Parse the snapshot table into img (charged to the budget). */
 int qcow2_read_snapshots(struct qcow2_image *img);
+/* Where each of the n entries of the table in buf[0, len) starts; starts[n] is
+ * the table's end. -EINVAL when it does not parse. */
+int snap_table_starts(const unsigned char *buf, uint64_t len, uint32_t n, uint64_t *starts);
 void qcow2_free_snapshots(struct qcow2_image *img);
 /* Switch img to the read-only view of snapshot `name` (matched by id, then name). */
 int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
@@ -478,6 +513,10 @@ void qcow2_free_bitmaps(struct qcow2_image *img);
 int bitmap_load_bits(struct qcow2_image *img, const struct qcow2_bitmap_info *b, unsigned char **out);
 /* Make img->bm exist (one zeroed track per bitmap). */
 int bitmap_tracks(struct qcow2_image *img);
+/* Check that bitmaps in memory plus `extra` bytes for bitmap b fit the budget. */
+int bitmap_bits_fit(struct qcow2_image *img, const char *name, uint64_t extra);
+/* Forget the window of stored bitmaps (a table or the directory changed). */
+void bitmap_window_reset(struct qcow2_image *img);
 /* Index of the bitmap called name, or -1. */
 int bitmap_find(const struct qcow2_image *img, const char *name);
 /* Bit k of a bitmap buffer. */

@@ -284,7 +284,8 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries)
     }
     uint64_t new_entries = tclusters * entries_per_cluster;
     if (new_entries * 8 > QCOW2_MAX_REFTABLE_BYTES)
-        return err_fail(EFBIG, "the refcount table would exceed %u bytes", QCOW2_MAX_REFTABLE_BYTES);
+        return err_fail(ENOTSUP, "the refcount table would exceed the limit of %u bytes (8 MiB, as QEMU)",
+                        QCOW2_MAX_REFTABLE_BYTES);
     uint64_t *table = calloc(new_entries, 8);
     area = calloc(nrb ? nrb : 1, cs);
     if (!table || !area) {

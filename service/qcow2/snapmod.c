@@ -124,13 +124,9 @@ static int read_table(struct qcow2_image *img, unsigned char **buf, uint64_t **s
     int ret = len ? vfs_pread(img->file, *buf, len, img->h.snapshots_offset) : 0;
     if (ret < 0)
         return ret;
-    uint64_t pos = 0;
-    for (uint32_t i = 0; i < img->nb_snaps; i++) {
-        (*starts)[i] = pos;
-        const unsigned char *e = *buf + pos;
-        pos += (40 + (uint64_t)be32_at(e + 36) + be16_at(e + 12) + be16_at(e + 14) + 7) & ~7ull;
-    }
-    (*starts)[img->nb_snaps] = pos < len ? pos : len;
+    /* parsed when the image was opened, but read again: walk it as carefully */
+    if ((ret = snap_table_starts(*buf, len, img->nb_snaps, *starts)) < 0)
+        return mark_corrupt(img, "the snapshot table changed on disk: %s", err_msg(ret)); /* (formatted apart first) */
     return 0;
 }
 
@@ -240,6 +236,12 @@ int qcow2_snapshot_create(struct qcow2_image *img, const char *name)
     char id[32];
     snprintf(id, sizeof id, "%llu", maxid + 1);
 
+    /* the table is read back after the switch: refuse now what the budget would
+     * refuse then (the read buffer, the new entry and its strings) */
+    if ((ret = meta_fits(
+             img, img->snap_table_len + 2 * (40 + SNAP_EXTRA + sizeof id + nlen) + sizeof(struct qcow2_snapshot_info),
+             "the snapshot table with one more snapshot")) < 0)
+        goto out;
     /* 1. the references rise: everything the active L1 reaches is now shared */
     if ((ret = update_l1_refs(img, img->l1, img->l1_size, +1)) < 0)
         goto out;
@@ -397,40 +399,4 @@ out:
     free(l1);
     free(old);
     return end(img, ret);
-}
-
-int qcow2_snapshot_list(struct qcow2_image *img, struct qcow2_snapshot_info **out, uint32_t *n)
-{
-    *out = NULL;
-    *n = 0;
-    if (img->fmt != QCOW2_FMT_QCOW2)
-        return 0;
-    pthread_rwlock_rdlock(&img->rwlock);
-    uint32_t count = img->nb_snaps;
-    struct qcow2_snapshot_info *l = calloc(count ? count : 1, sizeof *l);
-    int ret = l ? 0 : err_fail(ENOMEM, "out of memory");
-    for (uint32_t i = 0; ret == 0 && i < count; i++) {
-        l[i] = img->snaps[i];
-        l[i].id = strdup(img->snaps[i].id);
-        l[i].name = strdup(img->snaps[i].name);
-        if (!l[i].id || !l[i].name)
-            ret = err_fail(ENOMEM, "out of memory");
-    }
-    pthread_rwlock_unlock(&img->rwlock);
-    if (ret < 0) {
-        qcow2_snapshot_list_free(l, count);
-        return ret;
-    }
-    *out = l;
-    *n = count;
-    return 0;
-}
-
-void qcow2_snapshot_list_free(struct qcow2_snapshot_info *list, uint32_t n)
-{
-    for (uint32_t i = 0; list && i < n; i++) {
-        free(list[i].id);
-        free(list[i].name);
-    }
-    free(list);
 }

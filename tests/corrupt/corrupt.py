@@ -1261,6 +1261,27 @@ def _bm_name_size_huge(q):
     q.put(off + 18, "H", 0xFFFF)
 
 
+def _bm_extra_past_dir(q):
+    _, _, _, off = q.bitmap_dir()
+    q.put(off + 20, "I", 0x7FFFFFF0)
+
+
+def _bm_count_more_than_dir(q):
+    _, _, _, off = q.bitmap_dir()
+    e = q.ext(EXT_BITMAPS)
+    q.put(e.off + 8, "I", 2)  # two entries promised, the directory holds one (but is big enough for two fixed parts)
+    q.put(e.off + 8 + 8, "Q", 56)
+
+
+def _bm_all_ones_table(q):
+    # the table's only entry all ones, without a data cluster: valid, the bitmap is all dirty
+    _, _, _, off = q.bitmap_dir()
+    q.put(q.u64(off), "Q", 1)
+
+
+case("bitmap_entry_extra_past_directory", "reject")(bitmap_damage(_bm_extra_past_dir))
+case("bitmap_count_more_than_directory", "reject")(bitmap_damage(_bm_count_more_than_dir))
+case("bitmap_table_all_ones", None)(bitmap_damage(_bm_all_ones_table, info="ok"))
 case("bitmap_directory_garbage", "reject")(bitmap_damage(_bm_garbage))
 case("bitmap_count_zero", "reject")(bitmap_damage(_bm_ext_field(0, "I", 0)))
 case("bitmap_directory_size_huge", "reject")(bitmap_damage(_bm_ext_field(8, "Q", 1 << 40)))

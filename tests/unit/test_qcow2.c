@@ -2,6 +2,7 @@
  * Images are made by qemu-img/qemu-io (the oracle), copied into mem: objects,
  * and read through the engine; the expected bytes come from qemu-img's raw. */
 #include <check.h>
+#include <endian.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -11,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "../../service/qcow2/cursor.h" /* private to the engine: tested here on its own */
 #include "err.h"
 #include "qcow2.h"
 #include "vfs.h"
@@ -472,6 +474,241 @@ START_TEST(pinned_runs_keep_their_bytes)
 }
 END_TEST
 
+/* ---- the cursor and the metadata budget ---- */
+
+START_TEST(cursor_checks_every_step)
+{
+    static const unsigned char b[13] = {0, 1, 0, 0, 0, 2, 1, 2, 3, 4, 5, 6, 7};
+    struct cursor c = cur_init(b, sizeof b);
+    ck_assert_uint_eq(cur_be16(&c), 1);
+    ck_assert_uint_eq(cur_be32(&c), 2);
+    ck_assert(!c.failed);
+    /* 7 left: 8 do not fit, and the position stays */
+    ck_assert_ptr_null(cur_take(&c, 8));
+    ck_assert(c.failed);
+    ck_assert_uint_eq(cur_pos(&c), 6);
+    ck_assert_uint_eq(cur_be64(&c), 0);
+    ck_assert_uint_eq(cur_remaining(&c), 7);
+    /* a sub-cursor sees only its bytes */
+    struct cursor sub;
+    ck_assert(cur_sub(&c, 3, &sub));
+    ck_assert_uint_eq(cur_remaining(&sub), 3);
+    ck_assert_uint_eq(cur_u8(&sub), 1);
+    ck_assert_uint_eq(cur_be16(&sub), 0x0203);
+    ck_assert_uint_eq(cur_u8(&sub), 0);
+    ck_assert(sub.failed);
+    ck_assert(!cur_sub(&c, 5, &sub));
+    ck_assert_uint_eq(cur_remaining(&sub), 0);
+    /* at 9: padding to 16 needs 7 bytes, 4 remain */
+    ck_assert(!cur_align(&c, 8));
+    ck_assert_uint_eq(cur_pos(&c), 9);
+    ck_assert(cur_align_or_end(&c, 8));
+    ck_assert_uint_eq(cur_remaining(&c), 0);
+    ck_assert(!cur_skip(&c, 1));
+    struct cursor d = cur_init(b, 8);
+    ck_assert(cur_skip(&d, 3) && cur_align(&d, 8));
+    ck_assert_uint_eq(cur_pos(&d), 8);
+    ck_assert(cur_align(&d, 8)); /* aligned already: no step */
+}
+END_TEST
+
+START_TEST(budget_refuses_tables_that_need_more)
+{
+    /* 1 TiB: an L1 of 2048 entries (16 KiB); 64 KiB of refcount table */
+    sh("qemu-img create -f qcow2 big.qcow2 1T");
+    to_mem("big.qcow2");
+    struct qcow2_open_opts o = {.max_meta_bytes = 8192};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/big.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "L1 table needs 16 KiB of memory, more than the metadata budget of 8 KiB"), "%s",
+                  err_msg(ret));
+    o.max_meta_bytes = 32768; /* the L1 fits, not the refcount table beside it */
+    ret = qcow2_open("mem:t/big.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "refcount table needs 64 KiB") &&
+                      strstr(err_msg(ret), "16 KiB this image holds"),
+                  "%s", err_msg(ret));
+    o.max_meta_bytes = 16384 + 65536;
+    ck_assert_int_eq(qcow2_open("mem:t/big.qcow2", &o, &img), 0);
+    qcow2_close(img);
+    /* a create is refused the same way, before anything is written */
+    struct qcow2_create_opts co = {.size = 1ull << 50, .max_meta_bytes = 1u << 20};
+    ret = qcow2_create("mem:t/huge.qcow2", &co);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "metadata budget of 1 MiB"), "%s", err_msg(ret));
+    ck_assert_int_eq(qcow2_open("mem:t/huge.qcow2", NULL, &img), -ENOENT);
+}
+END_TEST
+
+START_TEST(budget_counts_the_snapshot_table)
+{
+    sh("qemu-img create -f qcow2 sn.qcow2 1M && qemu-img snapshot -c first sn.qcow2 && "
+       "qemu-img snapshot -c second sn.qcow2");
+    to_mem("sn.qcow2");
+    /* 1M: one L1 entry and 64 KiB of refcount table; the snapshots need a little more */
+    struct qcow2_open_opts o = {.max_meta_bytes = 8 + 65536 + 16};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/sn.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "snapshot table needs") && strstr(err_msg(ret), "metadata budget"), "%s",
+                  err_msg(ret));
+    o.max_meta_bytes = 1u << 20;
+    ck_assert_int_eq(qcow2_open("mem:t/sn.qcow2", &o, &img), 0);
+    /* listings share the image's list: nothing copied, and it outlives the image */
+    struct qcow2_snapshot_info *a, *b;
+    uint32_t na, nb;
+    ck_assert_int_eq(qcow2_snapshot_list(img, &a, &na), 0);
+    ck_assert_int_eq(qcow2_snapshot_list(img, &b, &nb), 0);
+    ck_assert_uint_eq(na, 2);
+    ck_assert_ptr_eq(a, b);
+    ck_assert_ptr_eq(a, qcow2_get_info(img)->snapshots);
+    qcow2_snapshot_list_free(b, nb);
+    qcow2_close(img);
+    ck_assert_str_eq(a[1].name, "second");
+    qcow2_snapshot_list_free(a, na);
+}
+END_TEST
+
+START_TEST(a_dirty_image_opens_read_only_without_rebuild)
+{
+    /* the dirty bit (incompatible bit 0, byte 79 of the header) by hand */
+    sh("qemu-img create -f qcow2 -o lazy_refcounts=on d.qcow2 1M && qemu-io -c 'write -P 7 0 64k' d.qcow2 && "
+       "printf '\\001' | dd of=d.qcow2 bs=1 seek=79 conv=notrunc 2>/dev/null");
+    to_mem("d.qcow2");
+    struct qcow2_open_opts o = {.read_write = true, .no_rebuild = true};
+    struct qcow2_image *img;
+    int ret = qcow2_open("mem:t/d.qcow2", &o, &img);
+    ck_assert_int_eq(ret, -EROFS);
+    ck_assert_msg(strstr(err_msg(ret), "not closed cleanly"), "%s", err_msg(ret));
+    /* the check with repair makes it clean; then it opens for writing as it is */
+    o = (struct qcow2_open_opts){.read_write = true, .allow_corrupt = true};
+    ck_assert_int_eq(qcow2_open("mem:t/d.qcow2", &o, &img), 0);
+    ck_assert(qcow2_get_info(img)->dirty);
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_LEAKS, &r, NULL, NULL), 0);
+    ck_assert(!qcow2_get_info(img)->dirty);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    o = (struct qcow2_open_opts){.read_write = true, .no_rebuild = true};
+    ck_assert_int_eq(qcow2_open("mem:t/d.qcow2", &o, &img), 0);
+    ck_assert(!qcow2_get_info(img)->dirty);
+    unsigned char buf[512];
+    ck_assert_int_eq(qcow2_pread(img, buf, sizeof buf, 0), 0);
+    ck_assert_uint_eq(buf[511], 7);
+    qcow2_close(img);
+}
+END_TEST
+
+/* The runs of bitmap b from 0: [start, end) pairs of dirty bytes, at most max. */
+static unsigned dirty_runs(struct qcow2_image *img, uint64_t (*runs)[2], unsigned max)
+{
+    unsigned n = 0;
+    uint64_t off = 0, size = qcow2_size(img);
+    while (off < size) {
+        bool d;
+        uint64_t pnum;
+        int ret = qcow2_bitmap_dirty(img, "b", off, size - off, &d, &pnum);
+        ck_assert_msg(ret == 0, "dirty at %llu: %s", (unsigned long long)off, err_msg(ret));
+        ck_assert(pnum > 0 && pnum <= size - off);
+        if (d) {
+            ck_assert(n < max);
+            runs[n][0] = off;
+            runs[n][1] = off + pnum;
+            n++;
+        }
+        off += pnum;
+    }
+    return n;
+}
+
+START_TEST(dirty_query_reads_stored_bitmaps_a_piece_at_a_time)
+{
+    /* 512-byte clusters: a data cluster of the bitmap holds 4096 bits (2 MiB at
+     * 512 bytes a bit), so an 8 MiB disk has a table of 4 entries */
+    sh("qemu-img create -f qcow2 -o cluster_size=512 bm.qcow2 8M");
+    to_mem("bm.qcow2");
+    struct qcow2_open_opts o = {.read_write = true};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", &o, &img), 0);
+    ck_assert_int_eq(qcow2_bitmap_add(img, "b", 512, false), 0);
+    static unsigned char buf[1024];
+    ck_assert_int_eq(qcow2_pwrite(img, buf, 1024, 4096), 0);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, 512, (3u << 20) + 512), 0);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    /* read-only: the bits come from the file through the window */
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", NULL, &img), 0);
+    uint64_t runs[8][2];
+    ck_assert_uint_eq(dirty_runs(img, runs, 8), 2);
+    ck_assert_uint_eq(runs[0][0], 4096);
+    ck_assert_uint_eq(runs[0][1], 5120);
+    ck_assert_uint_eq(runs[1][0], (3u << 20) + 512);
+    ck_assert_uint_eq(runs[1][1], (3u << 20) + 1024);
+    struct qcow2_bitmap_info *l;
+    uint32_t n;
+    ck_assert_int_eq(qcow2_bitmap_list(img, &l, &n), 0);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_uint_eq(l[0].table_size, 4);
+    uint64_t table = l[0].table_offset;
+    qcow2_bitmap_list_free(l, n);
+    qcow2_close(img);
+    /* entry 2 (guest 4..6 MiB) all ones, without a data cluster; entry 3 past the file */
+    struct vfs_file *f;
+    ck_assert_int_eq(vfs_open("mem:t/bm.qcow2", VFS_O_RDWR, &f), 0);
+    uint64_t ones = htobe64(1), far = htobe64(1ull << 40);
+    ck_assert_int_eq(vfs_pwrite(f, &ones, 8, table + 16), 0);
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", NULL, &img), 0);
+    ck_assert_uint_eq(dirty_runs(img, runs, 8), 3);
+    ck_assert_uint_eq(runs[2][0], 4u << 20);
+    ck_assert_uint_eq(runs[2][1], 6u << 20);
+    qcow2_close(img);
+    ck_assert_int_eq(vfs_pwrite(f, &far, 8, table + 24), 0);
+    vfs_close(f);
+    ck_assert_int_eq(qcow2_open("mem:t/bm.qcow2", NULL, &img), 0);
+    bool d;
+    uint64_t pnum;
+    int ret = qcow2_bitmap_dirty(img, "b", 6u << 20, 1u << 20, &d, &pnum);
+    ck_assert_int_eq(ret, -EUCLEAN);
+    ck_assert_msg(strstr(err_msg(ret), "bitmap 'b': table entry 3"), "%s", err_msg(ret));
+    qcow2_close(img);
+}
+END_TEST
+
+START_TEST(snapshot_create_stops_at_the_budget_and_leaves_the_image_whole)
+{
+    /* 1 MiB: 8 bytes of L1 and 64 KiB of refcount table; room for a few snapshots */
+    sh("qemu-img create -f qcow2 sb.qcow2 1M");
+    to_mem("sb.qcow2");
+    struct qcow2_open_opts o = {.read_write = true, .max_meta_bytes = 8 + 65536 + 2048};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open("mem:t/sb.qcow2", &o, &img), 0);
+    char name[64];
+    int ret = 0;
+    unsigned made = 0;
+    while (made < 100) {
+        snprintf(name, sizeof name, "snapshot-with-a-longish-name-%u", made);
+        if ((ret = qcow2_snapshot_create(img, name)) < 0)
+            break;
+        made++;
+    }
+    ck_assert_int_eq(ret, -ENOTSUP);
+    ck_assert_msg(strstr(err_msg(ret), "snapshot table with one more snapshot") &&
+                      strstr(err_msg(ret), "metadata budget of 66.0 KiB"),
+                  "%s", err_msg(ret));
+    ck_assert_uint_gt(made, 2);
+    ck_assert_uint_eq(qcow2_get_info(img)->nb_snapshots, made);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    /* what is on disk opens, all of it listed, and checks clean */
+    o = (struct qcow2_open_opts){.read_write = true, .allow_corrupt = true};
+    ck_assert_int_eq(qcow2_open("mem:t/sb.qcow2", &o, &img), 0);
+    ck_assert_uint_eq(qcow2_get_info(img)->nb_snapshots, made);
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &r, NULL, NULL), 0);
+    ck_assert_uint_eq(r.corruptions, 0);
+    ck_assert_uint_eq(r.leaks, 0);
+    qcow2_close(img);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -489,6 +726,12 @@ static Suite *suite(void)
     tcase_add_test(tc, a_writer_and_readers_share_an_image);
     tcase_add_test(tc, snapshot_with_more_l2_tables_than_the_cache);
     tcase_add_test(tc, pinned_runs_keep_their_bytes);
+    tcase_add_test(tc, cursor_checks_every_step);
+    tcase_add_test(tc, budget_refuses_tables_that_need_more);
+    tcase_add_test(tc, budget_counts_the_snapshot_table);
+    tcase_add_test(tc, a_dirty_image_opens_read_only_without_rebuild);
+    tcase_add_test(tc, dirty_query_reads_stored_bitmaps_a_piece_at_a_time);
+    tcase_add_test(tc, snapshot_create_stops_at_the_budget_and_leaves_the_image_whole);
     suite_add_tcase(s, tc);
     return s;
 }
