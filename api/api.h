@@ -3,6 +3,8 @@
 #ifndef QCOWD_API_H
 #define QCOWD_API_H
 
+#include <stdbool.h>
+
 #include <stddef.h>
 
 struct catalog;
@@ -15,6 +17,18 @@ struct api_server; /* opaque: one listening server */
 #define API_RATE_OFF                     (~0u)
 #define API_DEFAULT_LISTENERS_PER_CLIENT 8
 #define API_FD_RESERVE                   256 /* descriptors kept for images, plugins and logs */
+
+/* Who may do what: read by every request before its handler (api/admit.c). */
+struct api_tls;
+struct tickets;
+struct access_names;
+struct api_access_cfg {
+    bool auth;                               /* bearer tokens required (access_tokens() holds them) */
+    struct api_tls *tls;                     /* HTTPS with these credentials, or NULL: plain HTTP */
+    struct tickets *tickets;                 /* data tickets (POST /v1/tickets), or NULL: none */
+    const struct access_names *public_names; /* Host names besides IP literals and localhost */
+    const struct access_names *cors;         /* origins allowed besides the server's own */
+};
 
 struct api_config {
     const char *listen;   /* "HOST:PORT" or "[V6]:PORT"; port 0 picks a free one; NULL:
@@ -35,6 +49,7 @@ struct api_config {
     int quiet;            /* no libmicrohttpd error log on stderr */
     struct jobs *jobs;     /* the job engine (borrowed; NULL: job endpoints answer 503) */
     struct events *events; /* the event bus for GET /v1/events (borrowed; NULL: 503) */
+    struct api_access_cfg access; /* copied; what it points to is borrowed */
 };
 
 /* Start serving cat (borrowed; must outlive the server). On success *out is a new

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <time.h>
 
+#include "auth.h"
+
 struct catalog;
 struct qcow2_image;
 struct qcow2_bitmap_info;
@@ -71,6 +73,9 @@ struct req {
     struct api_offload *off;     /* work running on a thread of its own (api_offload) */
     struct api_guard *guard;     /* the server's budgets for slow clients */
     struct guard_conn *gc;       /* this connection in it (NULL: not tracked) */
+    const struct api_access_cfg *acc; /* who may do what (the server's) */
+    char who[80];                /* who was admitted: a token's name, "ticket:ID", "-" without tokens */
+    char cors_origin[256];       /* an allowed Origin to echo in CORS headers, or "" */
 };
 
 #define API_MAX_ARGS 2 /* path segments a route captures */
@@ -92,8 +97,14 @@ typedef enum MHD_Result (*api_handler)(struct req *r, char **args);
 #define API_ROUTE_SEGS 6 /* segments of the longest route; a longer path is 404 */
 
 /* Where a request goes: a handler with its captured segments, or a verdict. */
+#define ROUTE_JSON         0x1u /* a request body, if any, must be application/json (415) */
+#define ROUTE_TICKET_READ  0x2u /* a data ticket with "read" for the image may call it */
+#define ROUTE_TICKET_WRITE 0x4u /* a data ticket with "write" for the image may call it */
+
 struct api_routing {
     api_handler fn;              /* the handler, or NULL: answer status */
+    enum auth_role role;         /* fn set: the least role that may call it */
+    unsigned flags;              /* fn set: ROUTE_* */
     char *args[API_MAX_ARGS];    /* the segments the route captures (borrowed from segs) */
     unsigned status;             /* fn NULL: 400 (bad path), 404 or 405 */
     const char *code;            /* fn NULL: the error code ("not-found", ...) */
@@ -274,6 +285,23 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args);
 /* ---- events.c: GET /v1/events (Server-Sent Events) ---- */
 
 enum MHD_Result api_events(struct req *r, char **args);
+
+/* ---- tickets.c ---- */
+enum MHD_Result api_tickets_list(struct req *r, char **args);
+enum MHD_Result api_ticket_create(struct req *r, char **args);
+enum MHD_Result api_ticket_delete(struct req *r, char **args);
+
+/* ---- admit.c ---- */
+
+/* The checks before a handler: Host (421), Origin (403; a CORS preflight is
+ * answered here), the client certificate (403), the bearer token or ticket
+ * against rt's role (401/403), and a JSON endpoint's Content-Type (415). routed:
+ * rt names a handler (else only the first checks run, then the router's verdict
+ * is answered by the caller). true: go on; false: an answer is queued in *res. */
+bool api_admit(struct req *r, const char *url, const struct api_routing *rt, bool routed, enum MHD_Result *res);
+
+/* The CORS headers of an admitted cross-origin request, on resp. */
+void api_cors_headers(const struct req *r, struct MHD_Response *resp);
 
 /* ---- guard.c: budgets for slow and greedy clients ---- */
 

@@ -19,47 +19,57 @@ struct route {
     const char *seg[API_ROUTE_SEGS]; /* path segments; "*" captures one (decoded) */
     unsigned methods;
     api_handler fn;
+    enum auth_role role; /* the least role that may call it (AUTH_NONE: anyone) */
+    unsigned flags;      /* ROUTE_* */
 };
 
-/* Matched in order; the sentinel (no segments) answers everything else with 404. */
+/* Matched in order; the sentinel (no segments) answers everything else with 404.
+ * Roles: reader reads (list, info, data, file, extents, events, metrics, jobs);
+ * operator changes an image's contents and state (writes, snapshots, bitmaps,
+ * jobs, check, commit, tickets); admin changes the catalog (create, upload,
+ * delete, convert into a new image). A data ticket stands in for a token on the
+ * routes marked ROUTE_TICKET_*, for its image only. */
 static const struct route routes[] = {
-    {{"v1", "health"}, M_GET, api_health},
-    {{"v1", "images"}, M_GET, api_images_list},
-    {{"v1", "images"}, M_POST, api_image_create},
-    {{"v1", "images", "*"}, M_GET, api_image_info},
-    {{"v1", "images", "*"}, M_DELETE, api_image_delete},
-    {{"v1", "images", "*", "data"}, M_GET, api_image_data},
-    {{"v1", "images", "*", "data"}, M_PUT, api_data_put},
-    {{"v1", "images", "*", "data"}, M_PATCH, api_data_patch},
-    {{"v1", "images", "*", "data"}, M_OPTIONS, api_data_options},
-    {{"v1", "images", "*", "extents"}, M_GET, api_image_extents},
-    {{"v1", "images", "*", "file"}, M_GET, api_file_get},
-    {{"v1", "images", "*", "file"}, M_PUT, api_file_put},
-    {{"v1", "images", "*", "bitmaps"}, M_GET, api_bitmaps_list},
-    {{"v1", "images", "*", "bitmaps"}, M_POST, api_bitmap_create},
-    {{"v1", "images", "*", "bitmaps", "*"}, M_GET, api_bitmap_get},
-    {{"v1", "images", "*", "bitmaps", "*"}, M_DELETE, api_bitmap_delete},
-    {{"v1", "images", "*", "bitmaps", "*", "clear"}, M_POST, api_bitmap_clear},
-    {{"v1", "images", "*", "bitmaps", "*", "enable"}, M_POST, api_bitmap_enable},
-    {{"v1", "images", "*", "bitmaps", "*", "disable"}, M_POST, api_bitmap_disable},
-    {{"v1", "images", "*", "bitmaps", "*", "merge"}, M_POST, api_bitmap_merge},
-    {{"metrics"}, M_GET, api_metrics},
-    {{"v1", "jobs"}, M_GET, api_jobs_list},
-    {{"v1", "jobs", "*"}, M_GET, api_job_get},
-    {{"v1", "jobs", "*"}, M_DELETE, api_job_dismiss},
-    {{"v1", "jobs", "*", "cancel"}, M_POST, api_job_cancel},
-    {{"v1", "jobs", "*", "pause"}, M_POST, api_job_pause},
-    {{"v1", "jobs", "*", "resume"}, M_POST, api_job_resume},
-    {{"v1", "images", "*", "snapshots"}, M_GET, api_snapshots_list},
-    {{"v1", "images", "*", "snapshots"}, M_POST, api_snapshot_create},
-    {{"v1", "images", "*", "snapshots", "*"}, M_DELETE, api_snapshot_delete},
-    {{"v1", "images", "*", "snapshots", "*", "revert"}, M_POST, api_snapshot_revert},
-    {{"v1", "images", "*", "snapshots", "*", "data"}, M_GET, api_snapshot_data},
-    {{"v1", "images", "*", "convert"}, M_POST, api_image_convert},
-    {{"v1", "images", "*", "check"}, M_POST, api_image_check},
-    {{"v1", "images", "*", "commit"}, M_POST, api_image_commit},
-    {{"v1", "events"}, M_GET, api_events},
-    {{NULL}, 0, NULL},
+    {{"v1", "health"}, M_GET, api_health, AUTH_NONE, 0},
+    {{"v1", "images"}, M_GET, api_images_list, AUTH_READER, 0},
+    {{"v1", "images"}, M_POST, api_image_create, AUTH_ADMIN, ROUTE_JSON},
+    {{"v1", "images", "*"}, M_GET, api_image_info, AUTH_READER, 0},
+    {{"v1", "images", "*"}, M_DELETE, api_image_delete, AUTH_ADMIN, 0},
+    {{"v1", "images", "*", "data"}, M_GET, api_image_data, AUTH_READER, ROUTE_TICKET_READ},
+    {{"v1", "images", "*", "data"}, M_PUT, api_data_put, AUTH_OPERATOR, ROUTE_TICKET_WRITE},
+    {{"v1", "images", "*", "data"}, M_PATCH, api_data_patch, AUTH_OPERATOR, ROUTE_JSON | ROUTE_TICKET_WRITE},
+    {{"v1", "images", "*", "data"}, M_OPTIONS, api_data_options, AUTH_READER, ROUTE_TICKET_READ},
+    {{"v1", "images", "*", "extents"}, M_GET, api_image_extents, AUTH_READER, ROUTE_TICKET_READ},
+    {{"v1", "images", "*", "file"}, M_GET, api_file_get, AUTH_READER, ROUTE_TICKET_READ},
+    {{"v1", "images", "*", "file"}, M_PUT, api_file_put, AUTH_ADMIN, ROUTE_TICKET_WRITE},
+    {{"v1", "images", "*", "bitmaps"}, M_GET, api_bitmaps_list, AUTH_READER, 0},
+    {{"v1", "images", "*", "bitmaps"}, M_POST, api_bitmap_create, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "bitmaps", "*"}, M_GET, api_bitmap_get, AUTH_READER, 0},
+    {{"v1", "images", "*", "bitmaps", "*"}, M_DELETE, api_bitmap_delete, AUTH_OPERATOR, 0},
+    {{"v1", "images", "*", "bitmaps", "*", "clear"}, M_POST, api_bitmap_clear, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "bitmaps", "*", "enable"}, M_POST, api_bitmap_enable, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "bitmaps", "*", "disable"}, M_POST, api_bitmap_disable, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "bitmaps", "*", "merge"}, M_POST, api_bitmap_merge, AUTH_OPERATOR, ROUTE_JSON},
+    {{"metrics"}, M_GET, api_metrics, AUTH_READER, 0},
+    {{"v1", "jobs"}, M_GET, api_jobs_list, AUTH_READER, 0},
+    {{"v1", "jobs", "*"}, M_GET, api_job_get, AUTH_READER, 0},
+    {{"v1", "jobs", "*"}, M_DELETE, api_job_dismiss, AUTH_OPERATOR, 0},
+    {{"v1", "jobs", "*", "cancel"}, M_POST, api_job_cancel, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "jobs", "*", "pause"}, M_POST, api_job_pause, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "jobs", "*", "resume"}, M_POST, api_job_resume, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "snapshots"}, M_GET, api_snapshots_list, AUTH_READER, 0},
+    {{"v1", "images", "*", "snapshots"}, M_POST, api_snapshot_create, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "snapshots", "*"}, M_DELETE, api_snapshot_delete, AUTH_OPERATOR, 0},
+    {{"v1", "images", "*", "snapshots", "*", "revert"}, M_POST, api_snapshot_revert, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "snapshots", "*", "data"}, M_GET, api_snapshot_data, AUTH_READER, 0},
+    {{"v1", "images", "*", "convert"}, M_POST, api_image_convert, AUTH_ADMIN, ROUTE_JSON},
+    {{"v1", "images", "*", "check"}, M_POST, api_image_check, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "images", "*", "commit"}, M_POST, api_image_commit, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "events"}, M_GET, api_events, AUTH_READER, 0},
+    {{"v1", "tickets"}, M_GET, api_tickets_list, AUTH_OPERATOR, 0},
+    {{"v1", "tickets"}, M_POST, api_ticket_create, AUTH_OPERATOR, ROUTE_JSON},
+    {{"v1", "tickets", "*"}, M_DELETE, api_ticket_delete, AUTH_OPERATOR, 0},
+    {{NULL}, 0, NULL, AUTH_NONE, 0},
 };
 
 static const struct {
@@ -152,6 +162,8 @@ int api_route(const char *method, const char *url, struct api_routing *out)
             continue;
         if (rt->methods & want) {
             out->fn = rt->fn;
+            out->role = rt->role;
+            out->flags = rt->flags;
             memcpy(out->args, args, sizeof args);
             return 0;
         }

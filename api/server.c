@@ -17,6 +17,7 @@
 #include "api_int.h"
 #include "err.h"
 #include "events.h"
+#include "tls.h"
 
 struct api_server {
     struct MHD_Daemon *daemon;
@@ -33,13 +34,17 @@ struct api_server {
     pthread_mutex_t off_lock;                 /* guards offloads */
     pthread_cond_t off_done;                  /* an offloaded work ended */
     unsigned offloads;                        /* api_offload threads running */
+    struct api_access_cfg acc;                /* who may do what */
 };
 
 static enum MHD_Result dispatch(struct req *r, const char *url)
 {
     struct api_routing rt;
     enum MHD_Result res;
-    if (api_route(r->method, url, &rt) == 0)
+    bool routed = api_route(r->method, url, &rt) == 0;
+    if (!api_admit(r, url, &rt, routed, &res))
+        ; /* refused, or a preflight answered */
+    else if (routed)
         res = rt.fn(r, rt.args);
     else
         res = api_reply_status(r, rt.status, rt.code, rt.msg, rt.status == 405 ? MHD_HTTP_HEADER_ALLOW : NULL,
@@ -221,6 +226,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     r->jobs = s->jobs;
     r->events = s->events;
     r->guard = s->guard;
+    r->acc = &s->acc;
     const union MHD_ConnectionInfo *ci = MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
     r->gc = ci ? ci->socket_context : NULL;
     api_guard_phase(r->gc, GUARD_BUSY);
@@ -274,11 +280,19 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     clock_gettime(CLOCK_MONOTONIC, &t1);
     double ms = (double)(t1.tv_sec - r->t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - r->t0.tv_nsec) / 1e6;
     api_metrics_record(&s->metrics, r->method, r->status, r->bytes_in, r->bytes, ms / 1e3);
-    if (s->log) {
-        char path[512];
+    bool change = strcmp(r->method, "GET") && strcmp(r->method, "HEAD") && strcmp(r->method, "OPTIONS");
+    if (s->log || change) {
+        char path[512], method[sizeof r->method * 4];
         log_path(r->path, path, sizeof path);
-        fprintf(stderr, "qcowd: %s %s %u %llu %.2fms%s\n", r->method, path, r->status,
-                (unsigned long long)(r->bytes + r->bytes_in), ms, ok ? "" : " (aborted)");
+        log_path(r->method, method, sizeof method); /* MHD passes any token as the method */
+        if (s->log)
+            fprintf(stderr, "qcowd: %s %s %u %llu %.2fms%s\n", method, path, r->status,
+                    (unsigned long long)(r->bytes + r->bytes_in), ms, ok ? "" : " (aborted)");
+        /* the audit trail: every request that may change state, with who sent it
+         * (a token's name, never the token), also with --quiet */
+        if (change)
+            fprintf(stderr, "qcowd: audit: %s %s %s %u%s\n", r->who[0] ? r->who : "(unauthenticated)", method, path,
+                    r->status, ok ? "" : " (aborted)");
     }
     if (r->done)
         r->done(r->done_ctx);
@@ -391,6 +405,7 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
     s->no_sendfile = cfg->no_sendfile;
     s->jobs = cfg->jobs;
     s->events = cfg->events;
+    s->acc = cfg->access;
     pthread_mutex_init(&s->off_lock, NULL);
     pthread_cond_init(&s->off_done, NULL);
     size_limits(cfg, s);
@@ -405,6 +420,20 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
      * would hold the image's writer reference (and delay the abort) for a minute. */
     unsigned flags = MHD_USE_POLL_INTERNAL_THREAD | MHD_USE_ITC | (cfg->quiet ? 0 : MHD_USE_ERROR_LOG);
     flags |= MHD_ALLOW_SUSPEND_RESUME; /* event streams sleep suspended (api/events.c) */
+    /* TLS: the certificate comes from a callback, so SIGHUP's reload reaches new
+     * handshakes; a client CA makes libmicrohttpd ask for client certificates,
+     * which api_admit verifies against the current CA */
+    struct MHD_OptionItem tls_opts[4] = {{MHD_OPTION_END, 0, NULL}};
+    if (s->acc.tls) {
+        const char *ca = api_tls_client_ca_pem(s->acc.tls);
+        unsigned n = 0;
+        flags |= MHD_USE_TLS;
+        tls_opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)api_tls_cert_callback};
+        tls_opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)API_TLS_PRIORITIES};
+        if (ca)
+            tls_opts[n++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_TRUST, 0, (void *)ca};
+        tls_opts[n] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+    }
     if (!ai) /* connections come from api_server_add_connection only */
         flags |= MHD_USE_NO_LISTEN_SOCKET;
     else if (ai->ai_family == AF_INET6)
@@ -415,7 +444,7 @@ int api_server_start(const struct api_config *cfg, struct catalog *cat, struct a
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, on_connection, s, MHD_OPTION_UNESCAPE_CALLBACK, no_unescape,
         NULL, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)(cfg->timeout_sec ? cfg->timeout_sec : 60),
         MHD_OPTION_CONNECTION_LIMIT, s->max_connections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, s->max_per_client,
-        MHD_OPTION_END);
+        MHD_OPTION_ARRAY, tls_opts, MHD_OPTION_END);
     if (ai)
         freeaddrinfo(ai);
     if (!s->daemon) {

@@ -1,6 +1,7 @@
 /* main.c: the qcowd daemon: options, the catalog, the HTTP server, and a clean
  * stop on SIGTERM/SIGINT (stop accepting, drain, close images, exit 0). */
 #include <ctype.h>
+#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -11,7 +12,9 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include "access.h"
 #include "api.h"
+#include "auth.h"
 #include "catalog.h"
 #include "config.h"
 #include "err.h"
@@ -20,6 +23,8 @@
 #include "jobops.h"
 #include "jobs.h"
 #include "qcow2.h"
+#include "ticket.h"
+#include "tls.h"
 
 #define DEFAULT_LISTEN  "127.0.0.1:8080"
 #define DEFAULT_CATALOG "./data"
@@ -64,13 +69,67 @@ static void usage(FILE *f)
             "  --max-image-meta SIZE  metadata one open image (with its backing chain) may hold in memory:\n"
             "                      L1 and refcount tables, snapshot table, bitmap directory, tracked bitmaps;\n"
             "                      an image needing more is refused with 422 (default 16M; suffixes K, M, G)\n"
+            "access (without --tokens qcowd serves only loopback addresses):\n"
+            "  --tokens FILE       bearer tokens, one \"NAME ROLE sha256:HEX\" a line (ROLE: reader, operator,\n"
+            "                      admin); every endpoint but /v1/health then needs one; reloaded on SIGHUP.\n"
+            "                      `qcowd token new NAME ROLE` makes a token and its line\n"
+            "  --tls-cert FILE, --tls-key FILE  serve HTTPS (TLS 1.2+) with this PEM chain and key; reloaded\n"
+            "                      on SIGHUP without dropping connections\n"
+            "  --tls-client-ca FILE  also require a client certificate issued by this CA (PEM)\n"
+            "  --insecure-no-auth  serve a non-loopback --listen without --tokens (lab use only)\n"
+            "  --public-name NAME  a host name clients use for this server (Host header), besides IP\n"
+            "                      addresses and localhost; repeatable\n"
+            "  --cors-origin ORIGIN  a web origin (https://host[:port]) allowed to call the API from a\n"
+            "                      browser, besides the server's own; repeatable\n"
+            "  --max-tickets N     data tickets alive at once (default %u)\n"
             "  --sendfile yes|no   send ranged reads of plain data straight from the image file (default yes);\n"
             "                      a cluster once sent is copied on its next write, so workloads that read and\n"
             "                      then rewrite the same clusters in large pieces may prefer no\n"
             "  --version, --help\n",
             DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS, API_DEFAULT_CONNECTIONS,
             API_DEFAULT_PER_CLIENT, API_DEFAULT_HEADER_TIMEOUT, API_DEFAULT_MIN_RATE, API_DEFAULT_LISTENERS_PER_CLIENT,
-            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_VIRTUAL_TEXT, JOBS_DEFAULT_QUEUED, CATALOG_DEFAULT_OPEN);
+            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_VIRTUAL_TEXT, JOBS_DEFAULT_QUEUED, CATALOG_DEFAULT_OPEN,
+            (unsigned)TICKET_DEFAULT_MAX);
+}
+
+/* `qcowd token new NAME ROLE`: a fresh token on the first line of stdout and the
+ * line for the --tokens file on the second. Returns the exit status. */
+static int token_command(int argc, char **argv)
+{
+    if (argc != 5 || strcmp(argv[2], "new")) {
+        fprintf(stderr, "usage: qcowd token new NAME ROLE   (ROLE: reader, operator or admin)\n"
+                        "  prints a new random token, then the line that grants it ROLE in a --tokens file\n");
+        return 2;
+    }
+    enum auth_role role = auth_role_parse(argv[4], strlen(argv[4]));
+    char token[AUTH_TOKEN_LEN + 1], line[AUTH_NAME_MAX + 128];
+    int ret = role == AUTH_NONE ? err_fail(EINVAL, "the role must be reader, operator or admin") : auth_token_new(token);
+    if (ret == 0)
+        ret = auth_token_line(argv[3], role, token, line, sizeof line);
+    if (ret < 0) {
+        fprintf(stderr, "qcowd token new: %s\n", err_msg(ret));
+        return 2;
+    }
+    printf("%s\n%s\n", token, line);
+    memset(token, 0, sizeof token);
+    return fflush(stdout) == 0 ? 0 : 1;
+}
+
+/* Whether the host of a --listen value is a loopback address (127.0.0.0/8, ::1,
+ * localhost): reachable from this machine only. */
+static bool loopback_listen(const char *listen)
+{
+    const char *colon = strrchr(listen, ':');
+    size_t n = colon ? (size_t)(colon - listen) : strlen(listen);
+    char host[256];
+    if (n >= sizeof host)
+        return false;
+    memcpy(host, listen, n);
+    host[n] = '\0';
+    if (!strcmp(host, "localhost") || !strcmp(host, "[::1]"))
+        return true;
+    struct in_addr a;
+    return inet_pton(AF_INET, host, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
 }
 
 /* The settings of the --config file, if any: its arguments come first in the
@@ -205,6 +264,14 @@ enum {
     OPT_MAX_VIRTUAL,
     OPT_MAX_QUEUED,
     OPT_MAX_OPEN,
+    OPT_TOKENS,
+    OPT_TLS_CERT,
+    OPT_TLS_KEY,
+    OPT_TLS_CLIENT_CA,
+    OPT_INSECURE,
+    OPT_PUBLIC_NAME,
+    OPT_CORS_ORIGIN,
+    OPT_MAX_TICKETS,
 };
 
 static const char *option_name(const struct option *lo, int val)
@@ -288,11 +355,25 @@ int main(int argc, char **argv)
         {"max-queued-jobs", required_argument, 0, OPT_MAX_QUEUED},
         {"max-open-images", required_argument, 0, OPT_MAX_OPEN},
         {"max-image-meta", required_argument, 0, 'M'},
+        {"tokens", required_argument, 0, OPT_TOKENS},
+        {"tls-cert", required_argument, 0, OPT_TLS_CERT},
+        {"tls-key", required_argument, 0, OPT_TLS_KEY},
+        {"tls-client-ca", required_argument, 0, OPT_TLS_CLIENT_CA},
+        {"insecure-no-auth", no_argument, 0, OPT_INSECURE},
+        {"public-name", required_argument, 0, OPT_PUBLIC_NAME},
+        {"cors-origin", required_argument, 0, OPT_CORS_ORIGIN},
+        {"max-tickets", required_argument, 0, OPT_MAX_TICKETS},
         {"help", no_argument, 0, 'h'},
         {"version", no_argument, 0, 'V'},
         {0, 0, 0, 0},
     };
+    if (argc >= 2 && !strcmp(argv[1], "token"))
+        return token_command(argc, argv);
     struct api_config cfg = {.listen = DEFAULT_LISTEN, .threads = DEFAULT_THREADS, .log = 1};
+    const char *tokens_file = NULL, *tls_cert = NULL, *tls_key = NULL, *tls_client_ca = NULL;
+    bool insecure = false;
+    static struct access_names public_names, cors_origins;
+    unsigned long max_tickets = TICKET_DEFAULT_MAX;
     struct catalog_opts copts = {.max_meta_bytes = DEFAULT_MAX_IMAGE_META};
     unsigned max_queued = 0;
     const char *root = DEFAULT_CATALOG;
@@ -432,6 +513,45 @@ int main(int argc, char **argv)
             copts.max_meta_bytes = (uint64_t)n << shift;
             break;
         }
+        case OPT_TOKENS:
+            tokens_file = optarg;
+            break;
+        case OPT_TLS_CERT:
+            tls_cert = optarg;
+            break;
+        case OPT_TLS_KEY:
+            tls_key = optarg;
+            break;
+        case OPT_TLS_CLIENT_CA:
+            tls_client_ca = optarg;
+            break;
+        case OPT_INSECURE:
+            insecure = true;
+            break;
+        case OPT_PUBLIC_NAME:
+        case OPT_CORS_ORIGIN: {
+            int r = access_names_add(c == OPT_PUBLIC_NAME ? &public_names : &cors_origins, optarg,
+                                     c == OPT_PUBLIC_NAME ? "--public-name" : "--cors-origin");
+            if (r < 0) {
+                fprintf(stderr, "qcowd: %s\n", err_msg(r));
+                return 2;
+            }
+            if (c == OPT_CORS_ORIGIN && strncmp(optarg, "https://", 8) && strncmp(optarg, "http://", 7)) {
+                fprintf(stderr, "qcowd: --cors-origin %s: an origin is http:// or https://, a host and a port\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        }
+        case OPT_MAX_TICKETS: {
+            char *end;
+            max_tickets = strtoul(optarg, &end, 10);
+            if (!*optarg || *end || max_tickets < 1 || max_tickets > 1000000) {
+                fprintf(stderr, "qcowd: --max-tickets %s: a number from 1 to 1000000\n", optarg);
+                return 2;
+            }
+            break;
+        }
         case 'h':
             usage(stdout);
             return 0;
@@ -448,6 +568,42 @@ int main(int argc, char **argv)
         usage(stderr);
         return 2;
     }
+    if (!tls_cert != !tls_key) {
+        fprintf(stderr, "qcowd: --tls-cert and --tls-key go together\n");
+        return 2;
+    }
+    if (tls_client_ca && !tls_cert) {
+        fprintf(stderr, "qcowd: --tls-client-ca needs --tls-cert and --tls-key\n");
+        return 2;
+    }
+    if (!tokens_file && !loopback_listen(cfg.listen)) {
+        if (!insecure) {
+            fprintf(stderr,
+                    "qcowd: --listen %s reaches beyond this machine, and without --tokens anyone there could read, "
+                    "change and delete every image: give --tokens FILE (qcowd token new NAME ROLE makes one), "
+                    "listen on 127.0.0.1, or say --insecure-no-auth for a lab\n",
+                    cfg.listen);
+            return 2;
+        }
+        fprintf(stderr, "qcowd: WARNING: --insecure-no-auth: anyone who reaches %s may read, change and delete "
+                        "every image\n",
+                cfg.listen);
+    }
+    static struct api_tls *tls; /* static: reachable until exit on every path */
+    if (tokens_file) { /* the table is reachable from access.c until exit */
+        int r = access_tokens_load(tokens_file);
+        if (r < 0) {
+            fprintf(stderr, "qcowd: %s\n", err_msg(r));
+            return 2;
+        }
+    }
+    if (tls_cert) { /* read now, so a bad file stops qcowd before it touches the catalog */
+        int r = api_tls_load(tls_cert, tls_key, tls_client_ca, &tls);
+        if (r < 0) {
+            fprintf(stderr, "qcowd: %s\n", err_msg(r));
+            return 2;
+        }
+    }
 
     /* Every thread started from here on inherits the blocked signals; only
      * sigwait below receives them. */
@@ -455,6 +611,7 @@ int main(int argc, char **argv)
     sigemptyset(&stop);
     sigaddset(&stop, SIGTERM);
     sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop, NULL);
     signal(SIGPIPE, SIG_IGN);
 
@@ -510,19 +667,43 @@ int main(int argc, char **argv)
     struct cut_off_ctx cut = {.jobs = jobs, .cat = cat};
     jobs_foreach_cut_off(jobs, after_cut_off, &cut);
     struct api_server *srv;
-    ret = api_server_start(&cfg, cat, &srv);
+    struct tickets *tickets = tickets_new(max_tickets);
+    cfg.access = (struct api_access_cfg){.auth = tokens_file != NULL, .tls = tls, .tickets = tickets,
+                                         .public_names = &public_names, .cors = &cors_origins};
+    ret = tickets ? api_server_start(&cfg, cat, &srv) : err_fail(ENOMEM, "out of memory");
     if (ret < 0) {
         fprintf(stderr, "qcowd: %s\n", err_msg(ret));
+        tickets_free(tickets);
         jobs_free(jobs);
         events_free(ev);
         catalog_free(cat);
         return 1;
     }
-    fprintf(stderr, "qcowd: listening on http://%s/ (catalog %s, %u threads)\n", api_server_address(srv), root,
-            cfg.threads);
+    fprintf(stderr, "qcowd: listening on %s://%s/ (catalog %s, %u threads%s)\n", tls ? "https" : "http",
+            api_server_address(srv), root, cfg.threads, tokens_file ? ", tokens required" : "");
 
     int sig = 0;
-    sigwait(&stop, &sig);
+    for (;;) {
+        sigwait(&stop, &sig);
+        if (sig != SIGHUP)
+            break;
+        /* reload what may change under a running server; a failure keeps the old */
+        if (tokens_file) {
+            ret = access_tokens_load(tokens_file);
+            if (ret < 0)
+                fprintf(stderr, "qcowd: SIGHUP: tokens not reloaded, the old ones stay: %s\n", err_msg(ret));
+            else
+                fprintf(stderr, "qcowd: SIGHUP: reloaded %zu tokens from %s\n", access_tokens()->n, tokens_file);
+        }
+        if (tls) {
+            ret = api_tls_reload(tls);
+            if (ret < 0)
+                fprintf(stderr, "qcowd: SIGHUP: TLS credentials not reloaded, the old ones stay: %s\n", err_msg(ret));
+            else
+                fprintf(stderr, "qcowd: SIGHUP: reloaded the TLS certificate and key%s\n",
+                        tls_client_ca ? " and the client CA" : "");
+        }
+    }
     fprintf(stderr, "qcowd: %s: no new connections; finishing requests in flight\n", strsignal(sig));
     api_server_quiesce(srv);
     if (api_server_drain(srv, DRAIN_MS) < 0)
@@ -531,6 +712,11 @@ int main(int argc, char **argv)
     jobs_free(jobs); /* running jobs are cancelled and release their images */
     events_free(ev);
     catalog_free(cat);
+    tickets_free(tickets);
+    api_tls_free(tls);
+    access_tokens_free_all();
+    access_names_free(&public_names);
+    access_names_free(&cors_origins);
     fprintf(stderr, "qcowd: stopped\n");
     return 0;
 }

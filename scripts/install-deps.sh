@@ -28,7 +28,8 @@ run_pkgs=(
 # Tests: clang with its sanitizer and libFuzzer runtime, Check, Debian's python3
 # (script tests use /usr/bin/python3), /usr/bin/time, bc (benchmarks) and nbdinfo
 # (libnbd-bin: reads dirty bitmaps through qemu-nbd)
-test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschema time bc libnbd-bin nginx wrk)
+test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschema time bc libnbd-bin nginx wrk
+    openssl curl)
 # The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3).
 test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
 

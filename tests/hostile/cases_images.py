@@ -162,11 +162,18 @@ def bitmap_stream(s):
 
 
 def huge_virtual_size(s):
-    """2 PiB: a 32 MiB L1 table per open. Refused at create and at open, naming
-    the metadata budget (16 MiB by default)."""
+    """2 PiB: a 32 MiB L1 table per open. Refused at create (by --max-virtual-size
+    first, and by the metadata budget when that allows it) and at open, naming
+    the budget (16 MiB by default)."""
     body = json.dumps({"name": "twopib", "size": 2 * PiB}).encode()
-    msg = s.error("POST", "/v1/images", 422, body=body, headers={"Content-Type": "application/json"})
-    assert "metadata budget of 16 MiB" in msg and "32 MiB" in msg, msg
+    msg = s.error("POST", "/v1/images", 400, body=body, headers={"Content-Type": "application/json"})
+    assert "--max-virtual-size" in msg, msg
+    s.start("--max-virtual-size", "4P")
+    try:
+        msg = s.error("POST", "/v1/images", 422, body=body, headers={"Content-Type": "application/json"})
+        assert "metadata budget of 16 MiB" in msg and "32 MiB" in msg, msg
+    finally:
+        s.start()
     assert not os.path.exists(s.path("twopib"))
     # by hand: the header says 2 PiB, with a (sparse) 32 MiB L1 table in the file
     p = qcow2(s, "twopib", 1 * MiB)
@@ -188,6 +195,14 @@ def overlay_chain(s):
     chain. 512 TiB disks (an 8 MiB L1 each): the base fits in 16 MiB, an overlay
     over it does not: refused at create, and, made by hand, at open, naming the
     budget."""
+    s.start("--max-virtual-size", "1P")  # past the default 64 TiB: the metadata budget is the bound here
+    try:
+        overlay_chain_within(s)
+    finally:
+        s.start()
+
+
+def overlay_chain_within(s):
     hdr = {"Content-Type": "application/json"}
     body = json.dumps({"name": "ovl0", "size": 512 * TiB}).encode()
     st, _, data = s.call("POST", "/v1/images", body=body, headers=hdr)

@@ -150,8 +150,11 @@ class Hostile(qcowd.Cases):
 
     def call(self, method, path, body=None, headers=None, timeout=60):
         c = self.d.conn(timeout=timeout)
+        headers = dict(headers or {})
+        if body is not None and method in ("POST", "PATCH") and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"  # the JSON endpoints ask for it (else 415)
         try:
-            c.request(method, path, body=body, headers=headers or {})
+            c.request(method, path, body=body, headers=headers)
             r = c.getresponse()
             data = r.read()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, data

@@ -31,7 +31,7 @@ QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 QEMU_IO = os.environ.get("QEMU_IO", "qemu-io")
 DEFAULT_SEED = 20261124
 
-LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)/")
+LISTENING = re.compile(r"listening on https?://127\.0\.0\.1:(\d+)/")
 SANITIZER_MARKS = ("Sanitizer", "runtime error")  # ASan/LSan/TSan reports, UBSan's lines
 
 
@@ -80,8 +80,11 @@ class Qcowd:
         """One request and its whole answer: (status, {lower-case name: value}, body
         bytes). On conn when given (left open), else on a connection of its own."""
         c = conn or self.conn()
+        headers = dict(headers or {})
+        if body is not None and method in ("POST", "PATCH") and not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"  # the JSON endpoints ask for it (else 415)
         try:
-            c.request(method, path, body=body, headers=headers or {})
+            c.request(method, path, body=body, headers=headers)
             r = c.getresponse()
             data = r.read()
             return r.status, {k.lower(): v for k, v in r.getheaders()}, data
