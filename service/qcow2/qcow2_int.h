@@ -312,6 +312,20 @@ static inline uint64_t qcow2_refcount_entry(const unsigned char *b, uint64_t i, 
     return v;
 }
 
+/* Sets entry i of a refcount block in its on-disk form to v. */
+static inline void qcow2_refcount_entry_set(unsigned char *b, uint64_t i, unsigned bits, uint64_t v)
+{
+    if (bits < 8) {
+        unsigned shift = (unsigned)(i * bits % 8), mask = ((1u << bits) - 1) << shift;
+        b[i * bits / 8] = (unsigned char)((b[i * bits / 8] & ~mask) | ((v << shift) & mask));
+        return;
+    }
+    for (unsigned k = bits / 8; k-- > 0;) {
+        b[i * (bits / 8) + k] = (unsigned char)v;
+        v >>= 8;
+    }
+}
+
 /* ---- header.c ---- */
 /* Read and validate the header and its extensions into img (img->file open). */
 int qcow2_read_header(struct qcow2_image *img);
