@@ -44,6 +44,8 @@ struct ck {
 static bool tick(struct ck *k, uint64_t n)
 {
     k->done += n;
+    if (k->done > k->total) /* a repair walks the tables again */
+        k->total = k->done;
     if (k->progress && !k->cancelled && k->progress(k->opaque, k->done, k->total))
         k->cancelled = true;
     return !k->cancelled;
