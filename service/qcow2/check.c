@@ -38,6 +38,7 @@ struct ck {
     void *opaque;
     uint64_t done, total;       /* progress units: L1 entries walked, refcount blocks compared */
     bool cancelled;             /* progress asked to stop */
+    bool committed;             /* a repair changes refcounts from here on: no stopping halfway */
 };
 
 /* n more units done; false once the caller asked to stop. */
@@ -46,7 +47,7 @@ static bool tick(struct ck *k, uint64_t n)
     k->done += n;
     if (k->done > k->total) /* a repair walks the tables again */
         k->total = k->done;
-    if (k->progress && !k->cancelled && k->progress(k->opaque, k->done, k->total))
+    if (k->progress && !k->cancelled && k->progress(k->opaque, k->done, k->total) && !k->committed)
         k->cancelled = true;
     return !k->cancelled;
 }
@@ -412,7 +413,7 @@ static int walk_refblocks(struct ck *k, enum qcow2_repair fix)
 static int check_snapshot_entries(struct ck *k)
 {
     struct qcow2_image *img = k->img;
-    if (img->h.version < 3 || !img->nb_snaps)
+    if (img->h.version < 3 || !img->nb_snaps || !img->snap_table_len)
         return 0;
     unsigned char *t = malloc(img->snap_table_len);
     if (!t) {
@@ -736,6 +737,7 @@ int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, stru
     if ((ret = compare(&k, QCOW2_REPAIR_NONE, &highest)) < 0)
         goto out;
     if (repair) {
+        k.committed = true;
         img->repair_expected = k.rc; /* new refcount blocks stay off used clusters */
         img->repair_n = k.n;
         ret = repair_refcounts(&k, repair, &pre, &highest);

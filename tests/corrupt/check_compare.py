@@ -25,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "lib"))
@@ -203,30 +204,43 @@ def sanitizer(err):
     return "Sanitizer" in err or "runtime error" in err
 
 
+STATS_LOCK = threading.Lock()
+
+
+def bump(stats, key, name=None):
+    """One more in stats[key] (or name appended to that list): images run on threads."""
+    with STATS_LOCK:
+        if name is None:
+            stats[key] += 1
+        else:
+            stats[key].append(name)
+
+
 def compare(img, d, stats):
     """Problems (list of str) comparing the two checks on img in d, plain then -r all."""
     p = []
     qrc, qrep, qerr = qemu_check(img, d)
     orc, orep, oerr = our_check(img, d)
     if qrc == "timeout":
-        stats["qemu-timeout"] += 1
+        bump(stats, "qemu-timeout")
+        bump(stats, "hung", os.path.basename(d))
         return p   # qemu-img hangs: nothing to compare with
     if orc == "timeout":
         return [f"qcowimg check hung ({TIMEOUT} s)"]
     if sanitizer(oerr):
         return ["sanitizer report: " + first_line(oerr)]
-    stats["compared"] += 1
+    bump(stats, "compared")
     if qrc == orc:
-        stats["same-exit"] += 1
+        bump(stats, "same-exit")
     else:
         p.append(f"exit {orc}, qemu-img {qrc} (qemu: {first_line(qerr)!r}; ours: {first_line(oerr)!r})")
     if qrep is None:
-        stats["refused"] += 1   # qemu-img refused the image or its check failed: exit classes only
+        bump(stats, "refused")   # qemu-img refused the image or its check failed: exit classes only
         if orc != 1:
             p.append(f"qemu-img refused the image ({first_line(qerr)!r}), qcowimg exited {orc}")
         return p
     if counts(qrep) == counts(orep):
-        stats["same-counts"] += 1
+        bump(stats, "same-counts")
     else:
         p.append(f"counts {counts(orep)}, qemu-img {counts(qrep)}")
     if p:
@@ -242,13 +256,14 @@ def compare(img, d, stats):
     qrc, qrep, qerr = qemu_check(qcopy, d, repair=True)
     orc, orep, oerr = our_check(ocopy, d, repair=True)
     if qrc == "timeout":
-        stats["qemu-timeout"] += 1
+        bump(stats, "qemu-timeout")
+        bump(stats, "hung", os.path.basename(d) + " (-r all)")
         return p
     if orc == "timeout":
         return [f"qcowimg check -r all hung ({TIMEOUT} s)"]
     if sanitizer(oerr):
         return ["-r all: sanitizer report: " + first_line(oerr)]
-    stats["repaired"] += 1
+    bump(stats, "repaired")
     # qemu-img's verdict on both repaired copies
     arc, arep, _ = qemu_check(qcopy, d)
     brc, brep, berr = qemu_check(ocopy, d)
@@ -257,15 +272,15 @@ def compare(img, d, stats):
     # needs, or where it marked the image corrupt while reading: doing better is fine
     better = qrc == 1 and orc != 1 and clean
     if better:
-        stats["repair-better"] += 1
+        bump(stats, "repair-better")
     elif qrc != orc:
         p.append(f"-r all: exit {orc}, qemu-img {qrc} (qemu: {first_line(qerr)!r}; ours: {first_line(oerr)!r})")
     elif qrep is not None and counts(qrep, COUNTS + FIXED) != counts(orep, COUNTS + FIXED):
         p.append(f"-r all: counts {counts(orep, COUNTS + FIXED)}, qemu-img {counts(qrep, COUNTS + FIXED)}")
     else:
-        stats["repair-same"] += 1
+        bump(stats, "repair-same")
     if clean:
-        stats["repair-as-clean"] += 1
+        bump(stats, "repair-as-clean")
     else:
         p.append(f"after -r all qemu-img check finds on our copy: exit {brc} {counts(brep)}, on its own: "
                  f"exit {arc} {counts(arep)} ({first_line(berr)!r})")
@@ -308,6 +323,7 @@ def main():
         return bad
     stats = dict.fromkeys(("compared", "same-exit", "same-counts", "refused", "repaired", "repair-same", "repair-better", "repair-as-clean",
                            "qemu-timeout", "allowed"), 0)
+    stats["hung"] = []
 
     def task(n, root):
         def go():
@@ -319,7 +335,7 @@ def main():
                 return suite.Outcome(n, [(f"setup: {e}", [])], d)
             problems = compare(img, d, stats)
             if problems and n in ALLOWED:
-                stats["allowed"] += 1
+                bump(stats, "allowed")
                 return suite.Outcome(n, [], d, f"allowed: {ALLOWED[n]}; " + "; ".join(problems))
             return suite.Outcome(n, [(x, []) for x in problems], d)
         return go
@@ -331,6 +347,8 @@ def main():
           f"repaired: {stats['repaired']} (same exit and counts: {stats['repair-same']}, repaired where qemu-img's "
           f"repair fails: {stats['repair-better']}), left as clean as qemu-img leaves it: {stats['repair-as-clean']}, "
           f"qemu-img hung: {stats['qemu-timeout']}, allowed differences: {stats['allowed']}")
+    if stats["hung"]:
+        print(f"not compared, qemu-img check hangs on: {', '.join(sorted(stats['hung']))}")
     return suite.summary(passed, failed)
 
 
