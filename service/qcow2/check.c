@@ -91,6 +91,10 @@ static int grow(struct ck *k, uint64_t want)
     memset(p + k->n, 0, (want - k->n) * sizeof *p);
     k->rc = p;
     k->n = want;
+    if (k->img->repair_expected) { /* the refcount cache looks at them during a repair */
+        k->img->repair_expected = p;
+        k->img->repair_n = want;
+    }
     return 0;
 }
 
