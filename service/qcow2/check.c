@@ -11,13 +11,13 @@
 #include "qcow2_int.h"
 
 /* Bits an entry must leave clear (docs/interop/qcow2.txt). */
-#define L1E_RESERVED      0x7f000000000001ffull
-#define L2E_STD_RESERVED  0x3f000000000001feull /* standard (not compressed) cluster descriptors */
-#define REFT_RESERVED     0x1ffull
-#define BMT_RESERVED      0xff000000000001feull
-#define BMT_OFFSET_MASK   0x00fffffffffffe00ull
-#define L2B_ALLOC         0x00000000ffffffffull /* extended L2: allocated subclusters */
-#define L2B_ZERO          0xffffffff00000000ull /* extended L2: zero subclusters */
+#define L1E_RESERVED     0x7f000000000001ffull
+#define L2E_STD_RESERVED 0x3f000000000001feull /* standard (not compressed) cluster descriptors */
+#define REFT_RESERVED    0x1ffull
+#define BMT_RESERVED     0xff000000000001feull
+#define BMT_OFFSET_MASK  0x00fffffffffffe00ull
+#define L2B_ALLOC        0x00000000ffffffffull /* extended L2: allocated subclusters */
+#define L2B_ZERO         0xffffffff00000000ull /* extended L2: zero subclusters */
 
 /* What an L2 entry describes, as qemu classifies it for check. */
 enum ck_type { T_UNALLOC, T_ZERO_PLAIN, T_ZERO_ALLOC, T_NORMAL, T_COMPRESSED };
@@ -25,20 +25,20 @@ enum ck_type { T_UNALLOC, T_ZERO_PLAIN, T_ZERO_ALLOC, T_NORMAL, T_COMPRESSED };
 struct ck {
     struct qcow2_image *img;
     struct qcow2_check_result *r;
-    uint32_t *rc;               /* references counted per host cluster */
-    uint64_t n;                 /* entries in rc: the file's clusters, or more (a reference just past the end) */
-    bool rebuild;               /* the refcount structure itself is broken */
-    unsigned char *blk;         /* the last refcount block read (stored refcounts) */
+    uint32_t *rc;       /* references counted per host cluster */
+    uint64_t n;         /* entries in rc: the file's clusters, or more (a reference just past the end) */
+    bool rebuild;       /* the refcount structure itself is broken */
+    unsigned char *blk; /* the last refcount block read (stored refcounts) */
     uint64_t blk_off;
     bool blk_ok;
-    unsigned char *tbl;         /* one cluster: the L2 table being walked */
+    unsigned char *tbl; /* one cluster: the L2 table being walked */
     void (*report)(void *, const char *);
     void *ctx;
     qcow2_progress_fn progress; /* may be NULL */
     void *opaque;
-    uint64_t done, total;       /* progress units: L1 entries walked, refcount blocks compared */
-    bool cancelled;             /* progress asked to stop */
-    bool committed;             /* a repair changes refcounts from here on: no stopping halfway */
+    uint64_t done, total; /* progress units: L1 entries walked, refcount blocks compared */
+    bool cancelled;       /* progress asked to stop */
+    bool committed;       /* a repair changes refcounts from here on: no stopping halfway */
 };
 
 /* n more units done; false once the caller asked to stop. */
@@ -106,7 +106,10 @@ static int inc(struct ck *k, uint64_t off, uint64_t len)
     if (!len)
         return 0;
     if (off > UINT64_MAX - len || off + len >= img->file_size + img->cluster_size) {
-        say(k, "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset %#" PRIx64 " size %#" PRIx64, off, len);
+        say(k,
+            "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset "
+            "%#" PRIx64 " size %#" PRIx64,
+            off, len);
         k->r->corruptions++;
         return 0;
     }
@@ -455,7 +458,8 @@ static int count_refs(struct ck *k, enum qcow2_repair fix)
     for (uint32_t i = 0; i < img->nb_snaps; i++) {
         const struct qcow2_snapshot_info *s = &img->snaps[i];
         if (offset_into_cluster(img, s->l1_offset)) {
-            say(k, "ERROR snapshot %u: L1 table at %#" PRIx64 " is not cluster aligned; snapshot table entry corrupted", i, s->l1_offset);
+            say(k, "ERROR snapshot %u: L1 table at %#" PRIx64 " is not cluster aligned; snapshot table entry corrupted",
+                i, s->l1_offset);
             k->r->corruptions++;
             continue;
         }
@@ -504,7 +508,10 @@ static int compare(struct ck *k, enum qcow2_repair fix, uint64_t *highest)
         else if (have < want && fix == QCOW2_REPAIR_ALL)
             fixed = &r->corruptions_fixed;
         say(k, "%s cluster %" PRIu64 " refcount=%" PRIu64 " reference=%" PRIu64,
-            fixed ? "Repairing" : have < want ? "ERROR" : "Leaked", c, have, want);
+            fixed         ? "Repairing"
+            : have < want ? "ERROR"
+                          : "Leaked",
+            c, have, want);
         if (fixed && rc_set(img, c, want) == 0) {
             (*fixed)++;
             continue;
