@@ -185,6 +185,7 @@ struct qcow2_image {
     uint64_t size;               /* guest size seen by reads (a snapshot's in a view) */
     uint64_t file_size;
     int depth;                   /* 0 for the top image */
+    bool checking;               /* opened for check (allow_corrupt): snapshots with bad L1 tables are kept */
 
     /* qcow2 */
     struct qcow2_disk_header h;  /* CPU order */
