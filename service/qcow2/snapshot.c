@@ -37,16 +37,21 @@ int qcow2_read_snapshots(struct qcow2_image *img)
     if (!n)
         return 0;
     uint64_t off = img->h.snapshots_offset;
-    uint64_t avail = img->file_size - off; /* qcow2_check_table put the start inside the file */
+    /* qcow2_check_table put the start inside the file; for check (img->checking) it
+     * may lie anywhere, and what is past the end reads as zeroes, as in qemu */
+    uint64_t avail = off < img->file_size ? img->file_size - off : 0, have = avail;
+    if (img->checking)
+        avail = (uint64_t)n * (SNAP_FIXED + QCOW2_MAX_SNAPSHOT_EXTRA + 2 * UINT16_MAX + 7);
     uint64_t maxlen = avail < QCOW2_MAX_SNAPSHOT_TABLE ? avail : QCOW2_MAX_SNAPSHOT_TABLE;
-    unsigned char *buf = malloc(maxlen ? maxlen : 1);
+    have = have < maxlen ? have : maxlen;
+    unsigned char *buf = calloc(1, maxlen ? maxlen : 1);
     img->snaps = calloc(n, sizeof *img->snaps);
     int ret = 0;
     if (!buf || !img->snaps) {
         ret = err_fail(ENOMEM, "out of memory for %u snapshots", n);
         goto out;
     }
-    ret = vfs_pread(img->file, buf, maxlen, off);
+    ret = have ? vfs_pread(img->file, buf, have, off) : 0;
     if (ret < 0)
         goto out;
     uint64_t pos = 0;

@@ -44,20 +44,19 @@ TIMEOUT = 60   # seconds for one check (qemu-img's or ours); a hang is reported,
 # BDRV_O_CHECK skips the snapshot table and takes tables past the end of the file):
 # those it refuses (exit 1) where qemu-img counts corruptions (exit 2).
 _OPEN_STRICTER = "qcowimg's open refuses the image (exit 1) where qemu-img's check mode opens it and counts corruptions"
+# The check agrees; -r all does not rewrite a snapshot table whose entries lack the
+# 16 bytes of extra data version 3 wants (qemu-img writes a new table), so that
+# corruption stays.
+_SNAP_TABLE = "qcowimg check -r all leaves the incomplete snapshot table entries that qemu-img rewrites"
 # Both -r all stop (exit 1) at the same write that their overlap checks refuse (an
 # OFLAG_COPIED fix in an L2 table over a snapshot's L1 table); qcowimg has written its
 # refcount fixes by then, qemu-img drops its own, so qemu-img check then finds leaks
 # on its copy and, on ours, none but a few more OFLAG_COPIED errors.
 _REPAIR_STOPS = "-r all stops where qemu-img's stops; qcowimg's refcount fixes are kept, qemu-img's are not"
 ALLOWED = {
-    "l1_table_past_eof": _OPEN_STRICTER + " (L1 table past the end of the file)",
-    "l1_table_at_offset_0": _OPEN_STRICTER + " (L1 table over the header)",
-    "refcount_table_past_eof": _OPEN_STRICTER + " (refcount table past the end of the file)",
-    "refcount_table_empty": _OPEN_STRICTER + " (refcount table of 0 clusters)",
-    "refcount_table_at_offset_0": _OPEN_STRICTER + " (refcount table over the header)",
     "truncated_v2_50_bytes": _OPEN_STRICTER + " (a file shorter than its header)",
-    "snapshot_table_past_eof": _OPEN_STRICTER + " (snapshot table past the end of the file)",
-    "snapshot_table_at_offset_0": _OPEN_STRICTER + " (snapshot table over the header)",
+    "snapshot_table_past_eof": _SNAP_TABLE,
+    "snapshot_table_at_offset_0": _SNAP_TABLE,
     "bitmap_extension_twice": "qcowimg refuses a header with two bitmap extensions; qemu-img uses the first",
     "backing_chain_70_deep": "qcowd's backing chain limit is 64 (DESIGN: limits as QEMU's or stricter)",
     "x_snapshot_l1_over_active_l2": _REPAIR_STOPS + " (the L2 table is also a snapshot's L1 table)",
