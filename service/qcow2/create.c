@@ -110,9 +110,7 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *opts)
                         "of %s per open image: use larger clusters",
                         size, qcow2_human(l1_entries * 8, need, sizeof need), qcow2_human(budget, max, sizeof max));
     }
-    uint64_t l1c = (l1_entries * 8 + cs - 1) / cs;
-    if (!l1c)
-        l1c = 1;
+    uint64_t l1c = (l1_entries * 8 + cs - 1) / cs; /* none for a 0-byte disk, as qemu-img makes it */
     /* header, refcount table, refcount blocks, L1: sized together */
     uint64_t per_block = (uint64_t)cs * 8 / rbits, rt = 1, rbk = 1;
     for (;;) {
@@ -138,7 +136,7 @@ int qcow2_create(const char *uri, const struct qcow2_create_opts *opts)
     h.cluster_bits = htobe32(cbits);
     h.size = htobe64(size);
     h.l1_size = htobe32((uint32_t)l1_entries);
-    h.l1_table_offset = htobe64((1 + rt + rbk) << cbits);
+    h.l1_table_offset = htobe64(l1c ? (1 + rt + rbk) << cbits : 0);
     h.refcount_table_offset = htobe64(1ull << cbits);
     h.refcount_table_clusters = htobe32((uint32_t)rt);
     uint64_t incompat = (o.data_file ? QCOW2_INCOMPAT_DATA_FILE : 0) |

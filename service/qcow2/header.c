@@ -152,6 +152,16 @@ static int read_extensions(struct qcow2_image *img, const unsigned char *buf, ui
     return 0;
 }
 
+/* The L1, refcount or snapshot table's bounds. Opened for check, one over the header or past
+ * the end of the file is left for check to count, as qemu-img's check mode does
+ * (its size limit and alignment still hold). */
+static int main_table(const struct qcow2_image *img, uint64_t off, uint64_t entries, uint32_t esize, uint64_t max,
+                      const char *what)
+{
+    int ret = qcow2_check_table(img, off, entries, esize, max, what);
+    return ret == -EINVAL && img->checking && !offset_into_cluster(img, off) ? 0 : ret;
+}
+
 int qcow2_read_header(struct qcow2_image *img)
 {
     struct qcow2_disk_header *h = &img->h;
@@ -310,14 +320,14 @@ int qcow2_read_header(struct qcow2_image *img)
                        h->l1_size, h->size, need_l1);
         goto out;
     }
-    ret = qcow2_check_table(img, h->l1_table_offset, h->l1_size, 8, QCOW2_MAX_L1_BYTES, "L1 table");
+    ret = main_table(img, h->l1_table_offset, h->l1_size, 8, QCOW2_MAX_L1_BYTES, "L1 table");
     if (ret < 0)
         goto out;
-    ret = qcow2_check_table(img, h->refcount_table_offset, (uint64_t)h->refcount_table_clusters << img->cluster_bits, 1,
-                            QCOW2_MAX_REFTABLE_BYTES, "refcount table");
+    ret = main_table(img, h->refcount_table_offset, (uint64_t)h->refcount_table_clusters << img->cluster_bits, 1,
+                     QCOW2_MAX_REFTABLE_BYTES, "refcount table");
     if (ret < 0)
         goto out;
-    if (h->refcount_table_clusters == 0) {
+    if (h->refcount_table_clusters == 0 && !img->checking) {
         ret = err_fail(EINVAL, "refcount table is empty");
         goto out;
     }
@@ -326,8 +336,7 @@ int qcow2_read_header(struct qcow2_image *img)
         goto out;
     }
     if (h->nb_snapshots) {
-        ret = qcow2_check_table(img, h->snapshots_offset, h->nb_snapshots, 40, QCOW2_MAX_SNAPSHOT_TABLE,
-                                "snapshot table");
+        ret = main_table(img, h->snapshots_offset, h->nb_snapshots, 40, QCOW2_MAX_SNAPSHOT_TABLE, "snapshot table");
         if (ret < 0)
             goto out;
     }

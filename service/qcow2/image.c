@@ -236,6 +236,7 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
         img->data = img->file;
     } else if (!strcmp(fmt, "qcow2")) {
         img->fmt = QCOW2_FMT_QCOW2;
+        img->checking = o->allow_corrupt && !depth;
         ret = open_qcow2(img, o, chain);
         if (ret < 0)
             goto fail;

@@ -198,6 +198,7 @@ struct qcow2_image {
     uint64_t size;               /* guest size seen by reads (a snapshot's in a view) */
     uint64_t file_size;
     int depth;                   /* 0 for the top image */
+    bool checking;               /* opened for check (allow_corrupt): snapshots with bad L1 tables are kept */
 
     /* qcow2 */
     struct qcow2_disk_header h;  /* CPU order */
@@ -329,6 +330,20 @@ static inline uint64_t qcow2_refcount_entry(const unsigned char *b, uint64_t i, 
     for (unsigned k = 0; k < bits / 8; k++)
         v = (v << 8) | b[i * (bits / 8) + k];
     return v;
+}
+
+/* Sets entry i of a refcount block in its on-disk form to v. */
+static inline void qcow2_refcount_entry_set(unsigned char *b, uint64_t i, unsigned bits, uint64_t v)
+{
+    if (bits < 8) {
+        unsigned shift = (unsigned)(i * bits % 8), mask = ((1u << bits) - 1) << shift;
+        b[i * bits / 8] = (unsigned char)((b[i * bits / 8] & ~mask) | ((v << shift) & mask));
+        return;
+    }
+    for (unsigned k = bits / 8; k-- > 0;) {
+        b[i * (bits / 8) + k] = (unsigned char)v;
+        v >>= 8;
+    }
 }
 
 /* ---- header.c ---- */

@@ -18,19 +18,6 @@ uint64_t rc_max(const struct qcow2_image *img)
     return img->refcount_bits == 64 ? UINT64_MAX : (1ull << img->refcount_bits) - 1;
 }
 
-static void entry_set(unsigned char *b, uint64_t i, unsigned bits, uint64_t v)
-{
-    if (bits < 8) {
-        unsigned shift = (unsigned)(i * bits % 8), mask = ((1u << bits) - 1) << shift;
-        b[i * bits / 8] = (unsigned char)((b[i * bits / 8] & ~mask) | ((v << shift) & mask));
-        return;
-    }
-    for (unsigned k = bits / 8; k-- > 0;) {
-        b[i * (bits / 8) + k] = (unsigned char)v;
-        v >>= 8;
-    }
-}
-
 static int rb_write(struct qcow2_image *img, struct rb_entry *e)
 {
     int ret = overlap_check(img, e->off, img->cluster_size, "refcount block");
@@ -169,7 +156,7 @@ static int new_refblock(struct qcow2_image *img, uint64_t ti)
     ret = rb_get(img, off, true, &e);
     if (ret < 0)
         return ret;
-    entry_set(e->buf, 0, img->refcount_bits, 1);
+    qcow2_refcount_entry_set(e->buf, 0, img->refcount_bits, 1);
     return install_refblock(img, ti, e);
 }
 
@@ -218,7 +205,7 @@ int rc_set(struct qcow2_image *img, uint64_t cluster, uint64_t val)
     ret = rb_get(img, img->reftable[ti] & QCOW2_REFT_OFFSET_MASK, false, &e);
     if (ret < 0)
         return ret;
-    entry_set(e->buf, cluster % pb, img->refcount_bits, val);
+    qcow2_refcount_entry_set(e->buf, cluster % pb, img->refcount_bits, val);
     e->dirty = true;
     if (val && ((cluster + 1) << img->cluster_bits) > img->file_size)
         note_file_end(img, (cluster + 1) << img->cluster_bits);
@@ -305,7 +292,7 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries)
         uint64_t boff = table[r];
         uint64_t bidx = (boff >> img->cluster_bits) - (start + tclusters);
         if (boff >= (start + tclusters) << img->cluster_bits && bidx < nrb) {
-            entry_set(area + bidx * cs, c % pb, img->refcount_bits, 1);
+            qcow2_refcount_entry_set(area + bidx * cs, c % pb, img->refcount_bits, 1);
         } else if ((ret = rc_set(img, c, 1)) < 0) { /* an existing block covers it */
             goto out;
         }

@@ -33,8 +33,11 @@ int qcow2_load_u64_table(struct qcow2_image *img, uint64_t off, uint32_t entries
     uint64_t *t = calloc(entries ? entries : 1, 8);
     if (!t)
         return err_fail(ENOMEM, "out of memory for a table of %u entries", entries);
-    if (entries) {
-        int ret = vfs_pread(img->file, t, (size_t)entries * 8, off);
+    uint64_t have = (uint64_t)entries * 8;
+    if (img->checking) /* opened for check: past the end of the file reads as zeroes, as in qemu */
+        have = off >= img->file_size ? 0 : img->file_size - off < have ? img->file_size - off : have;
+    if (have) {
+        int ret = vfs_pread(img->file, t, (size_t)have, off);
         if (ret < 0) {
             free(t);
             return ret;

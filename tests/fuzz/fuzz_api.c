@@ -224,9 +224,12 @@ static void build(const char *p, size_t n, struct out *o)
     put_line(o, p, (size_t)(line_end - p));
     puts_(o, " HTTP/1.1\r\n");
     p = eol ? eol + 1 : end;
+    bool typed = false;
     while (p < end && *p != '\n') { /* header lines up to an empty one */
         eol = memchr(p, '\n', (size_t)(end - p));
         line_end = eol ? eol : end;
+        if ((size_t)(line_end - p) >= 13 && !strncasecmp(p, "content-type:", 13))
+            typed = true;
         if (!dropped_header(p, (size_t)(line_end - p))) {
             put_line(o, p, (size_t)(line_end - p));
             puts_(o, "\r\n");
@@ -235,9 +238,11 @@ static void build(const char *p, size_t n, struct out *o)
     }
     if (p < end)
         p++; /* the empty line */
-    char tail[96];
-    snprintf(tail, sizeof tail, "Host: localhost\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n",
-             (size_t)(end - p));
+    char tail[160];
+    /* a body without a Content-Type of its own is sent as JSON, so the JSON
+     * endpoints' parsers get it (they answer 415 to other types) */
+    snprintf(tail, sizeof tail, "Host: localhost\r\nConnection: close\r\n%sContent-Length: %zu\r\n\r\n",
+             !typed && p < end ? "Content-Type: application/json\r\n" : "", (size_t)(end - p));
     puts_(o, tail);
     put(o, p, (size_t)(end - p));
 }

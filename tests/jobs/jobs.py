@@ -274,6 +274,12 @@ def main():
         with open(img(cat, "corrupt"), "r+b") as f:  # l1_table_offset, not cluster aligned
             f.seek(40)
             f.write((0x30008).to_bytes(8, "big"))
+        run(QEMU_IMG, "create", "-q", "-f", "qcow2", img(cat, "l2hdr"), "8M")
+        dm.qemu_io(img(cat, "l2hdr"), "write -q -P 0x11 0 2M")
+        with open(img(cat, "l2hdr"), "r+b") as f:  # L1[0] names the header as its L2 table
+            f.seek(40)
+            f.seek(int.from_bytes(f.read(8), "big"))
+            f.write((1 << 63).to_bytes(8, "big"))
         dm.s3_start(top)
         dm.sync_up(cat)
         d = Daemon(cat, "--job-workers", "2", "--max-listeners", "2")
@@ -332,7 +338,7 @@ def main():
 
         def checks():
             for name, body in (("disk", None), ("over", {}), ("base", {"repair": "leaks"}),
-                               ("disk", {"repair": "all"})):
+                               ("disk", {"repair": "all"}), ("l2hdr", {})):
                 j = ck.run_job(d, "POST", "/v1/images/%s/check" % name, body)
                 ck.seen.append(("CheckReport", j["result"], "check " + name))
                 rc, q = qcheck(img(cat, name))
@@ -341,6 +347,8 @@ def main():
                     mine.pop(k)
                     q.pop(k)
                 assert mine == q, (name, mine, q)
+                if name == "l2hdr":  # an L2 table over the header: corruptions, not leaks only
+                    assert rc == 2 and mine.get("corruptions", 0) > 0, mine
         ck.case("check_job_equals_qemu_img_check", checks)
 
         def check_pause_cancel():

@@ -342,6 +342,115 @@ START_TEST(snapshot_with_more_l2_tables_than_the_cache)
 }
 END_TEST
 
+/* An image of 8 MiB (64 KiB clusters) in mem with guest bytes at 0 and 4 MiB,
+ * then the 8 bytes at `at` (an offset named by the header field at `field`, plus
+ * `plus`) replaced with f(old). */
+static void damaged_image(const char *uri, unsigned field, uint64_t plus, uint64_t (*f)(uint64_t))
+{
+    vfs_remove(uri);
+    struct qcow2_create_opts co = {.size = 8u << 20};
+    ck_assert_int_eq(qcow2_create(uri, &co), 0);
+    struct qcow2_open_opts o = {.read_write = true};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open(uri, &o, &img), 0);
+    unsigned char buf[4096];
+    memset(buf, 0x5a, sizeof buf);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, sizeof buf, 0), 0);
+    ck_assert_int_eq(qcow2_pwrite(img, buf, sizeof buf, 4u << 20), 0);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    struct vfs_file *fp;
+    unsigned char b[8];
+    ck_assert_int_eq(vfs_open(uri, VFS_O_RDWR, &fp), 0);
+    ck_assert_int_eq(vfs_pread(fp, b, 8, field), 0);
+    uint64_t at = 0, v = 0;
+    for (unsigned i = 0; i < 8; i++)
+        at = at << 8 | b[i];
+    at += plus;
+    ck_assert_int_eq(vfs_pread(fp, b, 8, at), 0);
+    for (unsigned i = 0; i < 8; i++)
+        v = v << 8 | b[i];
+    v = f(v);
+    for (unsigned i = 0; i < 8; i++)
+        b[i] = (unsigned char)(v >> (56 - 8 * i));
+    ck_assert_int_eq(vfs_pwrite(fp, b, 8, at), 0);
+    vfs_close(fp);
+}
+
+static struct qcow2_check_result check_uri(const char *uri, enum qcow2_repair repair, int want_ret)
+{
+    struct qcow2_open_opts o = {.read_write = repair != QCOW2_REPAIR_NONE, .allow_corrupt = true};
+    struct qcow2_image *img;
+    struct qcow2_check_result r;
+    ck_assert_int_eq(qcow2_open(uri, &o, &img), 0);
+    ck_assert_int_eq(qcow2_check(img, repair, &r, NULL, NULL), want_ret);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    return r;
+}
+
+static void reads_back(const char *uri)
+{
+    struct qcow2_image *img;
+    unsigned char buf[4096];
+    ck_assert_int_eq(qcow2_open(uri, NULL, &img), 0);
+    ck_assert_int_eq(qcow2_pread(img, buf, sizeof buf, 4u << 20), 0);
+    ck_assert_uint_eq(buf[0], 0x5a);
+    ck_assert_uint_eq(buf[4095], 0x5a);
+    ck_assert_int_eq(qcow2_close(img), 0);
+}
+
+static uint64_t l2_over_header(uint64_t v)
+{
+    (void)v;
+    return 1ull << 63; /* OFLAG_COPIED, offset 0 */
+}
+
+static uint64_t misaligned(uint64_t v)
+{
+    return v + 512;
+}
+
+/* An L2 table over the header is corruption (qemu-img: exit 2), not a leak. */
+START_TEST(check_counts_an_l2_table_over_the_header_as_corruption)
+{
+    const char *uri = "mem:t/l2hdr.qcow2";
+    damaged_image(uri, 40, 0, l2_over_header);
+    struct qcow2_check_result r = check_uri(uri, QCOW2_REPAIR_NONE, 0);
+    ck_assert_uint_gt(r.corruptions, 0);
+    vfs_remove(uri);
+}
+END_TEST
+
+/* A misaligned refcount block: corruption; -r leaks cannot help (it needs a
+ * rebuild); -r all rebuilds the refcounts and the image is clean, its data intact. */
+START_TEST(check_rebuilds_a_misaligned_refcount_block)
+{
+    const char *uri = "mem:t/rbmis.qcow2";
+    damaged_image(uri, 48, 0, misaligned);
+    struct qcow2_check_result r = check_uri(uri, QCOW2_REPAIR_NONE, 0);
+    ck_assert_uint_eq(r.corruptions, 1);
+    check_uri(uri, QCOW2_REPAIR_LEAKS, -EIO);
+    r = check_uri(uri, QCOW2_REPAIR_ALL, 0);
+    ck_assert_uint_ge(r.corruptions_fixed, 1);
+    r = check_uri(uri, QCOW2_REPAIR_NONE, 0);
+    ck_assert_uint_eq(r.corruptions + r.leaks + r.check_errors, 0);
+    reads_back(uri);
+    vfs_remove(uri);
+}
+END_TEST
+
+/* A disk of 0 bytes: no L1 table, nothing leaked. */
+START_TEST(check_finds_a_zero_byte_image_clean)
+{
+    const char *uri = "mem:t/zero.qcow2";
+    vfs_remove(uri);
+    struct qcow2_create_opts co = {.size = 0};
+    ck_assert_int_eq(qcow2_create(uri, &co), 0);
+    struct qcow2_check_result r = check_uri(uri, QCOW2_REPAIR_NONE, 0);
+    ck_assert_uint_eq(r.corruptions + r.leaks + r.check_errors, 0);
+    vfs_remove(uri);
+}
+END_TEST
+
 START_TEST(a_writer_and_readers_share_an_image)
 {
     sh("qemu-img create -f qcow2 -o cluster_size=4k w.qcow2 8M && qemu-io -c 'write -P 3 0 4M' -c 'write -c -P 5 5M 4k' w.qcow2");
@@ -725,6 +834,9 @@ static Suite *suite(void)
     tcase_add_test(tc, parallel_readers_see_the_right_bytes);
     tcase_add_test(tc, a_writer_and_readers_share_an_image);
     tcase_add_test(tc, snapshot_with_more_l2_tables_than_the_cache);
+    tcase_add_test(tc, check_counts_an_l2_table_over_the_header_as_corruption);
+    tcase_add_test(tc, check_rebuilds_a_misaligned_refcount_block);
+    tcase_add_test(tc, check_finds_a_zero_byte_image_clean);
     tcase_add_test(tc, pinned_runs_keep_their_bytes);
     tcase_add_test(tc, cursor_checks_every_step);
     tcase_add_test(tc, budget_refuses_tables_that_need_more);

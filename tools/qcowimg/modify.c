@@ -319,10 +319,10 @@ int cmd_check(int argc, char **argv)
     if (ret < 0)
         return fail_err(file, ret);
     struct qcow2_check_result r, fixed = {0};
-    ret = qcow2_check(img, repair, &r, json ? NULL : print_line, NULL);
+    ret = qcow2_check(img, repair, &r, print_line, NULL); /* findings on stderr, as qemu-img prints them */
     if (ret == 0 && repair) {
         fixed = r;
-        ret = qcow2_check(img, QCOW2_REPAIR_NONE, &r, json ? NULL : print_line, NULL);
+        ret = qcow2_check(img, QCOW2_REPAIR_NONE, &r, print_line, NULL);
         r.leaks_fixed = fixed.leaks_fixed;
         r.corruptions_fixed = fixed.corruptions_fixed;
     }
