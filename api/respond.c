@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "api_int.h"
+#include "catalog.h"
 #include "err.h"
 
 /* errno -> status and code: the one place an engine, catalog or store failure
@@ -164,11 +165,39 @@ enum MHD_Result api_reply_json_hdr(struct req *r, unsigned status, json_t *body,
     return queue_json(r, status, body, hdr, hdr_value);
 }
 
+/* msg without the server's own paths: every "CATALOG/" (the catalog folder as
+ * the store names it, with or without its "scheme:") is cut, so a client reads
+ * "open a.qcow2: ..." and learns nothing of the server's file system. A new
+ * string, or NULL (then msg goes as it is). */
+static char *scrub_paths(const struct req *r, const char *msg)
+{
+    char *root = r->cat ? catalog_path(r->cat, "") : NULL;
+    if (!root)
+        return NULL;
+    const char *colon = strchr(root, ':');
+    const char *forms[2] = {root, colon && colon[1] == '/' ? colon + 1 : NULL};
+    char *out = strdup(msg);
+    for (int f = 0; out && f < 2; f++) {
+        size_t n = forms[f] ? strlen(forms[f]) : 0;
+        if (n < 2)
+            continue;
+        char *hit;
+        while ((hit = strstr(out, forms[f])))
+            memmove(hit, hit + n, strlen(hit + n) + 1);
+    }
+    free(root);
+    return out;
+}
+
 enum MHD_Result api_reply_status(struct req *r, unsigned status, const char *code, const char *msg, const char *hdr,
                                  const char *hdr_value)
 {
-    return queue_json(r, status, json_pack("{s:{s:s,s:o}}", "error", "code", code, "message", api_jstr(msg)), hdr,
-                      hdr_value);
+    char *clean = scrub_paths(r, msg);
+    enum MHD_Result res = queue_json(
+        r, status, json_pack("{s:{s:s,s:o}}", "error", "code", code, "message", api_jstr(clean ? clean : msg)), hdr,
+        hdr_value);
+    free(clean);
+    return res;
 }
 
 enum MHD_Result api_reply_empty(struct req *r, unsigned status, const char *hdr, const char *hdr_value)

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "access.h"
 #include "api.h"
@@ -188,17 +189,54 @@ static void note_stale(void *ctx, const char *tmp, const char *why, int err)
     (void)ctx;
 }
 
-/* Storage plugins: from --plugin-dir, else the build tree's folder when it is
- * there, else the installed one. Only an explicit folder must exist. */
+/* Whether dir may hold code qcowd loads: a folder (not a link) owned by root or
+ * by qcowd's user, that nobody else may write to. */
+static int trusted_dir(const char *dir, const char *what)
+{
+    struct stat st;
+    if (lstat(dir, &st) < 0)
+        return err_fail(errno, "%s %s: %s", what, dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return err_fail(ENOTDIR, "%s %s: not a folder", what, dir);
+    if (st.st_mode & S_IWOTH)
+        return err_fail(EPERM, "%s %s: anyone may write into it, so anyone could make qcowd run their code "
+                               "(chmod o-w)", what, dir);
+    if (st.st_uid != 0 && st.st_uid != geteuid())
+        return err_fail(EPERM, "%s %s: owned by uid %u, neither root nor qcowd's user", what, dir,
+                        (unsigned)st.st_uid);
+    return 0;
+}
+
+/* Whether this binary runs from the build tree (then it loads the build's
+ * plugins; an installed binary never does). */
+static bool running_from_build_tree(void)
+{
+    char exe[4096];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0)
+        return false;
+    exe[n] = '\0';
+    const char *slash = strrchr(QCOWD_BUILD_PLUGIN_DIR, '/');
+    size_t root = slash ? (size_t)(slash - QCOWD_BUILD_PLUGIN_DIR) : 0;
+    return root && !strncmp(exe, QCOWD_BUILD_PLUGIN_DIR, root) && exe[root] == '/';
+}
+
+/* Storage plugins: from --plugin-dir, else the build tree's folder for a binary
+ * of the build tree, else the installed one. Only an explicit folder must exist;
+ * any folder must be trusted (trusted_dir). */
 static int load_plugins(const char *dir)
 {
     struct stat st;
-    if (!dir)
-        dir = stat(QCOWD_BUILD_PLUGIN_DIR, &st) == 0 ? QCOWD_BUILD_PLUGIN_DIR : QCOWD_INSTALL_PLUGIN_DIR;
-    else if (stat(dir, &st) < 0)
-        return err_fail(errno, "--plugin-dir %s: %s", dir, strerror(errno));
-    if (stat(dir, &st) < 0)
-        return 0;
+    const char *what = "--plugin-dir";
+    if (!dir) {
+        dir = running_from_build_tree() ? QCOWD_BUILD_PLUGIN_DIR : QCOWD_INSTALL_PLUGIN_DIR;
+        what = "plugin folder";
+        if (stat(dir, &st) < 0)
+            return 0;
+    }
+    int ret = trusted_dir(dir, what);
+    if (ret < 0)
+        return ret;
     int n = vfs_load_plugins(dir);
     return n < 0 ? n : 0;
 }

@@ -13,6 +13,10 @@
  * a huge offset) fails with -EFBIG instead of exhausting memory. */
 #define MEM_MAX_OBJECT (1ull << 30)
 
+/* The largest object (max-object=SIZE, at most MEM_MAX_OBJECT): the fuzz targets
+ * set a small one, so a hostile image cannot make the store take gigabytes. */
+static uint64_t max_object = MEM_MAX_OBJECT;
+
 /* One object. Lock order: table_lock before an object's lock, never the
  * reverse; the table lock is never held across a callback. */
 struct mobj {
@@ -123,15 +127,15 @@ static int mem_pread(void *h, void *buf, size_t len, uint64_t off)
 }
 
 /* Make the object size bytes long, new bytes zero. Caller holds the write lock
- * and has checked size <= MEM_MAX_OBJECT. */
+ * and has checked size <= max_object. */
 static int resize_locked(struct mobj *o, const char *name, size_t size)
 {
     if (size > o->cap || size < o->cap / 4) {
         size_t cap = size;
         if (size > o->cap) { /* grow geometrically so appends stay linear */
             cap = o->cap * 2 > size ? o->cap * 2 : size;
-            if (cap > MEM_MAX_OBJECT)
-                cap = MEM_MAX_OBJECT;
+            if (cap > max_object)
+                cap = (size_t)max_object;
         }
         unsigned char *d = realloc(o->data, cap ? cap : 1);
         if (!d) {
@@ -153,7 +157,7 @@ static int resize_locked(struct mobj *o, const char *name, size_t size)
 static int too_big(const char *name, const char *op, uint64_t size)
 {
     return err_fail(EFBIG, "%s mem:%s: %llu bytes is over the %llu byte limit of mem objects",
-                    op, name, (unsigned long long)size, (unsigned long long)MEM_MAX_OBJECT);
+                    op, name, (unsigned long long)size, (unsigned long long)max_object);
 }
 
 static int mem_pwrite(void *h, const void *buf, size_t len, uint64_t off)
@@ -161,7 +165,7 @@ static int mem_pwrite(void *h, const void *buf, size_t len, uint64_t off)
     struct mobj *o = MO(h);
     uint64_t end = off + len; /* the host checked that this does not wrap */
     int r = 0;
-    if (end > MEM_MAX_OBJECT)
+    if (end > max_object)
         return too_big(MH(h)->name, "pwrite", end);
     pthread_rwlock_wrlock(&o->lock);
     if (end > o->size)
@@ -190,7 +194,7 @@ static int mem_size(void *h, uint64_t *size)
 static int mem_truncate(void *h, uint64_t size)
 {
     struct mobj *o = MO(h);
-    if (size > MEM_MAX_OBJECT)
+    if (size > max_object)
         return too_big(MH(h)->name, "truncate", size);
     pthread_rwlock_wrlock(&o->lock);
     int r = resize_locked(o, MH(h)->name, (size_t)size);
@@ -344,6 +348,18 @@ static int mem_rename(const char *from, const char *to)
     return 0;
 }
 
+static int mem_config(const char *key, const char *value)
+{
+    char *end;
+    unsigned long long n = strtoull(value, &end, 10);
+    if (strcmp(key, "max-object"))
+        return err_fail(EINVAL, "unknown setting '%s' (the mem backend has: max-object)", key);
+    if (end == value || *end || n < 4096 || n > MEM_MAX_OBJECT)
+        return err_fail(EINVAL, "max-object takes a number of bytes from 4096 to %llu", (unsigned long long)MEM_MAX_OBJECT);
+    max_object = n;
+    return 0;
+}
+
 const struct vfs_ops vfs__mem_ops = {
     .version = VFS_OPS_VERSION,
     .struct_size = sizeof(struct vfs_ops),
@@ -362,4 +378,5 @@ const struct vfs_ops vfs__mem_ops = {
     .remove = mem_remove,
     .rename = mem_rename,
     /* no .block_status: the host's default (data up to the size) is exact here */
+    .config = mem_config,
 };

@@ -309,10 +309,16 @@ int vfs_load_plugins(const char *dir)
     for (int i = 0; i < n; i++) {
         char *path;
         int r;
-        if (asprintf(&path, "%s/%s", dir, ents[i]->d_name) < 0)
+        struct stat st;
+        if (asprintf(&path, "%s/%s", dir, ents[i]->d_name) < 0) {
             r = err_fail(ENOMEM, "load plugin %s: out of memory", ents[i]->d_name);
-        else {
-            r = vfs_load_plugin(path);
+        } else {
+            /* code anyone may replace is not loaded */
+            if (lstat(path, &st) < 0 || !S_ISREG(st.st_mode) || (st.st_mode & (S_IWOTH | S_IWGRP)))
+                r = err_fail(EPERM, "load plugin %s: not a regular file that only its owner may write; skipped",
+                             path);
+            else
+                r = vfs_load_plugin(path);
             free(path);
         }
         if (r < 0)

@@ -20,6 +20,9 @@
                token file and a half TLS pair are refused
   logs         no token or ticket secret in any log line; state changes have an
                audit line naming the token
+  docker       docker/entrypoint.sh makes a certificate and an admin token on the
+               first start (secrets folder 0700, never in the log) and serves HTTPS
+               with tokens; the second start keeps them
   reload       SIGHUP reloads the tokens (an old one stops, a new one works) and the
                certificate (new connections see the new one) while a connection
                opened before keeps working; a broken token file keeps the old table
@@ -79,6 +82,15 @@ class TlsQcowd(qcowd.Qcowd):
         if isinstance(body, (dict, list)):
             body = json.dumps(body).encode()
             h.setdefault("Content-Type", "application/json")
+        if path == "/v1/events":  # a stream without end: the status and headers only
+            c = self.conn(timeout=30)
+            try:
+                c.request(method, path, body=body, headers=h)
+                r = c.getresponse()
+                data = r.read() if r.status >= 300 else b""
+                return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+            finally:
+                c.close()
         return self.exchange(method, path, body=body, headers=h, conn=conn)
 
 
@@ -349,6 +361,50 @@ def main():
             r = start(["--tls-cert", pki.server_cert, "--tls-key", pki.client_key])
             assert r.returncode == 2 and b"does not belong" in r.stderr, r.stderr
         s.case("safe_defaults_and_refusals", defaults)
+
+        def docker_entrypoint():
+            """docker/entrypoint.sh outside Docker: it makes a certificate and an admin
+            token on the first start, serves HTTPS with tokens, and on the second start
+            keeps both."""
+            sec = os.path.join(top, "secrets")
+            dcat = os.path.join(top, "dcat")
+            os.mkdir(dcat)
+            env = dict(os.environ, QCOWD_SECRETS=sec, QCOWD_CATALOG=dcat, QCOWD_LISTEN="127.0.0.1:0",
+                       PATH=os.path.dirname(qcowd.QCOWD) + os.pathsep + os.environ.get("PATH", ""))
+            script = os.path.join(HERE, "..", "..", "docker", "entrypoint.sh")
+            for round_ in (1, 2):
+                p = subprocess.Popen(["/bin/sh", script, "--quiet"], env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+                lines = []
+                while True:
+                    ln = p.stderr.readline().decode()
+                    lines.append(ln)
+                    if not ln or "listening on" in ln:
+                        break
+                m = re.search(r"listening on https://127\.0\.0\.1:(\d+)/ .*tokens required", lines[-1])
+                assert m, lines
+                made = [ln for ln in lines if "made" in ln]
+                assert (len(made) == 2) == (round_ == 1), lines
+                admin = open(os.path.join(sec, "admin.token")).read().strip()
+                secrets.append(admin)
+                assert admin not in "".join(lines)
+                assert oct(os.stat(sec).st_mode & 0o777) == "0o700" and oct(os.stat(os.path.join(sec, "tls.key")).st_mode & 0o777) == "0o600"
+                ctx = ssl.create_default_context(cafile=os.path.join(sec, "tls.pem"))
+                c = http.client.HTTPSConnection("127.0.0.1", int(m.group(1)), timeout=30, context=ctx)
+                c.request("GET", "/v1/images")
+                r = c.getresponse()
+                r.read()
+                assert r.status == 401, r.status
+                c.request("GET", "/v1/images", headers={"Authorization": "Bearer " + admin})
+                r = c.getresponse()
+                r.read()
+                assert r.status == 200, r.status
+                c.close()
+                p.send_signal(signal.SIGTERM)
+                assert p.wait(60) == 0
+                p.stderr.close()
+        if shutil.which("openssl"):
+            s.case("docker_entrypoint_makes_tls_and_tokens", docker_entrypoint)
 
         for x in daemons:
             if x.alive():

@@ -56,7 +56,10 @@ class Suite(bm.Suite):
         c = self.d.conn()
         try:
             data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-            c.request(method, path, body=data, headers=headers or {})
+            headers = dict(headers or {})
+            if data is not None and method in ("POST", "PATCH"):
+                headers.setdefault("Content-Type", "application/json")
+            c.request(method, path, body=data, headers=headers)
             r = c.getresponse()
             raw = r.read()
         finally:

@@ -2,8 +2,9 @@
 """docker_lint.py: checks docker/Dockerfile and docker/compose.yaml without a Docker
 engine (none runs in CI), on the points that break an image:
   stages     a `build` and a `runtime` stage on Debian 12; COPY --from names a stage
-  runtime    runs as a non-root user that the stage creates; VOLUME /data; EXPOSE 8080;
-             the ENTRYPOINT of the issue; a HEALTHCHECK on /v1/health
+  runtime    runs as a non-root user that the stage creates; VOLUME /data; EXPOSE 8443;
+             the entrypoint script (TLS and tokens made on first start) copied in and
+             used as ENTRYPOINT; a HEALTHCHECK on /v1/health
   packages   every package apt-get installs exists in Debian (apt-cache show; skipped
              with a message when apt has no package lists); the runtime stage installs
              no -dev package; the build stage installs the -dev package of every
@@ -13,7 +14,7 @@ engine (none runs in CI), on the points that break an image:
              `required` package (those are in the base image)
   copy       every COPY source exists in the repository and is not dockerignored
   compose    the service builds docker/Dockerfile from the repository, mounts a volume
-             at /data, maps port 8080, and its named volumes are declared
+             at /data, maps port 8443 on loopback only, and its named volumes are declared
 
 Environment: REPO (default: two folders up), QCOWD/QCOWCTL/QCOWIMG (optional).
 Prints `ok NAME` / `FAIL NAME: reason` / `skip NAME: why`, then `N passed, M failed`.
@@ -36,7 +37,8 @@ DOCKERFILE = os.path.join(REPO, "docker", "Dockerfile")
 COMPOSE = os.path.join(REPO, "docker", "compose.yaml")
 IGNORE = os.path.join(REPO, "docker", "Dockerfile.dockerignore")
 RUNTIME_LIBS = ["libmicrohttpd12", "libjansson4", "zlib1g", "libzstd1", "libcurl3-gnutls", "libgnutls30"]
-ENTRYPOINT = ["qcowd", "--listen", "0.0.0.0:8080", "--catalog", "/data"]
+ENTRYPOINT = ["qcowd-entrypoint"]  # docker/entrypoint.sh: TLS and tokens, then exec qcowd
+PORT = "8443"
 
 
 class Skip(Exception):
@@ -206,13 +208,20 @@ def main():
         assert uline < ep[-1][1], "USER comes after ENTRYPOINT"
         vols = [r for i, r, _ in runtime if i == "VOLUME"]
         assert any("/data" in (json.loads(v) if v.startswith("[") else v.split()) for v in vols), "no VOLUME /data"
-        assert any("8080" in r.split() or "8080/tcp" in r.split() for i, r, _ in runtime if i == "EXPOSE"), "no EXPOSE 8080"
+        assert any(PORT in r.split() or PORT + "/tcp" in r.split() for i, r, _ in runtime if i == "EXPOSE"), \
+            "no EXPOSE " + PORT
+        with open(os.path.join(REPO, "docker", "entrypoint.sh")) as f:
+            script = f.read()
+        for want in ("--tls-cert", "--tls-key", "--tokens", "qcowd token new", "exec qcowd"):
+            assert want in script, "docker/entrypoint.sh does not %s" % want
+        assert re.search(r"COPY\s+docker/entrypoint\.sh\s+\S*/qcowd-entrypoint", open(DOCKERFILE).read()), \
+            "the entrypoint script is not copied into the image"
         hc = [r for i, r, _ in runtime if i == "HEALTHCHECK"]
         assert hc and "CMD" in hc[-1], "no HEALTHCHECK"
         assert "/v1/health" in hc[-1] or re.search(r'qcowctl"?,?\s*"?health', hc[-1]), "the HEALTHCHECK does not ask /v1/health"
         assert "chown" in runs and "/data" in runs, "/data is not given to the runtime user"
         assert "ADD" not in ins, "ADD in the runtime stage (use COPY)"
-    lint.case("runtime: non-root, VOLUME /data, EXPOSE 8080, ENTRYPOINT, HEALTHCHECK", t_runtime)
+    lint.case("runtime: non-root, VOLUME /data, EXPOSE 8443, ENTRYPOINT with TLS and tokens, HEALTHCHECK", t_runtime)
 
     def t_packages_exist():
         pkgs = sorted(set(apt_packages(build) + apt_packages(runtime)))
@@ -361,8 +370,10 @@ def main():
                 ports.append(str(p.get("target")))
             else:
                 ports.append(str(p).split(":")[-1].split("/")[0])
-        assert "8080" in ports, "port 8080 is not mapped (%s)" % ports
-    lint.case("compose: builds docker/Dockerfile, volume at /data, port 8080", t_compose)
+        assert PORT in ports, "port %s is not mapped (%s)" % (PORT, ports)
+        for p in svc.get("ports") or []:
+            assert not isinstance(p, str) or p.startswith("127.0.0.1:"), "port %s is published beyond loopback" % p
+    lint.case("compose: builds docker/Dockerfile, volume at /data, port 8443 on loopback", t_compose)
 
     print("%d passed, %d failed, %d skipped" % (lint.passed, lint.failed, lint.skipped))
     return 1 if lint.failed else 0

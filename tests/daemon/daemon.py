@@ -531,7 +531,7 @@ def main():
                 assert h.get("allow") == allow, (m, path, h.get("allow"))
             # a raw request line no client library would send
             s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
-            s.sendall(b"GET /v1/images/%41%2F%2E%2E HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            s.sendall(b"GET /v1/images/%41%2F%2E%2E HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             resp = b""
             while True:
                 k = s.recv(65536)

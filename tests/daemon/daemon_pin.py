@@ -88,7 +88,7 @@ def slow_get(port, path, first, last):
     s.settimeout(60)
     try:
         s.connect(("127.0.0.1", port))
-        s.sendall(("GET %s HTTP/1.1\r\nHost: x\r\nRange: bytes=%d-%d\r\nConnection: close\r\n\r\n"
+        s.sendall(("GET %s HTTP/1.1\r\nHost: localhost\r\nRange: bytes=%d-%d\r\nConnection: close\r\n\r\n"
                    % (path, first, last)).encode())
         buf = b""
         while b"\r\n\r\n" not in buf:
@@ -268,7 +268,7 @@ def main():
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.settimeout(60)
         s.connect(("127.0.0.1", d.port))
-        s.sendall(("GET /v1/images/stall/data HTTP/1.1\r\nHost: x\r\nRange: bytes=0-%d\r\n"
+        s.sendall(("GET /v1/images/stall/data HTTP/1.1\r\nHost: localhost\r\nRange: bytes=0-%d\r\n"
                    "Connection: close\r\n\r\n" % (STALL_RUN * cs - 1)).encode())
         buf = b""
         while b"\r\n\r\n" not in buf or len(buf.split(b"\r\n\r\n", 1)[1]) < 4096:

@@ -388,7 +388,7 @@ def main():
             staged = staging()
             for i, (cl, sent) in enumerate(cases):
                 name = "cut%d" % i
-                head = ("PUT /v1/images/%s/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" %
+                head = ("PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" %
                         (name, cl)).encode()
                 http_raw(d.port, head + data[:sent], read=False)
                 ck.bad_inputs += 1
@@ -404,7 +404,7 @@ def main():
                 assert name not in [i["name"] for i in json.loads(b)["images"]], name
                 assert d.alive()
             for cl in ["99999999999999999999999", "-1", "12abc"]:
-                out = http_raw(d.port, ("PUT /v1/images/badcl/file HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n"
+                out = http_raw(d.port, ("PUT /v1/images/badcl/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %s\r\n"
                                         "Connection: close\r\n\r\n" % cl).encode())
                 ck.bad_inputs += 1
                 assert re.match(rb"HTTP/1\.1 4\d\d ", out), (cl, out[:100])

@@ -307,21 +307,21 @@ def main():
                 if want == 416:
                     assert h.get("content-range") == "bytes */%d" % size, h
             # a huge Content-Length answered before the body is sent
-            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data?offset=0 HTTP/1.1\r\nHost: x\r\n"
+            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data?offset=0 HTTP/1.1\r\nHost: localhost\r\n"
                                             b"Content-Length: 99999999999\r\nExpect: 100-continue\r\n\r\n")
             ck.expect_error("PUT huge Content-Length", st, 413, h, b, "too-large")
             # chunked without a Content-Range: no way to check the length first
-            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data HTTP/1.1\r\nHost: x\r\n"
+            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data HTTP/1.1\r\nHost: localhost\r\n"
                                             b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
                                             b"4\r\nabcd\r\n0\r\n\r\n")
             ck.expect_error("PUT chunked without range", st, 411, h, b, "length-required")
             # chunked with a range, body longer than the range
-            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data HTTP/1.1\r\nHost: x\r\n"
+            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data HTTP/1.1\r\nHost: localhost\r\n"
                                             b"Transfer-Encoding: chunked\r\nContent-Range: bytes 0-3/*\r\n"
                                             b"Connection: close\r\n\r\n8\r\nabcdefgh\r\n0\r\n\r\n")
             ck.expect_error("PUT chunked body longer than range", st, 400, h, b, "bad-request")
             # chunked with a range that matches: accepted
-            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data HTTP/1.1\r\nHost: x\r\n"
+            st, h, b = raw_request(d.port, b"PUT /v1/images/w64k/data HTTP/1.1\r\nHost: localhost\r\n"
                                             b"Transfer-Encoding: chunked\r\nContent-Range: bytes 8-15/*\r\n"
                                             b"Connection: close\r\n\r\n3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n")
             assert st == 204, (st, b)
@@ -336,7 +336,7 @@ def main():
                                      (9 * MiB, 600 * KiB, 599 * KiB)]:
                 before = bytes(ref[off:off + total])
                 data = rng.randbytes(total)
-                head = ("PUT /v1/images/w64k/data?offset=%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" %
+                head = ("PUT /v1/images/w64k/data?offset=%d HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" %
                         (off, total)).encode()
                 raw_request(d.port, head, data[:sent], read=False)
                 time.sleep(0.3)
@@ -516,7 +516,7 @@ def main():
             # cut short: the temporary file goes away
             base.sync_down(w.cat)
             names = sorted(os.listdir(w.cat))
-            head = b"PUT /v1/images/up3/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(blob)
+            head = b"PUT /v1/images/up3/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % len(blob)
             raw_request(d.port, head, blob[:len(blob) // 2], read=False)
             time.sleep(0.5)
             base.sync_down(w.cat)
@@ -647,7 +647,7 @@ def main():
         def sigterm_then_qemu():
             # an upload stalled in the middle when SIGTERM comes: it is cut, the rest stops cleanly
             s = socket.create_connection(("127.0.0.1", d.port), timeout=30)
-            s.sendall(b"PUT /v1/images/wext/data?offset=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" +
+            s.sendall(b"PUT /v1/images/wext/data?offset=0 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n" +
                       bytes(w.refs["wext"][:1000]))
             time.sleep(0.3)
             d.proc.send_signal(signal.SIGTERM)

@@ -248,6 +248,12 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
     return img;
 }
 
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    /* a hostile image must not make the store hold gigabytes */
+    return vfs_config("mem", "max-object", "67108864") < 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)

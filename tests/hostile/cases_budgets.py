@@ -180,7 +180,7 @@ def slow_headers(s):
     tight(s)
     c = raw(s)
     try:
-        c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+        c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\n")
         t0 = time.monotonic()
         answered = None
         while time.monotonic() - t0 < 8:
@@ -220,7 +220,7 @@ def trickle_upload(s):
     head = qcow2_file(s, "trickle", "1M")[:4096]
     c = raw(s)
     try:
-        c.sendall(b"PUT /v1/images/trickle/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (8 * MiB)
+        c.sendall(b"PUT /v1/images/trickle/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (8 * MiB)
                   + head)
         t0 = time.monotonic()
         cut = None
@@ -255,7 +255,7 @@ def not_qcow2_at_once(s):
     c = raw(s)
     try:
         t0 = time.monotonic()
-        c.sendall(b"PUT /v1/images/junk/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (1 << 30)
+        c.sendall(b"PUT /v1/images/junk/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (1 << 30)
                   + b"\x7fELF" + b"\0" * 4092)
         st, j = read_answer(c, 2)
         assert st == 422, st
@@ -267,7 +267,7 @@ def not_qcow2_at_once(s):
     hdr = b"QFI\xfb" + struct.pack(">IQIIQ", 3, 0, 0, 16, 1 << 50)
     c = raw(s)
     try:
-        c.sendall(b"PUT /v1/images/huge/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (1 << 30)
+        c.sendall(b"PUT /v1/images/huge/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % (1 << 30)
                   + hdr + b"\0" * 4000)
         st, j = read_answer(c, 2)
         assert st == 422, st
@@ -291,7 +291,7 @@ def upload_caps(s):
     # without a Content-Length (chunked), cut as it passes the cap, answered at once
     c = raw(s)
     try:
-        c.sendall(b"PUT /v1/images/big/file HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        c.sendall(b"PUT /v1/images/big/file HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
         sent = 0
         try:
             while sent < len(body):
@@ -335,7 +335,7 @@ def put_head(s, name, body):
     answer a budget gives on the headers (the rest is never sent)."""
     c = raw(s)
     try:
-        c.sendall(b"PUT /v1/images/%s/file HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        c.sendall(b"PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
                   % (name.encode(), len(body)))
         try:
             c.sendall(body[:64 * KiB])
@@ -401,7 +401,7 @@ def stalled_download(s):
         f.write(body)
     c = raw(s, rcvbuf=4096)
     try:
-        c.sendall(b"GET /v1/images/held/file HTTP/1.1\r\nHost: x\r\n\r\n")
+        c.sendall(b"GET /v1/images/held/file HTTP/1.1\r\nHost: localhost\r\n\r\n")
         c.recv(100)  # the answer started; then nothing more is read
         time.sleep(0.3)
         put = {"body": b"\x11" * 4096, "headers": {"Content-Range": "bytes 0-4095/*"}}
@@ -437,7 +437,7 @@ def job_queue(s):
     slow = raw(s)
     jobs = []
     try:
-        slow.sendall(b"PUT /v1/images/jq/data HTTP/1.1\r\nHost: x\r\nContent-Range: bytes 0-65535/*\r\n"
+        slow.sendall(b"PUT /v1/images/jq/data HTTP/1.1\r\nHost: localhost\r\nContent-Range: bytes 0-65535/*\r\n"
                      b"Content-Length: 65536\r\n\r\n" + b"\1" * 1000)
         time.sleep(0.3)
 
@@ -494,18 +494,18 @@ def listeners_per_client(s):
     try:
         for _ in range(2):
             c = raw(s, "127.0.0.4")
-            c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert c.recv(4096).startswith(b"HTTP/1.1 200"), "no stream"
             streams.append(c)
         c = raw(s, "127.0.0.4")
         streams.append(c)
-        c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
         st, j = read_answer(c, 3)
         assert st == 503, st
         names_budget(j, "--max-listeners-per-client")
         c = raw(s, "127.0.0.5")
         streams.append(c)
-        c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert c.recv(4096).startswith(b"HTTP/1.1 200"), "another address is refused"
     finally:
         for c in streams:  # abortive closes: the next keepalive finds them gone
@@ -517,7 +517,7 @@ def listeners_per_client(s):
     while True:
         c = raw(s, "127.0.0.4")
         try:
-            c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.sendall(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
             if c.recv(4096).startswith(b"HTTP/1.1 200"):
                 break
         finally:

@@ -173,6 +173,7 @@ class Hostile(qcowd.Cases):
         assert set(j) == {"error"} and j["error"]["code"] and j["error"]["message"], j
         msg = j["error"]["message"]
         assert all(0x20 <= ord(c) < 0x7f for c in msg), "message has raw bytes: %r" % msg
+        assert self.top not in msg, "the server's own path is in the message: %r" % msg
         return msg
 
     def up(self):
