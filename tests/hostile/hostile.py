@@ -149,15 +149,11 @@ class Hostile(qcowd.Cases):
         return os.path.join(self.cat, name + ".qcow2")
 
     def call(self, method, path, body=None, headers=None, timeout=60):
+        """One request on a connection of its own (qcowd.Qcowd.exchange, which sends
+        a POST/PATCH body as JSON unless headers say otherwise)."""
         c = self.d.conn(timeout=timeout)
-        headers = dict(headers or {})
-        if body is not None and method in ("POST", "PATCH") and not any(k.lower() == "content-type" for k in headers):
-            headers["Content-Type"] = "application/json"  # the JSON endpoints ask for it (else 415)
         try:
-            c.request(method, path, body=body, headers=headers)
-            r = c.getresponse()
-            data = r.read()
-            return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+            return self.d.exchange(method, path, body=body, headers=headers, conn=c)
         finally:
             c.close()
 
