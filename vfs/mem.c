@@ -10,8 +10,12 @@
 #include "vfs_int.h"
 
 /* No object grows past this, so a hostile size (a truncate to 2^62, a write at
- * a huge offset) fails with -EFBIG instead of exhausting memory. */
-#define MEM_MAX_OBJECT (1ull << 30)
+ * a huge offset) fails with -EFBIG instead of exhausting memory. The default;
+ * vfs_config("mem", "max-object", BYTES) lowers or raises it (the fuzz targets
+ * keep a hostile image's growth far below their memory limit). */
+#define MEM_MAX_OBJECT_DEFAULT (1ull << 30)
+static uint64_t max_object = MEM_MAX_OBJECT_DEFAULT;
+#define MEM_MAX_OBJECT max_object
 
 /* One object. Lock order: table_lock before an object's lock, never the
  * reverse; the table lock is never held across a callback. */
@@ -344,6 +348,18 @@ static int mem_rename(const char *from, const char *to)
     return 0;
 }
 
+static int mem_config(const char *key, const char *value)
+{
+    char *end;
+    unsigned long long v = strtoull(value, &end, 10);
+    if (strcmp(key, "max-object"))
+        return err_fail(EINVAL, "mem: unknown setting %s", key);
+    if (!*value || *end || v == 0 || v > SIZE_MAX / 2)
+        return err_fail(EINVAL, "mem: max-object=%s: expected a number of bytes", value);
+    max_object = v;
+    return 0;
+}
+
 const struct vfs_ops vfs__mem_ops = {
     .version = VFS_OPS_VERSION,
     .struct_size = sizeof(struct vfs_ops),
@@ -362,4 +378,5 @@ const struct vfs_ops vfs__mem_ops = {
     .remove = mem_remove,
     .rename = mem_rename,
     /* no .block_status: the host's default (data up to the size) is exact here */
+    .config = mem_config,
 };

@@ -323,6 +323,7 @@ static void wait_jobs(struct jobs *js)
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     signal(SIGPIPE, SIG_IGN);
+    fuzz_limit_mem();
     const char *t = getenv("QCOWD_FUZZ_500");
     trap_500 = t && !strcmp(t, "trap");
     trace = getenv("QCOWD_FUZZ_TRACE") != NULL;

@@ -248,6 +248,12 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
     return img;
 }
 
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    fuzz_limit_mem();
+    return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
