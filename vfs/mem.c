@@ -10,12 +10,12 @@
 #include "vfs_int.h"
 
 /* No object grows past this, so a hostile size (a truncate to 2^62, a write at
- * a huge offset) fails with -EFBIG instead of exhausting memory. */
-#define MEM_MAX_OBJECT (1ull << 30)
-
-/* The largest object (max-object=SIZE, at most MEM_MAX_OBJECT): the fuzz targets
- * set a small one, so a hostile image cannot make the store take gigabytes. */
-static uint64_t max_object = MEM_MAX_OBJECT;
+ * a huge offset) fails with -EFBIG instead of exhausting memory. The default;
+ * vfs_config("mem", "max-object", BYTES) lowers or raises it (the fuzz targets
+ * keep a hostile image's growth far below their memory limit). */
+#define MEM_MAX_OBJECT_DEFAULT (1ull << 30)
+static uint64_t max_object = MEM_MAX_OBJECT_DEFAULT;
+#define MEM_MAX_OBJECT max_object
 
 /* One object. Lock order: table_lock before an object's lock, never the
  * reverse; the table lock is never held across a callback. */
@@ -127,15 +127,15 @@ static int mem_pread(void *h, void *buf, size_t len, uint64_t off)
 }
 
 /* Make the object size bytes long, new bytes zero. Caller holds the write lock
- * and has checked size <= max_object. */
+ * and has checked size <= MEM_MAX_OBJECT. */
 static int resize_locked(struct mobj *o, const char *name, size_t size)
 {
     if (size > o->cap || size < o->cap / 4) {
         size_t cap = size;
         if (size > o->cap) { /* grow geometrically so appends stay linear */
             cap = o->cap * 2 > size ? o->cap * 2 : size;
-            if (cap > max_object)
-                cap = (size_t)max_object;
+            if (cap > MEM_MAX_OBJECT)
+                cap = MEM_MAX_OBJECT;
         }
         unsigned char *d = realloc(o->data, cap ? cap : 1);
         if (!d) {
@@ -157,7 +157,7 @@ static int resize_locked(struct mobj *o, const char *name, size_t size)
 static int too_big(const char *name, const char *op, uint64_t size)
 {
     return err_fail(EFBIG, "%s mem:%s: %llu bytes is over the %llu byte limit of mem objects",
-                    op, name, (unsigned long long)size, (unsigned long long)max_object);
+                    op, name, (unsigned long long)size, (unsigned long long)MEM_MAX_OBJECT);
 }
 
 static int mem_pwrite(void *h, const void *buf, size_t len, uint64_t off)
@@ -165,7 +165,7 @@ static int mem_pwrite(void *h, const void *buf, size_t len, uint64_t off)
     struct mobj *o = MO(h);
     uint64_t end = off + len; /* the host checked that this does not wrap */
     int r = 0;
-    if (end > max_object)
+    if (end > MEM_MAX_OBJECT)
         return too_big(MH(h)->name, "pwrite", end);
     pthread_rwlock_wrlock(&o->lock);
     if (end > o->size)
@@ -194,7 +194,7 @@ static int mem_size(void *h, uint64_t *size)
 static int mem_truncate(void *h, uint64_t size)
 {
     struct mobj *o = MO(h);
-    if (size > max_object)
+    if (size > MEM_MAX_OBJECT)
         return too_big(MH(h)->name, "truncate", size);
     pthread_rwlock_wrlock(&o->lock);
     int r = resize_locked(o, MH(h)->name, (size_t)size);
@@ -351,12 +351,12 @@ static int mem_rename(const char *from, const char *to)
 static int mem_config(const char *key, const char *value)
 {
     char *end;
-    unsigned long long n = strtoull(value, &end, 10);
+    unsigned long long v = strtoull(value, &end, 10);
     if (strcmp(key, "max-object"))
-        return err_fail(EINVAL, "unknown setting '%s' (the mem backend has: max-object)", key);
-    if (end == value || *end || n < 4096 || n > MEM_MAX_OBJECT)
-        return err_fail(EINVAL, "max-object takes a number of bytes from 4096 to %llu", (unsigned long long)MEM_MAX_OBJECT);
-    max_object = n;
+        return err_fail(EINVAL, "mem: unknown setting %s", key);
+    if (!*value || *end || v == 0 || v > SIZE_MAX / 2)
+        return err_fail(EINVAL, "mem: max-object=%s: expected a number of bytes", value);
+    max_object = v;
     return 0;
 }
 

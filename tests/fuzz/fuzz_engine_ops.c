@@ -28,6 +28,7 @@
 #define MAX_IO    (64u << 10) /* bytes per write or read */
 #define SCAN_MAX  64          /* block-status or dirty calls per scan */
 #define META_MAX  (64ull << 20)
+#define NAME_MAX_COPY 1100    /* snapshot and bitmap names are up to 1023 bytes */
 
 enum {
     OP_WRITE,
@@ -100,22 +101,16 @@ static uint64_t pick_len(uint64_t size, uint64_t off, uint8_t c)
     return off < size && len > size - off ? size - off : len;
 }
 
-/* The name of an existing snapshot (or bitmap) by index, else a new name. */
-static const char *snap_name(struct qcow2_image *img, uint8_t p, char *buf, size_t cap)
+/* The name of an existing snapshot (or bitmap) by index, else a new name; a
+ * copy in buf, as the op may replace the list it came from. */
+static const char *pick_name(struct qcow2_image *img, bool bitmap, uint8_t p, char *buf, size_t cap)
 {
     const struct qcow2_info *info = qcow2_get_info(img);
-    if (info->nb_snapshots && !(p & 0x80))
-        return info->snapshots[p % info->nb_snapshots].name;
-    snprintf(buf, cap, "s%u", p & 7);
-    return buf;
-}
-
-static const char *bitmap_name(struct qcow2_image *img, uint8_t p, char *buf, size_t cap)
-{
-    const struct qcow2_info *info = qcow2_get_info(img);
-    if (info->nb_bitmaps && !(p & 0x80))
-        return info->bitmaps[p % info->nb_bitmaps].name;
-    snprintf(buf, cap, "b%u", p & 7);
+    uint32_t n = bitmap ? info->nb_bitmaps : info->nb_snapshots;
+    if (n && !(p & 0x80))
+        snprintf(buf, cap, "%s", bitmap ? info->bitmaps[p % n].name : info->snapshots[p % n].name);
+    else
+        snprintf(buf, cap, "%c%u", bitmap ? 'b' : 's', p & 7);
     return buf;
 }
 
@@ -150,7 +145,7 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
     uint8_t a = op[1], b = op[2], c = op[3];
     uint64_t size = qcow2_size(img);
     uint64_t off = pick_off(size, a, b), len = pick_len(size, off, c);
-    char nb[16], nb2[16];
+    char nb[NAME_MAX_COPY], nb2[NAME_MAX_COPY];
     struct qcow2_check_result cr;
     unsigned code = op[0] % OP_COUNT;
     if (as_is && code != OP_CHECK && code != OP_READ && code != OP_MAP && code != OP_REOPEN)
@@ -187,10 +182,10 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
         (void)qcow2_snapshot_create(img, nb);
         break;
     case OP_SNAP_DELETE:
-        (void)qcow2_snapshot_delete(img, snap_name(img, a, nb, sizeof nb));
+        (void)qcow2_snapshot_delete(img, pick_name(img, false, a, nb, sizeof nb));
         break;
     case OP_SNAP_REVERT:
-        (void)qcow2_snapshot_revert(img, snap_name(img, a, nb, sizeof nb));
+        (void)qcow2_snapshot_revert(img, pick_name(img, false, a, nb, sizeof nb));
         break;
     case OP_BITMAP_ADD: {
         snprintf(nb, sizeof nb, "b%u", a & 7);
@@ -199,32 +194,24 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
         break;
     }
     case OP_BITMAP_REMOVE:
-        (void)qcow2_bitmap_remove(img, bitmap_name(img, a, nb, sizeof nb));
+        (void)qcow2_bitmap_remove(img, pick_name(img, true, a, nb, sizeof nb));
         break;
-    case OP_BITMAP_MERGE: {
-        const char *dst = bitmap_name(img, a, nb, sizeof nb);
-        char dcopy[64];
-        snprintf(dcopy, sizeof dcopy, "%s", dst); /* the list may change under the names */
-        (void)qcow2_bitmap_merge(img, dcopy, NULL, bitmap_name(img, b, nb2, sizeof nb2));
+    case OP_BITMAP_MERGE:
+        (void)qcow2_bitmap_merge(img, pick_name(img, true, a, nb, sizeof nb), NULL,
+                                 pick_name(img, true, b, nb2, sizeof nb2));
         break;
-    }
-    case OP_BITMAP_TOGGLE: {
-        char copy[64];
-        snprintf(copy, sizeof copy, "%s", bitmap_name(img, a, nb, sizeof nb));
+    case OP_BITMAP_TOGGLE:
+        pick_name(img, true, a, nb, sizeof nb);
         if (b % 3 == 0)
-            (void)qcow2_bitmap_clear(img, copy);
+            (void)qcow2_bitmap_clear(img, nb);
         else if (b % 3 == 1)
-            (void)qcow2_bitmap_enable(img, copy);
+            (void)qcow2_bitmap_enable(img, nb);
         else
-            (void)qcow2_bitmap_disable(img, copy);
+            (void)qcow2_bitmap_disable(img, nb);
         break;
-    }
-    case OP_BITMAP_DIRTY: {
-        char copy[64];
-        snprintf(copy, sizeof copy, "%s", bitmap_name(img, a, nb, sizeof nb));
-        dirty_scan(img, copy);
+    case OP_BITMAP_DIRTY:
+        dirty_scan(img, pick_name(img, true, a, nb, sizeof nb));
         break;
-    }
     case OP_CHECK:
         memset(&cr, 0, sizeof cr);
         (void)qcow2_check(img, (enum qcow2_repair)(a % 3), &cr, NULL, NULL);
@@ -250,8 +237,8 @@ static struct qcow2_image *run_op(struct qcow2_image *img, const uint8_t *op)
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
-    /* a hostile image must not make the store hold gigabytes */
-    return vfs_config("mem", "max-object", "67108864") < 0;
+    fuzz_limit_mem();
+    return 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -101,6 +101,12 @@ static bool open_and_exercise(const struct qcow2_open_opts *opts)
     return has_backing;
 }
 
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    fuzz_limit_mem();
+    return 0;
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     fuzz_put_file(IMAGE_URI, data, size);

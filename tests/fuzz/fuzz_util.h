@@ -28,4 +28,15 @@ static inline void fuzz_put_file(const char *uri, const uint8_t *data, size_t si
     vfs_close(f);
 }
 
+/* Objects of the mem: store grow to 64 MiB at most: an image that names a
+ * cluster far past its end grows a sparse file on disk, but a buffer in memory
+ * here, and the fuzzer's memory limit is for the code under test. */
+#define FUZZ_MEM_MAX_OBJECT "67108864"
+
+static inline void fuzz_limit_mem(void)
+{
+    if (vfs_config("mem", "max-object", FUZZ_MEM_MAX_OBJECT) < 0)
+        abort();
+}
+
 #endif

@@ -116,6 +116,9 @@ def main():
             name = os.path.splitext(os.path.basename(path))[0]
             image = open(path, "rb").read()
             write(os.path.join(out, "api-h-" + name), SEP.join([image] + API_ON_H))
+            # the same image uploaded (validated as it arrives), then used
+            up = [b"PUT /v1/images/up/file\n\n" + image] + [r.replace(b"/images/h", b"/images/up") for r in API_ON_H]
+            write(os.path.join(out, "api-up-" + name), SEP.join(up[:12]))
     elif kind == "ops":
         for spec in sys.argv[3:]:
             files = spec.split("+")

@@ -384,6 +384,25 @@ START_TEST(test_mem_discard_block_status_and_limits)
 }
 END_TEST
 
+START_TEST(test_mem_max_object_is_a_setting)
+{
+    struct vfs_file *f = open_ok("mem:cap", VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_config("mem", "max-object", "4096"), 0);
+    ck_assert_int_eq(vfs_pwrite(f, "x", 1, 4095), 0);
+    int r = vfs_pwrite(f, "x", 1, 4096);
+    ck_assert_int_eq(r, -EFBIG);
+    ck_assert_msg_has(r, "4096 byte limit");
+    ck_assert_int_eq(vfs_truncate(f, 8192), -EFBIG);
+    ck_assert_int_eq(vfs_config("mem", "max-object", "0"), -EINVAL);
+    ck_assert_int_eq(vfs_config("mem", "max-object", "12x"), -EINVAL);
+    ck_assert_int_eq(vfs_config("mem", "colour", "blue"), -EINVAL);
+    ck_assert_int_eq(vfs_config("mem", "max-object", "1073741824"), 0); /* the default again */
+    ck_assert_int_eq(vfs_pwrite(f, "x", 1, 8192), 0);
+    vfs_close(f);
+    vfs_remove("mem:cap");
+}
+END_TEST
+
 START_TEST(test_mem_list_stat_rename)
 {
     char names[256] = "";
@@ -958,7 +977,7 @@ static Suite *vfs_suite(void)
         {"mem",
          {test_mem_read_write_resize_flush, test_mem_objects_are_shared_and_persist,
           test_mem_create_excl_missing_and_names, test_mem_discard_block_status_and_limits,
-          test_mem_list_stat_rename}},
+          test_mem_list_stat_rename, test_mem_max_object_is_a_setting}},
         {"names", {test_uri_scheme_dispatch, test_resolve_relative_names, test_name_containment}},
         {"plugins",
          {test_plugin_loads_and_serves_reads, test_plugin_bad_objects_are_refused,
