@@ -10,6 +10,8 @@
 #                      are one run of the image file)
 #   qcowd's peak RSS (VmHWM) after the 64-connection reads (target < 100 MiB)
 #   PUT 1 MiB ranges   qcowd only: MiB/s with flush=n at 1 and 8 connections, flush=y at 1
+#   TLS GET 1 MiB      a second qcowd with --tls-cert on the same catalog, against plain
+#                      qcowd (ratio TLS/plain; wrk speaks TLS; skipped without openssl)
 #   empty 1 TiB copy   a client asks /extents, reads only the data ranges into a sparse
 #                      raw file; timed against `qemu-img convert -O raw` (target < 1 s)
 # and checks what it measured: no non-2xx answer, the extents copy of the data image
@@ -41,9 +43,10 @@ for t in "$NGINX" "$WRK" "$QEMU_IMG"; do
 done
 
 tmp=$(mktemp -d /tmp/bench-http.XXXXXX)
-qpid= npid=
+qpid= npid= tpid=
 cleanup() {
     [ -n "$qpid" ] && kill "$qpid" 2>/dev/null && wait "$qpid" 2>/dev/null || true
+    [ -n "$tpid" ] && kill "$tpid" 2>/dev/null && wait "$tpid" 2>/dev/null || true
     [ -n "$npid" ] && kill "$npid" 2>/dev/null && wait "$npid" 2>/dev/null || true
     rm -rf "$tmp"
 }
@@ -217,6 +220,40 @@ hwm=$((hwm_kib / 1024))
 if [ "$hwm" -lt 100 ]; then v=ok; else v=below; fi
 row "qcowd peak RSS, 64 clients" "${hwm} MiB" "-" "-" "<100MiB" "$v"
 echo "  ${rows[-1]}"
+
+# ---- the same 1 MiB GETs over TLS (a second qcowd on the catalog, --tls-cert) ----
+if command -v openssl >/dev/null 2>&1; then
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=bench \
+        -addext "subjectAltName=IP:127.0.0.1" -keyout "$tmp/tls.key" -out "$tmp/tls.pem" 2>/dev/null
+    targs=(--listen 127.0.0.1:0 --catalog "$tmp/catalog" --quiet --tls-cert "$tmp/tls.pem" --tls-key "$tmp/tls.key")
+    [ -n "${QCOWD_THREADS:-}" ] && targs+=(--threads "$QCOWD_THREADS")
+    "$QCOWD" "${targs[@]}" 2>"$tmp/qcowd-tls.log" &
+    tpid=$!
+    tport=
+    for _ in $(seq 1 200); do
+        tport=$(sed -n 's|.*listening on https://127\.0\.0\.1:\([0-9]*\)/.*|\1|p' "$tmp/qcowd-tls.log" | head -1)
+        [ -n "$tport" ] && break
+        kill -0 "$tpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    if [ -z "$tport" ]; then
+        cat "$tmp/qcowd-tls.log" >&2
+        fail "qcowd with TLS did not start"
+    else
+        TURL=https://127.0.0.1:$tport/v1/images/disk/data
+        a=$(curl -s --cacert "$tmp/tls.pem" -r 4096-8191 "$TURL" | md5sum)
+        b=$(curl -s -r 4096-8191 "$QURL" | md5sum)
+        [ "$a" = "$b" ] || fail "qcowd over TLS serves other bytes"
+        for c in 1 8 64; do
+            t=$(wrk_run get.lua 1048576 $c "$TURL")
+            q=$(wrk_run get.lua 1048576 $c "$QURL")
+            row "TLS GET 1 MiB, c=$c (MiB/s)" "$(mibs "$t" 1048576)" "plain $(mibs "$q" 1048576)" "$(ratio "$t" "$q")" "-" "-"
+            echo "  ${rows[-1]}"
+        done
+    fi
+    kill "$tpid" 2>/dev/null && wait "$tpid" 2>/dev/null || true
+    tpid=
+fi
 
 # ---- copy through /extents ----
 cat >"$tmp/extcopy.py" <<'EOF'
