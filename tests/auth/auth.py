@@ -20,6 +20,8 @@
                token file and a half TLS pair are refused
   logs         no token or ticket secret in any log line; state changes have an
                audit line naming the token
+  clients      qcowctl (--token, --cacert, QCOWD_TOKEN, QCOWD_CACERT) and the Python
+               client (token=, cacert=) over TLS; 401 without a token, a wrong CA fails
   docker       docker/entrypoint.sh makes a certificate and an admin token on the
                first start (secrets folder 0700, never in the log) and serves HTTPS
                with tokens; the second start keeps them
@@ -27,7 +29,7 @@
                certificate (new connections see the new one) while a connection
                opened before keeps working; a broken token file keeps the old table
 
-Environment: QCOWD (the binary), OPENAPI, QEMU_IMG. Needs the openssl command.
+Environment: QCOWD (the binary), QCOWCTL, OPENAPI, QEMU_IMG. Needs the openssl command.
 Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`.
 """
 import http.client
@@ -361,6 +363,40 @@ def main():
             r = start(["--tls-cert", pki.server_cert, "--tls-key", pki.client_key])
             assert r.returncode == 2 and b"does not belong" in r.stderr, r.stderr
         s.case("safe_defaults_and_refusals", defaults)
+
+        def clients_with_token_and_ca():
+            """qcowctl (--token/--cacert and QCOWD_TOKEN/QCOWD_CACERT) and the Python
+            client (token=, cacert=) reach the TLS server with a token; without the
+            token they get the server's 401 message; with the wrong CA they fail."""
+            url = "https://127.0.0.1:%d" % d.port
+            ctl = os.environ.get("QCOWCTL")
+            if ctl:
+                def run(args, env=None):
+                    return subprocess.run([ctl, "--url", url] + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          env=env, timeout=60)
+                r = run(["--token", tok("operator"), "--cacert", pki.ca, "list"])
+                assert r.returncode == 0 and b'"a"' in r.stdout, r
+                env = dict(os.environ, QCOWD_TOKEN=tok("operator"), QCOWD_CACERT=pki.ca)  # (reload took the reader's)
+                r = run(["info", "a"], env=env)
+                assert r.returncode == 0 and b'"virtual-size"' in r.stdout, r
+                r = run(["--cacert", pki.ca, "list"])
+                assert r.returncode != 0 and b"bearer token" in r.stderr, r
+                r = run(["--token", tok("operator"), "--cacert", pki.other_ca, "list"])
+                assert r.returncode != 0, r
+                r = run(["rm", "a"], env=env)  # an operator may not delete
+                assert r.returncode != 0 and b"t-operator" in r.stderr and b"admin" in r.stderr, r
+            sys.path.insert(0, os.path.join(HERE, "..", "..", "clients", "python"))
+            import qcowd_client
+            with qcowd_client.Client(url, token=tok("operator"), cacert=pki.ca) as c:
+                assert any(i["name"] == "a" for i in c.list()), c.list()
+                assert c.read("a", 0, 512) == b"\0" * 512
+            try:
+                with qcowd_client.Client(url, cacert=pki.ca, token="") as c:
+                    c.list()
+                raise AssertionError("a call without a token was answered")
+            except qcowd_client.QcowdError as e:
+                assert e.status == 401 and e.code == "unauthorized", (e.status, e.code)
+        s.case("clients_with_token_and_cacert", clients_with_token_and_ca)
 
         def docker_entrypoint():
             """docker/entrypoint.sh outside Docker: it makes a certificate and an admin
