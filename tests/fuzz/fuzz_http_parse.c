@@ -1,5 +1,6 @@
 /* fuzz_http_parse.c: libFuzzer target for what qcowd parses from a request line
- * and headers: routing, Range, Content-Range, query arguments and %XX escapes. */
+ * and headers: routing, Range, Content-Range, query arguments and %XX escapes,
+ * Host, Origin and Authorization; and the --tokens file. */
 #include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -7,12 +8,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "access.h"
 #include "api_int.h"
+#include "auth.h"
 #include "err.h"
 #include "fuzz_util.h"
 
 /* The first byte picks the parser; the rest is its text (NUL-terminated copy). */
-enum { P_ROUTE, P_RANGE, P_CONTENT_RANGE, P_QUERY, P_COUNT };
+enum { P_ROUTE, P_RANGE, P_CONTENT_RANGE, P_QUERY, P_ACCESS, P_TOKENS, P_COUNT };
 
 static void fuzz_route(const char *text)
 {
@@ -29,6 +32,7 @@ static void fuzz_route(const char *text)
     CHECK(rt.nsegs <= API_ROUTE_SEGS);
     if (ret == 0) {
         CHECK(rt.fn != NULL);
+        CHECK(rt.role > AUTH_NONE || rt.fn == api_health); /* every route but health names its role */
         for (unsigned a = 0; a < API_MAX_ARGS; a++) {
             bool found = rt.args[a] == NULL;
             for (unsigned i = 0; i < rt.nsegs && !found; i++)
@@ -78,6 +82,42 @@ static void fuzz_query(const char *text, size_t len)
     }
 }
 
+/* Host, Origin and the bearer header: no crash, and what is admitted looks right. */
+static void fuzz_access(const char *text)
+{
+    static struct access_names names, cors;
+    if (!names.n) {
+        access_names_add(&names, "qcowd.example.net", "--public-name");
+        access_names_add(&cors, "https://dash.example", "--cors-origin");
+    }
+    if (access_host_allowed(text, &names) && *text)
+        CHECK(!strchr(text, '/') && !strchr(text, ' ')); /* a Host never holds a path or a space */
+    access_origin_allowed(text, "127.0.0.1:8080", text[0] & 1, &cors);
+    const char *tok;
+    size_t len;
+    if (access_bearer(text, &tok, &len) == 0) {
+        CHECK(len > 0 && len <= 512 && tok >= text && tok + len <= text + strlen(text));
+        for (size_t i = 0; i < len; i++)
+            CHECK((unsigned char)tok[i] > 0x20 && (unsigned char)tok[i] < 0x7f);
+    }
+}
+
+/* The token file: parsed or refused with a message, never half a table. */
+static void fuzz_tokens(const uint8_t *data, size_t size)
+{
+    struct auth_tokens *t = NULL;
+    err_clear();
+    if (auth_tokens_parse((const char *)data, size, "fuzz", &t) == 0) {
+        CHECK(t != NULL);
+        for (size_t i = 0; i < t->n; i++)
+            CHECK(t->v[i].role >= AUTH_READER && t->v[i].role <= AUTH_ADMIN && t->v[i].name[0]);
+        auth_tokens_find(t, (const char *)data, size < 64 ? size : 64);
+        auth_tokens_free(t);
+    } else {
+        CHECK(t == NULL && err_msg(EINVAL)[0]);
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (size < 1)
@@ -90,6 +130,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             return 0;
         disk = (data[0] < 64 ? 1ull << data[0] : 0) + data[1];
         data += 2, size -= 2;
+    }
+    if (which == P_TOKENS) { /* raw bytes, NULs and all */
+        fuzz_tokens(data, size);
+        return 0;
     }
     char *text = malloc(size + 1);
     if (!text)
@@ -106,6 +150,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     case P_CONTENT_RANGE:
         fuzz_content_range(text);
+        break;
+    case P_ACCESS:
+        fuzz_access(text);
         break;
     default:
         fuzz_query(text, strlen(text));
