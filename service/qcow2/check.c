@@ -538,7 +538,7 @@ static int rebuild(struct ck *k)
         nt = t;
     }
     if (nt * cs / 8 > QCOW2_MAX_REFTABLE_BYTES / 8)
-        return err_fail(EFBIG, "a refcount table for %" PRIu64 " clusters is too large", base + nb + nt);
+        return err_fail(EOVERFLOW, "a refcount table for %" PRIu64 " clusters is too large", base + nb + nt);
     int ret = grow(k, base + nb + nt);
     if (ret < 0)
         return ret;

@@ -254,7 +254,7 @@ static int grow_reftable(struct qcow2_image *img, uint64_t min_entries)
         /* bounded first: the loops below walk the ranges the new table covers,
          * and a refcount for a hostile offset (2^52) would make that billions */
         if (want > QCOW2_MAX_REFTABLE_BYTES / 8)
-            return err_fail(EFBIG, "the refcount table would exceed %u bytes", QCOW2_MAX_REFTABLE_BYTES);
+            return err_fail(EOVERFLOW, "the refcount table would exceed %u bytes", QCOW2_MAX_REFTABLE_BYTES);
         tclusters = (want + entries_per_cluster - 1) / entries_per_cluster;
         total = tclusters + nrb;
         /* ranges touched by [start, start+total) that have no block yet */
