@@ -35,7 +35,7 @@ static bool name_char(char c)
            c == '-' || c == '@';
 }
 
-static int hexval(char c)
+int auth_hexval(char c)
 {
     if (c >= '0' && c <= '9')
         return c - '0';
@@ -87,7 +87,7 @@ static int parse_line(const char *s, const char *end, const char *what, unsigned
         return err_fail(EINVAL, "%s:%u: the hash must be sha256: and 64 hex digits", what, line);
     hash += sizeof prefix - 1;
     for (size_t i = 0; i < AUTH_HASH_LEN; i++) {
-        int hi = hexval(hash[2 * i]), lo = hexval(hash[2 * i + 1]);
+        int hi = auth_hexval(hash[2 * i]), lo = auth_hexval(hash[2 * i + 1]);
         if (hi < 0 || lo < 0)
             return err_fail(EINVAL, "%s:%u: the hash must be sha256: and 64 hex digits", what, line);
         tok->hash[i] = (uint8_t)(hi << 4 | lo);

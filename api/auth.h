@@ -59,6 +59,10 @@ const struct auth_token *auth_tokens_find(const struct auth_tokens *t, const cha
 /* SHA-256 of data into out. 0 or a negative errno. */
 int auth_sha256(const void *data, size_t len, uint8_t out[AUTH_HASH_LEN]);
 
+/* The value of a hex digit (either case), or -1: the one helper for the token
+ * file's hashes and the %XX escapes of request paths. */
+int auth_hexval(char c);
+
 /* Constant-time equality of two n-byte buffers. */
 bool auth_equal(const void *a, const void *b, size_t n);
 

@@ -148,17 +148,6 @@ int api_parse_content_range(const char *v, uint64_t *first, uint64_t *last, uint
     return 0;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 char *api_decode(const char *s, size_t len)
 {
     char *out = malloc(len + 1), *o = out;
@@ -171,8 +160,8 @@ char *api_decode(const char *s, size_t len)
             *o++ = s[i];
             continue;
         }
-        int hi = i + 1 < len ? hexval(s[i + 1]) : -1;
-        int lo = i + 2 < len ? hexval(s[i + 2]) : -1;
+        int hi = i + 1 < len ? auth_hexval(s[i + 1]) : -1;
+        int lo = i + 2 < len ? auth_hexval(s[i + 2]) : -1;
         if (hi < 0 || lo < 0 || (hi == 0 && lo == 0)) {
             free(out);
             err_set(hi < 0 || lo < 0 ? "malformed %%-escape in the URL" : "the URL contains an encoded NUL (%%00)");

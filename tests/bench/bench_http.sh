@@ -72,15 +72,21 @@ size=$((SIZE_MIB << 20))
 # ---- the servers ----
 qargs=(--listen 127.0.0.1:0 --catalog "$tmp/catalog" --quiet)
 [ -n "${QCOWD_THREADS:-}" ] && qargs+=(--threads "$QCOWD_THREADS")
+# listen_port LOG PID: the port qcowd (pid PID) says it listens on in LOG, once it
+# does (http or https); empty when it dies or does not say so within 10 s
+listen_port() {
+    local port=
+    for _ in $(seq 1 200); do
+        port=$(sed -n 's|.*listening on https\{0,1\}://127\.0\.0\.1:\([0-9]*\)/.*|\1|p' "$1" | head -1)
+        [ -n "$port" ] && break
+        kill -0 "$2" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "$port"
+}
 "$QCOWD" "${qargs[@]}" 2>"$tmp/qcowd.log" &
 qpid=$!
-qport=
-for _ in $(seq 1 200); do
-    qport=$(sed -n 's|.*listening on http://127\.0\.0\.1:\([0-9]*\)/.*|\1|p' "$tmp/qcowd.log" | head -1)
-    [ -n "$qport" ] && break
-    kill -0 "$qpid" 2>/dev/null || break
-    sleep 0.05
-done
+qport=$(listen_port "$tmp/qcowd.log" "$qpid")
 [ -n "$qport" ] || { cat "$tmp/qcowd.log" >&2; echo "bench_http: qcowd did not start" >&2; exit 1; }
 
 nport=$(free_port)
@@ -229,13 +235,7 @@ if command -v openssl >/dev/null 2>&1; then
     [ -n "${QCOWD_THREADS:-}" ] && targs+=(--threads "$QCOWD_THREADS")
     "$QCOWD" "${targs[@]}" 2>"$tmp/qcowd-tls.log" &
     tpid=$!
-    tport=
-    for _ in $(seq 1 200); do
-        tport=$(sed -n 's|.*listening on https://127\.0\.0\.1:\([0-9]*\)/.*|\1|p' "$tmp/qcowd-tls.log" | head -1)
-        [ -n "$tport" ] && break
-        kill -0 "$tpid" 2>/dev/null || break
-        sleep 0.05
-    done
+    tport=$(listen_port "$tmp/qcowd-tls.log" "$tpid")
     if [ -z "$tport" ]; then
         cat "$tmp/qcowd-tls.log" >&2
         fail "qcowd with TLS did not start"
