@@ -243,11 +243,38 @@ static void leave(struct backend *b)
 
 /* ---- plugins ---- */
 
+/* The host table plugins get: the error channel of common/err.h, with the
+ * caller's format expanded here first (a message may quote the current one). */
+static int host_vfail(int errnum, const char *fmt, va_list ap)
+{
+    char buf[ERR_MSG_MAX];
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    return err_fail(errnum, "%s", buf);
+}
+
+static int host_vprefix(int errnum, const char *fmt, va_list ap)
+{
+    char buf[ERR_MSG_MAX];
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    return err_prefix(errnum, "%s", buf);
+}
+
+static const struct vfs_host host_fns = {
+    .version = VFS_HOST_VERSION,
+    .struct_size = sizeof(struct vfs_host),
+    .vfail = host_vfail,
+    .vprefix = host_vprefix,
+    .msg = err_msg,
+    .clear = err_clear,
+};
+
+/* Built-in backends may use vfs_fail() too. */
+const struct vfs_host *vfs_host_table = &host_fns;
+
 int vfs_load_plugin(const char *so_path)
 {
     struct stat st;
     char *local = NULL;
-    vfs_plugin_entry_fn entry;
 
     init();
     if (!so_path || !*so_path)
@@ -266,14 +293,22 @@ int vfs_load_plugin(const char *so_path)
         return err_fail(ENOEXEC, "load plugin %s: %s", so_path, m ? m : "dlopen failed");
     }
     dlerror();
-    void *sym = dlsym(dl, VFS_PLUGIN_ENTRY);
-    if (!sym) {
+    const struct vfs_ops *ops;
+    void *sym = dlsym(dl, VFS_PLUGIN_INIT);
+    if (sym) {
+        vfs_plugin_init_fn init_fn;
+        memcpy(&init_fn, &sym, sizeof init_fn); /* object pointer to function pointer, as POSIX allows */
+        ops = init_fn(VFS_OPS_VERSION, &host_fns);
+    } else if ((sym = dlsym(dl, VFS_PLUGIN_ENTRY_OLD))) {
+        /* an older plugin that needs nothing of the host (one that took the
+         * error functions from the daemon failed in dlopen, naming them) */
+        vfs_plugin_entry_old_fn entry;
+        memcpy(&entry, &sym, sizeof entry);
+        ops = entry(VFS_OPS_VERSION);
+    } else {
         dlclose(dl);
-        return err_fail(ENOEXEC, "load plugin %s: not a qcowd plugin (no symbol %s)", so_path,
-                        VFS_PLUGIN_ENTRY);
+        return err_fail(ENOEXEC, "load plugin %s: not a qcowd plugin (no symbol %s)", so_path, VFS_PLUGIN_INIT);
     }
-    memcpy(&entry, &sym, sizeof entry); /* object pointer to function pointer, as POSIX allows */
-    const struct vfs_ops *ops = entry(VFS_OPS_VERSION);
     if (!ops) {
         dlclose(dl);
         return err_fail(ENOTSUP, "load plugin %s: the plugin declined host version %d", so_path,

@@ -14,7 +14,7 @@ struct vfs_file; /* opaque: one open object */
  * -EINVAL if the version or struct_size is unusable. Thread-safe. */
 int vfs_register(const struct vfs_ops *ops);
 
-/* Load one plugin shared object (dlopen, then VFS_PLUGIN_ENTRY) and register it. */
+/* Load one plugin shared object (dlopen, then its VFS_PLUGIN_INIT, given the host table) and register it. */
 int vfs_load_plugin(const char *so_path);
 
 /* Load every "*.so" in dir; returns the number loaded or a negative errno. A

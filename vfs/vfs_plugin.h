@@ -1,10 +1,55 @@
-/* vfs_plugin.h: the versioned interface every storage backend implements.
- * A backend is one `const struct vfs_ops`; fields are only ever appended. */
+/* vfs_plugin.h: the storage-plugin SDK: the versioned interface every storage
+ * backend implements, and the host functions a plugin may call. Self-contained:
+ * a plugin needs this header only (pkg-config qcowd-plugin), links nothing of the
+ * daemon, and finds every host function in the table it is given at load. */
 #ifndef QCOWD_VFS_PLUGIN_H
 #define QCOWD_VFS_PLUGIN_H
 
+#include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/* ---- Writing a plugin, in short ----
+ *
+ *   #include <qcowd/vfs_plugin.h>      (or "vfs_plugin.h" in the tree)
+ *   static int my_open(const char *path, unsigned flags, void **handle) { ... }
+ *   ...
+ *   static const struct vfs_ops my_ops = {
+ *       .version = VFS_OPS_VERSION, .struct_size = sizeof(struct vfs_ops),
+ *       .name = "tar", .thread_model = VFS_THREAD_PARALLEL,
+ *       .open = my_open, .close = my_close, .pread = my_pread, .size = my_size,
+ *   };
+ *   VFS_PLUGIN(my_ops)
+ *
+ * Build it as a shared object (cc -shared -fPIC $(pkg-config --cflags
+ * qcowd-plugin)) named SCHEME.so and put it in the folder qcowd loads plugins
+ * from (qcowd --plugin-dir, default `pkg-config --variable=plugindir
+ * qcowd-plugin`). qcowd then serves URIs "SCHEME:PATH" through it, e.g.
+ * `qcowd --catalog tar:/srv/images.tar`.
+ *
+ * Paths. The host strips "SCHEME:" and passes the rest as it is: for a catalog
+ * "tar:/srv/images.tar" the folder is "/srv/images.tar" (.stat must report it
+ * with is_dir = 1 and .list must name its entries), and its image "vm1" is
+ * "/srv/images.tar/vm1.qcow2". Entries are joined with '/'; a backend gives
+ * '/' whatever meaning suits its store (a bucket prefix, a member of an
+ * archive). Names are never "." or "..", and never contain a NUL.
+ *
+ * Errors. Every method returns 0 (or a count where said) on success and a
+ * negative errno on failure, after setting a readable message with vfs_fail():
+ * `return vfs_fail(ENOENT, "open %s: no such member", path);`. The message goes
+ * to the client that asked (paths of the host are scrubbed by the daemon), so
+ * name what failed and why. The errno chooses the HTTP answer: ENOENT 404,
+ * EROFS/EACCES 503 storage-denied, EIO/EPROTO 502 storage-error, ENOSPC 507,
+ * EUCLEAN a corrupt store object (422), anything else 500.
+ *
+ * Threads. With VFS_THREAD_PARALLEL every method may be called from several
+ * threads at once, on the same handle too; a backend that cannot cope says
+ * VFS_THREAD_SERIALIZE and the host takes one lock around every call.
+ *
+ * Defaults of the optional methods are written beside each below: a read-only
+ * backend gives no .pwrite (opens for writing are refused with EROFS before
+ * .open is called), no .flush, .truncate, .discard, .remove or .rename.
+ */
 
 /* The interface version this header describes. A backend sets .version to the
  * version it was written against; the host never calls a method the backend's
@@ -52,8 +97,9 @@ struct vfs_stat {
 };
 
 /* Every method returns 0 (or a count where said) on success and a negative errno
- * on failure, after setting a readable message with err_fail() (common/err.h).
- * Paths given to a backend have the "scheme:" prefix removed. */
+ * on failure, after setting a readable message with vfs_fail() (see above).
+ * Paths given to a backend have the "scheme:" prefix removed. Mandatory: .open,
+ * .close, .pread, .size; the rest may be NULL. */
 struct vfs_ops {
     int version;         /* VFS_OPS_VERSION the backend was written against */
     size_t struct_size;  /* sizeof(struct vfs_ops) as the backend saw it */
@@ -118,15 +164,100 @@ struct vfs_ops {
      * handle's bytes, for a host that hands reads to the kernel (sendfile). The
      * host only reads through it, never closes it, and stops using it before
      * .close. Only for a backend whose thread_model is VFS_THREAD_PARALLEL.
-     * NULL or -1: there is none (the host uses .pread). */
+     * NULL or -1: there is none (the host uses .pread).
+     * The page-cache rule: the kernel reads the descriptor's page cache, not the
+     * backend, so offer a descriptor only when every byte .pread would return is
+     * what the descriptor reads at the same offset at that moment: no bytes
+     * staged elsewhere (an object store's local cache), no offset shift (a member
+     * of an archive), and for a writable handle a .discard that drops the range
+     * from the page cache (a hole punched in the file), since a discarded range
+     * must never be served with its old bytes. When unsure, give none. */
     int (*fd)(void *handle);
     /* ---- end of version 3 ---- */
 };
 
-/* A plugin shared object exports this symbol. host_version is VFS_OPS_VERSION of
- * the loading host; return NULL to decline. The returned struct must stay valid
- * until the process exits. */
-typedef const struct vfs_ops *(*vfs_plugin_entry_fn)(int host_version);
-#define VFS_PLUGIN_ENTRY "qcowd_vfs_plugin"
+/* ---- the host's functions, given to the plugin at load ---- */
+
+/* The version of struct vfs_host this header describes; fields are only ever
+ * appended, and a plugin checks .struct_size before touching later ones. */
+#define VFS_HOST_VERSION 1
+
+struct vfs_host {
+    int version;        /* VFS_HOST_VERSION of the host */
+    size_t struct_size; /* sizeof(struct vfs_host) as the host saw it */
+    /* Set the calling thread's error message (printf style; the arguments may
+     * include the current message) and return -errnum (errnum positive or
+     * negative). */
+    int (*vfail)(int errnum, const char *fmt, va_list ap);
+    /* Prefix the calling thread's message: "ctx: old message"; returns errnum
+     * as given (negative stays negative). */
+    int (*vprefix)(int errnum, const char *fmt, va_list ap);
+    /* The calling thread's message; strerror(errnum) if none was set since
+     * .clear. Borrowed, valid until the thread's next call of these. */
+    const char *(*msg)(int errnum);
+    /* Forget the calling thread's message. */
+    void (*clear)(void);
+};
+
+/* The table the plugin was loaded with (VFS_PLUGIN stores it before anything
+ * else of the plugin runs); NULL inside the host's built-in backends, which set it
+ * to the host's own table. */
+extern const struct vfs_host *vfs_host_table __attribute__((visibility("hidden")));
+
+/* Report a failure: set the message, return -errnum. */
+__attribute__((format(printf, 2, 3), unused)) static inline int vfs_fail(int errnum, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int r = vfs_host_table->vfail(errnum, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+/* Add context in front of the message of a failure from below: returns errnum. */
+__attribute__((format(printf, 2, 3), unused)) static inline int vfs_prefix(int errnum, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int r = vfs_host_table->vprefix(errnum, fmt, ap);
+    va_end(ap);
+    return r;
+}
+
+/* The message of the calling thread (see struct vfs_host .msg). */
+__attribute__((unused)) static inline const char *vfs_msg(int errnum)
+{
+    return vfs_host_table->msg(errnum);
+}
+
+/* The entry point: a plugin shared object exports VFS_PLUGIN_INIT. host_version
+ * is VFS_OPS_VERSION of the loading host, host its function table (valid for the
+ * life of the process). Return NULL to decline. The returned struct must stay
+ * valid until the process exits. Write it with VFS_PLUGIN(ops), or by hand to
+ * return another table for an older host (as the s3 plugin does). */
+typedef const struct vfs_ops *(*vfs_plugin_init_fn)(int host_version, const struct vfs_host *host);
+#define VFS_PLUGIN_INIT "qcowd_vfs_plugin_init"
+
+/* Define the plugin's entry point for the backend ops (a const struct vfs_ops),
+ * once per plugin, at file scope. It declines a host without the host table. */
+#define VFS_PLUGIN(ops)                                                                                         \
+    const struct vfs_host *vfs_host_table;                                                                      \
+    __attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin_init(                        \
+        int host_version, const struct vfs_host *host);                                                         \
+    __attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin_init(                        \
+        int host_version, const struct vfs_host *host)                                                          \
+    {                                                                                                           \
+        if (host_version < 1 || !host || host->version < 1 ||                                                   \
+            host->struct_size < offsetof(struct vfs_host, clear) + sizeof host->clear)                          \
+            return NULL;                                                                                        \
+        vfs_host_table = host;                                                                                  \
+        return &(ops);                                                                                          \
+    }
+
+/* Plugins of interface version 3 and older exported this instead and took the
+ * error functions from the daemon's own symbols, which it no longer exports:
+ * rebuild them with VFS_PLUGIN. The host still looks for it, to say so. */
+#define VFS_PLUGIN_ENTRY_OLD "qcowd_vfs_plugin"
+typedef const struct vfs_ops *(*vfs_plugin_entry_old_fn)(int host_version);
 
 #endif

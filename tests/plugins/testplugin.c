@@ -4,7 +4,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "err.h" /* resolved against the host executable's err_fail */
 #include "vfs_plugin.h"
 
 #define PATTERN(i) ((unsigned char)((i) % 251))
@@ -14,10 +13,10 @@ static int testplug_open(const char *path, unsigned flags, void **handle)
     char *end;
     unsigned long long n = strtoull(path, &end, 10);
     if (!*path || *end)
-        return err_fail(ENOENT, "open testplug:%s: want a decimal size", path);
+        return vfs_fail(ENOENT, "open testplug:%s: want a decimal size", path);
     uint64_t *size = malloc(sizeof *size);
     if (!size)
-        return err_fail(ENOMEM, "open testplug:%s: out of memory", path);
+        return vfs_fail(ENOMEM, "open testplug:%s: out of memory", path);
     *size = n;
     *handle = size;
     return 0;
@@ -55,7 +54,4 @@ static const struct vfs_ops testplug_ops = {
     /* read-only: no pwrite, flush, truncate; default block status */
 };
 
-__attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin(int host_version)
-{
-    return host_version >= 1 ? &testplug_ops : NULL;
-}
+VFS_PLUGIN(testplug_ops)

@@ -497,9 +497,17 @@ static void cleanup(void)
     s3_meta_cleanup();
 }
 
-__attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin(int host_version)
+const struct vfs_host *vfs_host_table; /* the host's functions (plugin_err.c uses them) */
+
+__attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin_init(int host_version,
+                                                                                  const struct vfs_host *host);
+__attribute__((visibility("default"))) const struct vfs_ops *qcowd_vfs_plugin_init(int host_version,
+                                                                                  const struct vfs_host *host)
 {
     static int registered;
+    if (!host || host->version < 1 || host->struct_size < offsetof(struct vfs_host, clear) + sizeof host->clear)
+        return NULL;
+    vfs_host_table = host;
     if (!registered) {
         registered = 1;
         atexit(cleanup);
