@@ -2,7 +2,8 @@
 """validators.py: proves the HTTP validators of a live qcowd: a strong ETag and a
 Last-Modified on info, data, file and snapshot data answers that stay while
 nothing changes and move with every write, zero, snapshot, bitmap change,
-replacement of the image, change behind the daemon's back and restart, and
+replacement of the image, a job writing through its own handle (commit), a
+change behind the daemon's back and restart, and
 never label two different bodies of one URL; If-Range (a resumed download of a
 changed image gets the whole new body, never a piece to join to the old one),
 If-None-Match (304), If-Match on reads and writes (412, the data unchanged),
@@ -131,8 +132,10 @@ def main():
     args, top, cat = dm.qcowd.prologue("qcowd-validators-")
     v = V(args, cat)
     try:
-        for n in ("a", "b", "c", "d", "e", "f", "g", "h"):
+        for n in ("a", "b", "c", "d", "e", "f", "g", "h", "cb"):
             new_image(v, n)
+        dm.run(dm.QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "cb.qcow2", "-F", "qcow2", img(cat, "co"))
+        dm.qemu_io(img(cat, "co"), "write -q -P 0x66 0 64k")
         v.start()
     except Exception:
         v.setup_failed()
@@ -199,6 +202,16 @@ def main():
         after = v.tags("e")
         for u, x, y in zip(URLS, before, after):
             assert x != y, "%s: ETag %s survived a delete and re-create" % (u % "e", x)
+
+    def after_commit_job():
+        # the job writes the base through a handle of its own, not the catalog's
+        base = [v.get(u % "cb")[0] for u in URLS]
+        top = v.get("/v1/images/co/data")[0]
+        v.job("POST", "/v1/images/co/commit", {})
+        assert v.get("/v1/images/co/data")[0] != top, "overlay: ETag unchanged after a commit job"
+        for u, x in zip(URLS, base):
+            y = v.get(u % "cb")[0]
+            assert x != y, "%s: ETag %s unchanged after a commit job wrote it" % (u % "cb", x)
 
     def behind_the_back():
         before = v.tags("f")
@@ -374,6 +387,7 @@ def main():
     v.case("changes_after_snapshot", after_snapshot)
     v.case("changes_after_bitmap_add", after_bitmap)
     v.case("changes_after_delete_recreate", replaced_same_size)
+    v.case("changes_after_commit_job", after_commit_job)
     v.case("changes_behind_the_back", behind_the_back)
     v.case("last_modified_advances", last_modified_advances)
     v.case("resume_changed_image_if_range", resume_changed_image)
