@@ -66,14 +66,13 @@ void api_validators_image(struct req *r, const struct catalog_image *ci, bool sn
     struct qcow2_image *img = catalog_image_qcow2(ci);
     struct qcow2_changes ch;
     qcow2_get_changes(img, &ch);
-    uint64_t n = mix(nonce ^ mix(id.size ^ mix((uint64_t)id.mtime ^ mix((uint64_t)id.mtime_nsec ^
-                                                                          mix(id.ino ^ mix(id.version))))));
+    uint64_t n = mix(
+        nonce ^ mix(id.size ^ mix((uint64_t)id.mtime ^ mix((uint64_t)id.mtime_nsec ^ mix(id.ino ^ mix(id.version))))));
     struct api_validators *v = &r->val;
     /* a snapshot's bytes change only with the snapshot table: writes to the
      * active image leave its tag alone */
     if (snapshot)
-        snprintf(v->etag, sizeof v->etag, "\"%016" PRIx64 "-%" PRIx64 "-s%" PRIx64 "\"", n, id.seq,
-                 ch.snap_generation);
+        snprintf(v->etag, sizeof v->etag, "\"%016" PRIx64 "-%" PRIx64 "-s%" PRIx64 "\"", n, id.seq, ch.snap_generation);
     else
         snprintf(v->etag, sizeof v->etag, "\"%016" PRIx64 "-%" PRIx64 "-%" PRIx64 "\"", n, id.seq, ch.generation);
     /* Last-Modified: our last change, else the file's mtime at the open; never
@@ -202,18 +201,22 @@ static bool num(const char **p, unsigned digits, unsigned *out)
     return true;
 }
 
-static int month_of(const char *p)
+/* A month's three letters at *p: 1..12, *p moved past them; else false. */
+static bool month(const char **p, int *m)
 {
     for (int i = 0; i < 12; i++)
-        if (!strncmp(p, months[i], 3))
-            return i + 1;
-    return 0;
+        if (!strncmp(*p, months[i], 3)) {
+            *m = i + 1;
+            *p += 3;
+            return true;
+        }
+    return false;
 }
 
 static bool hms(const char **p, unsigned *h, unsigned *mi, unsigned *s)
 {
-    return num(p, 2, h) && *(*p)++ == ':' && num(p, 2, mi) && *(*p)++ == ':' && num(p, 2, s) && *h < 24 &&
-           *mi < 60 && *s < 61;
+    return num(p, 2, h) && *(*p)++ == ':' && num(p, 2, mi) && *(*p)++ == ':' && num(p, 2, s) && *h < 24 && *mi < 60 &&
+           *s < 61;
 }
 
 int api_parse_http_date(const char *s, int64_t *out)
@@ -225,20 +228,22 @@ int api_parse_http_date(const char *s, int64_t *out)
     bool ok;
     if (comma && comma - p == 3) { /* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
         p = comma + 1;
-        ok = *p++ == ' ' && num(&p, 2, &d) && *p++ == ' ' && (m = month_of(p)) && (p += 3) && *p++ == ' ' &&
-             num(&p, 4, &y) && *p++ == ' ' && hms(&p, &h, &mi, &sec) && !strncmp(p, " GMT", 4);
+        ok = *p++ == ' ' && num(&p, 2, &d) && *p++ == ' ' && month(&p, &m) && *p++ == ' ' && num(&p, 4, &y) &&
+             *p++ == ' ' && hms(&p, &h, &mi, &sec) && !strncmp(p, " GMT", 4);
         p += ok ? 4 : 0;
     } else if (comma && comma - p >= 6 && comma - p <= 9) { /* rfc850: Sunday, 06-Nov-94 08:49:37 GMT */
         p = comma + 1;
-        ok = *p++ == ' ' && num(&p, 2, &d) && *p++ == '-' && (m = month_of(p)) && (p += 3) && *p++ == '-' &&
-             num(&p, 2, &y) && *p++ == ' ' && hms(&p, &h, &mi, &sec) && !strncmp(p, " GMT", 4);
+        ok = *p++ == ' ' && num(&p, 2, &d) && *p++ == '-' && month(&p, &m) && *p++ == '-' && num(&p, 2, &y) &&
+             *p++ == ' ' && hms(&p, &h, &mi, &sec) && !strncmp(p, " GMT", 4);
         p += ok ? 4 : 0;
-        /* a two-digit year more than 50 years ahead is in the past century */
+        /* its two-digit year: 70..99 the 1900s, 00..69 the 2000s */
         y += y < 70 ? 2000 : 1900;
     } else { /* asctime: Sun Nov  6 08:49:37 1994 */
-        ok = strlen(p) >= 24 && p[3] == ' ' && (m = month_of(p + 4)) && p[7] == ' ';
+        ok = strlen(p) >= 24 && p[3] == ' ';
+        p += ok ? 4 : 0;
+        ok = ok && month(&p, &m) && *p == ' ';
         if (ok) {
-            p += 8;
+            p++;
             if (*p == ' ')
                 p++, ok = num(&p, 1, &d);
             else

@@ -430,8 +430,11 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
             qcow2_close(e->img);
             e->img = NULL;
         } else {
-            e->opened = (struct catalog_identity){.size = st->size, .mtime = st->mtime, .mtime_nsec = st->mtime_nsec,
-                                                  .ino = st->ino, .version = st->version};
+            e->opened = (struct catalog_identity){.size = st->size,
+                                                  .mtime = st->mtime,
+                                                  .mtime_nsec = st->mtime_nsec,
+                                                  .ino = st->ino,
+                                                  .version = st->version};
             pthread_mutex_lock(&c->lock);
             c->open++;
             e->opened.seq = ++c->open_seq;

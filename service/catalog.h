@@ -84,11 +84,11 @@ const char *catalog_image_name(const struct catalog_image *ci);
  * change behind the catalog's back, a replacement, a job's private handle) is
  * replaced by a new open with a new seq. */
 struct catalog_identity {
-    uint64_t size;              /* bytes of the file at the open */
-    int64_t mtime, mtime_nsec;  /* its mtime then */
-    uint64_t ino;               /* its inode (0 where the store has none) */
-    uint64_t version;           /* the store's content version (0 where it has none) */
-    uint64_t seq;               /* this open among the catalog's opens (from 1) */
+    uint64_t size;             /* bytes of the file at the open */
+    int64_t mtime, mtime_nsec; /* its mtime then */
+    uint64_t ino;              /* its inode (0 where the store has none) */
+    uint64_t version;          /* the store's content version (0 where it has none) */
+    uint64_t seq;              /* this open among the catalog's opens (from 1) */
 };
 /* Fill *out for ci (a reference from catalog_get). Returns 0. Thread-safe. */
 int catalog_image_identity(const struct catalog_image *ci, struct catalog_identity *out);

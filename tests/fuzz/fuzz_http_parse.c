@@ -111,7 +111,7 @@ static void fuzz_validators(const char *text)
     for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
         int s = api_etag_match(text, tags[i], false), w = api_etag_match(text, tags[i], true);
         CHECK((s == 0 || s == 1 || s == -EINVAL) && (w == 0 || w == 1 || w == -EINVAL));
-        CHECK(s != 1 || w == 1); /* a strong match is a weak one too */
+        CHECK(s != 1 || w == 1);  /* a strong match is a weak one too */
         CHECK(tags[i] || s <= 0); /* nothing exists: nothing matches, not even "*" */
     }
     if (text[0] == '"' && !strchr(text + 1, '"') && strlen(text) < 100) {

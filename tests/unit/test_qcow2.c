@@ -856,12 +856,24 @@ START_TEST(generation_moves_with_every_change_and_is_claimed_once)
     for (int step = 0; step < 6; step++) {
         int ret;
         switch (step) {
-        case 0: ret = qcow2_pwrite(img, buf, sizeof buf, 0); break;
-        case 1: ret = qcow2_pwrite_zeroes(img, 0, 4096); break;
-        case 2: ret = qcow2_discard(img, 0, 65536); break;
-        case 3: ret = qcow2_bitmap_add(img, "b", 0, false); break;
-        case 4: ret = qcow2_snapshot_create(img, "s"); break;
-        default: ret = qcow2_snapshot_delete(img, "s"); break;
+        case 0:
+            ret = qcow2_pwrite(img, buf, sizeof buf, 0);
+            break;
+        case 1:
+            ret = qcow2_pwrite_zeroes(img, 0, 4096);
+            break;
+        case 2:
+            ret = qcow2_discard(img, 0, 65536);
+            break;
+        case 3:
+            ret = qcow2_bitmap_add(img, "b", 0, false);
+            break;
+        case 4:
+            ret = qcow2_snapshot_create(img, "s");
+            break;
+        default:
+            ret = qcow2_snapshot_delete(img, "s");
+            break;
         }
         ck_assert_msg(ret == 0, "step %d: %s", step, err_msg(ret));
         qcow2_get_changes(img, &ch);
