@@ -16,8 +16,9 @@
 #include "tls.h"
 
 #define CORS_METHODS "GET, HEAD, PUT, POST, PATCH, DELETE, OPTIONS"
-#define CORS_HEADERS                                                                                                   \
-    "Authorization, Content-Type, Range, Content-Range, If-Match, If-None-Match, If-Range, Last-Event-ID"
+#define CORS_HEADERS                                                                                            \
+    "Authorization, Content-Type, Range, Content-Range, If-Match, If-None-Match, If-Range, If-Modified-Since, " \
+    "If-Unmodified-Since, Last-Event-ID"
 #define CORS_EXPOSE "Content-Range, Content-Length, Location, ETag, Last-Modified, Retry-After, Accept-Ranges"
 
 static const char *header(const struct req *r, const char *name)

@@ -14,6 +14,7 @@
 #include "auth.h"
 
 struct catalog;
+struct catalog_image;
 struct qcow2_image;
 struct qcow2_bitmap_info;
 struct qcow2_snapshot_info;
@@ -41,6 +42,17 @@ struct api_metrics {
     atomic_ullong buckets[API_BUCKETS];       /* latency histogram (not cumulative) */
     atomic_ullong count, usec_sum;            /* completed requests, their total latency */
     atomic_uint inflight;                     /* requests between their first call and completion */
+};
+
+/* The validators of an image answer (validators.c): set by the handler before
+ * the answer's bytes are read, so a tag never labels bytes older than itself. */
+struct api_validators {
+    bool set;                /* the rest is valid */
+    char etag[72];           /* the strong entity-tag, quotes included */
+    int64_t lm;              /* Last-Modified, seconds since the epoch */
+    bool lm_strong;          /* lm alone names this representation (dates in If-Range, If-*-Since) */
+    struct qcow2_image *img; /* whose generation gen is (borrowed: valid while the handler holds the image) */
+    uint64_t gen;
 };
 
 /* One request, kept in MHD's con_cls from the first call to the completion callback. */
@@ -76,6 +88,7 @@ struct req {
     const struct api_access_cfg *acc; /* who may do what (the server's) */
     char who[80];                /* who was admitted: a token's name, "ticket:ID", "-" without tokens */
     char cors_origin[256];       /* an allowed Origin to echo in CORS headers, or "" */
+    struct api_validators val;   /* of the image answered (ETag, Last-Modified), when set */
 };
 
 #define API_MAX_ARGS 2 /* path segments a route captures */
@@ -193,6 +206,53 @@ int api_query_bool(struct req *r, const char *name, bool *v);
  * escapes kept), or NULL when absent; same returns. */
 int api_parse_u64_arg(const char *name, const char *raw, uint64_t *v);
 int api_parse_bool_arg(const char *name, const char *raw, bool *v);
+
+/* ---- validators.c: ETag, Last-Modified, If-* ---- */
+
+/* Set r->val for the image ci (a reference the caller holds): its info, data and
+ * file answers (snapshot: the data of one of its snapshots, whose tag follows
+ * the snapshot table only). Call before reading what the answer sends. */
+void api_validators_image(struct req *r, const struct catalog_image *ci, bool snapshot);
+/* Fold the bytes of a body built whole (a + b) into r->val's tag, so a
+ * representation that changes with more than the image (an info's actual-size)
+ * gets a tag of its own. */
+void api_validators_body(struct req *r, const char *a, const char *b);
+/* The preconditions of RFC 9110 13.2.2 against r->val. A GET or HEAD of an
+ * existing image: true: go on; false: 304 (If-None-Match, If-Modified-Since),
+ * 412 (If-Match, If-Unmodified-Since) or 400 (a malformed list) queued in *res. */
+bool api_check_read(struct req *r, enum MHD_Result *res);
+/* The same for a change of the existing image ci, a reference the caller holds
+ * until the change is made (NULL: one without validators, e.g. broken: only "*"
+ * matches). With an If-Match that matched, the generation the validators were
+ * made from is claimed (qcow2_claim_generation) before true is returned: of two
+ * writers with one tag only one goes on. r->val is unset again on true. */
+bool api_check_write(struct req *r, const struct catalog_image *ci, enum MHD_Result *res);
+/* The same for a target that does not exist (an upload, a create): If-Match
+ * fails (412); If-None-Match: * holds. */
+bool api_check_absent(struct req *r, enum MHD_Result *res);
+/* Whether the request says "If-None-Match: *" (create only if absent: a name
+ * taken then answers 412, not 409). */
+bool api_if_none_match_any(struct req *r);
+/* Whether r has a precondition a change honours (If-Match, If-None-Match,
+ * If-Unmodified-Since): for handlers that look the image up only for them. */
+bool api_has_preconditions(struct req *r);
+/* Whether a Range of r is to be served (true without If-Range): If-Range holds
+ * r->val's ETag (strong comparison) or its Last-Modified while that is strong. */
+bool api_if_range(struct req *r);
+/* ETag and Last-Modified of r->val on resp when set and status is 200, 206 or
+ * 304 (412: the ETag only). Called by api_queue. */
+void api_validator_headers(const struct req *r, unsigned status, struct MHD_Response *resp);
+
+/* Parsers (pure, thread-safe; fuzzed). api_etag_match: whether the If-Match /
+ * If-None-Match value field names etag (strong comparison unless weak): 1 or 0,
+ * -EINVAL with err_msg() when malformed. etag NULL: nothing exists ("*" fails
+ * too); "": something without a tag ("*" only). */
+int api_etag_match(const char *field, const char *etag, bool weak);
+/* An HTTP-date (IMF-fixdate, rfc850 or asctime) into seconds since the epoch:
+ * 0 or -EINVAL. */
+int api_parse_http_date(const char *s, int64_t *out);
+#define API_DATE_MAX 32
+void api_format_http_date(int64_t t, char out[API_DATE_MAX]);
 
 /* ---- images.c ---- */
 

@@ -123,9 +123,13 @@ static enum MHD_Result create_end(struct req *r, const char *image, json_t *body
     int ret = catalog_get_writable(r->cat, image, &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    enum MHD_Result res;
+    if (!api_check_write(r, ci, &res)) {
+        catalog_put_writable(ci);
+        return res;
+    }
     struct qcow2_image *img = catalog_image_qcow2(ci);
     ret = qcow2_bitmap_add(img, name, (uint32_t)gran, disabled);
-    enum MHD_Result res;
     if (ret < 0) {
         res = api_reply_errno(r, ret);
     } else {
@@ -156,6 +160,11 @@ static enum MHD_Result simple_op(struct req *r, char **args, int op)
     int ret = catalog_get_writable(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    enum MHD_Result res;
+    if (!api_check_write(r, ci, &res)) {
+        catalog_put_writable(ci);
+        return res;
+    }
     struct qcow2_image *img = catalog_image_qcow2(ci);
     switch (op) {
     case OP_DELETE: ret = qcow2_bitmap_remove(img, args[1]); break;
@@ -163,7 +172,6 @@ static enum MHD_Result simple_op(struct req *r, char **args, int op)
     case OP_ENABLE: ret = qcow2_bitmap_enable(img, args[1]); break;
     default: ret = qcow2_bitmap_disable(img, args[1]); break;
     }
-    enum MHD_Result res;
     if (ret < 0)
         res = api_reply_errno(r, ret);
     else if (op == OP_DELETE)
@@ -230,6 +238,11 @@ static enum MHD_Result merge_run(struct req *r, struct merge_body *mb, json_t *b
     int ret = catalog_get_writable(r->cat, mb->image, &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    enum MHD_Result res;
+    if (!api_check_write(r, ci, &res)) {
+        catalog_put_writable(ci);
+        return res;
+    }
     if (src_image && strcmp(src_image, mb->image) && (ret = catalog_get(r->cat, src_image, &sci)) < 0) {
         catalog_put_writable(ci);
         return api_reply_errno(r, err_prefix(ret, "source image '%s'", src_image));
@@ -237,7 +250,7 @@ static enum MHD_Result merge_run(struct req *r, struct merge_body *mb, json_t *b
     struct qcow2_image *img = catalog_image_qcow2(ci);
     ret = qcow2_bitmap_merge(img, mb->bitmap, sci ? catalog_image_qcow2(sci) : NULL, src);
     catalog_put(sci);
-    enum MHD_Result res = ret < 0 ? api_reply_errno(r, ret) : reply_bitmap(r, img, mb->bitmap, 200, NULL);
+    res = ret < 0 ? api_reply_errno(r, ret) : reply_bitmap(r, img, mb->bitmap, 200, NULL);
     catalog_put_writable(ci);
     return res;
 }

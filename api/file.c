@@ -37,6 +37,18 @@ static void file_release(void *ctx)
 
 enum MHD_Result api_file_get(struct req *r, char **args)
 {
+    /* the validators before the file is opened: a change in between gives the
+     * bytes a newer version than their tag says, never an older one */
+    struct catalog_image *ci;
+    int got = catalog_get(r->cat, args[0], &ci);
+    if (got == 0) {
+        api_validators_image(r, ci, false);
+        catalog_put(ci);
+    }
+    err_clear();
+    enum MHD_Result res; /* a broken image has no validators, but exists */
+    if (got != -ENOENT && got != -EINVAL && !api_check_read(r, &res))
+        return res;
     struct file_source *fs = calloc(1, sizeof *fs);
     if (!fs)
         return MHD_NO;
@@ -57,6 +69,7 @@ enum MHD_Result api_file_get(struct req *r, char **args)
 
 struct file_upload {
     struct catalog_upload *u; /* NULL once committed or aborted */
+    bool absent_only;         /* If-None-Match: *: a name taken is 412 */
     char name[CATALOG_NAME_MAX + 1];
 };
 
@@ -73,6 +86,10 @@ static enum MHD_Result upload_end(struct req *r)
     struct file_upload *fu = r->ctx;
     int ret = catalog_upload_commit(fu->u);
     fu->u = NULL;
+    if (ret == -EEXIST && fu->absent_only) {
+        enum MHD_Result res;
+        return api_check_write(r, NULL, &res) ? api_reply_errno(r, ret) : res;
+    }
     if (ret < 0)
         return api_reply_errno(r, ret);
     struct catalog_image *ci;
@@ -98,9 +115,21 @@ static const struct api_body upload_ops = {.data = upload_data, .end = upload_en
 
 enum MHD_Result api_file_put(struct req *r, char **args)
 {
+    /* an upload never replaces an image: If-Match holds only for an image that
+     * exists (which then answers 409 below), If-None-Match: * only for a new name */
+    enum MHD_Result res;
+    struct catalog_image *ci = NULL;
+    bool im = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_MATCH);
+    int got = im || api_if_none_match_any(r) ? catalog_get(r->cat, args[0], &ci) : -ENOENT;
+    err_clear();
+    bool ok = got == -ENOENT ? api_check_absent(r, &res) : api_check_write(r, got == 0 ? ci : NULL, &res);
+    catalog_put(ci);
+    if (!ok)
+        return res;
     struct file_upload *fu = calloc(1, sizeof *fu);
     if (!fu)
         return MHD_NO;
+    fu->absent_only = api_if_none_match_any(r);
     /* the declared size is checked against the budgets before a byte is stored */
     const char *cl = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     uint64_t length = UINT64_MAX;
@@ -114,6 +143,8 @@ enum MHD_Result api_file_put(struct req *r, char **args)
     int ret = catalog_upload_begin(r->cat, args[0], length, &fu->u);
     if (ret < 0) {
         free(fu);
+        if (ret == -EEXIST && api_if_none_match_any(r) && !api_check_write(r, NULL, &res))
+            return res;
         return api_reply_errno(r, ret);
     }
     snprintf(fu->name, sizeof fu->name, "%s", args[0]);

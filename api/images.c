@@ -67,7 +67,10 @@ static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snap
     json_object_set_new(o, "filename", json_string(file));
     json_object_set_new(o, "format", json_string(in->format == QCOW2_FMT_RAW ? "raw" : "qcow2"));
     json_object_set_new(o, "virtual-size", json_integer((json_int_t)in->virtual_size));
-    json_object_set_new(o, "actual-size", json_integer((json_int_t)in->file_allocated));
+    uint64_t allocated; /* now, not at the open: writes grow it */
+    if (qcow2_file_allocated(img, &allocated) < 0)
+        allocated = in->file_allocated;
+    json_object_set_new(o, "actual-size", json_integer((json_int_t)allocated));
     json_object_set_new(o, "dirty-flag", json_boolean(in->format == QCOW2_FMT_QCOW2 && in->dirty));
     if (in->format != QCOW2_FMT_QCOW2) {
         json_decref(snaps);
@@ -156,10 +159,19 @@ enum MHD_Result api_image_info(struct req *r, char **args)
     char *head, *tail;
     struct qcow2_snapshot_info *list;
     uint32_t n;
+    api_validators_image(r, ci, false); /* before the body is read */
     int ret = info_segment(args[0], catalog_image_qcow2(ci), "", "\n", &head, &tail, &list, &n);
     catalog_put(ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    /* the snapshot list follows the generation; the rest (actual-size) may move on its own */
+    api_validators_body(r, head, tail);
+    if (!api_check_read(r, &res)) {
+        qcow2_snapshot_list_free(list, n);
+        free(head);
+        free(tail);
+        return res;
+    }
     return api_reply_segments(r, head, tail, list, n, NULL, NULL, NULL);
 }
 
@@ -282,6 +294,11 @@ enum MHD_Result api_image_data(struct req *r, char **args)
     struct catalog_image *ci = get_image(r, args[0], &res);
     if (!ci)
         return res;
+    api_validators_image(r, ci, false);
+    if (!api_check_read(r, &res)) {
+        catalog_put(ci);
+        return res;
+    }
     return api_send_data(r, catalog_image_qcow2(ci), ci, NULL);
 }
 

@@ -176,6 +176,9 @@ static enum MHD_Result create_end(struct req *r, const char *unused, json_t *bod
 {
     const char *name;
     struct qcow2_create_opts o;
+    enum MHD_Result res;
+    if (MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_IF_MATCH) && !api_check_absent(r, &res))
+        return res; /* a create makes a new image: there is no current one to match */
     int ret = create_opts(body, &name, &o);
     if (ret == 0 && o.prealloc_metadata) {
         struct create_work *w = calloc(1, sizeof *w);
@@ -192,6 +195,9 @@ static enum MHD_Result create_end(struct req *r, const char *unused, json_t *bod
 /* The answer to a create: 201 with the new image's info, or the error. */
 static enum MHD_Result created(struct req *r, const char *name, int ret)
 {
+    enum MHD_Result res;
+    if (ret == -EEXIST && api_if_none_match_any(r) && !api_check_write(r, NULL, &res))
+        return res; /* If-None-Match: * asked for a new name: 412, not 409 */
     if (ret < 0)
         return api_reply_errno(r, ret);
     struct catalog_image *ci;
@@ -214,6 +220,20 @@ enum MHD_Result api_image_create(struct req *r, char **args)
 
 enum MHD_Result api_image_delete(struct req *r, char **args)
 {
+    if (api_has_preconditions(r)) {
+        /* If-Match claimed on the open handle; a write that did not ask may still
+         * come between the claim and the removal, and is removed with the image */
+        struct catalog_image *ci = NULL;
+        int got = catalog_get(r->cat, args[0], &ci);
+        if (got == -ENOENT || got == -EINVAL)
+            return api_reply_errno(r, got);
+        err_clear();
+        enum MHD_Result res;
+        bool ok = api_check_write(r, got == 0 ? ci : NULL, &res);
+        catalog_put(ci);
+        if (!ok)
+            return res;
+    }
     int ret = catalog_remove(r->cat, args[0]);
     if (ret < 0)
         return api_reply_errno(r, ret);

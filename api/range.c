@@ -287,6 +287,8 @@ enum MHD_Result api_reply_ranged(struct req *r, uint64_t size, const struct api_
     uint64_t start = 0, len = size;
     char cr[96];
     const char *range = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_RANGE);
+    if (range && !api_if_range(r))
+        range = NULL; /* If-Range names another version: the whole new body, not a piece to join to the old */
     if (range) {
         int ret = api_parse_range(range, size, &start, &len);
         if (ret < 0) {

@@ -99,6 +99,7 @@ enum MHD_Result api_queue(struct req *r, unsigned status, struct MHD_Response *r
     if (!resp)
         return MHD_NO; /* out of memory: MHD closes the connection */
     api_cors_headers(r, resp);
+    api_validator_headers(r, status, resp);
     enum MHD_Result ret = MHD_queue_response(r->conn, status, resp);
     MHD_destroy_response(resp);
     if (ret == MHD_YES) {

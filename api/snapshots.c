@@ -169,6 +169,18 @@ static enum MHD_Result snap_job(struct req *r, const char *image, const char *op
 {
     if (!r->jobs)
         return api_reply_status(r, 503, "unavailable", "the job engine is not running", NULL, NULL);
+    if (api_has_preconditions(r)) {
+        /* checked (and an If-Match claimed) against the handle the job starts from */
+        struct catalog_image *ci;
+        int got = catalog_get(r->cat, image, &ci);
+        if (got < 0)
+            return api_reply_errno(r, got);
+        enum MHD_Result res;
+        bool ok = api_check_write(r, ci, &res);
+        catalog_put(ci);
+        if (!ok)
+            return res;
+    }
     json_t *job;
     int ret = svc_snapshot_job(r->jobs, r->cat, image, op, snap, &job);
     if (ret < 0)
@@ -214,6 +226,12 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args)
     int ret = catalog_get(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    enum MHD_Result res;
+    api_validators_image(r, ci, true);
+    if (!api_check_read(r, &res)) {
+        catalog_put(ci);
+        return res;
+    }
     /* the view reads the file: the shared handle's pending metadata first */
     char *uri = catalog_uri(r->cat, args[0]);
     ret = uri ? catalog_flush(r->cat, args[0]) : err_fail(ENOMEM, "out of memory");

@@ -131,6 +131,11 @@ enum MHD_Result api_data_put(struct req *r, char **args)
     ret = catalog_get_writable(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    enum MHD_Result res;
+    if (!api_check_write(r, ci, &res)) {
+        catalog_put_writable(ci);
+        return res;
+    }
     uint64_t size = qcow2_size(catalog_image_qcow2(ci)), start = qoff, len = cl;
     char msg[200], cr[64];
     snprintf(cr, sizeof cr, "bytes */%" PRIu64, size);
@@ -214,6 +219,11 @@ static enum MHD_Result patch_end(struct req *r, const char *name, json_t *body)
         return api_reply_empty(r, 204, NULL, NULL);
     if (ret < 0)
         return api_reply_errno(r, ret);
+    enum MHD_Result res;
+    if (!api_check_write(r, ci, &res)) {
+        catalog_put_writable(ci);
+        return res;
+    }
     struct qcow2_image *img = catalog_image_qcow2(ci);
     uint64_t disk = qcow2_size(img);
     if (range_op && ((uint64_t)off > disk || (uint64_t)size > disk - (uint64_t)off)) {

@@ -34,6 +34,7 @@ struct catalog_image {
     bool rw;                 /* img was opened read-write */
     char *ro_msg;            /* else why not (NULL for a failure entry) */
     int ro_err;              /* and the positive errno of that read-write open */
+    struct catalog_identity opened; /* the file when img was opened, and the open's seq */
     unsigned refs;           /* holders, the cache included (under cat->lock) */
     unsigned writers;        /* holders from catalog_get_writable (under cat->lock) */
     unsigned downloads;      /* GET .../file readers of the container (under cat->lock) */
@@ -55,6 +56,7 @@ struct catalog {
     pthread_cond_t closed;         /* signalled when one of them is done */
     pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
     unsigned long seq;             /* temporary names (under lock) */
+    uint64_t open_seq;             /* images opened so far (under lock) */
     char host[64];                 /* this host in temporary names (host_id) */
     uint64_t closed_hits, closed_misses; /* L2 cache counts of images already closed (under lock) */
     struct reservation *reserved;        /* images reserved by jobs (under lock) */
@@ -428,8 +430,14 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
             qcow2_close(e->img);
             e->img = NULL;
         } else {
+            e->opened = (struct catalog_identity){.size = st->size,
+                                                  .mtime = st->mtime,
+                                                  .mtime_nsec = st->mtime_nsec,
+                                                  .ino = st->ino,
+                                                  .version = st->version};
             pthread_mutex_lock(&c->lock);
             c->open++;
+            e->opened.seq = ++c->open_seq;
             pthread_mutex_unlock(&c->lock);
         }
     } else if (ret == -EINVAL) {
@@ -637,6 +645,12 @@ struct qcow2_image *catalog_image_qcow2(const struct catalog_image *ci)
 const char *catalog_image_name(const struct catalog_image *ci)
 {
     return ci->name;
+}
+
+int catalog_image_identity(const struct catalog_image *ci, struct catalog_identity *out)
+{
+    *out = ci->opened; /* set before the entry was handed out, never changed after */
+    return 0;
 }
 
 unsigned catalog_open_count(struct catalog *c)

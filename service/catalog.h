@@ -78,6 +78,21 @@ void catalog_put(struct catalog_image *ci);
 struct qcow2_image *catalog_image_qcow2(const struct catalog_image *ci);
 const char *catalog_image_name(const struct catalog_image *ci);
 
+/* The file of an open image as it was when this handle opened it, and which
+ * open of the catalog it was: with the engine's generation (qcow2_get_changes)
+ * what HTTP validators are made of. A handle that stops matching its file (a
+ * change behind the catalog's back, a replacement, a job's private handle) is
+ * replaced by a new open with a new seq. */
+struct catalog_identity {
+    uint64_t size;             /* bytes of the file at the open */
+    int64_t mtime, mtime_nsec; /* its mtime then */
+    uint64_t ino;              /* its inode (0 where the store has none) */
+    uint64_t version;          /* the store's content version (0 where it has none) */
+    uint64_t seq;              /* this open among the catalog's opens (from 1) */
+};
+/* Fill *out for ci (a reference from catalog_get). Returns 0. Thread-safe. */
+int catalog_image_identity(const struct catalog_image *ci, struct catalog_identity *out);
+
 /* Number of images open now (cached or in use). Thread-safe. */
 unsigned catalog_open_count(struct catalog *c);
 /* L2 cache hits and misses of every image opened so far (for metrics). */

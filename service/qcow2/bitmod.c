@@ -397,7 +397,7 @@ static int begin(struct qcow2_image *img, const char *name)
     if (img->broken)
         return err_fail(EUCLEAN, "image is marked corrupt; run check -r all");
     pthread_rwlock_wrlock(&img->rwlock);
-    atomic_fetch_add(&img->write_gen, 1);
+    qcow2_note_change(img, false);
     img->unsynced = true;
     if ((ret = begin_write(img)) == 0)
         ret = meta_flush(img);

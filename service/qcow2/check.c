@@ -729,8 +729,10 @@ int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, stru
     }
     if (img->rw)
         pthread_rwlock_wrlock(&img->rwlock);
-    if (repair)
+    if (repair) {
         img->unsynced = true;
+        qcow2_note_change(img, true); /* refcounts, and maybe snapshot tables */
+    }
     if (img->rw && (ret = meta_flush(img)) < 0)
         goto out;
     r->total_clusters = size_to_clusters(img, img->h.size);

@@ -443,7 +443,7 @@ static int trim_file(struct qcow2_image *img)
  * write lock. */
 static int empty_top(struct qcow2_image *img)
 {
-    atomic_fetch_add(&img->write_gen, 1);
+    qcow2_note_change(img, false);
     img->unsynced = true;
     int ret = begin_write(img);
     for (uint32_t i = 0; i < img->l1_size && ret == 0; i++) {

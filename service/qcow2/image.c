@@ -26,6 +26,7 @@ static void free_image(struct qcow2_image *img)
     free(img->pending);
     free(img->quar);
     pthread_rwlock_destroy(&img->rwlock);
+    pthread_mutex_destroy(&img->change_lock);
     qcow2_free_snapshots(img);
     qcow2_free_bitmaps(img);
     pthread_mutex_destroy(&img->prealloc_lock);
@@ -193,6 +194,7 @@ static int open_layer(const char *uri, const char *fmt, const struct qcow2_open_
     pthread_mutex_init(&img->sent_lock, NULL);
     pthread_mutex_init(&img->bm_lock, NULL);
     pthread_rwlock_init(&img->rwlock, NULL);
+    qcow2_changes_init(img);
     img->depth = depth;
     img->free_hint = 1;
     img->bmw = (struct bm_window){.bitmap = -1, .data_idx = UINT32_MAX};
@@ -375,7 +377,7 @@ int qcow2_refresh_layer(struct qcow2_image *img)
     pthread_mutex_lock(&img->prealloc_lock);
     img->meta_prealloc_known = false;
     pthread_mutex_unlock(&img->prealloc_lock);
-    atomic_fetch_add(&img->write_gen, 1); /* compressed read-ahead windows expire */
+    qcow2_note_change(img, true); /* compressed read-ahead windows expire; the file changed */
     img->info.file_allocated = fresh->info.file_allocated;
     fill_info(img);
     free_image(fresh);

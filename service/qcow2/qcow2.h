@@ -157,6 +157,30 @@ const struct qcow2_info *qcow2_get_info(const struct qcow2_image *img);
 /* L2 cache lookups of img so far (thread-safe). */
 void qcow2_cache_stats(struct qcow2_image *img, uint64_t *hits, uint64_t *misses);
 
+/* The change record of an open image, for validators (ETag, Last-Modified).
+ * generation starts at 0 at the open and moves on before every change made
+ * through this handle becomes visible to its readers: writes, zeroes, discards,
+ * snapshot create/delete/revert, bitmap changes, commit, repairs (and claims).
+ * Changes through other handles or behind the process's back are not seen:
+ * the caller tells those apart by the file's identity. Thread-safe. */
+struct qcow2_changes {
+    uint64_t generation;      /* changes through this handle so far */
+    uint64_t snap_generation; /* of them, changes of the snapshot table (and repairs) */
+    int64_t changed;          /* CLOCK_REALTIME second of the last change; 0: none yet */
+    int64_t before;           /* the second of the change before it, or of the open;
+                                 never above changed */
+};
+void qcow2_get_changes(struct qcow2_image *img, struct qcow2_changes *out);
+uint64_t qcow2_generation(const struct qcow2_image *img);
+/* Compare and move on: when the generation is still gen, record a change (the
+ * generation moves on) and return 0; else -ESTALE. One call is atomic against
+ * every other change and claim, so of several callers that read the same gen
+ * exactly one succeeds: a conditional writer claims before it writes. */
+int qcow2_claim_generation(struct qcow2_image *img, uint64_t gen);
+/* Storage the image file uses now (qcow2_info.file_allocated is the figure at
+ * the open): a local file's blocks, else its size. 0 or -errno. Thread-safe. */
+int qcow2_file_allocated(struct qcow2_image *img, uint64_t *out);
+
 /* The backing image of img, or NULL (borrowed). */
 struct qcow2_image *qcow2_backing(const struct qcow2_image *img);
 

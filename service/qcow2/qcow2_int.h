@@ -241,7 +241,13 @@ struct qcow2_image {
     struct qcow2_image *acct;    /* a backing layer: the top, whose budget it charges; else NULL */
 
     uint64_t id;                 /* unique among the images opened by this process */
-    _Atomic uint64_t write_gen;  /* bumped by every write: readers' cached host bytes expire */
+    _Atomic uint64_t write_gen;  /* bumped by every change (qcow2_note_change): readers' cached host
+                                    bytes expire, and it is the generation of qcow2_get_changes */
+    pthread_mutex_t change_lock; /* the change record below, and write_gen's bumps */
+    uint64_t snap_gen;           /* changes of the snapshot table (and repairs) */
+    int64_t opened_sec;          /* CLOCK_REALTIME second of the open */
+    int64_t changed_sec;         /* of the last change, 0 before the first */
+    int64_t before_sec;          /* of the change before the last (or the open) */
 
     /* writing (img->rw only; all under rwlock held for writing) */
     bool rw;
@@ -520,6 +526,13 @@ int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
  * L1 and refcount tables, sizes) and drop its cached L2 slices. The caller keeps
  * every reader of img out. On failure img is unchanged. */
 int qcow2_refresh_layer(struct qcow2_image *img);
+
+/* ---- changes.c ---- */
+void qcow2_changes_init(struct qcow2_image *img);
+/* Record a change about to be made through img (under its write lock, or
+ * before the write of a raw image): the generation moves on; snapshots: the
+ * snapshot table changes too. */
+void qcow2_note_change(struct qcow2_image *img, bool snapshots);
 
 /* ---- bitmap.c ---- */
 int qcow2_read_bitmaps(struct qcow2_image *img);

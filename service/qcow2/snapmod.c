@@ -190,7 +190,7 @@ static int begin(struct qcow2_image *img)
     if (img->data != img->file)
         return err_fail(ENOTSUP, "images with an external data file cannot have internal snapshots");
     pthread_rwlock_wrlock(&img->rwlock);
-    atomic_fetch_add(&img->write_gen, 1);
+    qcow2_note_change(img, true);
     img->unsynced = true;
     int ret = begin_write(img);
     if (ret == 0)

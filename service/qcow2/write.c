@@ -442,7 +442,7 @@ static int lock_for_write(struct qcow2_image *img, uint64_t off, uint64_t len)
     if (ret < 0)
         return ret;
     pthread_rwlock_wrlock(&img->rwlock);
-    atomic_fetch_add(&img->write_gen, 1);
+    qcow2_note_change(img, false);
     img->unsynced = true;
     ret = begin_write(img);
     if (ret < 0)
@@ -463,6 +463,8 @@ int qcow2_pwrite(struct qcow2_image *img, const void *vbuf, size_t len, uint64_t
     const unsigned char *buf = vbuf;
     if (img->fmt == QCOW2_FMT_RAW) {
         int r = check_writable(img, off, len);
+        if (r == 0)
+            qcow2_note_change(img, false);
         return r < 0 ? r : vfs_pwrite(img->file, buf, len, off);
     }
     int ret = lock_for_write(img, off, len);
@@ -577,6 +579,8 @@ static int zero_range(struct qcow2_image *img, uint64_t off, uint64_t len, bool 
 {
     if (img->fmt == QCOW2_FMT_RAW) {
         int r = check_writable(img, off, len);
+        if (r == 0)
+            qcow2_note_change(img, false);
         if (r == 0 && vfs_discard(img->file, off, len) < 0 && !discard)
             r = host_zero(img, img->file, off, len);
         return r;

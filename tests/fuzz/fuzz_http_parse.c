@@ -1,6 +1,7 @@
 /* fuzz_http_parse.c: libFuzzer target for what qcowd parses from a request line
  * and headers: routing, Range, Content-Range, query arguments and %XX escapes,
- * Host, Origin and Authorization; and the --tokens file. */
+ * Host, Origin and Authorization; If-Match/If-None-Match entity-tag lists and
+ * HTTP dates (If-Range, If-*-Since); and the --tokens file. */
 #include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -15,7 +16,7 @@
 #include "fuzz_util.h"
 
 /* The first byte picks the parser; the rest is its text (NUL-terminated copy). */
-enum { P_ROUTE, P_RANGE, P_CONTENT_RANGE, P_QUERY, P_ACCESS, P_TOKENS, P_COUNT };
+enum { P_ROUTE, P_RANGE, P_CONTENT_RANGE, P_QUERY, P_ACCESS, P_TOKENS, P_VALIDATORS, P_COUNT };
 
 static void fuzz_route(const char *text)
 {
@@ -102,6 +103,36 @@ static void fuzz_access(const char *text)
     }
 }
 
+/* If-Match / If-None-Match lists and HTTP dates: 1, 0 or -EINVAL; a list
+ * always matches a tag it names, and a parsed date prints and parses back. */
+static void fuzz_validators(const char *text)
+{
+    static const char *const tags[] = {NULL, "", "\"a\"", "\"7bc5d3b5adf110f4-b-0\""};
+    for (size_t i = 0; i < sizeof tags / sizeof tags[0]; i++) {
+        int s = api_etag_match(text, tags[i], false), w = api_etag_match(text, tags[i], true);
+        CHECK((s == 0 || s == 1 || s == -EINVAL) && (w == 0 || w == 1 || w == -EINVAL));
+        CHECK(s != 1 || w == 1);  /* a strong match is a weak one too */
+        CHECK(tags[i] || s <= 0); /* nothing exists: nothing matches, not even "*" */
+    }
+    if (text[0] == '"' && !strchr(text + 1, '"') && strlen(text) < 100) {
+        char list[256], tag[128];
+        snprintf(tag, sizeof tag, "%s\"", text);
+        snprintf(list, sizeof list, "W/\"x\", %s", tag);
+        int m = api_etag_match(list, tag, false);
+        CHECK(m == 1 || m == -EINVAL); /* -EINVAL: a control character in the tag */
+    }
+    int64_t t;
+    if (api_parse_http_date(text, &t) == 0) {
+        char out[API_DATE_MAX];
+        int64_t back;
+        api_format_http_date(t, out);
+        if (t >= 0 && t < 253402300800) /* years 1970..9999 print in four digits */
+            CHECK(api_parse_http_date(out, &back) == 0 && back == t);
+    } else {
+        CHECK(err_msg(EINVAL)[0]);
+    }
+}
+
 /* The token file: parsed or refused with a message, never half a table. */
 static void fuzz_tokens(const uint8_t *data, size_t size)
 {
@@ -153,6 +184,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         break;
     case P_ACCESS:
         fuzz_access(text);
+        break;
+    case P_VALIDATORS:
+        fuzz_validators(text);
         break;
     default:
         fuzz_query(text, strlen(text));

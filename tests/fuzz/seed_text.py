@@ -8,7 +8,7 @@ import struct
 import sys
 
 # ---- fuzz_http_parse: a selector byte, then the text ----
-ROUTE, RANGE, CRANGE, QUERY = 0, 1, 2, 3
+ROUTE, RANGE, CRANGE, QUERY, VALID = 0, 1, 2, 3, 6
 HTTP = [
     (ROUTE, b"GET /v1/images"),
     (ROUTE, b"POST /v1/images"),
@@ -32,6 +32,14 @@ HTTP = [
     (QUERY, b"18446744073709551616"),
     (QUERY, b"yes"),
     (QUERY, b"%00"),
+    (VALID, b'"7bc5d3b5adf110f4-b-0", W/"a"'),
+    (VALID, b'*'),
+    (VALID, b' , ,"a" ,'),
+    (VALID, b'"unterminated'),
+    (VALID, b"Sun, 06 Nov 1994 08:49:37 GMT"),
+    (VALID, b"Sunday, 06-Nov-94 08:49:37 GMT"),
+    (VALID, b"Sun Nov  6 08:49:37 1994"),
+    (VALID, b"Fri, 31 Dec 9999 23:59:60 GMT"),
 ]
 
 # ---- fuzz_api: requests separated by a line "===" ----
@@ -53,6 +61,10 @@ API = [
     [b'PATCH /v1/images/a/data\n\n{"op":"zero","offset":4096,"size":8192,"flush":true}',
      b'PATCH /v1/images/a/data\n\n{"op":"discard","offset":0,"size":65536}',
      b'PATCH /v1/images/a/data\n\n{"op":"flush"}', b"OPTIONS /v1/images/a/data"],
+    [b'GET /v1/images/a/data\nRange: bytes=0-9\nIf-Range: "x"', b"GET /v1/images/a\nIf-None-Match: *",
+     b"GET /v1/images/a/file\nRange: bytes=5-\nIf-Range: Sun, 06 Nov 1994 08:49:37 GMT",
+     b'PUT /v1/images/a/data\nContent-Range: bytes 0-1/*\nIf-Match: "x", W/"y"\n\nab',
+     b"DELETE /v1/images/a\nIf-Match: *", b"GET /v1/images/a/data\nIf-Modified-Since: Sun Nov  6 08:49:37 1994"],
     [b"PUT /v1/images/x/data\nContent-Range: bytes 100-109/*\n\n0123456789",
      b"PUT /v1/images/x/data?offset=5&flush=n\n\nhello",
      b"GET /v1/images/x/data\nRange: bytes=90-120", b"GET /v1/images/x/extents?context=zero"],

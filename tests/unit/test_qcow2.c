@@ -818,6 +818,100 @@ START_TEST(snapshot_create_stops_at_the_budget_and_leaves_the_image_whole)
 }
 END_TEST
 
+/* One of several threads claiming one generation at once. */
+struct claimer {
+    struct qcow2_image *img;
+    uint64_t gen;
+    pthread_barrier_t *go;
+    int ret;
+};
+
+static void *claim_one(void *p)
+{
+    struct claimer *c = p;
+    pthread_barrier_wait(c->go);
+    c->ret = qcow2_claim_generation(c->img, c->gen);
+    return NULL;
+}
+
+/* The change record (HTTP validators): 0 at the open, moved by every kind of
+ * change and by nothing else, and a claim of one generation succeeds once
+ * however many threads try it at the same moment. */
+START_TEST(generation_moves_with_every_change_and_is_claimed_once)
+{
+    const char *uri = "mem:t/gen.qcow2";
+    vfs_remove(uri);
+    struct qcow2_create_opts co = {.size = 4u << 20};
+    ck_assert_int_eq(qcow2_create(uri, &co), 0);
+    struct qcow2_open_opts o = {.read_write = true};
+    struct qcow2_image *img;
+    ck_assert_int_eq(qcow2_open(uri, &o, &img), 0);
+    struct qcow2_changes ch;
+    qcow2_get_changes(img, &ch);
+    ck_assert_uint_eq(ch.generation, 0);
+    ck_assert_int_eq(ch.changed, 0);
+    static char buf[4096];
+    memset(buf, 7, sizeof buf);
+    uint64_t g = 0, sg = 0;
+    for (int step = 0; step < 6; step++) {
+        int ret;
+        switch (step) {
+        case 0:
+            ret = qcow2_pwrite(img, buf, sizeof buf, 0);
+            break;
+        case 1:
+            ret = qcow2_pwrite_zeroes(img, 0, 4096);
+            break;
+        case 2:
+            ret = qcow2_discard(img, 0, 65536);
+            break;
+        case 3:
+            ret = qcow2_bitmap_add(img, "b", 0, false);
+            break;
+        case 4:
+            ret = qcow2_snapshot_create(img, "s");
+            break;
+        default:
+            ret = qcow2_snapshot_delete(img, "s");
+            break;
+        }
+        ck_assert_msg(ret == 0, "step %d: %s", step, err_msg(ret));
+        qcow2_get_changes(img, &ch);
+        ck_assert_msg(ch.generation > g, "step %d left the generation at %llu", step, (unsigned long long)g);
+        ck_assert(ch.changed > 0 && ch.changed >= ch.before);
+        ck_assert(step >= 4 ? ch.snap_generation > sg : ch.snap_generation == sg);
+        g = ch.generation;
+        sg = ch.snap_generation;
+    }
+    /* reads and flushes change nothing */
+    ck_assert_int_eq(qcow2_pread(img, buf, sizeof buf, 0), 0);
+    ck_assert_int_eq(qcow2_flush(img), 0);
+    ck_assert_uint_eq(qcow2_generation(img), g);
+    ck_assert_int_eq(qcow2_claim_generation(img, g - 1), -ESTALE);
+    ck_assert_uint_eq(qcow2_generation(img), g);
+    enum { N = 8 };
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, NULL, N);
+    pthread_t t[N];
+    struct claimer c[N];
+    for (int i = 0; i < N; i++) {
+        c[i] = (struct claimer){.img = img, .gen = g, .go = &go};
+        ck_assert_int_eq(pthread_create(&t[i], NULL, claim_one, &c[i]), 0);
+    }
+    int won = 0;
+    for (int i = 0; i < N; i++) {
+        pthread_join(t[i], NULL);
+        ck_assert(c[i].ret == 0 || c[i].ret == -ESTALE);
+        won += c[i].ret == 0;
+    }
+    pthread_barrier_destroy(&go);
+    ck_assert_int_eq(won, 1);
+    ck_assert_uint_eq(qcow2_generation(img), g + 1);
+    qcow2_close(img);
+    vfs_remove(uri);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -844,6 +938,7 @@ static Suite *suite(void)
     tcase_add_test(tc, a_dirty_image_opens_read_only_without_rebuild);
     tcase_add_test(tc, dirty_query_reads_stored_bitmaps_a_piece_at_a_time);
     tcase_add_test(tc, snapshot_create_stops_at_the_budget_and_leaves_the_image_whole);
+    tcase_add_test(tc, generation_moves_with_every_change_and_is_claimed_once);
     suite_add_tcase(s, tc);
     return s;
 }
