@@ -303,7 +303,7 @@ static int emit(struct sse *s)
         data = s->data ? json_stringn(s->data, s->data_len) : json_null();
     const char *type = *s->type ? s->type : "message";
     if (ctl_json) {
-        json_t *ev = json_pack("{s:s, s:O, s:O}", "event", type, "id", *s->id ? json_string(s->id) : json_null(),
+        json_t *ev = json_pack("{s:s, s:o, s:O}", "event", type, "id", *s->id ? json_string(s->id) : json_null(),
                                "data", data);
         json_dumpf(ev, stdout, JSON_COMPACT | JSON_PRESERVE_ORDER);
         json_decref(ev);

@@ -469,9 +469,11 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < NCOMMANDS; i++)
             if (strncmp(commands[i].name, argv[optind], strlen(argv[optind])) == 0 &&
                 commands[i].name[strlen(argv[optind])] == ' ') {
-                fprintf(stderr, "qcowctl: %s: expected one of:\n", argv[optind]);
-                print_commands(stderr, argv[optind]);
-                return EXIT_USAGE;
+                bool help = optind + 1 < argc && strcmp(argv[optind + 1], "--help") == 0;
+                if (!help)
+                    fprintf(stderr, "qcowctl: %s: expected one of:\n", argv[optind]);
+                print_commands(help ? stdout : stderr, argv[optind]);
+                return help ? EXIT_OK : EXIT_USAGE;
             }
         return usage_error("unknown command '%s' (see qcowctl --help)", argv[optind]);
     }
