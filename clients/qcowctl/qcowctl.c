@@ -140,16 +140,45 @@ static void print_commands(FILE *f, const char *only)
     }
 }
 
+/* Prints text from column col, words wrapped before column 96 and continued at indent. */
+static void wrap(FILE *f, const char *text, int col, int indent)
+{
+    for (const char *w = text; *w;) {
+        size_t n = strcspn(w, " \n");
+        if (col > indent && col + 1 + (int)n > 96) {
+            fprintf(f, "\n%*s", indent, "");
+            col = indent;
+        } else if (col > indent) {
+            fputc(' ', f);
+            col++;
+        }
+        col += fprintf(f, "%.*s", (int)n, w);
+        w += n;
+        if (*w == '\n') {
+            fprintf(f, "\n%*s", indent, "");
+            col = indent;
+        }
+        w += *w != 0;
+    }
+    fputc('\n', f);
+}
+
 static void usage(FILE *f)
 {
     fprintf(f, "usage: qcowctl [OPTIONS] COMMAND [ARGS]\n");
-    for (size_t i = 0; i < sizeof global_opts / sizeof global_opts[0]; i++)
-        fprintf(f, "  %-20s%s\n", global_opts[i][0], global_opts[i][1]);
+    for (size_t i = 0; i < sizeof global_opts / sizeof global_opts[0]; i++) {
+        fprintf(f, "  %-20s", global_opts[i][0]);
+        wrap(f, global_opts[i][1], 22, 22);
+    }
     fprintf(f, "\ncommands:\n");
     print_commands(f, NULL);
-    fprintf(f, "\n%s\nExit status:", notes);
-    for (size_t i = 0; i < sizeof exits / sizeof exits[0]; i++)
-        fprintf(f, " %s %s%s", exits[i][0], exits[i][1], i + 1 < sizeof exits / sizeof exits[0] ? ";" : ".\n");
+    fputc('\n', f);
+    wrap(f, notes, 0, 0);
+    fprintf(f, "exit status:\n");
+    for (size_t i = 0; i < sizeof exits / sizeof exits[0]; i++) {
+        fprintf(f, "  %-4s", exits[i][0]);
+        wrap(f, exits[i][1], 6, 6);
+    }
 }
 
 /* roff-escapes s: backslashes, hyphens (so they stay ASCII), a leading dot or quote. */
