@@ -18,10 +18,10 @@ static char *ca_file;
 struct xfer {
     const struct http_req *req;
     struct http_resp *resp;
-    size_t mem_off;   /* request body bytes of req->mem sent */
-    int64_t in_left;  /* request body bytes of req->in still to send */
-    int out_error;    /* errno of a failed write to req->out */
-    int read_error;   /* errno of a failed read of req->in */
+    size_t mem_off;  /* request body bytes of req->mem sent */
+    int64_t in_left; /* request body bytes of req->in still to send */
+    int out_error;   /* errno of a failed write to req->out */
+    int read_error;  /* errno of a failed read of req->in */
 };
 
 int http_init(const char *url, const char *token, const char *cacert)

@@ -108,10 +108,14 @@ int cmd_size(int argc, char **argv)
 int cmd_create(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"cluster-size", required_argument, 0, 'c'},  {"backing", required_argument, 0, 'b'},
-        {"extended-l2", no_argument, 0, 'x'},         {"lazy-refcounts", no_argument, 0, 'l'},
-        {"compression-type", required_argument, 0, 'z'}, {"refcount-bits", required_argument, 0, 'r'},
-        {"compat", required_argument, 0, 'v'},        {"preallocation", required_argument, 0, 'p'},
+        {"cluster-size", required_argument, 0, 'c'},
+        {"backing", required_argument, 0, 'b'},
+        {"extended-l2", no_argument, 0, 'x'},
+        {"lazy-refcounts", no_argument, 0, 'l'},
+        {"compression-type", required_argument, 0, 'z'},
+        {"refcount-bits", required_argument, 0, 'r'},
+        {"compat", required_argument, 0, 'v'},
+        {"preallocation", required_argument, 0, 'p'},
         {0, 0, 0, 0},
     };
     json_t *body = json_object();
@@ -337,8 +341,8 @@ int cmd_upload(int argc, char **argv)
     char *p = image_path(argv[1], "/file");
     int r = EXIT_FAIL;
     if (p) {
-        struct http_req req = {.method = "PUT", .path = p, .in = in, .in_len = st.st_size,
-                               .content_type = "application/octet-stream"};
+        struct http_req req = {
+            .method = "PUT", .path = p, .in = in, .in_len = st.st_size, .content_type = "application/octet-stream"};
         struct http_resp resp;
         json_t *j = NULL;
         r = http_do(&req, &resp);

@@ -10,7 +10,7 @@
 
 #include "ctl.h"
 
-#define POLL_NS 200000000L  /* between two looks at a job being waited for */
+#define POLL_NS   200000000L /* between two looks at a job being waited for */
 #define EVENT_MAX (1u << 20) /* one event's text stops growing here */
 
 static double now(void)
@@ -184,10 +184,14 @@ int cmd_commit(int argc, char **argv)
 int cmd_convert(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"snapshot", required_argument, 0, 'A'},     {"compress", no_argument, 0, 'B'},
-        {"compression-type", required_argument, 0, 'C'}, {"backing", required_argument, 0, 'D'},
-        {"cluster-size", required_argument, 0, 'E'}, {"extended-l2", no_argument, 0, 'F'},
-        {"refcount-bits", required_argument, 0, 'G'}, {"wait", no_argument, 0, 'w'},
+        {"snapshot", required_argument, 0, 'A'},
+        {"compress", no_argument, 0, 'B'},
+        {"compression-type", required_argument, 0, 'C'},
+        {"backing", required_argument, 0, 'D'},
+        {"cluster-size", required_argument, 0, 'E'},
+        {"extended-l2", no_argument, 0, 'F'},
+        {"refcount-bits", required_argument, 0, 'G'},
+        {"wait", no_argument, 0, 'w'},
         {0},
     };
     return image_job(argc, argv, opts, "/convert", "target", "convert SRC TARGET [OPTIONS] [--wait]");
@@ -284,14 +288,14 @@ int cmd_wait(int argc, char **argv)
 /* ---- events ---- */
 
 struct sse {
-    char *line;        /* the line being read */
+    char *line; /* the line being read */
     size_t len, cap;
-    char type[64];     /* event: */
-    char id[32];       /* id: of the event being read */
-    char last_id[32];  /* id: of the last event printed: sent as Last-Event-ID on a reconnect */
-    char *data;        /* data: lines joined by \n */
+    char type[64];    /* event: */
+    char id[32];      /* id: of the event being read */
+    char last_id[32]; /* id: of the last event printed: sent as Last-Event-ID on a reconnect */
+    char *data;       /* data: lines joined by \n */
     size_t data_len;
-    long count, max;   /* events printed, and where to stop (0: never) */
+    long count, max; /* events printed, and where to stop (0: never) */
     int out_error;
 };
 
@@ -303,8 +307,8 @@ static int emit(struct sse *s)
         data = s->data ? json_stringn(s->data, s->data_len) : json_null();
     const char *type = *s->type ? s->type : "message";
     if (ctl_json) {
-        json_t *ev = json_pack("{s:s, s:o, s:O}", "event", type, "id", *s->id ? json_string(s->id) : json_null(),
-                               "data", data);
+        json_t *ev =
+            json_pack("{s:s, s:o, s:O}", "event", type, "id", *s->id ? json_string(s->id) : json_null(), "data", data);
         json_dumpf(ev, stdout, JSON_COMPACT | JSON_PRESERVE_ORDER);
         json_decref(ev);
     } else {
@@ -313,9 +317,8 @@ static int emit(struct sse *s)
         if (json_unpack(data, "{s:s, s:s, s?s, s?s, s?I, s?I}", "id", &id, "type", &jtype, "image", &image, "status",
                         &status, "current-progress", &cur, "total-progress", &total) == 0) {
             const char *err = json_string_value(json_object_get(data, "error"));
-            printf("%s%s%s job %s %s %s %s %.1f%%%s%s", *s->id ? s->id : "", *s->id ? " " : "", type, id, jtype,
-                   image, status, total ? 100.0 * (double)cur / (double)total : 0.0, err ? " error: " : "",
-                   err ? err : "");
+            printf("%s%s%s job %s %s %s %s %.1f%%%s%s", *s->id ? s->id : "", *s->id ? " " : "", type, id, jtype, image,
+                   status, total ? 100.0 * (double)cur / (double)total : 0.0, err ? " error: " : "", err ? err : "");
         } else if (json_unpack(data, "{s:s}", "name", &name) == 0) {
             printf("%s%s%s %s", *s->id ? s->id : "", *s->id ? " " : "", type, name);
         } else if (json_unpack(data, "{s:I}", "dropped", &dropped) == 0) {
@@ -420,8 +423,13 @@ int cmd_events(int argc, char **argv)
     int r, tries = 0;
     for (;;) {
         char hdr[64];
-        struct http_req req = {.method = "GET", .path = "/v1/events", .in_len = -1, .headers = {"Accept: text/event-stream"},
-                               .sink = sse_sink, .sink_arg = &s, .low_speed_time = 30};
+        struct http_req req = {.method = "GET",
+                               .path = "/v1/events",
+                               .in_len = -1,
+                               .headers = {"Accept: text/event-stream"},
+                               .sink = sse_sink,
+                               .sink_arg = &s,
+                               .low_speed_time = 30};
         if (*s.last_id) {
             snprintf(hdr, sizeof hdr, "Last-Event-ID: %s", s.last_id);
             req.headers[1] = hdr;

@@ -31,15 +31,15 @@ static void snapshot_row(json_t *s)
 {
     json_int_t vmsize = 0, date = 0, clock = 0;
     const char *id = "", *name = "";
-    json_unpack(s, "{s?s, s?s, s?I, s?I, s?I}", "id", &id, "name", &name, "vm-state-size", &vmsize, "date-sec",
-                &date, "vm-clock-sec", &clock);
+    json_unpack(s, "{s?s, s?s, s?I, s?I, s?I}", "id", &id, "name", &name, "vm-state-size", &vmsize, "date-sec", &date,
+                "vm-clock-sec", &clock);
     time_t t = (time_t)date;
     struct tm tm;
     char when[32] = "";
     if (localtime_r(&t, &tm))
         strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", &tm);
-    printf("%-4s %-20s %12" PRId64 " %s %4" PRId64 ":%02" PRId64 ":%02" PRId64 "\n", id, name, (int64_t)vmsize,
-           when, (int64_t)clock / 3600, (int64_t)clock / 60 % 60, (int64_t)clock % 60);
+    printf("%-4s %-20s %12" PRId64 " %s %4" PRId64 ":%02" PRId64 ":%02" PRId64 "\n", id, name, (int64_t)vmsize, when,
+           (int64_t)clock / 3600, (int64_t)clock / 60 % 60, (int64_t)clock % 60);
 }
 
 int cmd_snapshot_list(int argc, char **argv)

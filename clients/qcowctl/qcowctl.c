@@ -16,11 +16,11 @@
 bool ctl_json;
 
 static const struct command {
-    const char *name;  /* one or two words: "list", "snapshot create" */
-    const char *args;  /* the operands and options after the name */
-    const char *help;  /* one line */
-    const char *more;  /* further lines (options), or NULL */
-    const char *ops;   /* the OpenAPI operationIds it calls, space-separated */
+    const char *name; /* one or two words: "list", "snapshot create" */
+    const char *args; /* the operands and options after the name */
+    const char *help; /* one line */
+    const char *more; /* further lines (options), or NULL */
+    const char *ops;  /* the OpenAPI operationIds it calls, space-separated */
     int (*fn)(int argc, char **argv);
 } commands[] = {
     {"list", "", "the catalog", NULL, "listImages", cmd_list},
@@ -44,8 +44,7 @@ static const struct command {
     {"extents", "NAME [--bitmap B]", "the zero/hole map; with --bitmap the dirty/clean runs of bitmap B", NULL,
      "getImageExtents", cmd_extents},
     {"features", "NAME", "what the data endpoint can do", NULL, "imageDataOptions", cmd_features},
-    {"upload", "NAME FILE", "upload a qcow2 file as a new image; prints its info", NULL, "uploadImageFile",
-     cmd_upload},
+    {"upload", "NAME FILE", "upload a qcow2 file as a new image; prints its info", NULL, "uploadImageFile", cmd_upload},
     {"download", "NAME FILE", "the image's qcow2 file (FILE '-': stdout)", NULL, "downloadImageFile", cmd_download},
     {"snapshot list", "NAME", "the image's internal snapshots", NULL, "listSnapshots", cmd_snapshot_list},
     {"snapshot create", "NAME SNAP [--wait]", "take an internal snapshot (a job)", NULL, "createSnapshot",
@@ -53,12 +52,12 @@ static const struct command {
     {"snapshot delete", "NAME SNAP [--wait]", "delete a snapshot (a job)", NULL, "deleteSnapshot", cmd_snapshot_job},
     {"snapshot revert", "NAME SNAP [--wait]", "revert the disk to a snapshot (a job)", NULL, "revertSnapshot",
      cmd_snapshot_job},
-    {"snapshot read", "NAME SNAP [OFFSET [LENGTH]]", "guest bytes of a snapshot to stdout", NULL,
-     "getSnapshotData", cmd_snapshot_read},
+    {"snapshot read", "NAME SNAP [OFFSET [LENGTH]]", "guest bytes of a snapshot to stdout", NULL, "getSnapshotData",
+     cmd_snapshot_read},
     {"bitmap list", "NAME", "the image's persistent dirty bitmaps", NULL, "listBitmaps", cmd_bitmap_list},
     {"bitmap info", "NAME BITMAP", "one bitmap", NULL, "getBitmap", cmd_bitmap_info},
-    {"bitmap add", "NAME BITMAP [--granularity N] [--disabled]", "create a bitmap (enabled unless --disabled)",
-     NULL, "createBitmap", cmd_bitmap_add},
+    {"bitmap add", "NAME BITMAP [--granularity N] [--disabled]", "create a bitmap (enabled unless --disabled)", NULL,
+     "createBitmap", cmd_bitmap_add},
     {"bitmap remove", "NAME BITMAP", "delete a bitmap", NULL, "deleteBitmap", cmd_bitmap_remove},
     {"bitmap clear", "NAME BITMAP", "make a bitmap empty", NULL, "clearBitmap", cmd_bitmap_op},
     {"bitmap enable", "NAME BITMAP", "writes mark the bitmap from now on", NULL, "enableBitmap", cmd_bitmap_op},
@@ -81,12 +80,11 @@ static const struct command {
     {"job dismiss", "ID", "forget a concluded job", NULL, "dismissJob", cmd_job_op},
     {"wait", "ID", "follow a job to its end (as --wait does)", NULL, "getJob", cmd_wait},
     {"events", "[--count N] [--last-event-id N]",
-     "follow the server's events, one line each; reconnects where it left off",
-     "--count N  stop after N events", "streamEvents", cmd_events},
+     "follow the server's events, one line each; reconnects where it left off", "--count N  stop after N events",
+     "streamEvents", cmd_events},
     {"ticket list", "", "the live data tickets", NULL, "listTickets", cmd_ticket_list},
     {"ticket create", "IMAGE [--ops read,write] [--timeout SECONDS]",
-     "a data ticket for one image (default: read, 3600 s); prints its token", NULL, "createTicket",
-     cmd_ticket_create},
+     "a data ticket for one image (default: read, 3600 s); prints its token", NULL, "createTicket", cmd_ticket_create},
     {"ticket revoke", "ID", "revoke a ticket", NULL, "revokeTicket", cmd_ticket_revoke},
     {"health", "", "is the server up", NULL, "getHealth", cmd_health},
     {"metrics", "", "the server's Prometheus metrics", NULL, "getMetrics", cmd_metrics},
@@ -201,10 +199,11 @@ static void roff(FILE *f, const char *s)
 /* The man page, from the same table and text as --help. */
 static void man(FILE *f)
 {
-    fprintf(f, ".TH QCOWCTL 1 \"\" \"qcowd %s\" \"User Commands\"\n.SH NAME\nqcowctl \\- the command-line "
-               "client of qcowd, the qcow2 image service\n.SH SYNOPSIS\n.B qcowctl\n[\\fIOPTIONS\\fR] "
-               "\\fICOMMAND\\fR [\\fIARGS\\fR]\n.SH DESCRIPTION\nqcowctl calls the REST API of a qcowd "
-               "server (openapi/openapi.yaml) over HTTP or HTTPS.\n.SH OPTIONS\n",
+    fprintf(f,
+            ".TH QCOWCTL 1 \"\" \"qcowd %s\" \"User Commands\"\n.SH NAME\nqcowctl \\- the command-line "
+            "client of qcowd, the qcow2 image service\n.SH SYNOPSIS\n.B qcowctl\n[\\fIOPTIONS\\fR] "
+            "\\fICOMMAND\\fR [\\fIARGS\\fR]\n.SH DESCRIPTION\nqcowctl calls the REST API of a qcowd "
+            "server (openapi/openapi.yaml) over HTTP or HTTPS.\n.SH OPTIONS\n",
             QCOWD_VERSION);
     for (size_t i = 0; i < sizeof global_opts / sizeof global_opts[0]; i++) {
         fputs(".TP\n.B ", f);
@@ -339,7 +338,11 @@ int call_json(const char *method, const char *path, json_t *body, json_t **answe
     char *s = body ? json_dumps(body, JSON_COMPACT) : NULL;
     if (body && !s)
         return fail("out of memory");
-    struct http_req req = {.method = method, .path = path, .mem = s, .mem_len = s ? strlen(s) : 0, .in_len = -1,
+    struct http_req req = {.method = method,
+                           .path = path,
+                           .mem = s,
+                           .mem_len = s ? strlen(s) : 0,
+                           .in_len = -1,
                            .content_type = s ? "application/json" : NULL};
     struct http_resp resp;
     int r = http_do(&req, &resp);
@@ -439,9 +442,9 @@ static const struct command *find(int argc, char **argv, int *words)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"url", required_argument, 0, 'u'},   {"token", required_argument, 0, 't'},
-        {"cacert", required_argument, 0, 'c'}, {"help", no_argument, 0, 'h'},
-        {"version", no_argument, 0, 'V'},     {"help-man", no_argument, 0, 'M'},
+        {"url", required_argument, 0, 'u'},       {"token", required_argument, 0, 't'},
+        {"cacert", required_argument, 0, 'c'},    {"help", no_argument, 0, 'h'},
+        {"version", no_argument, 0, 'V'},         {"help-man", no_argument, 0, 'M'},
         {"list-operations", no_argument, 0, 'O'}, {0, 0, 0, 0},
     };
     const char *url = getenv("QCOWD_URL");
