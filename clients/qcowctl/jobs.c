@@ -229,16 +229,13 @@ int cmd_jobs(int argc, char **argv)
         return usage_error("usage: qcowctl jobs [--image NAME] [--status STATUS]");
     char *ei = image ? http_escape(image) : NULL, *es = status ? http_escape(status) : NULL, *p = NULL;
     /* the filters go to the server, and apply here too for a server without them */
-    if (asprintf(&p, "/v1/jobs%s%s%s%s%s", image || status ? "?" : "", ei ? "image=" : "", ei ? ei : "",
-                 ei && es ? "&" : "", es ? "status=" : "") < 0 ||
-        (es && !(p = realloc(p, strlen(p) + strlen(es) + 1))))
-        return free(ei), free(es), fail("out of memory");
-    if (es)
-        strcat(p, es);
+    if (asprintf(&p, "/v1/jobs%s%s%s%s%s%s", image || status ? "?" : "", ei ? "image=" : "", ei ? ei : "",
+                 ei && es ? "&" : "", es ? "status=" : "", es ? es : "") < 0)
+        p = NULL;
     free(ei);
     free(es);
     json_t *a = NULL;
-    int r = call_json("GET", p, NULL, &a);
+    int r = p ? call_json("GET", p, NULL, &a) : fail("out of memory");
     free(p);
     json_t *list = json_object_get(a, "jobs"), *j;
     for (size_t i = json_array_size(list); i-- > 0;) {

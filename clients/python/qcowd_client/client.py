@@ -302,7 +302,8 @@ class Client:
             piece = f.read(PIPE_CHUNK)
             if not piece:
                 break
-            self._put(name, offset, piece, len(piece), False, if_match)
+            # the precondition holds for the first piece: the ones after it see the image it changed
+            self._put(name, offset, piece, len(piece), False, None if wrote else if_match)
             offset += len(piece)
             wrote = True
         if wrote and flush:
