@@ -14,6 +14,7 @@ static CURL *curl;
 static char *base_url;
 static char *auth_header; /* "Authorization: Bearer TOKEN", or NULL */
 static char *ca_file;
+static char *if_match; /* "If-Match: ETAG" for requests that change something, or NULL */
 
 struct xfer {
     const struct http_req *req;
@@ -55,6 +56,24 @@ int http_init(const char *url, const char *token, const char *cacert)
     return 0;
 }
 
+int http_if_match(const char *etag)
+{
+    free(if_match);
+    if_match = NULL;
+    if (!etag)
+        return 0;
+    if (strpbrk(etag, "\r\n")) {
+        fprintf(stderr, "qcowctl: the ETag has a line break in it\n");
+        return EXIT_USAGE;
+    }
+    if (asprintf(&if_match, "If-Match: %s", etag) < 0) {
+        if_match = NULL;
+        fprintf(stderr, "qcowctl: out of memory\n");
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
 void http_done(void)
 {
     if (curl)
@@ -68,6 +87,8 @@ void http_done(void)
     auth_header = NULL;
     free(ca_file);
     ca_file = NULL;
+    free(if_match);
+    if_match = NULL;
     curl_global_cleanup();
 }
 
@@ -194,6 +215,8 @@ int http_do(const struct http_req *req, struct http_resp *resp)
         hdrs = curl_slist_append(hdrs, auth_header);
     if (ca_file)
         curl_easy_setopt(curl, CURLOPT_CAINFO, ca_file);
+    if (if_match && strcmp(req->method, "GET") && strcmp(req->method, "HEAD") && strcmp(req->method, "OPTIONS"))
+        hdrs = curl_slist_append(hdrs, if_match);
     for (int i = 0; i < 4 && req->headers[i]; i++)
         hdrs = curl_slist_append(hdrs, req->headers[i]);
     if (req->content_type) {

@@ -51,6 +51,10 @@ struct http_resp {
 int http_init(const char *url, const char *token, const char *cacert);
 void http_done(void);
 
+/* Sends `If-Match: etag` with every later request that changes something (not GET,
+ * HEAD or OPTIONS); NULL stops it. Returns 0, or EXIT_USAGE/EXIT_FAIL with a message. */
+int http_if_match(const char *etag);
+
 /* Runs one request. Returns EXIT_OK when the server answered 2xx with the whole
  * body (or the sink stopped it); otherwise prints one line on stderr and returns
  * EXIT_FAIL (an error answer: `qcowctl: CODE: message` from its JSON body, or a

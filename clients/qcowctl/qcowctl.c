@@ -97,6 +97,8 @@ static const char *const global_opts[][2] = {
                       "the command line is visible to other users)"},
     {"--cacert FILE", "CA certificate (PEM) that verifies an https:// server (default $QCOWD_CACERT, else the "
                       "system's)"},
+    {"--if-match ETAG", "send If-Match: ETAG with the requests that change something: the server answers 412 "
+                        "precondition-failed when the image changed since it gave that ETag"},
     {"--output json|text", "json: machine-readable output, one compact JSON document (one per line for events); "
                            "allowed anywhere on the line"},
     {"--help", "this text (after a command: that command's)"},
@@ -442,13 +444,18 @@ static const struct command *find(int argc, char **argv, int *words)
 int main(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"url", required_argument, 0, 'u'},       {"token", required_argument, 0, 't'},
-        {"cacert", required_argument, 0, 'c'},    {"help", no_argument, 0, 'h'},
-        {"version", no_argument, 0, 'V'},         {"help-man", no_argument, 0, 'M'},
-        {"list-operations", no_argument, 0, 'O'}, {0, 0, 0, 0},
+        {"url", required_argument, 0, 'u'},
+        {"token", required_argument, 0, 't'},
+        {"cacert", required_argument, 0, 'c'},
+        {"help", no_argument, 0, 'h'},
+        {"version", no_argument, 0, 'V'},
+        {"help-man", no_argument, 0, 'M'},
+        {"list-operations", no_argument, 0, 'O'},
+        {"if-match", required_argument, 0, 'i'},
+        {0, 0, 0, 0},
     };
     const char *url = getenv("QCOWD_URL");
-    const char *token = getenv("QCOWD_TOKEN"), *cacert = getenv("QCOWD_CACERT");
+    const char *token = getenv("QCOWD_TOKEN"), *cacert = getenv("QCOWD_CACERT"), *etag = NULL;
     int c;
     if (!url || !*url)
         url = DEFAULT_URL;
@@ -464,6 +471,9 @@ int main(int argc, char **argv)
             break;
         case 'c':
             cacert = optarg;
+            break;
+        case 'i':
+            etag = optarg;
             break;
         case 'h':
             usage(stdout);
@@ -522,6 +532,8 @@ int main(int argc, char **argv)
         }
     }
     int r = http_init(url, token, cacert);
+    if (r == 0)
+        r = http_if_match(etag);
     if (r == 0)
         r = cmd->fn(sub_argc, sub_argv);
     http_done();

@@ -21,7 +21,7 @@ operation of openapi/openapi.yaml, and a fake server for what main does not have
              events; tickets; one connection reused (the client's count and the
              daemon's qcowd_http_connections gauge)
   fake       a scripted HTTP server: job filters sent as query parameters, commit
-             force in the body, Last-Event-ID on an events reconnect and `lost`,
+             force in the body, If-Match (--if-match, if_match=, etag()) and If-Range, Last-Event-ID on an events reconnect and `lost`,
              Retry-After of a 409 (qcowctl's message, Conflict.retry_after), 412 ->
              PreconditionFailed, a job failing -> exit 1 / JobFailed, a kept-alive
              connection the server dropped -> the request goes again on a new one
@@ -60,7 +60,7 @@ KiB, MiB = 1024, 1024 * 1024
 # The Python client's table: operationId -> the Client methods that call it.
 PY_METHODS = {
     "getHealth": ["health"], "listImages": ["list", "images"], "createImage": ["create"],
-    "deleteImage": ["delete"], "getImage": ["info"], "readImageData": ["read", "size"],
+    "deleteImage": ["delete"], "getImage": ["info"], "readImageData": ["read", "size", "etag"],
     "writeImageData": ["write"], "patchImageData": ["zero", "discard", "flush"], "imageDataOptions": ["options"],
     "downloadImageFile": ["download"], "uploadImageFile": ["upload"], "getMetrics": ["metrics"],
     "getImageExtents": ["extents", "dirty_extents"], "listBitmaps": ["bitmaps"], "createBitmap": ["add_bitmap"],
@@ -526,6 +526,8 @@ def py_cases(ck, d, c, tmp):
         c.flush("pd")
         assert c.read("pd") == bytes(ref)
         assert c.size("pd") == 4 * MiB and "zero" in c.options("pd")["features"]
+        tag = c.etag("pd")  # None until the server sends ETags
+        assert tag is None or (tag.startswith('"') and tag.endswith('"')), tag
         ext = c.extents("pd")
         assert ext[0] == {"start": 0, "length": 64 * KiB, "zero": True, "hole": False} or ext[0]["zero"], ext[:2]
         assert sum(e["length"] for e in ext) == 4 * MiB
@@ -801,6 +803,13 @@ class FakeHandler(http.server.BaseHTTPRequestHandler):
             return
         self.error(404, "not-found", "no " + path)
 
+    def do_HEAD(self):
+        self.server.requests.append(("HEAD", self.path, {k.lower(): v for k, v in self.headers.items()}, b""))
+        self.send_response(200)
+        self.send_header("ETag", '"abc"')
+        self.send_header("Content-Length", "1048576")
+        self.end_headers()
+
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = handle_one
 
 
@@ -817,8 +826,11 @@ def fake_cases(ck):
         assert err == "qcowctl: job 7 (commit x) failed: the base went away\n", err
         rc, _, err = ctl(f.url, "rm", "busy", rc=1)
         assert err == "qcowctl: conflict: image 'busy' is held by job 3 (convert) (retry after 7 s)\n", err
-        rc, _, err = ctl(f.url, "zero", "x", "0", "1", rc=1)
+        rc, _, err = ctl(f.url, "--if-match", '"abc"', "zero", "x", "0", "1", rc=1)
         assert err.startswith("qcowctl: precondition-failed: "), err
+        assert f.requests[-1][:2] == ("PATCH", "/v1/images/x/data") and f.requests[-1][2]["if-match"] == '"abc"'
+        ctl(f.url, "--if-match", '"abc"', "wait", "9")
+        assert "if-match" not in f.requests[-1][2], f.requests[-1]  # reads go without it
         f.events_calls = 0
         rc, out, err = ctl(f.url, "--output=json", "events", "--count", "4")
         evs = [json.loads(x) for x in out.splitlines()]
@@ -842,8 +854,11 @@ def fake_cases(ck):
         assert e.job["error"] == "the base went away"
         e = expect(qc.Conflict, c.delete, "busy")
         assert e.retry_after == 7 and "job 3" in e.message, e
-        e = expect(qc.PreconditionFailed, c.write, "x", 0, b"a", if_match='"abc"')
+        assert c.etag("x") == '"abc"'
+        e = expect(qc.PreconditionFailed, c.write, "x", 0, b"a", if_match=c.etag("x"))
         assert e.status == 412 and f.requests[-1][2].get("if-match") == '"abc"', f.requests[-1]
+        expect(qc.PreconditionFailed, c.read, "x", 5, 10, if_range='"abc"')
+        assert f.requests[-1][2].get("if-range") == '"abc"' and f.requests[-1][2]["range"] == "bytes=5-14"
         f.events_calls = 0
         evs = []
         for e in c.events():

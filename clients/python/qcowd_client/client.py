@@ -249,6 +249,12 @@ class Client:
         resp, _ = self._call("HEAD", self._image(name, "/data"))
         return int(resp.getheader("Content-Length"))
 
+    def etag(self, name):
+        """The image's current ETag (HEAD .../data), for if_match= and if_range=; None
+        from a server that gives none."""
+        resp, _ = self._call("HEAD", self._image(name, "/data"))
+        return resp.getheader("ETag")
+
     def options(self, name):
         """OPTIONS .../data: {"features": [...], "max_readers", "max_writers"}."""
         return self._json("OPTIONS", self._image(name, "/data"))
