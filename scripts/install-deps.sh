@@ -30,6 +30,9 @@ run_pkgs=(
 # (libnbd-bin: reads dirty bitmaps through qemu-nbd)
 test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschema time bc libnbd-bin nginx wrk
     openssl curl)
+# The clients' tests: pip installs clients/python offline (setuptools its build backend,
+# wheel for setuptools' bdist_wheel); groff renders the qcowctl man page.
+test_pkgs+=(python3-pip python3-setuptools python3-wheel groff-base)
 # The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3).
 test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
 

@@ -1,5 +1,5 @@
 /* http.c: qcowctl's HTTP over libcurl. One easy handle (so consecutive requests
- * reuse the connection); bodies stream in and out; errors become one line. */
+ * reuse the connection); bodies stream in and out; errors become one line and an exit status. */
 #include <errno.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -14,34 +14,35 @@ static CURL *curl;
 static char *base_url;
 static char *auth_header; /* "Authorization: Bearer TOKEN", or NULL */
 static char *ca_file;
+static char *if_match; /* "If-Match: ETAG" for requests that change something, or NULL */
 
 struct xfer {
     const struct http_req *req;
     struct http_resp *resp;
-    size_t mem_off;   /* request body bytes of req->mem sent */
-    int64_t in_left;  /* request body bytes of req->in still to send */
-    int out_error;    /* errno of a failed write to req->out */
-    int read_error;   /* errno of a failed read of req->in */
+    size_t mem_off;  /* request body bytes of req->mem sent */
+    int64_t in_left; /* request body bytes of req->in still to send */
+    int out_error;   /* errno of a failed write to req->out */
+    int read_error;  /* errno of a failed read of req->in */
 };
 
 int http_init(const char *url, const char *token, const char *cacert)
 {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(curl = curl_easy_init())) {
         fprintf(stderr, "qcowctl: cannot initialise libcurl\n");
-        return -1;
+        return EXIT_FAIL;
     }
     size_t n = strlen(url);
     while (n && url[n - 1] == '/')
         n--;
     if (!n) {
         fprintf(stderr, "qcowctl: empty server URL\n");
-        return -1;
+        return EXIT_USAGE;
     }
     base_url = strndup(url, n);
     if (token && *token) {
         if (strpbrk(token, "\r\n")) {
             fprintf(stderr, "qcowctl: the token has a line break in it\n");
-            return -1;
+            return EXIT_USAGE;
         }
         if (asprintf(&auth_header, "Authorization: Bearer %s", token) < 0)
             auth_header = NULL;
@@ -50,7 +51,25 @@ int http_init(const char *url, const char *token, const char *cacert)
         ca_file = strdup(cacert);
     if (!base_url || (token && *token && !auth_header) || (cacert && *cacert && !ca_file)) {
         fprintf(stderr, "qcowctl: out of memory\n");
-        return -1;
+        return EXIT_FAIL;
+    }
+    return 0;
+}
+
+int http_if_match(const char *etag)
+{
+    free(if_match);
+    if_match = NULL;
+    if (!etag)
+        return 0;
+    if (strpbrk(etag, "\r\n")) {
+        fprintf(stderr, "qcowctl: the ETag has a line break in it\n");
+        return EXIT_USAGE;
+    }
+    if (asprintf(&if_match, "If-Match: %s", etag) < 0) {
+        if_match = NULL;
+        fprintf(stderr, "qcowctl: out of memory\n");
+        return EXIT_FAIL;
     }
     return 0;
 }
@@ -68,6 +87,8 @@ void http_done(void)
     auth_header = NULL;
     free(ca_file);
     ca_file = NULL;
+    free(if_match);
+    if_match = NULL;
     curl_global_cleanup();
 }
 
@@ -101,6 +122,13 @@ static size_t on_write(char *p, size_t size, size_t nmemb, void *arg)
     size_t n = size * nmemb;
     long status = 0;
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
+    if (x->req->sink && !x->req->out && status >= 200 && status < 300) {
+        x->resp->sent += n;
+        if (x->req->sink(x->req->sink_arg, p, n) == 0)
+            return n;
+        x->resp->sink_stopped = 1;
+        return 0; /* aborts the transfer */
+    }
     if (x->req->out && status >= 200 && status < 300) {
         if (fwrite(p, 1, n, x->req->out) != n) {
             x->out_error = errno ? errno : EIO;
@@ -139,16 +167,17 @@ static size_t on_read(char *p, size_t size, size_t nmemb, void *arg)
     return got;
 }
 
-/* The message of a JSON error body {"error": {"code", "message"}}, or NULL. */
+/* "CODE: message" of a JSON error body {"error": {"code", "message"}}, or NULL. */
 static char *error_message(const struct http_resp *resp)
 {
     if (!resp->body)
         return NULL;
     json_t *j = json_loadb(resp->body, resp->len, 0, NULL);
-    const char *msg = NULL;
+    const char *code = NULL, *msg = NULL;
     char *r = NULL;
-    if (j && json_unpack(j, "{s:{s:s}}", "error", "message", &msg) == 0 && msg && *msg)
-        r = strdup(msg);
+    if (j && json_unpack(j, "{s:{s:s, s:s}}", "error", "code", &code, "message", &msg) == 0 && *msg &&
+        asprintf(&r, "%s: %s", code, msg) < 0)
+        r = NULL;
     json_decref(j);
     return r;
 }
@@ -156,15 +185,16 @@ static char *error_message(const struct http_resp *resp)
 int http_do(const struct http_req *req, struct http_resp *resp)
 {
     memset(resp, 0, sizeof *resp);
+    resp->retry_after = -1;
     struct xfer x = {.req = req, .resp = resp, .in_left = req->in_len};
     size_t ulen = strlen(base_url) + strlen(req->path) + 1;
     char *url = malloc(ulen);
     struct curl_slist *hdrs = NULL;
     char ctype[128];
-    int ret = -1;
+    int ret = EXIT_FAIL;
     if (!url) {
         fprintf(stderr, "qcowctl: out of memory\n");
-        return -1;
+        return EXIT_FAIL;
     }
     snprintf(url, ulen, "%s%s", base_url, req->path);
 
@@ -175,12 +205,18 @@ int http_do(const struct http_req *req, struct http_resp *resp)
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, on_write);
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, &x);
     curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT, 30L);
+    if (req->low_speed_time > 0) {
+        curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
+        curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, req->low_speed_time);
+    }
     /* no "Expect: 100-continue" round trip before a body */
     hdrs = curl_slist_append(hdrs, "Expect:");
     if (auth_header)
         hdrs = curl_slist_append(hdrs, auth_header);
     if (ca_file)
         curl_easy_setopt(curl, CURLOPT_CAINFO, ca_file);
+    if (if_match && strcmp(req->method, "GET") && strcmp(req->method, "HEAD") && strcmp(req->method, "OPTIONS"))
+        hdrs = curl_slist_append(hdrs, if_match);
     for (int i = 0; i < 4 && req->headers[i]; i++)
         hdrs = curl_slist_append(hdrs, req->headers[i]);
     if (req->content_type) {
@@ -206,22 +242,31 @@ int http_do(const struct http_req *req, struct http_resp *resp)
 
     CURLcode rc = curl_easy_perform(curl);
     curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &resp->status);
+    curl_off_t retry = -1;
+    if (curl_easy_getinfo(curl, CURLINFO_RETRY_AFTER, &retry) == CURLE_OK && retry > 0)
+        resp->retry_after = (long)retry;
     char *msg = resp->status >= 300 ? error_message(resp) : NULL;
+    char later[48] = "";
+    if (resp->retry_after > 0)
+        snprintf(later, sizeof later, " (retry after %ld s)", resp->retry_after);
     if (msg) {
         /* the server's word wins, even when it cut the upload short */
-        fprintf(stderr, "qcowctl: %s\n", msg);
+        fprintf(stderr, "qcowctl: %s%s\n", msg, later);
     } else if (x.out_error) {
         fprintf(stderr, "qcowctl: writing the output: %s\n", strerror(x.out_error));
     } else if (x.read_error) {
         fprintf(stderr, "qcowctl: reading the input: %s\n",
                 x.read_error == EPIPE ? "it ended before its announced length" : strerror(x.read_error));
+    } else if (rc == CURLE_WRITE_ERROR && resp->sink_stopped) {
+        ret = EXIT_OK;
     } else if (rc != CURLE_OK) {
         fprintf(stderr, "qcowctl: %s %s: %s\n", req->method, url, curl_easy_strerror(rc));
+        ret = EXIT_CONN;
     } else if (resp->status < 200 || resp->status >= 300) {
-        fprintf(stderr, "qcowctl: %s %s: HTTP %ld%s%.200s\n", req->method, url, resp->status,
+        fprintf(stderr, "qcowctl: HTTP %ld: %s %s%s%s%.200s\n", resp->status, req->method, req->path, later,
                 resp->body && resp->len ? ": " : "", resp->body ? resp->body : "");
     } else {
-        ret = 0;
+        ret = EXIT_OK;
     }
     free(msg);
     curl_slist_free_all(hdrs);

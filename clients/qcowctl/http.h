@@ -1,5 +1,5 @@
 /* http.h: the one HTTP call qcowctl makes, over libcurl: a request with an
- * optional body (memory or a stream) and a response streamed to a FILE or kept. */
+ * optional body (memory or a stream) and a response streamed to a FILE, a sink or kept. */
 #ifndef QCOWCTL_HTTP_H
 #define QCOWCTL_HTTP_H
 
@@ -8,6 +8,14 @@
 
 /* Bodies of error answers and of answers kept in memory stop growing here. */
 #define HTTP_KEEP_MAX (64u << 20)
+
+/* qcowctl's exit statuses: http_do returns one of the first three. */
+enum {
+    EXIT_OK = 0,    /* done */
+    EXIT_FAIL = 1,  /* the server answered an error, a job failed, or a local file failed */
+    EXIT_USAGE = 2, /* the command line is wrong; nothing was sent */
+    EXIT_CONN = 3,  /* no answer: the server cannot be reached, TLS failed, the connection broke */
+};
 
 struct http_req {
     const char *method;     /* "GET", "PUT", ... */
@@ -19,29 +27,42 @@ struct http_req {
     FILE *in;
     int64_t in_len;
     const char *content_type; /* of the request body, or NULL */
-    FILE *out;                /* 2xx bodies go here; NULL: kept in http_resp.body */
+    FILE *out;                /* 2xx bodies go here; NULL: to sink, else kept in http_resp.body */
+    /* 2xx bodies go to sink when set (out NULL): returns 0, or -1 to end the transfer
+     * early, which http_do then reports as success */
+    int (*sink)(void *arg, const char *p, size_t n);
+    void *sink_arg;
+    long low_speed_time; /* > 0: a body slower than 1 byte/s for this long is a broken connection */
 };
 
 struct http_resp {
-    long status;   /* HTTP status, 0 when no answer came */
-    char *body;    /* the kept body (NUL-terminated), malloc'ed, or NULL */
-    size_t len;    /* bytes in body */
-    uint64_t sent; /* body bytes written to req.out */
+    long status;      /* HTTP status, 0 when no answer came */
+    char *body;       /* the kept body (NUL-terminated), malloc'ed, or NULL */
+    size_t len;       /* bytes in body */
+    uint64_t sent;    /* body bytes written to req.out or the sink */
+    long retry_after; /* the answer's Retry-After in seconds, or -1 */
+    int sink_stopped; /* the sink asked to stop */
 };
 
 /* Sets the server's base URL ("http://host:port" or "https://...", a trailing
  * '/' is dropped), the bearer token sent with every request (NULL: none) and the
  * CA certificate file that verifies the server (NULL: the system's); call once
- * before http_do. Returns 0, or -1 with a message printed. */
+ * before http_do. Returns 0, or EXIT_USAGE/EXIT_FAIL with a message printed. */
 int http_init(const char *url, const char *token, const char *cacert);
 void http_done(void);
 
-/* Runs one request. Returns 0 when the server answered 2xx with the whole body;
- * otherwise prints `qcowctl: reason` (the server's JSON error message when it
- * sent one) and returns -1. resp->body is the caller's to free either way. */
+/* Sends `If-Match: etag` with every later request that changes something (not GET,
+ * HEAD or OPTIONS); NULL stops it. Returns 0, or EXIT_USAGE/EXIT_FAIL with a message. */
+int http_if_match(const char *etag);
+
+/* Runs one request. Returns EXIT_OK when the server answered 2xx with the whole
+ * body (or the sink stopped it); otherwise prints one line on stderr and returns
+ * EXIT_FAIL (an error answer: `qcowctl: CODE: message` from its JSON body, or a
+ * local read/write error) or EXIT_CONN (no answer, or the connection broke).
+ * resp->body is the caller's to free either way. */
 int http_do(const struct http_req *req, struct http_resp *resp);
 
-/* Returns the name percent-escaped for a URL path (malloc'ed), or NULL. */
+/* Returns the string percent-escaped for a URL path or query (malloc'ed), or NULL. */
 char *http_escape(const char *s);
 
 #endif

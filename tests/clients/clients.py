@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""clients.py: drives qcowctl and the Python client (clients/python/qcowd_client.py)
-against a live qcowd through every subcommand and method, and checks the result
+"""clients.py: drives qcowctl and the Python client (clients/python, installed offline
+with pip into a temporary folder and imported from there) against a live qcowd through every subcommand and method, and checks the result
 with qemu-img once qcowd has stopped.
 
 For each client, on its own image:
@@ -13,8 +13,9 @@ For each client, on its own image:
   extents    equal for both clients, and equal to `qemu-img map` after qcowd stops
   upload/download      download, upload as a new image, download again: equal bytes
   rm         the image is gone; deleting a backing image is refused (409)
-  errors     unknown image: exit 1 and `qcowctl: MESSAGE` with the server's own
-             message (from its JSON body); a bad size, a bad URL, a hostile name
+  errors     unknown image: exit 1 and `qcowctl: CODE: MESSAGE` with the server's own
+             code and message (from its JSON body); a bad size (exit 2), an
+             unreachable server (exit 3), a hostile name
 After SIGTERM (qcowd exits 0): `qemu-img check` clean on every image and
 `qemu-img compare` equal to the raw reference.
 
@@ -29,10 +30,11 @@ import subprocess
 import sys
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "clients", "python"))
-from qcowd_client import Client, QcowdError  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "lib"))
 import qcowd  # noqa: E402  (the daemon, the cases, main()'s prologue)
+import installed  # noqa: E402  (clients/python, pip-installed offline)
+
+Client = QcowdError = None  # from the installed package, in main()
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -300,6 +302,7 @@ def ctl_errors(ck, d, tmp):
     def t_unknown():
         status, msg = d.raw_error("GET", "/v1/images/nosuch")
         assert status == 404
+        msg = "not-found: " + msg
         for args in (["info", "nosuch"], ["read", "nosuch", "0", "10"], ["rm", "nosuch"], ["flush", "nosuch"],
                      ["extents", "nosuch"], ["zero", "nosuch", "0", "1"], ["download", "nosuch", os.path.join(tmp, "x")]):
             rc, out, err = ctl(url, *args, check=False)
@@ -314,19 +317,19 @@ def ctl_errors(ck, d, tmp):
     def t_bad_size():
         for bad in ("12Q", "-5", "", "1.5G", "99999999999999999999", "16E"):
             rc, out, err = ctl(url, "create", "badsize", "--", bad, check=False)
-            assert rc == 1 and err.startswith("qcowctl: bad size"), (bad, rc, err)
+            assert rc == 2 and err.startswith("qcowctl: bad size"), (bad, rc, err)
         rc, _, err = ctl(url, "create", "badsize", "1M", "--frob", check=False)
-        assert rc == 1 and err.startswith("qcowctl: create: bad option '--frob'"), err
+        assert rc == 2 and err.startswith("qcowctl: create: bad option '--frob'"), err
         rc, _, err = ctl(url, "read", "x", "abc", "1", check=False)
-        assert rc == 1 and "bad offset" in err, err
+        assert rc == 2 and "bad offset" in err, err
         assert "badsize" not in [i["name"] for i in Client(url).list()], "an image was created"
-    ck.case("qcowctl bad size/offset", t_bad_size)
+    ck.case("qcowctl bad size/offset: exit 2", t_bad_size)
 
     def t_server_errors():
         ctl(url, "create", "dup", "1M")
         status, msg = 409, None
         rc, _, err = ctl(url, "create", "dup", "1M", check=False)
-        assert rc == 1 and err.startswith("qcowctl: ") and "dup" in err, err
+        assert rc == 1 and err.startswith("qcowctl: conflict: ") and "dup" in err, err
         rc, _, err = ctl(url, "create", "../evil", "1M", check=False)
         assert rc == 1 and err.startswith("qcowctl: "), err
         rc, _, err = ctl(url, "read", "dup", "2M", "10", check=False)  # past the end: 416
@@ -338,15 +341,15 @@ def ctl_errors(ck, d, tmp):
 
     def t_misc():
         rc, out, err = ctl("http://127.0.0.1:1", "list", check=False)
-        assert rc == 1 and err.startswith("qcowctl: ") and out == b"", (rc, err)
+        assert rc == 3 and err.startswith("qcowctl: ") and out == b"", (rc, err)
         rc, out, _ = ctl(url, "--help", check=False)
         assert rc == 0 and b"usage: qcowctl" in out
         rc, out, _ = ctl(url, "--version", check=False)
         assert rc == 0 and out.startswith(b"qcowctl "), out
         rc, _, err = ctl(url, "frobnicate", check=False)
-        assert rc == 1 and "unknown command" in err, err
+        assert rc == 2 and "unknown command" in err, err
         rc, _, err = ctl(url, "info", check=False)
-        assert rc == 1 and "usage" in err, err
+        assert rc == 2 and "usage" in err, err
         assert json.loads(ctl(url, "health")[1]) == {"status": "ok"}
         assert b"qcowd_http_requests_total" in ctl(url, "metrics")[1]
         # QCOWD_URL from the environment
@@ -400,9 +403,12 @@ def py_errors(ck, d):
 
 
 def main():
+    global Client, QcowdError
     args, tmp, catalog = qcowd.prologue("qcowd-clients-", tools=(QEMU_IMG,),
                                         seed=int.from_bytes(os.urandom(4), "little"),
                                         binaries={"QCOWD": QCOWD, "QCOWCTL": QCOWCTL})
+    qc = installed.install(tmp)
+    Client, QcowdError = qc.Client, qc.QcowdError
     print("seed", args.seed, flush=True)
     ck = qcowd.Cases(args.seed)
     refs, final_extents = {}, {}
