@@ -41,7 +41,7 @@ function progress(j) {
   return el('div.progress',
     el('progress', { max: 100, value: pct, 'aria-label': `Job ${j.id} progress` }),
     el('span.pct', pct.toFixed(pct < 10 && pct > 0 ? 1 : 0) + '%'),
-    el('small.muted', (bytes ? `${fmtBytes(cur)} of ${fmtBytes(tot)}` : `${cur} of ${tot}`) +
+    el('small.muted', (!tot ? (j.status === 'concluded' ? '' : 'not started') : bytes ? `${fmtBytes(cur)} of ${fmtBytes(tot)}` : `${cur} of ${tot}`) +
       (rate ? ` · ${bytes ? fmtBytes(rate) + '/s' : rate.toFixed(1) + '/s'} · ETA ${fmtDuration(eta)}` : '')));
 }
 
