@@ -225,6 +225,38 @@ async function main() {
     await page.waitForSelector('.toast >> text=/revert to before: job \\d+ concluded/');
     await page.waitForSelector('canvas.map[data-runs]');
     await shot('image');
+    // the snapshot's data as a download
+    const [dl] = await Promise.all([page.waitForEvent('download'), page.getByRole('button', { name: 'Download before' }).click()]);
+    const saved = path.join(top, 'before.raw');
+    await dl.saveAs(saved);
+    if (dl.suggestedFilename() !== 'web1-before.raw' || fs.statSync(saved).size !== 64 * MiB) throw new Error('download ' + dl.suggestedFilename() + ' ' + fs.statSync(saved).size);
+    fs.unlinkSync(saved);
+  });
+
+  await case_('bitmaps_and_a_check_with_repair', async () => {
+    await open('#/image/web1', 'image');
+    await page.getByLabel('New bitmap name').fill('b1');
+    await page.getByRole('button', { name: 'Add bitmap' }).click();
+    await page.waitForSelector('tr[data-bitmap="b1"]');
+    const r = await fetch(d.url + '/v1/images/web1/data', { method: 'PUT', headers: { 'Content-Range': `bytes ${MiB}-${MiB + 65535}/*`, 'Content-Type': 'application/octet-stream' }, body: new Uint8Array(65536).fill(7) });
+    if (r.status >= 300) throw new Error('PUT ' + r.status);
+    const dirty = async () => {
+      await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Dirty map' }).click();
+      await page.waitForSelector('#bitmaps ul.legend');
+      return page.textContent('#bitmaps ul.legend li:first-child');
+    };
+    if (!(await dirty()).startsWith('dirty: 64.0 KiB')) throw new Error('dirty map: ' + await page.textContent('#bitmaps ul.legend'));
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Clear' }).click();
+    await page.waitForSelector('.toast >> text=bitmap b1: clear done');
+    if (!(await dirty()).startsWith('dirty: 0 B')) throw new Error('after clear: ' + await page.textContent('#bitmaps ul.legend'));
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Disable' }).click();
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Enable' }).waitFor();
+    const [, b] = await api(d, 'GET', '/v1/images/web1/bitmaps/b1');
+    if ((b.flags || []).includes('auto')) throw new Error('still enabled: ' + JSON.stringify(b));
+    await page.getByRole('button', { name: 'Check…' }).click();
+    await page.getByLabel('Repair').selectOption('all');
+    await page.getByRole('button', { name: 'Start check' }).click();
+    await page.waitForSelector('.report >> text=No errors were found on the image.');
   });
 
   await case_('commit_followed_live_over_the_event_stream', async () => {
@@ -237,12 +269,15 @@ async function main() {
     await page.waitForSelector('article.job:has-text("commit") .badge[data-status="concluded"]', { timeout: 60000 });
     // a job started elsewhere appears and concludes through the events alone
     // (this page never polls), also after the stream was cut and resumed
+    const lastIds = [];
+    page.on('request', (q) => { if (q.url().endsWith('/v1/events') && q.headers()['last-event-id']) lastIds.push(q.headers()['last-event-id']); });
     await page.evaluate(() => window.qcowdDropEvents());
     await page.waitForSelector('#live[data-state="retrying"], #live[data-state="connecting"]', { timeout: 5000 }).catch(() => {});
     const [st, j] = await api(d, 'POST', '/v1/images/base/check', {});
     if (st !== 202) throw new Error('check: ' + st + JSON.stringify(j));
     await page.waitForSelector(`article.job[data-id="${j.id}"] .badge[data-status="concluded"]`, { timeout: 30000 });
     await page.waitForSelector('#live[data-state="live"]');
+    if (!lastIds.length || !/^\d+$/.test(lastIds[0])) throw new Error('the reconnection sent no Last-Event-ID');
     const report = await page.textContent(`[data-report="${j.id}"]`);
     if (!report.includes('No errors were found')) throw new Error('report: ' + report);
     await shot('jobs');
@@ -272,6 +307,16 @@ async function main() {
     await card.locator('.badge[data-status="running"]').waitFor();
     await card.getByRole('button', { name: /^Pause job/ }).click();
     await card.locator('.badge[data-status="paused"]').waitFor();
+    // the paused convert holds its image: busy in the catalog, and a delete is a 409 naming the job
+    const jobId = await card.getAttribute('data-id');
+    await page.getByRole('link', { name: 'Catalog', exact: true }).click();
+    await page.waitForSelector('tr[data-name="long"] .badge.busy');
+    await page.getByRole('button', { name: 'Delete long' }).click();
+    await page.getByRole('button', { name: 'Delete', exact: true }).click();
+    const t409 = await page.locator('.toast.error').last().textContent();
+    if (!t409.startsWith('409 conflict: ') || !t409.includes('job ' + jobId)) throw new Error('delete of a busy image says: ' + t409);
+    await page.locator('.toast.error button').last().click();
+    await page.getByRole('link', { name: 'Jobs', exact: true }).click();
     await card.getByRole('button', { name: /^Cancel job/ }).click();
     await card.locator('.badge[data-status="concluded"]').waitFor({ timeout: 30000 });
     const text = await card.textContent();
