@@ -7,7 +7,7 @@ import { el, clear, fmtBytes, fmtTime, toast, modal, confirmDialog, field, parse
 import { imageState, formatSummary, backingName } from './catalog.js';
 import { resultView } from './jobs.js';
 
-const COLORS = { data: '#1d4f91', zero: '#8fd3ff', hole: '#e4e7eb', dirty: '#c0392b', clean: '#e4e7eb' };
+const COLORS = { data: '#1d4f91', backing: '#d9822b', zero: '#8fd3ff', hole: '#e4e7eb', dirty: '#c0392b', clean: '#e4e7eb' };
 
 // Wait for job id to conclude: its events update store.jobs; a poll each 2 s
 // covers a stream that is down. Resolves with the job.
@@ -72,11 +72,19 @@ async function allocationMap(box, name, size) {
   const canvas = el('canvas.map', { width: 1024, height: 48, role: 'img', 'aria-label': 'Allocation map of ' + name });
   clear(box, el('h2', 'Allocation map'), canvas, el('p.muted', 'Loading extents…'));
   try {
-    const runs = await call('GET', `/v1/images/${enc(name)}/extents`);
-    const kind = (r) => (r.hole ? 'hole' : r.zero ? 'zero' : 'data');
-    const order = ['data', 'zero', 'hole'];
+    // context=allocation marks the runs from a backing layer; an older qcowd answers
+    // 400 to it, and the map then has no 'from backing'
+    let runs;
+    try {
+      runs = await call('GET', `/v1/images/${enc(name)}/extents?context=allocation`);
+    } catch (e) {
+      if (e.status !== 400) throw e;
+      runs = await call('GET', `/v1/images/${enc(name)}/extents`);
+    }
+    const kind = (r) => (r.hole ? 'hole' : r.backing ? 'backing' : r.zero ? 'zero' : 'data');
+    const order = ['data', 'backing', 'zero', 'hole'];
     const totals = drawMap(canvas, size, runs, kind, order);
-    box.lastChild.replaceWith(legend(order, totals, size, { data: 'data', zero: 'reads as zero (allocated zero)', hole: 'unallocated in the whole chain' }));
+    box.lastChild.replaceWith(legend(order, totals, size, { data: 'data in this image', backing: 'from the backing chain', zero: 'reads as zero (zero clusters)', hole: 'unallocated in the whole chain' }));
     canvas.dataset.runs = runs.length;
   } catch (e) { box.lastChild.replaceWith(el('p.error', e.describe())); }
 }

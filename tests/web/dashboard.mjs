@@ -261,6 +261,9 @@ async function main() {
 
   await case_('commit_followed_live_over_the_event_stream', async () => {
     await open('#/image/top', 'image');
+    // the allocation map tells this image's data from its base's
+    const legend = await page.textContent('#map ul.legend');
+    if (!legend.includes('data in this image: 24.0 MiB') || !legend.includes('from the backing chain: 8.00 MiB')) throw new Error('legend: ' + legend);
     await page.getByRole('button', { name: 'Commit…' }).click();
     await page.getByRole('button', { name: 'Start commit' }).click();
     await page.waitForSelector('.toast >> text=/commit of top: job \\d+ started/');
