@@ -2,7 +2,7 @@
 // chain (as a tree of who shares a base), snapshots, bitmaps and state; search,
 // sort and pages; create, upload with progress, delete.
 import { call, enc, upload } from './api.js';
-import { el, clear, fmtBytes, parseSize, toast, modal, confirmDialog, field, pager } from './util.js';
+import { el, clear, fmtBytes, parseSize, toast, modal, confirmDialog, field, pager, collator } from './util.js';
 
 const PAGE = 100;
 const ui = { q: '', sort: 'name', desc: false, tree: false, page: 0 }; // kept across visits
@@ -36,12 +36,12 @@ export function formatSummary(i) {
 }
 
 const SORTS = {
-  name: (a, b) => a.name.localeCompare(b.name),
+  name: (a, b) => collator.compare(a.name, b.name),
   'virtual-size': (a, b) => (a['virtual-size'] || 0) - (b['virtual-size'] || 0),
   'actual-size': (a, b) => (a['actual-size'] || 0) - (b['actual-size'] || 0),
   snapshots: (a, b) => (a.snapshots || []).length - (b.snapshots || []).length,
   bitmaps: (a, b) => (fs(a).bitmaps || []).length - (fs(b).bitmaps || []).length,
-  state: (a, b) => (a.error ? 0 : 1) - (b.error ? 0 : 1) || a.name.localeCompare(b.name),
+  state: (a, b) => (a.error ? 0 : 1) - (b.error ? 0 : 1) || collator.compare(a.name, b.name),
 };
 
 // Rows to show: [{img, depth, kids}] filtered, sorted, or in backing-tree order.

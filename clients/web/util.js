@@ -59,10 +59,15 @@ export function fmtDuration(s) {
   return Math.floor(s / 3600) + ' h ' + Math.round((s % 3600) / 60) + ' min';
 }
 
+// One formatter and one collator for the page: toLocaleString and localeCompare
+// build a new one on each call, which shows with 500 jobs or 2,000 images.
+const timeFmt = new Intl.DateTimeFormat(undefined, { dateStyle: 'short', timeStyle: 'medium' });
+export const collator = new Intl.Collator(undefined, { numeric: true });
+
 export function fmtTime(iso) {
   if (!iso) return '–';
   const d = new Date(iso);
-  return Number.isNaN(d.getTime()) ? iso : d.toLocaleString();
+  return Number.isNaN(d.getTime()) ? iso : timeFmt.format(d);
 }
 
 // A short message at the bottom of the page; kind 'error' stays until closed.

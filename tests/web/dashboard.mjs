@@ -187,11 +187,17 @@ async function main() {
     const file = path.join(top, 'upme.qcow2');
     qcow2(file, '32M', 'write -q -P 0x5a 1M 3M');
     await open('', 'catalog');
+    // the first try's connection breaks: the page starts the upload again by itself
+    let tries = 0;
+    await page.route('**/v1/images/upme/file', (route) => (++tries === 1 ? route.abort('connectionreset') : route.continue()));
     await page.getByRole('button', { name: 'Upload qcow2' }).click();
     await page.getByLabel('File').setInputFiles(file);
     if (await page.getByLabel('Image name').inputValue() !== 'upme') throw new Error('name not taken from the file');
     await page.getByRole('button', { name: 'Upload', exact: true }).click();
+    await page.waitForSelector('.upload[data-name="upme"][data-state="retrying"]');
     await page.waitForSelector('.upload[data-name="upme"][data-state="done"]');
+    await page.unroute('**/v1/images/upme/file');
+    if (tries !== 2) throw new Error('upload tries: ' + tries);
     const pct = await page.textContent('.upload[data-name="upme"] .pct');
     if (pct !== '100%') throw new Error('progress ' + pct);
     await page.waitForSelector('tr[data-name="upme"]');
