@@ -91,6 +91,7 @@ function route() {
 
 function liveBadge(state) {
   const b = document.getElementById('live');
+  b.hidden = false;
   b.dataset.state = state;
   b.textContent = state === 'live' ? 'live' : state === 'retrying' ? 'reconnecting…' : 'connecting…';
 }
@@ -118,6 +119,7 @@ function startEvents() {
 function showLogin(message) {
   if (store.events) { store.events.stop(); store.events = null; }
   document.getElementById('who').replaceChildren();
+  document.getElementById('live').hidden = true;
   const input = el('input', { type: 'password', id: 'token', name: 'token', autocomplete: 'off', required: true, spellcheck: 'false' });
   const err = el('p.error', { role: 'alert', hidden: !message }, message || '');
   const form = el('form.login', {
@@ -134,7 +136,7 @@ function showLogin(message) {
     },
   },
   el('h1', 'Sign in to qcowd'),
-  el('p', 'This qcowd needs a bearer token (from its --tokens file). It is kept for this browser tab only.'),
+  el('p', 'This qcowd needs a bearer token (from its ', el('code', '--tokens'), ' file). It is kept for this browser tab only.'),
   el('label.field', el('span', 'Token'), input), err,
   el('div.buttons', el('button.primary', { type: 'submit' }, 'Sign in')));
   clear(main(), form);

@@ -212,6 +212,7 @@ export function render(main, store) {
   let frame = 0, upFrame = 0;
   const draw = () => {
     frame = 0;
+    const t0 = performance.now();
     const rs = rows(store);
     const pages = Math.max(1, Math.ceil(rs.length / PAGE));
     if (ui.page >= pages) ui.page = pages - 1;
@@ -222,6 +223,7 @@ export function render(main, store) {
     let virt = 0, act = 0;
     for (const i of store.images.values()) { virt += i['virtual-size'] || 0; act += i['actual-size'] || 0; }
     summary.textContent = `${store.images.size} images · ${fmtBytes(virt)} virtual · ${fmtBytes(act)} allocated`;
+    table.dataset.drawMs = (performance.now() - t0).toFixed(1); // the last redraw (tests print it)
   };
   const redraw = () => { if (!frame) frame = requestAnimationFrame(draw); };
   const drawUploads = () => { upFrame = 0; clear(upl, uploadView(redrawUploads)); };
@@ -238,7 +240,13 @@ export function render(main, store) {
     upl,
     el('div.toolbar', search, sort, dir, el('label.check', tree, ' Backing tree')),
     el('div.scroll', table), pagerBox);
-  const unwatch = store.watch((kind) => { if (kind === 'images' || kind === 'image' || kind === 'job' || kind === 'jobs') redraw(); });
+  // jobs change only the busy badges: redraw for them at most twice a second, so
+  // hundreds of running jobs' progress events do not keep the page busy
+  let jobTimer = 0;
+  const unwatch = store.watch((kind) => {
+    if (kind === 'images' || kind === 'image') redraw();
+    else if ((kind === 'job' || kind === 'jobs') && !jobTimer) jobTimer = setTimeout(() => { jobTimer = 0; redraw(); }, 500);
+  });
   drawUploads();
   draw();
   const ready = () => {
@@ -249,5 +257,5 @@ export function render(main, store) {
     store.loadImages().then(() => { draw(); ready(); }, (e) => clear(tbody, el('tr', el('td.error', { colSpan: 9, role: 'alert' }, e.describe()))));
   } else ready();
   const tick = setInterval(() => { if (uploads.some((u) => u.state === 'uploading')) redrawUploads(); }, 500);
-  return { destroy() { unwatch(); clearInterval(tick); delete document.body.dataset.ready; } };
+  return { destroy() { unwatch(); clearInterval(tick); clearTimeout(jobTimer); delete document.body.dataset.ready; } };
 }

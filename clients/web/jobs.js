@@ -113,6 +113,7 @@ export function render(main, store) {
   const draw = () => {
     frame = 0;
     if (all) {
+      const t0 = performance.now();
       all = false;
       dirty.clear();
       const vs = visible(store);
@@ -126,6 +127,7 @@ export function render(main, store) {
       }));
       if (!vs.length) list.append(el('p.muted', store.jobs.size ? 'No job matches.' : 'No jobs yet: start one from an image\'s page.'));
       clear(pagerBox, pager(vs.length, ui.page, PAGE, (p) => { ui.page = p; all = true; draw(); }));
+      list.dataset.drawMs = (performance.now() - t0).toFixed(1); // the last full redraw (tests print it)
     } else {
       for (const id of dirty) {
         const j = store.jobs.get(id), old = cards.get(id);
