@@ -1,9 +1,10 @@
 // dashboard.mjs: the web dashboard in Debian's Chromium (driven by playwright-core)
-// against a live qcowd that this script starts: create, upload, snapshots, a commit
-// followed live over the event stream (and a reconnect), a cancelled convert, a
-// corrupt image, a token login with role-limited actions, and 2,000 images with
-// 500 jobs with their times to first paint and to interactive. Screenshots go to
-// $ARTIFACTS. Prints `ok NAME` / `FAIL NAME: why` and `N passed, M failed`.
+// against a live qcowd that this script starts: create, upload, snapshots, bitmaps,
+// a commit followed live over the event stream (and a reconnect), a convert paused,
+// resumed and cancelled, a corrupt image, a token login with role-limited actions,
+// and 2,000 images with 500 jobs with their times to first paint and to interactive.
+// Screenshots go to $ARTIFACTS. Prints `ok NAME` / `FAIL NAME: why` and
+// `N passed, M failed`; `node dashboard.mjs WORD` runs the cases named with WORD.
 import { spawn, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -326,9 +327,12 @@ async function main() {
     if (!t409.startsWith('409 conflict: ') || !t409.includes('job ' + jobId)) throw new Error('delete of a busy image says: ' + t409);
     await page.locator('.toast.error button').last().click();
     await page.getByRole('link', { name: 'Jobs', exact: true }).click();
+    await card.getByRole('button', { name: /^Resume job/ }).click();
+    await card.locator('.badge[data-status="running"]').waitFor();
     await card.getByRole('button', { name: /^Cancel job/ }).click();
     await card.locator('.badge[data-status="concluded"]').waitFor({ timeout: 30000 });
     const text = await card.textContent();
+    console.log('    cancelled at ' + await card.locator('.progress small').textContent());
     if (!text.includes('cancelled') || !/cancel/i.test(await card.locator('pre.error').textContent())) throw new Error('card: ' + text);
     const [st] = await api(d, 'GET', '/v1/images/long2');
     if (st !== 404) throw new Error('long2 is there: ' + st);
