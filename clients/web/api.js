@@ -195,6 +195,8 @@ export class EventStream {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + (buf[nl] === '\r' && buf[nl + 1] === '\n' ? 2 : 1));
         if (line === '') {
+          // the id counts once its event is complete: a cut event is asked for again
+          if (ev.id !== null) this.lastId = ev.id;
           if (ev.data.length) {
             let data = ev.data.join('\n');
             try { data = JSON.parse(data); } catch { /* keep the text */ }
@@ -210,7 +212,7 @@ export class EventStream {
         if (val[0] === ' ') val = val.slice(1);
         if (name === 'event') ev.type = val;
         else if (name === 'data') ev.data.push(val);
-        else if (name === 'id' && !val.includes('\0')) { ev.id = val; this.lastId = val; }
+        else if (name === 'id' && !val.includes('\0')) ev.id = val;
         else if (name === 'retry' && /^\d+$/.test(val)) this.retry = parseInt(val, 10);
       }
     }

@@ -138,6 +138,51 @@ async function main() {
   page.on('pageerror', (e) => errors.push(String(e)));
   page.on('console', (m) => { if (m.type() === 'error') errors.push(m.text()); });
 
+  await case_('event_stream_parser_and_reconnect', async () => {
+    // the page's EventStream (clients/web/api.js) in node against a hand-written
+    // SSE server: CRLF and LF lines, comments, multi-line data, retry, an 'event:
+    // lost', a cut connection, then the reconnection with Last-Event-ID
+    const http = await import('node:http');
+    globalThis.sessionStorage = { getItem: () => 'tok-1', setItem() {}, removeItem() {} };
+    const { EventStream } = await import(new URL('../../clients/web/api.js', import.meta.url));
+    const seen = [];
+    let conns = 0;
+    const srv = http.createServer((req, res) => {
+      conns++;
+      seen.push(['headers', req.headers.authorization, req.headers['last-event-id'] || null]);
+      res.writeHead(200, { 'Content-Type': 'text/event-stream' });
+      if (conns === 1) {
+        res.write('retry: 50\r\n: hello\r\n\r\n');
+        res.write('event: job-status\r\nid: 7\r\ndata: {"id":"1",\r\ndata: "status":"running"}\r\n\r\n');
+        res.write('event: lost\nid: 9\ndata: {"dropped":3}\n\n');
+        res.end('event: job-status\nid: 10\ndata: {"id":"2"');  // cut mid-event: asked for again
+      } else {
+        res.end('event: job-status\nid: 10\ndata: {"id":"2"}\n\nevent: job-status\nid: 11\ndata: {"id":"3"}\n\n');
+      }
+    });
+    await new Promise((r) => srv.listen(0, '127.0.0.1', r));
+    const base = `http://127.0.0.1:${srv.address().port}`;
+    const realFetch = globalThis.fetch;
+    globalThis.fetch = (u, init) => realFetch(base + u, init);
+    const es = new EventStream();
+    let opens = 0;
+    es.onopen = async () => { opens++; };
+    es.on('job-status', (d, id) => seen.push(['job', d.id, d.status || null, id]));
+    es.on('lost', (d) => seen.push(['lost', d.dropped]));
+    const running = es.run();
+    try {
+      await waitFor('the second connection\'s event', async () => seen.some((x) => x[0] === 'job' && x[1] === '3'), 5000);
+    } finally {
+      es.stop();
+      await running;
+      globalThis.fetch = realFetch;
+      srv.close();
+    }
+    const want = JSON.stringify([['headers', 'Bearer tok-1', null], ['job', '1', 'running', '7'], ['lost', 3],
+      ['headers', 'Bearer tok-1', '9'], ['job', '2', null, '10'], ['job', '3', null, '11']]);
+    if (JSON.stringify(seen) !== want || opens !== 2) throw new Error(`seen ${JSON.stringify(seen)}, ${opens} opens`);
+  });
+
   await case_('served_with_strict_headers', async () => {
     const r = await fetch(d.url + '/');
     const csp = r.headers.get('content-security-policy') || '';
@@ -380,7 +425,7 @@ async function main() {
   await case_('login_with_a_token_and_role_limited_actions', async () => {
     const tokens = {};
     const lines = [];
-    for (const [name, role] of [['viewer', 'reader'], ['boss', 'admin']]) {
+    for (const [name, role] of [['viewer', 'reader'], ['ops', 'operator'], ['boss', 'admin']]) {
       const out = run(QCOWD, 'token', 'new', name, role).split('\n');
       tokens[name] = out[0].trim();
       lines.push(out[1].trim());
@@ -400,14 +445,25 @@ async function main() {
     await page.getByRole('button', { name: 'Sign in' }).click();
     await page.waitForSelector('body[data-ready="catalog"]');
     if (await page.getByRole('button', { name: 'Create image' }).count()) throw new Error('a reader is offered Create');
-    if (await page.locator('tr[data-name="web1"] button').count()) throw new Error('a reader is offered Delete');
+    if (await page.locator('tr[data-name="base"] button').count()) throw new Error('a reader is offered Delete');
     if (!(await page.textContent('#who')).includes('viewer (reader)')) throw new Error('who: ' + await page.textContent('#who'));
     await page.waitForSelector('#live[data-state="live"]');
     // the token lives in sessionStorage only
     const stored = await page.evaluate(() => [sessionStorage.getItem('qcowd-token'), localStorage.length, document.cookie]);
     if (stored[0] !== tokens.viewer || stored[1] !== 0 || stored[2] !== '') throw new Error('storage ' + JSON.stringify(stored));
-    await open('#/image/web1', 'image');
+    await open('#/image/base', 'image');
+    await page.waitForSelector('#snapshots');
     if (await page.getByRole('button', { name: 'Take snapshot' }).count()) throw new Error('a reader is offered snapshots');
+    // an operator: snapshots and checks, but neither create, delete nor convert
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByLabel('Token').fill(tokens.ops);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.waitForSelector('body[data-ready="catalog"]');
+    if (await page.getByRole('button', { name: 'Create image' }).count()) throw new Error('an operator is offered Create');
+    await open('#/image/base', 'image');
+    await page.getByRole('button', { name: 'Take snapshot' }).waitFor();
+    await page.getByRole('button', { name: 'Check…' }).waitFor();
+    if (await page.getByRole('button', { name: 'Convert…' }).count()) throw new Error('an operator is offered Convert');
     await page.getByRole('button', { name: 'Sign out' }).click();
     await page.getByLabel('Token').fill(tokens.boss);
     await page.getByRole('button', { name: 'Sign in' }).click();
