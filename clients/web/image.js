@@ -220,13 +220,13 @@ async function bitmapsView(box, store, i, refresh) {
         const enabled = (b.flags || []).includes('auto');
         return el('tr', { dataset: { bitmap: b.name } }, el('td', b.name), el('td', fmtBytes(b.granularity)), el('td', (b.flags || []).join(', ') || 'disabled'),
           el('td.actions',
-            el('button.small', { type: 'button', onclick: () => dirtyMap(map, name, b.name, i['virtual-size']) }, 'Dirty map'),
+            el('button.small', { type: 'button', 'aria-label': `Dirty map of ${b.name}`, onclick: () => dirtyMap(map, name, b.name, i['virtual-size']) }, 'Dirty map'),
             op ? [
-              el('button.small', { type: 'button', onclick: () => post(b.name, 'clear') }, 'Clear'),
-              el('button.small', { type: 'button', onclick: () => post(b.name, enabled ? 'disable' : 'enable') }, enabled ? 'Disable' : 'Enable'),
-              el('button.small', { type: 'button', onclick: () => merge(b.name) }, 'Merge…'),
+              el('button.small', { type: 'button', 'aria-label': `Clear ${b.name}`, onclick: () => post(b.name, 'clear') }, 'Clear'),
+              el('button.small', { type: 'button', 'aria-label': `${enabled ? 'Disable' : 'Enable'} ${b.name}`, onclick: () => post(b.name, enabled ? 'disable' : 'enable') }, enabled ? 'Disable' : 'Enable'),
+              el('button.small', { type: 'button', 'aria-label': `Merge into ${b.name}`, onclick: () => merge(b.name) }, 'Merge…'),
               el('button.small.danger', {
-                type: 'button', onclick: async () => {
+                type: 'button', 'aria-label': `Delete bitmap ${b.name}`, onclick: async () => {
                   if (!await confirmDialog(`Delete bitmap ${b.name}?`, 'Its dirty bits are lost.')) return;
                   try { await call('DELETE', `/v1/images/${enc(name)}/bitmaps/${enc(b.name)}`); } catch (e) { toast(e.describe(), 'error'); }
                   refresh();

@@ -224,9 +224,20 @@ async function main() {
     await page.getByLabel('Name', { exact: true }).fill('web1');
     await page.getByLabel('Size', { exact: true }).fill('1M');
     await page.getByRole('button', { name: 'Create', exact: true }).click();
+    await page.waitForSelector('dialog p.error:not([hidden])');
     const msg = await page.textContent('dialog p.error');
     if (!/^409 conflict: /.test(msg)) throw new Error('dialog says ' + msg);
     await page.keyboard.press('Escape');
+    // delete, after a confirmation
+    await api(d, 'POST', '/v1/images', { name: 'gone', size: MiB });
+    await page.waitForSelector('tr[data-name="gone"]'); // from the image-created event
+    await page.getByRole('button', { name: 'Delete gone' }).click();
+    await page.locator('dialog').getByRole('button', { name: 'Cancel' }).click();
+    if ((await api(d, 'GET', '/v1/images/gone'))[0] !== 200) throw new Error('deleted without the confirmation');
+    await page.getByRole('button', { name: 'Delete gone' }).click();
+    await page.locator('dialog').getByRole('button', { name: 'Delete', exact: true }).click();
+    await page.waitForSelector('tr[data-name="gone"]', { state: 'detached' });
+    if ((await api(d, 'GET', '/v1/images/gone'))[0] !== 404) throw new Error('gone is still there');
   });
 
   await case_('upload_a_qcow2_from_the_page', async () => {
@@ -272,7 +283,7 @@ async function main() {
     const read = async () => new Uint8Array(await (await fetch(d.url + '/v1/images/web1/data', { headers: { Range: 'bytes=0-15' } })).arrayBuffer());
     if ((await read())[0] !== 0xab) throw new Error('the write did not land');
     await page.getByRole('button', { name: 'Revert to before' }).click();
-    await page.getByRole('button', { name: 'Revert', exact: true }).click();
+    await page.locator('dialog').getByRole('button', { name: 'Revert', exact: true }).click();
     await waitFor('the revert', async () => (await read())[0] === 0);
     await page.waitForSelector('.toast >> text=/revert to before: job \\d+ concluded/');
     await page.waitForSelector('canvas.map[data-runs]');
@@ -283,6 +294,15 @@ async function main() {
     await dl.saveAs(saved);
     if (dl.suggestedFilename() !== 'web1-before.raw' || fs.statSync(saved).size !== 64 * MiB) throw new Error('download ' + dl.suggestedFilename() + ' ' + fs.statSync(saved).size);
     fs.unlinkSync(saved);
+    // a second snapshot, deleted from the page
+    await page.getByLabel('New snapshot name').fill('scratch');
+    await page.getByRole('button', { name: 'Take snapshot' }).click();
+    await page.waitForSelector('tr[data-snap="scratch"]');
+    await page.getByRole('button', { name: 'Delete snapshot scratch' }).click();
+    await page.locator('dialog').getByRole('button', { name: 'Delete', exact: true }).click();
+    await page.waitForSelector('tr[data-snap="scratch"]', { state: 'detached' });
+    const [, snaps] = await api(d, 'GET', '/v1/images/web1/snapshots');
+    if (snaps.snapshots.map((x) => x.name).join() !== 'before') throw new Error('snapshots ' + JSON.stringify(snaps));
   });
 
   await case_('bitmaps_and_a_check_with_repair', async () => {
@@ -293,18 +313,32 @@ async function main() {
     const r = await fetch(d.url + '/v1/images/web1/data', { method: 'PUT', headers: { 'Content-Range': `bytes ${MiB}-${MiB + 65535}/*`, 'Content-Type': 'application/octet-stream' }, body: new Uint8Array(65536).fill(7) });
     if (r.status >= 300) throw new Error('PUT ' + r.status);
     const dirty = async () => {
-      await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Dirty map' }).click();
+      await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Dirty map of b1' }).click();
       await page.waitForSelector('#bitmaps ul.legend');
       return page.textContent('#bitmaps ul.legend li:first-child');
     };
     if (!(await dirty()).startsWith('dirty: 64.0 KiB')) throw new Error('dirty map: ' + await page.textContent('#bitmaps ul.legend'));
-    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Clear' }).click();
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Clear b1' }).click();
     await page.waitForSelector('.toast >> text=bitmap b1: clear done');
     if (!(await dirty()).startsWith('dirty: 0 B')) throw new Error('after clear: ' + await page.textContent('#bitmaps ul.legend'));
-    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Disable' }).click();
-    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Enable' }).waitFor();
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Disable b1' }).click();
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Enable b1' }).waitFor();
     const [, b] = await api(d, 'GET', '/v1/images/web1/bitmaps/b1');
     if ((b.flags || []).includes('auto')) throw new Error('still enabled: ' + JSON.stringify(b));
+    // merge b2 (dirty 64 KiB) into b1, then delete b2
+    await page.getByLabel('New bitmap name').fill('b2');
+    await page.getByRole('button', { name: 'Add bitmap' }).click();
+    await page.waitForSelector('tr[data-bitmap="b2"]');
+    const w = await fetch(d.url + '/v1/images/web1/data', { method: 'PUT', headers: { 'Content-Range': `bytes ${2 * MiB}-${2 * MiB + 65535}/*`, 'Content-Type': 'application/octet-stream' }, body: new Uint8Array(65536).fill(9) });
+    if (w.status >= 300) throw new Error('PUT ' + w.status);
+    await page.locator('tr[data-bitmap="b1"]').getByRole('button', { name: 'Merge into b1' }).click();
+    await page.getByLabel('Source bitmap').fill('b2');
+    await page.getByRole('button', { name: 'Merge', exact: true }).click();
+    await page.waitForSelector('.toast >> text=bitmap b1: merge done');
+    if (!(await dirty()).startsWith('dirty: 64.0 KiB')) throw new Error('after merge: ' + await page.textContent('#bitmaps ul.legend'));
+    await page.getByRole('button', { name: 'Delete bitmap b2' }).click();
+    await page.locator('dialog').getByRole('button', { name: 'Delete', exact: true }).click();
+    await page.waitForSelector('tr[data-bitmap="b2"]', { state: 'detached' });
     await page.getByRole('button', { name: 'Check…' }).click();
     await page.getByLabel('Repair').selectOption('all');
     await page.getByRole('button', { name: 'Start check' }).click();
@@ -367,8 +401,8 @@ async function main() {
     await page.getByRole('link', { name: 'Catalog', exact: true }).click();
     await page.waitForSelector('tr[data-name="long"] .badge.busy');
     await page.getByRole('button', { name: 'Delete long' }).click();
-    await page.getByRole('button', { name: 'Delete', exact: true }).click();
-    const t409 = await page.locator('.toast.error').last().textContent();
+    await page.locator('dialog').getByRole('button', { name: 'Delete', exact: true }).click();
+    const t409 = await page.locator('.toast.error', { hasText: 'long' }).last().textContent();
     if (!t409.startsWith('409 conflict: ') || !t409.includes('job ' + jobId)) throw new Error('delete of a busy image says: ' + t409);
     await page.locator('.toast.error button').last().click();
     await page.getByRole('link', { name: 'Jobs', exact: true }).click();
