@@ -10,7 +10,6 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
 
 const QCOWD = process.env.QCOWD;
 const QEMU_IMG = process.env.QEMU_IMG || 'qemu-img';
@@ -27,6 +26,12 @@ function skipOrFail(why) {
 }
 if (!QCOWD) skipOrFail('QCOWD is not set');
 if (!fs.existsSync(CHROMIUM)) skipOrFail(`no ${CHROMIUM} (apt-get install chromium)`);
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch (e) {
+  skipOrFail('no playwright-core: run scripts/install-deps.sh --test (npm ci in tests/web): ' + e.message);
+}
 
 const top = fs.mkdtempSync(path.join(os.tmpdir(), 'qcowd-web-'));
 fs.mkdirSync(ARTIFACTS, { recursive: true });
@@ -123,7 +128,7 @@ async function case_(name, fn) {
 }
 
 async function main() {
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox'] });
+  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox', '--disable-dev-shm-usage'] });
   const cat = path.join(top, 'cat');
   fs.mkdirSync(cat);
   qcow2(path.join(cat, 'base.qcow2'), '64M', 'write -q -P 0x11 0 8M');
