@@ -101,6 +101,9 @@ export function modal(title, body, buttons, onsubmit) {
         const msg = await onsubmit(form, v);
         if (msg) { err.textContent = msg; err.hidden = false; return; }
         dlg.close(v);
+      } else if (!ev.submitter) { // Enter in a field: the primary button
+        ev.preventDefault();
+        dlg.close(v);
       }
     });
     dlg.append(form);
