@@ -46,11 +46,14 @@ async function toError(resp) {
   return new ApiError(resp.status, code, message, ra === null ? null : ra, extra);
 }
 
-// One JSON call: resolves with the parsed body (null for an empty one, e.g. 204),
-// rejects with an ApiError. body (an object) is sent as JSON.
-export async function call(method, path, body) {
-  const init = { method, headers: authHeaders(), cache: 'no-store' };
-  if (body !== undefined) {
+// One call: resolves with the parsed JSON body (null for an empty one, e.g. 204),
+// rejects with an ApiError. body (an object) is sent as JSON, a Uint8Array as is.
+// headers: extra request headers; with a Uint8Array body they say its type.
+export async function call(method, path, body, headers) {
+  const init = { method, headers: authHeaders(headers), cache: 'no-store' };
+  if (body instanceof Uint8Array) {
+    init.body = body;
+  } else if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';
     init.body = JSON.stringify(body);
   }

@@ -1,7 +1,7 @@
 // catalog.js: the catalog page: every image with its sizes, format, backing
 // chain (as a tree of who shares a base), snapshots, bitmaps and state; search,
 // sort and pages; create, upload with progress, delete.
-import { call, enc, upload } from './api.js';
+import { call, enc, upload, ApiError } from './api.js';
 import { el, clear, fmtBytes, parseSize, toast, modal, confirmDialog, field, pager, collator } from './util.js';
 
 const PAGE = 100;
@@ -127,6 +127,31 @@ async function create(store) {
   });
 }
 
+// The end of an upload u: done (the row leaves the list after a while), failed,
+// or, after a broken connection, go() again in 2 s while tries remain (true).
+function uploaded(store, u, what, redraw) {
+  u.state = 'done';
+  u.error = null;
+  toast(`${u.name} uploaded (${what})`);
+  store.refreshImage(u.name);
+  setTimeout(() => { uploads.splice(uploads.indexOf(u), 1); redraw(); }, 4000);
+  redraw();
+}
+function failed(u, e, redraw) {
+  u.state = e.code === 'aborted' ? 'cancelled' : 'failed';
+  u.error = e;
+  redraw();
+}
+function retryLater(u, e, tries, go, redraw) {
+  if (e.status !== 0 || e.code !== 'network-error' || u.try >= tries) return false;
+  u.try++;
+  u.state = 'retrying';
+  u.error = e;
+  redraw();
+  setTimeout(go, 2000);
+  return true;
+}
+
 // Uploads run on the page (the dialog only picks the file); a broken connection
 // restarts the upload from the start up to 3 times (qcowd validates a container
 // whole, so it keeps no partial upload to resume).
@@ -137,25 +162,8 @@ function startUpload(store, name, file, redraw) {
     u.state = 'uploading';
     u.t0 = performance.now();
     u.xhr = upload(name, file, (sent, total) => { u.sent = sent; u.total = total; redraw(); });
-    u.xhr.then(() => {
-      u.state = 'done';
-      toast(`${name} uploaded (${fmtBytes(file.size)})`);
-      store.refreshImage(name);
-      setTimeout(() => { uploads.splice(uploads.indexOf(u), 1); redraw(); }, 4000);
-      redraw();
-    }, (e) => {
-      if (e.status === 0 && e.code === 'network-error' && u.try < 3) {
-        u.try++;
-        u.state = 'retrying';
-        u.error = e;
-        redraw();
-        setTimeout(go, 2000);
-        return;
-      }
-      u.state = e.code === 'aborted' ? 'cancelled' : 'failed';
-      u.error = e;
-      redraw();
-    });
+    u.xhr.then(() => uploaded(store, u, fmtBytes(file.size), redraw),
+      (e) => { if (!retryLater(u, e, 3, go, redraw)) failed(u, e, redraw); });
   };
   u.retry = () => { u.try = 1; u.error = null; go(); redraw(); };
   go();
@@ -174,13 +182,58 @@ function uploadView(redraw) {
       el('progress', { max: 100, value: pct, 'aria-label': 'Upload of ' + u.name }), ' ',
       el('span.pct', pct + '%'), ' ',
       el('span.muted', `${fmtBytes(u.sent)} of ${fmtBytes(u.total)}` + (u.state === 'uploading' && rate ? ` · ${fmtBytes(rate)}/s · ${Math.ceil(eta)} s left` : '')), ' ',
-      el('span.badge.' + (u.state === 'failed' ? 'bad' : u.state === 'done' ? 'ok' : 'busy'), u.state === 'retrying' ? `connection lost, restarting (try ${u.try} of 3)` : u.state),
+      el('span.badge.' + (u.state === 'failed' ? 'bad' : u.state === 'done' ? 'ok' : 'busy'),
+        u.state !== 'retrying' ? u.state : u.raw ? `connection lost, resuming at ${fmtBytes(u.sent)} (try ${u.try} of 5)` : `connection lost, restarting (try ${u.try} of 3)`),
       u.state === 'uploading' ? el('button.small', { type: 'button', onclick: () => u.xhr.abort() }, 'Cancel') : null,
       u.state === 'failed' || u.state === 'cancelled' ? [
-        el('button.small', { type: 'button', onclick: u.retry }, 'Retry'),
+        el('button.small', { type: 'button', onclick: u.retry }, u.raw && u.sent ? `Resume at ${fmtBytes(u.sent)}` : 'Retry'),
         el('button.small', { type: 'button', onclick: () => { uploads.splice(uploads.indexOf(u), 1); redraw(); } }, 'Dismiss')] : null,
       u.error && u.state !== 'cancelled' ? el('p.error', u.error.describe()) : null);
   }));
+}
+
+// A raw disk file goes in as a new qcow2 image written range by range (PUT
+// .../data), so a broken connection resumes at the first range not acknowledged;
+// ranges of zeroes are skipped (the image stays sparse).
+const CHUNK = 4 << 20;
+function startRawUpload(store, name, file, redraw) {
+  const u = { name, file, sent: 0, total: file.size, state: 'uploading', error: null, try: 1, t0: performance.now(), raw: true, created: false, stop: false };
+  uploads.push(u);
+  const path = '/v1/images/' + enc(name);
+  const go = async () => {
+    u.state = 'uploading';
+    redraw();
+    try {
+      if (!u.created) {
+        await call('POST', '/v1/images', { name, size: Math.ceil(file.size / 512) * 512 });
+        u.created = true;
+      }
+      while (u.sent < file.size) {
+        if (u.stop) throw new ApiError(0, 'aborted', 'upload cancelled', null);
+        const n = Math.min(CHUNK, file.size - u.sent);
+        const buf = new Uint8Array(await file.slice(u.sent, u.sent + n).arrayBuffer());
+        if (buf.some((b) => b !== 0)) {
+          await call('PUT', `${path}/data?flush=n`, buf, { 'Content-Range': `bytes ${u.sent}-${u.sent + n - 1}/*`, 'Content-Type': 'application/octet-stream' });
+        }
+        u.sent += n;
+        u.try = 1;
+        redraw();
+      }
+      await call('PATCH', `${path}/data`, { op: 'flush' });
+    } catch (e) {
+      if (!retryLater(u, e, 5, go, redraw)) failed(u, e, redraw);
+      return;
+    }
+    uploaded(store, u, `${fmtBytes(file.size)} raw`, redraw);
+  };
+  u.xhr = { abort: () => { u.stop = true; } };
+  u.retry = () => { u.try = 1; u.stop = false; u.error = null; go(); };
+  go();
+}
+
+async function isQcow2(file) {
+  const b = new Uint8Array(await file.slice(0, 4).arrayBuffer());
+  return b[0] === 0x51 && b[1] === 0x46 && b[2] === 0x49 && b[3] === 0xfb; // "QFI\xfb"
 }
 
 async function pickUpload(store, redraw) {
@@ -189,10 +242,12 @@ async function pickUpload(store, redraw) {
   file.addEventListener('change', () => {
     if (file.files[0] && !name.value) name.value = file.files[0].name.replace(/\.(qcow2|img)$/, '').replace(/[^A-Za-z0-9._-]/g, '_');
   });
-  await modal('Upload a qcow2 image', el('div.form', field('File', file), field('Image name', name)),
+  await modal('Upload an image', el('div.form', field('File', file, 'a qcow2 file is stored as it is; a raw disk file becomes a new qcow2 image, sent in ranges that resume after a broken connection'), field('Image name', name)),
     [{ label: 'Cancel', value: null }, { label: 'Upload', value: 'up', primary: true }], async () => {
-      if (!file.files[0]) return 'Pick a file.';
-      startUpload(store, name.value.trim(), file.files[0], redraw);
+      const f = file.files[0];
+      if (!f) return 'Pick a file.';
+      if (await isQcow2(f)) startUpload(store, name.value.trim(), f, redraw);
+      else startRawUpload(store, name.value.trim(), f, redraw);
       return null;
     });
 }
@@ -236,7 +291,7 @@ export function render(main, store) {
     el('div.titlebar', el('h1', 'Catalog'), summary,
       el('div.buttons',
         store.can('admin') ? el('button.primary', { type: 'button', onclick: () => create(store) }, 'Create image') : null,
-        store.can('admin') ? el('button', { type: 'button', onclick: () => pickUpload(store, redrawUploads) }, 'Upload qcow2') : null)),
+        store.can('admin') ? el('button', { type: 'button', onclick: () => pickUpload(store, redrawUploads) }, 'Upload') : null)),
     upl,
     el('div.toolbar', search, sort, dir, el('label.check', tree, ' Backing tree')),
     el('div.scroll', table), pagerBox);

@@ -252,10 +252,10 @@ async function main() {
     // the first try's connection breaks: the page starts the upload again by itself
     let tries = 0;
     await page.route('**/v1/images/upme/file', (route) => (++tries === 1 ? route.abort('connectionreset') : route.continue()));
-    await page.getByRole('button', { name: 'Upload qcow2' }).click();
+    await page.getByRole('button', { name: 'Upload', exact: true }).click();
     await page.getByLabel('File').setInputFiles(file);
     if (await page.getByLabel('Image name').inputValue() !== 'upme') throw new Error('name not taken from the file');
-    await page.getByRole('button', { name: 'Upload', exact: true }).click();
+    await page.locator('dialog').getByRole('button', { name: 'Upload', exact: true }).click();
     await page.waitForSelector('.upload[data-name="upme"][data-state="retrying"]');
     await page.waitForSelector('.upload[data-name="upme"][data-state="done"]');
     await page.unroute('**/v1/images/upme/file');
@@ -265,15 +265,41 @@ async function main() {
     await page.waitForSelector('tr[data-name="upme"]');
     const [st, info] = await api(d, 'GET', '/v1/images/upme');
     if (st !== 200 || info['virtual-size'] !== 32 * MiB) throw new Error('upme: ' + JSON.stringify(info));
-    // a refused upload shows the API's error (422: not a qcow2)
+    // a refused upload shows the API's error (422: a qcow2 magic, then garbage)
     const junk = path.join(top, 'junk.qcow2');
-    fs.writeFileSync(junk, randomBytes(70000));
-    await page.getByRole('button', { name: 'Upload qcow2' }).click();
-    await page.getByLabel('File').setInputFiles(junk);
+    fs.writeFileSync(junk, Buffer.concat([Buffer.from('QFI\xfb', 'latin1'), randomBytes(70000)]));
     await page.getByRole('button', { name: 'Upload', exact: true }).click();
+    await page.getByLabel('File').setInputFiles(junk);
+    await page.locator('dialog').getByRole('button', { name: 'Upload', exact: true }).click();
     await page.waitForSelector('.upload[data-name="junk"][data-state="failed"]');
     const err = await page.textContent('.upload[data-name="junk"] p.error');
     if (!/^422 /.test(err)) throw new Error('junk upload says ' + err);
+  });
+
+  await case_('raw_upload_resumes_after_a_broken_connection', async () => {
+    // 10 MiB: data, 4 MiB of zeroes (never sent), data; the range at 8 MiB breaks once
+    const raw = path.join(top, 'disk.img');
+    const bytes = Buffer.concat([randomBytes(4 * MiB), Buffer.alloc(4 * MiB), randomBytes(2 * MiB)]);
+    fs.writeFileSync(raw, bytes);
+    await open('', 'catalog');
+    const puts = [];
+    await page.route('**/v1/images/disk/data?flush=n', (route) => {
+      const range = route.request().headers()['content-range'];
+      puts.push(range);
+      return range.startsWith(`bytes ${8 * MiB}-`) && puts.filter((x) => x === range).length === 1 ? route.abort('connectionreset') : route.continue();
+    });
+    await page.getByRole('button', { name: 'Upload', exact: true }).click();
+    await page.getByLabel('File').setInputFiles(raw);
+    await page.locator('dialog').getByRole('button', { name: 'Upload', exact: true }).click();
+    await page.waitForSelector('.upload[data-name="disk"][data-state="retrying"]');
+    const badge = await page.textContent('.upload[data-name="disk"] .badge');
+    if (!badge.includes('resuming at 8.00 MiB')) throw new Error('badge: ' + badge);
+    await page.waitForSelector('.upload[data-name="disk"][data-state="done"]');
+    await page.unroute('**/v1/images/disk/data?flush=n');
+    const want = [`bytes 0-${4 * MiB - 1}/*`, `bytes ${8 * MiB}-${10 * MiB - 1}/*`, `bytes ${8 * MiB}-${10 * MiB - 1}/*`];
+    if (JSON.stringify(puts) !== JSON.stringify(want)) throw new Error('ranges sent: ' + puts);
+    const back = Buffer.from(await (await fetch(d.url + '/v1/images/disk/data')).arrayBuffer());
+    if (!back.equals(bytes)) throw new Error('the image does not read back as the file');
   });
 
   await case_('take_and_revert_a_snapshot', async () => {
@@ -453,7 +479,7 @@ async function main() {
       await page.keyboard.press('Tab');
       seen.add(await page.evaluate(() => document.activeElement.textContent.trim() || document.activeElement.getAttribute('aria-label')));
     }
-    for (const want of ['Catalog', 'Jobs', 'Create image', 'Upload qcow2']) if (!seen.has(want)) throw new Error(`Tab never reached ${want}: ${[...seen]}`);
+    for (const want of ['Catalog', 'Jobs', 'Create image', 'Upload']) if (!seen.has(want)) throw new Error(`Tab never reached ${want}: ${[...seen]}`);
   });
 
   if (errors.length && (!ONLY)) console.log('  browser console errors: ' + errors.join(' | '));
