@@ -41,7 +41,7 @@ help:
 # Serves data/ in the foreground until Ctrl-C (qcowd exits 0 on SIGINT/SIGTERM).
 run: build sample
 	$(QCOWIMG) info $(SAMPLE)
-	@echo "==> qcowd serves data/ on http://$(LISTEN)/ until Ctrl-C; try:"
+	@echo "==> qcowd serves data/ on http://$(LISTEN)/ until Ctrl-C; open that URL for the dashboard, or try:"
 	@echo "    curl -s http://$(LISTEN)/v1/images/sample"
 	@echo "    curl -s -r 0-15 http://$(LISTEN)/v1/images/sample/data | od -A d -t x1"
 	@echo "    curl -s 'http://$(LISTEN)/v1/images/sample/extents?context=zero'"

@@ -351,6 +351,11 @@ enum MHD_Result api_tickets_list(struct req *r, char **args);
 enum MHD_Result api_ticket_create(struct req *r, char **args);
 enum MHD_Result api_ticket_delete(struct req *r, char **args);
 
+/* ---- web.c: the dashboard's files (GET /, GET /ui/NAME) and GET /v1/whoami ---- */
+enum MHD_Result api_web_index(struct req *r, char **args);
+enum MHD_Result api_web_file(struct req *r, char **args);
+enum MHD_Result api_whoami(struct req *r, char **args);
+
 /* ---- admit.c ---- */
 
 /* The checks before a handler: Host (421), Origin (403; a CORS preflight is

@@ -323,6 +323,7 @@ enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct cat
 struct run {
     uint64_t start, length;
     bool zero, hole;
+    bool backing; /* context=allocation: the bytes come from a backing layer */
 };
 
 struct extents_stream {
@@ -331,6 +332,7 @@ struct extents_stream {
     uint64_t off, size; /* next guest offset to ask about; the disk size */
     struct run next;    /* the run to print next (valid while next.length) */
     bool first, done;
+    bool layers; /* context=allocation: runs also split where the layer changes */
     char text[160]; /* printed but not yet handed out */
     size_t tlen, tpos;
 };
@@ -347,11 +349,11 @@ static int next_run(struct extents_stream *es, struct run *out)
             return ret;
         if (e.length == 0 || e.start != es->off || e.length > es->size - es->off)
             return err_fail(ENOTRECOVERABLE, "block status at %" PRIu64 " returned a bad run", es->off);
-        bool zero = e.zero, hole = !e.present;
-        if (out->length && (zero != out->zero || hole != out->hole))
+        bool zero = e.zero, hole = !e.present, backing = es->layers && e.present && e.depth > 0;
+        if (out->length && (zero != out->zero || hole != out->hole || backing != out->backing))
             break;
         if (!out->length)
-            *out = (struct run){.start = e.start, .zero = zero, .hole = hole};
+            *out = (struct run){.start = e.start, .zero = zero, .hole = hole, .backing = backing};
         out->length += e.length;
         es->off += e.length;
     }
@@ -368,9 +370,10 @@ static int render(struct extents_stream *es)
         return 0;
     }
     es->tlen = (size_t)snprintf(es->text, sizeof es->text,
-                                "%s{\"start\":%" PRIu64 ",\"length\":%" PRIu64 ",\"zero\":%s,\"hole\":%s}",
+                                "%s{\"start\":%" PRIu64 ",\"length\":%" PRIu64 ",\"zero\":%s,\"hole\":%s%s}",
                                 es->first ? "[" : ",", es->next.start, es->next.length,
-                                es->next.zero ? "true" : "false", es->next.hole ? "true" : "false");
+                                es->next.zero ? "true" : "false", es->next.hole ? "true" : "false",
+                                !es->layers ? "" : es->next.backing ? ",\"backing\":true" : ",\"backing\":false");
     es->first = false;
     return next_run(es, &es->next);
 }
@@ -410,16 +413,19 @@ static void extents_free(void *cls)
 enum MHD_Result api_image_extents(struct req *r, char **args)
 {
     const char *raw = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "context");
+    bool layers = false;
     if (raw) {
         char *ctx = api_decode(raw, strlen(raw));
         if (!ctx)
             return api_reply_errno(r, -EINVAL);
         bool ok = !strcmp(ctx, "zero"), dirty = !strcmp(ctx, "dirty");
+        layers = !strcmp(ctx, "allocation");
         free(ctx);
         if (dirty)
             return api_dirty_extents(r, args[0]);
-        if (!ok)
-            return api_reply_error(r, -EINVAL, "unknown extents context: \"zero\" or \"dirty\" (with bitmap=NAME)");
+        if (!ok && !layers)
+            return api_reply_error(r, -EINVAL,
+                                   "unknown extents context: \"zero\", \"allocation\" or \"dirty\" (with bitmap=NAME)");
     }
     enum MHD_Result res = MHD_NO;
     struct catalog_image *ci = get_image(r, args[0], &res);
@@ -434,6 +440,7 @@ enum MHD_Result api_image_extents(struct req *r, char **args)
     es->r = r;
     es->size = qcow2_size(catalog_image_qcow2(ci));
     es->first = true;
+    es->layers = layers;
     /* the first run before answering, so a broken image gets a proper error */
     int ret = next_run(es, &es->next);
     if (ret < 0) {

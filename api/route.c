@@ -69,6 +69,9 @@ static const struct route routes[] = {
     {{"v1", "tickets"}, M_GET, api_tickets_list, AUTH_OPERATOR, 0},
     {{"v1", "tickets"}, M_POST, api_ticket_create, AUTH_OPERATOR, ROUTE_JSON},
     {{"v1", "tickets", "*"}, M_DELETE, api_ticket_delete, AUTH_OPERATOR, 0},
+    {{"v1", "whoami"}, M_GET, api_whoami, AUTH_READER, 0},
+    {{""}, M_GET, api_web_index, AUTH_NONE, 0}, /* the dashboard: its fixed, public files */
+    {{"ui", "*"}, M_GET, api_web_file, AUTH_NONE, 0},
     {{NULL}, 0, NULL, AUTH_NONE, 0},
 };
 

@@ -35,12 +35,34 @@ test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschem
 test_pkgs+=(python3-pip python3-setuptools python3-wheel groff-base)
 # The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3).
 test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
+# The web dashboard tests (tests/web): Debian's Chromium driven by playwright-core from
+# npm. Node and npm come from Debian unless a node with npm is already there (an
+# upstream nodejs package bundles npm and conflicts with Debian's).
+test_pkgs+=(chromium fonts-dejavu-core)
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    test_pkgs+=(nodejs npm)
+fi
 
 want=("${run_pkgs[@]}")
 [ "$mode" = test ] && want+=("${test_pkgs[@]}")
 
 installed() {
     dpkg-query -W -f='${Status}\n' "$1" 2>/dev/null | grep -q '^install ok installed$'
+}
+
+# The npm packages of the web dashboard tests, from their lockfile (npm ci), once per
+# lockfile: a copy of it in node_modules marks an install that is complete.
+npm_deps() {
+    [ "$mode" = test ] || return 0
+    local dir
+    dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/tests/web"
+    if cmp -s "$dir/package-lock.json" "$dir/node_modules/.qcowd-lock.json"; then
+        echo "install-deps: the npm packages of tests/web are installed"
+        return 0
+    fi
+    echo "install-deps: npm ci in tests/web"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+    cp "$dir/package-lock.json" "$dir/node_modules/.qcowd-lock.json"
 }
 
 missing=()
@@ -50,6 +72,7 @@ done
 
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-deps: all ${#want[@]} packages for --$mode are installed"
+    npm_deps
     exit 0
 fi
 
@@ -76,4 +99,5 @@ if [ ${#still[@]} -ne 0 ]; then
     echo "install-deps: still missing after apt-get install: ${still[*]}" >&2
     exit 1
 fi
+npm_deps
 echo "install-deps: done"

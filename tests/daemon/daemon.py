@@ -510,7 +510,7 @@ def main():
                 ("GET", "/v1/images/plain.qcow2", 404, "not-found"),
                 ("GET", "/v1/images/plain/extents?context=dirty", 400, "bad-request"),
                 ("GET", "/nope", 404, "not-found"),
-                ("GET", "/", 404, "not-found"),
+                ("GET", "/ui/", 404, "not-found"),  # / is the dashboard (tests/web)
                 ("GET", "/v1/images/plain/data/more", 404, "not-found"),
                 ("GET", "/v1/images/", 400, "bad-request"),  # an empty name
                 ("GET", "/v1//images", 404, "not-found"),
