@@ -14,8 +14,6 @@
 #define L1E_RESERVED     0x7f000000000001ffull
 #define L2E_STD_RESERVED 0x3f000000000001feull /* standard (not compressed) cluster descriptors */
 #define REFT_RESERVED    0x1ffull
-#define BMT_RESERVED     0xff000000000001feull
-#define BMT_OFFSET_MASK  0x00fffffffffffe00ull
 #define L2B_ALLOC        0x00000000ffffffffull /* extended L2: allocated subclusters */
 #define L2B_ZERO         0xffffffff00000000ull /* extended L2: zero subclusters */
 
@@ -142,6 +140,10 @@ static int stored(struct ck *k, uint64_t c, uint64_t *v)
         return 0;
     if (offset_into_cluster(img, b))
         return err_fail(EUCLEAN, "refcount block offset %#" PRIx64 " unaligned (refcount table index %" PRIu64 ")", b, ti);
+    /* QEMU reads past the end of the file as zeroes, but not beyond INT64_MAX: its
+     * lookup fails there, a check error for every cluster of the block */
+    if (b > (uint64_t)INT64_MAX - img->cluster_size)
+        return err_fail(EIO, "Input/output error");
     if (!k->blk_ok || k->blk_off != b) {
         k->blk_ok = false;
         int ret = read_zf(k, b, k->blk, img->cluster_size);
@@ -344,8 +346,8 @@ static int walk_bitmaps(struct ck *k)
             break;
         }
         for (uint32_t j = 0; ret == 0 && j < b->table_size; j++) {
-            uint64_t off = t[j] & BMT_OFFSET_MASK;
-            if ((t[j] & BMT_RESERVED) || offset_into_cluster(img, off) || ((t[j] & BME_TABLE_ALL_ONES) && off)) {
+            uint64_t off = t[j] & BME_TABLE_OFFSET_MASK;
+            if (bme_table_entry_bad(img, t[j])) {
                 if (!b->in_use) /* qemu refuses to open the image then: its bits would be loaded */
                     ret = err_fail(EINVAL, "bitmap '%s': table entry %u (%#" PRIx64 ") is invalid", b->name, j, t[j]);
                 k->r->corruptions++;

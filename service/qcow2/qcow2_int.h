@@ -44,6 +44,8 @@
 #define BME_MAX_TABLE_SIZE 0x8000000u   /* entries of a bitmap table, as QEMU */
 #define BME_MAX_PHYS_SIZE 0x20000000u   /* bytes of one bitmap's data, as QEMU */
 #define BME_TABLE_ALL_ONES 1ull         /* a table entry without a cluster that reads as all ones */
+#define BME_TABLE_RESERVED 0xff000000000001feull /* bits a bitmap table entry leaves clear */
+#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
 
 /* incompatible feature bits */
 #define QCOW2_INCOMPAT_DIRTY       (1ull << 0)
@@ -284,6 +286,13 @@ struct qcow2_image {
 static inline uint64_t offset_into_cluster(const struct qcow2_image *img, uint64_t off)
 {
     return off & (img->cluster_size - 1);
+}
+/* A bitmap table entry QEMU refuses to load: reserved bits set, a misaligned
+ * cluster, or the all-ones flag beside a cluster. */
+static inline bool bme_table_entry_bad(const struct qcow2_image *img, uint64_t e)
+{
+    uint64_t off = e & BME_TABLE_OFFSET_MASK;
+    return (e & BME_TABLE_RESERVED) || offset_into_cluster(img, off) || ((e & BME_TABLE_ALL_ONES) && off);
 }
 static inline uint64_t offset_to_l1_index(const struct qcow2_image *img, uint64_t off)
 {
