@@ -88,7 +88,8 @@ def image(name):
 
 
 def sh(argv, d):
-    p = subprocess.run([str(a) for a in argv], cwd=d, capture_output=True, timeout=TIMEOUT)
+    p = subprocess.run([a if isinstance(a, bytes) else str(a) for a in argv], cwd=d, capture_output=True,
+                       timeout=TIMEOUT)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, argv))}: exit {p.returncode}: {p.stderr.decode()[:300]}")
 
