@@ -521,6 +521,11 @@ int qcow2_read_snapshots(struct qcow2_image *img);
  * the table's end. -EINVAL when it does not parse. */
 int snap_table_starts(const unsigned char *buf, uint64_t len, uint32_t n, uint64_t *starts);
 void qcow2_free_snapshots(struct qcow2_image *img);
+/* ---- snapmod.c ---- */
+/* Check -r all (the image lock held, refcounts right): write the snapshot table anew
+ * from the parsed entries, each with the extra data version 3 wants, as qemu-img's
+ * repair does; the old table's clusters are freed where they have a refcount. */
+int qcow2_snapshot_table_rewrite(struct qcow2_image *img);
 /* Switch img to the read-only view of snapshot `name` (matched by id, then name). */
 int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
 
