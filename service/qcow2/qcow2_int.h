@@ -229,6 +229,8 @@ struct qcow2_image {
     char *feature_table;         /* raw feature name table (48-byte entries) */
     uint32_t feature_table_len;
     uint64_t crypto_off, crypto_len;
+    struct qcow2_luks_info luks; /* valid when has_luks */
+    bool has_luks;
     uint32_t nb_bitmaps;
     uint64_t bitmap_dir_off, bitmap_dir_size;
     struct qcow2_snapshot_info *snaps;

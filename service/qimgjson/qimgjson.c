@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -203,6 +204,62 @@ json_t *qj_bitmaps(struct qcow2_image *img)
 
 /* ---- info ---- */
 
+/* qemu's name of a LUKS cipher: the algorithm and its key bits (xts keys are two
+ * keys, the cipher's and the tweak's). */
+static json_t *luks_cipher(const struct qcow2_luks_info *l, const char *mode)
+{
+    uint32_t bits = l->key_bytes * 8 / (strcmp(mode, "xts") ? 1 : 2);
+    if (!strcmp(l->cipher_name, "sm4"))
+        return json_string("sm4");
+    char name[64];
+    snprintf(name, sizeof name, "%s-%u", l->cipher_name, bits);
+    return qj_str(name);
+}
+
+/* "encrypt" of format-specific: the format, and for LUKS its header's fields as
+ * qemu-img shows them ("xts-plain64" is the mode xts with the IV generator
+ * plain64, "cbc-essiv:sha256" the mode cbc with essiv over sha256). */
+static json_t *encrypt_info(const struct qcow2_info *in)
+{
+    const struct qcow2_luks_info *l = in->luks;
+    if (in->crypt_method != 2 || !l)
+        return json_pack("{s:s}", "format", in->crypt_method == 2 ? "luks" : "aes");
+    char mode[33], *ivgen = NULL, *ivhash = NULL;
+    snprintf(mode, sizeof mode, "%s", l->cipher_mode);
+    if ((ivgen = strchr(mode, '-')))
+        *ivgen++ = '\0';
+    if (ivgen && (ivhash = strchr(ivgen, ':')))
+        *ivhash++ = '\0';
+    struct obj b = {json_object(), false};
+    if (ivgen)
+        put(&b, "ivgen-alg", qj_str(ivgen));
+    put(&b, "hash-alg", qj_str(l->hash_spec));
+    put(&b, "cipher-alg", luks_cipher(l, mode));
+    put(&b, "uuid", qj_str(l->uuid));
+    if (ivhash)
+        put(&b, "ivgen-hash-alg", qj_str(ivhash));
+    put(&b, "format", json_string("luks"));
+    put(&b, "cipher-mode", qj_str(mode));
+    json_t *slots = json_array();
+    for (unsigned i = 0; slots && i < QCOW2_LUKS_SLOTS; i++) {
+        struct obj sl = {json_object(), false};
+        put_bool(&sl, "active", l->slots[i].active);
+        if (l->slots[i].active)
+            put_int(&sl, "iters", l->slots[i].iterations);
+        put_int(&sl, "key-offset", (uint64_t)l->slots[i].key_offset * 512);
+        if (l->slots[i].active)
+            put_int(&sl, "stripes", l->slots[i].stripes);
+        if (!append(slots, done(&sl))) {
+            json_decref(slots);
+            slots = NULL;
+        }
+    }
+    put(&b, "slots", slots);
+    put_int(&b, "payload-offset", (uint64_t)l->payload_offset * 512);
+    put_int(&b, "master-key-iters", l->mk_iterations);
+    return done(&b);
+}
+
 /* "format-specific" of a qcow2 image; listed: as enum qj_flags says. */
 static json_t *format_specific(struct qcow2_image *img, const struct qcow2_info *in, bool listed)
 {
@@ -224,7 +281,7 @@ static json_t *format_specific(struct qcow2_image *img, const struct qcow2_info 
         put_bool(&d, "data-file-raw", in->data_file_raw);
     }
     if (in->crypt_method)
-        put(&d, "encrypt", json_pack("{s:s}", "format", in->crypt_method == 2 ? "luks" : "aes"));
+        put(&d, "encrypt", encrypt_info(in));
     if (v3 || listed) {
         put_bool(&d, "corrupt", in->corrupt);
         put_bool(&d, "extended-l2", in->extended_l2);
