@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "auth.h"
+#include "qimgjson.h"
 
 struct catalog;
 struct catalog_image;
@@ -287,9 +288,6 @@ enum MHD_Result api_file_put(struct req *r, char **args);
 
 /* ---- bitmaps.c: persistent dirty bitmaps ---- */
 
-/* A bitmap as qemu-img info shows it; the list of an image (new references, NULL on ENOMEM). */
-json_t *api_bitmap_json(const struct qcow2_bitmap_info *b);
-json_t *api_bitmaps_json(struct qcow2_image *img);
 enum MHD_Result api_bitmaps_list(struct req *r, char **args);
 enum MHD_Result api_bitmap_create(struct req *r, char **args);
 enum MHD_Result api_bitmap_get(struct req *r, char **args);
@@ -300,11 +298,7 @@ enum MHD_Result api_bitmap_disable(struct req *r, char **args);
 enum MHD_Result api_bitmap_merge(struct req *r, char **args);
 /* GET .../extents?context=dirty&bitmap=B of image. */
 enum MHD_Result api_dirty_extents(struct req *r, const char *image);
-/* The snapshots array of an image's info, qemu-img's names (new reference). */
-struct qcow2_info;
 struct catalog_image;
-json_t *api_snapshots_json(struct qcow2_image *img); /* from the shared list: safe beside snapshot jobs */
-json_t *api_snapshot_json(const struct qcow2_snapshot_info *s); /* one entry of the list */
 /* The next segment of a streamed answer: *head, *list (of *n, from
  * qcow2_snapshot_list, or NULL) and *tail, all taken by the stream. Returns 1,
  * 0 when there is none left, or a negative errno. */

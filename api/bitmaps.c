@@ -12,32 +12,6 @@
 #include "err.h"
 #include "qcow2.h"
 
-/* As qemu-img info shows a bitmap: "auto" when enabled, "in-use" when it was left
- * in use by another program or a crash (qcowd's own tracking does not count). */
-json_t *api_bitmap_json(const struct qcow2_bitmap_info *b)
-{
-    json_t *flags = json_array();
-    if (flags && b->in_use)
-        json_array_append_new(flags, json_string("in-use"));
-    if (flags && b->auto_)
-        json_array_append_new(flags, json_string("auto"));
-    return json_pack("{s:o,s:o,s:I}", "name", api_jstr(b->name), "flags", flags, "granularity",
-                     (json_int_t)b->granularity);
-}
-
-json_t *api_bitmaps_json(struct qcow2_image *img)
-{
-    struct qcow2_bitmap_info *l;
-    uint32_t n;
-    if (qcow2_bitmap_list(img, &l, &n) < 0)
-        return NULL;
-    json_t *a = json_array();
-    for (uint32_t i = 0; a && i < n; i++)
-        json_array_append_new(a, api_bitmap_json(&l[i]));
-    qcow2_bitmap_list_free(l, n);
-    return a;
-}
-
 /* The JSON of bitmap name of img, or an error reply. */
 static enum MHD_Result reply_bitmap(struct req *r, struct qcow2_image *img, const char *name, unsigned status,
                                     const char *location)
@@ -50,7 +24,7 @@ static enum MHD_Result reply_bitmap(struct req *r, struct qcow2_image *img, cons
     json_t *o = NULL;
     for (uint32_t i = 0; i < n && !o; i++)
         if (!strcmp(l[i].name, name))
-            o = api_bitmap_json(&l[i]);
+            o = qj_bitmap(&l[i]); /* as qemu-img info shows it */
     qcow2_bitmap_list_free(l, n);
     if (!o) {
         char msg[160];
@@ -68,7 +42,7 @@ enum MHD_Result api_bitmaps_list(struct req *r, char **args)
     int ret = catalog_get(r->cat, args[0], &ci);
     if (ret < 0)
         return api_reply_errno(r, ret);
-    json_t *a = api_bitmaps_json(catalog_image_qcow2(ci));
+    json_t *a = qj_bitmaps(catalog_image_qcow2(ci));
     catalog_put(ci);
     if (!a)
         return api_reply_errno(r, -ENOMEM);

@@ -18,87 +18,28 @@ enum MHD_Result api_health(struct req *r, char **args)
 
 /* ---- info ---- */
 
-json_t *api_snapshot_json(const struct qcow2_snapshot_info *s)
+/* The info object: "name", then qemu-img info's keys in the REST shape
+ * (qimgjson.h), "filename" being the catalog's file (server paths are not shown)
+ * that backing names resolve against, as qemu-img resolves them. snaps (taken):
+ * the snapshot list to show, or NULL for img's own. */
+static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps)
 {
-    json_t *o =
-        json_pack("{s:o,s:o,s:I,s:I,s:I,s:I,s:I}", "id", api_jstr(s->id), "name", api_jstr(s->name), "vm-state-size",
-                  (json_int_t)s->vm_state_size, "date-sec", (json_int_t)s->date_sec, "date-nsec",
-                  (json_int_t)s->date_nsec, "vm-clock-sec", (json_int_t)(s->vm_clock_nsec / 1000000000u),
-                  "vm-clock-nsec", (json_int_t)(s->vm_clock_nsec % 1000000000u));
-    if (o && s->icount != UINT64_MAX)
-        json_object_set_new(o, "icount", json_integer((json_int_t)s->icount));
+    char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
+    snprintf(file, sizeof file, "%s%s", name, CATALOG_SUFFIX);
+    struct qj_info_opts opts = {.filename = file, .flags = QJ_ALWAYS_LISTED, .snapshots = snaps};
+    json_t *info = qj_info(img, &opts);
+    json_t *o = info ? json_pack("{s:o}", "name", api_jstr(name)) : NULL;
+    if (o && json_object_update(o, info) < 0) {
+        json_decref(o);
+        o = NULL;
+    }
+    json_decref(info);
     return o;
 }
 
-json_t *api_snapshots_json(struct qcow2_image *img)
-{
-    struct qcow2_snapshot_info *list;
-    uint32_t n;
-    if (qcow2_snapshot_list(img, &list, &n) < 0)
-        return NULL;
-    json_t *a = json_array();
-    for (uint32_t i = 0; a && i < n; i++)
-        json_array_append_new(a, api_snapshot_json(&list[i]));
-    qcow2_snapshot_list_free(list, n);
-    return a;
-}
-
-static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps);
-
-/* The info object: qemu-img info's names, with "name" and "filename" relative to
- * the catalog (server paths are not shown). */
 json_t *api_info_json(const char *name, struct qcow2_image *img)
 {
     return info_json(name, img, NULL);
-}
-
-/* ... with snaps (taken) as its snapshot list, or img's own when NULL. */
-static json_t *info_json(const char *name, struct qcow2_image *img, json_t *snaps)
-{
-    const struct qcow2_info *in = qcow2_get_info(img);
-    json_t *o = json_object();
-    if (!o) {
-        json_decref(snaps);
-        return NULL;
-    }
-    char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
-    snprintf(file, sizeof file, "%s%s", name, CATALOG_SUFFIX);
-    json_object_set_new(o, "name", json_string(name));
-    json_object_set_new(o, "filename", json_string(file));
-    json_object_set_new(o, "format", json_string(in->format == QCOW2_FMT_RAW ? "raw" : "qcow2"));
-    json_object_set_new(o, "virtual-size", json_integer((json_int_t)in->virtual_size));
-    uint64_t allocated; /* now, not at the open: writes grow it */
-    if (qcow2_file_allocated(img, &allocated) < 0)
-        allocated = in->file_allocated;
-    json_object_set_new(o, "actual-size", json_integer((json_int_t)allocated));
-    json_object_set_new(o, "dirty-flag", json_boolean(in->format == QCOW2_FMT_QCOW2 && in->dirty));
-    if (in->format != QCOW2_FMT_QCOW2) {
-        json_decref(snaps);
-        return o;
-    }
-    json_object_set_new(o, "cluster-size", json_integer(in->cluster_size));
-    if (in->backing_file)
-        json_object_set_new(o, "backing-filename", api_jstr(in->backing_file));
-    if (in->backing_format)
-        json_object_set_new(o, "backing-filename-format", api_jstr(in->backing_format));
-    if (in->crypt_method)
-        json_object_set_new(o, "encrypted", json_true());
-    json_object_set_new(o, "snapshots", snaps ? snaps : api_snapshots_json(img));
-    snaps = NULL;
-    json_t *d = json_object();
-    json_object_set_new(d, "compat", json_string(in->version >= 3 ? "1.1" : "0.10"));
-    json_object_set_new(d, "compression-type", json_string(in->compression));
-    json_object_set_new(d, "lazy-refcounts", json_boolean(in->lazy_refcounts));
-    json_object_set_new(d, "refcount-bits", json_integer(in->refcount_bits));
-    json_object_set_new(d, "corrupt", json_boolean(in->corrupt));
-    json_object_set_new(d, "extended-l2", json_boolean(in->extended_l2));
-    json_object_set_new(d, "bitmaps", api_bitmaps_json(img)); /* a copy: bitmaps may change meanwhile */
-    if (in->data_file) {
-        json_object_set_new(d, "data-file", api_jstr(in->data_file));
-        json_object_set_new(d, "data-file-raw", json_boolean(in->data_file_raw));
-    }
-    json_object_set_new(o, "format-specific", json_pack("{s:s,s:o}", "type", "qcow2", "data", d));
-    return o;
 }
 
 /* Get the image named by a path argument, or queue the error. */

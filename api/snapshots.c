@@ -69,7 +69,7 @@ static int snap_piece(struct snap_stream *ss)
         ss->piece = ss->tail;
         ss->stage = 2;
     } else {
-        json_t *o = api_snapshot_json(&ss->list[ss->next]);
+        json_t *o = qj_snapshot(&ss->list[ss->next]);
         char *j = o ? json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
         json_decref(o);
         size_t n = j ? strlen(j) : 0;

@@ -1,8 +1,8 @@
 /* jobops.c: snapshot, check and commit jobs: validation at submit time, then the
  * work on a worker with the images reserved in the catalog (writers refused, and
  * readers too while a snapshot table or a backing chain changes under them). */
-#include "checkreport.h"
 #include "jobops.h"
+#include "qimgjson.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -220,7 +220,7 @@ static int check_run(struct job *j, void *p, json_t **result)
     if (ret == 0) {
         char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
         snprintf(file, sizeof file, "%s%s", a->image, CATALOG_SUFFIX);
-        *result = svc_check_report(file, &r);
+        *result = qj_check(file, &r);
         job_progress(j, 1, 1);
     }
     free(uri);

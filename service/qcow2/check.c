@@ -14,8 +14,6 @@
 #define L1E_RESERVED     0x7f000000000001ffull
 #define L2E_STD_RESERVED 0x3f000000000001feull /* standard (not compressed) cluster descriptors */
 #define REFT_RESERVED    0x1ffull
-#define BMT_RESERVED     0xff000000000001feull
-#define BMT_OFFSET_MASK  0x00fffffffffffe00ull
 #define L2B_ALLOC        0x00000000ffffffffull /* extended L2: allocated subclusters */
 #define L2B_ZERO         0xffffffff00000000ull /* extended L2: zero subclusters */
 
@@ -142,6 +140,10 @@ static int stored(struct ck *k, uint64_t c, uint64_t *v)
         return 0;
     if (offset_into_cluster(img, b))
         return err_fail(EUCLEAN, "refcount block offset %#" PRIx64 " unaligned (refcount table index %" PRIu64 ")", b, ti);
+    /* QEMU reads past the end of the file as zeroes, but not beyond INT64_MAX: its
+     * lookup fails there, a check error for every cluster of the block */
+    if (b > (uint64_t)INT64_MAX - img->cluster_size)
+        return err_fail(EIO, "Input/output error");
     if (!k->blk_ok || k->blk_off != b) {
         k->blk_ok = false;
         int ret = read_zf(k, b, k->blk, img->cluster_size);
@@ -344,8 +346,8 @@ static int walk_bitmaps(struct ck *k)
             break;
         }
         for (uint32_t j = 0; ret == 0 && j < b->table_size; j++) {
-            uint64_t off = t[j] & BMT_OFFSET_MASK;
-            if ((t[j] & BMT_RESERVED) || offset_into_cluster(img, off) || ((t[j] & BME_TABLE_ALL_ONES) && off)) {
+            uint64_t off = t[j] & BME_TABLE_OFFSET_MASK;
+            if (bme_table_entry_bad(img, t[j])) {
                 if (!b->in_use) /* qemu refuses to open the image then: its bits would be loaded */
                     ret = err_fail(EINVAL, "bitmap '%s': table entry %u (%#" PRIx64 ") is invalid", b->name, j, t[j]);
                 k->r->corruptions++;
@@ -416,8 +418,9 @@ static int walk_refblocks(struct ck *k, enum qcow2_repair fix)
 }
 
 /* Version 3 wants at least 16 bytes of extra data in each snapshot table entry
- * (the large VM state size and the disk size); qemu-img counts a shorter one. */
-static int check_snapshot_entries(struct ck *k)
+ * (the large VM state size and the disk size); qemu-img counts a shorter one, and
+ * its -r all writes the table anew (refcounts are right by then). */
+static int check_snapshot_entries(struct ck *k, enum qcow2_repair fix)
 {
     struct qcow2_image *img = k->img;
     if (img->h.version < 3 || !img->nb_snaps || !img->snap_table_len)
@@ -428,17 +431,26 @@ static int check_snapshot_entries(struct ck *k)
         return err_fail(ENOMEM, "out of memory for the snapshot table");
     }
     int ret = read_zf(k, img->h.snapshots_offset, t, img->snap_table_len);
-    uint64_t at = 0;
+    uint64_t at = 0, incomplete = 0;
     for (uint32_t i = 0; ret == 0 && i < img->nb_snaps && at + 40 <= img->snap_table_len; i++) {
         uint32_t extra = be32_at(t + at + 36);
         uint64_t len = 40 + (uint64_t)extra + be16_at(t + at + 12) + be16_at(t + at + 14);
         if (extra < 16) {
-            say(k, "ERROR snapshot table entry %u is incomplete", i);
+            say(k, "%s snapshot table entry %u is incomplete", fix == QCOW2_REPAIR_ALL ? "Repairing" : "ERROR", i);
             k->r->corruptions++;
+            incomplete++;
         }
         at += (len + 7) & ~7ull;
     }
     free(t);
+    if (ret == 0 && incomplete && fix == QCOW2_REPAIR_ALL) {
+        if ((ret = qcow2_snapshot_table_rewrite(img)) < 0) {
+            say(k, "ERROR could not write the snapshot table: %s", err_msg(ret));
+            return ret;
+        }
+        k->r->corruptions -= incomplete;
+        k->r->corruptions_fixed += incomplete;
+    }
     return ret;
 }
 
@@ -760,7 +772,7 @@ int qcow2_check_progress(struct qcow2_image *img, enum qcow2_repair repair, stru
         k.blk_ok = false;
     }
     r->image_end_offset = (highest + 1) << img->cluster_bits;
-    if ((ret = check_copied(&k, repair)) < 0 || (ret = check_snapshot_entries(&k)) < 0)
+    if ((ret = check_copied(&k, repair)) < 0 || (ret = check_snapshot_entries(&k, repair)) < 0)
         goto out;
     if (repair) {
         if ((ret = meta_flush(img)) < 0 || (ret = rc_writeback(img)) < 0 || (ret = qcow2_sync(img, img->file)) < 0)

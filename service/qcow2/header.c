@@ -9,6 +9,9 @@
 #include "cursor.h"
 #include "qcow2_int.h"
 
+#define LUKS_HEADER_LEN  592 /* version 1: 208 bytes, then 8 key slots of 48 */
+#define LUKS_SLOT_ACTIVE 0x00AC71F3u
+
 #define FEATURE_ENTRY_SIZE 48 /* type, bit number, name */
 #define FEATURE_NAME_SIZE  46
 
@@ -160,6 +163,51 @@ static int main_table(const struct qcow2_image *img, uint64_t off, uint64_t entr
 {
     int ret = qcow2_check_table(img, off, entries, esize, max, what);
     return ret == -EINVAL && img->checking && !offset_into_cluster(img, off) ? 0 : ret;
+}
+
+/* A fixed-size string field of n bytes into out (n + 1 bytes), cut at its first NUL. */
+static void take_str(struct cursor *c, size_t n, char *out)
+{
+    const unsigned char *p = cur_take(c, n);
+    size_t len = p ? strnlen((const char *)p, n) : 0;
+    memcpy(out, p ? (const char *)p : "", len);
+    out[len] = '\0';
+}
+
+/* The LUKS version 1 header at the start of the encryption header, for info; a
+ * header that is not one is left unread (img->has_luks false): without the key
+ * nothing else reads it. */
+static int read_luks(struct qcow2_image *img)
+{
+    static const unsigned char magic[6] = {'L', 'U', 'K', 'S', 0xba, 0xbe};
+    unsigned char buf[LUKS_HEADER_LEN];
+    if (img->crypto_len < sizeof buf)
+        return 0;
+    int ret = vfs_pread(img->file, buf, sizeof buf, img->crypto_off);
+    if (ret < 0)
+        return ret;
+    struct cursor c = cur_init(buf, sizeof buf);
+    const unsigned char *m = cur_take(&c, sizeof magic);
+    if (memcmp(m, magic, sizeof magic) || cur_be16(&c) != 1)
+        return 0;
+    struct qcow2_luks_info *l = &img->luks;
+    take_str(&c, 32, l->cipher_name);
+    take_str(&c, 32, l->cipher_mode);
+    take_str(&c, 32, l->hash_spec);
+    l->payload_offset = cur_be32(&c);
+    l->key_bytes = cur_be32(&c);
+    cur_skip(&c, 20 + 32); /* the master key's digest and its salt */
+    l->mk_iterations = cur_be32(&c);
+    take_str(&c, 40, l->uuid);
+    for (unsigned i = 0; i < QCOW2_LUKS_SLOTS; i++) {
+        l->slots[i].active = cur_be32(&c) == LUKS_SLOT_ACTIVE;
+        l->slots[i].iterations = cur_be32(&c);
+        cur_skip(&c, 32); /* salt */
+        l->slots[i].key_offset = cur_be32(&c);
+        l->slots[i].stripes = cur_be32(&c);
+    }
+    img->has_luks = true;
+    return 0;
 }
 
 int qcow2_read_header(struct qcow2_image *img)
@@ -343,6 +391,8 @@ int qcow2_read_header(struct qcow2_image *img)
     if (img->crypto_len) {
         ret = qcow2_check_table(img, img->crypto_off, img->crypto_len, 1, 1ull << 30, "encryption header");
         if (ret < 0)
+            goto out;
+        if (h->crypt_method == QCOW2_CRYPT_LUKS && (ret = read_luks(img)) < 0)
             goto out;
     }
     ret = 0;

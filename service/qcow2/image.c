@@ -172,6 +172,7 @@ static void fill_info(struct qcow2_image *img)
     i->data_file_uri = img->data_uri;
     i->data_file_raw = h->autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW;
     i->crypt_method = (int)h->crypt_method;
+    i->luks = img->has_luks ? &img->luks : NULL;
     i->incompatible = h->incompatible_features;
     i->compatible = h->compatible_features;
     i->autoclear = h->autoclear_features;

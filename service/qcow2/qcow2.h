@@ -123,6 +123,20 @@ struct qcow2_bitmap_info {
     uint32_t table_size;    /* entries */
 };
 
+/* The LUKS header of an encrypted image (its fields as stored; strings cut at
+ * their first NUL), for qemu-img info's "encrypt". */
+#define QCOW2_LUKS_SLOTS 8
+struct qcow2_luks_info {
+    char cipher_name[33], cipher_mode[33], hash_spec[33], uuid[41];
+    uint32_t payload_offset; /* in 512-byte sectors */
+    uint32_t key_bytes;      /* of the master key (both halves for xts) */
+    uint32_t mk_iterations;  /* of the master key digest */
+    struct {
+        bool active;
+        uint32_t iterations, key_offset, stripes; /* key_offset in 512-byte sectors */
+    } slots[QCOW2_LUKS_SLOTS];
+};
+
 /* Facts about the open image (top layer). All borrowed; live as long as img. */
 struct qcow2_info {
     enum qcow2_format format;
@@ -143,6 +157,7 @@ struct qcow2_info {
     const char *data_file_uri;    /* resolved, or NULL */
     bool data_file_raw;
     int crypt_method;             /* 0 none, 1 aes, 2 luks */
+    const struct qcow2_luks_info *luks; /* LUKS: its header, or NULL when it is not LUKS version 1 */
     uint64_t incompatible, compatible, autoclear;
     uint32_t nb_snapshots;
     const struct qcow2_snapshot_info *snapshots;

@@ -44,6 +44,8 @@
 #define BME_MAX_TABLE_SIZE 0x8000000u   /* entries of a bitmap table, as QEMU */
 #define BME_MAX_PHYS_SIZE 0x20000000u   /* bytes of one bitmap's data, as QEMU */
 #define BME_TABLE_ALL_ONES 1ull         /* a table entry without a cluster that reads as all ones */
+#define BME_TABLE_RESERVED 0xff000000000001feull /* bits a bitmap table entry leaves clear */
+#define BME_TABLE_OFFSET_MASK 0x00fffffffffffe00ull
 
 /* incompatible feature bits */
 #define QCOW2_INCOMPAT_DIRTY       (1ull << 0)
@@ -227,6 +229,8 @@ struct qcow2_image {
     char *feature_table;         /* raw feature name table (48-byte entries) */
     uint32_t feature_table_len;
     uint64_t crypto_off, crypto_len;
+    struct qcow2_luks_info luks; /* valid when has_luks */
+    bool has_luks;
     uint32_t nb_bitmaps;
     uint64_t bitmap_dir_off, bitmap_dir_size;
     struct qcow2_snapshot_info *snaps;
@@ -290,6 +294,13 @@ struct qcow2_image {
 static inline uint64_t offset_into_cluster(const struct qcow2_image *img, uint64_t off)
 {
     return off & (img->cluster_size - 1);
+}
+/* A bitmap table entry QEMU refuses to load: reserved bits set, a misaligned
+ * cluster, or the all-ones flag beside a cluster. */
+static inline bool bme_table_entry_bad(const struct qcow2_image *img, uint64_t e)
+{
+    uint64_t off = e & BME_TABLE_OFFSET_MASK;
+    return (e & BME_TABLE_RESERVED) || offset_into_cluster(img, off) || ((e & BME_TABLE_ALL_ONES) && off);
 }
 static inline uint64_t offset_to_l1_index(const struct qcow2_image *img, uint64_t off)
 {
@@ -518,6 +529,11 @@ int qcow2_read_snapshots(struct qcow2_image *img);
  * the table's end. -EINVAL when it does not parse. */
 int snap_table_starts(const unsigned char *buf, uint64_t len, uint32_t n, uint64_t *starts);
 void qcow2_free_snapshots(struct qcow2_image *img);
+/* ---- snapmod.c ---- */
+/* Check -r all (the image lock held, refcounts right): write the snapshot table anew
+ * from the parsed entries, each with the extra data version 3 wants, as qemu-img's
+ * repair does; the old table's clusters are freed where they have a refcount. */
+int qcow2_snapshot_table_rewrite(struct qcow2_image *img);
 /* Switch img to the read-only view of snapshot `name` (matched by id, then name). */
 int qcow2_use_snapshot(struct qcow2_image *img, const char *name);
 

@@ -131,8 +131,9 @@ static int read_table(struct qcow2_image *img, unsigned char **buf, uint64_t **s
 }
 
 /* Write table bytes [0, len) (entries padded) as the new snapshot table, switch
- * the header to it, and free the old one. */
-static int switch_table(struct qcow2_image *img, unsigned char *table, uint64_t len, uint32_t n)
+ * the header to it, and free the old one (repair: only its clusters that have a
+ * refcount, as QEMU's repair frees them; past the end of the file there is none). */
+static int switch_table(struct qcow2_image *img, unsigned char *table, uint64_t len, uint32_t n, bool repair)
 {
     uint64_t cs = img->cluster_size, off = 0;
     int ret = 0;
@@ -156,13 +157,64 @@ static int switch_table(struct qcow2_image *img, unsigned char *table, uint64_t 
     uint64_t old_off = img->h.snapshots_offset, old_len = img->h.nb_snapshots ? img->snap_table_len : 0;
     img->h.nb_snapshots = n;
     img->h.snapshots_offset = off;
-    if (old_len && (ret = rc_update_range(img, old_off, old_len, -1)) < 0)
+    for (uint64_t c = old_off / cs * cs; repair && old_len && c < old_off + old_len && ret == 0; c += cs) {
+        uint64_t rc = 0;
+        if (c < img->file_size && rc_get(img, c >> img->cluster_bits, &rc) == 0 && rc)
+            ret = rc_update_range(img, c, 1, -1);
+    }
+    if (!repair && old_len && (ret = rc_update_range(img, old_off, old_len, -1)) < 0)
+        return ret;
+    if (ret < 0)
         return ret;
     /* reload our view of the table from what is now on disk */
     qcow2_free_snapshots(img);
     ret = qcow2_read_snapshots(img);
     img->info.nb_snapshots = img->nb_snaps;
     img->info.snapshots = img->snaps;
+    return ret;
+}
+
+/* Bytes of s's table entry as written here: SNAP_EXTRA bytes of extra data, padded. */
+static uint64_t entry_len(const struct qcow2_snapshot_info *s)
+{
+    return (40 + SNAP_EXTRA + strlen(s->id) + strlen(s->name) + 7) & ~7ull;
+}
+
+/* Write s's entry at e (entry_len(s) zeroed bytes). */
+static void put_entry(unsigned char *e, const struct qcow2_snapshot_info *s)
+{
+    size_t il = strlen(s->id), nl = strlen(s->name);
+    uint64_t v64;
+    uint32_t v32;
+    uint16_t v16;
+    v64 = htobe64(s->l1_offset), memcpy(e, &v64, 8);
+    v32 = htobe32(s->l1_size), memcpy(e + 8, &v32, 4);
+    v16 = htobe16((uint16_t)il), memcpy(e + 12, &v16, 2);
+    v16 = htobe16((uint16_t)nl), memcpy(e + 14, &v16, 2);
+    v32 = htobe32(s->date_sec), memcpy(e + 16, &v32, 4);
+    v32 = htobe32(s->date_nsec), memcpy(e + 20, &v32, 4);
+    v64 = htobe64(s->vm_clock_nsec), memcpy(e + 24, &v64, 8);
+    v32 = htobe32((uint32_t)s->vm_state_size), memcpy(e + 32, &v32, 4);
+    v32 = htobe32(SNAP_EXTRA), memcpy(e + 36, &v32, 4);
+    v64 = htobe64(s->vm_state_size), memcpy(e + 40, &v64, 8);
+    v64 = htobe64(s->disk_size), memcpy(e + 48, &v64, 8);
+    v64 = htobe64(s->icount), memcpy(e + 56, &v64, 8); /* absent (UINT64_MAX): all ones, as QEMU writes it */
+    memcpy(e + 40 + SNAP_EXTRA, s->id, il);
+    memcpy(e + 40 + SNAP_EXTRA + il, s->name, nl);
+}
+
+int qcow2_snapshot_table_rewrite(struct qcow2_image *img)
+{
+    uint64_t len = 0;
+    for (uint32_t i = 0; i < img->nb_snaps; i++)
+        len += entry_len(&img->snaps[i]);
+    unsigned char *nt = calloc(1, len ? len : 1);
+    if (!nt)
+        return err_fail(ENOMEM, "out of memory for the snapshot table");
+    for (uint64_t i = 0, at = 0; i < img->nb_snaps; at += entry_len(&img->snaps[i]), i++)
+        put_entry(nt + at, &img->snaps[i]);
+    int ret = switch_table(img, nt, len, img->nb_snaps, true);
+    free(nt);
     return ret;
 }
 
@@ -266,32 +318,26 @@ int qcow2_snapshot_create(struct qcow2_image *img, const char *name)
     if ((ret = read_table(img, &table, &starts)) < 0)
         goto out;
     uint64_t old_len = starts[img->nb_snaps];
-    uint64_t elen = (40 + SNAP_EXTRA + strlen(id) + nlen + 7) & ~7ull;
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    const struct qcow2_snapshot_info sn = {.id = id,
+                                           .name = (char *)name,
+                                           .l1_offset = l1_off,
+                                           .l1_size = img->l1_size,
+                                           .date_sec = (uint32_t)now.tv_sec,
+                                           .date_nsec = (uint32_t)now.tv_nsec,
+                                           .disk_size = img->h.size};
+    uint64_t elen = entry_len(&sn);
     if (!(nt = calloc(1, old_len + elen))) {
         ret = err_fail(ENOMEM, "out of memory");
         goto out;
     }
     memcpy(nt, table, old_len);
-    unsigned char *e = nt + old_len;
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    uint64_t v64;
-    uint32_t v32;
-    uint16_t v16;
-    v64 = htobe64(l1_off), memcpy(e, &v64, 8);
-    v32 = htobe32(img->l1_size), memcpy(e + 8, &v32, 4);
-    v16 = htobe16((uint16_t)strlen(id)), memcpy(e + 12, &v16, 2);
-    v16 = htobe16((uint16_t)nlen), memcpy(e + 14, &v16, 2);
-    v32 = htobe32((uint32_t)now.tv_sec), memcpy(e + 16, &v32, 4);
-    v32 = htobe32((uint32_t)now.tv_nsec), memcpy(e + 20, &v32, 4);
-    v32 = htobe32(SNAP_EXTRA), memcpy(e + 36, &v32, 4);
-    v64 = htobe64(img->h.size), memcpy(e + 48, &v64, 8);
-    memcpy(e + 40 + SNAP_EXTRA, id, strlen(id));
-    memcpy(e + 40 + SNAP_EXTRA + strlen(id), name, nlen);
+    put_entry(nt + old_len, &sn);
     /* the copied L1 and the raised refcounts reach the disk before the table */
     if ((ret = meta_flush(img)) < 0)
         goto out;
-    ret = switch_table(img, nt, old_len + elen, img->nb_snaps + 1);
+    ret = switch_table(img, nt, old_len + elen, img->nb_snaps + 1, false);
 out:
     free(table);
     free(nt);
@@ -327,7 +373,7 @@ int qcow2_snapshot_delete(struct qcow2_image *img, const char *name)
     }
     memcpy(nt, table, a);
     memcpy(nt + a, table + b, len - b);
-    if ((ret = switch_table(img, nt, len - (b - a), img->nb_snaps - 1)) < 0)
+    if ((ret = switch_table(img, nt, len - (b - a), img->nb_snaps - 1, false)) < 0)
         goto out;
     /* 2. then the references fall, and the flags follow */
     if ((ret = update_l1_refs(img, l1, l1_size, -1)) < 0)

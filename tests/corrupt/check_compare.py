@@ -1,9 +1,12 @@
 #!/usr/bin/python3
 """check_compare.py: qcowimg check must judge every broken image as qemu-img check does.
 
-For each image corrupt.py builds (its ~117 cases) and for a few built here that aim at
-metadata overlaps (an L2 table over the header or the refcount table, two L1 entries
-sharing an L2 table, a refcount block past the end, reserved bits, a 0-byte image), run
+For each image corrupt.py builds (its ~117 cases), the hostile suite's image builders
+(tests/hostile/cases_images.py: bitmap bombs, 16k snapshots, header extensions), and
+the images built here that aim at metadata overlaps (each pair of L1, L2, refcount
+table and blocks, snapshot table and L1s, bitmap directory, tables and data, and each
+over the header, where the format lets them meet), misaligned and reserved-bit
+entries, references past the end, leaks only, and 0-byte images, run
   qemu-img check -f qcow2 --output=json IMG      and
   $QCOWIMG check -f qcow2 --output=json IMG
 and compare the exit codes (0 clean, 1 check failed, 2 corruptions, 3 leaks only) and
@@ -44,24 +47,24 @@ TIMEOUT = 60   # seconds for one check (qemu-img's or ours); a hang is reported,
 # BDRV_O_CHECK skips the snapshot table and takes tables past the end of the file):
 # those it refuses (exit 1) where qemu-img counts corruptions (exit 2).
 _OPEN_STRICTER = "qcowimg's open refuses the image (exit 1) where qemu-img's check mode opens it and counts corruptions"
-# The check agrees; -r all does not rewrite a snapshot table whose entries lack the
-# 16 bytes of extra data version 3 wants (qemu-img writes a new table), so that
-# corruption stays.
-_SNAP_TABLE = "qcowimg check -r all leaves the incomplete snapshot table entries that qemu-img rewrites"
 # Both -r all stop (exit 1) at the same write that their overlap checks refuse (an
 # OFLAG_COPIED fix in an L2 table over a snapshot's L1 table); qcowimg has written its
 # refcount fixes by then, qemu-img drops its own, so qemu-img check then finds leaks
 # on its copy and, on ours, none but a few more OFLAG_COPIED errors.
 _REPAIR_STOPS = "-r all stops where qemu-img's stops; qcowimg's refcount fixes are kept, qemu-img's are not"
+# qemu-img check -r all opens the image read-write: that loads an enabled bitmap and
+# stores it again when the image closes, in new clusters, so a reference of its table
+# or data past the end of the file is gone; qcowimg's repair does not rewrite bitmaps.
+_BITMAP_STORED = "-r all: qemu-img stores the enabled bitmap anew on close, which drops its reference past the end"
 ALLOWED = {
     "truncated_v2_50_bytes": _OPEN_STRICTER + " (a file shorter than its header)",
-    "snapshot_table_past_eof": _SNAP_TABLE,
-    "snapshot_table_at_offset_0": _SNAP_TABLE,
     "bitmap_extension_twice": "qcowimg refuses a header with two bitmap extensions; qemu-img uses the first",
     "backing_chain_70_deep": "qcowd's backing chain limit is 64 (DESIGN: limits as QEMU's or stricter)",
     "x_snapshot_l1_over_active_l2": _REPAIR_STOPS + " (the L2 table is also a snapshot's L1 table)",
     "snapshot_l1_size_huge": _REPAIR_STOPS + " (a snapshot's L1 table of 16 GiB covers the whole file)",
     "backing_raw_without_format": "qcowd never probes a backing file's format (DESIGN: no format is guessed)",
+    "x_bitmap_table_past_end": _BITMAP_STORED,
+    "x_bitmap_data_past_end": _BITMAP_STORED,
 }
 
 COUNTS = ("corruptions", "leaks", "check-errors")
@@ -141,9 +144,85 @@ poked("x_l2_past_end", lambda q: set_l1(q, 1, OFLAG_COPIED | (file_end(q) + 8 * 
 poked("x_snapshot_l1_over_active_l2", lambda q: q.put(q.snapshot_entry(0), "Q", l1(q, 0) & OFFSET_MASK), SNAP)
 poked("x_snapshot_table_over_l1", lambda q: q.__setitem__("snapshots_offset", q["l1_table_offset"]), SNAP)
 poked("x_bitmap_table_over_l2", lambda q: q.put(q.bitmap_dir()[3], "Q", l1(q, 0) & OFFSET_MASK), BITMAP)
+# every pair of metadata kinds that can be made to overlap, and each over the header
+poked("x_l1_over_reftable", lambda q: q.__setitem__("l1_table_offset", q["refcount_table_offset"]))
+poked("x_reftable_over_l1", lambda q: q.__setitem__("refcount_table_offset", q["l1_table_offset"] & ~0xffff))
+poked("x_refblock_over_l2", lambda q: set_reft(q, 1, l1(q, 0) & OFFSET_MASK))
+poked("x_refblock_over_reftable", lambda q: set_reft(q, 1, q["refcount_table_offset"]))
+poked("x_l2_over_refblock", lambda q: set_l1(q, 1, OFLAG_COPIED | (reft(q, 0) & OFFSET_MASK)))
+poked("x_data_over_l1", lambda q: set_l2(q, 0, OFLAG_COPIED | (q["l1_table_offset"] & OFFSET_MASK)))
+poked("x_data_over_reftable", lambda q: set_l2(q, 0, OFLAG_COPIED | q["refcount_table_offset"]))
+poked("x_snapshot_table_over_reftable", lambda q: q.__setitem__("snapshots_offset", q["refcount_table_offset"]), SNAP)
+poked("x_snapshot_l1_over_header", lambda q: q.put(q.snapshot_entry(0), "Q", 0), SNAP)
+poked("x_snapshot_l1_over_reftable", lambda q: q.put(q.snapshot_entry(0), "Q", q["refcount_table_offset"]), SNAP)
+poked("x_snapshot_l1_entry_reserved_bits", lambda q: q.put(q.u64(q.snapshot_entry(0)), "Q",
+                                                         q.u64(q.u64(q.snapshot_entry(0))) | (1 << 58)), SNAP)
+poked("x_l2_over_snapshot_table", lambda q: set_l1(q, 1, OFLAG_COPIED | (q["snapshots_offset"] & ~0xffff)), SNAP)
+poked("x_bitmap_dir_over_header", lambda q: q.put(q.bitmap_dir()[0].off + 8 + 16, "Q", 0), BITMAP)
+poked("x_bitmap_dir_over_l1", lambda q: q.put(q.bitmap_dir()[0].off + 8 + 16, "Q", q["l1_table_offset"]), BITMAP)
+poked("x_bitmap_table_over_header", lambda q: q.put(q.bitmap_dir()[3], "Q", 0), BITMAP)
+poked("x_bitmap_table_over_reftable", lambda q: q.put(q.bitmap_dir()[3], "Q", q["refcount_table_offset"]), BITMAP)
+poked("x_bitmap_table_past_end", lambda q: q.put(q.bitmap_dir()[3], "Q", file_end(q) + 8 * q.cluster_size), BITMAP)
+poked("x_bitmap_table_entry_reserved_bits", lambda q: q.put(q.u64(q.bitmap_dir()[3]), "Q", 1 << 60), BITMAP)
+poked("x_l2_over_bitmap_dir", lambda q: set_l1(q, 1, OFLAG_COPIED | (q.bitmap_dir()[3] & ~0xffff)), BITMAP)
 poked("x_leak_only", lambda q: set_l2(q, 192 * KiB, 0))   # cluster B unmapped: its cluster leaks
 poked("x_copied_flags_cleared", lambda q: (set_l2(q, 0, q.l2_entry(0) & ~OFLAG_COPIED),
                                           set_l1(q, 0, l1(q, 0) & ~OFLAG_COPIED)))
+
+
+def dirty_bitmap_poked(name, poke):
+    """A bitmap whose table points at a data cluster (qemu-io marks an enabled
+    persistent bitmap and stores it), then poke(q, table entry offset, entry)."""
+    def build(d):
+        img, _ = make_image(d)
+        sh([QEMU_IMG, "bitmap", "--add", img, "b0"], d)
+        corrupt.qemu_io(d, img, "write -P 0x5a 0 64k")
+        q = Q(d, img)
+        at = q.u64(q.bitmap_dir()[3])   # the bitmap table; its entry 0 holds the data cluster
+        if not q.u64(at) & OFFSET_MASK:
+            raise SetupError("qemu-io left the bitmap without a data cluster")
+        poke(q, at, q.u64(at))
+        q.save()
+        return img
+    EXTRA[name] = build
+
+
+dirty_bitmap_poked("x_bitmap_data_over_l2", lambda q, at, e: q.put(at, "Q", l1(q, 0) & OFFSET_MASK))
+dirty_bitmap_poked("x_bitmap_data_over_reftable", lambda q, at, e: q.put(at, "Q", q["refcount_table_offset"]))
+dirty_bitmap_poked("x_bitmap_data_misaligned", lambda q, at, e: q.put(at, "Q", e + 512))
+dirty_bitmap_poked("x_bitmap_data_past_end", lambda q, at, e: q.put(at, "Q", file_end(q) + 4 * q.cluster_size))
+dirty_bitmap_poked("x_data_over_bitmap_data", lambda q, at, e: set_l2(q, 0, OFLAG_COPIED | (e & OFFSET_MASK)))
+
+
+class _Folder:
+    """What tests/hostile/cases_images.py's image builders ask of their harness:
+    path(name), here a file in one case's folder."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def path(self, name):
+        return os.path.join(self.d, name + ".qcow2")
+
+
+def hostile_image(name, make):
+    """An image built by one of the hostile suite's builders: make(cases_images, s)."""
+    def build(d):
+        sys.path.insert(0, os.path.join(HERE, "..", "hostile"))
+        import cases_images
+        return os.path.basename(make(cases_images, _Folder(d)))
+    EXTRA[name] = build
+
+
+TiB = 1 << 40
+hostile_image("h_bitmap_bomb", lambda ci, s: ci.big_bitmap_image(s, "img", 4 * TiB, 9, 1))
+hostile_image("h_bitmap_stream", lambda ci, s: ci.big_bitmap_image(s, "img", 4 * TiB, 12, 1))
+hostile_image("h_snapshots_16k", lambda ci, s: ci.snap_table_image(s, "img", 16384, 64))
+hostile_image("h_snapshots_2k_names", lambda ci, s: ci.snap_table_image(s, "img", 1024, 2048))
+hostile_image("h_ext_long", lambda ci, s: ci.header_ext(s, "img", struct.pack(">II", 0x12345678, 0xFFFF0000)))
+hostile_image("h_ext_over_backing", lambda ci, s: ci.header_ext(s, "img", struct.pack(">II", 0x12345678, 64) + b"x" * 8, 16))
+hostile_image("h_ext_cut_by_backing", lambda ci, s: ci.header_ext(s, "img", struct.pack(">II", 0x12345678, 0) + b"\0" * 4, 12))
+hostile_image("h_ext_feature_table_long", lambda ci, s: ci.header_ext(s, "img", struct.pack(">II", 0x6803f857, 0x7FFFFFF0)))
 
 
 @extra("x_zero_byte_image")

@@ -55,6 +55,17 @@ int fail(const char *file, const char *fmt, ...)
     return 1;
 }
 
+int put_json(const char *file, json_t *j)
+{
+    char *s = j ? json_dumps(j, JSON_INDENT(4) | JSON_PRESERVE_ORDER) : NULL;
+    json_decref(j);
+    if (!s)
+        return fail(file, "out of memory");
+    printf("%s\n", s);
+    free(s);
+    return 0;
+}
+
 int fail_err(const char *file, int ret)
 {
     return fail(file, "%s", err_msg(ret));

@@ -9,9 +9,9 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "checkreport.h"
 #include "err.h"
 #include "qcowimg.h"
+#include "qimgjson.h"
 
 static int parse_bool(const char *file, const char *key, const char *v, bool *out)
 {
@@ -333,11 +333,8 @@ int cmd_check(int argc, char **argv)
     if (ret < 0 || flush < 0)
         return fail_err(file, ret < 0 ? ret : flush);
     if (json) {
-        json_t *j = svc_check_report(file, &r);
-        char *s = json_dumps(j, JSON_INDENT(4) | JSON_PRESERVE_ORDER);
-        printf("%s\n", s);
-        free(s);
-        json_decref(j);
+        if (put_json(file, qj_check(file, &r)))
+            return 1;
     } else {
         if (repair && (fixed.leaks_fixed || fixed.corruptions_fixed))
             printf("The following inconsistencies were found and repaired:\n\n    %" PRIu64 " leaked clusters\n"

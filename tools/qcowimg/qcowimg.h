@@ -3,6 +3,7 @@
 #ifndef QCOWIMG_H
 #define QCOWIMG_H
 
+#include <jansson.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -12,6 +13,10 @@
 int fail(const char *file, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Same, with the reason from err_msg(ret). */
 int fail_err(const char *file, int ret);
+
+/* Print j (taken) as qemu-img prints JSON (4-space indent) and return 0; a NULL j
+ * or a failed dump is out of memory: fail(file, ...) and 1. */
+int put_json(const char *file, json_t *j);
 
 /* Open file for reading with -f FMT and an optional snapshot; prints on error. */
 int open_image(const char *file, const char *fmt, const char *snapshot, struct qcow2_image **img);
