@@ -1,0 +1,115 @@
+/* catalog_int.h: what the files of the catalog share (catalog.c, cache.c, access.c,
+ * temp.c, files.c): the catalog and cache entry structures and internal calls. */
+#ifndef QCOWD_CATALOG_INT_H
+#define QCOWD_CATALOG_INT_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "catalog.h"
+
+struct vfs_stat;
+
+/* One cached image, or one cached failure to open it (img == NULL). */
+struct catalog_image {
+    struct catalog *cat;
+    char *name;
+    char *uri;     /* the image file */
+    uint64_t size; /* identity of the file when opened: size, mtime (ns), inode */
+    int64_t mtime, mtime_nsec;
+    uint64_t ino;
+    uint64_t version;        /* and the store's content version, where it has one */
+    struct qcow2_image *img; /* NULL: opening failed with err/msg */
+    int err;                 /* positive errno of the failure */
+    char *msg;               /* its message */
+    bool rw;                 /* img was opened read-write */
+    char *ro_msg;            /* else why not (NULL for a failure entry) */
+    int ro_err;              /* and the positive errno of that read-write open */
+    unsigned refs;           /* holders, the cache included (under cat->lock) */
+    unsigned writers;        /* holders from catalog_get_writable (under cat->lock) */
+    unsigned downloads;      /* GET .../file readers of the container (under cat->lock) */
+    bool written;            /* a writer has held it: metadata may be pending */
+    bool cached;             /* on cat->list */
+    uint64_t used;           /* LRU tick of the last get */
+    struct catalog_image *next;
+};
+
+struct catalog {
+    char *root; /* the folder: absolute path or "scheme:..." */
+    struct catalog_opts opts;
+    pthread_mutex_t lock; /* guards list, count, tick and every entry's refs/cached/used */
+    struct catalog_image *list;
+    unsigned count; /* entries on list */
+    unsigned open;  /* entries alive with an image (cached or held) */
+    uint64_t tick;
+    struct catalog_image *closing; /* entries whose image is being closed now */
+    pthread_cond_t closed;         /* signalled when one of them is done */
+    pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
+    unsigned long seq;             /* temporary names (under lock) */
+    char host[64];                 /* this host in temporary names (host_id) */
+    uint64_t closed_hits, closed_misses; /* L2 cache counts of images already closed (under lock) */
+    struct reservation *reserved;        /* images reserved by jobs (under lock) */
+    catalog_notify_fn notify;            /* image events, or NULL */
+    void *notify_opaque;
+};
+
+/* One image reserved by a job (catalog_reserve). */
+struct reservation {
+    char *name;
+    char *owner;
+    bool exclusive; /* readers refused too */
+    struct reservation *next;
+};
+
+/* A growing array of names (catalog_names_free frees it). */
+struct name_list {
+    char **v;
+    size_t n, cap;
+};
+
+/* ---- catalog.c ---- */
+/* Call the listener of image events, if any (no catalog lock held). */
+void cat_notify(struct catalog *c, const char *what, const char *name);
+/* The file of name (new string, or NULL on ENOMEM). */
+char *cat_image_uri(const struct catalog *c, const char *name);
+
+/* ---- cache.c ---- */
+/* Free e (off the list, no refs), closing its image outside the lock. */
+void cat_entry_free(struct catalog_image *e);
+/* -EPERM when a layer of img's chain resolves outside the catalog folder. */
+int cat_check_chain(const struct catalog *c, struct qcow2_image *img);
+/* Whether err (negative) is a failure of the store or of the moment. */
+bool cat_transient(int err);
+/* With c->lock held: the cached entry of name, or NULL. */
+struct catalog_image *cat_find(struct catalog *c, const char *name);
+/* catalog_get; bypass skips the reservation check (for the reserving job and
+ * for looking at other images' chains). */
+int cat_get_entry(struct catalog *c, const char *name, struct catalog_image **out, bool bypass);
+/* Drop the cache's entry for name (the file was removed or replaced by us). */
+void cat_forget(struct catalog *c, const char *name);
+
+/* ---- access.c ---- */
+struct reservation *cat_reserved(const struct catalog *c, const char *name);
+/* -EBUSY when name is reserved (for readers too when readers is set), else 0. */
+int cat_check_reserved(struct catalog *c, const char *name, bool readers);
+/* -EBUSY when an image other than name has target_uri in its backing chain. */
+int cat_find_user(struct catalog *c, const char *name, const char *target_uri);
+void cat_writer_enter(struct catalog_image *ci);
+void cat_writer_leave(struct catalog_image *ci);
+/* Why ci, open read-only, cannot be written (its errno, err_msg() set). */
+int cat_refuse_write(const struct catalog_image *ci);
+/* Flush the pending metadata of ci's handle, if any. */
+int cat_flush_own(struct catalog_image *ci);
+/* Hold writers off ci for a download of its container (-EBUSY while a write runs). */
+int cat_download_enter(struct catalog_image *ci);
+void cat_download_leave(struct catalog_image *ci);
+
+/* ---- temp.c ---- */
+/* A new temporary URI ".KIND-NAME@HOST-PID-SEQ.tmp" in the folder, or NULL. */
+char *cat_temp_uri(struct catalog *c, const char *kind, const char *name);
+/* This host's id in temporary names (boot id and pid namespace). */
+void cat_host_id(char *out, size_t cap);
+
+#endif
