@@ -210,10 +210,13 @@ enum MHD_Result api_reply_empty(struct req *r, unsigned status, const char *hdr,
 
 enum MHD_Result api_reply_error(struct req *r, int err, const char *msg)
 {
-    /* EAGAIN: a budget is full for now (queued jobs, listeners): come back later */
-    bool later = abs(err) == EAGAIN;
+    /* EAGAIN: a budget is full for now (queued jobs, listeners): come back
+     * later. EBUSY: the image is busy (a write, a download, a job holds it; the
+     * message names the holder): retry soon. EEXIST, the other 409, is not a
+     * matter of time and has no Retry-After. */
+    bool later = abs(err) == EAGAIN, busy = abs(err) == EBUSY;
     return api_reply_status(r, api_errno_status(err), api_errno_code(err), msg,
-                            later ? MHD_HTTP_HEADER_RETRY_AFTER : NULL, later ? "5" : NULL);
+                            later || busy ? MHD_HTTP_HEADER_RETRY_AFTER : NULL, later ? "5" : busy ? "1" : NULL);
 }
 
 enum MHD_Result api_reply_errno(struct req *r, int err)

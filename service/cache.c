@@ -277,7 +277,7 @@ int cat_get_entry(struct catalog *c, const char *name, struct catalog_image **ou
     int ret = catalog_valid_name(name);
     if (ret < 0)
         return ret;
-    if (!bypass && (ret = cat_check_reserved(c, name, true)) < 0)
+    if (!bypass && (ret = cat_admit_read(c, name)) < 0)
         return ret;
     char *uri = cat_image_uri(c, name);
     if (!uri)
@@ -414,4 +414,79 @@ void cat_forget(struct catalog *c, const char *name)
 void catalog_drop(struct catalog *c, const char *name)
 {
     cat_forget(c, name);
+}
+
+/* ---- changes through a handle ---- */
+
+void cat_writer_enter(struct catalog_image *ci)
+{
+    pthread_mutex_lock(&ci->cat->lock);
+    ci->writers++;
+    ci->written = true;
+    pthread_mutex_unlock(&ci->cat->lock);
+}
+
+void cat_writer_leave(struct catalog_image *ci)
+{
+    struct catalog *c = ci->cat;
+    pthread_mutex_lock(&c->lock);
+    bool last = --ci->writers == 0;
+    if (last) {
+        /* our own changes: the file's new identity is still this handle. Under
+         * the lock, so no get compares against a stale identity meanwhile. */
+        struct vfs_stat st;
+        if (vfs_stat(ci->uri, &st) == 0) {
+            ci->size = st.size;
+            ci->mtime = st.mtime;
+            ci->mtime_nsec = st.mtime_nsec;
+            ci->ino = st.ino;
+            ci->version = st.version;
+        }
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (last)
+        cat_notify(c, "image-changed", ci->name);
+}
+
+/* Why ci, open read-only, cannot be written: a file qcowd may not write is
+ * -EROFS (409), an image property keeps its own errno (the corrupt bit -EUCLEAN,
+ * encryption -ENOTSUP: 422), so the client learns what is wrong with it. */
+int cat_refuse_write(const struct catalog_image *ci)
+{
+    const char *why = ci->ro_msg ? ci->ro_msg : "opened read-only";
+    int e = ci->ro_err;
+    if (!e || e == EROFS || e == EACCES || e == EPERM || cat_transient(-e))
+        return err_fail(EROFS, "image '%s' is read-only: %s", ci->name, why);
+    return err_fail(e, "image '%s' cannot be written: %s", ci->name, why);
+}
+
+/* Flush the pending metadata of ci's handle, if any, so the file can be read by
+ * others; as a writer, so the change does not look like someone else's. */
+int cat_flush_own(struct catalog_image *ci)
+{
+    pthread_mutex_lock(&ci->cat->lock);
+    bool written = ci->written;
+    pthread_mutex_unlock(&ci->cat->lock);
+    if (!written || !ci->rw)
+        return 0;
+    cat_writer_enter(ci);
+    int ret = qcow2_flush(ci->img);
+    cat_writer_leave(ci);
+    return ret;
+}
+
+int catalog_flush(struct catalog *c, const char *name)
+{
+    pthread_mutex_lock(&c->lock);
+    struct catalog_image *e = cat_find(c, name);
+    if (e && e->img)
+        e->refs++;
+    else
+        e = NULL;
+    pthread_mutex_unlock(&c->lock);
+    if (!e)
+        return 0;
+    int ret = cat_flush_own(e);
+    catalog_put(e);
+    return ret;
 }

@@ -84,7 +84,7 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
     }
     cat_host_id(c->host, sizeof c->host);
     pthread_mutex_init(&c->lock, NULL);
-    pthread_mutex_init(&c->create_lock, NULL);
+    pthread_mutex_init(&c->admit_lock, NULL);
     pthread_cond_init(&c->closed, NULL);
     *out = c;
     return 0;
@@ -107,15 +107,9 @@ void catalog_free(struct catalog *c)
             fprintf(stderr, "catalog: image %s still in use at shutdown\n", e->name);
         e = next;
     }
-    while (c->reserved) {
-        struct reservation *r = c->reserved;
-        c->reserved = r->next;
-        free(r->name);
-        free(r->owner);
-        free(r);
-    }
+    cat_admit_free(c);
     pthread_cond_destroy(&c->closed);
-    pthread_mutex_destroy(&c->create_lock);
+    pthread_mutex_destroy(&c->admit_lock);
     pthread_mutex_destroy(&c->lock);
     free(c->root);
     free(c);

@@ -109,7 +109,8 @@ bool catalog_image_writable(const struct catalog_image *ci);
  * place, so no half-made image is ever listed; the build (a preallocation can
  * take long) runs outside the catalog's locks. Returns 0, or -EINVAL (bad name or
  * option, unknown backing image, a size over --max-virtual-size), -EEXIST (name
- * taken), -EBUSY (the backing image is being written), -ENOSPC (the folder is at
+ * taken), -EBUSY (the backing image is being written, or the name is reserved:
+ * a convert's target, another create or upload; nothing is made then), -ENOSPC (the folder is at
  * --max-catalog), an error of the backing image, or the engine's error. */
 int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *o);
 
@@ -130,12 +131,16 @@ int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *fi
 int catalog_check_space(struct catalog *c, uint64_t more);
 
 /* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
- * image of the catalog has it in its backing chain (err_msg() names it). Holders
- * of a handle keep it until they put it. */
+ * image of the catalog has it in its backing chain, or while a write is in
+ * flight, its container is downloaded, a job claims it (queued or running), or
+ * its name is reserved (err_msg() names the holder). Holders of a handle keep
+ * it until they put it. */
 int catalog_remove(struct catalog *c, const char *name);
 
 /* Upload of a whole qcow2 container: begin creates a temporary file in the
- * catalog (-EEXIST at once when name is taken; -EFBIG when length, the declared
+ * catalog and reserves name until commit or abort (-EEXIST at once when name
+ * is taken, -EBUSY when it is reserved: a convert's target, a create or another
+ * upload; -EFBIG when length, the declared
  * size or UINT64_MAX when unknown, passes --max-upload; -ENOSPC when it would
  * take the folder past --max-catalog), write appends bytes (-EFBIG past
  * --max-upload; the first bytes must be a qcow2 header, -EUCLEAN when they are
@@ -156,8 +161,9 @@ void catalog_upload_abort(struct catalog_upload *u);
 /* The container file of name for reading (pending metadata of the catalog's
  * handle is flushed first). *size is the file's size. From open to close the
  * image takes no writes: catalog_get_writable fails with -EBUSY meanwhile, and
- * open itself fails with -EBUSY while a write runs, so what is read is one
- * consistent container. A broken image (one catalog_get refuses) can still be
+ * open itself fails with -EBUSY while a write runs or a job that changes the
+ * image (snapshot, repair, commit) is queued or running, and such jobs wait
+ * for the download to end, so what is read is one consistent container. A broken image (one catalog_get refuses) can still be
  * opened, to be looked at. */
 struct catalog_file;
 int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size);
@@ -166,16 +172,48 @@ void catalog_file_close(struct catalog_file *f);
 
 /* ---- jobs: reservations, private handles, temporary images, notifications ---- */
 
-/* Reserve name for a job (owner: a short text such as "job 7 (commit)"). Until
+/* ---- admission (access.c; the rules are written at its top and in the README) ----
+ * Every refusal below is -EBUSY with err_msg() naming the holder ("image 'vm1'
+ * is busy: job 7 (snapshot-create) is running"): the client may retry later. */
+
+/* How a job uses an image it claims. */
+enum catalog_use {
+    CATALOG_USE_READ,   /* reads it (convert's source, check): writers wait for the run */
+    CATALOG_USE_CHANGE, /* changes it (snapshots, repair, commit): downloads refused from submit to end */
+    CATALOG_USE_CREATE, /* makes it (convert's target): the name is reserved from submit to end */
+};
+
+/* A job's claim on its images from its submit to its end (make it before
+ * jobs_submit, free it from the job's free_arg). While it is held,
+ * catalog_remove of each name fails with -EBUSY, catalog_file_open of a
+ * CHANGE name too, and create and upload of a CREATE name. owner names the job
+ * in refusals ("a convert job"; catalog_claim_owner sets "job 7 (convert)" once
+ * the id is known). Fails with -EBUSY when a name is being deleted or a CREATE
+ * name is reserved by someone else (nothing is claimed then), -EINVAL for a bad
+ * name, -ENOMEM. Thread-safe. */
+struct catalog_claim;
+int catalog_claim(struct catalog *c, const char *owner, size_t n, const char *const *names,
+                  const enum catalog_use *uses, struct catalog_claim **out);
+void catalog_claim_owner(struct catalog_claim *cl, const char *owner);
+/* One more reference to cl (a submitter keeps cl to name the job once it has
+ * its id, though the job may end first); catalog_unclaim drops one, and the
+ * claim ends and cl is freed with the last (NULL is ignored). Thread-safe. */
+void catalog_claim_ref(struct catalog_claim *cl);
+void catalog_unclaim(struct catalog_claim *cl);
+
+/* The run of a job on name (owner: a short text such as "job 7 (commit)"): until
  * catalog_release, catalog_get_writable and catalog_remove of name fail with
- * -EBUSY naming the owner, and with exclusive also catalog_get (readers). Fails
- * with -EBUSY when name is reserved already or a writer holds it now (retry
- * later), -EINVAL for a bad name. Thread-safe. */
+ * -EBUSY naming the owner, and with exclusive (the job changes the image) also
+ * catalog_get (readers) and catalog_file_open. Fails with -EBUSY (the job
+ * retries later) while another job runs on name, a write is in flight, and for
+ * an exclusive run while the container is being downloaded; -EINVAL for a bad
+ * name. Thread-safe. */
 int catalog_reserve(struct catalog *c, const char *name, bool exclusive, const char *owner);
 void catalog_release(struct catalog *c, const char *name);
 
-/* catalog_get_writable for the holder of the reservation of name (it skips the
- * reservation and the backing-chain check). Release with catalog_put_writable. */
+/* catalog_get_writable for the job holding the run of name (catalog_reserve; it
+ * skips the admission and the backing-chain check). Release with
+ * catalog_put_writable. */
 int catalog_get_reserved(struct catalog *c, const char *name, struct catalog_image **out);
 
 /* Write the pending metadata of name's cached handle, if any (0 when none). */
@@ -192,7 +230,8 @@ uint64_t catalog_max_meta(const struct catalog *c);
 char *catalog_temp(struct catalog *c, const char *kind, const char *name);
 /* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */
 char *catalog_path(struct catalog *c, const char *file);
-/* Rename the file tmp (made by the caller) into place as name: -EEXIST when the
+/* Rename the file tmp (made by the caller, who holds name by a CATALOG_USE_CREATE
+ * claim) into place as name and announce "image-created": -EEXIST when the
  * name is taken (tmp is left for the caller to remove). */
 int catalog_install(struct catalog *c, const char *tmp, const char *name);
 

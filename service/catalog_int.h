@@ -28,8 +28,8 @@ struct catalog_image {
     char *ro_msg;            /* else why not (NULL for a failure entry) */
     int ro_err;              /* and the positive errno of that read-write open */
     unsigned refs;           /* holders, the cache included (under cat->lock) */
-    unsigned writers;        /* holders from catalog_get_writable (under cat->lock) */
-    unsigned downloads;      /* GET .../file readers of the container (under cat->lock) */
+    unsigned writers;        /* holders changing the file through this handle (under cat->lock):
+                                the file's changes are its own meanwhile */
     bool written;            /* a writer has held it: metadata may be pending */
     bool cached;             /* on cat->list */
     uint64_t used;           /* LRU tick of the last get */
@@ -46,21 +46,14 @@ struct catalog {
     uint64_t tick;
     struct catalog_image *closing; /* entries whose image is being closed now */
     pthread_cond_t closed;         /* signalled when one of them is done */
-    pthread_mutex_t create_lock;   /* serialises create, remove and upload commits; before lock */
     unsigned long seq;             /* temporary names (under lock) */
     char host[64];                 /* this host in temporary names (host_id) */
     uint64_t closed_hits, closed_misses; /* L2 cache counts of images already closed (under lock) */
-    struct reservation *reserved;        /* images reserved by jobs (under lock) */
+    pthread_mutex_t admit_lock;          /* the admission states and claims (access.c); no I/O under it */
+    struct name_state *states;           /* per image name in use (under admit_lock) */
+    struct catalog_claim *claims;        /* of the jobs not ended (under admit_lock) */
     catalog_notify_fn notify;            /* image events, or NULL */
     void *notify_opaque;
-};
-
-/* One image reserved by a job (catalog_reserve). */
-struct reservation {
-    char *name;
-    char *owner;
-    bool exclusive; /* readers refused too */
-    struct reservation *next;
 };
 
 /* A growing array of names (catalog_names_free frees it). */
@@ -90,21 +83,30 @@ int cat_get_entry(struct catalog *c, const char *name, struct catalog_image **ou
 /* Drop the cache's entry for name (the file was removed or replaced by us). */
 void cat_forget(struct catalog *c, const char *name);
 
-/* ---- access.c ---- */
-struct reservation *cat_reserved(const struct catalog *c, const char *name);
-/* -EBUSY when name is reserved (for readers too when readers is set), else 0. */
-int cat_check_reserved(struct catalog *c, const char *name, bool readers);
-/* -EBUSY when an image other than name has target_uri in its backing chain. */
-int cat_find_user(struct catalog *c, const char *name, const char *target_uri);
+/* Count a change through ci's own handle (the file's identity follows it). */
 void cat_writer_enter(struct catalog_image *ci);
 void cat_writer_leave(struct catalog_image *ci);
 /* Why ci, open read-only, cannot be written (its errno, err_msg() set). */
 int cat_refuse_write(const struct catalog_image *ci);
 /* Flush the pending metadata of ci's handle, if any. */
 int cat_flush_own(struct catalog_image *ci);
-/* Hold writers off ci for a download of its container (-EBUSY while a write runs). */
-int cat_download_enter(struct catalog_image *ci);
-void cat_download_leave(struct catalog_image *ci);
+
+/* ---- access.c ---- */
+/* The admissions of access.c: each returns 0 (counted in: call the leave) or
+ * -EBUSY naming the holder, as its rules say. */
+int cat_admit_read(struct catalog *c, const char *name); /* a check only */
+int cat_admit_write(struct catalog *c, const char *name);
+void cat_leave_write(struct catalog *c, const char *name);
+int cat_admit_download(struct catalog *c, const char *name);
+void cat_leave_download(struct catalog *c, const char *name);
+/* owner: a string that lives until the leave ("a create (POST /v1/images)"). */
+int cat_admit_name(struct catalog *c, const char *name, const char *owner);
+void cat_leave_name(struct catalog *c, const char *name, const char *owner);
+int cat_admit_delete(struct catalog *c, const char *name);
+void cat_leave_delete(struct catalog *c, const char *name);
+void cat_admit_free(struct catalog *c);
+/* -EBUSY when an image other than name has target_uri in its backing chain. */
+int cat_find_user(struct catalog *c, const char *name, const char *target_uri);
 
 /* ---- temp.c ---- */
 /* A new temporary URI ".KIND-NAME@HOST-PID-SEQ.tmp" in the folder, or NULL. */

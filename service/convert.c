@@ -18,6 +18,7 @@
 
 struct convert_arg {
     struct catalog *cat;
+    struct catalog_claim *claim; /* the source read, the target's name reserved */
     char *image, *target, *snapshot;
     struct svc_convert_opts o; /* strings point at the fields above */
 };
@@ -25,6 +26,7 @@ struct convert_arg {
 static void convert_free(void *p)
 {
     struct convert_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a->target);
     free(a->snapshot);
@@ -223,6 +225,14 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
         ret = err_fail(EINVAL, "\"target\" (a new image name) is required");
     if (ret == 0 && (ret = catalog_valid_name(o->target)) < 0)
         ret = err_prefix(ret, "target");
+    /* the target's name is reserved from now to the job's end (a create or an
+     * upload of it is refused), and the source kept from a delete */
+    struct catalog_claim *cl = NULL;
+    if (ret == 0 && strcmp(image, o->target)) {
+        const char *names[] = {image, o->target};
+        const enum catalog_use uses[] = {CATALOG_USE_READ, CATALOG_USE_CREATE};
+        ret = svc_claim(cat, "convert", 2, names, uses, &cl);
+    }
     uint32_t cs = o->cluster_size;
     if (ret == 0 && cs && (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))))
         ret = err_fail(EINVAL, "cluster-size must be a power of two from 512 to 2097152");
@@ -250,6 +260,7 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
     if (ret == 0 && o->snapshot && !svc_has_snapshot(cat, image, o->snapshot))
         ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, o->snapshot);
     if (ret < 0) {
+        catalog_unclaim(cl);
         json_decref(params);
         return ret;
     }
@@ -258,13 +269,15 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
         (o->snapshot && !(a->snapshot = strdup(o->snapshot)))) {
         if (a)
             convert_free(a);
+        catalog_unclaim(cl);
         json_decref(params);
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
+    a->claim = cl;
     a->o = *o;
     a->o.target = a->target;
     a->o.snapshot = a->snapshot;
     const char *locks[] = {o->target, NULL};
-    return jobs_submit(js, "convert", image, locks, params, convert_run, a, convert_free, job);
+    return svc_submit(js, cl, "convert", image, locks, params, convert_run, a, convert_free, job);
 }

@@ -94,6 +94,26 @@ static int exists(const char *uri, const char *name)
     return 0;
 }
 
+/* Who reserves a name while making its image (admission messages). */
+static const char CREATE_OWNER[] = "a create (POST /v1/images)";
+static const char UPLOAD_OWNER[] = "an upload (PUT .../file)";
+
+/* Rename tmp into place as name, drop the cache's entry and announce it. The
+ * caller holds the name's reservation (cat_admit_name or a job's claim), so
+ * nobody else makes an image of that name meanwhile; the file is looked for
+ * again all the same, and -EEXIST leaves tmp to the caller. */
+static int install(struct catalog *c, const char *tmp, const char *uri, const char *name)
+{
+    int ret = exists(uri, name);
+    if (ret == 0)
+        ret = vfs_rename(tmp, uri);
+    if (ret == 0) {
+        cat_forget(c, name);
+        cat_notify(c, "image-created", name);
+    }
+    return ret;
+}
+
 int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *opts)
 {
     int ret = catalog_valid_name(name);
@@ -138,31 +158,27 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
         ret = err_fail(ENOMEM, "out of memory");
         goto out;
     }
-    /* built under its temporary name with no lock held (a preallocation writes
-     * for as long as the disk is large); the lock covers the name's check and
-     * the rename only */
+    /* the name is ours from here to the rename (a convert's target, another
+     * create or upload is refused, and we are refused while one holds it); the
+     * image is built under its temporary name with no lock held (a
+     * preallocation writes for as long as the disk is large) */
+    ret = cat_admit_name(c, name, CREATE_OWNER);
+    if (ret < 0)
+        goto out;
     ret = exists(uri, name);
     if (ret == 0)
         ret = catalog_check_space(c, 0);
     if (ret == 0)
         ret = qcow2_create(tmp, &o);
-    if (ret == 0) {
-        pthread_mutex_lock(&c->create_lock);
-        ret = exists(uri, name);
-        if (ret == 0)
-            ret = vfs_rename(tmp, uri);
-        pthread_mutex_unlock(&c->create_lock);
-    }
+    if (ret == 0)
+        ret = install(c, tmp, uri, name);
     if (ret < 0) {
         struct err_saved saved;
         err_save(&saved, ret);
         vfs_remove(tmp);
         err_restore(&saved);
     }
-    if (ret == 0) {
-        cat_forget(c, name);
-        cat_notify(c, "image-created", name);
-    }
+    cat_leave_name(c, name, CREATE_OWNER);
 out:
     free(uri);
     free(tmp);
@@ -177,11 +193,15 @@ int catalog_remove(struct catalog *c, const char *name)
     char *uri = cat_image_uri(c, name);
     if (!uri)
         return err_fail(ENOMEM, "out of memory");
-    pthread_mutex_lock(&c->create_lock);
+    /* the name is held against writers, downloads, jobs and makers from here
+     * to the removal; the store is asked outside the admission lock */
+    ret = cat_admit_delete(c, name);
+    if (ret < 0) {
+        free(uri);
+        return ret;
+    }
     struct vfs_stat st;
-    ret = cat_check_reserved(c, name, false);
-    if (ret == 0)
-        ret = vfs_stat(uri, &st);
+    ret = vfs_stat(uri, &st);
     if (ret == -ENOENT || (ret == 0 && st.is_dir))
         ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
     if (ret == 0) {
@@ -192,9 +212,10 @@ int catalog_remove(struct catalog *c, const char *name)
     }
     if (ret == 0)
         ret = vfs_remove(uri);
-    pthread_mutex_unlock(&c->create_lock);
-    if (ret == 0) {
+    if (ret == 0)
         cat_forget(c, name);
+    cat_leave_delete(c, name);
+    if (ret == 0) {
         cat_notify(c, "image-deleted", name);
     }
     free(uri);
@@ -212,6 +233,7 @@ struct catalog_upload {
     struct vfs_file *f;
     uint64_t off; /* bytes written */
     unsigned char head[UPLOAD_HEAD];
+    bool named; /* holds the name's reservation */
 };
 
 int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, struct catalog_upload **out)
@@ -231,6 +253,10 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
         goto fail;
     }
     u->cat = c;
+    ret = cat_admit_name(c, name, UPLOAD_OWNER); /* until the commit or the abort */
+    if (ret < 0)
+        goto fail;
+    u->named = true;
     ret = exists(u->uri, name);
     if (ret == 0)
         ret = catalog_check_space(c, length == UINT64_MAX ? 0 : length);
@@ -242,6 +268,8 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
     return 0;
 fail:
     if (u) {
+        if (u->named)
+            cat_leave_name(c, name, UPLOAD_OWNER);
         free(u->name);
         free(u->uri);
         free(u->tmp);
@@ -307,6 +335,8 @@ static void upload_free(struct catalog_upload *u, bool keep)
         vfs_remove(u->tmp);
         err_restore(&saved);
     }
+    if (u->named)
+        cat_leave_name(u->cat, u->name, UPLOAD_OWNER);
     free(u->name);
     free(u->uri);
     free(u->tmp);
@@ -378,17 +408,8 @@ int catalog_upload_commit(struct catalog_upload *u)
         ret = catalog_check_space(c, 0); /* the folder with this upload in it */
     if (ret == 0)
         ret = validate_upload(c, u->tmp);
-    if (ret == 0) {
-        pthread_mutex_lock(&c->create_lock);
-        ret = exists(u->uri, u->name);
-        if (ret == 0)
-            ret = vfs_rename(u->tmp, u->uri);
-        pthread_mutex_unlock(&c->create_lock);
-    }
-    if (ret == 0) {
-        cat_forget(c, u->name);
-        cat_notify(c, "image-created", u->name);
-    }
+    if (ret == 0)
+        ret = install(c, u->tmp, u->uri, u->name);
     upload_free(u, ret == 0);
     return ret;
 }
@@ -397,7 +418,9 @@ int catalog_upload_commit(struct catalog_upload *u)
 
 struct catalog_file {
     struct vfs_file *f;
-    struct catalog_image *ci; /* holds writers off while set (NULL: a broken image) */
+    struct catalog *cat;
+    char *name;               /* admitted as a download (cat_admit_download) while set */
+    struct catalog_image *ci; /* NULL: a broken image */
 };
 
 
@@ -405,23 +428,33 @@ struct catalog_file {
 int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size)
 {
     struct catalog_file *f = calloc(1, sizeof *f);
-    if (!f)
+    char *name_copy = strdup(name);
+    if (!f || !name_copy) {
+        free(f);
+        free(name_copy);
         return err_fail(ENOMEM, "out of memory");
+    }
+    f->cat = c;
     int ret = catalog_get(c, name, &f->ci);
     if (ret < 0 && ret != -EUCLEAN && ret != -EPERM && ret != -ENXIO && ret != -ELOOP && ret != -ENOTSUP) {
+        free(name_copy);
         free(f);
         return ret; /* a broken image can still be downloaded, to be looked at */
     }
-    if (ret == 0) {
-        ret = cat_download_enter(f->ci);
-        if (ret < 0) {
-            catalog_put(f->ci);
-            free(f);
-            return ret;
-        }
+    /* writers and changing jobs out, then the handle's pending metadata
+     * written, so the file read is one consistent container */
+    ret = cat_admit_download(c, name);
+    if (ret < 0) {
+        catalog_put(f->ci);
+        free(name_copy);
+        free(f);
+        return ret;
     }
-    char *uri = cat_image_uri(c, name);
-    ret = uri ? vfs_open(uri, VFS_O_RDONLY, &f->f) : err_fail(ENOMEM, "out of memory");
+    f->name = name_copy;
+    ret = f->ci ? cat_flush_own(f->ci) : 0;
+    char *uri = NULL;
+    if (ret == 0)
+        ret = (uri = cat_image_uri(c, name)) ? vfs_open(uri, VFS_O_RDONLY, &f->f) : err_fail(ENOMEM, "out of memory");
     if (ret == 0)
         ret = vfs_size(f->f, size);
     free(uri);
@@ -447,10 +480,9 @@ void catalog_file_close(struct catalog_file *f)
         return;
     if (f->f)
         vfs_close(f->f);
-    if (f->ci) {
-        cat_download_leave(f->ci);
-        catalog_put(f->ci);
-    }
+    cat_leave_download(f->cat, f->name);
+    catalog_put(f->ci);
+    free(f->name);
     free(f);
 }
 
@@ -463,15 +495,7 @@ int catalog_install(struct catalog *c, const char *tmp, const char *name)
     char *uri = cat_image_uri(c, name);
     if (!uri)
         return err_fail(ENOMEM, "out of memory");
-    pthread_mutex_lock(&c->create_lock);
-    ret = exists(uri, name);
-    if (ret == 0)
-        ret = vfs_rename(tmp, uri);
-    pthread_mutex_unlock(&c->create_lock);
+    ret = install(c, tmp, uri, name);
     free(uri);
-    if (ret == 0) {
-        cat_forget(c, name);
-        cat_notify(c, "image-created", name);
-    }
     return ret;
 }

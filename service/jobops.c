@@ -27,6 +27,29 @@ int svc_reserve(struct job *j, struct catalog *cat, const char *name, bool exclu
     return job_retry_later(j);
 }
 
+int svc_claim(struct catalog *cat, const char *type, size_t n, const char *const *names, const enum catalog_use *uses,
+              struct catalog_claim **out)
+{
+    char owner[64];
+    snprintf(owner, sizeof owner, "a %s job", type);
+    return catalog_claim(cat, owner, n, names, uses, out);
+}
+
+int svc_submit(struct jobs *js, struct catalog_claim *cl, const char *type, const char *image,
+               const char *const *locks, json_t *params, job_run_fn run, void *arg, void (*free_arg)(void *),
+               json_t **job)
+{
+    catalog_claim_ref(cl); /* the job may end, and free arg, before the id is read */
+    int ret = jobs_submit(js, type, image, locks, params, run, arg, free_arg, job);
+    if (ret == 0) {
+        char owner[96];
+        snprintf(owner, sizeof owner, "job %s (%s)", json_string_value(json_object_get(*job, "id")), type);
+        catalog_claim_owner(cl, owner);
+    }
+    catalog_unclaim(cl);
+    return ret;
+}
+
 /* The image must open now (a clear error for a corrupt one comes at once). */
 int svc_usable(struct catalog *cat, const char *image)
 {
@@ -84,12 +107,14 @@ static int refuse_user(void *ctx, const char *name)
 
 struct snap_arg {
     struct catalog *cat;
+    struct catalog_claim *claim;
     char *image, *op, *snap;
 };
 
 static void snap_free(void *p)
 {
     struct snap_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a->op);
     free(a->snap);
@@ -126,8 +151,8 @@ static int snap_run(struct job *j, void *p, json_t **result)
     return ret;
 }
 
-int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, const char *op, const char *snap,
-                     json_t **job)
+/* The checks of a snapshot request that need no job. */
+static int snap_check(struct catalog *cat, const char *image, const char *op, const char *snap)
 {
     int ret = svc_usable(cat, image);
     if (ret < 0)
@@ -146,25 +171,43 @@ int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, co
         ret = uri ? each_user(cat, canon ? canon : uri, refuse_user, (void *)image) : err_fail(ENOMEM, "out of memory");
         free(canon);
         free(uri);
-        if (ret < 0)
-            return ret;
+    }
+    return ret;
+}
+
+int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, const char *op, const char *snap,
+                     json_t **job)
+{
+    char type[32];
+    snprintf(type, sizeof type, "snapshot-%s", op);
+    /* claimed before it is looked at: no delete slips in between */
+    struct catalog_claim *cl;
+    enum catalog_use use = CATALOG_USE_CHANGE;
+    int ret = svc_claim(cat, type, 1, &image, &use, &cl);
+    if (ret < 0)
+        return ret;
+    ret = snap_check(cat, image, op, snap);
+    if (ret < 0) {
+        catalog_unclaim(cl);
+        return ret;
     }
     struct snap_arg *a = calloc(1, sizeof *a);
     if (!a || !(a->image = strdup(image)) || !(a->op = strdup(op)) || !(a->snap = strdup(snap))) {
         if (a)
             snap_free(a);
+        catalog_unclaim(cl);
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
-    char type[32];
-    snprintf(type, sizeof type, "snapshot-%s", op);
-    return jobs_submit(js, type, image, NULL, json_pack("{s:s}", "snapshot", snap), snap_run, a, snap_free, job);
+    a->claim = cl;
+    return svc_submit(js, cl, type, image, NULL, json_pack("{s:s}", "snapshot", snap), snap_run, a, snap_free, job);
 }
 
 /* ---- check ---- */
 
 struct check_arg {
     struct catalog *cat;
+    struct catalog_claim *claim;
     char *image;
     enum qcow2_repair repair;
 };
@@ -172,6 +215,7 @@ struct check_arg {
 static void check_free(void *p)
 {
     struct check_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a);
 }
@@ -237,22 +281,31 @@ int svc_check_job(struct jobs *js, struct catalog *cat, const char *image, const
         rep = QCOW2_REPAIR_ALL;
     else if (repair)
         return err_fail(EINVAL, "repair must be \"leaks\" or \"all\"");
+    struct catalog_claim *cl;
+    enum catalog_use use = rep == QCOW2_REPAIR_NONE ? CATALOG_USE_READ : CATALOG_USE_CHANGE;
+    int ret = svc_claim(cat, "check", 1, &image, &use, &cl);
+    if (ret < 0)
+        return ret;
     /* a corrupt image is what check is for: only a missing one is refused now */
     struct catalog_image *ci;
-    int ret = catalog_get(cat, image, &ci);
-    if (ret == -EINVAL || ret == -ENOENT)
+    ret = catalog_get(cat, image, &ci);
+    if (ret == -EINVAL || ret == -ENOENT) {
+        catalog_unclaim(cl);
         return ret;
+    }
     if (ret == 0)
         catalog_put(ci);
     struct check_arg *a = calloc(1, sizeof *a);
     if (!a || !(a->image = strdup(image))) {
         free(a);
+        catalog_unclaim(cl);
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
+    a->claim = cl;
     a->repair = rep;
     json_t *params = repair ? json_pack("{s:s}", "repair", repair) : json_object();
-    return jobs_submit(js, "check", image, NULL, params, check_run, a, check_free, job);
+    return svc_submit(js, cl, "check", image, NULL, params, check_run, a, check_free, job);
 }
 
 /* ---- commit ---- */
@@ -261,6 +314,7 @@ int svc_check_job(struct jobs *js, struct catalog *cat, const char *image, const
 
 struct commit_arg {
     struct catalog *cat;
+    struct catalog_claim *claim;
     char *image, *base;                 /* base: a catalog name */
     char *names[COMMIT_MAX_NAMES + 1]; /* reserved while it runs (image first); NULL-terminated */
 };
@@ -268,6 +322,7 @@ struct commit_arg {
 static void commit_free(void *p)
 {
     struct commit_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a->base);
     for (char **n = a->names; *n; n++)
@@ -407,6 +462,16 @@ int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, cons
         commit_free(a);
         return ret;
     }
+    size_t n = 0;
+    enum catalog_use uses[COMMIT_MAX_NAMES];
+    for (; a->names[n]; n++)
+        uses[n] = CATALOG_USE_CHANGE;
+    ret = svc_claim(cat, "commit", n, (const char *const *)a->names, uses, &a->claim);
+    if (ret < 0) {
+        commit_free(a);
+        return ret;
+    }
     json_t *params = json_pack("{s:s}", "base", a->base);
-    return jobs_submit(js, "commit", image, (const char *const *)a->names, params, commit_run, a, commit_free, job);
+    return svc_submit(js, a->claim, "commit", image, (const char *const *)a->names, params, commit_run, a, commit_free,
+                      job);
 }
