@@ -30,13 +30,16 @@
  *   ENOSPC/EDQUOT 507.
  * - Anything else is a bug: 500 internal-error (qcowd's own consistency checks
  *   use ENOTRECOVERABLE, which is left out on purpose).
- * ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. */
+ * ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. EBUSY is an image
+ * busy for now (409 with Retry-After); ETXTBSY an image in use as another
+ * image's backing file, which time does not cure (409 without). */
 #define API_ERRNO_TABLE(X)                  \
     X(EINVAL, 400, "bad-request")           \
     X(ENAMETOOLONG, 400, "bad-request")     \
     X(ENOENT, 404, "not-found")             \
     X(EEXIST, 409, "conflict")              \
     X(EBUSY, 409, "conflict")               \
+    X(ETXTBSY, 409, "conflict")             \
     X(EROFS, 409, "read-only")              \
     X(EFBIG, 413, "too-large")              \
     X(ERANGE, 416, "range-not-satisfiable") \

@@ -460,32 +460,6 @@ void cat_admit_free(struct catalog *c)
 
 /* ---- writing through the shared handle ---- */
 
-/* -EBUSY when an image of the catalog other than name has the file target_uri in
- * its backing chain; 0 otherwise. Images that cannot be opened are skipped. */
-int cat_find_user(struct catalog *c, const char *name, const char *target_uri)
-{
-    char **names;
-    size_t n;
-    int ret = catalog_list(c, &names, &n);
-    if (ret < 0)
-        return ret;
-    for (size_t i = 0; i < n && ret == 0; i++) {
-        struct catalog_image *ci;
-        if (!strcmp(names[i], name) || cat_get_entry(c, names[i], &ci, true) < 0)
-            continue;
-        for (struct qcow2_image *l = qcow2_backing(ci->img); l; l = qcow2_backing(l))
-            if (!strcmp(qcow2_get_info(l)->uri, target_uri)) {
-                ret = err_fail(EBUSY, "image '%s' is in the backing chain of image '%s'", name, names[i]);
-                break;
-            }
-        catalog_put(ci);
-    }
-    if (ret == 0)
-        err_clear();
-    catalog_names_free(names, n);
-    return ret;
-}
-
 /* The handle of name for writing (bypass: skipping the readers' admission),
  * or -EROFS/the image's errno when it was opened read-only. */
 static int get_rw(struct catalog *c, const char *name, bool bypass, struct catalog_image **out)
@@ -507,7 +481,7 @@ int catalog_get_writable(struct catalog *c, const char *name, struct catalog_ima
     int ret = get_rw(c, name, false, &ci);
     if (ret < 0)
         return ret;
-    ret = cat_find_user(c, name, qcow2_get_info(ci->img)->uri);
+    ret = cat_users_refuse(c, name); /* a lookup in the backing-user index */
     if (ret == 0)
         ret = cat_admit_write(c, name);
     if (ret < 0) {

@@ -152,6 +152,8 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
     }
     if (ret == 0) {
         ret = cat_check_chain(c, e->img);
+        /* the file may have changed: what it names as its backing file now */
+        cat_users_set(c, name, qcow2_get_info(e->img)->backing_file);
         if (ret < 0) {
             qcow2_close(e->img);
             e->img = NULL;
@@ -414,6 +416,7 @@ void cat_forget(struct catalog *c, const char *name)
 void catalog_drop(struct catalog *c, const char *name)
 {
     cat_forget(c, name);
+    cat_users_reread(c, name); /* a job may have rewritten its header */
 }
 
 /* ---- changes through a handle ---- */

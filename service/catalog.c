@@ -108,6 +108,7 @@ void catalog_free(struct catalog *c)
         e = next;
     }
     cat_admit_free(c);
+    cat_users_free(c);
     pthread_cond_destroy(&c->closed);
     pthread_mutex_destroy(&c->admit_lock);
     pthread_mutex_destroy(&c->lock);
@@ -192,6 +193,7 @@ int catalog_list(struct catalog *c, char ***names, size_t *count)
     }
     if (l.n)
         qsort(l.v, l.n, sizeof *l.v, cmp_names);
+    cat_users_listed(c, l.v, l.n);
     *names = l.v;
     *count = l.n;
     return 0;

@@ -92,9 +92,9 @@ int catalog_storage_stats(int (*cb)(void *ctx, const char *scheme, const char *n
 /* Like catalog_get, for writing through the handle: refused with -EROFS when the
  * file could only be opened read-only, or the image's own errno when the image
  * forbids writing (-EUCLEAN the corrupt bit, -ENOTSUP encryption; err_msg() says
- * why), and -EBUSY when
- * another image of the catalog has it in its backing chain or its container is
- * being downloaded (catalog_file_open). While the reference
+ * why), -ETXTBSY when another image of the catalog has it in its backing chain
+ * (naming it), and -EBUSY while its container is being downloaded
+ * (catalog_file_open), a job runs on it or it is being deleted. While the reference
  * is held the catalog keeps this handle even though the file changes (its own
  * writes). Release with catalog_put_writable. Thread-safe. */
 int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out);
@@ -130,8 +130,8 @@ int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *fi
  * bytes would pass it (0 at once without that budget). Thread-safe. */
 int catalog_check_space(struct catalog *c, uint64_t more);
 
-/* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
- * image of the catalog has it in its backing chain, or while a write is in
+/* Remove the image name. Returns 0, -EINVAL, -ENOENT, -ETXTBSY when another
+ * image of the catalog has it in its backing chain, or -EBUSY while a write is in
  * flight, its container is downloaded, a job claims it (queued or running), or
  * its name is reserved (err_msg() names the holder). Holders of a handle keep
  * it until they put it. */

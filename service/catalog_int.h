@@ -52,6 +52,9 @@ struct catalog {
     pthread_mutex_t admit_lock;          /* the admission states and claims (access.c); no I/O under it */
     struct name_state *states;           /* per image name in use (under admit_lock) */
     struct catalog_claim *claims;        /* of the jobs not ended (under admit_lock) */
+    struct backing_link *links;          /* the backing-user index (users.c; under admit_lock) */
+    bool links_ready;                    /* filled from the folder */
+    uint64_t links_gen;                  /* bumped by every change of a link */
     catalog_notify_fn notify;            /* image events, or NULL */
     void *notify_opaque;
 };
@@ -105,8 +108,21 @@ void cat_leave_name(struct catalog *c, const char *name, const char *owner);
 int cat_admit_delete(struct catalog *c, const char *name);
 void cat_leave_delete(struct catalog *c, const char *name);
 void cat_admit_free(struct catalog *c);
-/* -EBUSY when an image other than name has target_uri in its backing chain. */
-int cat_find_user(struct catalog *c, const char *name, const char *target_uri);
+
+/* ---- users.c: the backing-user index ---- */
+/* -ETXTBSY naming the images whose backing file is name (0: none). The index
+ * is filled by one scan of the folder at the first call, outside any lock. */
+int cat_users_refuse(struct catalog *c, const char *name);
+/* Record that name's header stores the backing file name stored (NULL: none). */
+void cat_users_set(struct catalog *c, const char *name, const char *stored);
+/* Read name's header again (after an install or a job that rewrote it). */
+void cat_users_reread(struct catalog *c, const char *name);
+/* names (sorted) is the folder now (catalog_list): images put in or taken out
+ * behind qcowd's back join or leave the index. */
+void cat_users_listed(struct catalog *c, char *const *names, size_t n);
+/* name is gone. */
+void cat_users_drop(struct catalog *c, const char *name);
+void cat_users_free(struct catalog *c);
 
 /* ---- temp.c ---- */
 /* A new temporary URI ".KIND-NAME@HOST-PID-SEQ.tmp" in the folder, or NULL. */

@@ -109,6 +109,7 @@ static int install(struct catalog *c, const char *tmp, const char *uri, const ch
         ret = vfs_rename(tmp, uri);
     if (ret == 0) {
         cat_forget(c, name);
+        cat_users_reread(c, name);
         cat_notify(c, "image-created", name);
     }
     return ret;
@@ -204,16 +205,14 @@ int catalog_remove(struct catalog *c, const char *name)
     ret = vfs_stat(uri, &st);
     if (ret == -ENOENT || (ret == 0 && st.is_dir))
         ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
-    if (ret == 0) {
-        /* the canonical name, as the layers of other chains show it */
-        char *canon = realpath(uri, NULL);
-        ret = cat_find_user(c, name, canon ? canon : uri);
-        free(canon);
-    }
+    if (ret == 0)
+        ret = cat_users_refuse(c, name);
     if (ret == 0)
         ret = vfs_remove(uri);
-    if (ret == 0)
+    if (ret == 0) {
         cat_forget(c, name);
+        cat_users_drop(c, name);
+    }
     cat_leave_delete(c, name);
     if (ret == 0) {
         cat_notify(c, "image-deleted", name);

@@ -99,7 +99,7 @@ static int each_user(struct catalog *cat, const char *uri, int (*fn)(void *ctx, 
 
 static int refuse_user(void *ctx, const char *name)
 {
-    return err_fail(EBUSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
+    return err_fail(ETXTBSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
                     (const char *)ctx, name);
 }
 
