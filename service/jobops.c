@@ -352,14 +352,51 @@ static int add_name(struct commit_arg *a, const char *name)
     return (a->names[i] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
 }
 
+/* The users of base met by commit_plan: those reading base through the
+ * committed chain (above top, or top itself) see the same disk afterwards;
+ * the others see the committed data appear under them. */
+struct users {
+    struct commit_arg *a;
+    size_t chain;       /* a->names[0..chain) is the committed chain */
+    char **above;       /* images with top in their chain (their view is kept) */
+    size_t n_above;
+    char others[512];   /* the other users' names, for the refusal */
+    size_t n_others;
+    bool force;
+};
+
+static int add_above(void *ctx, const char *name)
+{
+    struct users *u = ctx;
+    char **v = realloc(u->above, (u->n_above + 1) * sizeof *v);
+    if (!v)
+        return err_fail(ENOMEM, "out of memory");
+    u->above = v;
+    return (u->above[u->n_above++] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
+}
+
 static int add_user(void *ctx, const char *name)
 {
-    return add_name(ctx, name);
+    struct users *u = ctx;
+    bool kept = false;
+    for (size_t i = 0; i < u->chain && !kept; i++)
+        kept = !strcmp(u->a->names[i], name);
+    for (size_t i = 0; i < u->n_above && !kept; i++)
+        kept = !strcmp(u->above[i], name);
+    if (!kept && !u->force) {
+        size_t len = strlen(u->others);
+        if (len + strlen(name) + 5 < sizeof u->others)
+            snprintf(u->others + len, sizeof u->others - len, "%s'%s'", u->n_others ? ", " : "", name);
+        u->n_others++;
+    }
+    return add_name(u->a, name);
 }
 
 /* Every image of the chain from image down to base, and every catalog image that
- * reads base (their view of it changes). */
-static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base)
+ * reads base (their view of it changes). Without force, -ETXTBSY when an image
+ * outside the committed chain reads base other than through it (it would see
+ * the committed data), naming those images. */
+static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base, bool force)
 {
     struct catalog_image *ci;
     int ret = catalog_get(cat, a->image, &ci);
@@ -390,8 +427,26 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
     catalog_put(ci);
     if (ret == 0 && !a->base)
         ret = err_fail(EINVAL, "image '%s' is not in the backing chain of '%s'", base, a->image);
+    struct users u = {.a = a, .force = force};
+    while (a->names[u.chain])
+        u.chain++;
+    if (ret == 0 && !force) {
+        char *top_uri = catalog_uri(cat, a->image), *canon = top_uri ? realpath(top_uri, NULL) : NULL;
+        ret = top_uri ? each_user(cat, canon ? canon : top_uri, add_above, &u) : err_fail(ENOMEM, "out of memory");
+        free(canon);
+        free(top_uri);
+    }
     if (ret == 0)
-        ret = each_user(cat, base_uri, add_user, a);
+        ret = each_user(cat, base_uri, add_user, &u);
+    if (ret == 0 && u.n_others)
+        ret = err_fail(ETXTBSY,
+                       "image '%s' is also the backing file of %s%s: a commit into it changes what %s read%s; "
+                       "send \"force\": true to commit all the same",
+                       a->base, u.others, u.n_others > 1 && strlen(u.others) + 40 > sizeof u.others ? " and more" : "",
+                       u.n_others > 1 ? "they" : "it", u.n_others > 1 ? "" : "s");
+    for (size_t i = 0; i < u.n_above; i++)
+        free(u.above[i]);
+    free(u.above);
     free(base_uri);
     if (ret == 0)
         err_clear();
@@ -444,7 +499,8 @@ static int commit_run(struct job *j, void *p, json_t **result)
     return ret;
 }
 
-int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job)
+int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, bool force,
+                   json_t **job)
 {
     int ret = svc_usable(cat, image);
     if (ret == 0 && base && (ret = catalog_valid_name(base)) < 0)
@@ -457,7 +513,7 @@ int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, cons
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
-    ret = commit_plan(cat, a, base);
+    ret = commit_plan(cat, a, base, force);
     if (ret < 0) {
         commit_free(a);
         return ret;

@@ -41,8 +41,13 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
                     json_t *params, json_t **job);
 
 /* Commit image into base (NULL: its backing file; else a catalog image further
- * down its chain). -ENOTSUP when the engine has no commit. */
-int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job);
+ * down its chain). -ENOTSUP when the engine has no commit. -ETXTBSY (409) when
+ * another catalog image reads base other than through the committed chain
+ * (its disk would change), naming it, unless force: then it is held like the
+ * chain while the job runs and sees the committed data afterwards, as with
+ * qemu-img commit. */
+int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, bool force,
+                   json_t **job);
 
 /* Reserve name for job j. While a client's write holds it, -EAGAIN from
  * job_retry_later (the run function returns it, having released what it took:

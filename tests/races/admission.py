@@ -7,7 +7,12 @@ whose body stops half way, a paused or queued job):
 - create and upload under the target name of a running convert: 409, nothing
   made, and the convert succeeds;
 - DELETE of an image with a queued job: 409, and the job runs on that image;
-- DELETE during an in-flight PUT .../data: one of them wins, the other 409.
+- DELETE during an in-flight PUT .../data: one of them wins, the other 409;
+- a commit into a base another image also uses: 409 naming it (no
+  Retry-After), and with "force" it runs and the other image reads the data;
+- a write to one image of a catalog of 600 takes as long as with none (no
+  listing and opening of the catalog per write), and a base still refuses
+  writes naming its user.
 
 Environment: QCOWD (required), QEMU_IMG, QEMU_IO. Usage: admission.py [--seed N] [--keep]
 Prints `ok NAME` / `FAIL NAME: reason`, then `N passed, M failed`; exit 1 on a
@@ -122,6 +127,65 @@ def delete_during_put(r):
         assert rc == 0 and "Pattern verification failed" not in out, out
 
 
+def commit_into_shared_base(r):
+    r.make("cb", 8 * MiB, "write -P 0x11 0 4M")
+    r.make("vm1", 8 * MiB, "write -P 0x71 0 1M", backing="cb")
+    r.make("vm2", 8 * MiB, "write -P 0x72 4M 1M", backing="cb")
+    r.make("vm1kid", 8 * MiB, backing="vm1")  # reads cb through vm1: not another user
+    st, hd, b = r.call("POST", "/v1/images/vm1/commit", {}, {"Content-Type": "application/json"})
+    assert st == 409, ("a commit into a base vm2 also uses", st, b[:300])
+    msg = json.loads(b)["error"]["message"]
+    assert "'vm2'" in msg and "vm1kid" not in msg and "force" in msg, msg
+    assert "retry-after" not in hd, "time does not cure a shared base: %r" % hd
+    rc, out = races.run(races.QEMU_IO, "-f", "qcow2", "-c", "read -P 0x11 0 1M", r.path("vm2"))
+    assert rc == 0 and "Pattern verification failed" not in out, "vm2 changed: " + out
+    st, hd, j = r.json("POST", "/v1/images/vm1/commit", {"force": True}, want=202)
+    j = r.wait(j["id"])
+    assert j["error"] is None, j
+    # vm2 now reads the committed data, as with qemu-img commit
+    rc, out = races.run(races.QEMU_IO, "-f", "qcow2", "-c", "read -P 0x71 0 1M", r.path("vm2"))
+    assert rc == 0 and "Pattern verification failed" not in out, "vm2 does not see the commit: " + out
+    for name in ("cb", "vm1", "vm2", "vm1kid"):
+        r.check_file(r.path(name))
+
+
+def write_time(r, name, n=30):
+    """The median time of n 4 KiB PUT .../data to name, on one connection."""
+    conn = r.d.conn()
+    times = []
+    try:
+        for i in range(n):
+            t = time.monotonic()
+            conn.request("PUT", "/v1/images/%s/data" % name, body=bytes([i + 1]) * 4096,
+                         headers={"Host": "localhost", "Content-Range": "bytes %d-%d/*" % (i * 4096, i * 4096 + 4095),
+                                  "Content-Type": "application/octet-stream"})
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status in (200, 204), resp.status
+            times.append(time.monotonic() - t)
+    finally:
+        conn.close()
+    return sorted(times)[n // 2]
+
+
+def write_does_not_scan_catalog(r):
+    import shutil
+    r.make("w1", 8 * MiB)
+    alone = write_time(r, "w1")
+    r.make("filler", 1 * MiB, "write -P 1 0 64k")
+    for i in range(600):  # images the old per-write scan listed and opened
+        shutil.copyfile(r.path("filler"), r.path("filler%03d" % i))
+    crowded = write_time(r, "w1")
+    print("    write median: %.2f ms alone, %.2f ms among 600 images" % (alone * 1000, crowded * 1000))
+    assert crowded < alone * 3 + 0.010, "a write takes %.1f ms among 600 images, %.1f ms alone" % (
+        crowded * 1000, alone * 1000)
+    # and the base of one of them still refuses writes, naming its user
+    r.make("over", 1 * MiB, backing="filler007")
+    r.call("GET", "/v1/images")  # an image put in behind qcowd's back is known once listed (or opened)
+    st, hd, b = r.call("PUT", "/v1/images/filler007/data", b"x" * 512, {"Content-Range": "bytes 0-511/*"})
+    assert st == 409 and "'over'" in json.loads(b)["error"]["message"], (st, b[:300])
+
+
 def setup(r):
     r.make_long("long")
 
@@ -132,6 +196,8 @@ CASES = [
     ("create_and_upload_under_convert_target", create_under_convert_target),
     ("delete_with_queued_job", delete_with_queued_job),
     ("delete_during_put", delete_during_put),
+    ("commit_into_shared_base", commit_into_shared_base),
+    ("write_does_not_scan_the_catalog", write_does_not_scan_catalog),
 ]
 
 if __name__ == "__main__":
