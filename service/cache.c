@@ -493,3 +493,84 @@ int catalog_flush(struct catalog *c, const char *name)
     catalog_put(e);
     return ret;
 }
+
+/* ---- private handles ---- */
+
+struct catalog_private {
+    struct catalog *cat;
+    char *name;
+    struct qcow2_image *img;
+    bool write;
+};
+
+int catalog_open_private(struct catalog *c, const char *name, const struct catalog_private_opts *o,
+                         struct catalog_private **out)
+{
+    static const struct catalog_private_opts ro;
+    if (!o)
+        o = &ro;
+    struct catalog_private *h = calloc(1, sizeof *h);
+    char *uri = cat_image_uri(c, name);
+    int ret = h && uri && (h->name = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
+    if (ret == 0)
+        ret = catalog_flush(c, name);
+    if (ret == 0 && o->write)
+        catalog_drop(c, name);
+    if (ret == 0) {
+        struct qcow2_open_opts qo = {
+            .contained = true,
+            .read_write = o->write,
+            .snapshot = o->snapshot,
+            .allow_corrupt = o->allow_corrupt,
+            .l2_cache_bytes = o->small_cache ? 1u << 20 : c->opts.l2_cache_bytes,
+            .max_meta_bytes = c->opts.max_meta_bytes,
+        };
+        ret = qcow2_open(uri, &qo, &h->img);
+        if (ret == -ENOENT && o->snapshot) {
+            struct vfs_stat st;
+            ret = vfs_stat(uri, &st) == 0 ? err_fail(ENOENT, "image '%s' has no snapshot '%s'", name, o->snapshot)
+                                          : err_fail(ENOENT, "no image named '%s' in the catalog", name);
+        } else if (ret == -ENOENT) {
+            ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
+        } else if (ret == -EINVAL) { /* the engine's "bad format": corrupt metadata */
+            ret = o->snapshot ? err_prefix(-EUCLEAN, "image '%s', snapshot '%s'", name, o->snapshot)
+                              : err_prefix(-EUCLEAN, "image '%s'", name);
+        }
+    }
+    free(uri);
+    if (ret < 0) {
+        if (h)
+            free(h->name);
+        free(h);
+        return ret;
+    }
+    h->cat = c;
+    h->write = o->write;
+    *out = h;
+    return 0;
+}
+
+struct qcow2_image *catalog_private_qcow2(const struct catalog_private *h)
+{
+    return h->img;
+}
+
+int catalog_close_private(struct catalog_private *h, bool changed)
+{
+    if (!h)
+        return 0;
+    int ret = h->write ? qcow2_flush(h->img) : 0;
+    int cl = qcow2_close(h->img);
+    if (ret == 0)
+        ret = cl;
+    if (changed) {
+        struct err_saved saved;
+        err_save(&saved, ret);
+        catalog_drop(h->cat, h->name);
+        catalog_changed(h->cat, h->name);
+        err_restore(&saved);
+    }
+    free(h->name);
+    free(h);
+    return ret;
+}

@@ -216,6 +216,33 @@ void catalog_release(struct catalog *c, const char *name);
  * catalog_put_writable. */
 int catalog_get_reserved(struct catalog *c, const char *name, struct catalog_image **out);
 
+/* A private handle on a catalog image, for a job or a view that must see the
+ * file as qemu-img would, apart from the shared handle. */
+struct catalog_private_opts {
+    bool write;           /* read-write (the shared handle is dropped at open and close) */
+    const char *snapshot; /* open this snapshot's view (read-only), or NULL */
+    bool allow_corrupt;   /* open an image with the corrupt bit set (check) */
+    bool small_cache;     /* a 1 MiB L2 cache (a short-lived view) */
+};
+struct catalog_private;
+/* Open name privately (o NULL: read-only): the shared handle's pending metadata
+ * is written first, so the file is whole; for writing the shared handle is also
+ * dropped, so nobody keeps serving the metadata this handle replaces. The
+ * caller holds what admits it (a job's run, catalog_reserve; a view reads
+ * under nothing). On success *out is a new handle for catalog_close_private;
+ * on failure the return is -EUCLEAN (bad metadata, message naming the image
+ * and the snapshot), -ENOENT (no such image, or no such snapshot), or the
+ * engine's or store's error. */
+int catalog_open_private(struct catalog *c, const char *name, const struct catalog_private_opts *o,
+                         struct catalog_private **out);
+/* The engine handle of h (borrowed, valid until the close). */
+struct qcow2_image *catalog_private_qcow2(const struct catalog_private *h);
+/* Close h (NULL is ignored). A handle opened for writing is flushed first; with
+ * changed the shared handle is dropped again (the next catalog_get opens the
+ * file anew), the backing-user index reads the header again and "image-changed"
+ * is announced. Returns 0 or the first error of the flush and the close. */
+int catalog_close_private(struct catalog_private *h, bool changed);
+
 /* Write the pending metadata of name's cached handle, if any (0 when none). */
 int catalog_flush(struct catalog *c, const char *name);
 /* Drop the cached handle of name: the next catalog_get opens the file again

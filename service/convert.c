@@ -124,27 +124,20 @@ static int convert_run(struct job *j, void *p, json_t **result)
         catalog_release(cat, a->image);
         return ret;
     }
-    char *uri = catalog_uri(cat, a->image), *tmp = catalog_temp(cat, "convert", a->target);
+    char *tmp = catalog_temp(cat, "convert", a->target);
+    struct catalog_private *srch = NULL;
     struct qcow2_image *src = NULL, *dst = NULL;
     unsigned char *buf = NULL;
     bool made = false;
-    if (!uri || !tmp) {
+    if (!tmp) {
         ret = err_fail(ENOMEM, "out of memory");
         goto out;
     }
-    ret = catalog_flush(cat, a->image);
+    struct catalog_private_opts so = {.snapshot = a->snapshot};
+    ret = catalog_open_private(cat, a->image, &so, &srch);
     if (ret < 0)
         goto out;
-    struct qcow2_open_opts so = {.contained = true, .snapshot = a->snapshot, .max_meta_bytes = catalog_max_meta(cat)};
-    ret = qcow2_open(uri, &so, &src);
-    if (ret < 0) {
-        if (ret == -EINVAL) /* a missing snapshot is -ENOENT; this is bad metadata */
-            ret = err_prefix(-EUCLEAN, "image '%s'%s%s%s", a->image, a->snapshot ? ", snapshot '" : "",
-                             a->snapshot ? a->snapshot : "", a->snapshot ? "'" : "");
-        else if (ret == -ENOENT && a->snapshot)
-            ret = err_prefix(-ENOENT, "image '%s', snapshot '%s'", a->image, a->snapshot);
-        goto out;
-    }
+    src = catalog_private_qcow2(srch);
     const struct qcow2_info *in = qcow2_get_info(src);
     struct qcow2_create_opts co = {
         .size = qcow2_size(src),
@@ -201,8 +194,7 @@ static int convert_run(struct job *j, void *p, json_t **result)
 out:
     if (dst)
         qcow2_close(dst);
-    if (src)
-        qcow2_close(src);
+    catalog_close_private(srch, false);
     if (made) {
         struct err_saved saved;
         err_save(&saved, ret);
@@ -210,7 +202,6 @@ out:
         err_restore(&saved);
     }
     free(buf);
-    free(uri);
     free(tmp);
     catalog_release(cat, a->target);
     catalog_release(cat, a->image);

@@ -227,20 +227,11 @@ static int check_run(struct job *j, void *p, json_t **result)
     int ret = svc_reserve(j, a->cat, a->image, repair);
     if (ret < 0)
         return ret;
-    char *uri = catalog_uri(a->cat, a->image);
-    struct qcow2_image *img = NULL;
-    /* the file as qemu-img would see it: the shared handle's pending metadata
-     * first, then a private handle (read-write only to repair) */
-    ret = uri ? catalog_flush(a->cat, a->image) : err_fail(ENOMEM, "out of memory");
-    if (ret == 0 && repair)
-        catalog_drop(a->cat, a->image);
-    if (ret == 0) {
-        struct qcow2_open_opts o = {
-            .contained = true, .read_write = repair, .allow_corrupt = true, .max_meta_bytes = catalog_max_meta(a->cat)};
-        ret = qcow2_open(uri, &o, &img);
-        if (ret == -EINVAL)
-            ret = err_prefix(-EUCLEAN, "cannot check image '%s'", a->image);
-    }
+    /* the file as qemu-img would see it (read-write only to repair) */
+    struct catalog_private *h = NULL;
+    struct catalog_private_opts po = {.write = repair, .allow_corrupt = true};
+    ret = catalog_open_private(a->cat, a->image, &po, &h);
+    struct qcow2_image *img = h ? catalog_private_qcow2(h) : NULL;
     job_progress(j, 0, 1);
     struct qcow2_check_result r, fixed = {0};
     if (ret == 0)
@@ -251,23 +242,15 @@ static int check_run(struct job *j, void *p, json_t **result)
         r.leaks_fixed = fixed.leaks_fixed;
         r.corruptions_fixed = fixed.corruptions_fixed;
     }
-    if (img) {
-        int cret = repair ? qcow2_flush(img) : 0;
-        int cl = qcow2_close(img);
-        if (ret == 0)
-            ret = cret ? cret : cl;
-    }
-    if (repair) {
-        catalog_drop(a->cat, a->image);
-        catalog_changed(a->cat, a->image);
-    }
+    int cl = catalog_close_private(h, repair);
+    if (ret == 0)
+        ret = cl;
     if (ret == 0) {
         char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
         snprintf(file, sizeof file, "%s%s", a->image, CATALOG_SUFFIX);
         *result = svc_check_report(file, &r);
         job_progress(j, 1, 1);
     }
-    free(uri);
     catalog_release(a->cat, a->image);
     return ret;
 }
@@ -467,21 +450,18 @@ static int commit_run(struct job *j, void *p, json_t **result)
         ret = catalog_flush(cat, a->names[i]);
     for (size_t i = 0; i < held; i++)
         catalog_drop(cat, a->names[i]);
-    char *uri = ret == 0 ? catalog_uri(cat, a->image) : NULL;
     char *base_uri = ret == 0 ? catalog_uri(cat, a->base) : NULL;
-    struct qcow2_image *top = NULL;
-    if (ret == 0 && (!uri || !base_uri))
+    struct catalog_private *top = NULL;
+    if (ret == 0 && !base_uri)
         ret = err_fail(ENOMEM, "out of memory");
-    if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .read_write = true, .max_meta_bytes = catalog_max_meta(cat)};
-        ret = qcow2_open(uri, &o, &top);
-        if (ret == -EINVAL)
-            ret = err_prefix(-EUCLEAN, "image '%s'", a->image);
-    }
+    struct catalog_private_opts po = {.write = true};
+    if (ret == 0)
+        ret = catalog_open_private(cat, a->image, &po, &top);
+    bool opened = ret == 0;
     if (ret == 0) {
         struct qcow2_commit_opts co = {.base = base_uri, .progress = job_progress, .opaque = j};
-        ret = qcow2_commit(top, &co);
-        int cl = qcow2_close(top);
+        ret = qcow2_commit(catalog_private_qcow2(top), &co);
+        int cl = catalog_close_private(top, false); /* every name is dropped and announced below */
         if (ret == 0)
             ret = cl;
     }
@@ -490,11 +470,10 @@ static int commit_run(struct job *j, void *p, json_t **result)
         catalog_drop(cat, a->names[i]);
     for (size_t i = 0; i < held; i++)
         catalog_release(cat, a->names[i]);
-    for (size_t i = 0; i < held && top; i++)
+    for (size_t i = 0; i < held && opened; i++)
         catalog_changed(cat, a->names[i]);
     if (ret == 0)
         *result = json_pack("{s:s,s:s}", "top", a->image, "base", a->base);
-    free(uri);
     free(base_uri);
     return ret;
 }
