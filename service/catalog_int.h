@@ -54,7 +54,7 @@ struct catalog {
     struct catalog_claim *claims;        /* of the jobs not ended (under admit_lock) */
     struct backing_link *links;          /* the backing-user index (users.c; under admit_lock) */
     bool links_ready;                    /* filled from the folder */
-    uint64_t links_gen;                  /* bumped by every change of a link */
+    uint64_t links_gen;                  /* bumped by every removal of a link */
     catalog_notify_fn notify;            /* image events, or NULL */
     void *notify_opaque;
 };

@@ -123,8 +123,9 @@ static void drop_link(struct catalog *c, const char *name)
 }
 
 /* Fill the index once: one listing and one header read per image, outside any
- * lock; a change recorded meanwhile (an install, a removal: c->links_gen moves)
- * wins over what the scan read, and the scan is then made again. */
+ * lock. A link recorded meanwhile (an install, an open) wins over what the scan
+ * read; a removal meanwhile (c->links_gen moves) makes the scan start again,
+ * since it may have read the image before it went. */
 static int fill(struct catalog *c)
 {
     for (;;) {
@@ -152,9 +153,11 @@ static int fill(struct catalog *c)
         pthread_mutex_lock(&c->admit_lock);
         bool again = c->links_gen != gen;
         for (size_t i = 0; i < n && !oom && !again && !c->links_ready; i++) {
-            if (!link_of(c, names[i]) && set_link(c, names[i], backs[i]) < 0)
+            if (link_of(c, names[i]))
+                continue; /* recorded meanwhile: newer than what the scan read */
+            if (set_link(c, names[i], backs[i]) < 0)
                 oom = true;
-            backs[i] = NULL;
+            backs[i] = NULL; /* taken, or freed by set_link */
         }
         if (!oom && !again)
             c->links_ready = true;
@@ -173,7 +176,6 @@ void cat_users_set(struct catalog *c, const char *name, const char *stored)
     bool oom = false;
     char *b = backing_name(stored, &oom);
     pthread_mutex_lock(&c->admit_lock);
-    c->links_gen++;
     if (oom || set_link(c, name, b) < 0)
         c->links_ready = false; /* a link is missing: filled again at the next need */
     pthread_mutex_unlock(&c->admit_lock);

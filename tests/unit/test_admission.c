@@ -1,10 +1,12 @@
 /* test_admission.c: unit tests of the catalog's admission model (service/access.c)
  * on the mem: backend: each rule of the table in both directions (writes,
- * downloads, job claims and runs, name reservations, delete), and that every
- * refusal is -EBUSY naming the holder and leaves nothing behind. */
+ * downloads, job claims and runs, name reservations, delete), that every
+ * refusal is -EBUSY naming the holder and leaves nothing behind, and the
+ * backing-user index (-ETXTBSY naming the users). */
 #include <check.h>
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "catalog.h"
@@ -197,6 +199,46 @@ START_TEST(upload_holds_its_name)
 }
 END_TEST
 
+START_TEST(backing_users_from_the_index)
+{
+    /* b over a: a is b's backing file */
+    struct qcow2_create_opts o = {.size = 1 << 20, .version = 3, .backing_file = "a"};
+    ck_assert_int_eq(catalog_create(cat, "over", &o), 0);
+    struct catalog_image *w;
+    int ret = catalog_get_writable(cat, "a", &w);
+    ck_assert_int_eq(ret, -ETXTBSY);
+    ck_assert_msg(strstr(err_msg(ret), "'over'"), "%s", err_msg(ret));
+    ret = catalog_remove(cat, "a");
+    ck_assert_int_eq(ret, -ETXTBSY);
+    ck_assert_int_eq(catalog_get_writable(cat, "b", &w), 0); /* nobody's base */
+    catalog_put_writable(w);
+    ck_assert_int_eq(catalog_remove(cat, "over"), 0);
+    ck_assert_int_eq(catalog_get_writable(cat, "a", &w), 0);
+    catalog_put_writable(w);
+}
+END_TEST
+
+/* An overlay put in the folder behind the catalog's back (after the index was
+ * filled) counts once it is listed. */
+START_TEST(backing_users_put_in_behind_its_back)
+{
+    struct catalog_image *w;
+    ck_assert_int_eq(catalog_get_writable(cat, "a", &w), 0); /* fills the index */
+    catalog_put_writable(w);
+    char *uri = catalog_uri(cat, "side");
+    struct qcow2_create_opts o = {.size = 1 << 20, .version = 3, .backing_file = "a.qcow2", .backing_format = "qcow2"};
+    ck_assert_int_eq(qcow2_create(uri, &o), 0);
+    free(uri);
+    char **names;
+    size_t n;
+    ck_assert_int_eq(catalog_list(cat, &names, &n), 0);
+    catalog_names_free(names, n);
+    int ret = catalog_get_writable(cat, "a", &w);
+    ck_assert_int_eq(ret, -ETXTBSY);
+    ck_assert_msg(strstr(err_msg(ret), "'side'"), "%s", err_msg(ret));
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("admission");
@@ -208,6 +250,8 @@ int main(void)
     tcase_add_test(tc, delete_refused_while_held);
     tcase_add_test(tc, reserved_name_refuses_create_and_upload);
     tcase_add_test(tc, upload_holds_its_name);
+    tcase_add_test(tc, backing_users_from_the_index);
+    tcase_add_test(tc, backing_users_put_in_behind_its_back);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_set_fork_status(sr, CK_NOFORK);
