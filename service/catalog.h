@@ -50,11 +50,14 @@ int catalog_valid_name(const char *name);
 
 /* The valid image names in the catalog now (the "*.qcow2" files), sorted. On
  * success *names is a new array of *count new strings (catalog_names_free);
- * on failure nothing is returned and the return is a negative errno. Thread-safe. */
+ * on failure nothing is returned and the return is a negative errno. Images
+ * put in or taken out of the folder behind qcowd's back join or leave the
+ * backing-user index here. Thread-safe. */
 int catalog_list(struct catalog *c, char ***names, size_t *count);
 void catalog_names_free(char **names, size_t count);
 
-/* Get the open image called name: from the cache when its file has not changed
+/* Get the open image called name (-EBUSY while a job that changes it runs):
+ * from the cache when its file has not changed
  * (size, mtime to the nanosecond and inode; changes made through the catalog's own
  * handle do not count),
  * else opened now: read-write when the engine accepts it (the file is writable,
@@ -246,7 +249,8 @@ int catalog_close_private(struct catalog_private *h, bool changed);
 /* Write the pending metadata of name's cached handle, if any (0 when none). */
 int catalog_flush(struct catalog *c, const char *name);
 /* Drop the cached handle of name: the next catalog_get opens the file again
- * (holders keep the old one until they put it). Thread-safe. */
+ * (holders keep the old one until they put it), and read its header into the
+ * backing-user index again (a job may have rewritten it). Thread-safe. */
 void catalog_drop(struct catalog *c, const char *name);
 
 /* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
