@@ -41,7 +41,8 @@
  *                        running (the container would change under the
  *                        reader) and by a delete;
  *   job run, changing    waits for writers, downloads and a running job;
- *   job run, reading     waits for writers and a running changing job;
+ *   job run, reading     waits for writers and a running job (the job engine
+ *                        runs one job of an image at a time anyway);
  *   job submit (claim)   refused by a delete; a claim of a new name (convert
  *                        target) is a reservation: refused by another one;
  *   create / upload      refused while the name is reserved by someone else or
