@@ -246,6 +246,13 @@ struct qcow2_image *catalog_private_qcow2(const struct catalog_private *h);
  * is announced. Returns 0 or the first error of the flush and the close. */
 int catalog_close_private(struct catalog_private *h, bool changed);
 
+/* Call fn(ctx, user) for every catalog image with name in its backing chain
+ * (its overlays, their overlays...), from the backing-user index after one
+ * listing of the folder (images put there behind qcowd's back count too): no
+ * image is opened. Stops at fn's first error and returns it; 0, or the
+ * listing's error, or -ENOMEM. */
+int catalog_backing_users(struct catalog *c, const char *name, int (*fn)(void *ctx, const char *user), void *ctx);
+
 /* Write the pending metadata of name's cached handle, if any (0 when none). */
 int catalog_flush(struct catalog *c, const char *name);
 /* Drop the cached handle of name: the next catalog_get opens the file again

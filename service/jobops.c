@@ -75,28 +75,6 @@ bool svc_has_snapshot(struct catalog *cat, const char *image, const char *snap)
     return found;
 }
 
-/* Call fn(ctx, name) for every catalog image with the file uri in its backing
- * chain (images that cannot be opened now are skipped); stops at an error. */
-static int each_user(struct catalog *cat, const char *uri, int (*fn)(void *ctx, const char *name), void *ctx)
-{
-    char **names = NULL;
-    size_t count = 0;
-    int ret = catalog_list(cat, &names, &count);
-    for (size_t i = 0; ret == 0 && i < count; i++) {
-        struct catalog_image *ci;
-        if (catalog_get(cat, names[i], &ci) < 0)
-            continue;
-        for (struct qcow2_image *l = qcow2_backing(catalog_image_qcow2(ci)); l && ret == 0; l = qcow2_backing(l))
-            if (!strcmp(qcow2_get_info(l)->uri, uri))
-                ret = fn(ctx, names[i]);
-        catalog_put(ci);
-    }
-    catalog_names_free(names, count);
-    if (ret == 0)
-        err_clear();
-    return ret;
-}
-
 static int refuse_user(void *ctx, const char *name)
 {
     return err_fail(ETXTBSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
@@ -166,12 +144,8 @@ static int snap_check(struct catalog *cat, const char *image, const char *op, co
         ; /* an id may equal the new name; the engine decides (-EEXIST) */
     else if (strcmp(op, "create") && !found)
         return err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, snap);
-    if (!strcmp(op, "revert")) {
-        char *uri = catalog_uri(cat, image), *canon = uri ? realpath(uri, NULL) : NULL;
-        ret = uri ? each_user(cat, canon ? canon : uri, refuse_user, (void *)image) : err_fail(ENOMEM, "out of memory");
-        free(canon);
-        free(uri);
-    }
+    if (!strcmp(op, "revert"))
+        ret = catalog_backing_users(cat, image, refuse_user, (void *)image);
     return ret;
 }
 
@@ -391,7 +365,6 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
         return err_fail(EINVAL, "image '%s' has no backing file to commit into", a->image);
     }
     ret = add_name(a, a->image);
-    char *base_uri = NULL;
     for (; l && ret == 0; l = qcow2_backing(l)) {
         char *n = layer_name(l);
         if (!n) {
@@ -402,7 +375,6 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
         bool last = !base || !strcmp(n, base);
         if (last) {
             a->base = n;
-            base_uri = strdup(qcow2_get_info(l)->uri);
             break;
         }
         free(n);
@@ -413,14 +385,10 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
     struct users u = {.a = a, .force = force};
     while (a->names[u.chain])
         u.chain++;
-    if (ret == 0 && !force) {
-        char *top_uri = catalog_uri(cat, a->image), *canon = top_uri ? realpath(top_uri, NULL) : NULL;
-        ret = top_uri ? each_user(cat, canon ? canon : top_uri, add_above, &u) : err_fail(ENOMEM, "out of memory");
-        free(canon);
-        free(top_uri);
-    }
+    if (ret == 0 && !force)
+        ret = catalog_backing_users(cat, a->image, add_above, &u);
     if (ret == 0)
-        ret = each_user(cat, base_uri, add_user, &u);
+        ret = catalog_backing_users(cat, a->base, add_user, &u);
     if (ret == 0 && u.n_others)
         ret = err_fail(ETXTBSY,
                        "image '%s' is also the backing file of %s%s: a commit into it changes what %s read%s; "
@@ -430,7 +398,6 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
     for (size_t i = 0; i < u.n_above; i++)
         free(u.above[i]);
     free(u.above);
-    free(base_uri);
     if (ret == 0)
         err_clear();
     return ret;

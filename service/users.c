@@ -267,6 +267,60 @@ int cat_users_refuse(struct catalog *c, const char *name)
                     n > 1 && strlen(users) + 40 > sizeof users ? " and more" : "");
 }
 
+int catalog_backing_users(struct catalog *c, const char *name, int (*fn)(void *ctx, const char *user), void *ctx)
+{
+    int ret = fill(c);
+    /* a job changes what its users read: one listing first, so images put in
+     * the folder behind qcowd's back are known too (only their headers read) */
+    char **names;
+    size_t n;
+    if (ret == 0 && (ret = catalog_list(c, &names, &n)) == 0)
+        catalog_names_free(names, n);
+    if (ret < 0)
+        return ret;
+    /* the users, then their users...: collected under the lock, called without */
+    struct name_list l = {0};
+    pthread_mutex_lock(&c->admit_lock);
+    const char *base = name;
+    for (size_t next = 0; ret == 0;) {
+        for (const struct backing_link *k = c->links; k && ret == 0; k = k->next) {
+            if (!k->backing || strcmp(k->backing, base) || !strcmp(k->name, name))
+                continue;
+            bool seen = false;
+            for (size_t i = 0; i < l.n && !seen; i++)
+                seen = !strcmp(l.v[i], k->name);
+            if (seen) /* a loop: the engine refuses such chains */
+                continue;
+            if (l.n == l.cap) {
+                size_t cap = l.cap ? l.cap * 2 : 8;
+                char **v = realloc(l.v, cap * sizeof *v);
+                if (!v) {
+                    ret = -ENOMEM;
+                    break;
+                }
+                l.v = v;
+                l.cap = cap;
+            }
+            if (!(l.v[l.n] = strdup(k->name)))
+                ret = -ENOMEM;
+            else
+                l.n++;
+        }
+        if (next == l.n)
+            break;
+        base = l.v[next++]; /* then the users of each user */
+    }
+    pthread_mutex_unlock(&c->admit_lock);
+    if (ret < 0) {
+        catalog_names_free(l.v, l.n);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < l.n && ret == 0; i++)
+        ret = fn(ctx, l.v[i]);
+    catalog_names_free(l.v, l.n);
+    return ret;
+}
+
 void cat_users_free(struct catalog *c)
 {
     while (c->links) {
