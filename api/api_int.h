@@ -311,8 +311,9 @@ enum MHD_Result api_reply_segments(struct req *r, char *head, char *tail, struct
 /* Answer a GET/HEAD of guest bytes of img (Range honoured). ci (a catalog
  * reference) or own (a private image, closed at the end) is released when the
  * response is done, also on failure. */
+struct catalog_private;
 enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct catalog_image *ci,
-                              struct qcow2_image *own);
+                              struct catalog_private *own);
 
 /* ---- jobs.c: /v1/jobs and the endpoints that start jobs ---- */
 

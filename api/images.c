@@ -198,7 +198,7 @@ enum MHD_Result api_images_list(struct req *r, char **args)
 struct data_src {
     struct catalog_image *ci;
     struct qcow2_image *img;
-    struct qcow2_image *own;
+    struct catalog_private *own;
     struct qcow2_pin pin; /* valid while pinned */
     bool pinned;
 };
@@ -225,7 +225,7 @@ static void data_release(void *ctx)
     if (d->pinned)
         qcow2_unpin(&d->pin);
     catalog_put(d->ci);
-    qcow2_close(d->own);
+    catalog_close_private(d->own, false);
     free(d);
 }
 
@@ -244,12 +244,12 @@ enum MHD_Result api_image_data(struct req *r, char **args)
 }
 
 enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct catalog_image *ci,
-                              struct qcow2_image *own)
+                              struct catalog_private *own)
 {
     struct data_src *d = malloc(sizeof *d);
     if (!d) {
         catalog_put(ci);
-        qcow2_close(own);
+        catalog_close_private(own, false);
         return MHD_NO;
     }
     *d = (struct data_src){.ci = ci, .img = img, .own = own};

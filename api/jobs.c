@@ -168,7 +168,16 @@ enum MHD_Result api_image_check(struct req *r, char **args)
 
 static enum MHD_Result commit_end(struct req *r, const char *name, json_t *body)
 {
-    return start_one_setting(r, name, body, "commit", "base", svc_commit_job);
+    const char *base = NULL;
+    int force = 0;
+    json_error_t je;
+    if (json_unpack_ex(body, &je, JSON_STRICT, "{s?s, s?b}", "base", &base, "force", &force) < 0)
+        return bad_body(r, "commit", &je);
+    json_t *job;
+    int ret = svc_commit_job(r->jobs, r->cat, name, base, force, &job);
+    if (ret < 0)
+        return api_reply_errno(r, ret);
+    return api_reply_job(r, job);
 }
 
 enum MHD_Result api_image_commit(struct req *r, char **args)

@@ -30,13 +30,16 @@
  *   ENOSPC/EDQUOT 507.
  * - Anything else is a bug: 500 internal-error (qcowd's own consistency checks
  *   use ENOTRECOVERABLE, which is left out on purpose).
- * ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. */
+ * ENOTSUP equals EOPNOTSUPP on Linux, so it appears once. EBUSY is an image
+ * busy for now (409 with Retry-After); ETXTBSY an image in use as another
+ * image's backing file, which time does not cure (409 without). */
 #define API_ERRNO_TABLE(X)                  \
     X(EINVAL, 400, "bad-request")           \
     X(ENAMETOOLONG, 400, "bad-request")     \
     X(ENOENT, 404, "not-found")             \
     X(EEXIST, 409, "conflict")              \
     X(EBUSY, 409, "conflict")               \
+    X(ETXTBSY, 409, "conflict")             \
     X(EROFS, 409, "read-only")              \
     X(EFBIG, 413, "too-large")              \
     X(ERANGE, 416, "range-not-satisfiable") \
@@ -211,10 +214,13 @@ enum MHD_Result api_reply_empty(struct req *r, unsigned status, const char *hdr,
 
 enum MHD_Result api_reply_error(struct req *r, int err, const char *msg)
 {
-    /* EAGAIN: a budget is full for now (queued jobs, listeners): come back later */
-    bool later = abs(err) == EAGAIN;
+    /* EAGAIN: a budget is full for now (queued jobs, listeners): come back
+     * later. EBUSY: the image is busy (a write, a download, a job holds it; the
+     * message names the holder): retry soon. EEXIST, the other 409, is not a
+     * matter of time and has no Retry-After. */
+    bool later = abs(err) == EAGAIN, busy = abs(err) == EBUSY;
     return api_reply_status(r, api_errno_status(err), api_errno_code(err), msg,
-                            later ? MHD_HTTP_HEADER_RETRY_AFTER : NULL, later ? "5" : NULL);
+                            later || busy ? MHD_HTTP_HEADER_RETRY_AFTER : NULL, later ? "5" : busy ? "1" : NULL);
 }
 
 enum MHD_Result api_reply_errno(struct req *r, int err)

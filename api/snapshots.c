@@ -232,24 +232,11 @@ enum MHD_Result api_snapshot_data(struct req *r, char **args)
         catalog_put(ci);
         return res;
     }
-    /* the view reads the file: the shared handle's pending metadata first */
-    char *uri = catalog_uri(r->cat, args[0]);
-    ret = uri ? catalog_flush(r->cat, args[0]) : err_fail(ENOMEM, "out of memory");
-    catalog_put(ci);
-    struct qcow2_image *view = NULL;
-    if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true,
-                                    .snapshot = args[1],
-                                    .l2_cache_bytes = 1u << 20,
-                                    .max_meta_bytes = catalog_max_meta(r->cat)};
-        ret = qcow2_open(uri, &o, &view);
-        if (ret == -ENOENT)
-            ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", args[0], args[1]);
-        else if (ret == -EINVAL) /* the image opened above: the snapshot's own metadata is bad */
-            ret = err_prefix(-EUCLEAN, "image '%s', snapshot '%s'", args[0], args[1]);
-    }
-    free(uri);
+    catalog_put(ci); /* it opens (else its error above): the view reads the file */
+    struct catalog_private *view;
+    struct catalog_private_opts o = {.snapshot = args[1], .small_cache = true};
+    ret = catalog_open_private(r->cat, args[0], &o, &view);
     if (ret < 0)
         return api_reply_errno(r, ret);
-    return api_send_data(r, view, NULL, view);
+    return api_send_data(r, catalog_private_qcow2(view), NULL, view);
 }

@@ -50,11 +50,14 @@ int catalog_valid_name(const char *name);
 
 /* The valid image names in the catalog now (the "*.qcow2" files), sorted. On
  * success *names is a new array of *count new strings (catalog_names_free);
- * on failure nothing is returned and the return is a negative errno. Thread-safe. */
+ * on failure nothing is returned and the return is a negative errno. Images
+ * put in or taken out of the folder behind qcowd's back join or leave the
+ * backing-user index here. Thread-safe. */
 int catalog_list(struct catalog *c, char ***names, size_t *count);
 void catalog_names_free(char **names, size_t count);
 
-/* Get the open image called name: from the cache when its file has not changed
+/* Get the open image called name (-EBUSY while a job that changes it runs):
+ * from the cache when its file has not changed
  * (size, mtime to the nanosecond and inode; changes made through the catalog's own
  * handle do not count),
  * else opened now: read-write when the engine accepts it (the file is writable,
@@ -107,9 +110,9 @@ int catalog_storage_stats(int (*cb)(void *ctx, const char *scheme, const char *n
 /* Like catalog_get, for writing through the handle: refused with -EROFS when the
  * file could only be opened read-only, or the image's own errno when the image
  * forbids writing (-EUCLEAN the corrupt bit, -ENOTSUP encryption; err_msg() says
- * why), and -EBUSY when
- * another image of the catalog has it in its backing chain or its container is
- * being downloaded (catalog_file_open). While the reference
+ * why), -ETXTBSY when another image of the catalog has it in its backing chain
+ * (naming it), and -EBUSY while its container is being downloaded
+ * (catalog_file_open), a job runs on it or it is being deleted. While the reference
  * is held the catalog keeps this handle even though the file changes (its own
  * writes). Release with catalog_put_writable. Thread-safe. */
 int catalog_get_writable(struct catalog *c, const char *name, struct catalog_image **out);
@@ -124,7 +127,8 @@ bool catalog_image_writable(const struct catalog_image *ci);
  * place, so no half-made image is ever listed; the build (a preallocation can
  * take long) runs outside the catalog's locks. Returns 0, or -EINVAL (bad name or
  * option, unknown backing image, a size over --max-virtual-size), -EEXIST (name
- * taken), -EBUSY (the backing image is being written), -ENOSPC (the folder is at
+ * taken), -EBUSY (the backing image is being written, or the name is reserved:
+ * a convert's target, another create or upload; nothing is made then), -ENOSPC (the folder is at
  * --max-catalog), an error of the backing image, or the engine's error. */
 int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *o);
 
@@ -144,13 +148,17 @@ int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *fi
  * bytes would pass it (0 at once without that budget). Thread-safe. */
 int catalog_check_space(struct catalog *c, uint64_t more);
 
-/* Remove the image name. Returns 0, -EINVAL, -ENOENT, or -EBUSY when another
- * image of the catalog has it in its backing chain (err_msg() names it). Holders
- * of a handle keep it until they put it. */
+/* Remove the image name. Returns 0, -EINVAL, -ENOENT, -ETXTBSY when another
+ * image of the catalog has it in its backing chain, or -EBUSY while a write is in
+ * flight, its container is downloaded, a job claims it (queued or running), or
+ * its name is reserved (err_msg() names the holder). Holders of a handle keep
+ * it until they put it. */
 int catalog_remove(struct catalog *c, const char *name);
 
 /* Upload of a whole qcow2 container: begin creates a temporary file in the
- * catalog (-EEXIST at once when name is taken; -EFBIG when length, the declared
+ * catalog and reserves name until commit or abort (-EEXIST at once when name
+ * is taken, -EBUSY when it is reserved: a convert's target, a create or another
+ * upload; -EFBIG when length, the declared
  * size or UINT64_MAX when unknown, passes --max-upload; -ENOSPC when it would
  * take the folder past --max-catalog), write appends bytes (-EFBIG past
  * --max-upload; the first bytes must be a qcow2 header, -EUCLEAN when they are
@@ -171,8 +179,9 @@ void catalog_upload_abort(struct catalog_upload *u);
 /* The container file of name for reading (pending metadata of the catalog's
  * handle is flushed first). *size is the file's size. From open to close the
  * image takes no writes: catalog_get_writable fails with -EBUSY meanwhile, and
- * open itself fails with -EBUSY while a write runs, so what is read is one
- * consistent container. A broken image (one catalog_get refuses) can still be
+ * open itself fails with -EBUSY while a write runs or a job that changes the
+ * image (snapshot, repair, commit) is queued or running, and such jobs wait
+ * for the download to end, so what is read is one consistent container. A broken image (one catalog_get refuses) can still be
  * opened, to be looked at. */
 struct catalog_file;
 int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size);
@@ -181,22 +190,89 @@ void catalog_file_close(struct catalog_file *f);
 
 /* ---- jobs: reservations, private handles, temporary images, notifications ---- */
 
-/* Reserve name for a job (owner: a short text such as "job 7 (commit)"). Until
+/* ---- admission (access.c; the rules are written at its top and in the README) ----
+ * Every refusal below is -EBUSY with err_msg() naming the holder ("image 'vm1'
+ * is busy: job 7 (snapshot-create) is running"): the client may retry later. */
+
+/* How a job uses an image it claims. */
+enum catalog_use {
+    CATALOG_USE_READ,   /* reads it (convert's source, check): writers wait for the run */
+    CATALOG_USE_CHANGE, /* changes it (snapshots, repair, commit): downloads refused from submit to end */
+    CATALOG_USE_CREATE, /* makes it (convert's target): the name is reserved from submit to end */
+};
+
+/* A job's claim on its images from its submit to its end (make it before
+ * jobs_submit, free it from the job's free_arg). While it is held,
+ * catalog_remove of each name fails with -EBUSY, catalog_file_open of a
+ * CHANGE name too, and create and upload of a CREATE name. owner names the job
+ * in refusals ("a convert job"; catalog_claim_owner sets "job 7 (convert)" once
+ * the id is known). Fails with -EBUSY when a name is being deleted or a CREATE
+ * name is reserved by someone else (nothing is claimed then), -EINVAL for a bad
+ * name, -ENOMEM. Thread-safe. */
+struct catalog_claim;
+int catalog_claim(struct catalog *c, const char *owner, size_t n, const char *const *names,
+                  const enum catalog_use *uses, struct catalog_claim **out);
+void catalog_claim_owner(struct catalog_claim *cl, const char *owner);
+/* One more reference to cl (a submitter keeps cl to name the job once it has
+ * its id, though the job may end first); catalog_unclaim drops one, and the
+ * claim ends and cl is freed with the last (NULL is ignored). Thread-safe. */
+void catalog_claim_ref(struct catalog_claim *cl);
+void catalog_unclaim(struct catalog_claim *cl);
+
+/* The run of a job on name (owner: a short text such as "job 7 (commit)"): until
  * catalog_release, catalog_get_writable and catalog_remove of name fail with
- * -EBUSY naming the owner, and with exclusive also catalog_get (readers). Fails
- * with -EBUSY when name is reserved already or a writer holds it now (retry
- * later), -EINVAL for a bad name. Thread-safe. */
+ * -EBUSY naming the owner, and with exclusive (the job changes the image) also
+ * catalog_get (readers) and catalog_file_open. Fails with -EBUSY (the job
+ * retries later) while another job runs on name, a write is in flight, and for
+ * an exclusive run while the container is being downloaded; -EINVAL for a bad
+ * name. Thread-safe. */
 int catalog_reserve(struct catalog *c, const char *name, bool exclusive, const char *owner);
 void catalog_release(struct catalog *c, const char *name);
 
-/* catalog_get_writable for the holder of the reservation of name (it skips the
- * reservation and the backing-chain check). Release with catalog_put_writable. */
+/* catalog_get_writable for the job holding the run of name (catalog_reserve; it
+ * skips the admission and the backing-chain check). Release with
+ * catalog_put_writable. */
 int catalog_get_reserved(struct catalog *c, const char *name, struct catalog_image **out);
+
+/* A private handle on a catalog image, for a job or a view that must see the
+ * file as qemu-img would, apart from the shared handle. */
+struct catalog_private_opts {
+    bool write;           /* read-write (the shared handle is dropped at open and close) */
+    const char *snapshot; /* open this snapshot's view (read-only), or NULL */
+    bool allow_corrupt;   /* open an image with the corrupt bit set (check) */
+    bool small_cache;     /* a 1 MiB L2 cache (a short-lived view) */
+};
+struct catalog_private;
+/* Open name privately (o NULL: read-only): the shared handle's pending metadata
+ * is written first, so the file is whole; for writing the shared handle is also
+ * dropped, so nobody keeps serving the metadata this handle replaces. The
+ * caller holds what admits it (a job's run, catalog_reserve; a view reads
+ * under nothing). On success *out is a new handle for catalog_close_private;
+ * on failure the return is -EUCLEAN (bad metadata, message naming the image
+ * and the snapshot), -ENOENT (no such image, or no such snapshot), or the
+ * engine's or store's error. */
+int catalog_open_private(struct catalog *c, const char *name, const struct catalog_private_opts *o,
+                         struct catalog_private **out);
+/* The engine handle of h (borrowed, valid until the close). */
+struct qcow2_image *catalog_private_qcow2(const struct catalog_private *h);
+/* Close h (NULL is ignored). A handle opened for writing is flushed first; with
+ * changed the shared handle is dropped again (the next catalog_get opens the
+ * file anew), the backing-user index reads the header again and "image-changed"
+ * is announced. Returns 0 or the first error of the flush and the close. */
+int catalog_close_private(struct catalog_private *h, bool changed);
+
+/* Call fn(ctx, user) for every catalog image with name in its backing chain
+ * (its overlays, their overlays...), from the backing-user index after one
+ * listing of the folder (images put there behind qcowd's back count too): no
+ * image is opened. Stops at fn's first error and returns it; 0, or the
+ * listing's error, or -ENOMEM. */
+int catalog_backing_users(struct catalog *c, const char *name, int (*fn)(void *ctx, const char *user), void *ctx);
 
 /* Write the pending metadata of name's cached handle, if any (0 when none). */
 int catalog_flush(struct catalog *c, const char *name);
 /* Drop the cached handle of name: the next catalog_get opens the file again
- * (holders keep the old one until they put it). Thread-safe. */
+ * (holders keep the old one until they put it), and read its header into the
+ * backing-user index again (a job may have rewritten it). Thread-safe. */
 void catalog_drop(struct catalog *c, const char *name);
 
 /* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
@@ -207,7 +283,8 @@ uint64_t catalog_max_meta(const struct catalog *c);
 char *catalog_temp(struct catalog *c, const char *kind, const char *name);
 /* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */
 char *catalog_path(struct catalog *c, const char *file);
-/* Rename the file tmp (made by the caller) into place as name: -EEXIST when the
+/* Rename the file tmp (made by the caller, who holds name by a CATALOG_USE_CREATE
+ * claim) into place as name and announce "image-created": -EEXIST when the
  * name is taken (tmp is left for the caller to remove). */
 int catalog_install(struct catalog *c, const char *tmp, const char *name);
 

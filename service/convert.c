@@ -18,6 +18,7 @@
 
 struct convert_arg {
     struct catalog *cat;
+    struct catalog_claim *claim; /* the source read, the target's name reserved */
     char *image, *target, *snapshot;
     struct svc_convert_opts o; /* strings point at the fields above */
 };
@@ -25,6 +26,7 @@ struct convert_arg {
 static void convert_free(void *p)
 {
     struct convert_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a->target);
     free(a->snapshot);
@@ -122,27 +124,20 @@ static int convert_run(struct job *j, void *p, json_t **result)
         catalog_release(cat, a->image);
         return ret;
     }
-    char *uri = catalog_uri(cat, a->image), *tmp = catalog_temp(cat, "convert", a->target);
+    char *tmp = catalog_temp(cat, "convert", a->target);
+    struct catalog_private *srch = NULL;
     struct qcow2_image *src = NULL, *dst = NULL;
     unsigned char *buf = NULL;
     bool made = false;
-    if (!uri || !tmp) {
+    if (!tmp) {
         ret = err_fail(ENOMEM, "out of memory");
         goto out;
     }
-    ret = catalog_flush(cat, a->image);
+    struct catalog_private_opts so = {.snapshot = a->snapshot};
+    ret = catalog_open_private(cat, a->image, &so, &srch);
     if (ret < 0)
         goto out;
-    struct qcow2_open_opts so = {.contained = true, .snapshot = a->snapshot, .max_meta_bytes = catalog_max_meta(cat)};
-    ret = qcow2_open(uri, &so, &src);
-    if (ret < 0) {
-        if (ret == -EINVAL) /* a missing snapshot is -ENOENT; this is bad metadata */
-            ret = err_prefix(-EUCLEAN, "image '%s'%s%s%s", a->image, a->snapshot ? ", snapshot '" : "",
-                             a->snapshot ? a->snapshot : "", a->snapshot ? "'" : "");
-        else if (ret == -ENOENT && a->snapshot)
-            ret = err_prefix(-ENOENT, "image '%s', snapshot '%s'", a->image, a->snapshot);
-        goto out;
-    }
+    src = catalog_private_qcow2(srch);
     const struct qcow2_info *in = qcow2_get_info(src);
     struct qcow2_create_opts co = {
         .size = qcow2_size(src),
@@ -199,8 +194,7 @@ static int convert_run(struct job *j, void *p, json_t **result)
 out:
     if (dst)
         qcow2_close(dst);
-    if (src)
-        qcow2_close(src);
+    catalog_close_private(srch, false);
     if (made) {
         struct err_saved saved;
         err_save(&saved, ret);
@@ -208,7 +202,6 @@ out:
         err_restore(&saved);
     }
     free(buf);
-    free(uri);
     free(tmp);
     catalog_release(cat, a->target);
     catalog_release(cat, a->image);
@@ -223,6 +216,14 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
         ret = err_fail(EINVAL, "\"target\" (a new image name) is required");
     if (ret == 0 && (ret = catalog_valid_name(o->target)) < 0)
         ret = err_prefix(ret, "target");
+    /* the target's name is reserved from now to the job's end (a create or an
+     * upload of it is refused), and the source kept from a delete */
+    struct catalog_claim *cl = NULL;
+    if (ret == 0 && strcmp(image, o->target)) {
+        const char *names[] = {image, o->target};
+        const enum catalog_use uses[] = {CATALOG_USE_READ, CATALOG_USE_CREATE};
+        ret = svc_claim(cat, "convert", 2, names, uses, &cl);
+    }
     uint32_t cs = o->cluster_size;
     if (ret == 0 && cs && (cs < 512 || cs > (2u << 20) || (cs & (cs - 1))))
         ret = err_fail(EINVAL, "cluster-size must be a power of two from 512 to 2097152");
@@ -250,6 +251,7 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
     if (ret == 0 && o->snapshot && !svc_has_snapshot(cat, image, o->snapshot))
         ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, o->snapshot);
     if (ret < 0) {
+        catalog_unclaim(cl);
         json_decref(params);
         return ret;
     }
@@ -258,13 +260,15 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
         (o->snapshot && !(a->snapshot = strdup(o->snapshot)))) {
         if (a)
             convert_free(a);
+        catalog_unclaim(cl);
         json_decref(params);
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
+    a->claim = cl;
     a->o = *o;
     a->o.target = a->target;
     a->o.snapshot = a->snapshot;
     const char *locks[] = {o->target, NULL};
-    return jobs_submit(js, "convert", image, locks, params, convert_run, a, convert_free, job);
+    return svc_submit(js, cl, "convert", image, locks, params, convert_run, a, convert_free, job);
 }

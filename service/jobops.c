@@ -27,6 +27,29 @@ int svc_reserve(struct job *j, struct catalog *cat, const char *name, bool exclu
     return job_retry_later(j);
 }
 
+int svc_claim(struct catalog *cat, const char *type, size_t n, const char *const *names, const enum catalog_use *uses,
+              struct catalog_claim **out)
+{
+    char owner[64];
+    snprintf(owner, sizeof owner, "a %s job", type);
+    return catalog_claim(cat, owner, n, names, uses, out);
+}
+
+int svc_submit(struct jobs *js, struct catalog_claim *cl, const char *type, const char *image,
+               const char *const *locks, json_t *params, job_run_fn run, void *arg, void (*free_arg)(void *),
+               json_t **job)
+{
+    catalog_claim_ref(cl); /* the job may end, and free arg, before the id is read */
+    int ret = jobs_submit(js, type, image, locks, params, run, arg, free_arg, job);
+    if (ret == 0) {
+        char owner[96];
+        snprintf(owner, sizeof owner, "job %s (%s)", json_string_value(json_object_get(*job, "id")), type);
+        catalog_claim_owner(cl, owner);
+    }
+    catalog_unclaim(cl);
+    return ret;
+}
+
 /* The image must open now (a clear error for a corrupt one comes at once). */
 int svc_usable(struct catalog *cat, const char *image)
 {
@@ -52,31 +75,9 @@ bool svc_has_snapshot(struct catalog *cat, const char *image, const char *snap)
     return found;
 }
 
-/* Call fn(ctx, name) for every catalog image with the file uri in its backing
- * chain (images that cannot be opened now are skipped); stops at an error. */
-static int each_user(struct catalog *cat, const char *uri, int (*fn)(void *ctx, const char *name), void *ctx)
-{
-    char **names = NULL;
-    size_t count = 0;
-    int ret = catalog_list(cat, &names, &count);
-    for (size_t i = 0; ret == 0 && i < count; i++) {
-        struct catalog_image *ci;
-        if (catalog_get(cat, names[i], &ci) < 0)
-            continue;
-        for (struct qcow2_image *l = qcow2_backing(catalog_image_qcow2(ci)); l && ret == 0; l = qcow2_backing(l))
-            if (!strcmp(qcow2_get_info(l)->uri, uri))
-                ret = fn(ctx, names[i]);
-        catalog_put(ci);
-    }
-    catalog_names_free(names, count);
-    if (ret == 0)
-        err_clear();
-    return ret;
-}
-
 static int refuse_user(void *ctx, const char *name)
 {
-    return err_fail(EBUSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
+    return err_fail(ETXTBSY, "image '%s' is in the backing chain of image '%s': reverting it would change that disk",
                     (const char *)ctx, name);
 }
 
@@ -84,12 +85,14 @@ static int refuse_user(void *ctx, const char *name)
 
 struct snap_arg {
     struct catalog *cat;
+    struct catalog_claim *claim;
     char *image, *op, *snap;
 };
 
 static void snap_free(void *p)
 {
     struct snap_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a->op);
     free(a->snap);
@@ -126,8 +129,8 @@ static int snap_run(struct job *j, void *p, json_t **result)
     return ret;
 }
 
-int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, const char *op, const char *snap,
-                     json_t **job)
+/* The checks of a snapshot request that need no job. */
+static int snap_check(struct catalog *cat, const char *image, const char *op, const char *snap)
 {
     int ret = svc_usable(cat, image);
     if (ret < 0)
@@ -141,30 +144,44 @@ int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, co
         ; /* an id may equal the new name; the engine decides (-EEXIST) */
     else if (strcmp(op, "create") && !found)
         return err_fail(ENOENT, "image '%s' has no snapshot '%s'", image, snap);
-    if (!strcmp(op, "revert")) {
-        char *uri = catalog_uri(cat, image), *canon = uri ? realpath(uri, NULL) : NULL;
-        ret = uri ? each_user(cat, canon ? canon : uri, refuse_user, (void *)image) : err_fail(ENOMEM, "out of memory");
-        free(canon);
-        free(uri);
-        if (ret < 0)
-            return ret;
+    if (!strcmp(op, "revert"))
+        ret = catalog_backing_users(cat, image, refuse_user, (void *)image);
+    return ret;
+}
+
+int svc_snapshot_job(struct jobs *js, struct catalog *cat, const char *image, const char *op, const char *snap,
+                     json_t **job)
+{
+    char type[32];
+    snprintf(type, sizeof type, "snapshot-%s", op);
+    /* claimed before it is looked at: no delete slips in between */
+    struct catalog_claim *cl;
+    enum catalog_use use = CATALOG_USE_CHANGE;
+    int ret = svc_claim(cat, type, 1, &image, &use, &cl);
+    if (ret < 0)
+        return ret;
+    ret = snap_check(cat, image, op, snap);
+    if (ret < 0) {
+        catalog_unclaim(cl);
+        return ret;
     }
     struct snap_arg *a = calloc(1, sizeof *a);
     if (!a || !(a->image = strdup(image)) || !(a->op = strdup(op)) || !(a->snap = strdup(snap))) {
         if (a)
             snap_free(a);
+        catalog_unclaim(cl);
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
-    char type[32];
-    snprintf(type, sizeof type, "snapshot-%s", op);
-    return jobs_submit(js, type, image, NULL, json_pack("{s:s}", "snapshot", snap), snap_run, a, snap_free, job);
+    a->claim = cl;
+    return svc_submit(js, cl, type, image, NULL, json_pack("{s:s}", "snapshot", snap), snap_run, a, snap_free, job);
 }
 
 /* ---- check ---- */
 
 struct check_arg {
     struct catalog *cat;
+    struct catalog_claim *claim;
     char *image;
     enum qcow2_repair repair;
 };
@@ -172,6 +189,7 @@ struct check_arg {
 static void check_free(void *p)
 {
     struct check_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a);
 }
@@ -183,20 +201,11 @@ static int check_run(struct job *j, void *p, json_t **result)
     int ret = svc_reserve(j, a->cat, a->image, repair);
     if (ret < 0)
         return ret;
-    char *uri = catalog_uri(a->cat, a->image);
-    struct qcow2_image *img = NULL;
-    /* the file as qemu-img would see it: the shared handle's pending metadata
-     * first, then a private handle (read-write only to repair) */
-    ret = uri ? catalog_flush(a->cat, a->image) : err_fail(ENOMEM, "out of memory");
-    if (ret == 0 && repair)
-        catalog_drop(a->cat, a->image);
-    if (ret == 0) {
-        struct qcow2_open_opts o = {
-            .contained = true, .read_write = repair, .allow_corrupt = true, .max_meta_bytes = catalog_max_meta(a->cat)};
-        ret = qcow2_open(uri, &o, &img);
-        if (ret == -EINVAL)
-            ret = err_prefix(-EUCLEAN, "cannot check image '%s'", a->image);
-    }
+    /* the file as qemu-img would see it (read-write only to repair) */
+    struct catalog_private *h = NULL;
+    struct catalog_private_opts po = {.write = repair, .allow_corrupt = true};
+    ret = catalog_open_private(a->cat, a->image, &po, &h);
+    struct qcow2_image *img = h ? catalog_private_qcow2(h) : NULL;
     job_progress(j, 0, 1);
     struct qcow2_check_result r, fixed = {0};
     if (ret == 0)
@@ -207,23 +216,15 @@ static int check_run(struct job *j, void *p, json_t **result)
         r.leaks_fixed = fixed.leaks_fixed;
         r.corruptions_fixed = fixed.corruptions_fixed;
     }
-    if (img) {
-        int cret = repair ? qcow2_flush(img) : 0;
-        int cl = qcow2_close(img);
-        if (ret == 0)
-            ret = cret ? cret : cl;
-    }
-    if (repair) {
-        catalog_drop(a->cat, a->image);
-        catalog_changed(a->cat, a->image);
-    }
+    int cl = catalog_close_private(h, repair);
+    if (ret == 0)
+        ret = cl;
     if (ret == 0) {
         char file[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
         snprintf(file, sizeof file, "%s%s", a->image, CATALOG_SUFFIX);
         *result = qj_check(file, &r);
         job_progress(j, 1, 1);
     }
-    free(uri);
     catalog_release(a->cat, a->image);
     return ret;
 }
@@ -237,22 +238,31 @@ int svc_check_job(struct jobs *js, struct catalog *cat, const char *image, const
         rep = QCOW2_REPAIR_ALL;
     else if (repair)
         return err_fail(EINVAL, "repair must be \"leaks\" or \"all\"");
+    struct catalog_claim *cl;
+    enum catalog_use use = rep == QCOW2_REPAIR_NONE ? CATALOG_USE_READ : CATALOG_USE_CHANGE;
+    int ret = svc_claim(cat, "check", 1, &image, &use, &cl);
+    if (ret < 0)
+        return ret;
     /* a corrupt image is what check is for: only a missing one is refused now */
     struct catalog_image *ci;
-    int ret = catalog_get(cat, image, &ci);
-    if (ret == -EINVAL || ret == -ENOENT)
+    ret = catalog_get(cat, image, &ci);
+    if (ret == -EINVAL || ret == -ENOENT) {
+        catalog_unclaim(cl);
         return ret;
+    }
     if (ret == 0)
         catalog_put(ci);
     struct check_arg *a = calloc(1, sizeof *a);
     if (!a || !(a->image = strdup(image))) {
         free(a);
+        catalog_unclaim(cl);
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
+    a->claim = cl;
     a->repair = rep;
     json_t *params = repair ? json_pack("{s:s}", "repair", repair) : json_object();
-    return jobs_submit(js, "check", image, NULL, params, check_run, a, check_free, job);
+    return svc_submit(js, cl, "check", image, NULL, params, check_run, a, check_free, job);
 }
 
 /* ---- commit ---- */
@@ -261,6 +271,7 @@ int svc_check_job(struct jobs *js, struct catalog *cat, const char *image, const
 
 struct commit_arg {
     struct catalog *cat;
+    struct catalog_claim *claim;
     char *image, *base;                 /* base: a catalog name */
     char *names[COMMIT_MAX_NAMES + 1]; /* reserved while it runs (image first); NULL-terminated */
 };
@@ -268,6 +279,7 @@ struct commit_arg {
 static void commit_free(void *p)
 {
     struct commit_arg *a = p;
+    catalog_unclaim(a->claim);
     free(a->image);
     free(a->base);
     for (char **n = a->names; *n; n++)
@@ -297,14 +309,51 @@ static int add_name(struct commit_arg *a, const char *name)
     return (a->names[i] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
 }
 
+/* The users of base met by commit_plan: those reading base through the
+ * committed chain (above top, or top itself) see the same disk afterwards;
+ * the others see the committed data appear under them. */
+struct users {
+    struct commit_arg *a;
+    size_t chain;       /* a->names[0..chain) is the committed chain */
+    char **above;       /* images with top in their chain (their view is kept) */
+    size_t n_above;
+    char others[512];   /* the other users' names, for the refusal */
+    size_t n_others;
+    bool force;
+};
+
+static int add_above(void *ctx, const char *name)
+{
+    struct users *u = ctx;
+    char **v = realloc(u->above, (u->n_above + 1) * sizeof *v);
+    if (!v)
+        return err_fail(ENOMEM, "out of memory");
+    u->above = v;
+    return (u->above[u->n_above++] = strdup(name)) ? 0 : err_fail(ENOMEM, "out of memory");
+}
+
 static int add_user(void *ctx, const char *name)
 {
-    return add_name(ctx, name);
+    struct users *u = ctx;
+    bool kept = false;
+    for (size_t i = 0; i < u->chain && !kept; i++)
+        kept = !strcmp(u->a->names[i], name);
+    for (size_t i = 0; i < u->n_above && !kept; i++)
+        kept = !strcmp(u->above[i], name);
+    if (!kept && !u->force) {
+        size_t len = strlen(u->others);
+        if (len + strlen(name) + 5 < sizeof u->others)
+            snprintf(u->others + len, sizeof u->others - len, "%s'%s'", u->n_others ? ", " : "", name);
+        u->n_others++;
+    }
+    return add_name(u->a, name);
 }
 
 /* Every image of the chain from image down to base, and every catalog image that
- * reads base (their view of it changes). */
-static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base)
+ * reads base (their view of it changes). Without force, -ETXTBSY when an image
+ * outside the committed chain reads base other than through it (it would see
+ * the committed data), naming those images. */
+static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *base, bool force)
 {
     struct catalog_image *ci;
     int ret = catalog_get(cat, a->image, &ci);
@@ -316,7 +365,6 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
         return err_fail(EINVAL, "image '%s' has no backing file to commit into", a->image);
     }
     ret = add_name(a, a->image);
-    char *base_uri = NULL;
     for (; l && ret == 0; l = qcow2_backing(l)) {
         char *n = layer_name(l);
         if (!n) {
@@ -327,7 +375,6 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
         bool last = !base || !strcmp(n, base);
         if (last) {
             a->base = n;
-            base_uri = strdup(qcow2_get_info(l)->uri);
             break;
         }
         free(n);
@@ -335,9 +382,22 @@ static int commit_plan(struct catalog *cat, struct commit_arg *a, const char *ba
     catalog_put(ci);
     if (ret == 0 && !a->base)
         ret = err_fail(EINVAL, "image '%s' is not in the backing chain of '%s'", base, a->image);
+    struct users u = {.a = a, .force = force};
+    while (a->names[u.chain])
+        u.chain++;
+    if (ret == 0 && !force)
+        ret = catalog_backing_users(cat, a->image, add_above, &u);
     if (ret == 0)
-        ret = each_user(cat, base_uri, add_user, a);
-    free(base_uri);
+        ret = catalog_backing_users(cat, a->base, add_user, &u);
+    if (ret == 0 && u.n_others)
+        ret = err_fail(ETXTBSY,
+                       "image '%s' is also the backing file of %s%s: a commit into it changes what %s read%s; "
+                       "send \"force\": true to commit all the same",
+                       a->base, u.others, u.n_others > 1 && strlen(u.others) + 40 > sizeof u.others ? " and more" : "",
+                       u.n_others > 1 ? "they" : "it", u.n_others > 1 ? "" : "s");
+    for (size_t i = 0; i < u.n_above; i++)
+        free(u.above[i]);
+    free(u.above);
     if (ret == 0)
         err_clear();
     return ret;
@@ -357,21 +417,18 @@ static int commit_run(struct job *j, void *p, json_t **result)
         ret = catalog_flush(cat, a->names[i]);
     for (size_t i = 0; i < held; i++)
         catalog_drop(cat, a->names[i]);
-    char *uri = ret == 0 ? catalog_uri(cat, a->image) : NULL;
     char *base_uri = ret == 0 ? catalog_uri(cat, a->base) : NULL;
-    struct qcow2_image *top = NULL;
-    if (ret == 0 && (!uri || !base_uri))
+    struct catalog_private *top = NULL;
+    if (ret == 0 && !base_uri)
         ret = err_fail(ENOMEM, "out of memory");
-    if (ret == 0) {
-        struct qcow2_open_opts o = {.contained = true, .read_write = true, .max_meta_bytes = catalog_max_meta(cat)};
-        ret = qcow2_open(uri, &o, &top);
-        if (ret == -EINVAL)
-            ret = err_prefix(-EUCLEAN, "image '%s'", a->image);
-    }
+    struct catalog_private_opts po = {.write = true};
+    if (ret == 0)
+        ret = catalog_open_private(cat, a->image, &po, &top);
+    bool opened = ret == 0;
     if (ret == 0) {
         struct qcow2_commit_opts co = {.base = base_uri, .progress = job_progress, .opaque = j};
-        ret = qcow2_commit(top, &co);
-        int cl = qcow2_close(top);
+        ret = qcow2_commit(catalog_private_qcow2(top), &co);
+        int cl = catalog_close_private(top, false); /* every name is dropped and announced below */
         if (ret == 0)
             ret = cl;
     }
@@ -380,16 +437,16 @@ static int commit_run(struct job *j, void *p, json_t **result)
         catalog_drop(cat, a->names[i]);
     for (size_t i = 0; i < held; i++)
         catalog_release(cat, a->names[i]);
-    for (size_t i = 0; i < held && top; i++)
+    for (size_t i = 0; i < held && opened; i++)
         catalog_changed(cat, a->names[i]);
     if (ret == 0)
         *result = json_pack("{s:s,s:s}", "top", a->image, "base", a->base);
-    free(uri);
     free(base_uri);
     return ret;
 }
 
-int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job)
+int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, bool force,
+                   json_t **job)
 {
     int ret = svc_usable(cat, image);
     if (ret == 0 && base && (ret = catalog_valid_name(base)) < 0)
@@ -402,11 +459,21 @@ int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, cons
         return err_fail(ENOMEM, "out of memory");
     }
     a->cat = cat;
-    ret = commit_plan(cat, a, base);
+    ret = commit_plan(cat, a, base, force);
+    if (ret < 0) {
+        commit_free(a);
+        return ret;
+    }
+    size_t n = 0;
+    enum catalog_use uses[COMMIT_MAX_NAMES];
+    for (; a->names[n]; n++)
+        uses[n] = CATALOG_USE_CHANGE;
+    ret = svc_claim(cat, "commit", n, (const char *const *)a->names, uses, &a->claim);
     if (ret < 0) {
         commit_free(a);
         return ret;
     }
     json_t *params = json_pack("{s:s}", "base", a->base);
-    return jobs_submit(js, "commit", image, (const char *const *)a->names, params, commit_run, a, commit_free, job);
+    return svc_submit(js, a->claim, "commit", image, (const char *const *)a->names, params, commit_run, a, commit_free,
+                      job);
 }

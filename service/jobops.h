@@ -9,6 +9,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "catalog.h"
+#include "jobs.h"
+
 struct catalog;
 struct jobs;
 
@@ -38,8 +41,13 @@ int svc_convert_job(struct jobs *js, struct catalog *cat, const char *image, con
                     json_t *params, json_t **job);
 
 /* Commit image into base (NULL: its backing file; else a catalog image further
- * down its chain). -ENOTSUP when the engine has no commit. */
-int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, json_t **job);
+ * down its chain). -ENOTSUP when the engine has no commit. -ETXTBSY (409) when
+ * another catalog image reads base other than through the committed chain
+ * (its disk would change), naming it, unless force: then it is held like the
+ * chain while the job runs and sees the committed data afterwards, as with
+ * qemu-img commit. */
+int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, const char *base, bool force,
+                   json_t **job);
 
 /* Reserve name for job j. While a client's write holds it, -EAGAIN from
  * job_retry_later (the run function returns it, having released what it took:
@@ -47,6 +55,17 @@ int svc_commit_job(struct jobs *js, struct catalog *cat, const char *image, cons
  * is cancelled. (Shared by the job kinds.) */
 struct job;
 int svc_reserve(struct job *j, struct catalog *cat, const char *name, bool exclusive);
+
+/* Claim names (uses[i] each) for a job of type, before it is submitted: the
+ * claim's owner reads "a TYPE job" until svc_submit names it "job 7 (TYPE)".
+ * catalog_claim's errors. */
+int svc_claim(struct catalog *cat, const char *type, size_t n, const char *const *names, const enum catalog_use *uses,
+              struct catalog_claim **out);
+/* jobs_submit of a job whose arg holds the claim cl (free_arg ends it); on
+ * success cl is named after the job. jobs_submit's returns. */
+int svc_submit(struct jobs *js, struct catalog_claim *cl, const char *type, const char *image,
+               const char *const *locks, json_t *params, job_run_fn run, void *arg, void (*free_arg)(void *),
+               json_t **job);
 
 /* 0 when image opens now (or is reserved by a job), else its error. */
 int svc_usable(struct catalog *cat, const char *image);

@@ -191,6 +191,7 @@ static const struct {
     {ENOENT, 404, "not-found"},
     {EEXIST, 409, "conflict"},
     {EBUSY, 409, "conflict"},
+    {ETXTBSY, 409, "conflict"},
     {EROFS, 409, "read-only"},
     {EFBIG, 413, "too-large"},
     {ERANGE, 416, "range-not-satisfiable"},

@@ -1,0 +1,500 @@
+/* files.c: whole-image operations on the catalog folder: create, remove,
+ * upload, download of the container, install of a job's result, and budgets. */
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "catalog_int.h"
+#include "err.h"
+#include "qcow2.h"
+#include "vfs.h"
+
+/* ---- budgets ---- */
+
+/* "1.5 GiB" for the messages that name a budget. */
+static void human(uint64_t v, char *out, size_t cap)
+{
+    static const char *const units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    unsigned u = 0;
+    double d = (double)v;
+    while (d >= 1024 && u < 6) {
+        d /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(out, cap, "%llu bytes", (unsigned long long)v);
+    else
+        snprintf(out, cap, "%.4g %s", d, units[u]);
+}
+
+static int over_virtual(const struct catalog *c, int err, uint64_t size)
+{
+    char a[32], b[32];
+    human(size, a, sizeof a);
+    human(c->opts.max_virtual_size, b, sizeof b);
+    return err_fail(err, "a virtual size of %s is over --max-virtual-size (%s)", a, b);
+}
+
+struct usage {
+    const char *root;
+    uint64_t bytes;
+};
+
+static int add_file(void *ctx, const char *file)
+{
+    struct usage *u = ctx;
+    char *uri;
+    if (asprintf(&uri, "%s/%s", u->root, file) < 0)
+        return -ENOMEM;
+    struct vfs_stat st;
+    if (vfs_stat(uri, &st) == 0 && !st.is_dir)
+        u->bytes += st.size;
+    free(uri);
+    return 0;
+}
+
+/* One listing and a stat per file: called per upload, create and convert,
+ * never per read or write. */
+int catalog_check_space(struct catalog *c, uint64_t more)
+{
+    if (c->opts.max_catalog == CATALOG_UNLIMITED)
+        return 0;
+    struct usage u = {.root = c->root};
+    int ret = vfs_list(c->root, add_file, &u);
+    if (ret < 0)
+        return ret == -ENOMEM ? err_fail(ENOMEM, "out of memory") : err_prefix(ret, "listing the catalog");
+    err_clear();
+    if (u.bytes <= c->opts.max_catalog && more <= c->opts.max_catalog - u.bytes)
+        return 0;
+    char used[32], cap[32], add[32];
+    human(u.bytes, used, sizeof used);
+    human(c->opts.max_catalog, cap, sizeof cap);
+    human(more, add, sizeof add);
+    return err_fail(ENOSPC, "the catalog holds %s%s%s: over --max-catalog (%s)", used, more ? " and needs " : "",
+                    more ? add : "", cap);
+}
+
+static int exists(const char *uri, const char *name)
+{
+    struct vfs_stat st;
+    int ret = vfs_stat(uri, &st);
+    if (ret == 0)
+        return err_fail(EEXIST, "an image named '%s' already exists", name);
+    if (ret != -ENOENT)
+        return ret;
+    err_clear();
+    return 0;
+}
+
+/* Who reserves a name while making its image (admission messages). */
+static const char CREATE_OWNER[] = "a create (POST /v1/images)";
+static const char UPLOAD_OWNER[] = "an upload (PUT .../file)";
+
+/* Rename tmp into place as name, drop the cache's entry and announce it. The
+ * caller holds the name's reservation (cat_admit_name or a job's claim), so
+ * nobody else makes an image of that name meanwhile; the file is looked for
+ * again all the same, and -EEXIST leaves tmp to the caller. */
+static int install(struct catalog *c, const char *tmp, const char *uri, const char *name)
+{
+    int ret = exists(uri, name);
+    if (ret == 0)
+        ret = vfs_rename(tmp, uri);
+    if (ret == 0) {
+        cat_forget(c, name);
+        cat_users_reread(c, name);
+        cat_notify(c, "image-created", name);
+    }
+    return ret;
+}
+
+int catalog_create(struct catalog *c, const char *name, const struct qcow2_create_opts *opts)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    if (opts->size > c->opts.max_virtual_size)
+        return over_virtual(c, EINVAL, opts->size);
+    struct qcow2_create_opts o = *opts;
+    o.max_meta_bytes = c->opts.max_meta_bytes; /* an image the catalog could not open is not made */
+    char backing[CATALOG_NAME_MAX + sizeof CATALOG_SUFFIX];
+    if (o.backing_format && strcmp(o.backing_format, "qcow2"))
+        return err_fail(EINVAL, "backing-fmt must be \"qcow2\": catalog images are qcow2");
+    if (o.data_file)
+        return err_fail(EINVAL, "external data files are not supported in the catalog");
+    if (o.backing_file) {
+        if (catalog_valid_name(o.backing_file) < 0)
+            return err_prefix(-EINVAL, "backing-file");
+        struct catalog_image *bi;
+        ret = catalog_get(c, o.backing_file, &bi);
+        if (ret == -ENOENT)
+            return err_fail(EINVAL, "backing-file: no image named '%s' in the catalog", o.backing_file);
+        if (ret < 0)
+            return err_prefix(ret, "backing-file '%s'", o.backing_file);
+        pthread_mutex_lock(&c->lock);
+        unsigned writers = bi->writers;
+        pthread_mutex_unlock(&c->lock);
+        if (writers)
+            ret = err_fail(EBUSY, "backing-file '%s' is being written", o.backing_file);
+        else /* the new image reads it from the disk */
+            ret = cat_flush_own(bi);
+        catalog_put(bi);
+        if (ret < 0)
+            return ret;
+        snprintf(backing, sizeof backing, "%s%s", o.backing_file, CATALOG_SUFFIX);
+        o.backing_file = backing;
+        o.backing_format = "qcow2";
+    } else if (o.backing_format) {
+        return err_fail(EINVAL, "backing-fmt without backing-file");
+    }
+    char *uri = cat_image_uri(c, name), *tmp = cat_temp_uri(c, "create", name);
+    if (!uri || !tmp) {
+        ret = err_fail(ENOMEM, "out of memory");
+        goto out;
+    }
+    /* the name is ours from here to the rename (a convert's target, another
+     * create or upload is refused, and we are refused while one holds it); the
+     * image is built under its temporary name with no lock held (a
+     * preallocation writes for as long as the disk is large) */
+    ret = cat_admit_name(c, name, CREATE_OWNER);
+    if (ret < 0)
+        goto out;
+    ret = exists(uri, name);
+    if (ret == 0)
+        ret = catalog_check_space(c, 0);
+    if (ret == 0)
+        ret = qcow2_create(tmp, &o);
+    if (ret == 0)
+        ret = install(c, tmp, uri, name);
+    if (ret < 0) {
+        struct err_saved saved;
+        err_save(&saved, ret);
+        vfs_remove(tmp);
+        err_restore(&saved);
+    }
+    cat_leave_name(c, name, CREATE_OWNER);
+out:
+    free(uri);
+    free(tmp);
+    return ret;
+}
+
+int catalog_remove(struct catalog *c, const char *name)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    char *uri = cat_image_uri(c, name);
+    if (!uri)
+        return err_fail(ENOMEM, "out of memory");
+    /* the name is held against writers, downloads, jobs and makers from here
+     * to the removal; the store is asked outside the admission lock */
+    ret = cat_admit_delete(c, name);
+    if (ret < 0) {
+        free(uri);
+        return ret;
+    }
+    struct vfs_stat st;
+    ret = vfs_stat(uri, &st);
+    if (ret == -ENOENT || (ret == 0 && st.is_dir))
+        ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
+    if (ret == 0)
+        ret = cat_users_refuse(c, name);
+    if (ret == 0)
+        ret = vfs_remove(uri);
+    if (ret == 0) {
+        cat_forget(c, name);
+        cat_users_drop(c, name);
+    }
+    cat_leave_delete(c, name);
+    if (ret == 0) {
+        cat_notify(c, "image-deleted", name);
+    }
+    free(uri);
+    return ret;
+}
+
+/* ---- upload ---- */
+
+/* The first bytes of a qcow2 header: magic, version, cluster bits, disk size. */
+#define UPLOAD_HEAD 32
+
+struct catalog_upload {
+    struct catalog *cat;
+    char *name, *uri, *tmp;
+    struct vfs_file *f;
+    uint64_t off; /* bytes written */
+    unsigned char head[UPLOAD_HEAD];
+    bool named; /* holds the name's reservation */
+};
+
+int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, struct catalog_upload **out)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    char a[32], b[32];
+    if (length != UINT64_MAX && length > c->opts.max_upload) {
+        human(length, a, sizeof a);
+        human(c->opts.max_upload, b, sizeof b);
+        return err_fail(EFBIG, "an upload of %s is over --max-upload (%s)", a, b);
+    }
+    struct catalog_upload *u = calloc(1, sizeof *u);
+    if (!u || !(u->name = strdup(name)) || !(u->uri = cat_image_uri(c, name)) || !(u->tmp = cat_temp_uri(c, "upload", name))) {
+        ret = err_fail(ENOMEM, "out of memory");
+        goto fail;
+    }
+    u->cat = c;
+    ret = cat_admit_name(c, name, UPLOAD_OWNER); /* until the commit or the abort */
+    if (ret < 0)
+        goto fail;
+    u->named = true;
+    ret = exists(u->uri, name);
+    if (ret == 0)
+        ret = catalog_check_space(c, length == UINT64_MAX ? 0 : length);
+    if (ret == 0)
+        ret = vfs_open(u->tmp, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
+    if (ret < 0)
+        goto fail;
+    *out = u;
+    return 0;
+fail:
+    if (u) {
+        if (u->named)
+            cat_leave_name(c, name, UPLOAD_OWNER);
+        free(u->name);
+        free(u->uri);
+        free(u->tmp);
+        free(u);
+    }
+    return ret;
+}
+
+static uint32_t be32(const unsigned char *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* The header's first bytes, as far as they came (have of them): refused at
+ * once when they cannot start a qcow2 image the catalog would take. */
+static int check_head(const struct catalog *c, const unsigned char *h, size_t have)
+{
+    static const unsigned char magic[4] = {'Q', 'F', 'I', 0xfb};
+    for (size_t i = 0; i < have && i < 4; i++)
+        if (h[i] != magic[i])
+            return err_fail(EUCLEAN, "not a qcow2 image: its first bytes are not the qcow2 magic \"QFI\\xfb\"");
+    if (have >= 8 && be32(h + 4) != 2 && be32(h + 4) != 3)
+        return err_fail(EUCLEAN, "not a valid qcow2 image: version %u (2 or 3 expected)", be32(h + 4));
+    if (have >= 24 && (be32(h + 20) < 9 || be32(h + 20) > 21))
+        return err_fail(EUCLEAN, "not a valid qcow2 image: cluster_bits %u (9 to 21 expected)", be32(h + 20));
+    if (have >= 32) {
+        uint64_t size = (uint64_t)be32(h + 24) << 32 | be32(h + 28);
+        if (size > c->opts.max_virtual_size)
+            return over_virtual(c, ENOTSUP, size);
+    }
+    return 0;
+}
+
+int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
+{
+    const struct catalog *c = u->cat;
+    if (len > c->opts.max_upload || u->off > c->opts.max_upload - len) {
+        char b[32];
+        human(c->opts.max_upload, b, sizeof b);
+        return err_fail(EFBIG, "the upload is over --max-upload (%s)", b);
+    }
+    if (u->off < UPLOAD_HEAD) {
+        size_t k = len < UPLOAD_HEAD - u->off ? len : UPLOAD_HEAD - (size_t)u->off;
+        memcpy(u->head + u->off, buf, k);
+        int ret = check_head(c, u->head, (size_t)u->off + k);
+        if (ret < 0)
+            return ret;
+    }
+    int ret = vfs_pwrite(u->f, buf, len, u->off);
+    if (ret == 0)
+        u->off += len;
+    return ret;
+}
+
+static void upload_free(struct catalog_upload *u, bool keep)
+{
+    if (u->f)
+        vfs_close(u->f);
+    if (!keep) {
+        /* the message of what failed the upload outlives the removal */
+        struct err_saved saved;
+        err_save(&saved, -EIO);
+        vfs_remove(u->tmp);
+        err_restore(&saved);
+    }
+    if (u->named)
+        cat_leave_name(u->cat, u->name, UPLOAD_OWNER);
+    free(u->name);
+    free(u->uri);
+    free(u->tmp);
+    free(u);
+}
+
+void catalog_upload_abort(struct catalog_upload *u)
+{
+    if (u)
+        upload_free(u, false);
+}
+
+/* The uploaded file opens as qcow2 inside the catalog, with nothing that reaches
+ * another store: its backing file must be a catalog image by its plain name. */
+static int validate_upload(struct catalog *c, const char *uri)
+{
+    struct qcow2_open_opts o = {
+        .contained = true,
+        .l2_cache_bytes = 1u << 20,
+        .max_meta_bytes = c->opts.max_meta_bytes,
+    };
+    struct qcow2_image *img;
+    int ret = qcow2_open(uri, &o, &img);
+    if (ret == -EINVAL)
+        return err_prefix(-EUCLEAN, "not a valid qcow2 image");
+    if (ret == -ENOENT)
+        return -ENXIO;
+    if (ret < 0)
+        return ret;
+    const struct qcow2_info *in = qcow2_get_info(img);
+    size_t sl = strlen(CATALOG_SUFFIX);
+    if (in->virtual_size > c->opts.max_virtual_size) {
+        ret = over_virtual(c, ENOTSUP, in->virtual_size);
+    } else if (in->data_file) {
+        ret = err_fail(ENOTSUP, "the image has an external data file ('%s'); the catalog takes self-contained images",
+                       in->data_file);
+    } else if (in->backing_file) {
+        size_t n = strlen(in->backing_file);
+        char stem[CATALOG_NAME_MAX + 1];
+        bool ok = n > sl && n - sl <= CATALOG_NAME_MAX && !strcmp(in->backing_file + n - sl, CATALOG_SUFFIX);
+        if (ok) {
+            memcpy(stem, in->backing_file, n - sl);
+            stem[n - sl] = '\0';
+            ok = catalog_valid_name(stem) == 0;
+        }
+        if (!ok)
+            ret = err_fail(EPERM, "backing file '%s' is not an image of the catalog (NAME%s)", in->backing_file,
+                           CATALOG_SUFFIX);
+    }
+    if (ret == 0)
+        ret = cat_check_chain(c, img);
+    qcow2_close(img);
+    if (ret == 0)
+        err_clear();
+    return ret;
+}
+
+int catalog_upload_commit(struct catalog_upload *u)
+{
+    struct catalog *c = u->cat;
+    int ret = vfs_flush(u->f);
+    vfs_close(u->f);
+    u->f = NULL;
+    if (ret == 0 && u->off < UPLOAD_HEAD)
+        ret = u->off ? err_fail(EUCLEAN, "not a qcow2 image: %llu bytes, shorter than a header",
+                                (unsigned long long)u->off)
+                     : err_fail(EUCLEAN, "not a qcow2 image: the upload is empty");
+    if (ret == 0)
+        ret = catalog_check_space(c, 0); /* the folder with this upload in it */
+    if (ret == 0)
+        ret = validate_upload(c, u->tmp);
+    if (ret == 0)
+        ret = install(c, u->tmp, u->uri, u->name);
+    upload_free(u, ret == 0);
+    return ret;
+}
+
+/* ---- download ---- */
+
+struct catalog_file {
+    struct vfs_file *f;
+    struct catalog *cat;
+    char *name;               /* admitted as a download (cat_admit_download) while set */
+    struct catalog_image *ci; /* NULL: a broken image */
+};
+
+
+
+int catalog_file_open(struct catalog *c, const char *name, struct catalog_file **out, uint64_t *size)
+{
+    struct catalog_file *f = calloc(1, sizeof *f);
+    char *name_copy = strdup(name);
+    if (!f || !name_copy) {
+        free(f);
+        free(name_copy);
+        return err_fail(ENOMEM, "out of memory");
+    }
+    f->cat = c;
+    int ret = catalog_get(c, name, &f->ci);
+    if (ret < 0 && ret != -EUCLEAN && ret != -EPERM && ret != -ENXIO && ret != -ELOOP && ret != -ENOTSUP) {
+        free(name_copy);
+        free(f);
+        return ret; /* a broken image can still be downloaded, to be looked at */
+    }
+    /* writers and changing jobs out, then the handle's pending metadata
+     * written, so the file read is one consistent container */
+    ret = cat_admit_download(c, name);
+    if (ret < 0) {
+        catalog_put(f->ci);
+        free(name_copy);
+        free(f);
+        return ret;
+    }
+    f->name = name_copy;
+    ret = f->ci ? cat_flush_own(f->ci) : 0;
+    char *uri = NULL;
+    if (ret == 0)
+        ret = (uri = cat_image_uri(c, name)) ? vfs_open(uri, VFS_O_RDONLY, &f->f) : err_fail(ENOMEM, "out of memory");
+    if (ret == 0)
+        ret = vfs_size(f->f, size);
+    free(uri);
+    if (ret < 0) {
+        struct err_saved saved;
+        err_save(&saved, ret);
+        catalog_file_close(f);
+        return err_restore(&saved);
+    }
+    err_clear();
+    *out = f;
+    return 0;
+}
+
+int catalog_file_pread(struct catalog_file *f, void *buf, size_t len, uint64_t off)
+{
+    return vfs_pread(f->f, buf, len, off);
+}
+
+void catalog_file_close(struct catalog_file *f)
+{
+    if (!f)
+        return;
+    if (f->f)
+        vfs_close(f->f);
+    cat_leave_download(f->cat, f->name);
+    catalog_put(f->ci);
+    free(f->name);
+    free(f);
+}
+
+
+int catalog_install(struct catalog *c, const char *tmp, const char *name)
+{
+    int ret = catalog_valid_name(name);
+    if (ret < 0)
+        return ret;
+    char *uri = cat_image_uri(c, name);
+    if (!uri)
+        return err_fail(ENOMEM, "out of memory");
+    ret = install(c, tmp, uri, name);
+    free(uri);
+    return ret;
+}
