@@ -1,6 +1,7 @@
 /* jobs.c: the handlers of /v1/jobs (list, get, cancel, pause, resume, dismiss)
  * and of the image calls that start jobs: convert, check and commit. */
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,9 @@
 #include "jobs.h"
 
 #define API_PAUSE_WAIT_MS 2000 /* a pause answers once the job stopped, or after this (202) */
+#define API_PAUSE_WAITERS 16   /* pauses waiting at once, each on a thread; more answer at once */
+
+static atomic_uint pause_waiters;
 
 static enum MHD_Result no_jobs(struct req *r)
 {
@@ -206,14 +210,26 @@ static void pause_free(void *ctx)
     struct pause_work *w = ctx;
     job_info_release(&w->ji);
     free(w);
+    atomic_fetch_sub(&pause_waiters, 1);
 }
 
 static enum MHD_Result pause_end(struct req *r, const char *id, json_t *body)
 {
     (void)body; /* nothing to say: {} or empty */
+    if (atomic_fetch_add(&pause_waiters, 1) >= API_PAUSE_WAITERS) {
+        /* enough threads wait already: ask, and answer with what is now */
+        atomic_fetch_sub(&pause_waiters, 1);
+        struct job_info ji;
+        int ret = jobs_pause(r->jobs, id, 0, &ji);
+        if (ret < 0)
+            return api_reply_errno(r, ret);
+        return reply_info(r, ji.pausing ? 202 : 200, &ji);
+    }
     struct pause_work *w = calloc(1, sizeof *w);
-    if (!w)
+    if (!w) {
+        atomic_fetch_sub(&pause_waiters, 1);
         return api_reply_errno(r, err_fail(ENOMEM, "out of memory"));
+    }
     w->js = r->jobs;
     snprintf(w->id, sizeof w->id, "%s", id);
     return api_offload(r, pause_work, pause_then, w, pause_free);

@@ -57,10 +57,10 @@ struct jobs {
                       * for a paused job woken to abort) */
     unsigned resumed; /* paused jobs resumed, their threads waiting for a slot: before queued jobs */
     bool stopping;
-    pthread_t *threads; /* cfg.workers + cfg.max_paused: a paused job keeps its thread */
+    pthread_t *threads; /* cfg.workers at the start, up to cfg.workers + cfg.max_paused: a job
+                         * that pauses keeps its thread, and one more starts when none is idle */
     unsigned nthreads;
-    pthread_t janitor;  /* dismisses concluded jobs after cfg.retention_ms */
-    bool janitor_up;
+    unsigned idle;      /* threads waiting for a job */
     pthread_mutex_t save_lock; /* serialises saves; taken before lock */
 };
 
@@ -478,6 +478,33 @@ static void wait_until(struct jobs *js, int64_t ms)
     pthread_cond_timedwait(&js->cond, &js->lock, &ts);
 }
 
+/* With js->lock held: dismiss the concluded jobs cfg.retention_ms after they
+ * concluded (not those waiting for jobs_foreach_cut_off). Returns whether one
+ * went (then save); *next_ms is when the next one is due (0: none). Idle
+ * workers call it when one is due, and every look at the jobs calls it first,
+ * so nobody sees an expired job even while every worker is busy. */
+static bool sweep(struct jobs *js, int64_t *next_ms)
+{
+    int64_t now = now_ms();
+    bool any = false;
+    *next_ms = 0;
+    if (js->cfg.retention_ms < 0)
+        return false;
+    for (struct job *j = js->head, *next; j; j = next) {
+        next = j->next;
+        if (j->status != JOB_CONCLUDED || j->cut_off)
+            continue;
+        int64_t due = j->finished_ms + js->cfg.retention_ms;
+        if (due <= now) {
+            remove_job(js, j);
+            any = true;
+        } else if (!*next_ms || due < *next_ms) {
+            *next_ms = due;
+        }
+    }
+    return any;
+}
+
 /* With js->lock held: conclude j (its run returned ret, with result). */
 static void conclude(struct jobs *js, struct job *j, int ret, json_t *result, char *error, char *result_text)
 {
@@ -512,14 +539,24 @@ static void *worker(void *arg)
     pthread_mutex_lock(&js->lock);
     for (;;) {
         struct job *j = NULL;
-        int64_t wake_ms = 0;
-        while (!js->stopping &&
-               !(js->active + js->resumed < js->cfg.workers && (j = next_runnable(js, &wake_ms)))) {
+        while (!js->stopping) {
+            int64_t wake_ms = 0, due_ms = 0;
+            if (sweep(js, &due_ms)) {
+                pthread_mutex_unlock(&js->lock);
+                save(js);
+                pthread_mutex_lock(&js->lock);
+                continue;
+            }
+            if (js->active + js->resumed < js->cfg.workers && (j = next_runnable(js, &wake_ms)))
+                break;
+            if (due_ms && (!wake_ms || due_ms < wake_ms))
+                wake_ms = due_ms;
+            js->idle++;
             if (wake_ms)
                 wait_until(js, wake_ms);
             else
                 pthread_cond_wait(&js->cond, &js->lock);
-            wake_ms = 0;
+            js->idle--;
         }
         if (js->stopping)
             break;
@@ -576,41 +613,6 @@ static void *worker(void *arg)
     return NULL;
 }
 
-/* Dismisses concluded jobs cfg.retention_ms after they concluded. */
-static void *janitor(void *arg)
-{
-    struct jobs *js = arg;
-    pthread_mutex_lock(&js->lock);
-    while (!js->stopping) {
-        int64_t now = now_ms(), wake = 0;
-        bool any = false;
-        for (struct job *j = js->head, *next; j; j = next) {
-            next = j->next;
-            if (j->status != JOB_CONCLUDED || j->cut_off)
-                continue;
-            int64_t due = j->finished_ms + js->cfg.retention_ms;
-            if (due <= now) {
-                remove_job(js, j);
-                any = true;
-            } else if (!wake || due < wake) {
-                wake = due;
-            }
-        }
-        if (any) {
-            pthread_mutex_unlock(&js->lock);
-            save(js);
-            pthread_mutex_lock(&js->lock);
-            continue;
-        }
-        if (js->stopping)
-            break;
-        /* woken by every broadcast (a job concluded); at least once a minute */
-        wait_until(js, wake ? wake : now + 60000);
-    }
-    pthread_mutex_unlock(&js->lock);
-    return NULL;
-}
-
 int jobs_new(const struct jobs_config *cfg, struct jobs **out)
 {
     struct jobs *js = calloc(1, sizeof *js);
@@ -639,8 +641,7 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
         if (ret == 0)
             ret = load(js);
     }
-    unsigned n = js->cfg.workers + js->cfg.max_paused;
-    if (ret == 0 && !(js->threads = calloc(n, sizeof *js->threads)))
+    if (ret == 0 && !(js->threads = calloc(js->cfg.workers + js->cfg.max_paused, sizeof *js->threads)))
         ret = err_fail(ENOMEM, "out of memory");
     if (ret < 0) {
         jobs_free(js);
@@ -650,23 +651,18 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
     prune(js, NULL); /* nobody listens yet */
     pthread_mutex_unlock(&js->lock);
     save(js);
-    for (unsigned i = 0; i < n; i++) {
+    pthread_mutex_lock(&js->lock); /* nthreads is read under it */
+    for (unsigned i = 0; i < js->cfg.workers && ret == 0; i++) {
         int e = pthread_create(&js->threads[i], NULL, worker, js);
-        if (e) {
+        if (e)
             ret = err_fail(e, "starting job worker %u: %s", i, strerror(e));
-            jobs_free(js);
-            return ret;
-        }
-        js->nthreads++;
+        else
+            js->nthreads++;
     }
-    if (js->cfg.retention_ms > 0) {
-        int e = pthread_create(&js->janitor, NULL, janitor, js);
-        if (e) {
-            ret = err_fail(e, "starting the job janitor: %s", strerror(e));
-            jobs_free(js);
-            return ret;
-        }
-        js->janitor_up = true;
+    pthread_mutex_unlock(&js->lock);
+    if (ret < 0) {
+        jobs_free(js);
+        return ret;
     }
     *out = js;
     return 0;
@@ -682,11 +678,10 @@ void jobs_free(struct jobs *js)
         if (j->status != JOB_CONCLUDED && j->started)
             j->cancel_req = true;
     pthread_cond_broadcast(&js->cond);
+    unsigned n = js->nthreads; /* no more start once stopping */
     pthread_mutex_unlock(&js->lock);
-    for (unsigned i = 0; i < js->nthreads; i++)
+    for (unsigned i = 0; i < n; i++)
         pthread_join(js->threads[i], NULL);
-    if (js->janitor_up)
-        pthread_join(js->janitor, NULL);
     /* queued jobs never ran; the load of the next start concludes them */
     save(js);
     struct job *j = js->head;
@@ -764,9 +759,18 @@ nomem:
     return err_fail(ENOMEM, "out of memory");
 }
 
+/* With js->lock held: sweep before a look at the jobs; *saving: save after. */
+static void sweep_now(struct jobs *js, bool *saving)
+{
+    int64_t next;
+    *saving = sweep(js, &next) || *saving;
+}
+
 int jobs_list(struct jobs *js, const char *image, int status, struct job_info **out, size_t *n)
 {
+    bool saving = false;
     pthread_mutex_lock(&js->lock);
+    sweep_now(js, &saving);
     size_t k = 0;
     for (struct job *j = js->head; j; j = j->next)
         k++;
@@ -778,6 +782,8 @@ int jobs_list(struct jobs *js, const char *image, int status, struct job_info **
             if ((ret = copy_out(j, &a[i])) == 0)
                 i++;
     pthread_mutex_unlock(&js->lock);
+    if (saving)
+        save(js);
     if (ret < 0) {
         jobs_info_free(a, i);
         return ret;
@@ -802,10 +808,14 @@ static int not_found(const char *id)
 
 int jobs_info(struct jobs *js, const char *id, struct job_info *out)
 {
+    bool saving = false;
     pthread_mutex_lock(&js->lock);
+    sweep_now(js, &saving);
     struct job *j = find(js, id);
     int ret = j ? copy_out(j, out) : not_found(id);
     pthread_mutex_unlock(&js->lock);
+    if (saving)
+        save(js);
     return ret;
 }
 
@@ -881,7 +891,9 @@ static int apply(struct jobs *js, struct job *j, enum verb v, bool *changed)
 
 static int change(struct jobs *js, const char *id, enum verb v, unsigned wait_ms, struct job_info *out)
 {
+    bool saving = false;
     pthread_mutex_lock(&js->lock);
+    sweep_now(js, &saving);
     struct job *j = find(js, id);
     bool changed = false;
     int ret = j ? apply(js, j, v, &changed) : not_found(id);
@@ -902,7 +914,7 @@ static int change(struct jobs *js, const char *id, enum verb v, unsigned wait_ms
         ret = j ? copy_out(j, out) : not_found(id);
     }
     pthread_mutex_unlock(&js->lock);
-    if (ret == 0 && (changed || v == DISMISS))
+    if (saving || (ret == 0 && (changed || v == DISMISS)))
         save(js);
     return ret;
 }
@@ -937,6 +949,14 @@ static void hold(struct jobs *js, struct job *j)
     j->status = JOB_PAUSED;
     j->held = true;
     js->active--;
+    if (!js->idle && js->nthreads < js->cfg.workers + js->cfg.max_paused && !js->stopping) {
+        /* no thread to take the slot: one more (paused ones are bounded) */
+        int e = pthread_create(&js->threads[js->nthreads], NULL, worker, js);
+        if (e)
+            fprintf(stderr, "qcowd: starting a job worker for a paused job's slot: %s\n", strerror(e));
+        else
+            js->nthreads++;
+    }
     emit(js, "job-status", j);
     pthread_cond_broadcast(&js->cond); /* the pauser waits for this; a queued job may take the slot */
     pthread_mutex_unlock(&js->lock);
