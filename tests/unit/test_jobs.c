@@ -645,6 +645,35 @@ START_TEST(replay_from_an_id)
 }
 END_TEST
 
+/* --event-history-bytes bounds the history too: big job events push the
+ * oldest out long before the count does; what went is counted as lost. */
+START_TEST(history_bytes_are_bounded)
+{
+    struct events *ev;
+    struct events_config cfg = {.history = 1000, .history_bytes = 64 << 10, .first_id = 1};
+    ck_assert_int_eq(events_new(&cfg, &ev), 0);
+    char *big = malloc(16 << 10);
+    memset(big, 'x', (16 << 10) - 1);
+    big[(16 << 10) - 1] = '\0';
+    struct job_info ji = {.id = "1", .type = "check", .image = "a", .error = big, .params = "{}"};
+    for (int i = 0; i < 100; i++)
+        events_publish_job(ev, "job-status", &ji);
+    uint64_t after = 0, last = 0, lost = 0;
+    size_t got = 0;
+    bool unknown = false;
+    struct events_listener *l;
+    ck_assert_int_eq(events_listen(ev, &after, wake, NULL, &l), 0);
+    drain(l, &last, &got, &lost, &unknown);
+    ck_assert_uint_ge(got, 1);
+    ck_assert_uint_le(got, 4); /* 16 KiB each in 64 KiB */
+    ck_assert_uint_eq(got + lost, 100);
+    ck_assert_uint_eq(last, 100);
+    events_unlisten(l);
+    events_free(ev);
+    free(big);
+}
+END_TEST
+
 /* Jobs publish under their lock: over many jobs on 4 workers with pauses,
  * resumes and cancels racing, each job's events start with job-created and
  * nothing but job-dismissed follows its concluded status. */
@@ -729,6 +758,7 @@ static Suite *suite(void)
     tcase_add_test(tc, paused_threads_are_bounded);
     tcase_add_test(tc, slow_listener_loses_events_and_is_told);
     tcase_add_test(tc, replay_from_an_id);
+    tcase_add_test(tc, history_bytes_are_bounded);
     tcase_add_test(tc, job_events_come_in_order);
     tcase_add_test(tc, job_waiting_for_its_image_leaves_the_worker);
     tcase_add_test(tc, queued_jobs_over_the_budget_are_refused);
