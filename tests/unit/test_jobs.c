@@ -501,6 +501,51 @@ START_TEST(a_paused_job_gives_its_slot_up)
 }
 END_TEST
 
+/* A job between progress points: the pause answers "pausing" after the wait,
+ * and the job pauses when it gets to its next progress call. */
+static atomic_int gate; /* the stalled job goes on once set */
+
+static int stalled_run(struct job *j, void *arg, json_t **result)
+{
+    int ret = job_progress(j, 1, 3);
+    while (ret == 0 && !atomic_load(&gate))
+        usleep(1000);
+    if (ret == 0)
+        ret = job_progress(j, 2, 3);
+    if (ret == 0)
+        ret = job_progress(j, 3, 3);
+    return ret;
+}
+
+START_TEST(a_pause_between_progress_points_answers_pausing)
+{
+    atomic_store(&gate, 0);
+    struct jobs *js = start(1, NULL);
+    json_t *h;
+    ck_assert_int_eq(jobs_submit(js, "check", "st", NULL, NULL, stalled_run, NULL, NULL, &h), 0);
+    char *id = strdup(json_string_value(json_object_get(h, "id")));
+    json_decref(h);
+    json_decref(wait_status(js, id, "running"));
+    struct job_info ji;
+    ck_assert_int_eq(jobs_pause(js, id, 50, &ji), 0);
+    ck_assert_int_eq(ji.status, JOB_RUNNING);
+    ck_assert(ji.pausing);
+    job_info_release(&ji);
+    atomic_store(&gate, 1);
+    json_t *o = wait_status(js, id, "paused");
+    ck_assert_int_eq(json_integer_value(json_object_get(o, "current-progress")), 2);
+    ck_assert(json_is_false(json_object_get(o, "pausing")));
+    json_decref(o);
+    ck_assert_int_eq(via(jobs_resume, js, id, &o), 0);
+    json_decref(o);
+    o = wait_status(js, id, "concluded");
+    ck_assert(json_is_null(json_object_get(o, "error")));
+    json_decref(o);
+    free(id);
+    jobs_free(js);
+}
+END_TEST
+
 START_TEST(paused_threads_are_bounded)
 {
     struct jobs *js;
@@ -756,6 +801,7 @@ static Suite *suite(void)
     tcase_add_test(tc, records_stay_bounded_and_concluded_jobs_expire);
     tcase_add_test(tc, a_paused_job_gives_its_slot_up);
     tcase_add_test(tc, paused_threads_are_bounded);
+    tcase_add_test(tc, a_pause_between_progress_points_answers_pausing);
     tcase_add_test(tc, slow_listener_loses_events_and_is_told);
     tcase_add_test(tc, replay_from_an_id);
     tcase_add_test(tc, history_bytes_are_bounded);
