@@ -858,7 +858,8 @@ static int apply(struct jobs *js, struct job *j, enum verb v, bool *changed)
             return 0;
         }
         if (s == JOB_RUNNING) {
-            *changed = false; /* it changes at its next progress call */
+            /* announced as pausing now, as paused at its next progress call */
+            *changed = !j->pause_req;
             if (j->pause_req)
                 return 0;
             unsigned n = paused_on_threads(js);
@@ -876,7 +877,6 @@ static int apply(struct jobs *js, struct job *j, enum verb v, bool *changed)
         }
         if (s == JOB_RUNNING && j->pause_req) { /* not stopped yet: it goes on */
             j->pause_req = false;
-            *changed = false;
             return 0;
         }
         break;

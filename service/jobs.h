@@ -41,8 +41,8 @@ void job_info_release(struct job_info *ji);
 /* Estimated bytes a copy holds. */
 size_t job_info_size(const struct job_info *ji);
 
-/* An event about a job: "job-created", "job-status" (status, error or result
- * changed), "job-progress" (at most JOBS_PROGRESS_HZ per second per job, and a
+/* An event about a job: "job-created", "job-status" (status, error, result or
+ * pausing changed), "job-progress" (at most JOBS_PROGRESS_HZ per second per job, and a
  * last one when the work ends) or "job-dismissed"; job is a view. Called with
  * the engine's lock held, in the order of the changes: a job's events come
  * created, then its statuses and progress, concluded last but for dismissed.
