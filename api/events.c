@@ -18,9 +18,9 @@ struct sse {
     struct MHD_Connection *conn;
     struct events_listener *l;
     struct req *r;
-    char *frame;      /* the frame being sent (malloc'ed, or the greeting) */
-    size_t len, pos;  /* its bytes, and those sent */
-    bool own;         /* frame is malloc'ed */
+    char *frame;     /* the frame being sent (malloc'ed, or the greeting) */
+    size_t len, pos; /* its bytes, and those sent */
+    bool own;        /* frame is malloc'ed */
     struct api_guard *guard;
     char addr[64]; /* the client's address, counted in guard's listeners */
 };
@@ -69,9 +69,8 @@ static char *frame_event(const struct event *e, size_t *len)
 static char *frame_lost(uint64_t lost, size_t *len)
 {
     char *text = NULL;
-    int n = lost == EVENTS_LOST_UNKNOWN
-                ? asprintf(&text, "event: lost\ndata: {\"dropped\":\"unknown\"}\n\n")
-                : asprintf(&text, "event: lost\ndata: {\"dropped\":%" PRIu64 "}\n\n", lost);
+    int n = lost == EVENTS_LOST_UNKNOWN ? asprintf(&text, "event: lost\ndata: {\"dropped\":\"unknown\"}\n\n")
+                                        : asprintf(&text, "event: lost\ndata: {\"dropped\":%" PRIu64 "}\n\n", lost);
     if (n < 0)
         return NULL;
     *len = (size_t)n;

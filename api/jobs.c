@@ -51,12 +51,12 @@ static json_t *json_text(const char *text, json_t *fallback)
 json_t *api_job_json(const struct job_info *ji)
 {
     return json_pack("{s:s, s:o, s:o, s:s, s:b, s:I, s:I, s:o, s:b, s:o, s:o, s:o, s:o, s:o}", "id", ji->id, "type",
-                     api_jstr(ji->type), "image", api_jstr(ji->image), "status", job_status_name(ji->status),
-                     "pausing", ji->pausing, "current-progress", (json_int_t)ji->current, "total-progress",
-                     (json_int_t)ji->total, "error", ji->error ? api_jstr(ji->error) : json_null(), "cancelled",
-                     ji->cancelled, "result", json_text(ji->result, json_null()), "params",
-                     json_text(ji->params, json_object()), "created", time_json(ji->created_ms), "started",
-                     time_json(ji->started_ms), "finished", time_json(ji->finished_ms));
+                     api_jstr(ji->type), "image", api_jstr(ji->image), "status", job_status_name(ji->status), "pausing",
+                     ji->pausing, "current-progress", (json_int_t)ji->current, "total-progress", (json_int_t)ji->total,
+                     "error", ji->error ? api_jstr(ji->error) : json_null(), "cancelled", ji->cancelled, "result",
+                     json_text(ji->result, json_null()), "params", json_text(ji->params, json_object()), "created",
+                     time_json(ji->created_ms), "started", time_json(ji->started_ms), "finished",
+                     time_json(ji->finished_ms));
 }
 
 /* Reply status with the job object of ji (a copy, released here). */
@@ -113,8 +113,7 @@ enum MHD_Result api_jobs_list(struct req *r, char **args)
     if (ret >= 0 && image && (ret = catalog_valid_name(image)) < 0)
         ret = err_prefix(ret, "image");
     if (ret >= 0 && st && (status = job_status_parse(st)) < 0)
-        ret = err_fail(EINVAL, "unknown job status '%.40s': one of created, running, paused, aborting, concluded",
-                       st);
+        ret = err_fail(EINVAL, "unknown job status '%.40s': one of created, running, paused, aborting, concluded", st);
     struct job_info *a = NULL;
     size_t n = 0;
     if (ret >= 0)
@@ -239,7 +238,7 @@ enum MHD_Result api_job_pause(struct req *r, char **args)
 {
     if (!r->jobs)
         return no_jobs(r);
-    if (strlen(args[0]) >= sizeof ((struct pause_work *)0)->id)
+    if (strlen(args[0]) >= sizeof((struct pause_work *)0)->id)
         return api_reply_errno(r, err_fail(ENOENT, "no job with id '%.40s'", args[0]));
     return api_json_body(r, args[0], pause_end);
 }

@@ -23,9 +23,9 @@ struct slot {
 
 struct events_listener {
     struct events *ev;
-    uint64_t cursor;   /* the id of the next event it reads */
-    uint64_t lost;     /* missed before cursor, to report; EVENTS_LOST_UNKNOWN: unknown */
-    bool keepalive;    /* the ticker asked for a keepalive */
+    uint64_t cursor; /* the id of the next event it reads */
+    uint64_t lost;   /* missed before cursor, to report; EVENTS_LOST_UNKNOWN: unknown */
+    bool keepalive;  /* the ticker asked for a keepalive */
     bool sleeping;
     void (*wake)(void *);
     void *opaque;
@@ -35,10 +35,10 @@ struct events_listener {
 struct events {
     pthread_mutex_t lock; /* everything below and every listener's fields */
     struct events_config cfg;
-    struct slot **ring;   /* cfg.history entries; ring[head] the oldest */
+    struct slot **ring; /* cfg.history entries; ring[head] the oldest */
     unsigned head, count;
-    size_t bytes;         /* of the events in the ring */
-    uint64_t first_id;    /* the first id of this run */
+    size_t bytes;      /* of the events in the ring */
+    uint64_t first_id; /* the first id of this run */
     uint64_t next_id;
     struct events_listener *list;
     unsigned nlisteners;

@@ -14,26 +14,26 @@ struct events;          /* opaque: the bus */
 struct events_listener; /* opaque: one listener, a cursor into the history */
 
 #define EVENTS_DEFAULT_LISTENERS     32
-#define EVENTS_DEFAULT_HISTORY       4096          /* events kept for replay (--event-history) */
-#define EVENTS_DEFAULT_HISTORY_BYTES (16u << 20)   /* and their bytes at most (--event-history-bytes) */
-#define EVENTS_KEEPALIVE_SEC         5             /* a keepalive this often, so dead clients are noticed */
+#define EVENTS_DEFAULT_HISTORY       4096        /* events kept for replay (--event-history) */
+#define EVENTS_DEFAULT_HISTORY_BYTES (16u << 20) /* and their bytes at most (--event-history-bytes) */
+#define EVENTS_KEEPALIVE_SEC         5           /* a keepalive this often, so dead clients are noticed */
 /* Ids: the first of a run is (milliseconds since 1970 at its start) *
  * EVENTS_IDS_PER_MS + 1, then one more per event, so ids also grow across
  * restarts (while the clock does, and a run publishes fewer than that many
  * events per millisecond of its life) and an id of an earlier run is recognised.
  * They stay below 2^53, exact in JavaScript. */
-#define EVENTS_IDS_PER_MS 1000ull
+#define EVENTS_IDS_PER_MS   1000ull
 #define EVENTS_LOST_UNKNOWN UINT64_MAX /* a count of lost events that is not known */
 
 enum event_kind { EVENT_IMAGE, EVENT_JOB };
 
 /* One event as it happened, immutable once published. */
 struct event {
-    uint64_t id;          /* strictly increasing for the bus's life */
+    uint64_t id; /* strictly increasing for the bus's life */
     enum event_kind kind;
-    const char *type;     /* "image-created", "job-status", ... */
-    const char *image;    /* EVENT_IMAGE: the image's name */
-    struct job_info job;  /* EVENT_JOB: the job as it was then (a copy) */
+    const char *type;    /* "image-created", "job-status", ... */
+    const char *image;   /* EVENT_IMAGE: the image's name */
+    struct job_info job; /* EVENT_JOB: the job as it was then (a copy) */
 };
 
 struct events_config {
@@ -70,10 +70,10 @@ int events_listen(struct events *ev, const uint64_t *after, void (*wake)(void *o
                   struct events_listener **out);
 
 enum events_item {
-    EVENTS_SLEPT = 0,  /* nothing now: sleep(opaque) was called, wake will follow */
-    EVENTS_EVENT,      /* *evp is the next event: a reference, give it back with events_put */
-    EVENTS_LOST,       /* *lost events were missed (EVENTS_LOST_UNKNOWN: how many is not known) */
-    EVENTS_KEEPALIVE,  /* nothing for a while: say something so a dead client is noticed */
+    EVENTS_SLEPT = 0, /* nothing now: sleep(opaque) was called, wake will follow */
+    EVENTS_EVENT,     /* *evp is the next event: a reference, give it back with events_put */
+    EVENTS_LOST,      /* *lost events were missed (EVENTS_LOST_UNKNOWN: how many is not known) */
+    EVENTS_KEEPALIVE, /* nothing for a while: say something so a dead client is noticed */
 };
 /* The listener's next item (an enum events_item), or -EPIPE once the bus is
  * closed and the listener has read everything published before. A lost item

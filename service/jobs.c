@@ -1,7 +1,7 @@
 /* jobs.c: the job engine: a queue served by a pool of run slots, per-image locks
- * so conflicting jobs run one after the other, the state machine (every change
- * and its event under one lock, so events come in the order of the changes), and
- * the records, a versioned JSON file of their own saved through the VFS. */
+ * so conflicting jobs run one after the other, and the state machine (every
+ * change and its event under one lock, so events come in the order of the
+ * changes); the records file is jobs_records.c's. */
 #include "jobs.h"
 
 #include <errno.h>
@@ -13,56 +13,7 @@
 #include <time.h>
 
 #include "err.h"
-#include "vfs.h"
-
-struct job {
-    struct jobs *js;
-    uint64_t num;
-    char id[24];
-    char owner[96];
-    char *type, *image;
-    char **locks;   /* NULL-terminated image names held while it runs */
-    json_t *params; /* owned */
-    char *params_text;
-    enum job_status status;
-    bool started;    /* run was called (or is about to be) */
-    bool cancel_req; /* cancel asked while started */
-    bool pause_req;  /* pause asked while running on a thread, not yet at a progress point */
-    bool held;       /* paused in job_progress: keeps its thread, not a run slot */
-    bool cancelled;
-    bool cut_off;    /* loaded from the records unconcluded: cut off by a restart */
-    bool retry_req;  /* run asked to be run again later (job_retry_later; worker's own) */
-    bool parked;     /* started, waiting off any worker until retry_ms for an image */
-    int64_t retry_ms;
-    uint64_t cur, total;
-    char *error;
-    json_t *result; /* owned, or NULL */
-    char *result_text;
-    int64_t created_ms, started_ms, finished_ms; /* 0: not yet */
-    int64_t progress_ms;                         /* last progress event */
-    job_run_fn run;
-    void *arg;
-    void (*free_arg)(void *);
-    struct job *next;
-};
-
-struct jobs {
-    struct jobs_config cfg;
-    char *state_uri;
-    pthread_mutex_t lock; /* guards everything below and every job's fields */
-    pthread_cond_t cond;  /* work queued, a slot or locks released, a job paused, resumed or cancelled */
-    struct job *head, *tail;
-    uint64_t next_num;
-    unsigned active; /* jobs in run on a thread holding a run slot (at most cfg.workers, but
-                      * for a paused job woken to abort) */
-    unsigned resumed; /* paused jobs resumed, their threads waiting for a slot: before queued jobs */
-    bool stopping;
-    pthread_t *threads; /* cfg.workers at the start, up to cfg.workers + cfg.max_paused: a job
-                         * that pauses keeps its thread, and one more starts when none is idle */
-    unsigned nthreads;
-    unsigned idle;      /* threads waiting for a job */
-    pthread_mutex_t save_lock; /* serialises saves; taken before lock */
-};
+#include "jobs_int.h"
 
 static const char *const status_names[] = {"created", "running", "paused", "aborting", "concluded"};
 
@@ -79,7 +30,7 @@ int job_status_parse(const char *name)
     return -1;
 }
 
-static int64_t now_ms(void)
+int64_t jobs__now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
@@ -170,7 +121,7 @@ static int copy_out(const struct job *j, struct job_info *out)
     return job_info_copy(out, &v);
 }
 
-static void job_free(struct job *j)
+void jobs__job_free(struct job *j)
 {
     if (!j)
         return;
@@ -187,6 +138,11 @@ static void job_free(struct job *j)
     json_decref(j->params);
     json_decref(j->result);
     free(j);
+}
+
+char *jobs__dump(json_t *v)
+{
+    return json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
 }
 
 /* With js->lock held: publish event with j as it is now. Under the lock, so the
@@ -212,7 +168,7 @@ static void remove_job(struct jobs *js, struct job *j)
     if (js->tail == j)
         js->tail = prev;
     emit(js, "job-dismissed", j);
-    job_free(j);
+    jobs__job_free(j);
 }
 
 /* With js->lock held: drop the oldest concluded records over cfg.max_records
@@ -233,207 +189,6 @@ static bool prune(struct jobs *js, const struct job *keep)
         }
     }
     return any;
-}
-
-/* ---- records ---- */
-
-/* The records: {"format": JOBS_RECORDS_FORMAT, "version": 1, "next-id": N,
- * "jobs": [{"id", "type", "image", "status", "current", "total", "error" (or
- * null), "cancelled", "result" (or null), "params", "created-ms", "started-ms",
- * "finished-ms"}]}: what a restart needs, not the REST job object. */
-static json_t *record(const struct job *j)
-{
-    return json_pack("{s:s, s:s, s:s, s:s, s:I, s:I, s:o, s:b, s:o, s:o, s:I, s:I, s:I}", "id", j->id, "type",
-                     j->type, "image", j->image, "status", status_names[j->status], "current", (json_int_t)j->cur,
-                     "total", (json_int_t)j->total, "error", j->error ? json_string(j->error) : json_null(),
-                     "cancelled", j->cancelled, "result", j->result ? json_deep_copy(j->result) : json_null(),
-                     /* copies: jansson's refcounts are not shared across threads (TSan) */
-                     "params", j->params ? json_deep_copy(j->params) : json_object(), "created-ms",
-                     (json_int_t)j->created_ms, "started-ms", (json_int_t)j->started_ms, "finished-ms",
-                     (json_int_t)j->finished_ms);
-}
-
-static void save(struct jobs *js)
-{
-    if (!js->state_uri)
-        return;
-    pthread_mutex_lock(&js->save_lock);
-    pthread_mutex_lock(&js->lock);
-    json_t *a = json_array();
-    for (struct job *j = js->head; a && j; j = j->next)
-        json_array_append_new(a, record(j));
-    json_t *doc = json_pack("{s:s, s:i, s:I, s:o}", "format", JOBS_RECORDS_FORMAT, "version", JOBS_RECORDS_VERSION,
-                            "next-id", (json_int_t)js->next_num, "jobs", a);
-    pthread_mutex_unlock(&js->lock);
-    char *text = doc ? json_dumps(doc, JSON_INDENT(1) | JSON_PRESERVE_ORDER) : NULL;
-    json_decref(doc);
-    char *tmp = NULL;
-    struct vfs_file *f = NULL;
-    int ret = -ENOMEM;
-    if (text && asprintf(&tmp, "%s.tmp", js->state_uri) >= 0) {
-        vfs_remove(tmp);
-        ret = vfs_open(tmp, VFS_O_RDWR | VFS_O_CREATE, &f);
-        if (ret == 0)
-            ret = vfs_pwrite(f, text, strlen(text), 0);
-        if (ret == 0)
-            ret = vfs_flush(f);
-        if (f)
-            vfs_close(f);
-        if (ret == 0)
-            ret = vfs_rename(tmp, js->state_uri);
-    }
-    if (ret < 0)
-        fprintf(stderr, "qcowd: saving the job records to %s: %s\n", js->state_uri, err_msg(ret));
-    free(tmp);
-    free(text);
-    pthread_mutex_unlock(&js->save_lock);
-}
-
-static char *dump(json_t *v)
-{
-    return json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
-}
-
-/* One record into a job (appended), strictly: -EINVAL with err_msg() naming
- * what is wrong. */
-static int load_record(struct jobs *js, json_t *o, size_t i)
-{
-    const char *id, *type, *image, *st;
-    json_int_t cur, total, cms, sms, fms;
-    json_t *error, *result, *params;
-    int cancelled;
-    json_error_t je;
-    if (json_unpack_ex(o, &je, JSON_STRICT, "{s:s, s:s, s:s, s:s, s:I, s:I, s:o, s:b, s:o, s:o, s:I, s:I, s:I}", "id",
-                       &id, "type", &type, "image", &image, "status", &st, "current", &cur, "total", &total, "error",
-                       &error, "cancelled", &cancelled, "result", &result, "params", &params, "created-ms", &cms,
-                       "started-ms", &sms, "finished-ms", &fms) < 0)
-        return err_fail(EINVAL, "record %zu: %s", i, je.text);
-    char *end;
-    unsigned long long num = strtoull(id, &end, 10);
-    int status = job_status_parse(st);
-    if (*end || !num || strlen(id) >= sizeof ((struct job *)0)->id || status < 0 || cur < 0 || total < 0 ||
-        !(json_is_string(error) || json_is_null(error)) || !json_is_object(params))
-        return err_fail(EINVAL, "record %zu (job %.24s): a field is out of range", i, id);
-    struct job *j = calloc(1, sizeof *j);
-    if (!j || !(j->type = strdup(type)) || !(j->image = strdup(image)) ||
-        (json_is_string(error) && !(j->error = strdup(json_string_value(error)))) ||
-        !(j->params_text = dump(params)) || (!json_is_null(result) && !(j->result_text = dump(result)))) {
-        job_free(j);
-        return err_fail(ENOMEM, "out of memory");
-    }
-    j->js = js;
-    snprintf(j->id, sizeof j->id, "%s", id);
-    j->num = num;
-    if (j->num >= js->next_num)
-        js->next_num = j->num + 1;
-    j->cur = (uint64_t)cur;
-    j->total = (uint64_t)total;
-    j->cancelled = cancelled;
-    j->result = json_is_null(result) ? NULL : json_deep_copy(result);
-    j->params = json_deep_copy(params);
-    j->created_ms = cms;
-    j->started_ms = sms;
-    j->finished_ms = fms;
-    if (status != JOB_CONCLUDED) {
-        /* "created" too: the record of a start is saved a moment after it */
-        j->cut_off = true;
-        char msg[200];
-        snprintf(msg, sizeof msg, "cut off by a restart of qcowd (the job was %s)", st);
-        free(j->error);
-        j->error = strdup(msg);
-        j->finished_ms = now_ms();
-    }
-    j->status = JOB_CONCLUDED;
-    j->started = true;
-    if (js->tail)
-        js->tail->next = j;
-    else
-        js->head = j;
-    js->tail = j;
-    return 0;
-}
-
-/* Parse the records text; -EINVAL (or -ENOMEM) with err_msg() saying why not. */
-static int parse_records(struct jobs *js, const char *text, size_t size)
-{
-    json_error_t je;
-    json_t *doc = json_loadb(text, size, 0, &je);
-    if (!doc)
-        return err_fail(EINVAL, "not JSON (%s, line %d)", je.text, je.line);
-    const char *format = json_string_value(json_object_get(doc, "format"));
-    json_t *version = json_object_get(doc, "version"), *a = json_object_get(doc, "jobs");
-    json_t *next = json_object_get(doc, "next-id");
-    int ret = 0;
-    if (!format || strcmp(format, JOBS_RECORDS_FORMAT))
-        ret = err_fail(EINVAL, "not a \"%s\" file (an older qcowd's, or another file)", JOBS_RECORDS_FORMAT);
-    else if (!json_is_integer(version) || json_integer_value(version) != JOBS_RECORDS_VERSION)
-        ret = err_fail(EINVAL, "version %lld, this qcowd reads version %d (set aside, not overwritten)",
-                       (long long)json_integer_value(version), JOBS_RECORDS_VERSION);
-    else if (!json_is_array(a) || !json_is_integer(next) || json_integer_value(next) < 1 || json_object_size(doc) != 4)
-        ret = err_fail(EINVAL, "the top level is not {format, version, next-id, jobs}");
-    if (ret == 0)
-        js->next_num = (uint64_t)json_integer_value(next);
-    size_t i;
-    json_t *o;
-    json_array_foreach(a, i, o)
-    {
-        if (ret < 0)
-            break;
-        ret = load_record(js, o, i);
-    }
-    json_decref(doc);
-    return ret;
-}
-
-/* Read the records of a previous run; a missing file is an empty list, one that
- * cannot be read is set aside (STATE_URI.rejected) and is an empty list too:
- * unreadable records must not keep the daemon down, nor be overwritten. */
-static int load(struct jobs *js)
-{
-    struct vfs_file *f;
-    int ret = vfs_open(js->state_uri, VFS_O_RDONLY, &f);
-    if (ret == -ENOENT) {
-        err_clear();
-        return 0;
-    }
-    if (ret < 0)
-        return err_prefix(ret, "job records %s", js->state_uri);
-    uint64_t size = 0;
-    ret = vfs_size(f, &size);
-    char *text = NULL;
-    bool bad = false;
-    if (ret == 0 && size > JOBS_RECORDS_MAX_BYTES) {
-        ret = err_fail(EFBIG, "larger than %u MiB", JOBS_RECORDS_MAX_BYTES >> 20);
-        bad = true;
-    }
-    if (ret == 0 && !(text = malloc((size_t)size + 1)))
-        ret = err_fail(ENOMEM, "out of memory");
-    if (ret == 0)
-        ret = vfs_pread(f, text, (size_t)size, 0);
-    vfs_close(f);
-    if (ret == 0) {
-        ret = parse_records(js, text, (size_t)size);
-        bad = ret == -EINVAL;
-    }
-    free(text);
-    if (!bad)
-        return ret < 0 ? err_prefix(ret, "job records %s", js->state_uri) : 0;
-    char *aside = NULL;
-    fprintf(stderr, "qcowd: job records %s: %s; ", js->state_uri, err_msg(ret));
-    while (js->head) { /* what was read before the fault goes too */
-        struct job *j = js->head;
-        js->head = j->next;
-        job_free(j);
-    }
-    js->tail = NULL;
-    js->next_num = 1;
-    if (asprintf(&aside, "%s.rejected", js->state_uri) >= 0 && vfs_rename(js->state_uri, aside) == 0)
-        fprintf(stderr, "set aside as %s; starting with none\n", aside);
-    else
-        fprintf(stderr, "could not set them aside (%s); starting with none\n", aside ? err_msg(-EIO) : "no memory");
-    free(aside);
-    err_clear();
-    return 0;
 }
 
 /* ---- the workers ---- */
@@ -457,7 +212,7 @@ static bool locked(struct jobs *js, const struct job *j)
  * earliest time a parked one can go (0: none). */
 static struct job *next_runnable(struct jobs *js, int64_t *wake_ms)
 {
-    int64_t now = now_ms();
+    int64_t now = jobs__now_ms();
     *wake_ms = 0;
     for (struct job *j = js->head; j; j = j->next) {
         if (j->parked && (j->status == JOB_RUNNING || j->status == JOB_ABORTING)) {
@@ -485,7 +240,7 @@ static void wait_until(struct jobs *js, int64_t ms)
  * so nobody sees an expired job even while every worker is busy. */
 static bool sweep(struct jobs *js, int64_t *next_ms)
 {
-    int64_t now = now_ms();
+    int64_t now = jobs__now_ms();
     bool any = false;
     *next_ms = 0;
     if (js->cfg.retention_ms < 0)
@@ -509,7 +264,7 @@ static bool sweep(struct jobs *js, int64_t *next_ms)
 static void conclude(struct jobs *js, struct job *j, int ret, json_t *result, char *error, char *result_text)
 {
     j->status = JOB_CONCLUDED;
-    j->finished_ms = now_ms();
+    j->finished_ms = jobs__now_ms();
     if (ret == -ECANCELED)
         j->cancelled = true;
     if (ret < 0) {
@@ -543,7 +298,7 @@ static void *worker(void *arg)
             int64_t wake_ms = 0, due_ms = 0;
             if (sweep(js, &due_ms)) {
                 pthread_mutex_unlock(&js->lock);
-                save(js);
+                jobs__save(js);
                 pthread_mutex_lock(&js->lock);
                 continue;
             }
@@ -566,12 +321,12 @@ static void *worker(void *arg)
         j->started = true;
         if (!again) {
             j->status = JOB_RUNNING;
-            j->started_ms = now_ms();
+            j->started_ms = jobs__now_ms();
             emit(js, "job-status", j);
         }
         pthread_mutex_unlock(&js->lock);
         if (!again)
-            save(js);
+            jobs__save(js);
 
         json_t *result = NULL;
         err_clear();
@@ -590,7 +345,7 @@ static void *worker(void *arg)
                     j->status = JOB_PAUSED;
                     emit(js, "job-status", j);
                 }
-                j->retry_ms = now_ms() + JOBS_RETRY_MS;
+                j->retry_ms = jobs__now_ms() + JOBS_RETRY_MS;
                 js->active--;
                 pthread_cond_broadcast(&js->cond);
                 continue;
@@ -600,13 +355,13 @@ static void *worker(void *arg)
                 ret = -ECANCELED;
         }
         char *error = ret < 0 ? strdup(ret == -ECANCELED ? "cancelled" : err_msg(ret)) : NULL;
-        char *text = ret == 0 && result ? dump(result) : NULL;
+        char *text = ret == 0 && result ? jobs__dump(result) : NULL;
         pthread_mutex_lock(&js->lock);
         js->active--;
         j->pause_req = false;
         conclude(js, j, ret, result, error, text);
         pthread_mutex_unlock(&js->lock);
-        save(js);
+        jobs__save(js);
         pthread_mutex_lock(&js->lock);
     }
     pthread_mutex_unlock(&js->lock);
@@ -639,7 +394,7 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
         if (!js->state_uri)
             ret = err_fail(ENOMEM, "out of memory");
         if (ret == 0)
-            ret = load(js);
+            ret = jobs__load(js);
     }
     if (ret == 0 && !(js->threads = calloc(js->cfg.workers + js->cfg.max_paused, sizeof *js->threads)))
         ret = err_fail(ENOMEM, "out of memory");
@@ -650,7 +405,7 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
     pthread_mutex_lock(&js->lock);
     prune(js, NULL); /* nobody listens yet */
     pthread_mutex_unlock(&js->lock);
-    save(js);
+    jobs__save(js);
     pthread_mutex_lock(&js->lock); /* nthreads is read under it */
     for (unsigned i = 0; i < js->cfg.workers && ret == 0; i++) {
         int e = pthread_create(&js->threads[i], NULL, worker, js);
@@ -683,11 +438,11 @@ void jobs_free(struct jobs *js)
     for (unsigned i = 0; i < n; i++)
         pthread_join(js->threads[i], NULL);
     /* queued jobs never ran; the load of the next start concludes them */
-    save(js);
+    jobs__save(js);
     struct job *j = js->head;
     while (j) {
         struct job *next = j->next;
-        job_free(j);
+        jobs__job_free(j);
         j = next;
     }
     free(js->threads);
@@ -714,16 +469,16 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
     j->arg = arg;
     j->free_arg = free_arg;
     arg = NULL;
-    if (!j->params || !(j->params_text = dump(j->params)) || !(j->locks[0] = strdup(image)))
+    if (!j->params || !(j->params_text = jobs__dump(j->params)) || !(j->locks[0] = strdup(image)))
         goto nomem;
     for (size_t i = 0; i < n; i++)
         if (!(j->locks[i + 1] = strdup(locks[i])))
             goto nomem;
-    j->created_ms = now_ms();
+    j->created_ms = jobs__now_ms();
     pthread_mutex_lock(&js->lock);
     if (js->stopping) {
         pthread_mutex_unlock(&js->lock);
-        job_free(j);
+        jobs__job_free(j);
         return err_fail(EAGAIN, "qcowd is stopping: no new jobs");
     }
     unsigned queued = 0;
@@ -731,7 +486,7 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
         queued += o->status != JOB_CONCLUDED && !o->started;
     if (queued >= js->cfg.max_queued) {
         pthread_mutex_unlock(&js->lock);
-        job_free(j);
+        jobs__job_free(j);
         return err_fail(EAGAIN, "%u jobs are waiting to run: --max-queued-jobs is %u", queued, js->cfg.max_queued);
     }
     j->num = js->next_num++;
@@ -746,7 +501,7 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
     json_t *o = json_pack("{s:s}", "id", j->id);
     pthread_cond_broadcast(&js->cond);
     pthread_mutex_unlock(&js->lock);
-    save(js);
+    jobs__save(js);
     if (!o)
         return err_fail(ENOMEM, "out of memory"); /* queued all the same */
     *job_json = o;
@@ -755,7 +510,7 @@ nomem:
     json_decref(params);
     if (arg && free_arg)
         free_arg(arg);
-    job_free(j);
+    jobs__job_free(j);
     return err_fail(ENOMEM, "out of memory");
 }
 
@@ -783,7 +538,7 @@ int jobs_list(struct jobs *js, const char *image, int status, struct job_info **
                 i++;
     pthread_mutex_unlock(&js->lock);
     if (saving)
-        save(js);
+        jobs__save(js);
     if (ret < 0) {
         jobs_info_free(a, i);
         return ret;
@@ -815,7 +570,7 @@ int jobs_info(struct jobs *js, const char *id, struct job_info *out)
     int ret = j ? copy_out(j, out) : not_found(id);
     pthread_mutex_unlock(&js->lock);
     if (saving)
-        save(js);
+        jobs__save(js);
     return ret;
 }
 
@@ -864,8 +619,8 @@ static int apply(struct jobs *js, struct job *j, enum verb v, bool *changed)
                 return 0;
             unsigned n = paused_on_threads(js);
             if (n >= js->cfg.max_paused)
-                return err_fail(EBUSY, "%u running jobs are paused, each keeping a thread: --max-paused-jobs is %u",
-                                n, js->cfg.max_paused);
+                return err_fail(EBUSY, "%u running jobs are paused, each keeping a thread: --max-paused-jobs is %u", n,
+                                js->cfg.max_paused);
             j->pause_req = true;
             return 0;
         }
@@ -906,8 +661,8 @@ static int change(struct jobs *js, const char *id, enum verb v, unsigned wait_ms
         pthread_cond_broadcast(&js->cond);
         /* a pause: until the job stopped, at most wait_ms; the job may also go
          * meanwhile (concluded and dismissed), so it is looked up again */
-        int64_t until = now_ms() + wait_ms;
-        while (v == PAUSE && j && j->pause_req && now_ms() < until) {
+        int64_t until = jobs__now_ms() + wait_ms;
+        while (v == PAUSE && j && j->pause_req && jobs__now_ms() < until) {
             wait_until(js, until);
             j = find(js, id);
         }
@@ -915,7 +670,7 @@ static int change(struct jobs *js, const char *id, enum verb v, unsigned wait_ms
     }
     pthread_mutex_unlock(&js->lock);
     if (saving || (ret == 0 && (changed || v == DISMISS)))
-        save(js);
+        jobs__save(js);
     return ret;
 }
 
@@ -960,7 +715,7 @@ static void hold(struct jobs *js, struct job *j)
     emit(js, "job-status", j);
     pthread_cond_broadcast(&js->cond); /* the pauser waits for this; a queued job may take the slot */
     pthread_mutex_unlock(&js->lock);
-    save(js);
+    jobs__save(js);
     pthread_mutex_lock(&js->lock);
     while (j->status == JOB_PAUSED && !j->cancel_req && !js->stopping)
         pthread_cond_wait(&js->cond, &js->lock);
@@ -981,7 +736,7 @@ int job_progress(void *job, uint64_t done, uint64_t total)
     pthread_mutex_lock(&js->lock);
     j->cur = done;
     j->total = total;
-    int64_t t = now_ms();
+    int64_t t = jobs__now_ms();
     if (js->cfg.event && t - j->progress_ms >= 1000 / JOBS_PROGRESS_HZ) {
         j->progress_ms = t;
         emit(js, "job-progress", j);

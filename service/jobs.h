@@ -24,14 +24,14 @@ struct job_info {
     char id[24];
     const char *type, *image;
     enum job_status status;
-    bool pausing;   /* running, asked to pause, not yet at its next progress point */
+    bool pausing; /* running, asked to pause, not yet at its next progress point */
     bool cancelled;
     uint64_t current, total;
-    const char *error;  /* or NULL */
-    const char *result; /* JSON text, or NULL */
-    const char *params; /* JSON text (an object) */
+    const char *error;                           /* or NULL */
+    const char *result;                          /* JSON text, or NULL */
+    const char *params;                          /* JSON text (an object) */
     int64_t created_ms, started_ms, finished_ms; /* ms since 1970; 0: not yet */
-    void *mem; /* a copy: the one block holding its strings; a view: NULL */
+    void *mem;                                   /* a copy: the one block holding its strings; a view: NULL */
 };
 
 /* Copy src into *dst (one allocation). Returns 0 or -ENOMEM (*dst then empty). */
@@ -50,24 +50,24 @@ size_t job_info_size(const struct job_info *ji);
 typedef void (*jobs_event_fn)(void *opaque, const char *event, const struct job_info *job);
 #define JOBS_PROGRESS_HZ 4
 
-#define JOBS_DEFAULT_QUEUED  256
-#define JOBS_DEFAULT_PAUSED  8     /* jobs paused on a worker thread at once (--max-paused-jobs) */
-#define JOBS_DEFAULT_RECORDS 1000  /* concluded jobs kept (--max-job-records); the oldest go */
+#define JOBS_DEFAULT_QUEUED       256
+#define JOBS_DEFAULT_PAUSED       8             /* jobs paused on a worker thread at once (--max-paused-jobs) */
+#define JOBS_DEFAULT_RECORDS      1000          /* concluded jobs kept (--max-job-records); the oldest go */
 #define JOBS_DEFAULT_RETENTION_MS (3600 * 1000) /* concluded jobs are dismissed after (--job-retention) */
-#define JOBS_RECORDS_MAX_BYTES (16u << 20) /* a records file larger than this is not read */
-#define JOBS_RECORDS_FORMAT  "qcowd-jobs"
-#define JOBS_RECORDS_VERSION 1
+#define JOBS_RECORDS_MAX_BYTES    (16u << 20)   /* a records file larger than this is not read */
+#define JOBS_RECORDS_FORMAT       "qcowd-jobs"
+#define JOBS_RECORDS_VERSION      1
 
 struct jobs_config {
-    unsigned workers;       /* run slots: jobs running at once (>= 1) */
-    unsigned max_queued;    /* jobs waiting to run (--max-queued-jobs); 0: JOBS_DEFAULT_QUEUED */
-    const char *state_uri;  /* VFS file holding the records (JSON), or NULL: not kept */
-    jobs_event_fn event;    /* or NULL */
+    unsigned workers;      /* run slots: jobs running at once (>= 1) */
+    unsigned max_queued;   /* jobs waiting to run (--max-queued-jobs); 0: JOBS_DEFAULT_QUEUED */
+    const char *state_uri; /* VFS file holding the records (JSON), or NULL: not kept */
+    jobs_event_fn event;   /* or NULL */
     void *event_opaque;
     /* added with issue 12; 0 means the default */
-    unsigned max_paused;    /* running jobs paused (each keeps a thread, not a slot); 0: JOBS_DEFAULT_PAUSED */
-    unsigned max_records;   /* concluded jobs kept; 0: JOBS_DEFAULT_RECORDS */
-    int64_t retention_ms;   /* concluded jobs dismissed after; 0: JOBS_DEFAULT_RETENTION_MS, <0: never */
+    unsigned max_paused;  /* running jobs paused (each keeps a thread, not a slot); 0: JOBS_DEFAULT_PAUSED */
+    unsigned max_records; /* concluded jobs kept; 0: JOBS_DEFAULT_RECORDS */
+    int64_t retention_ms; /* concluded jobs dismissed after; 0: JOBS_DEFAULT_RETENTION_MS, <0: never */
 };
 
 /* What a job does, on a worker thread. It calls job_progress as it goes (which

@@ -275,11 +275,17 @@ static void *race(void *arg)
         json_t *o = NULL;
         int ret;
         switch (rand_r(&r->seed) % 8) {
-        case 0: ret = via(jobs_cancel, r->js, id, &o); break;
+        case 0:
+            ret = via(jobs_cancel, r->js, id, &o);
+            break;
         case 1:
         case 2:
-        case 3: ret = via(pause_wait, r->js, id, &o); break;
-        default: ret = via(jobs_resume, r->js, id, &o); break;
+        case 3:
+            ret = via(pause_wait, r->js, id, &o);
+            break;
+        default:
+            ret = via(jobs_resume, r->js, id, &o);
+            break;
         }
         ck_assert(ret == 0 || ret == -EBUSY || ret == -ENOENT); /* ENOENT: dismissed */
         json_decref(o);
@@ -392,7 +398,8 @@ START_TEST(unreadable_records_are_set_aside)
 {
     static const char *const bad[] = {
         "{\"format\": \"qcowd-jobs\", \"version\": 2, \"next-id\": 3, \"jobs\": []}",
-        "{\"next-id\": 3, \"jobs\": [{\"id\": \"1\", \"type\": \"check\", \"image\": \"a\", \"status\": \"concluded\"}]}",
+        "{\"next-id\": 3, \"jobs\": [{\"id\": \"1\", \"type\": \"check\", \"image\": \"a\", \"status\": "
+        "\"concluded\"}]}",
         "{\"format\": \"qcowd-jobs\", \"version\": 1, \"next-id\": 3, \"jobs\": [{\"id\": \"1\"}]}",
         "{\"format\": \"qcowd-jobs\", \"version\": 1, \"next-id\": 3, \"jobs\": [{\"id\": \"x\", \"type\": \"c\", "
         "\"image\": \"a\", \"status\": \"weird\", \"current\": 0, \"total\": 0, \"error\": null, \"cancelled\": "
@@ -670,7 +677,7 @@ START_TEST(replay_from_an_id)
         size_t events;
         uint64_t lost;
         bool unknown;
-    } cases[] = {{1020, 4, 0, false}, {1024, 0, 0, false}, {1010, 10, 4, false},
+    } cases[] = {{1020, 4, 0, false},  {1024, 0, 0, false}, {1010, 10, 4, false},
                  {999, 10, 15, false}, {500, 10, 0, true},  {5000, 10, 0, true}};
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         struct events_listener *l;
@@ -738,8 +745,8 @@ static void order_event(void *opaque, const char *event, const struct job_info *
     bool created = !strcmp(event, "job-created"), dismissed = !strcmp(event, "job-dismissed");
     bool ok = created ? *st == 0 : dismissed ? *st == 2 : *st == 1;
     if (!ok && !order.bad++)
-        snprintf(order.why, sizeof order.why, "job %s: %s (%s) in state %d", ji->id, event,
-                 job_status_name(ji->status), *st);
+        snprintf(order.why, sizeof order.why, "job %s: %s (%s) in state %d", ji->id, event, job_status_name(ji->status),
+                 *st);
     if (created)
         *st = 1;
     else if (dismissed)
