@@ -53,6 +53,10 @@ static void usage(FILE *f)
             "  --s3-opt KEY=VALUE  another s3 plugin setting (region, staging-dir, cache-size, part-size, ...)\n"
             "  --job-workers N     threads running jobs (default %d)\n"
             "  --max-listeners N   GET /v1/events clients at once (default %d)\n"
+            "  --job-retention S   concluded jobs are dismissed S seconds after they end (default %u; 0: kept\n"
+            "                      until DELETE /v1/jobs/ID)\n"
+            "  --event-history N   events kept for clients that reconnect with Last-Event-ID (default %u)\n"
+            "  --event-history-bytes SIZE  and their bytes at most (default %uM)\n"
             "budgets (refusals name the option; SIZE takes K, M, G, T or P):\n"
             "  --max-connections N connections at once in total (default %u, kept below the open-file\n"
             "                      limit, whose soft value qcowd raises to the hard one)\n"
@@ -66,6 +70,9 @@ static void usage(FILE *f)
             "                      space; 507 when an upload would pass it, or a create or convert finds it passed)\n"
             "  --max-virtual-size SIZE  disk size of a created or uploaded image (default %s)\n"
             "  --max-queued-jobs N jobs waiting to run (default %u; 503 with Retry-After over it)\n"
+            "  --max-paused-jobs N running jobs paused at once, each keeping a thread but not a worker\n"
+            "                      slot (default %u; 409 over it)\n"
+            "  --max-job-records N concluded jobs kept (default %u; the oldest are dismissed)\n"
             "  --max-open-images N unused open images kept cached (default %u)\n"
             "  --max-image-meta SIZE  metadata one open image (with its backing chain) may hold in memory:\n"
             "                      L1 and refcount tables, snapshot table, bitmap directory, tracked bitmaps;\n"
@@ -87,9 +94,11 @@ static void usage(FILE *f)
             "                      a cluster once sent is copied on its next write, so workloads that read and\n"
             "                      then rewrite the same clusters in large pieces may prefer no\n"
             "  --version, --help\n",
-            DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS, API_DEFAULT_CONNECTIONS,
+            DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS, JOBS_DEFAULT_RETENTION_MS / 1000,
+            EVENTS_DEFAULT_HISTORY, EVENTS_DEFAULT_HISTORY_BYTES >> 20, API_DEFAULT_CONNECTIONS,
             API_DEFAULT_PER_CLIENT, API_DEFAULT_HEADER_TIMEOUT, API_DEFAULT_MIN_RATE, API_DEFAULT_LISTENERS_PER_CLIENT,
-            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_VIRTUAL_TEXT, JOBS_DEFAULT_QUEUED, CATALOG_DEFAULT_OPEN,
+            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_VIRTUAL_TEXT, JOBS_DEFAULT_QUEUED, JOBS_DEFAULT_PAUSED, JOBS_DEFAULT_RECORDS,
+            CATALOG_DEFAULT_OPEN,
             (unsigned)TICKET_DEFAULT_MAX);
 }
 
@@ -310,6 +319,11 @@ enum {
     OPT_PUBLIC_NAME,
     OPT_CORS_ORIGIN,
     OPT_MAX_TICKETS,
+    OPT_MAX_PAUSED,
+    OPT_MAX_JOB_RECORDS,
+    OPT_JOB_RETENTION,
+    OPT_EVENT_HISTORY,
+    OPT_EVENT_HISTORY_BYTES,
 };
 
 static const char *option_name(const struct option *lo, int val)
@@ -391,6 +405,11 @@ int main(int argc, char **argv)
         {"max-catalog", required_argument, 0, OPT_MAX_CATALOG},
         {"max-virtual-size", required_argument, 0, OPT_MAX_VIRTUAL},
         {"max-queued-jobs", required_argument, 0, OPT_MAX_QUEUED},
+        {"max-paused-jobs", required_argument, 0, OPT_MAX_PAUSED},
+        {"max-job-records", required_argument, 0, OPT_MAX_JOB_RECORDS},
+        {"job-retention", required_argument, 0, OPT_JOB_RETENTION},
+        {"event-history", required_argument, 0, OPT_EVENT_HISTORY},
+        {"event-history-bytes", required_argument, 0, OPT_EVENT_HISTORY_BYTES},
         {"max-open-images", required_argument, 0, OPT_MAX_OPEN},
         {"max-image-meta", required_argument, 0, 'M'},
         {"tokens", required_argument, 0, OPT_TOKENS},
@@ -434,6 +453,8 @@ int main(int argc, char **argv)
     char *s3_opts[32];
     unsigned n_s3_opts = 0;
     unsigned job_workers = DEFAULT_JOB_WORKERS, max_listeners = EVENTS_DEFAULT_LISTENERS;
+    struct jobs_config jc = {0};
+    struct events_config ec = {0};
     int c;
     while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
         cur_arg = optind - 1; /* file settings are single "--key=value" arguments */
@@ -492,8 +513,16 @@ int main(int argc, char **argv)
         case OPT_LISTENERS_PER_CLIENT:
         case OPT_MAX_QUEUED:
         case OPT_MAX_OPEN:
+        case OPT_MAX_PAUSED:
+        case OPT_MAX_JOB_RECORDS:
+        case OPT_JOB_RETENTION:
+        case OPT_EVENT_HISTORY:
         case OPT_MIN_RATE: {
-            uint64_t v, min = c == OPT_MIN_RATE ? 0 : 1, max = c == OPT_MIN_RATE ? UINT32_MAX - 1 : 1u << 20;
+            uint64_t v, min = c == OPT_MIN_RATE || c == OPT_JOB_RETENTION ? 0 : 1,
+                        max = c == OPT_MIN_RATE        ? UINT32_MAX - 1
+                              : c == OPT_MAX_PAUSED    ? 1024
+                              : c == OPT_JOB_RETENTION ? 10 * 366 * 86400ull
+                                                       : 1u << 20;
             if (parse_count(optarg, min, max, &v) < 0) {
                 fprintf(stderr, "qcowd: --%s wants a number from %llu to %llu, not '%s'\n", option_name(lo, c),
                         (unsigned long long)min, (unsigned long long)max, optarg);
@@ -511,8 +540,25 @@ int main(int argc, char **argv)
                 max_queued = (unsigned)v;
             else if (c == OPT_MAX_OPEN)
                 copts.max_open = (unsigned)v;
+            else if (c == OPT_MAX_PAUSED)
+                jc.max_paused = (unsigned)v;
+            else if (c == OPT_MAX_JOB_RECORDS)
+                jc.max_records = (unsigned)v;
+            else if (c == OPT_JOB_RETENTION)
+                jc.retention_ms = v ? (int64_t)v * 1000 : -1; /* 0: kept until dismissed */
+            else if (c == OPT_EVENT_HISTORY)
+                ec.history = (unsigned)v;
             else
                 cfg.min_rate = v ? (unsigned)v : API_RATE_OFF;
+            break;
+        }
+        case OPT_EVENT_HISTORY_BYTES: {
+            uint64_t v;
+            if (parse_bytes(optarg, &v) < 0 || v < 4096 || v > (1ull << 32)) {
+                fprintf(stderr, "qcowd: --event-history-bytes wants a size from 4K to 4G, not '%s'\n", optarg);
+                return 2;
+            }
+            ec.history_bytes = (size_t)v;
             break;
         }
         case OPT_MAX_UPLOAD:
@@ -682,15 +728,15 @@ int main(int argc, char **argv)
     struct events *ev = NULL;
     struct jobs *jobs = NULL;
     char *jobs_file = catalog_path(cat, JOBS_FILE);
-    ret = jobs_file ? events_new(max_listeners, &ev) : -ENOMEM;
+    ec.max_listeners = max_listeners;
+    ret = jobs_file ? events_new(&ec, &ev) : -ENOMEM;
     if (ret == 0) {
         catalog_set_notify(cat, events_image_event, ev);
-        struct jobs_config jc = {
-            .workers = job_workers,
-            .max_queued = max_queued,
-            .state_uri = jobs_file,
-            .event = events_job_event,
-            .event_opaque = ev};
+        jc.workers = job_workers;
+        jc.max_queued = max_queued;
+        jc.state_uri = jobs_file;
+        jc.event = events_job_event;
+        jc.event_opaque = ev;
         ret = jobs_new(&jc, &jobs);
     }
     free(jobs_file);

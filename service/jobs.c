@@ -1,6 +1,7 @@
-/* jobs.c: the job engine: a queue served by a pool of workers, per-image locks so
- * conflicting jobs run one after the other, the state machine, and the records
- * saved as one JSON file through the VFS on every status change. */
+/* jobs.c: the job engine: a queue served by a pool of run slots, per-image locks
+ * so conflicting jobs run one after the other, and the state machine (every
+ * change and its event under one lock, so events come in the order of the
+ * changes); the records file is jobs_records.c's. */
 #include "jobs.h"
 
 #include <errno.h>
@@ -12,47 +13,7 @@
 #include <time.h>
 
 #include "err.h"
-#include "vfs.h"
-
-struct job {
-    struct jobs *js;
-    uint64_t num;
-    char id[24];
-    char owner[96];
-    char *type, *image;
-    char **locks;   /* NULL-terminated image names held while it runs */
-    json_t *params; /* owned */
-    enum job_status status;
-    bool started;    /* run was called (or is about to be) */
-    bool cancel_req; /* cancel asked while started */
-    bool cancelled;
-    bool cut_off;    /* loaded from the records unconcluded: cut off by a restart */
-    bool retry_req;  /* run asked to be run again later (job_retry_later; worker's own) */
-    bool parked;     /* started, waiting off any worker until retry_ms for an image */
-    int64_t retry_ms;
-    uint64_t cur, total;
-    char *error;
-    json_t *result; /* owned, or NULL */
-    int64_t created_ms, started_ms, finished_ms; /* 0: not yet */
-    int64_t progress_ms;                         /* last progress event */
-    job_run_fn run;
-    void *arg;
-    void (*free_arg)(void *);
-    struct job *next;
-};
-
-struct jobs {
-    struct jobs_config cfg;
-    char *state_uri;
-    pthread_mutex_t lock; /* guards everything below and every job's fields */
-    pthread_cond_t cond;  /* work queued, locks released, a job resumed or cancelled */
-    struct job *head, *tail;
-    uint64_t next_num;
-    bool stopping;
-    pthread_t *threads;
-    unsigned nthreads;
-    pthread_mutex_t save_lock; /* serialises saves; taken before lock */
-};
+#include "jobs_int.h"
 
 static const char *const status_names[] = {"created", "running", "paused", "aborting", "concluded"};
 
@@ -61,64 +22,106 @@ const char *job_status_name(enum job_status s)
     return status_names[s];
 }
 
-static int64_t now_ms(void)
+int job_status_parse(const char *name)
+{
+    for (int i = 0; i < JOB_STATUS_COUNT; i++)
+        if (!strcmp(name, status_names[i]))
+            return i;
+    return -1;
+}
+
+int64_t jobs__now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static json_t *time_json(int64_t ms)
+/* ---- views ---- */
+
+/* With js->lock held: the job as a view (borrowing its strings). */
+static void view(const struct job *j, struct job_info *ji)
 {
-    if (!ms)
-        return json_null();
-    time_t s = (time_t)(ms / 1000);
-    struct tm tm;
-    gmtime_r(&s, &tm);
-    char buf[80];
-    snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday,
-             tm.tm_hour, tm.tm_min, tm.tm_sec, (int)(ms % 1000));
-    return json_string(buf);
+    *ji = (struct job_info){.type = j->type,
+                            .image = j->image,
+                            .status = j->status,
+                            .pausing = j->pause_req,
+                            .cancelled = j->cancelled,
+                            .current = j->cur,
+                            .total = j->total,
+                            .error = j->error,
+                            .result = j->result_text,
+                            .params = j->params_text ? j->params_text : "{}",
+                            .created_ms = j->created_ms,
+                            .started_ms = j->started_ms,
+                            .finished_ms = j->finished_ms};
+    memcpy(ji->id, j->id, sizeof ji->id);
 }
 
-static int64_t time_parse(json_t *v)
+static size_t opt_len(const char *s)
 {
-    const char *s = json_string_value(v);
-    struct tm tm = {0};
-    int ms = 0;
-    if (!s || sscanf(s, "%d-%d-%dT%d:%d:%d.%dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday, &tm.tm_hour, &tm.tm_min,
-                     &tm.tm_sec, &ms) != 7)
-        return 0;
-    tm.tm_year -= 1900;
-    tm.tm_mon -= 1;
-    return (int64_t)timegm(&tm) * 1000 + ms;
+    return s ? strlen(s) + 1 : 0;
 }
 
-/* With js->lock held: the job object. */
-static json_t *to_json(const struct job *j)
+size_t job_info_size(const struct job_info *ji)
 {
-    json_t *o = json_object();
-    if (!o)
+    return sizeof *ji + opt_len(ji->type) + opt_len(ji->image) + opt_len(ji->error) + opt_len(ji->result) +
+           opt_len(ji->params);
+}
+
+/* Copy s (or NULL) to *at, advancing it; returns the copy. */
+static const char *put_str(char **at, const char *s)
+{
+    if (!s)
         return NULL;
-    json_object_set_new(o, "id", json_string(j->id));
-    json_object_set_new(o, "type", json_string(j->type));
-    json_object_set_new(o, "image", json_string(j->image));
-    json_object_set_new(o, "status", json_string(status_names[j->status]));
-    json_object_set_new(o, "current-progress", json_integer((json_int_t)j->cur));
-    json_object_set_new(o, "total-progress", json_integer((json_int_t)j->total));
-    json_object_set_new(o, "error", j->error ? json_string(j->error) : json_null());
-    json_object_set_new(o, "cancelled", json_boolean(j->cancelled));
-    /* copies, not references: jansson's refcounts do not order a free in another
-     * thread after our reads (TSan sees a race), so no JSON value is shared */
-    json_object_set_new(o, "result", j->result ? json_deep_copy(j->result) : json_null());
-    json_object_set_new(o, "params", j->params ? json_deep_copy(j->params) : json_object());
-    json_object_set_new(o, "created", time_json(j->created_ms));
-    json_object_set_new(o, "started", time_json(j->started_ms));
-    json_object_set_new(o, "finished", time_json(j->finished_ms));
-    return o;
+    size_t n = strlen(s) + 1;
+    char *d = memcpy(*at, s, n);
+    *at += n;
+    return d;
 }
 
-static void job_free(struct job *j)
+int job_info_copy(struct job_info *dst, const struct job_info *src)
+{
+    struct job_info c = *src;
+    char *mem = malloc(job_info_size(src) - sizeof *src + 1), *at = mem;
+    if (!mem) {
+        *dst = (struct job_info){0};
+        return err_fail(ENOMEM, "out of memory");
+    }
+    c.type = put_str(&at, src->type);
+    c.image = put_str(&at, src->image);
+    c.error = put_str(&at, src->error);
+    c.result = put_str(&at, src->result);
+    c.params = put_str(&at, src->params);
+    c.mem = mem;
+    *dst = c;
+    return 0;
+}
+
+void job_info_release(struct job_info *ji)
+{
+    if (ji && ji->mem) {
+        free(ji->mem);
+        *ji = (struct job_info){0};
+    }
+}
+
+void jobs_info_free(struct job_info *a, size_t n)
+{
+    for (size_t i = 0; a && i < n; i++)
+        job_info_release(&a[i]);
+    free(a);
+}
+
+/* With js->lock held: a copy of j. */
+static int copy_out(const struct job *j, struct job_info *out)
+{
+    struct job_info v;
+    view(j, &v);
+    return job_info_copy(out, &v);
+}
+
+void jobs__job_free(struct job *j)
 {
     if (!j)
         return;
@@ -130,159 +133,62 @@ static void job_free(struct job *j)
     free(j->type);
     free(j->image);
     free(j->error);
+    free(j->params_text);
+    free(j->result_text);
     json_decref(j->params);
     json_decref(j->result);
     free(j);
 }
 
-static void emit(struct jobs *js, const char *event, json_t *o)
+char *jobs__dump(json_t *v)
 {
-    if (js->cfg.event && o)
-        js->cfg.event(js->cfg.event_opaque, event, o);
+    return json_dumps(v, JSON_COMPACT | JSON_PRESERVE_ORDER | JSON_ENCODE_ANY);
 }
 
-/* Emit event with the job's object as it is now (takes and drops the lock). */
-static void emit_job(struct jobs *js, const char *event, struct job *j)
+/* With js->lock held: publish event with j as it is now. Under the lock, so the
+ * events of every job are in the order of its changes. */
+static void emit(struct jobs *js, const char *event, const struct job *j)
 {
     if (!js->cfg.event)
         return;
-    pthread_mutex_lock(&js->lock);
-    json_t *o = to_json(j);
-    pthread_mutex_unlock(&js->lock);
-    emit(js, event, o);
-    json_decref(o);
+    struct job_info v;
+    view(j, &v);
+    js->cfg.event(js->cfg.event_opaque, event, &v);
 }
 
-/* ---- records ---- */
-
-static void save(struct jobs *js)
+/* With js->lock held: unlink j, announce it dismissed and free it. */
+static void remove_job(struct jobs *js, struct job *j)
 {
-    if (!js->state_uri)
-        return;
-    pthread_mutex_lock(&js->save_lock);
-    pthread_mutex_lock(&js->lock);
-    json_t *a = json_array();
+    struct job **p = &js->head, *prev = NULL;
+    while (*p != j) {
+        prev = *p;
+        p = &(*p)->next;
+    }
+    *p = j->next;
+    if (js->tail == j)
+        js->tail = prev;
+    emit(js, "job-dismissed", j);
+    jobs__job_free(j);
+}
+
+/* With js->lock held: drop the oldest concluded records over cfg.max_records
+ * (not keep, nor those waiting for jobs_foreach_cut_off). Returns whether one
+ * went. */
+static bool prune(struct jobs *js, const struct job *keep)
+{
+    unsigned n = 0;
     for (struct job *j = js->head; j; j = j->next)
-        json_array_append_new(a, to_json(j));
-    json_t *doc = json_pack("{s:I,s:o}", "next-id", (json_int_t)js->next_num, "jobs", a);
-    pthread_mutex_unlock(&js->lock);
-    char *text = doc ? json_dumps(doc, JSON_INDENT(1) | JSON_PRESERVE_ORDER) : NULL;
-    json_decref(doc);
-    char *tmp = NULL;
-    struct vfs_file *f = NULL;
-    int ret = -ENOMEM;
-    if (text && asprintf(&tmp, "%s.tmp", js->state_uri) >= 0) {
-        vfs_remove(tmp);
-        ret = vfs_open(tmp, VFS_O_RDWR | VFS_O_CREATE, &f);
-        if (ret == 0)
-            ret = vfs_pwrite(f, text, strlen(text), 0);
-        if (ret == 0)
-            ret = vfs_flush(f);
-        if (f)
-            vfs_close(f);
-        if (ret == 0)
-            ret = vfs_rename(tmp, js->state_uri);
-    }
-    if (ret < 0)
-        fprintf(stderr, "qcowd: saving the job records to %s: %s\n", js->state_uri, err_msg(ret));
-    free(tmp);
-    free(text);
-    pthread_mutex_unlock(&js->save_lock);
-}
-
-static char *dup_str(json_t *o, const char *key)
-{
-    const char *s = json_string_value(json_object_get(o, key));
-    return s ? strdup(s) : NULL;
-}
-
-/* Read the records of a previous run; a missing file is an empty list. */
-static int load(struct jobs *js)
-{
-    struct vfs_file *f;
-    int ret = vfs_open(js->state_uri, VFS_O_RDONLY, &f);
-    if (ret == -ENOENT) {
-        err_clear();
-        return 0;
-    }
-    if (ret < 0)
-        return err_prefix(ret, "job records %s", js->state_uri);
-    uint64_t size = 0;
-    ret = vfs_size(f, &size);
-    char *text = NULL;
-    if (ret == 0 && size > (64u << 20))
-        ret = err_fail(EFBIG, "job records %s: larger than 64 MiB", js->state_uri);
-    if (ret == 0 && !(text = malloc((size_t)size + 1)))
-        ret = err_fail(ENOMEM, "out of memory");
-    if (ret == 0)
-        ret = vfs_pread(f, text, (size_t)size, 0);
-    vfs_close(f);
-    if (ret < 0) {
-        free(text);
-        return ret;
-    }
-    json_error_t je;
-    json_t *doc = json_loadb(text, (size_t)size, 0, &je);
-    free(text);
-    json_t *a = json_object_get(doc, "jobs");
-    if (!json_is_array(a)) {
-        /* unreadable records must not keep the daemon down: start afresh */
-        fprintf(stderr, "qcowd: job records %s are not valid (%s); starting with none\n", js->state_uri,
-                doc ? "no jobs array" : je.text);
-        json_decref(doc);
-        return 0;
-    }
-    js->next_num = (uint64_t)json_integer_value(json_object_get(doc, "next-id"));
-    size_t i;
-    json_t *o;
-    json_array_foreach(a, i, o)
-    {
-        struct job *j = calloc(1, sizeof *j);
-        if (!j)
-            break;
-        j->js = js;
-        j->type = dup_str(o, "type");
-        j->image = dup_str(o, "image");
-        const char *id = json_string_value(json_object_get(o, "id"));
-        if (!j->type || !j->image || !id || strlen(id) >= sizeof j->id) {
-            job_free(j);
-            continue;
+        n += j->status == JOB_CONCLUDED;
+    bool any = false;
+    for (struct job *j = js->head, *next; j && n > js->cfg.max_records; j = next) {
+        next = j->next;
+        if (j->status == JOB_CONCLUDED && !j->cut_off && j != keep) {
+            remove_job(js, j);
+            n--;
+            any = true;
         }
-        snprintf(j->id, sizeof j->id, "%s", id);
-        j->num = strtoull(id, NULL, 10);
-        if (j->num >= js->next_num)
-            js->next_num = j->num + 1;
-        j->cur = (uint64_t)json_integer_value(json_object_get(o, "current-progress"));
-        j->total = (uint64_t)json_integer_value(json_object_get(o, "total-progress"));
-        j->error = dup_str(o, "error");
-        j->cancelled = json_is_true(json_object_get(o, "cancelled"));
-        json_t *res = json_object_get(o, "result");
-        j->result = json_is_null(res) || !res ? NULL : json_incref(res);
-        json_t *prm = json_object_get(o, "params");
-        j->params = prm ? json_incref(prm) : json_object();
-        j->created_ms = time_parse(json_object_get(o, "created"));
-        j->started_ms = time_parse(json_object_get(o, "started"));
-        j->finished_ms = time_parse(json_object_get(o, "finished"));
-        const char *st = json_string_value(json_object_get(o, "status"));
-        if (!st || strcmp(st, "concluded")) {
-            /* "created" too: the record of a start is saved a moment after it */
-            j->cut_off = true;
-            char msg[200];
-            snprintf(msg, sizeof msg, "cut off by a restart of qcowd (the job was %s)", st ? st : "unknown");
-            free(j->error);
-            j->error = strdup(msg);
-            j->finished_ms = now_ms();
-        }
-        j->status = JOB_CONCLUDED;
-        j->started = true;
-        if (js->tail)
-            js->tail->next = j;
-        else
-            js->head = j;
-        js->tail = j;
     }
-    json_decref(doc);
-    return 0;
+    return any;
 }
 
 /* ---- the workers ---- */
@@ -306,7 +212,7 @@ static bool locked(struct jobs *js, const struct job *j)
  * earliest time a parked one can go (0: none). */
 static struct job *next_runnable(struct jobs *js, int64_t *wake_ms)
 {
-    int64_t now = now_ms();
+    int64_t now = jobs__now_ms();
     *wake_ms = 0;
     for (struct job *j = js->head; j; j = j->next) {
         if (j->parked && (j->status == JOB_RUNNING || j->status == JOB_ABORTING)) {
@@ -327,33 +233,100 @@ static void wait_until(struct jobs *js, int64_t ms)
     pthread_cond_timedwait(&js->cond, &js->lock, &ts);
 }
 
+/* With js->lock held: dismiss the concluded jobs cfg.retention_ms after they
+ * concluded (not those waiting for jobs_foreach_cut_off). Returns whether one
+ * went (then save); *next_ms is when the next one is due (0: none). Idle
+ * workers call it when one is due, and every look at the jobs calls it first,
+ * so nobody sees an expired job even while every worker is busy. */
+static bool sweep(struct jobs *js, int64_t *next_ms)
+{
+    int64_t now = jobs__now_ms();
+    bool any = false;
+    *next_ms = 0;
+    if (js->cfg.retention_ms < 0)
+        return false;
+    for (struct job *j = js->head, *next; j; j = next) {
+        next = j->next;
+        if (j->status != JOB_CONCLUDED || j->cut_off)
+            continue;
+        int64_t due = j->finished_ms + js->cfg.retention_ms;
+        if (due <= now) {
+            remove_job(js, j);
+            any = true;
+        } else if (!*next_ms || due < *next_ms) {
+            *next_ms = due;
+        }
+    }
+    return any;
+}
+
+/* With js->lock held: conclude j (its run returned ret, with result). */
+static void conclude(struct jobs *js, struct job *j, int ret, json_t *result, char *error, char *result_text)
+{
+    j->status = JOB_CONCLUDED;
+    j->finished_ms = jobs__now_ms();
+    if (ret == -ECANCELED)
+        j->cancelled = true;
+    if (ret < 0) {
+        j->error = error;
+        json_decref(result);
+        free(result_text);
+    } else {
+        free(error);
+        j->result = result;
+        j->result_text = result_text;
+    }
+    /* the job's argument (images, buffers) goes now; the record stays */
+    if (j->free_arg)
+        j->free_arg(j->arg);
+    j->free_arg = NULL;
+    j->arg = NULL;
+    if (j->started_ms) /* the last progress of a job that ran */
+        emit(js, "job-progress", j);
+    emit(js, "job-status", j);
+    prune(js, j);
+    pthread_cond_broadcast(&js->cond); /* its locks and its slot are free */
+}
+
 static void *worker(void *arg)
 {
     struct jobs *js = arg;
     pthread_mutex_lock(&js->lock);
     for (;;) {
         struct job *j = NULL;
-        int64_t wake_ms = 0;
-        while (!js->stopping && !(j = next_runnable(js, &wake_ms))) {
+        while (!js->stopping) {
+            int64_t wake_ms = 0, due_ms = 0;
+            if (sweep(js, &due_ms)) {
+                pthread_mutex_unlock(&js->lock);
+                jobs__save(js);
+                pthread_mutex_lock(&js->lock);
+                continue;
+            }
+            if (js->active + js->resumed < js->cfg.workers && (j = next_runnable(js, &wake_ms)))
+                break;
+            if (due_ms && (!wake_ms || due_ms < wake_ms))
+                wake_ms = due_ms;
+            js->idle++;
             if (wake_ms)
                 wait_until(js, wake_ms);
             else
                 pthread_cond_wait(&js->cond, &js->lock);
+            js->idle--;
         }
         if (js->stopping)
             break;
+        js->active++;
         bool again = j->parked; /* announced as running already */
         j->parked = false;
         j->started = true;
         if (!again) {
             j->status = JOB_RUNNING;
-            j->started_ms = now_ms();
+            j->started_ms = jobs__now_ms();
+            emit(js, "job-status", j);
         }
         pthread_mutex_unlock(&js->lock);
-        if (!again) {
-            emit_job(js, "job-status", j);
-            save(js);
-        }
+        if (!again)
+            jobs__save(js);
 
         json_t *result = NULL;
         err_clear();
@@ -363,43 +336,32 @@ static void *worker(void *arg)
              * until later, so a slow client holds no worker */
             j->retry_req = false;
             json_decref(result);
+            result = NULL;
             pthread_mutex_lock(&js->lock);
             if (ret == -EAGAIN && !js->stopping && !j->cancel_req) {
                 j->parked = true;
-                j->retry_ms = now_ms() + JOBS_RETRY_MS;
+                if (j->pause_req) { /* off its thread: paused now */
+                    j->pause_req = false;
+                    j->status = JOB_PAUSED;
+                    emit(js, "job-status", j);
+                }
+                j->retry_ms = jobs__now_ms() + JOBS_RETRY_MS;
+                js->active--;
+                pthread_cond_broadcast(&js->cond);
                 continue;
             }
             pthread_mutex_unlock(&js->lock);
-            result = NULL;
             if (ret == -EAGAIN)
                 ret = -ECANCELED;
         }
         char *error = ret < 0 ? strdup(ret == -ECANCELED ? "cancelled" : err_msg(ret)) : NULL;
-
+        char *text = ret == 0 && result ? jobs__dump(result) : NULL;
         pthread_mutex_lock(&js->lock);
-        j->status = JOB_CONCLUDED;
-        j->finished_ms = now_ms();
-        if (ret == -ECANCELED)
-            j->cancelled = true;
-        if (ret < 0) {
-            j->error = error;
-            json_decref(result);
-        } else {
-            j->result = result;
-        }
-        /* the job's argument (images, buffers) goes now; the record stays */
-        if (j->free_arg)
-            j->free_arg(j->arg);
-        j->free_arg = NULL;
-        j->arg = NULL;
-        j->progress_ms = 0;
-        json_t *p = to_json(j);
-        pthread_cond_broadcast(&js->cond); /* its locks are free */
+        js->active--;
+        j->pause_req = false;
+        conclude(js, j, ret, result, error, text);
         pthread_mutex_unlock(&js->lock);
-        emit(js, "job-progress", p);
-        emit(js, "job-status", p);
-        json_decref(p);
-        save(js);
+        jobs__save(js);
         pthread_mutex_lock(&js->lock);
     }
     pthread_mutex_unlock(&js->lock);
@@ -417,6 +379,12 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
         js->cfg.max_queued = JOBS_DEFAULT_QUEUED;
     if (!js->cfg.workers)
         js->cfg.workers = 1;
+    if (!js->cfg.max_paused)
+        js->cfg.max_paused = JOBS_DEFAULT_PAUSED;
+    if (!js->cfg.max_records)
+        js->cfg.max_records = JOBS_DEFAULT_RECORDS;
+    if (!js->cfg.retention_ms)
+        js->cfg.retention_ms = JOBS_DEFAULT_RETENTION_MS;
     pthread_mutex_init(&js->lock, NULL);
     pthread_mutex_init(&js->save_lock, NULL);
     pthread_cond_init(&js->cond, NULL);
@@ -426,23 +394,30 @@ int jobs_new(const struct jobs_config *cfg, struct jobs **out)
         if (!js->state_uri)
             ret = err_fail(ENOMEM, "out of memory");
         if (ret == 0)
-            ret = load(js);
+            ret = jobs__load(js);
     }
-    if (ret == 0 && !(js->threads = calloc(js->cfg.workers, sizeof *js->threads)))
+    if (ret == 0 && !(js->threads = calloc(js->cfg.workers + js->cfg.max_paused, sizeof *js->threads)))
         ret = err_fail(ENOMEM, "out of memory");
     if (ret < 0) {
         jobs_free(js);
         return ret;
     }
-    save(js);
-    for (unsigned i = 0; i < js->cfg.workers; i++) {
+    pthread_mutex_lock(&js->lock);
+    prune(js, NULL); /* nobody listens yet */
+    pthread_mutex_unlock(&js->lock);
+    jobs__save(js);
+    pthread_mutex_lock(&js->lock); /* nthreads is read under it */
+    for (unsigned i = 0; i < js->cfg.workers && ret == 0; i++) {
         int e = pthread_create(&js->threads[i], NULL, worker, js);
-        if (e) {
+        if (e)
             ret = err_fail(e, "starting job worker %u: %s", i, strerror(e));
-            jobs_free(js);
-            return ret;
-        }
-        js->nthreads++;
+        else
+            js->nthreads++;
+    }
+    pthread_mutex_unlock(&js->lock);
+    if (ret < 0) {
+        jobs_free(js);
+        return ret;
     }
     *out = js;
     return 0;
@@ -458,15 +433,16 @@ void jobs_free(struct jobs *js)
         if (j->status != JOB_CONCLUDED && j->started)
             j->cancel_req = true;
     pthread_cond_broadcast(&js->cond);
+    unsigned n = js->nthreads; /* no more start once stopping */
     pthread_mutex_unlock(&js->lock);
-    for (unsigned i = 0; i < js->nthreads; i++)
+    for (unsigned i = 0; i < n; i++)
         pthread_join(js->threads[i], NULL);
     /* queued jobs never ran; the load of the next start concludes them */
-    save(js);
+    jobs__save(js);
     struct job *j = js->head;
     while (j) {
         struct job *next = j->next;
-        job_free(j);
+        jobs__job_free(j);
         j = next;
     }
     free(js->threads);
@@ -493,16 +469,16 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
     j->arg = arg;
     j->free_arg = free_arg;
     arg = NULL;
-    if (!(j->locks[0] = strdup(image)))
+    if (!j->params || !(j->params_text = jobs__dump(j->params)) || !(j->locks[0] = strdup(image)))
         goto nomem;
     for (size_t i = 0; i < n; i++)
         if (!(j->locks[i + 1] = strdup(locks[i])))
             goto nomem;
-    j->created_ms = now_ms();
+    j->created_ms = jobs__now_ms();
     pthread_mutex_lock(&js->lock);
     if (js->stopping) {
         pthread_mutex_unlock(&js->lock);
-        job_free(j);
+        jobs__job_free(j);
         return err_fail(EAGAIN, "qcowd is stopping: no new jobs");
     }
     unsigned queued = 0;
@@ -510,7 +486,7 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
         queued += o->status != JOB_CONCLUDED && !o->started;
     if (queued >= js->cfg.max_queued) {
         pthread_mutex_unlock(&js->lock);
-        job_free(j);
+        jobs__job_free(j);
         return err_fail(EAGAIN, "%u jobs are waiting to run: --max-queued-jobs is %u", queued, js->cfg.max_queued);
     }
     j->num = js->next_num++;
@@ -521,29 +497,55 @@ int jobs_submit(struct jobs *js, const char *type, const char *image, const char
     else
         js->head = j;
     js->tail = j;
-    json_t *o = to_json(j);
+    emit(js, "job-created", j); /* before any worker can see it */
+    json_t *o = json_pack("{s:s}", "id", j->id);
     pthread_cond_broadcast(&js->cond);
     pthread_mutex_unlock(&js->lock);
-    emit(js, "job-created", o);
-    save(js);
+    jobs__save(js);
+    if (!o)
+        return err_fail(ENOMEM, "out of memory"); /* queued all the same */
     *job_json = o;
     return 0;
 nomem:
     json_decref(params);
     if (arg && free_arg)
         free_arg(arg);
-    job_free(j);
+    jobs__job_free(j);
     return err_fail(ENOMEM, "out of memory");
 }
 
-json_t *jobs_list(struct jobs *js)
+/* With js->lock held: sweep before a look at the jobs; *saving: save after. */
+static void sweep_now(struct jobs *js, bool *saving)
 {
-    json_t *a = json_array();
+    int64_t next;
+    *saving = sweep(js, &next) || *saving;
+}
+
+int jobs_list(struct jobs *js, const char *image, int status, struct job_info **out, size_t *n)
+{
+    bool saving = false;
     pthread_mutex_lock(&js->lock);
-    for (struct job *j = js->head; a && j; j = j->next)
-        json_array_append_new(a, to_json(j));
+    sweep_now(js, &saving);
+    size_t k = 0;
+    for (struct job *j = js->head; j; j = j->next)
+        k++;
+    struct job_info *a = calloc(k ? k : 1, sizeof *a);
+    size_t i = 0;
+    int ret = a ? 0 : err_fail(ENOMEM, "out of memory");
+    for (struct job *j = js->head; ret == 0 && j; j = j->next)
+        if ((!image || !strcmp(j->image, image)) && (status < 0 || (int)j->status == status))
+            if ((ret = copy_out(j, &a[i])) == 0)
+                i++;
     pthread_mutex_unlock(&js->lock);
-    return a;
+    if (saving)
+        jobs__save(js);
+    if (ret < 0) {
+        jobs_info_free(a, i);
+        return ret;
+    }
+    *out = a;
+    *n = i;
+    return 0;
 }
 
 static struct job *find(struct jobs *js, const char *id)
@@ -554,107 +556,178 @@ static struct job *find(struct jobs *js, const char *id)
     return NULL;
 }
 
-json_t *jobs_get(struct jobs *js, const char *id, int *err)
+static int not_found(const char *id)
 {
+    return err_fail(ENOENT, "no job with id '%.40s'", id);
+}
+
+int jobs_info(struct jobs *js, const char *id, struct job_info *out)
+{
+    bool saving = false;
     pthread_mutex_lock(&js->lock);
+    sweep_now(js, &saving);
     struct job *j = find(js, id);
-    json_t *o = j ? to_json(j) : NULL;
+    int ret = j ? copy_out(j, out) : not_found(id);
     pthread_mutex_unlock(&js->lock);
-    if (!j)
-        *err = err_fail(ENOENT, "no job with id '%.40s'", id);
-    return o;
+    if (saving)
+        jobs__save(js);
+    return ret;
 }
 
 enum verb { CANCEL, PAUSE, RESUME, DISMISS };
 
-static int change(struct jobs *js, const char *id, enum verb v, json_t **job_json)
+/* With js->lock held: running jobs paused or pausing, each keeping a thread. */
+static unsigned paused_on_threads(struct jobs *js)
+{
+    unsigned n = 0;
+    for (struct job *j = js->head; j; j = j->next)
+        n += j->held || j->pause_req;
+    return n;
+}
+
+/* With js->lock held: apply v to j. Returns 0 with *changed (a status changed:
+ * announce it) or -EBUSY with err_msg(). */
+static int apply(struct jobs *js, struct job *j, enum verb v, bool *changed)
 {
     static const char *const verbs[] = {"cancelled", "paused", "resumed", "dismissed"};
-    pthread_mutex_lock(&js->lock);
-    struct job *j = find(js, id);
-    if (!j) {
-        pthread_mutex_unlock(&js->lock);
-        return err_fail(ENOENT, "no job with id '%.40s'", id);
-    }
     enum job_status s = j->status;
-    bool ok = false, concluded_now = false;
+    *changed = true;
     switch (v) {
     case CANCEL:
         if (s == JOB_CREATED || (s == JOB_PAUSED && !j->started)) {
-            j->status = JOB_CONCLUDED;
-            j->cancelled = true;
             j->started = true; /* never picked up */
-            j->error = strdup("cancelled before it started");
-            j->finished_ms = now_ms();
-            concluded_now = ok = true;
-        } else if (s == JOB_RUNNING || s == JOB_PAUSED) {
+            conclude(js, j, -ECANCELED, NULL, strdup("cancelled before it started"), NULL);
+            *changed = false; /* conclude announced it */
+            return 0;
+        }
+        if (s == JOB_RUNNING || s == JOB_PAUSED) {
             j->status = JOB_ABORTING;
             j->cancel_req = true;
-            ok = true;
+            j->pause_req = false;
+            return 0;
         }
         break;
     case PAUSE:
-        if (s == JOB_CREATED || s == JOB_RUNNING) {
-            j->status = JOB_PAUSED;
-            ok = true;
+        if (s == JOB_CREATED || (s == JOB_RUNNING && j->parked)) {
+            j->status = JOB_PAUSED; /* on no thread: paused at once */
+            return 0;
+        }
+        if (s == JOB_RUNNING) {
+            /* announced as pausing now, as paused at its next progress call */
+            *changed = !j->pause_req;
+            if (j->pause_req)
+                return 0;
+            unsigned n = paused_on_threads(js);
+            if (n >= js->cfg.max_paused)
+                return err_fail(EBUSY, "%u running jobs are paused, each keeping a thread: --max-paused-jobs is %u", n,
+                                js->cfg.max_paused);
+            j->pause_req = true;
+            return 0;
         }
         break;
     case RESUME:
         if (s == JOB_PAUSED) {
             j->status = j->started ? JOB_RUNNING : JOB_CREATED;
-            ok = true;
+            return 0;
+        }
+        if (s == JOB_RUNNING && j->pause_req) { /* not stopped yet: it goes on */
+            j->pause_req = false;
+            return 0;
         }
         break;
     case DISMISS:
-        ok = s == JOB_CONCLUDED;
+        *changed = false; /* announced as dismissed */
+        if (s == JOB_CONCLUDED)
+            return 0;
         break;
     }
-    if (!ok) {
-        pthread_mutex_unlock(&js->lock);
-        return err_fail(EBUSY, "job %s is %s: it cannot be %s", id, status_names[s], verbs[v]);
-    }
-    json_t *o = to_json(j);
-    if (v == DISMISS) {
-        struct job **p = &js->head, *prev = NULL;
-        while (*p != j) {
-            prev = *p;
-            p = &(*p)->next;
+    return err_fail(EBUSY, "job %s is %s: it cannot be %s", j->id, status_names[s], verbs[v]);
+}
+
+static int change(struct jobs *js, const char *id, enum verb v, unsigned wait_ms, struct job_info *out)
+{
+    bool saving = false;
+    pthread_mutex_lock(&js->lock);
+    sweep_now(js, &saving);
+    struct job *j = find(js, id);
+    bool changed = false;
+    int ret = j ? apply(js, j, v, &changed) : not_found(id);
+    if (ret == 0 && changed)
+        emit(js, "job-status", j);
+    if (ret == 0 && v == DISMISS) {
+        ret = copy_out(j, out);
+        remove_job(js, j);
+    } else if (ret == 0) {
+        pthread_cond_broadcast(&js->cond);
+        /* a pause: until the job stopped, at most wait_ms; the job may also go
+         * meanwhile (concluded and dismissed), so it is looked up again */
+        int64_t until = jobs__now_ms() + wait_ms;
+        while (v == PAUSE && j && j->pause_req && jobs__now_ms() < until) {
+            wait_until(js, until);
+            j = find(js, id);
         }
-        *p = j->next;
-        if (js->tail == j)
-            js->tail = prev;
-        job_free(j);
+        ret = j ? copy_out(j, out) : not_found(id);
     }
-    pthread_cond_broadcast(&js->cond);
     pthread_mutex_unlock(&js->lock);
-    (void)concluded_now;
-    emit(js, v == DISMISS ? "job-dismissed" : "job-status", o);
-    save(js);
-    *job_json = o;
-    return 0;
+    if (saving || (ret == 0 && (changed || v == DISMISS)))
+        jobs__save(js);
+    return ret;
 }
 
-int jobs_cancel(struct jobs *js, const char *id, json_t **job_json)
+int jobs_cancel(struct jobs *js, const char *id, struct job_info *out)
 {
-    return change(js, id, CANCEL, job_json);
+    return change(js, id, CANCEL, 0, out);
 }
 
-int jobs_pause(struct jobs *js, const char *id, json_t **job_json)
+int jobs_pause(struct jobs *js, const char *id, unsigned wait_ms, struct job_info *out)
 {
-    return change(js, id, PAUSE, job_json);
+    return change(js, id, PAUSE, wait_ms, out);
 }
 
-int jobs_resume(struct jobs *js, const char *id, json_t **job_json)
+int jobs_resume(struct jobs *js, const char *id, struct job_info *out)
 {
-    return change(js, id, RESUME, job_json);
+    return change(js, id, RESUME, 0, out);
 }
 
-int jobs_dismiss(struct jobs *js, const char *id, json_t **job_json)
+int jobs_dismiss(struct jobs *js, const char *id, struct job_info *out)
 {
-    return change(js, id, DISMISS, job_json);
+    return change(js, id, DISMISS, 0, out);
 }
 
 /* ---- for run functions ---- */
+
+/* With js->lock held, on j's thread: j was asked to pause: stop here, give the
+ * run slot up and wait for a resume (then for a free slot), a cancel or a stop. */
+static void hold(struct jobs *js, struct job *j)
+{
+    j->pause_req = false;
+    j->status = JOB_PAUSED;
+    j->held = true;
+    js->active--;
+    if (!js->idle && js->nthreads < js->cfg.workers + js->cfg.max_paused && !js->stopping) {
+        /* no thread to take the slot: one more (paused ones are bounded) */
+        int e = pthread_create(&js->threads[js->nthreads], NULL, worker, js);
+        if (e)
+            fprintf(stderr, "qcowd: starting a job worker for a paused job's slot: %s\n", strerror(e));
+        else
+            js->nthreads++;
+    }
+    emit(js, "job-status", j);
+    pthread_cond_broadcast(&js->cond); /* the pauser waits for this; a queued job may take the slot */
+    pthread_mutex_unlock(&js->lock);
+    jobs__save(js);
+    pthread_mutex_lock(&js->lock);
+    while (j->status == JOB_PAUSED && !j->cancel_req && !js->stopping)
+        pthread_cond_wait(&js->cond, &js->lock);
+    /* resumed: wait for a slot (before queued jobs); cancelled or stopping:
+     * just end (the slots are over by one for that while) */
+    js->resumed++;
+    while (js->active >= js->cfg.workers && !j->cancel_req && !js->stopping)
+        pthread_cond_wait(&js->cond, &js->lock);
+    js->resumed--;
+    js->active++;
+    j->held = false;
+}
 
 int job_progress(void *job, uint64_t done, uint64_t total)
 {
@@ -663,20 +736,15 @@ int job_progress(void *job, uint64_t done, uint64_t total)
     pthread_mutex_lock(&js->lock);
     j->cur = done;
     j->total = total;
-    json_t *o = NULL;
-    int64_t t = now_ms();
+    int64_t t = jobs__now_ms();
     if (js->cfg.event && t - j->progress_ms >= 1000 / JOBS_PROGRESS_HZ) {
         j->progress_ms = t;
-        o = to_json(j);
+        emit(js, "job-progress", j);
     }
-    while (j->status == JOB_PAUSED && !j->cancel_req && !js->stopping)
-        pthread_cond_wait(&js->cond, &js->lock);
+    if (j->pause_req && !j->cancel_req && !js->stopping)
+        hold(js, j);
     int ret = j->cancel_req || js->stopping ? -ECANCELED : 0;
     pthread_mutex_unlock(&js->lock);
-    if (o) {
-        emit(js, "job-progress", o);
-        json_decref(o);
-    }
     return ret;
 }
 

@@ -305,20 +305,18 @@ static void wait_jobs(struct jobs *js)
 {
     long deadline = now_ms() + JOBS_MS;
     while (now_ms() < deadline) {
-        json_t *all = jobs_list(js);
-        size_t i;
-        json_t *j;
+        struct job_info *all = NULL;
+        size_t n = 0;
+        if (jobs_list(js, NULL, -1, &all, &n) < 0)
+            return;
         unsigned busy = 0, paused = 0, waiting = 0;
-        json_array_foreach(all, i, j)
-        {
-            const char *st = json_string_value(json_object_get(j, "status"));
-            if (!st)
-                continue;
-            busy += !strcmp(st, "running") || !strcmp(st, "aborting");
-            paused += !strcmp(st, "paused");
-            waiting += !strcmp(st, "created");
+        for (size_t i = 0; i < n; i++) {
+            enum job_status st = all[i].status;
+            busy += st == JOB_RUNNING || st == JOB_ABORTING;
+            paused += st == JOB_PAUSED;
+            waiting += st == JOB_CREATED;
         }
-        json_decref(all);
+        jobs_info_free(all, n);
         if (!busy && (!waiting || paused)) /* done, or stuck behind a paused job */
             return;
         usleep(200);

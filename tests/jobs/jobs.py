@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "daemon"))
 import daemon as dm  # noqa: E402  (lint_openapi, validate, Checker)
+import sse  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -190,70 +190,11 @@ def qinfo(path):
     return json.loads(run(QEMU_IMG, "info", "--output=json", "-U", path).stdout)
 
 
-class Sse:
-    """One GET /v1/events listener on a raw socket; events parsed in a thread."""
-
-    def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        self.events = []
-        self.head = b""
-        self.lock = threading.Lock()
-        self.t = threading.Thread(target=self.loop, daemon=True)
-        self.t.start()
-
-    def loop(self):
-        buf = b""
-        try:
-            while True:
-                k = self.sock.recv(65536)
-                if not k:
-                    break
-                buf += k
-                if not self.head:
-                    i = buf.find(b"\r\n\r\n")
-                    if i < 0:
-                        continue
-                    self.head, buf = buf[:i], buf[i + 4:]
-                # chunked encoding: drop the chunk size lines, keep the text
-                while True:
-                    m = re.match(rb"([0-9a-fA-F]+)\r\n", buf)
-                    if not m:
-                        break
-                    n = int(m.group(1), 16)
-                    if len(buf) < m.end() + n + 2:
-                        break
-                    self.feed(buf[m.end():m.end() + n])
-                    buf = buf[m.end() + n + 2:]
-        except OSError:
-            pass
-
-    text = b""
-
-    def feed(self, chunk):
-        self.text += chunk
-        while b"\n\n" in self.text:
-            block, self.text = self.text.split(b"\n\n", 1)
-            ev = {}
-            for line in block.decode().split("\n"):
-                if line.startswith(":") or not line:
-                    continue
-                k, _, v = line.partition(": ")
-                ev[k] = v
-            if "event" in ev:
-                with self.lock:
-                    self.events.append((ev["event"], json.loads(ev.get("data", "null"))))
+class Sse(sse.Sse):
+    """sse.Sse with events as (type, data)."""
 
     def seen(self):
-        with self.lock:
-            return list(self.events)
-
-    def close(self):
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        return [(typ, data) for typ, _, data in super().seen()]
 
 
 def main():
