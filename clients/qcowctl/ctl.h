@@ -65,6 +65,7 @@ int cmd_features(int argc, char **argv);
 int cmd_upload(int argc, char **argv);
 int cmd_download(int argc, char **argv);
 int cmd_health(int argc, char **argv);
+int cmd_whoami(int argc, char **argv);
 int cmd_metrics(int argc, char **argv);
 int cmd_ticket_list(int argc, char **argv);
 int cmd_ticket_create(int argc, char **argv);

@@ -65,6 +65,13 @@ int cmd_health(int argc, char **argv)
     return call_print("GET", "/v1/health", NULL, NULL);
 }
 
+int cmd_whoami(int argc, char **argv)
+{
+    if (argc != 1)
+        return usage_error("usage: qcowctl whoami");
+    return call_print("GET", "/v1/whoami", NULL, NULL);
+}
+
 int cmd_metrics(int argc, char **argv)
 {
     if (argc != 1)

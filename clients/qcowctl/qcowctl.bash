@@ -6,15 +6,16 @@ _qcowctl_images()
     for ((i = 1; i < COMP_CWORD; i++)); do
         [[ ${COMP_WORDS[i]} == --url && -n ${COMP_WORDS[i + 1]} ]] && url=(--url "${COMP_WORDS[i + 1]}")
     done
-    timeout 2 qcowctl "${url[@]}" --output=json list 2>/dev/null |
-        grep -o '"name":"[^"]*","\(filename\|error\)"' | sed 's/^"name":"//; s/",".*$//'
+    # the list is printed indented by two per level: an image's own keys are at four
+    # (snapshots and bitmaps have names too, deeper)
+    timeout 2 qcowctl "${url[@]}" list 2>/dev/null | sed -n 's/^    "name": "\([^"]*\)",\{0,1\}$/\1/p'
 }
 
 _qcowctl()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}
     local commands="list info create rm size read write zero discard flush extents features upload download
-        snapshot bitmap commit convert check jobs job wait events ticket health metrics help"
+        snapshot bitmap commit convert check jobs job wait events ticket health whoami metrics help"
     local global="--url --token --cacert --output --help --version"
     case $prev in
     --url | --token | --base | --snapshot | --granularity | --cluster-size | --refcount-bits | --count | \
@@ -98,7 +99,7 @@ _qcowctl()
         what+=" $sub"
     fi
     case $what in
-    list | jobs | job* | wait | events | health | metrics | "ticket list" | "ticket revoke") ;;
+    list | jobs | job* | wait | events | health | whoami | metrics | "ticket list" | "ticket revoke") ;;
     upload) ((n == 1)) && COMPREPLY=($(compgen -f -- "$cur")) ;;
     download) ((n == 1)) && COMPREPLY=($(compgen -f -- "$cur")) ;&
     *) ((n == 0)) && COMPREPLY=($(compgen -W "$(_qcowctl_images)" -- "$cur")) ;;

@@ -87,6 +87,7 @@ static const struct command {
      "a data ticket for one image (default: read, 3600 s); prints its token", NULL, "createTicket", cmd_ticket_create},
     {"ticket revoke", "ID", "revoke a ticket", NULL, "revokeTicket", cmd_ticket_revoke},
     {"health", "", "is the server up", NULL, "getHealth", cmd_health},
+    {"whoami", "", "the caller's token name and role", NULL, "whoAmI", cmd_whoami},
     {"metrics", "", "the server's Prometheus metrics", NULL, "getMetrics", cmd_metrics},
 };
 #define NCOMMANDS (sizeof commands / sizeof commands[0])

@@ -214,6 +214,10 @@ class Client:
         """GET /v1/health: {"status": "ok"}."""
         return self._json("GET", "/v1/health")
 
+    def whoami(self):
+        """GET /v1/whoami: {"name": TOKEN NAME, "role": ROLE, "auth": whether tokens are on}."""
+        return self._json("GET", "/v1/whoami")
+
     def metrics(self):
         """GET /metrics: the Prometheus text."""
         return self._call("GET", "/metrics")[1].decode()
