@@ -30,8 +30,9 @@ run_pkgs=(
 # (libnbd-bin: reads dirty bitmaps through qemu-nbd)
 test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschema time bc libnbd-bin nginx wrk
     openssl curl)
-# The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3).
-test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
+# The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3);
+# boto3 is what bench_s3.sh compares qcowd with.
+test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached python3-boto3)
 
 want=("${run_pkgs[@]}")
 [ "$mode" = test ] && want+=("${test_pkgs[@]}")
