@@ -8,7 +8,8 @@
 #   read        qcowd GET of the whole guest disk vs boto3's 8-thread ranged
 #               download (8 MiB ranges) of the object qcowd published: MiB/s
 #   random      4 KiB reads at random offsets through qcowd vs one ranged GET of
-#               4 KiB with boto3: median ms (BENCH_S3_READS of each, default 64)
+#               4 KiB with boto3, alternating, on one object neither has read
+#               (boto3's upload): median ms (BENCH_S3_READS of each, default 64)
 #   small write a 4 KiB write + flush on a WRITE_MIB (default 1024) image put in
 #               the bucket: seconds, requests, bytes sent and copied server-side
 # It prints the ratios against issue 16's targets (printed, not gated) and what
