@@ -33,8 +33,9 @@ test_pkgs=(clang libclang-rt-14-dev check python3 python3-yaml python3-jsonschem
 # The clients' tests: pip installs clients/python offline (setuptools its build backend,
 # wheel for setuptools' bdist_wheel); groff renders the qcowctl man page.
 test_pkgs+=(python3-pip python3-setuptools python3-wheel groff-base)
-# The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3).
-test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
+# The S3 tests: OpenStack Swift with s3api as a local, strict S3 server (tests/s3);
+# boto3 is what bench_s3.sh compares qcowd with.
+test_pkgs+=(swift swift-proxy swift-account swift-container swift-object python3-swift memcached python3-boto3)
 # The web dashboard tests (tests/web): Debian's Chromium driven by playwright-core from
 # npm. Node and npm come from Debian unless a node with npm is already there (an
 # upstream nodejs package bundles npm and conflicts with Debian's).

@@ -9,6 +9,7 @@ s3.py to prove retries and error messages; runs in a thread of the test process.
     p.fault("slowdown", count=2, match="/bkt/img/a.qcow2")   # the next 2 matching requests
     p.fault("500")                                             # every request, until p.clear()
     p.fault("lose", count=1, match="uploadId=", method="POST") # CompleteMultipartUpload done, answer lost
+    p.peak                                                     # the most requests it held at once
 """
 import http.client
 import http.server
@@ -32,6 +33,7 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.rules = []  # [kind, remaining or None, match, arg, method or None]
         self.hits = 0
+        self.active = self.peak = 0  # requests being handled now, and the most at once
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,6 +43,16 @@ class FaultProxy:
                 pass
 
             def handle_any(self):
+                with proxy.lock:
+                    proxy.active += 1
+                    proxy.peak = max(proxy.peak, proxy.active)
+                try:
+                    self.handle_one()
+                finally:
+                    with proxy.lock:
+                        proxy.active -= 1
+
+            def handle_one(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
                 rule = proxy.take(self.command, self.path)

@@ -140,6 +140,13 @@ static int set_locked(const char *key, const char *v)
             s3_conf.connections = (unsigned)n;
         return r;
     }
+    if (!strcmp(key, "readahead-gets")) {
+        if ((r = parse_uint(key, v, 0, 256, &n)) == 0) {
+            s3_conf.readahead_gets = (unsigned)n;
+            s3_conf.readahead_gets_set = 1;
+        }
+        return r;
+    }
     if (!strcmp(key, "retries")) {
         if ((r = parse_uint(key, v, 0, 20, &n)) == 0)
             s3_conf.retries = (unsigned)n;
@@ -166,8 +173,8 @@ static int set_locked(const char *key, const char *v)
     }
     return err_fail(EINVAL, "s3 configuration: unknown key \"%.64s\" (known: endpoint, region, access-key, "
                             "credentials-file, staging-dir, allow-http, block-size, cache-size, readahead, "
-                            "part-size, staging-max, copy-max, connections, retries, timeout, connect-timeout, "
-                            "stat-ttl)",
+                            "readahead-gets, part-size, staging-max, copy-max, connections, retries, timeout, "
+                            "connect-timeout, stat-ttl)",
                     key);
 }
 
@@ -200,6 +207,7 @@ static int from_env(void)
         {"QCOWD_S3_BLOCK_SIZE", "block-size"},
         {"QCOWD_S3_CACHE_SIZE", "cache-size"},
         {"QCOWD_S3_READAHEAD", "readahead"},
+        {"QCOWD_S3_READAHEAD_GETS", "readahead-gets"},
         {"QCOWD_S3_PART_SIZE", "part-size"},
         {"QCOWD_S3_STAGING_MAX", "staging-max"},
         {"QCOWD_S3_CONNECTIONS", "connections"},
@@ -253,17 +261,21 @@ int s3_conf_ready(void)
     if (!s3_conf.staging_dir && (r = set_str(&s3_conf.staging_dir, "/var/tmp/qcowd-s3-staging")) < 0)
         goto out;
     if (!s3_conf.block_size)
-        s3_conf.block_size = 256u << 10;
+        s3_conf.block_size = 64u << 10; /* a random 4 KiB read costs one GET of this */
     if (!s3_conf.cache_bytes)
         s3_conf.cache_bytes = 64u << 20;
     if (!s3_conf.readahead)
-        s3_conf.readahead = 8u << 20;
+        s3_conf.readahead = 32u << 20;
     if (!s3_conf.part_size)
         s3_conf.part_size = 8u << 20;
     if (!s3_conf.staging_max)
         s3_conf.staging_max = 1ull << 30;
     if (!s3_conf.connections)
         s3_conf.connections = 8;
+    if (!s3_conf.readahead_gets_set)
+        s3_conf.readahead_gets = s3_conf.connections > 1 ? s3_conf.connections - 2 : 1;
+    if (s3_conf.readahead_gets > s3_conf.connections)
+        s3_conf.readahead_gets = s3_conf.connections;
     if (!s3_conf.copy_max || s3_conf.copy_max > (5ull << 30))
         s3_conf.copy_max = 5ull << 30;
     if (!s3_conf.retries && !getenv("QCOWD_S3_RETRIES"))

@@ -1,5 +1,6 @@
 /* object.c: one open S3 object. Reads: ranged GETs of the published version
- * through the block cache, with read-ahead when access is sequential. Writes:
+ * through the block cache; sequential reads keep several read-ahead GETs in
+ * flight (pool.c's workers). Writes:
  * a local sparse staging file plus a map of dirty ranges; flush publishes a new
  * object (one PUT, or a multipart upload whose unchanged parts are copied
  * server-side), so readers see the old version or the new one, never a mix. */
@@ -20,7 +21,11 @@
 #include "s3_obj.h"
 
 #define MAX_PART_BYTES (5ull << 30) /* S3's largest part and single PUT */
+#define MIN_PART_BYTES (5ull << 20) /* S3's smallest part but the last */
 #define MAX_PARTS      10000
+#define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
+
+struct ra_job;
 
 struct range {
     uint64_t start, end; /* [start, end) */
@@ -55,10 +60,14 @@ struct obj {
     /* staging (rw only) */
     int sfd;
     char *spath, *mpath;
-    /* read-ahead (under ra) */
+    /* read-ahead (under ra; lock order: state, then ra, then the cache's) */
     pthread_mutex_t ra;
-    uint64_t ra_next; /* where a sequential read would start */
-    uint64_t ra_win;  /* extra bytes fetched ahead, doubling up to the limit */
+    pthread_cond_t ra_done; /* a read-ahead GET of this object ended */
+    uint64_t ra_next;  /* where a sequential read would start */
+    uint64_t ra_win;   /* bytes kept ahead, doubling up to the limit */
+    uint64_t ra_sched; /* read-ahead is queued up to here (0: none) */
+    uint64_t ra_epoch; /* bumped by each publish: older read-ahead answers are dropped */
+    struct ra_job *ra_jobs; /* queued or running */
 };
 
 static uint64_t min64(uint64_t a, uint64_t b)
@@ -139,9 +148,22 @@ static void dirty_cut(struct obj *o, uint64_t size)
 
 /* ---- reading ---- */
 
-/* GET [off, off+len) of the published version into buf; the answer must come
- * from the version this handle knows (its ETag), else -ESTALE. */
-static int get_range(struct obj *o, void *buf, uint64_t off, size_t len)
+/* Count a GET of object data in flight, and the most at once. */
+static void gets_in_flight(int delta)
+{
+    if (delta < 0) {
+        atomic_fetch_sub(&s3_stats.gets_in_flight, 1);
+        return;
+    }
+    unsigned long long now = atomic_fetch_add(&s3_stats.gets_in_flight, 1) + 1;
+    unsigned long long peak = atomic_load(&s3_stats.gets_in_flight_peak);
+    while (now > peak && !atomic_compare_exchange_weak(&s3_stats.gets_in_flight_peak, &peak, now)) {
+    }
+}
+
+/* GET [off, off+len) of the version of o whose ETag is etag into buf; an
+ * answer from another version is -ESTALE. */
+static int get_range(struct obj *o, const char *etag, void *buf, uint64_t off, size_t len)
 {
     char range[64], what[64];
     snprintf(range, sizeof range, "bytes=%llu-%llu", (unsigned long long)off, (unsigned long long)(off + len - 1));
@@ -151,11 +173,13 @@ static int get_range(struct obj *o, void *buf, uint64_t off, size_t len)
     snprintf(what, sizeof what, "GET %s", "s3");
     struct sbuf w = {0};
     sbuf_printf(&w, "read %s (%s)", o->n.uri, range);
+    gets_in_flight(1);
     int ret = s3_http(&r, sbuf_str(&w) ? w.p : what);
-    if (ret == 0 && o->etag[0] && r.etag[0] && strcmp(o->etag, r.etag)) {
+    gets_in_flight(-1);
+    if (ret == 0 && etag[0] && r.etag[0] && strcmp(etag, r.etag)) {
         s3_meta_drop(o->n.bucket, o->n.key); /* what stat knows is old too: the next one asks */
         ret = err_fail(ESTALE, "read %s: the object was replaced (ETag %s, this handle reads %s); reopen it",
-                       o->n.uri, r.etag, o->etag);
+                       o->n.uri, r.etag, etag);
     }
     if (ret == 0 && r.status != 206 && off != 0) /* a 200 is the object from byte 0 */
         ret = err_fail(EPROTO, "read %s: the S3 store ignored the Range header (%ld for %s)", o->n.uri, r.status,
@@ -167,9 +191,158 @@ static int get_range(struct obj *o, void *buf, uint64_t off, size_t len)
     return ret;
 }
 
+/* ---- read-ahead ---- */
+
+/* One read-ahead GET: blocks [first, last] of the version o showed at epoch. */
+struct ra_job {
+    struct s3_task task; /* first: pool.c hands it back */
+    struct obj *o;       /* kept alive: close waits for o->ra_jobs to empty */
+    uint64_t first, last, epoch;
+    uint64_t size; /* of the version */
+    char etag[128];
+    struct ra_job *next; /* o->ra_jobs */
+    struct ra_job *sub;  /* ra_schedule's list to submit */
+};
+
+/* Whether a read-ahead GET of the current version covers block idx (ra held). */
+static int ra_covers(const struct obj *o, uint64_t idx)
+{
+    for (const struct ra_job *j = o->ra_jobs; j; j = j->next)
+        if (j->epoch == o->ra_epoch && idx >= j->first && idx <= j->last)
+            return 1;
+    return 0;
+}
+
+/* Wait while a read-ahead GET covers block idx: 1 if one did (look again in
+ * the cache: it may have failed or been dropped, then the reader GETs it). */
+static int ra_wait(struct obj *o, uint64_t idx)
+{
+    int waited = 0;
+    pthread_mutex_lock(&o->ra);
+    while (ra_covers(o, idx)) {
+        waited = 1;
+        pthread_cond_wait(&o->ra_done, &o->ra);
+    }
+    pthread_mutex_unlock(&o->ra);
+    if (waited)
+        atomic_fetch_add(&s3_stats.readahead_waits, 1);
+    return waited;
+}
+
+static int ra_busy(struct obj *o, uint64_t idx)
+{
+    pthread_mutex_lock(&o->ra);
+    int r = ra_covers(o, idx);
+    pthread_mutex_unlock(&o->ra);
+    return r;
+}
+
+/* The end of a job: its blocks go to the cache only when data came and no
+ * publish happened since it was queued (the same generation then holds other
+ * bytes where the writes went); either way the job is gone and waiters wake. */
+static void ra_finish(struct ra_job *j, const unsigned char *data, uint64_t fs, uint64_t fe)
+{
+    struct obj *o = j->o;
+    uint64_t bs = s3_conf.block_size;
+    pthread_mutex_lock(&o->ra);
+    if (data && j->epoch == o->ra_epoch) {
+        for (uint64_t k = j->first; k <= j->last; k++)
+            s3_cache_put(o->gen, k, data + (k * bs - fs), (size_t)min64(bs, fe - k * bs));
+    } else {
+        atomic_fetch_add(&s3_stats.readahead_dropped, 1);
+    }
+    for (struct ra_job **p = &o->ra_jobs; *p; p = &(*p)->next)
+        if (*p == j) {
+            *p = j->next;
+            break;
+        }
+    pthread_cond_broadcast(&o->ra_done);
+    pthread_mutex_unlock(&o->ra);
+    free(j);
+}
+
+static void ra_run(struct s3_task *t)
+{
+    struct ra_job *j = (struct ra_job *)t;
+    struct obj *o = j->o;
+    uint64_t bs = s3_conf.block_size;
+    uint64_t fs = j->first * bs, fe = min64((j->last + 1) * bs, j->size);
+    unsigned char *buf = fe > fs ? malloc(fe - fs) : NULL;
+    int ret = buf ? get_range(o, j->etag, buf, fs, fe - fs) : -ENOMEM;
+    atomic_fetch_add(&s3_stats.readahead_gets, 1);
+    err_clear(); /* a failure matters only to a reader that needs the data: it GETs it itself */
+    ra_finish(j, ret == 0 ? buf : NULL, fs, fe);
+    free(buf);
+}
+
+static void ra_cancelled(struct s3_task *t)
+{
+    ra_finish((struct ra_job *)t, NULL, 0, 0);
+}
+
+/* Queue read-ahead GETs for [from, from + win) of the published version, in
+ * chunks that spread the window over the workers; blocks cached or already
+ * coming are skipped. win 0 (not sequential): nothing, and the next window
+ * starts afresh. Caller holds state (shared). */
+static void ra_schedule(struct obj *o, uint64_t from, uint64_t win)
+{
+    uint64_t bs = s3_conf.block_size, limit = o->base_valid;
+    unsigned gets = s3_conf.readahead_gets ? s3_conf.readahead_gets : 1;
+    uint64_t chunk = (win / gets + bs - 1) / bs * bs;
+    chunk = chunk < bs ? bs : chunk > RA_CHUNK_MAX ? RA_CHUNK_MAX / bs * bs : chunk;
+    if (!chunk)
+        chunk = bs;
+    struct ra_job *todo = NULL;
+    pthread_mutex_lock(&o->ra);
+    if (!win) {
+        o->ra_sched = 0;
+        pthread_mutex_unlock(&o->ra);
+        return;
+    }
+    uint64_t start = (from + bs - 1) / bs * bs, end = min64(from + win, limit);
+    if (o->ra_sched > start)
+        start = o->ra_sched;
+    while (start < end) {
+        uint64_t ce = min64(start + chunk, end);
+        if (ce - start < chunk && ce < limit)
+            break; /* a whole chunk at a time, but for the object's end */
+        uint64_t a = start / bs, b = (ce - 1) / bs;
+        while (a <= b && (s3_cache_has(o->gen, a) || ra_covers(o, a)))
+            a++;
+        struct ra_job *j = a <= b ? calloc(1, sizeof *j) : NULL;
+        if (j) {
+            *j = (struct ra_job){.task = {.run = ra_run, .cancelled = ra_cancelled, .owner = o},
+                                 .o = o, .first = a, .last = b, .epoch = o->ra_epoch, .size = o->base_size,
+                                 .next = o->ra_jobs,
+                                 .sub = todo};
+            snprintf(j->etag, sizeof j->etag, "%s", o->etag);
+            o->ra_jobs = j;
+            todo = j;
+        }
+        start = ce;
+    }
+    o->ra_sched = start;
+    pthread_mutex_unlock(&o->ra);
+    /* oldest first: todo holds them newest first */
+    struct ra_job *rev = NULL;
+    while (todo) {
+        struct ra_job *j = todo;
+        todo = j->sub;
+        j->sub = rev;
+        rev = j;
+    }
+    while (rev) {
+        struct ra_job *j = rev;
+        rev = j->sub;
+        if (s3_pool_submit(&j->task) < 0)
+            ra_finish(j, NULL, 0, 0);
+    }
+}
+
 /* Read [off, off+len) of the published version (all below base_valid) through
- * the cache; runs of missing blocks are fetched with one GET, extended by ra
- * bytes of read-ahead. */
+ * the cache; a block a read-ahead GET is bringing is waited for; runs of other
+ * missing blocks are fetched with one GET, extended by ra bytes of inline
+ * read-ahead (readahead-gets 0). */
 static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_t ra)
 {
     uint64_t bs = s3_conf.block_size;
@@ -185,8 +358,10 @@ static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_
             i++;
             continue;
         }
+        if (ra_wait(o, i))
+            continue; /* look again */
         uint64_t j = i;
-        while (j + 1 <= last && !s3_cache_has(o->gen, j + 1))
+        while (j + 1 <= last && !s3_cache_has(o->gen, j + 1) && !ra_busy(o, j + 1))
             j++;
         uint64_t jmax = j, extra = (ra + bs - 1) / bs;
         while (extra-- && jmax + 1 < nblocks && !s3_cache_has(o->gen, jmax + 1))
@@ -197,7 +372,7 @@ static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_
             ret = err_fail(ENOMEM, "read %s: out of memory", o->n.uri);
             break;
         }
-        ret = get_range(o, fb, fs, fe - fs);
+        ret = get_range(o, o->etag, fb, fs, fe - fs);
         if (ret == 0) {
             for (uint64_t k = i; k <= jmax; k++) {
                 uint64_t ks = k * bs;
@@ -266,13 +441,15 @@ static int read_at(struct obj *o, char *buf, size_t len, uint64_t off, uint64_t 
     return 0;
 }
 
-/* Read-ahead for this read: grows while reads follow each other, else 0. */
+/* Read-ahead for this read: grows while reads follow each other, up to
+ * readahead and half the cache (what is fetched ahead must stay until read),
+ * else 0. */
 static uint64_t ra_window(struct obj *o, uint64_t off, size_t len)
 {
     pthread_mutex_lock(&o->ra);
-    uint64_t bs = s3_conf.block_size;
+    uint64_t bs = s3_conf.block_size, max = min64(s3_conf.readahead, s3_conf.cache_bytes / 2);
     if (off >= o->ra_next && off <= o->ra_next + bs && o->ra_next)
-        o->ra_win = o->ra_win ? min64(o->ra_win * 2, s3_conf.readahead) : min64(bs, s3_conf.readahead);
+        o->ra_win = o->ra_win ? min64(o->ra_win * 2, max) : min64(bs, max);
     else
         o->ra_win = 0;
     o->ra_next = off + len;
@@ -296,8 +473,11 @@ int s3_obj_pread(void *h, void *buf, size_t len, uint64_t off)
 {
     struct obj *o = OBJ(h);
     uint64_t ra = ra_window(o, off, len);
+    int inline_ra = !s3_conf.readahead_gets;
     pthread_rwlock_rdlock(&o->state);
-    int ret = read_at(o, buf, len, off, ra);
+    int ret = read_at(o, buf, len, off, inline_ra ? ra : 0);
+    if (!inline_ra && (ret == 0 || !ra))
+        ra_schedule(o, off + len, ra);
     pthread_rwlock_unlock(&o->state);
     return ret;
 }
@@ -445,6 +625,7 @@ static void obj_free(struct obj *o)
     s3_name_free(&o->n);
     pthread_mutex_destroy(&o->pub);
     pthread_mutex_destroy(&o->ra);
+    pthread_cond_destroy(&o->ra_done);
     pthread_rwlock_destroy(&o->state);
     free(o);
 }
@@ -493,6 +674,7 @@ static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
     memset(n, 0, sizeof *n);
     pthread_mutex_init(&o->pub, NULL);
     pthread_mutex_init(&o->ra, NULL);
+    pthread_cond_init(&o->ra_done, NULL);
     pthread_rwlock_init(&o->state, NULL);
     struct s3_head hd;
     int ret = s3_stat_object(&o->n, &hd); /* just listed or stat'ed: no second HEAD */
@@ -617,6 +799,12 @@ void s3_obj_close(void *hp)
     if (!o->detached)
         reg_detach(o);
     pthread_mutex_unlock(&reg_lock);
+    /* read-ahead: what is queued goes, what runs is waited for (one GET each) */
+    s3_pool_cancel(o);
+    pthread_mutex_lock(&o->ra);
+    while (o->ra_jobs)
+        pthread_cond_wait(&o->ra_done, &o->ra);
+    pthread_mutex_unlock(&o->ra);
     s3_cache_drop(o->gen, 0, UINT64_MAX);
     obj_free(o);
 }
@@ -686,11 +874,130 @@ int s3_obj_flush(void *h)
 
 /* ---- publishing ---- */
 
+/* A part of a publish: bytes [s, e) of the new version, copied server-side
+ * from the published one (copy) or uploaded. */
+struct seg {
+    uint64_t s, e;
+    int copy;
+};
+
+/* A plan of parts (a growing array). */
+struct plan {
+    struct seg *v;
+    unsigned n, cap;
+};
+
+static int plan_add(struct plan *p, uint64_t s, uint64_t e, int copy)
+{
+    if (p->n == p->cap) {
+        unsigned cap = p->cap ? p->cap * 2 : 16;
+        struct seg *v = realloc(p->v, cap * sizeof *v);
+        if (!v)
+            return -ENOMEM;
+        p->v = v;
+        p->cap = cap;
+    }
+    p->v[p->n++] = (struct seg){s, e, copy};
+    return 0;
+}
+
+/* [s, e) as parts of at most max bytes each (every one at least the minimum
+ * part when the stretch is, so that only the last part of all may be short). */
+static int plan_split(struct plan *p, uint64_t s, uint64_t e, uint64_t max, int copy)
+{
+    uint64_t len = e - s, n = (len + max - 1) / max;
+    if (n > 1 && len / n < MIN_PART_BYTES)
+        n = len / max ? len / max : 1;
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t a = s + len / n * k, b = k + 1 == n ? e : s + len / n * (k + 1);
+        if (plan_add(p, a, b, copy) < 0)
+            return -ENOMEM;
+    }
+    return 0;
+}
+
+/* The parts of a publish of size bytes: what must be uploaded (written ranges
+ * and what lies past the published version), each widened to a minimum part,
+ * in parts of part-size; between them, what is unchanged copied server-side
+ * in parts as large as the store allows (copy-max, S3's 5 GiB), a gap too
+ * small for a part uploaded with its neighbour. So a small write to a large
+ * object costs a few requests, not one per part-size. Caller holds state. */
+static int plan_parts(struct obj *o, uint64_t size, uint64_t part, int copy_ok, struct plan *p)
+{
+    uint64_t maxcopy = s3_conf.copy_max < 2 * MIN_PART_BYTES ? 2 * MIN_PART_BYTES : s3_conf.copy_max;
+    uint64_t pos = 0, us = 0, ue = 0; /* the upload stretch being widened: [us, ue) */
+    int have = 0;
+    size_t i = 0;
+    uint64_t base = min64(o->base_valid, size);
+    if (!copy_ok)
+        base = 0;
+    for (;;) {
+        /* the next range to upload, in order: a written one, or the tail */
+        uint64_t s, e;
+        if (i < o->nd && o->dirty[i].start < base) {
+            s = o->dirty[i].start;
+            e = min64(o->dirty[i].end, base);
+            i++;
+        } else if (base < size) {
+            s = base;
+            e = size;
+            base = size; /* once */
+            i = o->nd;
+        } else {
+            break;
+        }
+        if (e - s < MIN_PART_BYTES) { /* widened to a part: forward, else back from the end */
+            e = min64(s + MIN_PART_BYTES, size);
+            if (e - s < MIN_PART_BYTES)
+                s = e > MIN_PART_BYTES ? e - MIN_PART_BYTES : 0;
+        }
+        if (s < pos)
+            s = pos; /* widened back over what is planned */
+        if (have && s < ue + MIN_PART_BYTES) { /* overlaps, or the gap is too small to copy */
+            ue = e > ue ? e : ue;
+            us = s < us ? s : us;
+            if (us < pos + MIN_PART_BYTES)
+                us = pos;
+            continue;
+        }
+        if (have) {
+            if (plan_split(p, pos, us, maxcopy, 1) < 0 || plan_split(p, us, ue, part, 0) < 0)
+                return -ENOMEM;
+            pos = ue;
+        }
+        if (s < pos + MIN_PART_BYTES)
+            s = pos; /* too small a gap to copy before it */
+        us = s;
+        ue = e;
+        have = 1;
+    }
+    if (have) {
+        if (plan_split(p, pos, us, maxcopy, 1) < 0 || plan_split(p, us, ue, part, 0) < 0)
+            return -ENOMEM;
+        pos = ue;
+    }
+    if (pos < size && plan_split(p, pos, size, maxcopy, 1) < 0)
+        return -ENOMEM;
+    return 0;
+}
+
+/* The fixed grid of parts of part bytes, each copied when nothing in it
+ * changed: what a plan of too many parts falls back to. */
+static int plan_grid(struct obj *o, uint64_t size, uint64_t part, int copy_ok, struct plan *p)
+{
+    for (uint64_t s = 0; s < size; s += part) {
+        uint64_t e = min64(size, s + part);
+        if (plan_add(p, s, e, copy_ok && e <= o->base_valid && !dirty_overlaps(o, s, e)) < 0)
+            return -ENOMEM;
+    }
+    return 0;
+}
+
 /* One multipart upload in progress, shared by its workers. */
 struct upload {
     struct obj *o;
     const char *id;
-    uint64_t size, part;
+    struct seg *segs;
     unsigned nparts;
     char (*etags)[128];
     pthread_mutex_t lock;
@@ -703,17 +1010,17 @@ static atomic_int copy_unsupported; /* the server answered 501 to UploadPartCopy
 static int put_part(struct upload *u, unsigned i)
 {
     struct obj *o = u->o;
-    uint64_t s = (uint64_t)i * u->part, e = min64(u->size, s + u->part);
+    uint64_t s = u->segs[i].s, e = u->segs[i].e;
     char pn[16], what[160];
     snprintf(pn, sizeof pn, "%u", i + 1);
     struct s3_param p[2] = {{"partNumber", pn}, {"uploadId", u->id}};
     int ret;
-    if (!atomic_load(&copy_unsupported) && e <= o->base_valid && !dirty_overlaps(o, s, e)) {
+    if (u->segs[i].copy) {
         ret = s3_mpu_copy_part(&o->n, u->id, i + 1, &o->n, s, e, u->etags[i], sizeof u->etags[i]);
-        if (ret != -EOPNOTSUPP)
-            return ret;
-        atomic_store(&copy_unsupported, 1); /* 501: upload this part and every later one instead */
-        fprintf(stderr, "qcowd: s3: the store has no UploadPartCopy (501); uploading unchanged parts instead\n");
+        if (ret == -EOPNOTSUPP && !atomic_exchange(&copy_unsupported, 1)) /* 501: publish() plans again */
+            fprintf(stderr, "qcowd: s3: the store has no UploadPartCopy (501); uploading unchanged parts "
+                            "instead\n");
+        return ret;
     }
     char *buf = malloc(e - s ? e - s : 1);
     if (!buf)
@@ -768,18 +1075,31 @@ static void test_crash_point(const char *point, const char *uri)
 static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
 {
     uint64_t part = s3_conf.part_size;
-    while ((size + part - 1) / part > MAX_PARTS)
-        part *= 2;
-    if (part > MAX_PART_BYTES)
-        return err_fail(EFBIG, "publish %s: %llu bytes is more than S3 takes", o->n.uri, (unsigned long long)size);
+    int copy_ok = !atomic_load(&copy_unsupported);
+    struct plan pl = {0};
+    if (plan_parts(o, size, part, copy_ok, &pl) < 0 || pl.n > MAX_PARTS) {
+        pl.n = 0; /* too many: the grid, parts doubled until they fit */
+        while ((size + part - 1) / part > MAX_PARTS)
+            part *= 2;
+        if (part > MAX_PART_BYTES) {
+            free(pl.v);
+            return err_fail(EFBIG, "publish %s: %llu bytes is more than S3 takes", o->n.uri,
+                            (unsigned long long)size);
+        }
+        if (plan_grid(o, size, part, copy_ok, &pl) < 0) {
+            free(pl.v);
+            return err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
+        }
+    }
     char *id = NULL;
     int ret = s3_mpu_start(&o->n, &id);
-    if (ret < 0)
+    if (ret < 0) {
+        free(pl.v);
         return ret;
+    }
     write_meta(o, id);
 
-    struct upload u = {.o = o, .id = id, .size = size, .part = part};
-    u.nparts = (unsigned)((size + part - 1) / part);
+    struct upload u = {.o = o, .id = id, .segs = pl.v, .nparts = pl.n};
     u.etags = calloc(u.nparts, sizeof *u.etags);
     pthread_mutex_init(&u.lock, NULL);
     unsigned nw = u.nparts < s3_conf.connections ? u.nparts : s3_conf.connections;
@@ -809,6 +1129,7 @@ out:
     pthread_mutex_destroy(&u.lock);
     free(tids);
     free(u.etags);
+    free(pl.v);
     free(id);
     return ret;
 }
@@ -850,6 +1171,10 @@ static int publish(struct obj *o)
     uint64_t size = o->size;
     int ret = size <= s3_conf.part_size ? put_whole(o, size, etag, sizeof etag, &mtime)
                                         : multipart(o, size, etag, sizeof etag);
+    if (ret == -EOPNOTSUPP && size > s3_conf.part_size && atomic_load(&copy_unsupported)) {
+        err_clear(); /* the store has no UploadPartCopy: once more, every part uploaded */
+        ret = multipart(o, size, etag, sizeof etag);
+    }
     pthread_rwlock_unlock(&o->state);
     /* stat and open see our own publish at once (an unknown outcome: they ask) */
     struct s3_head pub = {.size = size, .mtime = mtime};
@@ -858,11 +1183,16 @@ static int publish(struct obj *o)
     if (ret == 0) {
         atomic_fetch_add(&s3_stats.publishes, 1);
         pthread_rwlock_wrlock(&o->state);
-        /* cached blocks of the old version stay valid where nothing was written */
+        /* cached blocks of the old version stay valid where nothing was written;
+         * read-ahead GETs under way may bring old bytes of what was: dropped */
         uint64_t bs = s3_conf.block_size;
+        pthread_mutex_lock(&o->ra);
+        o->ra_epoch++;
+        o->ra_sched = 0;
         for (size_t i = 0; i < o->nd; i++)
             s3_cache_drop(o->gen, o->dirty[i].start / bs, (o->dirty[i].end - 1) / bs);
         s3_cache_drop(o->gen, o->base_valid / bs, UINT64_MAX);
+        pthread_mutex_unlock(&o->ra);
         snprintf(o->etag, sizeof o->etag, "%s", etag);
         o->exists = 1;
         o->base_size = o->base_valid = size;

@@ -454,6 +454,10 @@ static int s3_stats_walk(int (*cb)(void *ctx, const char *name, uint64_t value),
         {"retries", &s3_stats.retries},           {"errors", &s3_stats.errors},
         {"cache_hits", &s3_stats.cache_hits},     {"cache_misses", &s3_stats.cache_misses},
         {"bytes_copied", &s3_stats.copied_bytes}, {"publishes", &s3_stats.publishes},
+        {"gets_in_flight_peak", &s3_stats.gets_in_flight_peak},
+        {"readahead_gets", &s3_stats.readahead_gets},
+        {"readahead_dropped", &s3_stats.readahead_dropped},
+        {"readahead_waits", &s3_stats.readahead_waits},
     };
     for (size_t i = 0; i < sizeof more / sizeof more[0] && !r; i++)
         r = cb(ctx, more[i].name, atomic_load(more[i].v));
@@ -493,6 +497,7 @@ static struct vfs_ops s3_ops_v1;
 
 static void cleanup(void)
 {
+    s3_pool_stop();
     s3_http_cleanup();
     s3_meta_cleanup();
 }

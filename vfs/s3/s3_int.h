@@ -82,9 +82,12 @@ struct s3_conf {
     char *region;      /* default us-east-1 */
     char *access_key, *secret_key;
     char *staging_dir; /* local staging files of objects open for writing */
-    uint64_t block_size;   /* read cache block (default 256 KiB) */
+    uint64_t block_size;   /* read cache block, what a random read's miss fetches (default 64 KiB) */
     uint64_t cache_bytes;  /* block cache bound (default 64 MiB) */
-    uint64_t readahead;    /* largest read-ahead window (default 8 MiB) */
+    uint64_t readahead;    /* largest read-ahead window (default 32 MiB; at most half the cache is used) */
+    unsigned readahead_gets; /* read-ahead GETs in flight at once, process-wide (default connections - 2;
+                                0: read-ahead extends the reader's own GET, one at a time) */
+    int readahead_gets_set;
     uint64_t part_size;    /* multipart part size (default 8 MiB, at least 5 MiB) */
     uint64_t staging_max;  /* dirty bytes per object before an early publish (default 1 GiB) */
     uint64_t copy_max;     /* largest CopyObject; larger copies go in parts of this size (default 5 GiB) */
@@ -118,6 +121,11 @@ struct s3_stats {
     atomic_ullong cache_hits, cache_misses;  /* blocks */
     atomic_ullong copied_bytes;  /* copied server-side by UploadPartCopy/CopyObject */
     atomic_ullong publishes;
+    atomic_ullong gets_in_flight;    /* GETs of object data being received now */
+    atomic_ullong gets_in_flight_peak; /* the most at once since the start */
+    atomic_ullong readahead_gets;    /* GETs issued by read-ahead workers */
+    atomic_ullong readahead_dropped; /* of those, answers not kept: failed, another version, object closed */
+    atomic_ullong readahead_waits;   /* reads that waited for a read-ahead GET instead of their own */
 };
 extern struct s3_stats s3_stats;
 extern const char *const s3_op_names[S3_OP_COUNT];
@@ -177,6 +185,26 @@ int s3_cache_has(uint64_t gen, uint64_t idx);
 void s3_cache_put(uint64_t gen, uint64_t idx, const void *data, size_t len);
 /* Drop blocks [first, last] of gen (last UINT64_MAX: to the end). */
 void s3_cache_drop(uint64_t gen, uint64_t first, uint64_t last);
+
+/* ---- pool.c: the read-ahead workers ---- */
+
+/* A unit of background work; owner says whose it is (for s3_pool_cancel). */
+struct s3_task {
+    void (*run)(struct s3_task *t);       /* on a worker; owns t from then on */
+    void (*cancelled)(struct s3_task *t); /* instead of run, when cancelled while queued */
+    void *owner;
+    struct s3_task *next;
+};
+
+/* Queue t for one of readahead-gets worker threads (started on demand, never
+ * more); 0, or -1 when there are no workers (readahead-gets 0, or none could
+ * start): the caller keeps t. */
+int s3_pool_submit(struct s3_task *t);
+/* Take every queued task of owner off the queue and call its cancelled();
+ * tasks already running are not waited for (their owner does that). */
+void s3_pool_cancel(void *owner);
+/* Stop and join the workers; queued tasks are cancelled (at exit). */
+void s3_pool_stop(void);
 
 /* ---- meta.c: what is known of objects, for stat-ttl ---- */
 
