@@ -197,6 +197,10 @@ char *api_decode(const char *s, size_t len);
  * Content-Range of a PUT. Returns 0 with *last >= *first (*complete UINT64_MAX for
  * '*'), or -EINVAL with err_msg() for a malformed header. */
 int api_parse_content_range(const char *v, uint64_t *first, uint64_t *last, uint64_t *complete);
+/* Parse "bytes * /SIZE" (no space: RFC 9110's form naming only the whole size),
+ * which a PUT .../file sends to ask how much of a resumable upload arrived.
+ * Returns 0 with *complete, or -EINVAL (no message: the caller tries the other form). */
+int api_parse_content_range_size(const char *v, uint64_t *complete);
 
 /* Parse a decimal query argument "name" (percent-decoded) into *v; 0 when absent
  * (v unchanged), 1 when present, -EINVAL with err_msg() for a bad value. */

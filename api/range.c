@@ -148,6 +148,19 @@ int api_parse_content_range(const char *v, uint64_t *first, uint64_t *last, uint
     return 0;
 }
 
+int api_parse_content_range_size(const char *v, uint64_t *complete)
+{
+    const char *p = v;
+    while (*p == ' ')
+        p++;
+    bool ok = !strncasecmp(p, "bytes */", 8);
+    p += ok ? 8 : 0;
+    ok = ok && digits(&p, complete);
+    while (ok && *p == ' ')
+        p++;
+    return ok && !*p ? 0 : -EINVAL;
+}
+
 char *api_decode(const char *s, size_t len)
 {
     char *out = malloc(len + 1), *o = out;

@@ -66,6 +66,8 @@ static void usage(FILE *f)
             "                      each --header-timeout period, or the connection is closed (default %u; 0: off)\n"
             "  --max-listeners-per-client N  GET /v1/events streams from one address (default %u)\n"
             "  --max-upload SIZE   bytes of one PUT .../file (default %s; 413 over it)\n"
+            "  --upload-resume-time S  an upload sent in pieces (Content-Range) that stopped short is kept\n"
+            "                      S seconds for its client to resume (default %u; at most %u kept)\n"
             "  --max-catalog SIZE  bytes of all the image files together (default 0: only the store's free\n"
             "                      space; 507 when an upload would pass it, or a create or convert finds it passed)\n"
             "  --max-virtual-size SIZE  disk size of a created or uploaded image (default %s)\n"
@@ -97,7 +99,8 @@ static void usage(FILE *f)
             DEFAULT_THREADS, DEFAULT_JOB_WORKERS, EVENTS_DEFAULT_LISTENERS, JOBS_DEFAULT_RETENTION_MS / 1000,
             EVENTS_DEFAULT_HISTORY, EVENTS_DEFAULT_HISTORY_BYTES >> 20, API_DEFAULT_CONNECTIONS,
             API_DEFAULT_PER_CLIENT, API_DEFAULT_HEADER_TIMEOUT, API_DEFAULT_MIN_RATE, API_DEFAULT_LISTENERS_PER_CLIENT,
-            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_VIRTUAL_TEXT, JOBS_DEFAULT_QUEUED, JOBS_DEFAULT_PAUSED, JOBS_DEFAULT_RECORDS,
+            CATALOG_DEFAULT_UPLOAD_TEXT, CATALOG_DEFAULT_UPLOAD_KEEP, CATALOG_MAX_SUSPENDED, CATALOG_DEFAULT_VIRTUAL_TEXT,
+            JOBS_DEFAULT_QUEUED, JOBS_DEFAULT_PAUSED, JOBS_DEFAULT_RECORDS,
             CATALOG_DEFAULT_OPEN,
             (unsigned)TICKET_DEFAULT_MAX);
 }
@@ -322,6 +325,7 @@ enum {
     OPT_MAX_PAUSED,
     OPT_MAX_JOB_RECORDS,
     OPT_JOB_RETENTION,
+    OPT_UPLOAD_KEEP,
     OPT_EVENT_HISTORY,
     OPT_EVENT_HISTORY_BYTES,
 };
@@ -408,6 +412,7 @@ int main(int argc, char **argv)
         {"max-paused-jobs", required_argument, 0, OPT_MAX_PAUSED},
         {"max-job-records", required_argument, 0, OPT_MAX_JOB_RECORDS},
         {"job-retention", required_argument, 0, OPT_JOB_RETENTION},
+        {"upload-resume-time", required_argument, 0, OPT_UPLOAD_KEEP},
         {"event-history", required_argument, 0, OPT_EVENT_HISTORY},
         {"event-history-bytes", required_argument, 0, OPT_EVENT_HISTORY_BYTES},
         {"max-open-images", required_argument, 0, OPT_MAX_OPEN},
@@ -516,12 +521,14 @@ int main(int argc, char **argv)
         case OPT_MAX_PAUSED:
         case OPT_MAX_JOB_RECORDS:
         case OPT_JOB_RETENTION:
+        case OPT_UPLOAD_KEEP:
         case OPT_EVENT_HISTORY:
         case OPT_MIN_RATE: {
             uint64_t v, min = c == OPT_MIN_RATE || c == OPT_JOB_RETENTION ? 0 : 1,
                         max = c == OPT_MIN_RATE        ? UINT32_MAX - 1
                               : c == OPT_MAX_PAUSED    ? 1024
                               : c == OPT_JOB_RETENTION ? 10 * 366 * 86400ull
+                              : c == OPT_UPLOAD_KEEP   ? 7 * 86400
                                                        : 1u << 20;
             if (parse_count(optarg, min, max, &v) < 0) {
                 fprintf(stderr, "qcowd: --%s wants a number from %llu to %llu, not '%s'\n", option_name(lo, c),
@@ -546,6 +553,8 @@ int main(int argc, char **argv)
                 jc.max_records = (unsigned)v;
             else if (c == OPT_JOB_RETENTION)
                 jc.retention_ms = v ? (int64_t)v * 1000 : -1; /* 0: kept until dismissed */
+            else if (c == OPT_UPLOAD_KEEP)
+                copts.upload_keep_sec = (unsigned)v;
             else if (c == OPT_EVENT_HISTORY)
                 ec.history = (unsigned)v;
             else

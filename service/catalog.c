@@ -85,6 +85,7 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
     cat_host_id(c->host, sizeof c->host);
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->admit_lock, NULL);
+    pthread_mutex_init(&c->uploads_lock, NULL);
     pthread_cond_init(&c->closed, NULL);
     *out = c;
     return 0;
@@ -107,9 +108,11 @@ void catalog_free(struct catalog *c)
             fprintf(stderr, "catalog: image %s still in use at shutdown\n", e->name);
         e = next;
     }
+    cat_uploads_free(c); /* they hold name reservations */
     cat_admit_free(c);
     cat_users_free(c);
     pthread_cond_destroy(&c->closed);
+    pthread_mutex_destroy(&c->uploads_lock);
     pthread_mutex_destroy(&c->admit_lock);
     pthread_mutex_destroy(&c->lock);
     free(c->root);

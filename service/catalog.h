@@ -21,6 +21,8 @@ struct catalog_image; /* opaque: one open image, shared; get/put */
 #define CATALOG_DEFAULT_VIRTUAL      (64ull << 40) /* virtual size of an image */
 #define CATALOG_DEFAULT_VIRTUAL_TEXT "64T"
 #define CATALOG_UNLIMITED            UINT64_MAX
+#define CATALOG_DEFAULT_UPLOAD_KEEP  900 /* seconds a broken upload waits to be resumed */
+#define CATALOG_MAX_SUSPENDED        64  /* uploads kept suspended at once; the oldest goes first */
 
 /* Budgets name the qcowd option that sets them in their refusals. */
 struct catalog_opts {
@@ -31,6 +33,7 @@ struct catalog_opts {
     uint64_t max_catalog;      /* bytes of every file of the folder (--max-catalog); 0 or
                                   CATALOG_UNLIMITED: the store's space only */
     uint64_t max_virtual_size; /* of a created or uploaded image (--max-virtual-size); 0: CATALOG_DEFAULT_VIRTUAL */
+    unsigned upload_keep_sec;  /* a suspended upload is kept this long (--upload-resume-time); 0: CATALOG_DEFAULT_UPLOAD_KEEP */
 };
 
 /* Open the catalog at root (a folder path or a "scheme:" URI; a path is made
@@ -175,6 +178,27 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
 int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len);
 int catalog_upload_commit(struct catalog_upload *u);
 void catalog_upload_abort(struct catalog_upload *u);
+
+/* Resumable uploads. An upload that declared its total size (catalog_upload_set_total;
+ * then writes past it fail with -EINVAL) and stopped short of it, because its
+ * connection broke or a piece of it ended, is suspended instead of aborted: its
+ * temporary file and its name's reservation are kept for --upload-resume-time
+ * seconds (at most CATALOG_MAX_SUSPENDED at once; the oldest is aborted to make
+ * room). catalog_upload_resume takes it back to continue exactly at its received
+ * count: -ENOENT when there is none for name (never begun, expired, committed),
+ * -EBUSY while a connection is still sending it, -ERANGE with a message giving the
+ * count when offset or total differ (nothing changes: the client resumes at the
+ * count). catalog_upload_status reports it, being sent or waiting (-ENOENT when
+ * none). catalog_upload_discard aborts the suspended upload of name,
+ * if any (a new upload from the start replaces it). Thread-safe; expired uploads
+ * are aborted by any of these calls. */
+void catalog_upload_set_total(struct catalog_upload *u, uint64_t total);
+uint64_t catalog_upload_received(const struct catalog_upload *u);
+void catalog_upload_suspend(struct catalog_upload *u);
+int catalog_upload_resume(struct catalog *c, const char *name, uint64_t offset, uint64_t total,
+                          struct catalog_upload **out);
+int catalog_upload_status(struct catalog *c, const char *name, uint64_t *received, uint64_t *total);
+void catalog_upload_discard(struct catalog *c, const char *name);
 
 /* The container file of name for reading (pending metadata of the catalog's
  * handle is flushed first). *size is the file's size. From open to close the

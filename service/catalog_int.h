@@ -59,6 +59,9 @@ struct catalog {
     uint64_t links_gen;                  /* bumped by every removal of a link */
     catalog_notify_fn notify;            /* image events, or NULL */
     void *notify_opaque;
+    pthread_mutex_t uploads_lock;        /* the suspended uploads (files.c); no I/O under it */
+    struct catalog_upload *suspended;    /* oldest first (under uploads_lock) */
+    unsigned nsuspended;
 };
 
 /* A growing array of names (catalog_names_free frees it). */
@@ -72,6 +75,10 @@ struct name_list {
 void cat_notify(struct catalog *c, const char *what, const char *name);
 /* The file of name (new string, or NULL on ENOMEM). */
 char *cat_image_uri(const struct catalog *c, const char *name);
+
+/* ---- files.c ---- */
+/* Abort every suspended upload (at catalog_free). */
+void cat_uploads_free(struct catalog *c);
 
 /* ---- cache.c ---- */
 /* Free e (off the list, no refs), closing its image outside the lock. */

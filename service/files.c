@@ -230,9 +230,14 @@ struct catalog_upload {
     struct catalog *cat;
     char *name, *uri, *tmp;
     struct vfs_file *f;
-    uint64_t off; /* bytes written */
+    uint64_t off;   /* bytes written */
+    uint64_t total; /* declared size of the whole upload, or UINT64_MAX: not resumable */
     unsigned char head[UPLOAD_HEAD];
-    bool named; /* holds the name's reservation */
+    bool named;     /* holds the name's reservation */
+    bool listed;    /* on c->suspended (resumable) */
+    bool active;    /* and a connection is sending it (else waiting to be resumed) */
+    time_t expires; /* when waiting: aborted after this (monotonic seconds) */
+    struct catalog_upload *next; /* on c->suspended */
 };
 
 int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, struct catalog_upload **out)
@@ -252,6 +257,7 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
         goto fail;
     }
     u->cat = c;
+    u->total = UINT64_MAX;
     ret = cat_admit_name(c, name, UPLOAD_OWNER); /* until the commit or the abort */
     if (ret < 0)
         goto fail;
@@ -305,6 +311,9 @@ static int check_head(const struct catalog *c, const unsigned char *h, size_t ha
 int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
 {
     const struct catalog *c = u->cat;
+    if (u->total != UINT64_MAX && (len > u->total || u->off > u->total - len))
+        return err_fail(EINVAL, "the upload is longer than the %llu bytes it declared",
+                        (unsigned long long)u->total);
     if (len > c->opts.max_upload || u->off > c->opts.max_upload - len) {
         char b[32];
         human(c->opts.max_upload, b, sizeof b);
@@ -318,8 +327,13 @@ int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
             return ret;
     }
     int ret = vfs_pwrite(u->f, buf, len, u->off);
-    if (ret == 0)
+    if (ret == 0 && u->listed) { /* catalog_upload_status reads it from other threads */
+        pthread_mutex_lock(&u->cat->uploads_lock);
         u->off += len;
+        pthread_mutex_unlock(&u->cat->uploads_lock);
+    } else if (ret == 0) {
+        u->off += len;
+    }
     return ret;
 }
 
@@ -342,10 +356,14 @@ static void upload_free(struct catalog_upload *u, bool keep)
     free(u);
 }
 
+static void upload_unlist(struct catalog_upload *u);
+
 void catalog_upload_abort(struct catalog_upload *u)
 {
-    if (u)
+    if (u) {
+        upload_unlist(u);
         upload_free(u, false);
+    }
 }
 
 /* The uploaded file opens as qcow2 inside the catalog, with nothing that reaches
@@ -396,6 +414,7 @@ static int validate_upload(struct catalog *c, const char *uri)
 int catalog_upload_commit(struct catalog_upload *u)
 {
     struct catalog *c = u->cat;
+    upload_unlist(u);
     int ret = vfs_flush(u->f);
     vfs_close(u->f);
     u->f = NULL;
@@ -411,6 +430,186 @@ int catalog_upload_commit(struct catalog_upload *u)
         ret = install(c, u->tmp, u->uri, u->name);
     upload_free(u, ret == 0);
     return ret;
+}
+
+/* ---- resumable uploads ---- */
+
+/* c->suspended lists every resumable upload (one that declared its total): those
+ * a connection is sending now (active) and those waiting to be resumed, which
+ * expire. Under uploads_lock; no I/O under it: what is to be aborted is unlinked
+ * and aborted after. */
+
+static time_t now_sec(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec;
+}
+
+uint64_t catalog_upload_received(const struct catalog_upload *u)
+{
+    return u->off;
+}
+
+static void unlink_locked(struct catalog *c, struct catalog_upload *u)
+{
+    for (struct catalog_upload **p = &c->suspended; *p; p = &(*p)->next)
+        if (*p == u) {
+            *p = u->next;
+            u->next = NULL;
+            if (!u->active)
+                c->nsuspended--;
+            break;
+        }
+    u->listed = false;
+}
+
+/* Unlink (uploads_lock held) the waiting uploads expired by now or named name
+ * (NULL: none), and the oldest waiting ones while room is wanted; returns them as
+ * a list for the caller to abort outside the lock. */
+static struct catalog_upload *take_waiting(struct catalog *c, const char *name, bool room)
+{
+    struct catalog_upload *dead = NULL;
+    time_t now = now_sec();
+    for (struct catalog_upload **p = &c->suspended; *p;) {
+        struct catalog_upload *u = *p;
+        bool full = room && c->nsuspended >= CATALOG_MAX_SUSPENDED;
+        if (!u->active && (u->expires <= now || full || (name && !strcmp(u->name, name)))) {
+            *p = u->next;
+            c->nsuspended--;
+            u->listed = false;
+            u->next = dead;
+            dead = u;
+        } else {
+            p = &u->next;
+        }
+    }
+    return dead;
+}
+
+static void abort_list(struct catalog_upload *dead)
+{
+    while (dead) {
+        struct catalog_upload *next = dead->next;
+        dead->next = NULL;
+        upload_free(dead, false);
+        dead = next;
+    }
+}
+
+/* Take u off the list before it is committed or aborted. */
+static void upload_unlist(struct catalog_upload *u)
+{
+    if (!u->listed)
+        return;
+    pthread_mutex_lock(&u->cat->uploads_lock);
+    unlink_locked(u->cat, u);
+    pthread_mutex_unlock(&u->cat->uploads_lock);
+}
+
+void catalog_upload_set_total(struct catalog_upload *u, uint64_t total)
+{
+    struct catalog *c = u->cat;
+    u->total = total;
+    pthread_mutex_lock(&c->uploads_lock);
+    if (!u->listed) {
+        u->active = true;
+        u->listed = true;
+        u->next = c->suspended;
+        c->suspended = u;
+    }
+    pthread_mutex_unlock(&c->uploads_lock);
+}
+
+void catalog_upload_suspend(struct catalog_upload *u)
+{
+    struct catalog *c = u->cat;
+    if (!u->listed || u->off >= u->total) { /* not resumable, or nothing to wait for */
+        catalog_upload_abort(u);
+        return;
+    }
+    unsigned keep = c->opts.upload_keep_sec ? c->opts.upload_keep_sec : CATALOG_DEFAULT_UPLOAD_KEEP;
+    pthread_mutex_lock(&c->uploads_lock);
+    unlink_locked(c, u);
+    struct catalog_upload *dead = take_waiting(c, NULL, true);
+    u->expires = now_sec() + (time_t)keep;
+    u->active = false;
+    u->listed = true;
+    struct catalog_upload **tail = &c->suspended; /* oldest first */
+    while (*tail)
+        tail = &(*tail)->next;
+    *tail = u;
+    c->nsuspended++;
+    pthread_mutex_unlock(&c->uploads_lock);
+    abort_list(dead);
+}
+
+static int no_upload(const char *name)
+{
+    return err_fail(ENOENT, "no upload of '%s' to resume (none begun, or it expired after --upload-resume-time)",
+                    name);
+}
+
+int catalog_upload_resume(struct catalog *c, const char *name, uint64_t offset, uint64_t total,
+                          struct catalog_upload **out)
+{
+    pthread_mutex_lock(&c->uploads_lock);
+    struct catalog_upload *dead = take_waiting(c, NULL, false), *u = c->suspended;
+    while (u && strcmp(u->name, name))
+        u = u->next;
+    int ret;
+    if (!u) {
+        ret = no_upload(name);
+    } else if (u->active) {
+        ret = err_fail(EBUSY, "the upload of '%s' is being sent on another connection (%llu of %llu bytes so far)",
+                       name, (unsigned long long)u->off, (unsigned long long)u->total);
+    } else if (u->total != total || u->off != offset) {
+        ret = err_fail(ERANGE, "the upload of '%s' has %llu of %llu bytes: continue it at %llu", name,
+                       (unsigned long long)u->off, (unsigned long long)u->total, (unsigned long long)u->off);
+    } else {
+        u->active = true;
+        c->nsuspended--;
+        *out = u;
+        ret = 0;
+    }
+    pthread_mutex_unlock(&c->uploads_lock);
+    abort_list(dead);
+    return ret;
+}
+
+int catalog_upload_status(struct catalog *c, const char *name, uint64_t *received, uint64_t *total)
+{
+    pthread_mutex_lock(&c->uploads_lock);
+    struct catalog_upload *dead = take_waiting(c, NULL, false), *u = c->suspended;
+    while (u && strcmp(u->name, name))
+        u = u->next;
+    if (u) {
+        *received = u->off;
+        *total = u->total;
+    }
+    pthread_mutex_unlock(&c->uploads_lock);
+    abort_list(dead);
+    return u ? 0 : no_upload(name);
+}
+
+void catalog_upload_discard(struct catalog *c, const char *name)
+{
+    pthread_mutex_lock(&c->uploads_lock);
+    struct catalog_upload *dead = take_waiting(c, name, false);
+    pthread_mutex_unlock(&c->uploads_lock);
+    abort_list(dead);
+}
+
+void cat_uploads_free(struct catalog *c)
+{
+    pthread_mutex_lock(&c->uploads_lock);
+    struct catalog_upload *dead = c->suspended;
+    c->suspended = NULL;
+    c->nsuspended = 0;
+    pthread_mutex_unlock(&c->uploads_lock);
+    for (struct catalog_upload *u = dead; u; u = u->next)
+        u->listed = false; /* every connection is gone at catalog_free */
+    abort_list(dead);
 }
 
 /* ---- download ---- */

@@ -103,16 +103,20 @@ export async function download(url, filename) {
   if (blobUrl) setTimeout(() => URL.revokeObjectURL(blobUrl), 60000);
 }
 
-// PUT file to /v1/images/NAME/file with progress(sent, total). Resolves with the
-// new image's info; rejects with an ApiError (status 0 on a network error). The
-// returned object has abort().
-export function upload(name, file, progress) {
+// PUT file to /v1/images/NAME/file from byte `from` on, with progress(sent,
+// total) counting the whole file. A file with bytes goes as one resumable piece
+// (Content-Range: bytes FROM-LAST/SIZE): if the connection breaks, qcowd keeps what
+// arrived (uploadOffset() says how much) and a later call continues there.
+// Resolves with the new image's info; rejects with an ApiError (status 0 on a
+// network error). The returned promise has abort().
+export function upload(name, file, progress, from = 0) {
   const xhr = new XMLHttpRequest();
   const p = new Promise((resolve, reject) => {
     xhr.open('PUT', '/v1/images/' + enc(name) + '/file');
     xhr.setRequestHeader('Content-Type', 'application/octet-stream');
+    if (file.size > 0) xhr.setRequestHeader('Content-Range', `bytes ${from}-${file.size - 1}/${file.size}`);
     if (session.token) xhr.setRequestHeader('Authorization', 'Bearer ' + session.token);
-    xhr.upload.onprogress = (ev) => progress(ev.loaded, ev.lengthComputable ? ev.total : file.size);
+    xhr.upload.onprogress = (ev) => progress(from + ev.loaded, file.size);
     xhr.onload = () => {
       let body = null;
       try { body = JSON.parse(xhr.responseText); } catch { /* empty */ }
@@ -124,10 +128,23 @@ export function upload(name, file, progress) {
     };
     xhr.onerror = () => reject(new ApiError(0, 'network-error', 'the connection broke during the upload', null));
     xhr.onabort = () => reject(new ApiError(0, 'aborted', 'upload cancelled', null));
-    xhr.send(file);
+    xhr.send(from ? file.slice(from) : file);
   });
   p.abort = () => xhr.abort();
   return p;
+}
+
+// How many bytes of a broken upload of `size` bytes qcowd kept for NAME (0: none,
+// start again). Asked with Content-Range: bytes */SIZE and no body.
+export async function uploadOffset(name, size) {
+  try {
+    const st = await call('PUT', '/v1/images/' + enc(name) + '/file', new Uint8Array(0),
+      { 'Content-Range': `bytes */${size}`, 'Content-Type': 'application/octet-stream' });
+    return st && st.total === size ? st.received : 0;
+  } catch (e) {
+    if (e.status === 404) return 0;
+    throw e;
+  }
 }
 
 // The /v1/events stream, kept open: on(type, fn(data, id)) for each event type;

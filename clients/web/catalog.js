@@ -1,7 +1,7 @@
 // catalog.js: the catalog page: every image with its sizes, format, backing
 // chain (as a tree of who shares a base), snapshots, bitmaps and state; search,
 // sort and pages; create, upload with progress, delete.
-import { call, enc, upload, ApiError } from './api.js';
+import { call, enc, upload, uploadOffset, ApiError } from './api.js';
 import { el, clear, fmtBytes, parseSize, toast, modal, confirmDialog, field, pager, collator } from './util.js';
 
 const PAGE = 100;
@@ -152,16 +152,28 @@ function retryLater(u, e, tries, go, redraw) {
   return true;
 }
 
-// Uploads run on the page (the dialog only picks the file); a broken connection
-// restarts the upload from the start up to 3 times (qcowd validates a container
-// whole, so it keeps no partial upload to resume).
+// Uploads run on the page (the dialog only picks the file); after a broken
+// connection (up to 3 times) the page asks qcowd how much of the file it kept and
+// sends the rest from there (u.resumedAt: where the last try started).
 function startUpload(store, name, file, redraw) {
-  const u = { name, file, sent: 0, total: file.size, state: 'uploading', error: null, try: 1, t0: performance.now() };
+  const u = { name, file, sent: 0, total: file.size, state: 'uploading', error: null, try: 1, t0: performance.now(), resumedAt: 0 };
   uploads.push(u);
-  const go = () => {
+  const go = async () => {
     u.state = 'uploading';
+    let from = 0;
+    if (u.try > 1 && file.size > 0) {
+      try {
+        from = await uploadOffset(name, file.size);
+      } catch (e) {
+        if (!retryLater(u, e, 3, go, redraw)) failed(u, e, redraw);
+        return;
+      }
+    }
+    u.resumedAt = from;
+    u.sent = from;
     u.t0 = performance.now();
-    u.xhr = upload(name, file, (sent, total) => { u.sent = sent; u.total = total; redraw(); });
+    u.t0Bytes = from;
+    u.xhr = upload(name, file, (sent, total) => { u.sent = sent; u.total = total; redraw(); }, from);
     u.xhr.then(() => uploaded(store, u, fmtBytes(file.size), redraw),
       (e) => { if (!retryLater(u, e, 3, go, redraw)) failed(u, e, redraw); });
   };
@@ -175,15 +187,15 @@ function uploadView(redraw) {
   return el('section.uploads', { 'aria-label': 'Uploads' }, uploads.map((u) => {
     const pct = u.total ? Math.floor((100 * u.sent) / u.total) : 0;
     const secs = (performance.now() - u.t0) / 1000;
-    const rate = secs > 0.2 ? u.sent / secs : 0;
+    const rate = secs > 0.2 ? (u.sent - (u.t0Bytes || 0)) / secs : 0;
     const eta = rate > 0 ? (u.total - u.sent) / rate : NaN;
-    return el('div.upload', { dataset: { name: u.name, state: u.state } },
+    return el('div.upload', { dataset: { name: u.name, state: u.state, resumedAt: String(u.resumedAt || 0) } },
       el('strong', u.name), ' ',
       el('progress', { max: 100, value: pct, 'aria-label': 'Upload of ' + u.name }), ' ',
       el('span.pct', pct + '%'), ' ',
       el('span.muted', `${fmtBytes(u.sent)} of ${fmtBytes(u.total)}` + (u.state === 'uploading' && rate ? ` · ${fmtBytes(rate)}/s · ${Math.ceil(eta)} s left` : '')), ' ',
       el('span.badge.' + (u.state === 'failed' ? 'bad' : u.state === 'done' ? 'ok' : 'busy'),
-        u.state !== 'retrying' ? u.state : u.raw ? `connection lost, resuming at ${fmtBytes(u.sent)} (try ${u.try} of 5)` : `connection lost, restarting (try ${u.try} of 3)`),
+        u.state !== 'retrying' ? u.state : u.raw ? `connection lost, resuming at ${fmtBytes(u.sent)} (try ${u.try} of 5)` : `connection lost, resuming (try ${u.try} of 3)`),
       u.state === 'uploading' ? el('button.small', { type: 'button', onclick: () => u.xhr.abort() }, 'Cancel') : null,
       u.state === 'failed' || u.state === 'cancelled' ? [
         el('button.small', { type: 'button', onclick: u.retry }, u.raw && u.sent ? `Resume at ${fmtBytes(u.sent)}` : 'Retry'),

@@ -67,6 +67,10 @@ static void fuzz_content_range(const char *text)
         CHECK(first <= last);
     else
         CHECK(ret == -EINVAL);
+    /* the two forms never both match */
+    ret = api_parse_content_range_size(text, &complete);
+    CHECK(ret == 0 || ret == -EINVAL);
+    CHECK(ret < 0 || api_parse_content_range(text, &first, &last, &complete) < 0);
 }
 
 static void fuzz_query(const char *text, size_t len)
