@@ -43,6 +43,7 @@ void cat_entry_free(struct catalog_image *e)
         pthread_cond_broadcast(&c->closed);
         pthread_mutex_unlock(&c->lock);
     }
+    pthread_mutex_destroy(&e->ident_lock);
     free(e->name);
     free(e->uri);
     free(e->msg);
@@ -117,6 +118,7 @@ static int open_entry(struct catalog *c, const char *name, const char *uri, cons
         return err_fail(ENOMEM, "out of memory");
     }
     e->cat = c;
+    pthread_mutex_init(&e->ident_lock, NULL);
     e->size = st->size;
     e->mtime = st->mtime;
     e->mtime_nsec = st->mtime_nsec;
@@ -290,6 +292,11 @@ int cat_get_entry(struct catalog *c, const char *name, struct catalog_image **ou
     char *uri = cat_image_uri(c, name);
     if (!uri)
         return err_fail(ENOMEM, "out of memory");
+    /* where the recorded identity of a cached handle stood before the stat */
+    pthread_mutex_lock(&c->lock);
+    struct catalog_image *seen = cat_find(c, name);
+    uint64_t seq0 = seen ? seen->ident_seq : 0;
+    pthread_mutex_unlock(&c->lock);
     struct vfs_stat st;
     ret = vfs_stat(uri, &st);
     if (ret == -ENOENT || (ret == 0 && st.is_dir))
@@ -299,14 +306,24 @@ int cat_get_entry(struct catalog *c, const char *name, struct catalog_image **ou
 
     struct catalog_image *dead = NULL, *e;
     pthread_mutex_lock(&c->lock);
-    e = cat_find(c, name);
-    if (e && e->written && !same_file(e, &st)) {
-        /* our own writers may have changed the file between the stat above and
-         * the lock; no writer runs now, so a stat under the lock tells an outside
-         * change from ours (reopening on our own change would read metadata the
-         * handle has not written yet) */
+    for (int tries = 0;; tries++) {
+        e = cat_find(c, name);
+        while (e && e->ident_busy) { /* our last writer is recording the file's new identity */
+            pthread_cond_wait(&c->closed, &c->lock);
+            e = cat_find(c, name);
+        }
+        /* Our own writers may have changed the file after the stat above and
+         * recorded its new identity since (ident_seq moved): stat again, without
+         * the lock, rather than take our change for someone else's (reopening on
+         * our own change would read metadata the handle has not written yet). */
+        if (!e || !e->written || same_file(e, &st) || e->ident_seq == seq0 || tries == 3)
+            break;
+        seq0 = e->ident_seq;
+        pthread_mutex_unlock(&c->lock);
         struct vfs_stat again;
-        if (vfs_stat(uri, &again) == 0)
+        int r = vfs_stat(uri, &again);
+        pthread_mutex_lock(&c->lock);
+        if (r == 0)
             st = again;
     }
     while ((!e || !same_file(e, &st)) && is_closing(c, name)) {
@@ -446,21 +463,30 @@ void cat_writer_leave(struct catalog_image *ci)
     struct catalog *c = ci->cat;
     pthread_mutex_lock(&c->lock);
     bool last = --ci->writers == 0;
-    if (last) {
-        /* our own changes: the file's new identity is still this handle. Under
-         * the lock, so no get compares against a stale identity meanwhile. */
-        struct vfs_stat st;
-        if (vfs_stat(ci->uri, &st) == 0) {
-            ci->size = st.size;
-            ci->mtime = st.mtime;
-            ci->mtime_nsec = st.mtime_nsec;
-            ci->ino = st.ino;
-            ci->version = st.version;
-        }
-    }
-    pthread_mutex_unlock(&c->lock);
     if (last)
-        cat_notify(c, "image-changed", ci->name);
+        ci->ident_busy++; /* gets wait until the new identity is recorded */
+    pthread_mutex_unlock(&c->lock);
+    if (!last)
+        return;
+    /* our own changes: the file's new identity is still this handle. The stat
+     * runs under the entry's own lock (refreshes in order), not the catalog's. */
+    pthread_mutex_lock(&ci->ident_lock);
+    struct vfs_stat st;
+    int r = vfs_stat(ci->uri, &st);
+    pthread_mutex_lock(&c->lock);
+    if (r == 0 && ci->writers == 0) { /* else a writer came back: its leave records it */
+        ci->size = st.size;
+        ci->mtime = st.mtime;
+        ci->mtime_nsec = st.mtime_nsec;
+        ci->ino = st.ino;
+        ci->version = st.version;
+    }
+    ci->ident_seq++;
+    ci->ident_busy--;
+    pthread_cond_broadcast(&c->closed);
+    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&ci->ident_lock);
+    cat_notify(c, "image-changed", ci->name);
 }
 
 /* Why ci, open read-only, cannot be written: a file qcowd may not write is

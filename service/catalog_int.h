@@ -31,6 +31,10 @@ struct catalog_image {
     unsigned refs;           /* holders, the cache included (under cat->lock) */
     unsigned writers;        /* holders changing the file through this handle (under cat->lock):
                                 the file's changes are its own meanwhile */
+    pthread_mutex_t ident_lock; /* one refresh of the identity above at a time (the stat is made
+                                   under it, never under cat->lock) */
+    unsigned ident_busy;     /* refreshes under way (under cat->lock): gets wait for them */
+    uint64_t ident_seq;      /* moves with every refresh (under cat->lock) */
     bool written;            /* a writer has held it: metadata may be pending */
     bool cached;             /* on cat->list */
     uint64_t used;           /* LRU tick of the last get */
