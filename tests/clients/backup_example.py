@@ -104,13 +104,7 @@ def main():
                       increments)):
         cases.case(name, fn)
     c.close()
-    try:
-        d.stop_clean()
-    except AssertionError as e:
-        print("FAIL qcowd exit:", e)
-        cases.failed += 1
-    qcowd.remove_temp(top, args.keep)
-    return cases.summary()
+    return qcowd.finish(cases, d, top, args.keep)
 
 
 if __name__ == "__main__":

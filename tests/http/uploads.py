@@ -204,13 +204,7 @@ def main():
                      ("status", status_cases), ("held-name", held_name), ("refused", refused),
                      ("whole-cut", whole_cut), ("expiry", expiry)):
         cases.case(name, fn)
-    try:
-        d.stop_clean()
-    except AssertionError as e:
-        print("FAIL qcowd exit:", e)
-        cases.failed += 1
-    qcowd.remove_temp(top, args.keep)
-    return cases.summary()
+    return qcowd.finish(cases, d, top, args.keep)
 
 
 if __name__ == "__main__":

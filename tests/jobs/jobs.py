@@ -371,13 +371,7 @@ def main():
         def long_job():
             # 160 MiB of half-random clusters compressed with zlib: seconds of work
             src = os.path.join(top, "long.raw")
-            r = random.Random(7)
-            with open(src, "wb") as f:
-                blob = r.randbytes(4 * MiB)
-                for i in range(40):
-                    for c in range(64):
-                        k = (i * 64 + c) * 977 % (4 * MiB - 32 * KiB)
-                        f.write(blob[k:k + 24 * KiB] + bytes(40 * KiB))
+            dm.qcowd.slow_raw(src)
             run(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", src, img(cat, "long"))
             os.remove(src)
             upload(cat, "long")

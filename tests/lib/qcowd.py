@@ -186,6 +186,30 @@ def prologue(prefix, tools=(QEMU_IMG, QEMU_IO), seed=DEFAULT_SEED, binaries=None
     return args, top, catalog
 
 
+def slow_raw(path):
+    """A 160 MiB raw file of half-random clusters: converting it to compressed qcow2
+    takes seconds (for suites that need a job that is still running)."""
+    r = random.Random(7)
+    with open(path, "wb") as f:
+        blob = r.randbytes(4 * 1024 * 1024)
+        for i in range(40):
+            for c in range(64):
+                k = (i * 64 + c) * 977 % (4 * 1024 * 1024 - 32 * 1024)
+                f.write(blob[k:k + 24 * 1024] + bytes(40 * 1024))
+
+
+def finish(cases, daemon, top, keep):
+    """The end of a suite's main() with one daemon: stops it (a dirty exit or a
+    sanitizer report counts as a failure), removes top, returns the exit status."""
+    try:
+        daemon.stop_clean()
+    except AssertionError as e:
+        print("FAIL qcowd exit:", e)
+        cases.failed += 1
+    remove_temp(top, keep)
+    return cases.summary()
+
+
 def remove_temp(top, keep):
     """The end of a suite's main(): removes top, or with keep says `kept TOP`."""
     if keep:

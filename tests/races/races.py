@@ -108,15 +108,8 @@ class Races:
 
     def make_long(self, name):
         """An image whose compressed convert takes seconds (half-random clusters)."""
-        import random
         raw = os.path.join(self.top, name + ".raw")
-        r = random.Random(7)
-        with open(raw, "wb") as f:
-            blob = r.randbytes(4 * MiB)
-            for i in range(40):
-                for c in range(64):
-                    k = (i * 64 + c) * 977 % (4 * MiB - 32 * KiB)
-                    f.write(blob[k:k + 24 * KiB] + bytes(40 * KiB))
+        qcowd.slow_raw(raw)
         rc, out = run(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", raw, self.path(name))
         os.remove(raw)
         assert rc == 0, out
