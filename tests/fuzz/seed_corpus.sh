@@ -7,6 +7,7 @@
 # ops (fuzz_engine_ops): images with several snapshots, bitmaps, extended L2,
 #   compressed clusters, a dirty bit, an overlay packed with its backing file, each
 #   followed by op scripts (the input format is in fuzz_engine_ops.c).
+# tar (fuzz_tar): small tar archives of three formats and a cut one.
 # http (fuzz_http_parse): text, no qemu needed. api (fuzz_api): requests, and small
 #   images (of the ops kind) followed by requests on them.
 # Environment: QEMU_IMG, QEMU_IO (default qemu-img, qemu-io). Exits 77 without them.
@@ -22,6 +23,20 @@ out=$(cd "$out" && pwd)
 case $kind in
 http)
     exec python3 "$here/seed_text.py" "$kind" "$out"
+    ;;
+tar) # fuzz_tar: archives made by tar (ustar, gnu with a long name, pax), no qemu needed
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    cd "$work"
+    printf 'QFI\xfb-not-really-an-image' >a.qcow2
+    head -c 3000 /dev/zero | tr '\0' 'x' >b.qcow2
+    mkdir sub && echo inner >sub/c.qcow2
+    touch empty.qcow2 "$(printf 'n%.0s' $(seq 1 120)).qcow2"
+    tar --format=ustar -cf "$out/ustar.tar" a.qcow2 b.qcow2 sub empty.qcow2
+    tar --format=gnu -cf "$out/gnu.tar" a.qcow2 n*.qcow2
+    tar --format=pax -cf "$out/pax.tar" b.qcow2 a.qcow2
+    head -c 700 "$out/ustar.tar" >"$out/cut.tar"
+    exit 0
     ;;
 api) # requests; with qemu-img also small images served as "h" with requests on them
     python3 "$here/seed_text.py" api "$out"
