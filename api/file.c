@@ -73,7 +73,6 @@ struct file_upload {
     struct catalog_upload *u; /* NULL once committed, aborted or suspended */
     bool absent_only;         /* If-None-Match: *: a name taken is 412 */
     bool resumable;           /* a piece (Content-Range): kept when it stops short */
-    bool refused;             /* a piece was refused (not qcow2, a budget): nothing is kept */
     uint64_t end, total;      /* the piece ends here, the upload there (resumable) */
     char name[CATALOG_NAME_MAX + 1];
 };
@@ -85,7 +84,14 @@ static int upload_data(struct req *r, const char *buf, size_t n)
                   ? err_fail(EINVAL, "the body is longer than its Content-Range")
                   : catalog_upload_write(fu->u, buf, n);
     r->body_now = ret < 0; /* not qcow2, over a budget, a storage error: the rest is not wanted */
-    fu->refused = ret < 0;
+    if (ret < 0) {
+        /* refused: nothing is kept, and that is settled before the answer goes out */
+        struct err_saved saved;
+        err_save(&saved, ret);
+        catalog_upload_abort(fu->u);
+        fu->u = NULL;
+        ret = err_restore(&saved);
+    }
     return ret;
 }
 
@@ -150,10 +156,10 @@ static enum MHD_Result upload_end(struct req *r)
 static void upload_done(struct req *r, bool completed)
 {
     struct file_upload *fu = r->ctx;
-    if (fu->u && fu->resumable && !fu->refused)
+    if (fu->u && fu->resumable)
         catalog_upload_suspend(fu->u); /* the connection broke: kept to be resumed */
     else
-        catalog_upload_abort(fu->u); /* refused, or sent whole and cut short: nothing stays */
+        catalog_upload_abort(fu->u); /* sent whole and cut short: nothing stays (a refused one is gone already) */
     free(fu);
     r->ctx = NULL;
 }
