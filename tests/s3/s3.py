@@ -459,10 +459,11 @@ def crash_before_complete_keeps_old_image(c):
 
 
 def create_upload_delete_chain(c):
-    """create, upload (PUT .../file), a backing chain across objects, delete; the
-    renames that put images in place copy objects over 5 MiB in parts here."""
+    """create, upload (PUT .../file), a backing chain across objects, delete;
+    images are published under their final names: no copy, no rename, no
+    temporary object, no DELETE before the deletes asked for."""
     p = c.prefix()
-    d = c.qcowd(p, opts=("copy-max=5M",))
+    d = c.qcowd(p, opts=("copy-max=5M", "part-size=5M"))
     try:
         st, doc = d.json("POST", "/v1/images", {"name": "base", "size": 8 * MiB})
         check(st == 201, "create base: %s %s" % (st, doc))
@@ -479,8 +480,9 @@ def create_upload_delete_chain(c):
         check(st == 201, "upload: %s %s" % (st, b[:200]))
         check(d.read("up", 0, 4096) == b"\x0f" * 4096, "uploaded image reads wrong")
         check(d.read("up", 12 * MiB - 4096, 4096) == b"\x0f" * 4096, "uploaded image reads wrong at the end")
-        # two creates renamed with CopyObject, the upload's rename in 3 copied parts
-        check(d.metric("requests_copy") >= 5, "the rename did not copy in parts (%d copies)" % d.metric("requests_copy"))
+        for m in ("requests_copy", "bytes_copied", "requests_delete"):
+            check(d.metric(m) == 0, "publishing the images cost %s %d" % (m, d.metric(m)))
+        check(d.metric("requests_upload_part") >= 3, "the 12 MiB upload was not one multipart upload of 5 MiB parts")
         st, doc = d.json("GET", "/v1/images")
         check(sorted(i["name"] for i in doc["images"]) == ["base", "top", "up"], "list: %s" % doc)
         st, doc = d.json("DELETE", "/v1/images/base")
@@ -492,6 +494,74 @@ def create_upload_delete_chain(c):
         keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
         check(keys == [], "objects left behind: %s" % keys)
         check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def upload_invisible_until_complete(c):
+    """A resumable upload waiting between its pieces, into a bucket: neither the
+    image nor any temporary object is in the bucket, nor in qcowd's listing;
+    the last piece publishes it under its name with no copy, no rename and no
+    DELETE. An upload that fails validation leaves nothing behind."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",))
+    try:
+        src = c.image("r", 16 * MiB, "write -P 0x3c 0 12M")
+        with open(src, "rb") as f:
+            data = f.read()
+        half = len(data) // 2
+        st, b = d.request("PUT", "/v1/images/r/file", data[:half],
+                          {"Content-Range": "bytes 0-%d/%d" % (half - 1, len(data))})
+        check(st == 202, "first piece: %s %s" % (st, b[:200]))
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+        check(keys == [], "objects visible while the upload waits: %s" % keys)
+        st, doc = d.json("GET", "/v1/images")
+        check([i["name"] for i in doc["images"]] == [], "listed while uploading: %s" % doc)
+        st, b = d.request("PUT", "/v1/images/r/file", data[half:],
+                          {"Content-Range": "bytes %d-%d/%d" % (half, len(data) - 1, len(data))})
+        check(st == 201, "last piece: %s %s" % (st, b[:200]))
+        check(c.s3.keys(BUCKET, p + "/r") == [p + "/r.qcow2"], "keys: %s" % c.s3.keys(BUCKET, p + "/"))
+        check(c.s3.get(BUCKET, p + "/r.qcow2") == data, "the object is not the uploaded file")
+        check(d.read("r", 12 * MiB - 4096, 4096) == b"\x3c" * 4096, "the upload reads wrong")
+        for m in ("requests_copy", "bytes_copied", "requests_delete"):
+            check(d.metric(m) == 0, "the upload cost %s %d" % (m, d.metric(m)))
+        bad = bytearray(data)
+        bad[len(bad) - 4096:] = b"\xff" * 4096
+        bad[0x30:0x38] = b"\xff" * 8  # l1_table_offset far past the end: not a valid image
+        st, b = d.request("PUT", "/v1/images/bad/file", bytes(bad))
+        check(st // 100 == 4, "an invalid upload was taken: %s %s" % (st, b[:200]))
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+        check(keys == [p + "/r.qcow2"], "objects after a refused upload: %s" % keys)
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def crash_before_upload_completes(c):
+    """qcowd killed with an upload's parts sent, before CompleteMultipartUpload:
+    no image of that name appears (nor any temporary object), and the next
+    start aborts the unfinished multipart upload the dead run left."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",), env_extra={"QCOWD_S3_TEST_CRASH": "before-complete"})
+    src = c.image("z", 16 * MiB, "write -P 0x5a 0 12M")
+    with open(src, "rb") as f:
+        data = f.read()
+    try:
+        d.request("PUT", "/v1/images/z/file", data)
+    except (AssertionError, OSError, http.client.HTTPException):
+        pass
+    rc = d.wait_exit(60)
+    check(rc == -signal.SIGKILL, "qcowd did not die at the crash point (exit %s)" % rc)
+    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+    check(keys == [], "objects after the crash: %s" % keys)
+    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after the crash: %s %s" % (st, doc))
+        check(any("dropped the unfinished publish" in l for l in d.lines),
+              "no log line about the dead run's publish:\n" + "\n".join(d.lines))
+        check(c.s3.uploads(BUCKET) == [], "the unfinished multipart upload was not aborted")
     finally:
         d.stop()
 
@@ -901,7 +971,7 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
-         random_reads_one_get_each]
+         random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes]
 
 
 def main():

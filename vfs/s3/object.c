@@ -3,7 +3,10 @@
  * flight (pool.c's workers). Writes:
  * a local sparse staging file plus a map of dirty ranges; flush publishes a new
  * object (one PUT, or a multipart upload whose unchanged parts are copied
- * server-side), so readers see the old version or the new one, never a mix. */
+ * server-side), so readers see the old version or the new one, never a mix.
+ * A deferred object (.open_deferred) is a new object for a key, kept out of
+ * the registry and published only by its commit. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -24,6 +27,7 @@
 #define MIN_PART_BYTES (5ull << 20) /* S3's smallest part but the last */
 #define MAX_PARTS      10000
 #define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
+#define DEFERRED_TAIL  ".new"       /* ends a deferred object's staging names, before .data/.meta */
 
 struct ra_job;
 
@@ -38,6 +42,7 @@ struct obj {
     int rw;       /* has staging: some handle opened it read-write (under pub) */
     int refs;     /* handles (under reg_lock) */
     int detached; /* removed or renamed away: not in the registry, never published */
+    int deferred; /* a deferred publish: never in the registry, published only by s3_obj_commit */
     struct obj *next; /* registry list (under reg_lock) */
     /* Lock order: pub before state. Writers take both (pub so that no write
      * lands while a publish reads the staging file); readers take state shared;
@@ -541,6 +546,8 @@ static void write_meta(struct obj *o, const char *upload_id)
     }
     fprintf(f, "qcowd-s3-staging 1\nobject %s\nbucket %s\nkey %s\nbase-etag %s\npid %ld\n", o->n.uri,
             o->n.bucket, o->n.key, o->etag[0] ? o->etag : "-", (long)getpid());
+    if (o->deferred)
+        fprintf(f, "deferred yes\n");
     if (upload_id)
         fprintf(f, "upload-id %s\n", upload_id);
     fclose(f);
@@ -577,6 +584,73 @@ static void discard_leftover(struct obj *o, struct stat *st)
         s3_mpu_abort(&o->n, upload_id);
 }
 
+/* One deferred publish's leftover, by its meta file name (in the staging
+ * folder): removed unless its owner lives (its data file is locked). */
+static void sweep_one(const char *dir, const char *name)
+{
+    char *mpath = NULL, *spath = NULL, line[512], bucket[512] = "", key[512] = "", id[512] = "";
+    long pid = 0;
+    size_t n = strlen(name) - strlen(".meta");
+    if (asprintf(&mpath, "%s/%s", dir, name) < 0 || asprintf(&spath, "%s/%.*s.data", dir, (int)n, name) < 0)
+        goto out;
+    int fd = open(spath, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) < 0) { /* alive */
+        close(fd);
+        goto out;
+    }
+    int mfd = open(mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    FILE *f = mfd >= 0 ? fdopen(mfd, "r") : NULL;
+    if (!f && mfd >= 0)
+        close(mfd);
+    while (f && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        if (!strncmp(line, "bucket ", 7))
+            snprintf(bucket, sizeof bucket, "%s", line + 7);
+        else if (!strncmp(line, "key ", 4))
+            snprintf(key, sizeof key, "%s", line + 4);
+        else if (!strncmp(line, "upload-id ", 10))
+            snprintf(id, sizeof id, "%s", line + 10);
+        else if (!strncmp(line, "pid ", 4))
+            pid = atol(line + 4);
+    }
+    if (f)
+        fclose(f);
+    char uri[1100];
+    snprintf(uri, sizeof uri, "s3://%s/%s", bucket, key);
+    fprintf(stderr, "qcowd: s3: %s: dropped the unfinished publish of an earlier run (pid %ld)%s\n", uri, pid,
+            id[0] ? "; its multipart upload is aborted" : "");
+    if (id[0] && bucket[0] && key[0]) {
+        struct s3_name nm = {.bucket = bucket, .key = key, .uri = uri};
+        s3_mpu_abort(&nm, id);
+        err_clear();
+    }
+    unlink(spath);
+    unlink(mpath);
+    if (fd >= 0)
+        close(fd);
+out:
+    free(mpath);
+    free(spath);
+}
+
+void s3_obj_sweep(void)
+{
+    const char *dir = s3_conf.staging_dir, *tail = DEFERRED_TAIL ".meta";
+    char mine[32];
+    snprintf(mine, sizeof mine, "-%ld-", (long)getpid()); /* ours are alive, and may be half made */
+    DIR *d = dir && staging_private(dir) == 0 ? opendir(dir) : NULL;
+    err_clear();
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name), tl = strlen(tail);
+        if (n > tl && !strcmp(e->d_name + n - tl, tail) && !strstr(e->d_name, mine))
+            sweep_one(dir, e->d_name);
+    }
+    closedir(d);
+}
+
 static int staging_open(struct obj *o)
 {
     int r = mkdirs(s3_conf.staging_dir);
@@ -589,8 +663,12 @@ static int staging_open(struct obj *o)
     char hash[65];
     s3_sha256_hex(id.p ? id.p : "", id.len, hash);
     sbuf_free(&id);
-    if (asprintf(&o->spath, "%s/%.40s.data", s3_conf.staging_dir, hash) < 0 ||
-        asprintf(&o->mpath, "%s/%.40s.meta", s3_conf.staging_dir, hash) < 0)
+    static atomic_ulong deferred_seq;
+    char tail[64] = ""; /* a deferred object's files are its own: several may be made of one key */
+    if (o->deferred)
+        snprintf(tail, sizeof tail, "-%ld-%lu" DEFERRED_TAIL, (long)getpid(), atomic_fetch_add(&deferred_seq, 1) + 1);
+    if (asprintf(&o->spath, "%s/%.40s%s.data", s3_conf.staging_dir, hash, tail) < 0 ||
+        asprintf(&o->mpath, "%s/%.40s%s.meta", s3_conf.staging_dir, hash, tail) < 0)
         return err_fail(ENOMEM, "open %s: out of memory", o->n.uri);
     o->sfd = open(o->spath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (o->sfd < 0)
@@ -663,12 +741,12 @@ void s3_obj_forget(const struct s3_name *n)
     pthread_mutex_unlock(&reg_lock);
 }
 
-/* A new object for n: HEAD it; create it (on the first flush) if asked. */
-static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
+/* A new object for n (taken over: *n is cleared), knowing nothing of the store. */
+static struct obj *obj_alloc(struct s3_name *n)
 {
     struct obj *o = calloc(1, sizeof *o);
     if (!o)
-        return err_fail(ENOMEM, "open %s: out of memory", n->uri);
+        return NULL;
     o->sfd = -1;
     o->n = *n;
     memset(n, 0, sizeof *n);
@@ -676,6 +754,15 @@ static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
     pthread_mutex_init(&o->ra, NULL);
     pthread_cond_init(&o->ra_done, NULL);
     pthread_rwlock_init(&o->state, NULL);
+    return o;
+}
+
+/* A new object for n: HEAD it; create it (on the first flush) if asked. */
+static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
+{
+    struct obj *o = obj_alloc(n);
+    if (!o)
+        return err_fail(ENOMEM, "open %s: out of memory", n->uri);
     struct s3_head hd;
     int ret = s3_stat_object(&o->n, &hd); /* just listed or stat'ed: no second HEAD */
     if (ret == 0) {
@@ -720,19 +807,25 @@ static int replaced_outside(struct obj *o)
     return gone;
 }
 
-int s3_obj_open(const char *path, unsigned flags, void **handle)
+/* The object name of path for an open: 0, or -EISDIR for a bucket or folder. */
+static int object_name(const char *path, struct s3_name *n)
 {
     int ret = s3_conf_ready();
+    if (ret < 0 || (ret = s3_name_parse(path, n)) < 0)
+        return ret;
+    if (!n->key[0] || n->key[strlen(n->key) - 1] == '/') {
+        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", n->uri);
+        s3_name_free(n);
+    }
+    return ret;
+}
+
+int s3_obj_open(const char *path, unsigned flags, void **handle)
+{
+    struct s3_name n;
+    int ret = object_name(path, &n);
     if (ret < 0)
         return ret;
-    struct s3_name n;
-    if ((ret = s3_name_parse(path, &n)) < 0)
-        return ret;
-    if (!n.key[0] || n.key[strlen(n.key) - 1] == '/') {
-        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", n.uri);
-        s3_name_free(&n);
-        return ret;
-    }
     struct handle *h = calloc(1, sizeof *h);
     if (!h) {
         s3_name_free(&n);
@@ -790,7 +883,7 @@ void s3_obj_close(void *hp)
         pthread_mutex_unlock(&reg_lock);
         return;
     }
-    if (o->rw && !o->detached) {
+    if (o->rw && !o->detached && !o->deferred) { /* a deferred one not committed: aborted */
         int r = publish(o);
         if (r < 0)
             fprintf(stderr, "qcowd: s3: %s: the writes since the last flush are lost: %s\n", o->n.uri,
@@ -838,7 +931,8 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
             o->size = off + len;
         o->changed = 1;
     }
-    int over = o->dirty_bytes > s3_conf.staging_max;
+    /* a deferred object never publishes early: a prefix of it is not the object */
+    int over = !o->deferred && o->dirty_bytes > s3_conf.staging_max;
     pthread_rwlock_unlock(&o->state);
     pthread_mutex_unlock(&o->pub);
     if (ret == 0 && over) /* bounded staging: publish early (a prefix of the writes is a valid state) */
@@ -869,7 +963,72 @@ int s3_obj_truncate(void *h, uint64_t size)
 
 int s3_obj_flush(void *h)
 {
-    return ((struct handle *)h)->rw ? publish(OBJ(h)) : 0;
+    /* a deferred object is published by its commit only; a crash aborts it, so
+     * its staging file needs no durability of its own */
+    return ((struct handle *)h)->rw && !OBJ(h)->deferred ? publish(OBJ(h)) : 0;
+}
+
+/* ---- a deferred publish ---- */
+
+int s3_obj_open_deferred(const char *path, void **handle)
+{
+    struct s3_name n;
+    int ret = object_name(path, &n);
+    if (ret < 0)
+        return ret;
+    struct handle *h = calloc(1, sizeof *h);
+    struct obj *o = h ? obj_alloc(&n) : NULL;
+    if (!o) {
+        ret = err_fail(ENOMEM, "open %s: out of memory", n.uri);
+        s3_name_free(&n);
+        free(h);
+        return ret;
+    }
+    o->deferred = 1;
+    o->changed = 1; /* the commit publishes it, even empty */
+    o->gen = s3_cache_gen();
+    if ((ret = staging_open(o)) < 0) {
+        if (o->spath) {
+            unlink(o->mpath);
+            unlink(o->spath);
+        }
+        obj_free(o);
+        free(h);
+        return ret;
+    }
+    o->rw = 1;
+    o->refs = 1;
+    h->o = o;
+    h->rw = 1;
+    *handle = h;
+    return 0;
+}
+
+/* The test seam of the crash tests (QCOWD_S3_TEST_CRASH). */
+static void test_crash_point(const char *point, const char *uri);
+
+int s3_obj_commit(void *h, unsigned flags)
+{
+    struct obj *o = OBJ(h);
+    if (!o->deferred)
+        return err_fail(EINVAL, "publish %s: not a deferred object", o->n.uri);
+    if (flags & VFS_COMMIT_EXCL) {
+        /* S3 (and Swift) cannot refuse a CompleteMultipartUpload on an existing
+         * key: the name is looked for just before (the catalog holds the name
+         * against its own makers meanwhile) */
+        struct s3_head hd;
+        int r = s3_head_object(&o->n, &hd);
+        if (r == 0)
+            return err_fail(EEXIST, "publish %s: the object exists", o->n.uri);
+        if (r != -ENOENT || !strstr(err_msg(r), "no such object"))
+            return r;
+        err_clear();
+    }
+    test_crash_point("before-commit", o->n.uri);
+    int ret = publish(o);
+    if (ret == 0)
+        s3_obj_forget(&o->n); /* an object open on the key shows the old version: the next open starts afresh */
+    return ret;
 }
 
 /* ---- publishing ---- */
