@@ -817,6 +817,11 @@ static struct vfs_pending *pending_find(const char *uri)
     return NULL;
 }
 
+char *vfs_pending_final(const char *uri)
+{
+    return uri && !strncmp(uri, PENDING_PREFIX, strlen(PENDING_PREFIX)) ? pending_final(uri) : NULL;
+}
+
 /* A copy of the final URI of the pending named uri, or NULL (none, or ENOMEM). */
 static char *pending_final(const char *uri)
 {

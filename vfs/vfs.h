@@ -88,6 +88,9 @@ int vfs_name_is_contained(const char *name);
  * temporary names. *out is a new pending; 0 or a negative errno. */
 struct vfs_pending;
 int vfs_pending_begin(const char *final_uri, const char *temp_uri, struct vfs_pending **out);
+/* The final URI of a pending's work URI (a new string, free()), or NULL when
+ * uri is no deferred pending's (a fallback's work URI is a name of its own). */
+char *vfs_pending_final(const char *uri);
 /* The URI to open the object being made as (borrowed; lives until _end). */
 const char *vfs_pending_uri(const struct vfs_pending *p);
 /* 1 when the backend defers the publish itself, 0 for the temp + rename fallback. */
