@@ -537,6 +537,45 @@ def upload_invisible_until_complete(c):
         d.stop()
 
 
+def upload_streams_parts(c):
+    """An upload's parts go to the store while its body is still arriving: with
+    the first 30 MiB of a resumable upload received (and staging-max far below
+    it), four 5 MiB parts are already uploaded to a multipart upload on the
+    final key, nothing is visible yet, and at the end every part has been sent
+    exactly once (no second copy of what was streamed, no server-side copy)."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=8M"))
+    try:
+        src = c.image("s", 48 * MiB, "write -P 0x77 0 40M")
+        with open(src, "rb") as f:
+            data = f.read()
+        first = 30 * MiB
+        st, b = d.request("PUT", "/v1/images/s/file", data[:first],
+                          {"Content-Range": "bytes 0-%d/%d" % (first - 1, len(data))})
+        check(st == 202, "first piece: %s %s" % (st, b[:200]))
+        deadline = time.time() + 20
+        while d.metric("requests_upload_part") < 4 and time.time() < deadline:
+            time.sleep(0.1)
+        check(d.metric("requests_upload_part") == 4, "parts uploaded while the body arrives: %d (4 expected)"
+              % d.metric("requests_upload_part"))
+        check(len(c.s3.uploads(BUCKET)) == 1, "no multipart upload in progress: %s" % c.s3.uploads(BUCKET))
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+        check(keys == [], "objects visible while the upload waits: %s" % keys)
+        st, b = d.request("PUT", "/v1/images/s/file", data[first:],
+                          {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
+        check(st == 201, "last piece: %s %s" % (st, b[:200]))
+        check(c.s3.get(BUCKET, p + "/s.qcow2") == data, "the object is not the uploaded file")
+        parts = (len(data) + 5 * MiB - 1) // (5 * MiB)
+        check(d.metric("requests_upload_part") == parts, "%d parts sent for %d parts"
+              % (d.metric("requests_upload_part"), parts))
+        for m in ("requests_copy", "bytes_copied", "requests_delete"):
+            check(d.metric(m) == 0, "the upload cost %s %d" % (m, d.metric(m)))
+        check(d.read("s", 40 * MiB - 4096, 4096) == b"\x77" * 4096, "the upload reads wrong")
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
 def crash_before_upload_completes(c):
     """qcowd killed with an upload's parts sent, before CompleteMultipartUpload:
     no image of that name appears (nor any temporary object), and the next
@@ -971,7 +1010,7 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
-         random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes]
+         random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts]
 
 
 def main():

@@ -70,6 +70,9 @@ void s3_obj_forget(const struct s3_name *n);
 
 /* Start one on n: *id is a new string (free()). */
 int s3_mpu_start(const struct s3_name *n, char **id);
+/* Part partno (1-based) is the len bytes at buf; etag gets its ETag. */
+int s3_mpu_put_part(const struct s3_name *n, const char *id, unsigned partno, const void *buf, size_t len,
+                    char *etag, size_t cap);
 /* Part partno (1-based) is bytes [s, e) of src, copied by the store. */
 int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, const struct s3_name *src,
                      uint64_t s, uint64_t e, char *etag, size_t cap);
