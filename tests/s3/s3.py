@@ -16,6 +16,10 @@ writes to a large object costs (a few large UploadPartCopy ranges, a 5 MiB
 part per write), read-ahead GETs in flight at once (counted by qcowd and by a
 latency-injecting proxy), read-ahead never mixing two versions of an object
 (replaced outside, or published by us), and one GET per random 4 KiB read.
+Images are made under their final names (a deferred publish): an upload is
+invisible until complete (no temporary object, no copy, no DELETE), its parts
+stream to the store while the body arrives, and a crash or kill -9 before the
+Complete leaves no image and an upload the next start aborts.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -576,6 +580,42 @@ def upload_streams_parts(c):
         d.stop()
 
 
+def kill_mid_stream(c):
+    """kill -9 of qcowd while an upload waits for its last piece with parts
+    already streamed: no object of that name, and the next start aborts the
+    dead run's multipart upload; the name can then be uploaded afresh."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",))
+    src = c.image("m", 32 * MiB, "write -P 0x6d 0 24M")
+    with open(src, "rb") as f:
+        data = f.read()
+    first = 20 * MiB
+    try:
+        st, b = d.request("PUT", "/v1/images/m/file", data[:first],
+                          {"Content-Range": "bytes 0-%d/%d" % (first - 1, len(data))})
+        check(st == 202, "first piece: %s %s" % (st, b[:200]))
+        deadline = time.time() + 20
+        while d.metric("requests_upload_part") < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        check(d.metric("requests_upload_part") >= 2, "no part streamed before the kill")
+    finally:
+        d.proc.kill()
+        d.wait_exit(60)
+    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+    check(keys == [], "objects after the kill: %s" % keys)
+    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after the kill: %s %s" % (st, doc))
+        check(c.s3.uploads(BUCKET) == [], "the dead run's multipart upload was not aborted")
+        st, b = d.request("PUT", "/v1/images/m/file", data)
+        check(st == 201, "upload after the kill: %s %s" % (st, b[:200]))
+        check(c.s3.get(BUCKET, p + "/m.qcow2") == data, "the object is not the uploaded file")
+    finally:
+        d.stop()
+
+
 def crash_before_upload_completes(c):
     """qcowd killed with an upload's parts sent, before CompleteMultipartUpload:
     no image of that name appears (nor any temporary object), and the next
@@ -1010,7 +1050,8 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
-         random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts]
+         random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
+         kill_mid_stream]
 
 
 def main():
