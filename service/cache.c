@@ -53,13 +53,17 @@ void cat_entry_free(struct catalog_image *e)
 
 /* ---- the cache ---- */
 
-/* Whether uri lies inside the catalog folder. */
+/* Whether uri lies inside the catalog folder (an image being made there, by
+ * its final name). */
 static bool inside(const struct catalog *c, const char *uri)
 {
+    char *final = vfs_pending_final(uri);
+    if (final)
+        uri = final;
     size_t n = strlen(c->root);
-    if (strncmp(uri, c->root, n))
-        return false;
-    return c->root[n - 1] == '/' || uri[n] == '/';
+    bool in = !strncmp(uri, c->root, n) && (c->root[n - 1] == '/' || uri[n] == '/');
+    free(final);
+    return in;
 }
 
 /* The engine refuses absolute and ".." names already; this also catches a name

@@ -299,18 +299,23 @@ int catalog_flush(struct catalog *c, const char *name);
  * backing-user index again (a job may have rewritten it). Thread-safe. */
 void catalog_drop(struct catalog *c, const char *name);
 
-/* The file of name (new string, or NULL on ENOMEM), and a new temporary file name
- * in the catalog folder that is never listed (".KIND-NAME@HOST-PID-SEQ.tmp"). */
+/* The file of name (new string, or NULL on ENOMEM). */
 char *catalog_uri(struct catalog *c, const char *name);
 /* The metadata budget every open of a catalog image passes (qcow2_open_opts.max_meta_bytes). */
 uint64_t catalog_max_meta(const struct catalog *c);
-char *catalog_temp(struct catalog *c, const char *kind, const char *name);
 /* The URI of file (a plain file name) in the catalog folder (new string, or NULL). */
 char *catalog_path(struct catalog *c, const char *file);
-/* Rename the file tmp (made by the caller, who holds name by a CATALOG_USE_CREATE
- * claim) into place as name and announce "image-created": -EEXIST when the
- * name is taken (tmp is left for the caller to remove). */
-int catalog_install(struct catalog *c, const char *tmp, const char *name);
+/* Begin making the image name (the caller holds it by a CATALOG_USE_CREATE
+ * claim), unseen until catalog_publish: *out is a deferred publish to its final
+ * name where the store has one (S3: a multipart upload, completed at the
+ * publish), else a temporary name of kind (".KIND-NAME@HOST-PID-SEQ.tmp", never
+ * listed) renamed into place. Make the image at vfs_pending_uri(*out); the
+ * caller ends it with vfs_pending_end (an abort unless published). */
+struct vfs_pending;
+int catalog_publish_begin(struct catalog *c, const char *kind, const char *name, struct vfs_pending **out);
+/* Publish what p made as name and announce "image-created": -EEXIST when the
+ * name is taken (nothing published). Close the image's handles first. */
+int catalog_publish(struct catalog *c, struct vfs_pending *p, const char *name);
 
 /* Called after an image is created, installed, removed, or its last writer
  * leaves (what: "image-created", "image-deleted", "image-changed"), from the

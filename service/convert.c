@@ -1,6 +1,6 @@
 /* convert.c: the convert job: a catalog image (or one of its snapshots) copied
- * into a new catalog image with other options, built under a temporary name and
- * renamed into place at the end; a cancel or a failure removes it. */
+ * into a new catalog image with other options, built unseen and published at the
+ * end (catalog_publish_begin); a cancel or a failure drops it. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -124,15 +124,14 @@ static int convert_run(struct job *j, void *p, json_t **result)
         catalog_release(cat, a->image);
         return ret;
     }
-    char *tmp = catalog_temp(cat, "convert", a->target);
+    struct vfs_pending *pend = NULL;
     struct catalog_private *srch = NULL;
     struct qcow2_image *src = NULL, *dst = NULL;
     unsigned char *buf = NULL;
-    bool made = false;
-    if (!tmp) {
-        ret = err_fail(ENOMEM, "out of memory");
+    ret = catalog_publish_begin(cat, "convert", a->target, &pend);
+    if (ret < 0)
         goto out;
-    }
+    const char *tmp = vfs_pending_uri(pend);
     struct catalog_private_opts so = {.snapshot = a->snapshot};
     ret = catalog_open_private(cat, a->image, &so, &srch);
     if (ret < 0)
@@ -153,7 +152,6 @@ static int convert_run(struct job *j, void *p, json_t **result)
     ret = qcow2_create(tmp, &co);
     if (ret < 0)
         goto out;
-    made = true;
     struct qcow2_open_opts d = {.contained = true, .read_write = true, .cache_unsafe = true};
     ret = qcow2_open(tmp, &d, &dst);
     if (ret < 0)
@@ -186,23 +184,16 @@ static int convert_run(struct job *j, void *p, json_t **result)
         }
     }
     if (ret == 0)
-        ret = catalog_install(cat, tmp, a->target);
+        ret = catalog_publish(cat, pend, a->target);
     if (ret == 0) {
-        made = false;
         *result = json_pack("{s:s}", "target", a->target);
     }
 out:
     if (dst)
         qcow2_close(dst);
     catalog_close_private(srch, false);
-    if (made) {
-        struct err_saved saved;
-        err_save(&saved, ret);
-        vfs_remove(tmp);
-        err_restore(&saved);
-    }
+    vfs_pending_end(pend); /* not published: dropped */
     free(buf);
-    free(tmp);
     catalog_release(cat, a->target);
     catalog_release(cat, a->image);
     return ret;

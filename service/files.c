@@ -98,15 +98,27 @@ static int exists(const char *uri, const char *name)
 static const char CREATE_OWNER[] = "a create (POST /v1/images)";
 static const char UPLOAD_OWNER[] = "an upload (PUT .../file)";
 
-/* Rename tmp into place as name, drop the cache's entry and announce it. The
- * caller holds the name's reservation (cat_admit_name or a job's claim), so
- * nobody else makes an image of that name meanwhile; the file is looked for
- * again all the same, and -EEXIST leaves tmp to the caller. */
-static int install(struct catalog *c, const char *tmp, const char *uri, const char *name)
+/* Begin making the image name (the caller holds its reservation): a deferred
+ * publish to its final name where the store has one (an S3 multipart upload),
+ * else a temporary name of kind that the commit renames into place. */
+static int publish_begin(struct catalog *c, const char *kind, const char *name, struct vfs_pending **out)
 {
-    int ret = exists(uri, name);
-    if (ret == 0)
-        ret = vfs_rename(tmp, uri);
+    char *uri = cat_image_uri(c, name), *tmp = cat_temp_uri(c, kind, name);
+    int ret = uri && tmp ? vfs_pending_begin(uri, tmp, out) : err_fail(ENOMEM, "out of memory");
+    free(uri);
+    free(tmp);
+    return ret;
+}
+
+/* Publish what p made as name, drop the cache's entry and announce it. The
+ * caller holds the name's reservation (cat_admit_name or a job's claim), so
+ * nobody else makes an image of that name meanwhile; the name is looked for
+ * again all the same (-EEXIST publishes nothing). The caller ends p. */
+static int install(struct catalog *c, struct vfs_pending *p, const char *name)
+{
+    int ret = vfs_pending_commit(p, VFS_COMMIT_EXCL);
+    if (ret == -EEXIST)
+        ret = err_fail(EEXIST, "an image named '%s' already exists", name);
     if (ret == 0) {
         cat_forget(c, name);
         cat_users_reread(c, name);
@@ -154,35 +166,30 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
     } else if (o.backing_format) {
         return err_fail(EINVAL, "backing-fmt without backing-file");
     }
-    char *uri = cat_image_uri(c, name), *tmp = cat_temp_uri(c, "create", name);
-    if (!uri || !tmp) {
-        ret = err_fail(ENOMEM, "out of memory");
-        goto out;
-    }
-    /* the name is ours from here to the rename (a convert's target, another
+    char *uri = cat_image_uri(c, name);
+    if (!uri)
+        return err_fail(ENOMEM, "out of memory");
+    /* the name is ours from here to the publish (a convert's target, another
      * create or upload is refused, and we are refused while one holds it); the
-     * image is built under its temporary name with no lock held (a
-     * preallocation writes for as long as the disk is large) */
+     * image is built unseen (publish_begin) with no lock held (a preallocation
+     * writes for as long as the disk is large) */
     ret = cat_admit_name(c, name, CREATE_OWNER);
     if (ret < 0)
         goto out;
+    struct vfs_pending *p = NULL;
     ret = exists(uri, name);
     if (ret == 0)
         ret = catalog_check_space(c, 0);
     if (ret == 0)
-        ret = qcow2_create(tmp, &o);
+        ret = publish_begin(c, "create", name, &p);
     if (ret == 0)
-        ret = install(c, tmp, uri, name);
-    if (ret < 0) {
-        struct err_saved saved;
-        err_save(&saved, ret);
-        vfs_remove(tmp);
-        err_restore(&saved);
-    }
+        ret = qcow2_create(vfs_pending_uri(p), &o);
+    if (ret == 0)
+        ret = install(c, p, name);
+    vfs_pending_end(p); /* not published: dropped */
     cat_leave_name(c, name, CREATE_OWNER);
 out:
     free(uri);
-    free(tmp);
     return ret;
 }
 
@@ -228,8 +235,9 @@ int catalog_remove(struct catalog *c, const char *name)
 
 struct catalog_upload {
     struct catalog *cat;
-    char *name, *uri, *tmp;
-    struct vfs_file *f;
+    char *name, *uri;
+    struct vfs_pending *pend; /* the image being made */
+    struct vfs_file *f;       /* on it */
     uint64_t off;   /* bytes written */
     uint64_t total; /* declared size of the whole upload, or UINT64_MAX: not resumable */
     unsigned char head[UPLOAD_HEAD];
@@ -252,7 +260,7 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
         return err_fail(EFBIG, "an upload of %s is over --max-upload (%s)", a, b);
     }
     struct catalog_upload *u = calloc(1, sizeof *u);
-    if (!u || !(u->name = strdup(name)) || !(u->uri = cat_image_uri(c, name)) || !(u->tmp = cat_temp_uri(c, "upload", name))) {
+    if (!u || !(u->name = strdup(name)) || !(u->uri = cat_image_uri(c, name))) {
         ret = err_fail(ENOMEM, "out of memory");
         goto fail;
     }
@@ -266,18 +274,20 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
     if (ret == 0)
         ret = catalog_check_space(c, length == UINT64_MAX ? 0 : length);
     if (ret == 0)
-        ret = vfs_open(u->tmp, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
+        ret = publish_begin(c, "upload", name, &u->pend);
+    if (ret == 0)
+        ret = vfs_open(vfs_pending_uri(u->pend), VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
     if (ret < 0)
         goto fail;
     *out = u;
     return 0;
 fail:
     if (u) {
+        vfs_pending_end(u->pend);
         if (u->named)
             cat_leave_name(c, name, UPLOAD_OWNER);
         free(u->name);
         free(u->uri);
-        free(u->tmp);
         free(u);
     }
     return ret;
@@ -337,22 +347,17 @@ int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
     return ret;
 }
 
-static void upload_free(struct catalog_upload *u, bool keep)
+/* Not published by then: the image made is dropped (the message of what
+ * failed the upload outlives that). */
+static void upload_free(struct catalog_upload *u)
 {
     if (u->f)
         vfs_close(u->f);
-    if (!keep) {
-        /* the message of what failed the upload outlives the removal */
-        struct err_saved saved;
-        err_save(&saved, -EIO);
-        vfs_remove(u->tmp);
-        err_restore(&saved);
-    }
+    vfs_pending_end(u->pend);
     if (u->named)
         cat_leave_name(u->cat, u->name, UPLOAD_OWNER);
     free(u->name);
     free(u->uri);
-    free(u->tmp);
     free(u);
 }
 
@@ -362,7 +367,7 @@ void catalog_upload_abort(struct catalog_upload *u)
 {
     if (u) {
         upload_unlist(u);
-        upload_free(u, false);
+        upload_free(u);
     }
 }
 
@@ -425,10 +430,10 @@ int catalog_upload_commit(struct catalog_upload *u)
     if (ret == 0)
         ret = catalog_check_space(c, 0); /* the folder with this upload in it */
     if (ret == 0)
-        ret = validate_upload(c, u->tmp);
+        ret = validate_upload(c, vfs_pending_uri(u->pend));
     if (ret == 0)
-        ret = install(c, u->tmp, u->uri, u->name);
-    upload_free(u, ret == 0);
+        ret = install(c, u->pend, u->name);
+    upload_free(u);
     return ret;
 }
 
@@ -492,7 +497,7 @@ static void abort_list(struct catalog_upload *dead)
     while (dead) {
         struct catalog_upload *next = dead->next;
         dead->next = NULL;
-        upload_free(dead, false);
+        upload_free(dead);
         dead = next;
     }
 }
@@ -685,15 +690,14 @@ void catalog_file_close(struct catalog_file *f)
 }
 
 
-int catalog_install(struct catalog *c, const char *tmp, const char *name)
+int catalog_publish_begin(struct catalog *c, const char *kind, const char *name, struct vfs_pending **out)
 {
     int ret = catalog_valid_name(name);
-    if (ret < 0)
-        return ret;
-    char *uri = cat_image_uri(c, name);
-    if (!uri)
-        return err_fail(ENOMEM, "out of memory");
-    ret = install(c, tmp, uri, name);
-    free(uri);
-    return ret;
+    return ret < 0 ? ret : publish_begin(c, kind, name, out);
+}
+
+int catalog_publish(struct catalog *c, struct vfs_pending *p, const char *name)
+{
+    int ret = catalog_valid_name(name);
+    return ret < 0 ? ret : install(c, p, name);
 }

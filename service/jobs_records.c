@@ -42,10 +42,13 @@ void jobs__save(struct jobs *js)
     json_decref(doc);
     char *tmp = NULL;
     struct vfs_file *f = NULL;
+    struct vfs_pending *p = NULL; /* published whole: a PUT on S3, tmp + rename elsewhere */
     int ret = -ENOMEM;
-    if (text && asprintf(&tmp, "%s.tmp", js->state_uri) >= 0) {
-        vfs_remove(tmp);
-        ret = vfs_open(tmp, VFS_O_RDWR | VFS_O_CREATE, &f);
+    if (text && asprintf(&tmp, "%s.tmp", js->state_uri) >= 0 &&
+        (ret = vfs_pending_begin(js->state_uri, tmp, &p)) == 0) {
+        if (!vfs_pending_deferred(p))
+            vfs_remove(tmp); /* left by a crash */
+        ret = vfs_open(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE, &f);
         if (ret == 0)
             ret = vfs_pwrite(f, text, strlen(text), 0);
         if (ret == 0)
@@ -53,8 +56,9 @@ void jobs__save(struct jobs *js)
         if (f)
             vfs_close(f);
         if (ret == 0)
-            ret = vfs_rename(tmp, js->state_uri);
+            ret = vfs_pending_commit(p, 0);
     }
+    vfs_pending_end(p);
     if (ret < 0)
         fprintf(stderr, "qcowd: saving the job records to %s: %s\n", js->state_uri, err_msg(ret));
     free(tmp);

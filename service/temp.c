@@ -186,8 +186,3 @@ int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *fi
     catalog_names_free(l.v, l.n);
     return ret < 0 ? ret : removed;
 }
-
-char *catalog_temp(struct catalog *c, const char *kind, const char *name)
-{
-    return cat_temp_uri(c, kind, name);
-}

@@ -348,6 +348,49 @@ static int mem_rename(const char *from, const char *to)
     return 0;
 }
 
+/* A deferred object: like a created one, but out of the table until the commit. */
+static int mem_open_deferred(const char *path, void **handle)
+{
+    size_t n = strlen(path);
+    if (n == 0 || path[n - 1] == '/')
+        return err_fail(EINVAL, "open mem:%s: not an object name", path);
+    struct mem_handle *mh = malloc(sizeof *mh + n + 1);
+    struct mobj *o = calloc(1, sizeof *o);
+    if (!mh || !o || !(o->name = strdup(path))) {
+        free(mh);
+        free(o);
+        return err_fail(ENOMEM, "open mem:%s: out of memory", path);
+    }
+    memcpy(mh->name, path, n + 1);
+    pthread_rwlock_init(&o->lock, NULL);
+    o->refs = 1; /* the handle's; the table takes its own at the commit */
+    o->mtime = (int64_t)time(NULL);
+    mh->o = o;
+    *handle = mh;
+    return 0;
+}
+
+/* Put the deferred object in the table under its name, replacing what was there. */
+static int mem_commit(void *h, unsigned flags)
+{
+    struct mobj *o = MO(h), *old;
+    pthread_mutex_lock(&table_lock);
+    struct mobj **pp = find_locked(o->name);
+    if ((old = *pp) && (flags & VFS_COMMIT_EXCL)) {
+        pthread_mutex_unlock(&table_lock);
+        return err_fail(EEXIST, "publish mem:%s: %s", MH(h)->name, VFS_ESTR(EEXIST));
+    }
+    if (old)
+        *pp = old->next;
+    o->refs++;
+    o->next = table;
+    table = o;
+    pthread_mutex_unlock(&table_lock);
+    if (old)
+        put(old);
+    return 0;
+}
+
 static int mem_config(const char *key, const char *value)
 {
     char *end;
@@ -379,4 +422,6 @@ const struct vfs_ops vfs__mem_ops = {
     .rename = mem_rename,
     /* no .block_status: the host's default (data up to the size) is exact here */
     .config = mem_config,
+    .open_deferred = mem_open_deferred,
+    .commit = mem_commit,
 };

@@ -10,7 +10,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "err.h"
@@ -26,16 +28,38 @@ struct backend {
     struct backend *next;
 };
 
+struct vfs_pending;
+
 struct vfs_file {
     struct backend *be; /* borrowed, lives forever */
-    void *handle;       /* the backend's, closed exactly once */
+    void *handle;       /* the backend's, closed exactly once (pend's: by the pending) */
     unsigned flags;     /* VFS_O_* as opened */
     char *uri;          /* canonical URI, owned */
+    struct vfs_pending *pend; /* opened by a pending publish's work URI: holds a reference */
+};
+
+/* A publish under way (vfs_pending_begin). Deferred (be set): the backend's
+ * .open_deferred handle, shared by every vfs_file opened on work, closed when
+ * the last reference goes. Fallback (be NULL): work is the temporary name. */
+struct vfs_pending {
+    struct backend *be;
+    void *handle;
+    char *final, *work;
+    unsigned refs;  /* under pend_lock: the owner's, and one per vfs_file on work */
+    int created;    /* under pend_lock: work was opened with VFS_O_CREATE */
+    int committed;
+    int ended;      /* the owner called vfs_pending_end */
+    struct vfs_pending *next; /* on pendings (deferred only) */
 };
 
 static pthread_mutex_t reg_lock = PTHREAD_MUTEX_INITIALIZER; /* guards the list */
 static struct backend *backends;                             /* in registration order */
 static pthread_once_t builtin_once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t pend_lock = PTHREAD_MUTEX_INITIALIZER; /* guards pendings and their refs */
+static struct vfs_pending *pendings;
+
+/* The scheme of the work URIs of deferred publishes: "pending:" and a random token. */
+#define PENDING_PREFIX "pending:"
 
 /* ---- names ---- */
 
@@ -122,6 +146,8 @@ static int do_register(const struct vfs_ops *ops)
         return err_fail(EINVAL, "register backend: \"%s\" is not a valid scheme name", nm);
     if ((miss = missing_method(ops)))
         return err_fail(EINVAL, "register backend %s: mandatory method .%s is missing", nm, miss);
+    if (!strcmp(ops->name, "pending"))
+        return err_fail(EINVAL, "register backend pending: the scheme is the host's own");
 
     struct backend *b = calloc(1, sizeof *b);
     if (!b)
@@ -134,6 +160,10 @@ static int do_register(const struct vfs_ops *ops)
     }
     if (ops->version < 3)
         b->ops.fd = NULL;
+    if (ops->version < 4 || !b->ops.open_deferred || !b->ops.commit || !b->ops.pwrite) {
+        b->ops.open_deferred = NULL; /* both or neither, and only on a writable store */
+        b->ops.commit = NULL;
+    }
     snprintf(b->name, sizeof b->name, "%s", ops->name);
     b->ops.name = b->name;
     b->serialize = ops->thread_model != VFS_THREAD_PARALLEL;
@@ -419,12 +449,21 @@ static char *canon_uri(const char *uri)
     return strdup(uri);
 }
 
+static char *pending_final(const char *uri);
+
 char *vfs_resolve(const char *base_uri, const char *name)
 {
     if (!name)
         return NULL;
     if (!base_uri || name[0] == '/' || vfs__scheme_len(name))
         return strdup(name);
+    if (!strncmp(base_uri, PENDING_PREFIX, strlen(PENDING_PREFIX))) {
+        /* a name beside a pending publish is beside its final name */
+        char *final = pending_final(base_uri);
+        char *r = final ? vfs_resolve(final, name) : strdup(name);
+        free(final);
+        return r;
+    }
     /* Keep the base's scheme prefix (looking through "fault:" to the inner
      * scheme) and its folder, then append name. */
     const char *p = base_uri;
@@ -478,12 +517,16 @@ static int ensure_msg(int r, const char *op, const char *uri)
     return r;
 }
 
+static int pending_open(const char *uri, unsigned flags, struct vfs_file **out);
+
 int vfs_open(const char *uri, unsigned flags, struct vfs_file **out)
 {
     struct backend *be;
     const char *path;
     void *h = NULL;
 
+    if (uri && !strncmp(uri, PENDING_PREFIX, strlen(PENDING_PREFIX)))
+        return pending_open(uri, flags, out);
     int r = split_uri("open", uri, &be, &path);
     if (r < 0)
         return r;
@@ -518,10 +561,18 @@ int vfs_open(const char *uri, unsigned flags, struct vfs_file **out)
     return 0;
 }
 
+static void pending_put(struct vfs_pending *p);
+
 void vfs_close(struct vfs_file *f)
 {
     if (!f)
         return;
+    if (f->pend) {
+        pending_put(f->pend);
+        free(f->uri);
+        free(f);
+        return;
+    }
     enter(f->be);
     f->be->ops.close(f->handle);
     leave(f->be);
@@ -708,11 +759,15 @@ int vfs_list(const char *dir_uri, int (*cb)(void *ctx, const char *name), void *
     return r;
 }
 
+static int pending_stat(const char *uri, struct vfs_stat *st);
+
 int vfs_stat(const char *uri, struct vfs_stat *st)
 {
     struct vfs_stat tmp = {0};
     struct backend *be;
     const char *path;
+    if (uri && !strncmp(uri, PENDING_PREFIX, strlen(PENDING_PREFIX)))
+        return pending_stat(uri, st);
     STORE_BACKEND("stat", stat, uri, be, path);
     enter(be);
     int r = be->ops.stat(path, &tmp);
@@ -749,4 +804,233 @@ int vfs_rename(const char *from_uri, const char *to_uri)
     r = be->ops.rename(path, to_path);
     leave(be);
     return r;
+}
+
+/* ---- deferred publish ---- */
+
+/* The pending of a work URI (pend_lock held), or NULL. */
+static struct vfs_pending *pending_find(const char *uri)
+{
+    for (struct vfs_pending *p = pendings; p; p = p->next)
+        if (!strcmp(p->work, uri))
+            return p;
+    return NULL;
+}
+
+char *vfs_pending_final(const char *uri)
+{
+    return uri && !strncmp(uri, PENDING_PREFIX, strlen(PENDING_PREFIX)) ? pending_final(uri) : NULL;
+}
+
+/* A copy of the final URI of the pending named uri, or NULL (none, or ENOMEM). */
+static char *pending_final(const char *uri)
+{
+    pthread_mutex_lock(&pend_lock);
+    struct vfs_pending *p = pending_find(uri);
+    char *r = p ? strdup(p->final) : NULL;
+    pthread_mutex_unlock(&pend_lock);
+    return r;
+}
+
+static void pending_free(struct vfs_pending *p)
+{
+    free(p->final);
+    free(p->work);
+    free(p);
+}
+
+/* Drop one reference of a deferred pending; the last closes the backend's
+ * handle, which aborts the publish when it was not committed. */
+static void pending_put(struct vfs_pending *p)
+{
+    pthread_mutex_lock(&pend_lock);
+    unsigned left = --p->refs;
+    if (!left)
+        for (struct vfs_pending **pp = &pendings; *pp; pp = &(*pp)->next)
+            if (*pp == p) {
+                *pp = p->next;
+                break;
+            }
+    pthread_mutex_unlock(&pend_lock);
+    if (left)
+        return;
+    struct err_saved saved; /* the caller's message outlives the abort */
+    err_save(&saved, -EIO);
+    enter(p->be);
+    p->be->ops.close(p->handle);
+    leave(p->be);
+    err_restore(&saved);
+    pending_free(p);
+}
+
+/* vfs_open of a work URI: a new vfs_file on the shared handle. The object
+ * counts as missing until the first open with VFS_O_CREATE (so that a maker
+ * opening with CREATE | EXCL, as qcow2_create does, gets it). */
+static int pending_open(const char *uri, unsigned flags, struct vfs_file **out)
+{
+    if (flags & ~(VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL))
+        return err_fail(EINVAL, "open %s: unknown flags %#x", uri, flags);
+    struct vfs_file *f = calloc(1, sizeof *f);
+    if (!f || !(f->uri = strdup(uri))) {
+        free(f);
+        return err_fail(ENOMEM, "open: out of memory");
+    }
+    int r = 0;
+    pthread_mutex_lock(&pend_lock);
+    struct vfs_pending *p = pending_find(uri);
+    if (!p || p->ended || p->committed)
+        r = err_fail(ENOENT, "open: no such pending object");
+    else if (!p->created && !(flags & VFS_O_CREATE))
+        r = err_fail(ENOENT, "open: the pending object is not created yet");
+    else if (p->created && (flags & VFS_O_CREATE) && (flags & VFS_O_EXCL))
+        r = err_fail(EEXIST, "open: the pending object exists");
+    if (r == 0) {
+        p->created |= !!(flags & VFS_O_CREATE);
+        p->refs++;
+        f->be = p->be;
+        f->handle = p->handle;
+        f->flags = flags;
+        f->pend = p;
+    }
+    pthread_mutex_unlock(&pend_lock);
+    if (r < 0) {
+        free(f->uri);
+        free(f);
+        return r;
+    }
+    *out = f;
+    return 0;
+}
+
+static int pending_stat(const char *uri, struct vfs_stat *st)
+{
+    struct vfs_file *f;
+    int r = pending_open(uri, VFS_O_RDONLY, &f);
+    if (r < 0)
+        return r;
+    uint64_t size = 0;
+    r = vfs_size(f, &size);
+    vfs_close(f);
+    if (r == 0)
+        *st = (struct vfs_stat){.size = size};
+    return r;
+}
+
+int vfs_pending_begin(const char *final_uri, const char *temp_uri, struct vfs_pending **out)
+{
+    struct backend *be;
+    const char *path;
+    int r = split_uri("publish", final_uri, &be, &path);
+    if (r < 0)
+        return r;
+    if (!be->ops.pwrite)
+        return err_fail(EROFS, "publish %s: backend \"%s\" is read-only", final_uri, be->name);
+    struct vfs_pending *p = calloc(1, sizeof *p);
+    if (!p || !(p->final = strdup(final_uri)))
+        goto nomem;
+    p->refs = 1;
+    if (!be->ops.open_deferred) {
+        if (!temp_uri) {
+            pending_free(p);
+            return err_fail(EINVAL, "publish %s: backend \"%s\" needs a temporary name", final_uri, be->name);
+        }
+        if (!(p->work = strdup(temp_uri)))
+            goto nomem;
+        *out = p;
+        return 0;
+    }
+    uint64_t token;
+    if (getrandom(&token, sizeof token, 0) != sizeof token)
+        token = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)p;
+    static unsigned long seq; /* unique even if two tokens met */
+    if (asprintf(&p->work, PENDING_PREFIX "%016llx-%lu", (unsigned long long)token,
+                 __atomic_add_fetch(&seq, 1, __ATOMIC_RELAXED)) < 0) {
+        p->work = NULL;
+        goto nomem;
+    }
+    err_clear();
+    enter(be);
+    r = be->ops.open_deferred(path, &p->handle);
+    leave(be);
+    if (r < 0) {
+        pending_free(p);
+        return ensure_msg(r, "publish", final_uri);
+    }
+    p->be = be;
+    pthread_mutex_lock(&pend_lock);
+    p->next = pendings;
+    pendings = p;
+    pthread_mutex_unlock(&pend_lock);
+    *out = p;
+    return 0;
+nomem:
+    if (p)
+        pending_free(p);
+    return err_fail(ENOMEM, "publish %s: out of memory", final_uri);
+}
+
+const char *vfs_pending_uri(const struct vfs_pending *p)
+{
+    return p->work;
+}
+
+int vfs_pending_deferred(const struct vfs_pending *p)
+{
+    return p->be != NULL;
+}
+
+int vfs_pending_commit(struct vfs_pending *p, unsigned flags)
+{
+    int r;
+    if (flags & ~VFS_COMMIT_EXCL)
+        return err_fail(EINVAL, "publish %s: unknown flags %#x", p->final, flags);
+    if (p->committed)
+        return err_fail(EINVAL, "publish %s: already published", p->final);
+    if (!p->be) { /* the fallback: the temporary name renamed into place */
+        struct vfs_stat st;
+        if (flags & VFS_COMMIT_EXCL) {
+            r = vfs_stat(p->final, &st);
+            if (r == 0)
+                return err_fail(EEXIST, "publish %s: the object exists", p->final);
+            if (r != -ENOENT)
+                return r;
+            err_clear();
+        }
+        r = vfs_rename(p->work, p->final);
+    } else {
+        pthread_mutex_lock(&pend_lock);
+        int created = p->created;
+        pthread_mutex_unlock(&pend_lock);
+        if (!created)
+            return err_fail(ENOENT, "publish %s: nothing was created to publish", p->final);
+        err_clear();
+        enter(p->be);
+        r = p->be->ops.commit(p->handle, flags);
+        leave(p->be);
+        if (r < 0)
+            r = ensure_msg(r, "publish", p->final);
+    }
+    if (r == 0)
+        p->committed = 1;
+    return r < 0 ? r : 0;
+}
+
+void vfs_pending_end(struct vfs_pending *p)
+{
+    if (!p)
+        return;
+    if (p->be) {
+        pthread_mutex_lock(&pend_lock);
+        p->ended = 1;
+        pthread_mutex_unlock(&pend_lock);
+        pending_put(p);
+        return;
+    }
+    if (!p->committed) {
+        struct err_saved saved;
+        err_save(&saved, -EIO);
+        vfs_remove(p->work); /* ENOENT when it was never created */
+        err_restore(&saved);
+    }
+    pending_free(p);
 }

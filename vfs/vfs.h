@@ -70,6 +70,41 @@ char *vfs_resolve(const char *base_uri, const char *name);
  * store: relative, no scheme, no ".." component. */
 int vfs_name_is_contained(const char *name);
 
+/* ---- a deferred publish: a new object seen whole under its final name, or not at all ---- */
+
+/* Begin making a new object that appears at final_uri only at
+ * vfs_pending_commit. Then vfs_pending_uri(p) names the object being made:
+ * open it (the first open with VFS_O_CREATE creates it, CREATE | EXCL as
+ * qcow2_create opens is fine), write it, read it back, open it again (each
+ * vfs_file shares the one object), stat it, resolve names beside it
+ * (vfs_resolve gives names beside final_uri). Close those, commit, and end
+ * with vfs_pending_end, which aborts when there was no commit.
+ * A backend with .open_deferred (an object store's multipart upload to the
+ * final key) makes it there: nothing is visible meanwhile, and the commit is
+ * one request, no copy and no rename. Others fall back to temp_uri, a name
+ * the caller chose in the same store (it creates it through the work URI,
+ * which then is temp_uri itself), renamed over final_uri at the commit and
+ * removed at an abort; a crash leaves it for the caller's cleanup of its
+ * temporary names. *out is a new pending; 0 or a negative errno. */
+struct vfs_pending;
+int vfs_pending_begin(const char *final_uri, const char *temp_uri, struct vfs_pending **out);
+/* The final URI of a pending's work URI (a new string, free()), or NULL when
+ * uri is no deferred pending's (a fallback's work URI is a name of its own). */
+char *vfs_pending_final(const char *uri);
+/* The URI to open the object being made as (borrowed; lives until _end). */
+const char *vfs_pending_uri(const struct vfs_pending *p);
+/* 1 when the backend defers the publish itself, 0 for the temp + rename fallback. */
+int vfs_pending_deferred(const struct vfs_pending *p);
+/* Publish: the object made becomes final_uri's at once, replacing what was
+ * there (VFS_COMMIT_EXCL: -EEXIST if something is). Close every vfs_file of
+ * it first (an open image may still hold writes). On failure nothing is
+ * published; commit again or end. */
+int vfs_pending_commit(struct vfs_pending *p, unsigned flags);
+/* Release p; not committed: the object made is dropped (an open vfs_file on it
+ * keeps the deferred one alive until closed, but it is never published). The
+ * thread's error message is kept. NULL: nothing. */
+void vfs_pending_end(struct vfs_pending *p);
+
 /* ---- test seams ---- */
 
 /* The fault filter: opening "fault:INNER-URI" opens INNER-URI through a filter that

@@ -55,8 +55,9 @@
  * version it was written against; the host never calls a method the backend's
  * version does not have, and checks .struct_size before touching later fields.
  * Version 2 appended .config and .stats; version 1 backends (struct_size ending
- * at .rename) still load and simply have neither. */
-#define VFS_OPS_VERSION 3
+ * at .rename) still load and simply have neither. Version 3 appended .fd,
+ * version 4 .open_deferred and .commit (a deferred publish). */
+#define VFS_OPS_VERSION 4
 
 /* Open flags. */
 #define VFS_O_RDONLY 0x0u
@@ -78,6 +79,9 @@ enum vfs_thread_model {
  * version). Flushes that only order writes can then be skipped; a caller still
  * flushes where it needs durability. */
 #define VFS_CAP_ATOMIC_FLUSH 0x4u
+
+/* Flags of .commit. */
+#define VFS_COMMIT_EXCL 0x1u /* fail with -EEXIST when an object has the name by then */
 
 /* Results of .block_status. */
 #define VFS_BS_HOLE 0 /* reads as zeroes (a hole, or past the end) */
@@ -174,6 +178,35 @@ struct vfs_ops {
      * must never be served with its old bytes. When unsure, give none. */
     int (*fd)(void *handle);
     /* ---- end of version 3 ---- */
+
+    /* ---- version 4: a deferred publish ---- */
+
+    /* Optional, both or neither. A new object for path that nobody sees until
+     * .commit: an object store's multipart upload to its final key, which is
+     * invisible until completed, so that one request publishes it and no
+     * temporary name, copy or rename is needed.
+     * .open_deferred opens it empty and read-write in *handle. The handle takes
+     * .pread, .pwrite, .size, .truncate, .flush (durable enough for the handle
+     * itself; it never makes the object visible) and .caps; reads return what
+     * was written through it. What is at path meanwhile is untouched, and other
+     * opens of path see it (or nothing). Several threads may use the handle at
+     * once under VFS_THREAD_PARALLEL.
+     * .commit makes the handle's bytes the object at path, replacing what is
+     * there at once (a reader sees the old object or the new one, whole). With
+     * VFS_COMMIT_EXCL it fails with -EEXIST when an object has the name: a
+     * store that cannot test and publish in one step tests just before, and
+     * says so in its documentation. After a successful commit the host only
+     * closes the handle. A failed commit publishes nothing; the host may commit
+     * again or close.
+     * .close of a handle not committed is the abort: nothing becomes visible,
+     * whatever was sent is freed (best effort; a backend that can leave
+     * something behind on a crash, such as an unfinished multipart upload,
+     * removes it at a later start).
+     * NULL: the host's vfs_pending_* calls fall back to a temporary name, a
+     * normal create and .rename at the commit. */
+    int (*open_deferred)(const char *path, void **handle);
+    int (*commit)(void *handle, unsigned flags);
+    /* ---- end of version 4 ---- */
 };
 
 /* ---- the host's functions, given to the plugin at load ---- */

@@ -16,6 +16,10 @@ writes to a large object costs (a few large UploadPartCopy ranges, a 5 MiB
 part per write), read-ahead GETs in flight at once (counted by qcowd and by a
 latency-injecting proxy), read-ahead never mixing two versions of an object
 (replaced outside, or published by us), and one GET per random 4 KiB read.
+Images are made under their final names (a deferred publish): an upload is
+invisible until complete (no temporary object, no copy, no DELETE), its parts
+stream to the store while the body arrives, and a crash or kill -9 before the
+Complete leaves no image and an upload the next start aborts.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -459,10 +463,11 @@ def crash_before_complete_keeps_old_image(c):
 
 
 def create_upload_delete_chain(c):
-    """create, upload (PUT .../file), a backing chain across objects, delete; the
-    renames that put images in place copy objects over 5 MiB in parts here."""
+    """create, upload (PUT .../file), a backing chain across objects, delete;
+    images are published under their final names: no copy, no rename, no
+    temporary object, no DELETE before the deletes asked for."""
     p = c.prefix()
-    d = c.qcowd(p, opts=("copy-max=5M",))
+    d = c.qcowd(p, opts=("copy-max=5M", "part-size=5M"))
     try:
         st, doc = d.json("POST", "/v1/images", {"name": "base", "size": 8 * MiB})
         check(st == 201, "create base: %s %s" % (st, doc))
@@ -479,8 +484,9 @@ def create_upload_delete_chain(c):
         check(st == 201, "upload: %s %s" % (st, b[:200]))
         check(d.read("up", 0, 4096) == b"\x0f" * 4096, "uploaded image reads wrong")
         check(d.read("up", 12 * MiB - 4096, 4096) == b"\x0f" * 4096, "uploaded image reads wrong at the end")
-        # two creates renamed with CopyObject, the upload's rename in 3 copied parts
-        check(d.metric("requests_copy") >= 5, "the rename did not copy in parts (%d copies)" % d.metric("requests_copy"))
+        for m in ("requests_copy", "bytes_copied", "requests_delete"):
+            check(d.metric(m) == 0, "publishing the images cost %s %d" % (m, d.metric(m)))
+        check(d.metric("requests_upload_part") >= 2, "the 12 MiB upload was not one multipart upload of 5 MiB parts")
         st, doc = d.json("GET", "/v1/images")
         check(sorted(i["name"] for i in doc["images"]) == ["base", "top", "up"], "list: %s" % doc)
         st, doc = d.json("DELETE", "/v1/images/base")
@@ -492,6 +498,149 @@ def create_upload_delete_chain(c):
         keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
         check(keys == [], "objects left behind: %s" % keys)
         check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def upload_invisible_until_complete(c):
+    """A resumable upload waiting between its pieces, into a bucket: neither the
+    image nor any temporary object is in the bucket, nor in qcowd's listing;
+    the last piece publishes it under its name with no copy, no rename and no
+    DELETE. An upload that fails validation leaves nothing behind."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",))
+    try:
+        src = c.image("r", 16 * MiB, "write -P 0x3c 0 12M")
+        with open(src, "rb") as f:
+            data = f.read()
+        half = len(data) // 2
+        st, b = d.request("PUT", "/v1/images/r/file", data[:half],
+                          {"Content-Range": "bytes 0-%d/%d" % (half - 1, len(data))})
+        check(st == 202, "first piece: %s %s" % (st, b[:200]))
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+        check(keys == [], "objects visible while the upload waits: %s" % keys)
+        st, doc = d.json("GET", "/v1/images")
+        check([i["name"] for i in doc["images"]] == [], "listed while uploading: %s" % doc)
+        st, b = d.request("PUT", "/v1/images/r/file", data[half:],
+                          {"Content-Range": "bytes %d-%d/%d" % (half, len(data) - 1, len(data))})
+        check(st == 201, "last piece: %s %s" % (st, b[:200]))
+        check(c.s3.keys(BUCKET, p + "/r") == [p + "/r.qcow2"], "keys: %s" % c.s3.keys(BUCKET, p + "/"))
+        check(c.s3.get(BUCKET, p + "/r.qcow2") == data, "the object is not the uploaded file")
+        check(d.read("r", 12 * MiB - 4096, 4096) == b"\x3c" * 4096, "the upload reads wrong")
+        for m in ("requests_copy", "bytes_copied", "requests_delete"):
+            check(d.metric(m) == 0, "the upload cost %s %d" % (m, d.metric(m)))
+        bad = bytearray(data)
+        bad[len(bad) - 4096:] = b"\xff" * 4096
+        bad[0x30:0x38] = b"\xff" * 8  # l1_table_offset far past the end: not a valid image
+        st, b = d.request("PUT", "/v1/images/bad/file", bytes(bad))
+        check(st // 100 == 4, "an invalid upload was taken: %s %s" % (st, b[:200]))
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+        check(keys == [p + "/r.qcow2"], "objects after a refused upload: %s" % keys)
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def upload_streams_parts(c):
+    """An upload's parts go to the store while its body is still arriving: with
+    the first 30 MiB of a resumable upload received (and staging-max far below
+    it), four 5 MiB parts are already uploaded to a multipart upload on the
+    final key, nothing is visible yet, and at the end every part has been sent
+    exactly once (no second copy of what was streamed, no server-side copy)."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=8M"))
+    try:
+        src = c.image("s", 48 * MiB, "write -P 0x77 0 40M")
+        with open(src, "rb") as f:
+            data = f.read()
+        first = 30 * MiB
+        st, b = d.request("PUT", "/v1/images/s/file", data[:first],
+                          {"Content-Range": "bytes 0-%d/%d" % (first - 1, len(data))})
+        check(st == 202, "first piece: %s %s" % (st, b[:200]))
+        deadline = time.time() + 20
+        while d.metric("requests_upload_part") < 4 and time.time() < deadline:
+            time.sleep(0.1)
+        check(d.metric("requests_upload_part") == 4, "parts uploaded while the body arrives: %d (4 expected)"
+              % d.metric("requests_upload_part"))
+        check(len(c.s3.uploads(BUCKET)) == 1, "no multipart upload in progress: %s" % c.s3.uploads(BUCKET))
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+        check(keys == [], "objects visible while the upload waits: %s" % keys)
+        st, b = d.request("PUT", "/v1/images/s/file", data[first:],
+                          {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
+        check(st == 201, "last piece: %s %s" % (st, b[:200]))
+        check(c.s3.get(BUCKET, p + "/s.qcow2") == data, "the object is not the uploaded file")
+        parts = (len(data) + 5 * MiB - 1) // (5 * MiB)
+        check(d.metric("requests_upload_part") == parts, "%d parts sent for %d parts"
+              % (d.metric("requests_upload_part"), parts))
+        for m in ("requests_copy", "bytes_copied", "requests_delete"):
+            check(d.metric(m) == 0, "the upload cost %s %d" % (m, d.metric(m)))
+        check(d.read("s", 40 * MiB - 4096, 4096) == b"\x77" * 4096, "the upload reads wrong")
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def kill_mid_stream(c):
+    """kill -9 of qcowd while an upload waits for its last piece with parts
+    already streamed: no object of that name, and the next start aborts the
+    dead run's multipart upload; the name can then be uploaded afresh."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",))
+    src = c.image("m", 32 * MiB, "write -P 0x6d 0 24M")
+    with open(src, "rb") as f:
+        data = f.read()
+    first = 20 * MiB
+    try:
+        st, b = d.request("PUT", "/v1/images/m/file", data[:first],
+                          {"Content-Range": "bytes 0-%d/%d" % (first - 1, len(data))})
+        check(st == 202, "first piece: %s %s" % (st, b[:200]))
+        deadline = time.time() + 20
+        while d.metric("requests_upload_part") < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        check(d.metric("requests_upload_part") >= 2, "no part streamed before the kill")
+    finally:
+        d.proc.kill()
+        d.wait_exit(60)
+    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+    check(keys == [], "objects after the kill: %s" % keys)
+    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after the kill: %s %s" % (st, doc))
+        check(c.s3.uploads(BUCKET) == [], "the dead run's multipart upload was not aborted")
+        st, b = d.request("PUT", "/v1/images/m/file", data)
+        check(st == 201, "upload after the kill: %s %s" % (st, b[:200]))
+        check(c.s3.get(BUCKET, p + "/m.qcow2") == data, "the object is not the uploaded file")
+    finally:
+        d.stop()
+
+
+def crash_before_upload_completes(c):
+    """qcowd killed with an upload's parts sent, before CompleteMultipartUpload:
+    no image of that name appears (nor any temporary object), and the next
+    start aborts the unfinished multipart upload the dead run left."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",), env_extra={"QCOWD_S3_TEST_CRASH": "before-complete"})
+    src = c.image("z", 16 * MiB, "write -P 0x5a 0 12M")
+    with open(src, "rb") as f:
+        data = f.read()
+    try:
+        d.request("PUT", "/v1/images/z/file", data)
+    except (AssertionError, OSError, http.client.HTTPException):
+        pass
+    rc = d.wait_exit(60)
+    check(rc == -signal.SIGKILL, "qcowd did not die at the crash point (exit %s)" % rc)
+    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+    check(keys == [], "objects after the crash: %s" % keys)
+    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after the crash: %s %s" % (st, doc))
+        check(any("dropped the unfinished publish" in l for l in d.lines),
+              "no log line about the dead run's publish:\n" + "\n".join(d.lines))
+        check(c.s3.uploads(BUCKET) == [], "the unfinished multipart upload was not aborted")
     finally:
         d.stop()
 
@@ -901,7 +1050,8 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
-         random_reads_one_get_each]
+         random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
+         kill_mid_stream]
 
 
 def main():

@@ -962,6 +962,125 @@ START_TEST(test_concurrent_preads_on_one_handle)
 }
 END_TEST
 
+/* ---- a deferred publish (vfs_pending_*) ---- */
+
+static void put_text(const char *uri, const char *text)
+{
+    struct vfs_file *f = open_ok(uri, VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_truncate(f, 0), 0);
+    ck_assert_int_eq(vfs_pwrite(f, text, strlen(text), 0), 0);
+    vfs_close(f);
+}
+
+static void expect_text(const char *uri, const char *text)
+{
+    char buf[32] = {0};
+    struct vfs_stat st;
+    ck_assert_int_eq(vfs_stat(uri, &st), 0);
+    ck_assert_uint_eq(st.size, strlen(text));
+    struct vfs_file *f = open_ok(uri, VFS_O_RDONLY);
+    ck_assert_int_eq(vfs_pread(f, buf, strlen(text), 0), 0);
+    ck_assert_str_eq(buf, text);
+    vfs_close(f);
+}
+
+/* Old content at final; a publish made, read back, refused while the name is
+ * taken (EXCL), committed; another aborted. deferred: the backend's own. */
+static void check_pending(const char *final, const char *temp, int deferred)
+{
+    struct vfs_pending *p;
+    struct vfs_file *f, *g;
+    struct vfs_stat st;
+    char buf[8] = {0};
+    put_text(final, "old");
+
+    ck_assert_int_eq(vfs_pending_begin(final, temp, &p), 0);
+    ck_assert_int_eq(vfs_pending_deferred(p), deferred);
+    const char *work = vfs_pending_uri(p);
+    if (deferred)
+        ck_assert_int_eq(strncmp(work, "pending:", 8), 0);
+    else
+        ck_assert_str_eq(work, temp);
+    ck_assert_int_eq(vfs_open(work, VFS_O_RDWR, &f), -ENOENT); /* not created yet */
+    ck_assert_int_eq(vfs_pending_commit(p, 0), -ENOENT); /* nothing made yet */
+    f = open_ok(work, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL);
+    ck_assert_int_eq(vfs_open(work, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &g), -EEXIST);
+    ck_assert_int_eq(vfs_pwrite(f, "new!", 4, 0), 0);
+    g = open_ok(work, VFS_O_RDONLY); /* one object behind both */
+    ck_assert_int_eq(vfs_pread(g, buf, 4, 0), 0);
+    ck_assert_str_eq(buf, "new!");
+    vfs_close(g);
+    ck_assert_int_eq(vfs_stat(work, &st), 0);
+    ck_assert_uint_eq(st.size, 4);
+    expect_text(final, "old"); /* nothing visible before the commit */
+    char *r1 = vfs_resolve(work, "b.qcow2"), *r2 = vfs_resolve(final, "b.qcow2");
+    ck_assert_str_eq(r1, r2); /* names beside it are beside the final name */
+    free(r1);
+    free(r2);
+    vfs_close(f);
+    ck_assert_int_eq(vfs_pending_commit(p, VFS_COMMIT_EXCL), -EEXIST);
+    expect_text(final, "old");
+    ck_assert_int_eq(vfs_pending_commit(p, 0), 0);
+    expect_text(final, "new!");
+    ck_assert_int_eq(vfs_pending_commit(p, 0), -EINVAL);
+    vfs_pending_end(p);
+    expect_text(final, "new!");
+    if (!deferred)
+        ck_assert_int_eq(vfs_stat(temp, &st), -ENOENT); /* renamed away */
+
+    /* an abort: nothing visible, the work object gone */
+    ck_assert_int_eq(vfs_pending_begin(final, temp, &p), 0);
+    char *w = strdup(vfs_pending_uri(p));
+    f = open_ok(w, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL);
+    ck_assert_int_eq(vfs_pwrite(f, "partial", 7, 0), 0);
+    vfs_close(f);
+    vfs_pending_end(p);
+    expect_text(final, "new!");
+    ck_assert_int_eq(vfs_stat(w, &st), -ENOENT);
+    ck_assert_int_eq(vfs_open(w, VFS_O_RDONLY, &f), -ENOENT);
+    free(w);
+
+    /* an exclusive publish of a new name */
+    ck_assert_int_eq(vfs_remove(final), 0);
+    ck_assert_int_eq(vfs_pending_begin(final, temp, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL);
+    ck_assert_int_eq(vfs_pwrite(f, "fresh", 5, 0), 0);
+    vfs_close(f);
+    ck_assert_int_eq(vfs_stat(final, &st), -ENOENT);
+    ck_assert_int_eq(vfs_pending_commit(p, VFS_COMMIT_EXCL), 0);
+    vfs_pending_end(p);
+    expect_text(final, "fresh");
+}
+
+START_TEST(test_pending_publish_deferred_and_fallback)
+{
+    char a[PATH_MAX], t[PATH_MAX];
+    check_pending("mem:dir/pub.qcow2", "mem:dir/.pub.tmp", 1); /* mem defers by itself */
+    check_pending(in_tmp(a, "pub.qcow2"), in_tmp(t, ".pub.tmp"), 0);
+}
+END_TEST
+
+/* A handle open on the work URI when the publish is ended keeps the object
+ * alive (never published); the backend's handle closes with the last one. */
+START_TEST(test_pending_end_with_open_handle)
+{
+    struct vfs_pending *p;
+    struct vfs_file *f;
+    struct vfs_stat st;
+    char buf[4] = {0};
+    ck_assert_int_eq(vfs_pending_begin("mem:held.qcow2", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_pwrite(f, "abc", 3, 0), 0);
+    vfs_pending_end(p);
+    ck_assert_int_eq(vfs_pread(f, buf, 3, 0), 0);
+    ck_assert_str_eq(buf, "abc");
+    vfs_close(f);
+    ck_assert_int_eq(vfs_stat("mem:held.qcow2", &st), -ENOENT);
+    /* a fallback store needs the caller's temporary name */
+    ck_assert_int_eq(vfs_pending_begin(in_tmp((char[PATH_MAX]){0}, "x"), NULL, &p), -EINVAL);
+}
+END_TEST
+
 static Suite *vfs_suite(void)
 {
     Suite *s = suite_create("vfs");
@@ -988,6 +1107,7 @@ static Suite *vfs_suite(void)
           test_fault_forwards_everything_else, test_fault_armed_from_environment,
           test_fault_environment_sticky_matching_open}},
         {"threads", {test_concurrent_preads_on_one_handle}},
+        {"pending", {test_pending_publish_deferred_and_fallback, test_pending_end_with_open_handle}},
     };
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
         TCase *tc = tcase_create(groups[g].name);

@@ -9,6 +9,7 @@
 
 #include "err.h"
 #include "s3_int.h"
+#include "s3_obj.h"
 
 struct s3_conf s3_conf;
 
@@ -287,6 +288,9 @@ int s3_conf_ready(void)
     if (!s3_conf.stat_ttl_set)
         s3_conf.stat_ttl_ns = 1000000000u;
     conf_done = 1;
+    pthread_mutex_unlock(&conf_lock);
+    s3_obj_sweep(); /* once: later calls return above */
+    return 0;
 out:
     pthread_mutex_unlock(&conf_lock);
     return r;

@@ -24,6 +24,24 @@ int s3_mpu_start(const struct s3_name *n, char **id)
     return ret;
 }
 
+int s3_mpu_put_part(const struct s3_name *n, const char *id, unsigned partno, const void *buf, size_t len,
+                    char *etag, size_t cap)
+{
+    char pn[16], what[320];
+    snprintf(pn, sizeof pn, "%u", partno);
+    struct s3_param p[2] = {{"partNumber", pn}, {"uploadId", id}};
+    struct s3_req r = {.op = S3_OP_PART, .method = "PUT", .bucket = n->bucket, .key = n->key,
+                       .params = p, .nparams = 2, .body = buf, .body_len = len};
+    snprintf(what, sizeof what, "publish %s: upload part %u", n->uri, partno);
+    int ret = s3_http(&r, what);
+    if (ret == 0 && !r.etag[0])
+        ret = err_fail(EREMOTEIO, "%s: no ETag in the answer", what);
+    if (ret == 0)
+        snprintf(etag, cap, "%s", r.etag);
+    s3_req_free(&r);
+    return ret;
+}
+
 int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, const struct s3_name *src,
                      uint64_t s, uint64_t e, char *etag, size_t cap)
 {

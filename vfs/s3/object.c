@@ -3,7 +3,10 @@
  * flight (pool.c's workers). Writes:
  * a local sparse staging file plus a map of dirty ranges; flush publishes a new
  * object (one PUT, or a multipart upload whose unchanged parts are copied
- * server-side), so readers see the old version or the new one, never a mix. */
+ * server-side), so readers see the old version or the new one, never a mix.
+ * A deferred object (.open_deferred) is a new object for a key, kept out of
+ * the registry and published only by its commit. */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -24,6 +27,7 @@
 #define MIN_PART_BYTES (5ull << 20) /* S3's smallest part but the last */
 #define MAX_PARTS      10000
 #define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
+#define DEFERRED_TAIL  ".new"       /* ends a deferred object's staging names, before .data/.meta */
 
 struct ra_job;
 
@@ -38,6 +42,7 @@ struct obj {
     int rw;       /* has staging: some handle opened it read-write (under pub) */
     int refs;     /* handles (under reg_lock) */
     int detached; /* removed or renamed away: not in the registry, never published */
+    int deferred; /* a deferred publish: never in the registry, published only by s3_obj_commit */
     struct obj *next; /* registry list (under reg_lock) */
     /* Lock order: pub before state. Writers take both (pub so that no write
      * lands while a publish reads the staging file); readers take state shared;
@@ -68,6 +73,29 @@ struct obj {
     uint64_t ra_sched; /* read-ahead is queued up to here (0: none) */
     uint64_t ra_epoch; /* bumped by each publish: older read-ahead answers are dropped */
     struct ra_job *ra_jobs; /* queued or running */
+    /* streaming (deferred only; under sp; lock order: state, then sp) */
+    pthread_mutex_t sp;
+    pthread_cond_t sp_done;  /* a streamed part ended */
+    struct spart *parts;     /* the grid of part-size parts, by index */
+    size_t nparts;           /* entries of parts */
+    uint64_t psize;          /* the grid's part size */
+    char *mpu_id;            /* the multipart upload parts are streamed to (NULL: none yet) */
+    int stream_off;          /* streaming gave up: the commit publishes as a flush would */
+    size_t sp_next;          /* parts below this were looked at for streaming */
+    unsigned sp_inflight;    /* part uploads queued or running */
+};
+
+/* Streaming a deferred object's parts (below). */
+static void stream_touch(struct obj *o, uint64_t s, uint64_t e);
+static void stream_write(struct obj *o, uint64_t s, uint64_t e);
+static void stream_stop(struct obj *o);
+
+/* One part of a deferred object's grid. */
+struct spart {
+    uint64_t gen;    /* bumped by each write into it */
+    uint64_t up_gen; /* the gen its upload read (valid when up) */
+    int up, busy;    /* uploaded (etag); being uploaded */
+    char etag[128];
 };
 
 static uint64_t min64(uint64_t a, uint64_t b)
@@ -541,6 +569,8 @@ static void write_meta(struct obj *o, const char *upload_id)
     }
     fprintf(f, "qcowd-s3-staging 1\nobject %s\nbucket %s\nkey %s\nbase-etag %s\npid %ld\n", o->n.uri,
             o->n.bucket, o->n.key, o->etag[0] ? o->etag : "-", (long)getpid());
+    if (o->deferred)
+        fprintf(f, "deferred yes\n");
     if (upload_id)
         fprintf(f, "upload-id %s\n", upload_id);
     fclose(f);
@@ -577,6 +607,73 @@ static void discard_leftover(struct obj *o, struct stat *st)
         s3_mpu_abort(&o->n, upload_id);
 }
 
+/* One deferred publish's leftover, by its meta file name (in the staging
+ * folder): removed unless its owner lives (its data file is locked). */
+static void sweep_one(const char *dir, const char *name)
+{
+    char *mpath = NULL, *spath = NULL, line[512], bucket[512] = "", key[512] = "", id[512] = "";
+    long pid = 0;
+    size_t n = strlen(name) - strlen(".meta");
+    if (asprintf(&mpath, "%s/%s", dir, name) < 0 || asprintf(&spath, "%s/%.*s.data", dir, (int)n, name) < 0)
+        goto out;
+    int fd = open(spath, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) < 0) { /* alive */
+        close(fd);
+        goto out;
+    }
+    int mfd = open(mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    FILE *f = mfd >= 0 ? fdopen(mfd, "r") : NULL;
+    if (!f && mfd >= 0)
+        close(mfd);
+    while (f && fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        if (!strncmp(line, "bucket ", 7))
+            snprintf(bucket, sizeof bucket, "%s", line + 7);
+        else if (!strncmp(line, "key ", 4))
+            snprintf(key, sizeof key, "%s", line + 4);
+        else if (!strncmp(line, "upload-id ", 10))
+            snprintf(id, sizeof id, "%s", line + 10);
+        else if (!strncmp(line, "pid ", 4))
+            pid = atol(line + 4);
+    }
+    if (f)
+        fclose(f);
+    char uri[1100];
+    snprintf(uri, sizeof uri, "s3://%s/%s", bucket, key);
+    fprintf(stderr, "qcowd: s3: %s: dropped the unfinished publish of an earlier run (pid %ld)%s\n", uri, pid,
+            id[0] ? "; its multipart upload is aborted" : "");
+    if (id[0] && bucket[0] && key[0]) {
+        struct s3_name nm = {.bucket = bucket, .key = key, .uri = uri};
+        s3_mpu_abort(&nm, id);
+        err_clear();
+    }
+    unlink(spath);
+    unlink(mpath);
+    if (fd >= 0)
+        close(fd);
+out:
+    free(mpath);
+    free(spath);
+}
+
+void s3_obj_sweep(void)
+{
+    const char *dir = s3_conf.staging_dir, *tail = DEFERRED_TAIL ".meta";
+    char mine[32];
+    snprintf(mine, sizeof mine, "-%ld-", (long)getpid()); /* ours are alive, and may be half made */
+    DIR *d = dir && staging_private(dir) == 0 ? opendir(dir) : NULL;
+    err_clear();
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name), tl = strlen(tail);
+        if (n > tl && !strcmp(e->d_name + n - tl, tail) && !strstr(e->d_name, mine))
+            sweep_one(dir, e->d_name);
+    }
+    closedir(d);
+}
+
 static int staging_open(struct obj *o)
 {
     int r = mkdirs(s3_conf.staging_dir);
@@ -589,8 +686,12 @@ static int staging_open(struct obj *o)
     char hash[65];
     s3_sha256_hex(id.p ? id.p : "", id.len, hash);
     sbuf_free(&id);
-    if (asprintf(&o->spath, "%s/%.40s.data", s3_conf.staging_dir, hash) < 0 ||
-        asprintf(&o->mpath, "%s/%.40s.meta", s3_conf.staging_dir, hash) < 0)
+    static atomic_ulong deferred_seq;
+    char tail[64] = ""; /* a deferred object's files are its own: several may be made of one key */
+    if (o->deferred)
+        snprintf(tail, sizeof tail, "-%ld-%lu" DEFERRED_TAIL, (long)getpid(), atomic_fetch_add(&deferred_seq, 1) + 1);
+    if (asprintf(&o->spath, "%s/%.40s%s.data", s3_conf.staging_dir, hash, tail) < 0 ||
+        asprintf(&o->mpath, "%s/%.40s%s.meta", s3_conf.staging_dir, hash, tail) < 0)
         return err_fail(ENOMEM, "open %s: out of memory", o->n.uri);
     o->sfd = open(o->spath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (o->sfd < 0)
@@ -627,6 +728,10 @@ static void obj_free(struct obj *o)
     pthread_mutex_destroy(&o->ra);
     pthread_cond_destroy(&o->ra_done);
     pthread_rwlock_destroy(&o->state);
+    pthread_mutex_destroy(&o->sp);
+    pthread_cond_destroy(&o->sp_done);
+    free(o->parts);
+    free(o->mpu_id);
     free(o);
 }
 
@@ -663,12 +768,12 @@ void s3_obj_forget(const struct s3_name *n)
     pthread_mutex_unlock(&reg_lock);
 }
 
-/* A new object for n: HEAD it; create it (on the first flush) if asked. */
-static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
+/* A new object for n (taken over: *n is cleared), knowing nothing of the store. */
+static struct obj *obj_alloc(struct s3_name *n)
 {
     struct obj *o = calloc(1, sizeof *o);
     if (!o)
-        return err_fail(ENOMEM, "open %s: out of memory", n->uri);
+        return NULL;
     o->sfd = -1;
     o->n = *n;
     memset(n, 0, sizeof *n);
@@ -676,6 +781,17 @@ static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
     pthread_mutex_init(&o->ra, NULL);
     pthread_cond_init(&o->ra_done, NULL);
     pthread_rwlock_init(&o->state, NULL);
+    pthread_mutex_init(&o->sp, NULL);
+    pthread_cond_init(&o->sp_done, NULL);
+    return o;
+}
+
+/* A new object for n: HEAD it; create it (on the first flush) if asked. */
+static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
+{
+    struct obj *o = obj_alloc(n);
+    if (!o)
+        return err_fail(ENOMEM, "open %s: out of memory", n->uri);
     struct s3_head hd;
     int ret = s3_stat_object(&o->n, &hd); /* just listed or stat'ed: no second HEAD */
     if (ret == 0) {
@@ -720,19 +836,25 @@ static int replaced_outside(struct obj *o)
     return gone;
 }
 
-int s3_obj_open(const char *path, unsigned flags, void **handle)
+/* The object name of path for an open: 0, or -EISDIR for a bucket or folder. */
+static int object_name(const char *path, struct s3_name *n)
 {
     int ret = s3_conf_ready();
+    if (ret < 0 || (ret = s3_name_parse(path, n)) < 0)
+        return ret;
+    if (!n->key[0] || n->key[strlen(n->key) - 1] == '/') {
+        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", n->uri);
+        s3_name_free(n);
+    }
+    return ret;
+}
+
+int s3_obj_open(const char *path, unsigned flags, void **handle)
+{
+    struct s3_name n;
+    int ret = object_name(path, &n);
     if (ret < 0)
         return ret;
-    struct s3_name n;
-    if ((ret = s3_name_parse(path, &n)) < 0)
-        return ret;
-    if (!n.key[0] || n.key[strlen(n.key) - 1] == '/') {
-        ret = err_fail(EISDIR, "open %s: a bucket or folder, not an object", n.uri);
-        s3_name_free(&n);
-        return ret;
-    }
     struct handle *h = calloc(1, sizeof *h);
     if (!h) {
         s3_name_free(&n);
@@ -790,7 +912,7 @@ void s3_obj_close(void *hp)
         pthread_mutex_unlock(&reg_lock);
         return;
     }
-    if (o->rw && !o->detached) {
+    if (o->rw && !o->detached && !o->deferred) { /* a deferred one not committed: aborted */
         int r = publish(o);
         if (r < 0)
             fprintf(stderr, "qcowd: s3: %s: the writes since the last flush are lost: %s\n", o->n.uri,
@@ -799,6 +921,11 @@ void s3_obj_close(void *hp)
     if (!o->detached)
         reg_detach(o);
     pthread_mutex_unlock(&reg_lock);
+    if (o->deferred) { /* not committed (a commit clears mpu_id): the streamed upload goes */
+        stream_stop(o);
+        if (o->mpu_id)
+            s3_mpu_abort(&o->n, o->mpu_id);
+    }
     /* read-ahead: what is queued goes, what runs is waited for (one GET each) */
     s3_pool_cancel(o);
     pthread_mutex_lock(&o->ra);
@@ -837,8 +964,11 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
         if (off + len > o->size)
             o->size = off + len;
         o->changed = 1;
+        if (o->deferred)
+            stream_write(o, off, off + len);
     }
-    int over = o->dirty_bytes > s3_conf.staging_max;
+    /* a deferred object never publishes early: a prefix of it is not the object */
+    int over = !o->deferred && o->dirty_bytes > s3_conf.staging_max;
     pthread_rwlock_unlock(&o->state);
     pthread_mutex_unlock(&o->pub);
     if (ret == 0 && over) /* bounded staging: publish early (a prefix of the writes is a valid state) */
@@ -859,6 +989,11 @@ int s3_obj_truncate(void *h, uint64_t size)
         o->base_valid = min64(o->base_valid, size);
     }
     if (ret == 0 && size != o->size) {
+        if (o->deferred) { /* the parts the new end cuts or grows change */
+            pthread_mutex_lock(&o->sp);
+            stream_touch(o, min64(size, o->size), size > o->size ? size : o->size);
+            pthread_mutex_unlock(&o->sp);
+        }
         o->size = size;
         o->changed = 1;
     }
@@ -869,8 +1004,11 @@ int s3_obj_truncate(void *h, uint64_t size)
 
 int s3_obj_flush(void *h)
 {
-    return ((struct handle *)h)->rw ? publish(OBJ(h)) : 0;
+    /* a deferred object is published by its commit only; a crash aborts it, so
+     * its staging file needs no durability of its own */
+    return ((struct handle *)h)->rw && !OBJ(h)->deferred ? publish(OBJ(h)) : 0;
 }
+
 
 /* ---- publishing ---- */
 
@@ -1000,6 +1138,7 @@ struct upload {
     struct seg *segs;
     unsigned nparts;
     char (*etags)[128];
+    const unsigned char *done; /* NULL, or per part: uploaded already (its ETag in etags) */
     pthread_mutex_t lock;
     unsigned next;  /* next part to do (under lock) */
     struct err_saved err; /* first failure (under lock; err.ret 0: none) */
@@ -1011,10 +1150,9 @@ static int put_part(struct upload *u, unsigned i)
 {
     struct obj *o = u->o;
     uint64_t s = u->segs[i].s, e = u->segs[i].e;
-    char pn[16], what[160];
-    snprintf(pn, sizeof pn, "%u", i + 1);
-    struct s3_param p[2] = {{"partNumber", pn}, {"uploadId", u->id}};
     int ret;
+    if (u->done && u->done[i]) /* streamed already, unchanged since */
+        return 0;
     if (u->segs[i].copy) {
         ret = s3_mpu_copy_part(&o->n, u->id, i + 1, &o->n, s, e, u->etags[i], sizeof u->etags[i]);
         if (ret == -EOPNOTSUPP && !atomic_exchange(&copy_unsupported, 1)) /* 501: publish() plans again */
@@ -1026,17 +1164,8 @@ static int put_part(struct upload *u, unsigned i)
     if (!buf)
         return err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
     ret = read_at(o, buf, e - s, s, 0);
-    if (ret == 0) {
-        struct s3_req r = {.op = S3_OP_PART, .method = "PUT", .bucket = o->n.bucket, .key = o->n.key,
-                           .params = p, .nparams = 2, .body = buf, .body_len = e - s};
-        snprintf(what, sizeof what, "publish %s: upload part %u", o->n.uri, i + 1);
-        ret = s3_http(&r, what);
-        if (ret == 0 && !r.etag[0])
-            ret = err_fail(EREMOTEIO, "%s: no ETag in the answer", what);
-        if (ret == 0)
-            snprintf(u->etags[i], sizeof u->etags[i], "%s", r.etag);
-        s3_req_free(&r);
-    }
+    if (ret == 0)
+        ret = s3_mpu_put_part(&o->n, u->id, i + 1, buf, e - s, u->etags[i], sizeof u->etags[i]);
     free(buf);
     return ret;
 }
@@ -1058,6 +1187,25 @@ static void *part_worker(void *arg)
             pthread_mutex_unlock(&u->lock);
         }
     }
+}
+
+/* Upload u's parts from up to connections threads: 0 or the first failure. */
+static int upload_parts(struct upload *u)
+{
+    pthread_mutex_init(&u->lock, NULL);
+    unsigned nw = u->nparts < s3_conf.connections ? u->nparts : s3_conf.connections;
+    pthread_t *tids = calloc(nw ? nw : 1, sizeof *tids);
+    unsigned started = 0;
+    for (; tids && started < nw; started++)
+        if (pthread_create(&tids[started], NULL, part_worker, u) != 0)
+            break;
+    if (started == 0)
+        part_worker(u);
+    for (unsigned i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    free(tids);
+    pthread_mutex_destroy(&u->lock);
+    return u->err.ret ? err_restore(&u->err) : 0;
 }
 
 /* The test seam of the crash test: QCOWD_S3_TEST_CRASH=before-complete kills
@@ -1101,38 +1249,20 @@ static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
 
     struct upload u = {.o = o, .id = id, .segs = pl.v, .nparts = pl.n};
     u.etags = calloc(u.nparts, sizeof *u.etags);
-    pthread_mutex_init(&u.lock, NULL);
-    unsigned nw = u.nparts < s3_conf.connections ? u.nparts : s3_conf.connections;
-    pthread_t *tids = calloc(nw, sizeof *tids);
-    unsigned started = 0;
-    if (!u.etags || !tids) {
-        ret = err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
-        goto out;
+    ret = u.etags ? upload_parts(&u) : err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
+    if (ret == 0) {
+        test_crash_point("before-complete", o->n.uri);
+        ret = s3_mpu_complete(&o->n, id, u.etags, u.nparts, etag_out, cap);
     }
-    for (; started < nw; started++)
-        if (pthread_create(&tids[started], NULL, part_worker, &u) != 0)
-            break;
-    if (started == 0)
-        part_worker(&u);
-    for (unsigned i = 0; i < started; i++)
-        pthread_join(tids[i], NULL);
-    if (u.err.ret) {
-        ret = err_restore(&u.err);
-        goto out;
-    }
-    test_crash_point("before-complete", o->n.uri);
-
-    ret = s3_mpu_complete(&o->n, id, u.etags, u.nparts, etag_out, cap);
-out:
     if (ret < 0)
         s3_mpu_abort(&o->n, id);
-    pthread_mutex_destroy(&u.lock);
-    free(tids);
     free(u.etags);
     free(pl.v);
     free(id);
     return ret;
 }
+
+static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag, int64_t mtime);
 
 static int put_whole(struct obj *o, uint64_t size, char *etag_out, size_t cap, int64_t *mtime)
 {
@@ -1176,6 +1306,15 @@ static int publish(struct obj *o)
         ret = multipart(o, size, etag, sizeof etag);
     }
     pthread_rwlock_unlock(&o->state);
+    publish_done(o, ret, size, etag, mtime);
+    pthread_mutex_unlock(&o->pub);
+    return ret;
+}
+
+/* After a publish of size bytes (ret 0: as etag), o->pub held, o->state not:
+ * tell the stat cache, and on success make it o's published version. */
+static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag, int64_t mtime)
+{
     /* stat and open see our own publish at once (an unknown outcome: they ask) */
     struct s3_head pub = {.size = size, .mtime = mtime};
     snprintf(pub.etag, sizeof pub.etag, "%s", etag);
@@ -1204,6 +1343,285 @@ static int publish(struct obj *o)
         write_meta(o, NULL);
         pthread_rwlock_unlock(&o->state);
     }
+}
+
+/* ---- streaming a deferred object's parts ---- */
+
+/* Its parts go to a multipart upload on the final key while it is written:
+ * part k (of the grid of psize) is queued on pool.c's workers once writes
+ * reach past part k+1 (the writer has moved on), part 0 (the qcow2 header, and
+ * what a maker rewrites last) never. A write into a part bumps its gen, so an
+ * upload that raced a write, or a part written again later, is uploaded
+ * again at the commit (S3 keeps the last upload of a part number). The whole
+ * object stays staged: validation reads it, and the commit can always fall
+ * back to a plain publish. Uploads in flight: at most connections, each one
+ * part in memory. */
+
+struct stream_task {
+    struct s3_task t;
+    struct obj *o;
+    size_t k;
+};
+
+/* Parts [s, e) touches changed (o->sp held); the grid grows to cover them. */
+static void stream_touch(struct obj *o, uint64_t s, uint64_t e)
+{
+    if (e <= s || o->stream_off)
+        return;
+    size_t last = (size_t)((e - 1) / o->psize);
+    if (last >= MAX_PARTS) { /* past what one upload takes: the commit publishes as usual */
+        o->stream_off = 1;
+        return;
+    }
+    if (last >= o->nparts) {
+        size_t n = last + 1 + 64;
+        struct spart *v = realloc(o->parts, n * sizeof *v);
+        if (!v) {
+            o->stream_off = 1;
+            return;
+        }
+        memset(v + o->nparts, 0, (n - o->nparts) * sizeof *v);
+        o->parts = v;
+        o->nparts = n;
+    }
+    for (size_t k = (size_t)(s / o->psize); k <= last; k++)
+        o->parts[k].gen++;
+}
+
+static void stream_finish(struct obj *o, size_t k, uint64_t g, int ret, const char *etag)
+{
+    pthread_mutex_lock(&o->sp);
+    o->parts[k].busy = 0;
+    if (ret == 0) {
+        o->parts[k].up = 1;
+        o->parts[k].up_gen = g;
+        snprintf(o->parts[k].etag, sizeof o->parts[k].etag, "%s", etag);
+    }
+    o->sp_inflight--;
+    pthread_cond_broadcast(&o->sp_done);
+    pthread_mutex_unlock(&o->sp);
+}
+
+static void stream_run(struct s3_task *t)
+{
+    struct stream_task *st = (struct stream_task *)t;
+    struct obj *o = st->o;
+    size_t k = st->k;
+    free(st);
+    char etag[128] = "";
+    int ret = 0;
+    pthread_mutex_lock(&o->sp);
+    if (!o->mpu_id && !o->stream_off) { /* the first part starts the upload (the others wait) */
+        char *id = NULL;
+        if ((ret = s3_mpu_start(&o->n, &id)) == 0) {
+            o->mpu_id = id;
+            write_meta(o, id); /* a later run aborts it if we die */
+        } else {
+            o->stream_off = 1;
+        }
+    }
+    uint64_t g = o->parts[k].gen, ps = o->psize;
+    const char *id = o->stream_off ? NULL : o->mpu_id; /* fixed until the commit, which waits for us */
+    pthread_mutex_unlock(&o->sp);
+    char *buf = id ? malloc(ps) : NULL;
+    if (!buf) {
+        stream_finish(o, k, g, -ENOMEM, NULL);
+        err_clear();
+        return;
+    }
+    size_t done = 0; /* the staging file's bytes; past its end (a hole) zeroes */
+    while (done < ps) {
+        ssize_t n = pread(o->sfd, buf + done, ps - done, (off_t)(k * ps + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        done += (size_t)n;
+    }
+    memset(buf + done, 0, ps - done);
+    ret = s3_mpu_put_part(&o->n, id, (unsigned)k + 1, buf, ps, etag, sizeof etag);
+    free(buf);
+    stream_finish(o, k, g, ret, etag); /* a failed part is uploaded again at the commit */
+    err_clear();
+}
+
+static void stream_cancelled(struct s3_task *t)
+{
+    struct stream_task *st = (struct stream_task *)t;
+    struct obj *o = st->o;
+    size_t k = st->k;
+    free(st);
+    pthread_mutex_lock(&o->sp);
+    uint64_t g = o->parts[k].gen;
+    pthread_mutex_unlock(&o->sp);
+    stream_finish(o, k, g, -ECANCELED, NULL);
+}
+
+/* After a write of [s, e) to a deferred object (o->state held for writing):
+ * note it, and queue the parts the writer has left behind. */
+static void stream_write(struct obj *o, uint64_t s, uint64_t e)
+{
+    pthread_mutex_lock(&o->sp);
+    stream_touch(o, s, e);
+    while (!o->stream_off && o->sp_inflight < s3_conf.connections && (o->sp_next + 2) * o->psize <= o->size &&
+           o->sp_next < o->nparts) {
+        size_t k = o->sp_next++;
+        struct spart *pt = &o->parts[k];
+        if (k == 0 || pt->busy || (pt->up && pt->up_gen == pt->gen))
+            continue;
+        struct stream_task *st = calloc(1, sizeof *st);
+        if (!st)
+            break;
+        *st = (struct stream_task){.t = {.run = stream_run, .cancelled = stream_cancelled, .owner = o}, .o = o, .k = k};
+        pt->busy = 1;
+        o->sp_inflight++;
+        if (s3_pool_submit(&st->t) < 0) { /* no workers: the commit uploads everything */
+            pt->busy = 0;
+            o->sp_inflight--;
+            o->stream_off = 1;
+            free(st);
+        }
+    }
+    pthread_mutex_unlock(&o->sp);
+}
+
+/* Wait until no part upload of o is queued or running; streaming stops. */
+static void stream_stop(struct obj *o)
+{
+    s3_pool_cancel(o);
+    pthread_mutex_lock(&o->sp);
+    o->stream_off = 1;
+    while (o->sp_inflight)
+        pthread_cond_wait(&o->sp_done, &o->sp);
+    pthread_mutex_unlock(&o->sp);
+}
+
+/* The commit of a streamed object: the parts not uploaded, or written since,
+ * uploaded now; then CompleteMultipartUpload. o->pub and o->state (shared)
+ * held, streaming stopped. */
+static int stream_complete(struct obj *o, uint64_t size, char *etag_out, size_t cap)
+{
+    uint64_t ps = o->psize;
+    unsigned n = (unsigned)((size + ps - 1) / ps);
+    struct upload u = {.o = o, .id = o->mpu_id, .nparts = n};
+    struct seg *segs = calloc(n, sizeof *segs);
+    unsigned char *done = calloc(n, 1);
+    u.etags = calloc(n, sizeof *u.etags);
+    int ret = 0;
+    if (!segs || !done || !u.etags) {
+        ret = err_fail(ENOMEM, "publish %s: out of memory", o->n.uri);
+        goto out;
+    }
+    for (unsigned k = 0; k < n; k++) {
+        segs[k] = (struct seg){k * ps, min64(size, (k + 1) * ps), 0};
+        struct spart *pt = k < o->nparts ? &o->parts[k] : NULL;
+        if (pt && pt->up && pt->up_gen == pt->gen && segs[k].e - segs[k].s == ps) {
+            done[k] = 1;
+            snprintf(u.etags[k], sizeof u.etags[k], "%s", pt->etag);
+        }
+    }
+    u.segs = segs;
+    u.done = done;
+    ret = upload_parts(&u);
+    if (ret == 0) {
+        test_crash_point("before-complete", o->n.uri);
+        ret = s3_mpu_complete(&o->n, o->mpu_id, u.etags, n, etag_out, cap);
+    }
+out:
+    free(segs);
+    free(done);
+    free(u.etags);
+    return ret;
+}
+
+/* Commit a deferred object whose parts were streamed: 1 when there is no
+ * streamed upload to complete (the caller publishes as usual), else 0 or the
+ * failure (the upload is aborted then, and a retry publishes as usual). */
+static int stream_commit(struct obj *o)
+{
+    stream_stop(o);
+    if (!o->mpu_id)
+        return 1;
+    pthread_mutex_lock(&o->pub);
+    pthread_rwlock_rdlock(&o->state);
+    uint64_t size = o->size;
+    char etag[128] = "";
+    int ret = 1;
+    if (size > o->psize && (size + o->psize - 1) / o->psize <= MAX_PARTS)
+        ret = stream_complete(o, size, etag, sizeof etag);
+    pthread_rwlock_unlock(&o->state);
+    if (ret != 0)
+        s3_mpu_abort(&o->n, o->mpu_id);
+    free(o->mpu_id);
+    o->mpu_id = NULL;
+    if (ret <= 0)
+        publish_done(o, ret, size, etag, 0);
     pthread_mutex_unlock(&o->pub);
+    return ret;
+}
+
+/* ---- a deferred publish ---- */
+
+int s3_obj_open_deferred(const char *path, void **handle)
+{
+    struct s3_name n;
+    int ret = object_name(path, &n);
+    if (ret < 0)
+        return ret;
+    struct handle *h = calloc(1, sizeof *h);
+    struct obj *o = h ? obj_alloc(&n) : NULL;
+    if (!o) {
+        ret = err_fail(ENOMEM, "open %s: out of memory", n.uri);
+        s3_name_free(&n);
+        free(h);
+        return ret;
+    }
+    o->deferred = 1;
+    o->changed = 1; /* the commit publishes it, even empty */
+    o->psize = s3_conf.part_size < MIN_PART_BYTES ? MIN_PART_BYTES : s3_conf.part_size;
+    o->gen = s3_cache_gen();
+    if ((ret = staging_open(o)) < 0) {
+        if (o->spath) {
+            unlink(o->mpath);
+            unlink(o->spath);
+        }
+        obj_free(o);
+        free(h);
+        return ret;
+    }
+    o->rw = 1;
+    o->refs = 1;
+    h->o = o;
+    h->rw = 1;
+    *handle = h;
+    return 0;
+}
+
+/* The test seam of the crash tests (QCOWD_S3_TEST_CRASH). */
+static void test_crash_point(const char *point, const char *uri);
+
+int s3_obj_commit(void *h, unsigned flags)
+{
+    struct obj *o = OBJ(h);
+    if (!o->deferred)
+        return err_fail(EINVAL, "publish %s: not a deferred object", o->n.uri);
+    if (flags & VFS_COMMIT_EXCL) {
+        /* S3 (and Swift) cannot refuse a CompleteMultipartUpload on an existing
+         * key: the name is looked for just before (the catalog holds the name
+         * against its own makers meanwhile) */
+        struct s3_head hd;
+        int r = s3_head_object(&o->n, &hd);
+        if (r == 0)
+            return err_fail(EEXIST, "publish %s: the object exists", o->n.uri);
+        if (r != -ENOENT || !strstr(err_msg(r), "no such object"))
+            return r;
+        err_clear();
+    }
+    test_crash_point("before-commit", o->n.uri);
+    int ret = stream_commit(o);
+    if (ret == 1)
+        ret = publish(o);
+    if (ret == 0)
+        s3_obj_forget(&o->n); /* an object open on the key shows the old version: the next open starts afresh */
     return ret;
 }

@@ -489,6 +489,8 @@ static const struct vfs_ops s3_ops = {
     .rename = s3_rename,
     .config = s3_config,
     .stats = s3_stats_walk,
+    .open_deferred = s3_obj_open_deferred,
+    .commit = s3_obj_commit,
 };
 
 /* A version 1 host gets the table without .config and .stats (the environment

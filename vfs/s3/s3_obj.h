@@ -51,6 +51,16 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off);
 int s3_obj_flush(void *h);
 int s3_obj_size(void *h, uint64_t *size);
 int s3_obj_truncate(void *h, uint64_t size);
+/* A deferred publish (struct vfs_ops .open_deferred, .commit): a new object
+ * for path, staged locally, out of the registry; the commit publishes it (one
+ * PUT, or a multipart upload of every part, completed last); a close without
+ * commit drops it. Its staging files are "HASH-PID-SEQ.new.data/.meta". */
+int s3_obj_open_deferred(const char *path, void **handle);
+int s3_obj_commit(void *h, unsigned flags);
+/* Remove what deferred publishes of dead processes left in the staging folder
+ * (their files are unlocked), aborting the multipart uploads their meta files
+ * name. Called once, when the configuration is first complete. */
+void s3_obj_sweep(void);
 /* The object at n is being removed or renamed away: handles open on it keep
  * reading what they had, but nothing of theirs is published any more, and a
  * new open of the key starts afresh. */
@@ -60,6 +70,9 @@ void s3_obj_forget(const struct s3_name *n);
 
 /* Start one on n: *id is a new string (free()). */
 int s3_mpu_start(const struct s3_name *n, char **id);
+/* Part partno (1-based) is the len bytes at buf; etag gets its ETag. */
+int s3_mpu_put_part(const struct s3_name *n, const char *id, unsigned partno, const void *buf, size_t len,
+                    char *etag, size_t cap);
 /* Part partno (1-based) is bytes [s, e) of src, copied by the store. */
 int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, const struct s3_name *src,
                      uint64_t s, uint64_t e, char *etag, size_t cap);
