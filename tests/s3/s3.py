@@ -541,14 +541,15 @@ def upload_invisible_until_complete(c):
         d.stop()
 
 
-def upload_streams_parts(c):
+def upload_streams_parts(c, extra=()):
     """An upload's parts go to the store while its body is still arriving: with
     the first 30 MiB of a resumable upload received (and staging-max far below
     it), four 5 MiB parts are already uploaded to a multipart upload on the
     final key, nothing is visible yet, and at the end every part has been sent
-    exactly once (no second copy of what was streamed, no server-side copy)."""
+    exactly once (no second copy of what was streamed, no server-side copy).
+    extra: more --s3-opt settings."""
     p = c.prefix()
-    d = c.qcowd(p, opts=("part-size=5M", "staging-max=8M"))
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=8M") + tuple(extra))
     try:
         src = c.image("s", 48 * MiB, "write -P 0x77 0 40M")
         with open(src, "rb") as f:
@@ -1045,13 +1046,20 @@ def own_changes_seen_at_once(c):
     finally:
         d.stop()
 
+def upload_streams_without_readahead(c):
+    """The streamed parts have workers of their own (sized by connections):
+    with readahead-gets=0 (no read-ahead workers) an upload's parts still go
+    to the store while its body arrives, as in upload_streams_parts."""
+    upload_streams_parts(c, ("readahead-gets=0",))
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream]
+         kill_mid_stream, upload_streams_without_readahead]
 
 
 def main():

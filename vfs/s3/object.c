@@ -362,7 +362,7 @@ static void ra_schedule(struct obj *o, uint64_t from, uint64_t win)
     while (rev) {
         struct ra_job *j = rev;
         rev = j->sub;
-        if (s3_pool_submit(&j->task) < 0)
+        if (s3_pool_submit(&s3_ra_pool, &j->task) < 0)
             ra_finish(j, NULL, 0, 0);
     }
 }
@@ -927,7 +927,7 @@ void s3_obj_close(void *hp)
             s3_mpu_abort(&o->n, o->mpu_id);
     }
     /* read-ahead: what is queued goes, what runs is waited for (one GET each) */
-    s3_pool_cancel(o);
+    s3_pool_cancel(&s3_ra_pool, o);
     pthread_mutex_lock(&o->ra);
     while (o->ra_jobs)
         pthread_cond_wait(&o->ra_done, &o->ra);
@@ -1348,7 +1348,7 @@ static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag
 /* ---- streaming a deferred object's parts ---- */
 
 /* Its parts go to a multipart upload on the final key while it is written:
- * part k (of the grid of psize) is queued on pool.c's workers once writes
+ * part k (of the grid of psize) is queued on the upload pool (pool.c) once writes
  * reach past part k+1 (the writer has moved on), part 0 (the qcow2 header, and
  * what a maker rewrites last) never. A write into a part bumps its gen, so an
  * upload that raced a write, or a part written again later, is uploaded
@@ -1475,7 +1475,7 @@ static void stream_write(struct obj *o, uint64_t s, uint64_t e)
         *st = (struct stream_task){.t = {.run = stream_run, .cancelled = stream_cancelled, .owner = o}, .o = o, .k = k};
         pt->busy = 1;
         o->sp_inflight++;
-        if (s3_pool_submit(&st->t) < 0) { /* no workers: the commit uploads everything */
+        if (s3_pool_submit(&s3_upload_pool, &st->t) < 0) { /* no workers: the commit uploads everything */
             pt->busy = 0;
             o->sp_inflight--;
             o->stream_off = 1;
@@ -1488,7 +1488,7 @@ static void stream_write(struct obj *o, uint64_t s, uint64_t e)
 /* Wait until no part upload of o is queued or running; streaming stops. */
 static void stream_stop(struct obj *o)
 {
-    s3_pool_cancel(o);
+    s3_pool_cancel(&s3_upload_pool, o);
     pthread_mutex_lock(&o->sp);
     o->stream_off = 1;
     while (o->sp_inflight)

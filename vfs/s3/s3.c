@@ -499,7 +499,8 @@ static struct vfs_ops s3_ops_v1;
 
 static void cleanup(void)
 {
-    s3_pool_stop();
+    s3_pool_stop(&s3_upload_pool);
+    s3_pool_stop(&s3_ra_pool);
     s3_http_cleanup();
     s3_meta_cleanup();
 }
