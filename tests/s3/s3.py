@@ -58,10 +58,11 @@ def run(*cmd):
 class Qcowd(qcowd.Qcowd):
     """qcowd on a free port with an s3 catalog; stderr kept in .lines."""
 
-    def __init__(self, s3, prefix, staging, endpoint=None, env_extra=None, secret=None, opts=(), expect_fail=False):
+    def __init__(self, s3, prefix, staging, endpoint=None, env_extra=None, secret=None, opts=(), expect_fail=False,
+                 args_extra=()):
         args = ["--threads", "4", "--catalog", "s3://%s/%s" % (BUCKET, prefix),
                 "--s3-endpoint", endpoint or s3.endpoint, "--s3-opt", "staging-dir=" + staging,
-                "--s3-opt", "allow-http=yes"]
+                "--s3-opt", "allow-http=yes"] + list(args_extra)
         for o in opts:
             args += ["--s3-opt", o]
         env = s3.env(secret)
@@ -1053,13 +1054,53 @@ def upload_streams_without_readahead(c):
     upload_streams_parts(c, ("readahead-gets=0",))
 
 
+def uploads_counted_in_budget(c):
+    """Images being made count against --max-catalog although a bucket does not
+    list them before their publish: with a resumable upload waiting between
+    its pieces, a second upload that fits alone but not beside it is refused
+    at once with 507 naming --max-catalog (by the total its first piece
+    declares: a small piece, read whole before the answer); the first one
+    completes, and a second one that fits beside it is taken."""
+    p = c.prefix()
+    a = c.image("ba", 16 * MiB, "write -P 0x0a 0 10M")
+    b = c.image("bb", 16 * MiB, "write -P 0x0b 0 10M")
+    small = c.image("bs", 4 * MiB, "write -P 0x05 0 1M")
+    da, db, ds = (open(x, "rb").read() for x in (a, b, small))
+    budget = len(da) + len(db) - MiB
+    d = c.qcowd(p, args_extra=("--max-catalog", str(budget)))
+
+    def begin_bb():
+        return d.request("PUT", "/v1/images/bb/file", db[:65536],
+                         {"Content-Range": "bytes 0-65535/%d" % len(db)})
+    try:
+        half = len(da) // 2
+        st, b_ = d.request("PUT", "/v1/images/ba/file", da[:half],
+                           {"Content-Range": "bytes 0-%d/%d" % (half - 1, len(da))})
+        check(st == 202, "first piece: %s %s" % (st, b_[:200]))
+        st, b_ = begin_bb()
+        check(st == 507 and b"--max-catalog" in b_,
+              "an upload past the budget beside a waiting one: %s %s" % (st, b_[:300]))
+        st, b_ = d.request("PUT", "/v1/images/ba/file", da[half:],
+                           {"Content-Range": "bytes %d-%d/%d" % (half, len(da) - 1, len(da))})
+        check(st == 201, "last piece: %s %s" % (st, b_[:200]))
+        st, b_ = begin_bb()
+        check(st == 507, "an upload past the budget: %s %s" % (st, b_[:300]))
+        st, b_ = d.request("PUT", "/v1/images/bs/file", ds)
+        check(st == 201, "an upload within the budget: %s %s" % (st, b_[:300]))
+        keys = sorted(k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json"))
+        check(keys == [p + "/ba.qcow2", p + "/bs.qcow2"], "objects: %s" % keys)
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream, upload_streams_without_readahead]
+         kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget]
 
 
 def main():
