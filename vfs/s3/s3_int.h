@@ -234,6 +234,7 @@ struct s3_meta {
     uint64_t size;
     int64_t mtime;   /* seconds since the epoch */
     char etag[128];  /* as the store gives it, quoted */
+    int listed;      /* learned from a listing (Swift lists a multipart copy with another ETag) */
 };
 
 /* A stamp to take before asking the store, for s3_meta_learn. */
