@@ -177,6 +177,30 @@ static int publish_begin(struct catalog *c, const char *kind, const char *name, 
     return ret;
 }
 
+/* ret (negative) with its message naming final where it named work, the
+ * private URI an image is made at (pending:TOKEN on a store with a deferred
+ * publish): messages name the image (the API shows its final URI as
+ * NAME.qcow2), never that. */
+static int name_final(int ret, const char *work, const char *final)
+{
+    size_t wl = strlen(work);
+    if (ret >= 0 || !wl || !strstr(err_msg(ret), work))
+        return ret;
+    char *m = strdup(err_msg(ret)), *hit, *next;
+    while (m && (hit = strstr(m, work))) {
+        next = NULL;
+        if (asprintf(&next, "%.*s%s%s", (int)(hit - m), m, final, hit + wl) < 0)
+            next = NULL;
+        free(m);
+        m = next;
+    }
+    if (!m)
+        return ret; /* out of memory: the message as it was */
+    ret = err_fail(-ret, "%s", m);
+    free(m);
+    return ret;
+}
+
 /* End what publish_begin began (NULL: nothing): dropped unless published. */
 static void publish_end(struct catalog *c, struct vfs_pending *p)
 {
@@ -266,7 +290,7 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
     if (ret == 0)
         ret = publish_begin(c, "create", name, 0, true, &p);
     if (ret == 0)
-        ret = qcow2_create(vfs_pending_uri(p), &o);
+        ret = name_final(qcow2_create(vfs_pending_uri(p), &o), vfs_pending_uri(p), uri);
     if (ret == 0)
         ret = install(c, p, name);
     publish_end(c, p); /* not published: dropped */
@@ -511,7 +535,7 @@ int catalog_upload_commit(struct catalog_upload *u)
     if (ret == 0)
         ret = catalog_check_space(c, 0); /* the folder and the images being made, this one too */
     if (ret == 0)
-        ret = validate_upload(c, vfs_pending_uri(u->pend));
+        ret = name_final(validate_upload(c, vfs_pending_uri(u->pend)), vfs_pending_uri(u->pend), u->uri);
     if (ret == 0)
         ret = install(c, u->pend, u->name);
     upload_free(u);

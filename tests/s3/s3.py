@@ -1144,13 +1144,42 @@ def listing_etag_of_multipart_copy(c):
         d.stop()
 
 
+def invalid_upload_names_no_pending(c):
+    """An upload to a bucket that fails validation is refused with a message
+    that names the image or no object at all, never the private pending: URI
+    of the object being made."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",))
+    try:
+        src = c.image("iv", 8 * MiB, "write -P 0x11 0 2M")
+        data = bytearray(open(src, "rb").read())
+        bads = []
+        b1 = bytearray(data)
+        b1[0x30:0x38] = b"\xff" * 8  # l1_table_offset far past the end
+        bads.append(b1)
+        b2 = bytearray(data)
+        b2[0x08:0x10] = (len(data) + 65536).to_bytes(8, "big")  # backing file offset past the end
+        b2[0x10:0x14] = (16).to_bytes(4, "big")
+        bads.append(b2)
+        bads.append(data[:3 * 65536])  # cut short: the L1 table lies past the end
+        for i, bad in enumerate(bads):
+            st, b = d.request("PUT", "/v1/images/iv%d/file" % i, bytes(bad))
+            print("    invalid upload %d: %d %s" % (i, st, b[:200]))
+            check(st // 100 == 4, "an invalid upload was taken: %s %s" % (st, b[:200]))
+            check(b"pending:" not in b, "the message names the pending object: %s" % b[:300])
+        check(not any("pending:" in l for l in d.lines if "iv" in l), "a log line names the pending object")
+    finally:
+        d.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget, listing_etag_of_multipart_copy]
+         kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget, listing_etag_of_multipart_copy,
+         invalid_upload_names_no_pending]
 
 
 def main():
