@@ -582,6 +582,27 @@ def upload_streams_parts(c, extra=()):
         d.stop()
 
 
+def restart_aborts_dead_upload(c, p, what, then=None):
+    """After qcowd died (what: "the kill") with an upload to catalog p unfinished:
+    no object in p, one multipart upload pending; a new start lists no image,
+    logs that it dropped the dead run's publish and aborts its upload; then(d)
+    runs on that new qcowd, if given."""
+    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+    check(keys == [], "objects after %s: %s" % (what, keys))
+    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after %s: %s %s" % (what, st, doc))
+        check(any("dropped the unfinished publish" in l for l in d.lines),
+              "no log line about the dead run's publish:\n" + "\n".join(d.lines))
+        check(c.s3.uploads(BUCKET) == [], "the dead run's multipart upload was not aborted")
+        if then:
+            then(d)
+    finally:
+        d.stop()
+
+
 def kill_mid_stream(c):
     """kill -9 of qcowd while an upload waits for its last piece with parts
     already streamed: no object of that name, and the next start aborts the
@@ -603,19 +624,12 @@ def kill_mid_stream(c):
     finally:
         d.proc.kill()
         d.wait_exit(60)
-    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
-    check(keys == [], "objects after the kill: %s" % keys)
-    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
-    d = c.qcowd(p)
-    try:
-        st, doc = d.json("GET", "/v1/images")
-        check(st == 200 and doc["images"] == [], "list after the kill: %s %s" % (st, doc))
-        check(c.s3.uploads(BUCKET) == [], "the dead run's multipart upload was not aborted")
+
+    def upload_afresh(d):
         st, b = d.request("PUT", "/v1/images/m/file", data)
         check(st == 201, "upload after the kill: %s %s" % (st, b[:200]))
         check(c.s3.get(BUCKET, p + "/m.qcow2") == data, "the object is not the uploaded file")
-    finally:
-        d.stop()
+    restart_aborts_dead_upload(c, p, "the kill", upload_afresh)
 
 
 def crash_before_upload_completes(c):
@@ -633,18 +647,7 @@ def crash_before_upload_completes(c):
         pass
     rc = d.wait_exit(60)
     check(rc == -signal.SIGKILL, "qcowd did not die at the crash point (exit %s)" % rc)
-    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
-    check(keys == [], "objects after the crash: %s" % keys)
-    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
-    d = c.qcowd(p)
-    try:
-        st, doc = d.json("GET", "/v1/images")
-        check(st == 200 and doc["images"] == [], "list after the crash: %s %s" % (st, doc))
-        check(any("dropped the unfinished publish" in l for l in d.lines),
-              "no log line about the dead run's publish:\n" + "\n".join(d.lines))
-        check(c.s3.uploads(BUCKET) == [], "the unfinished multipart upload was not aborted")
-    finally:
-        d.stop()
+    restart_aborts_dead_upload(c, p, "the crash")
 
 
 def wrong_secret(c):
