@@ -86,6 +86,7 @@ int catalog_new(const char *root, const struct catalog_opts *opts, struct catalo
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->admit_lock, NULL);
     pthread_mutex_init(&c->uploads_lock, NULL);
+    pthread_mutex_init(&c->space_lock, NULL);
     pthread_cond_init(&c->closed, NULL);
     *out = c;
     return 0;
@@ -112,6 +113,7 @@ void catalog_free(struct catalog *c)
     cat_admit_free(c);
     cat_users_free(c);
     pthread_cond_destroy(&c->closed);
+    pthread_mutex_destroy(&c->space_lock);
     pthread_mutex_destroy(&c->uploads_lock);
     pthread_mutex_destroy(&c->admit_lock);
     pthread_mutex_destroy(&c->lock);

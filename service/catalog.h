@@ -147,8 +147,10 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
 int catalog_clean_temp(struct catalog *c, void (*note)(void *ctx, const char *file, const char *why, int err),
                        void *ctx);
 
-/* 0, or -ENOSPC naming --max-catalog when the catalog folder's files and more
- * bytes would pass it (0 at once without that budget). Thread-safe. */
+/* 0, or -ENOSPC naming --max-catalog when the catalog folder's files, the
+ * images being made (not listed yet on a store with a deferred publish; an
+ * upload counts the size it declared) and more bytes would pass it (0 at once
+ * without that budget). Thread-safe. */
 int catalog_check_space(struct catalog *c, uint64_t more);
 
 /* Remove the image name. Returns 0, -EINVAL, -ENOENT, -ETXTBSY when another
@@ -310,12 +312,16 @@ char *catalog_path(struct catalog *c, const char *file);
  * name where the store has one (S3: a multipart upload, completed at the
  * publish), else a temporary name of kind (".KIND-NAME@HOST-PID-SEQ.tmp", never
  * listed) renamed into place. Make the image at vfs_pending_uri(*out); the
- * caller ends it with vfs_pending_end (an abort unless published). */
+ * caller ends it with catalog_publish_end (an abort unless published). Until
+ * then its bytes count in catalog_check_space (the budget is checked by the
+ * caller: a convert's size is known only as it is made). */
 struct vfs_pending;
 int catalog_publish_begin(struct catalog *c, const char *kind, const char *name, struct vfs_pending **out);
 /* Publish what p made as name and announce "image-created": -EEXIST when the
  * name is taken (nothing published). Close the image's handles first. */
 int catalog_publish(struct catalog *c, struct vfs_pending *p, const char *name);
+/* End what catalog_publish_begin began (NULL: nothing): dropped unless published. */
+void catalog_publish_end(struct catalog *c, struct vfs_pending *p);
 
 /* Called after an image is created, installed, removed, or its last writer
  * leaves (what: "image-created", "image-deleted", "image-changed"), from the

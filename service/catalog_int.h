@@ -66,6 +66,8 @@ struct catalog {
     pthread_mutex_t uploads_lock;        /* the suspended uploads (files.c); no I/O under it */
     struct catalog_upload *suspended;    /* oldest first (under uploads_lock) */
     unsigned nsuspended;
+    pthread_mutex_t space_lock;          /* --max-catalog checks and makings (files.c); a check lists under it */
+    struct cat_making *makings;          /* images being made, counted by the checks (under space_lock) */
 };
 
 /* A growing array of names (catalog_names_free frees it). */

@@ -192,7 +192,7 @@ out:
     if (dst)
         qcow2_close(dst);
     catalog_close_private(srch, false);
-    vfs_pending_end(pend); /* not published: dropped */
+    catalog_publish_end(cat, pend); /* not published: dropped */
     free(buf);
     catalog_release(cat, a->target);
     catalog_release(cat, a->image);

@@ -61,16 +61,43 @@ static int add_file(void *ctx, const char *file)
     return 0;
 }
 
-/* One listing and a stat per file: called per upload, create and convert,
- * never per read or write. */
-int catalog_check_space(struct catalog *c, uint64_t more)
+/* An image being made (publish_begin to publish_end): on a store with a
+ * deferred publish it is not listed until the end, on the others its temporary
+ * file is; either way the bytes it declared count before they arrive. */
+struct cat_making {
+    struct vfs_pending *p;
+    uint64_t declared; /* the size it says it will have (0: not known) */
+    struct cat_making *next;
+};
+
+static uint64_t add_sat(uint64_t a, uint64_t b)
 {
-    if (c->opts.max_catalog == CATALOG_UNLIMITED)
-        return 0;
+    uint64_t s;
+    return __builtin_add_overflow(a, b, &s) ? UINT64_MAX : s;
+}
+
+/* What m takes that the folder's listing does not show: all of it when its
+ * publish is deferred, else what it declared beyond its temporary file. */
+static uint64_t making_bytes(const struct cat_making *m)
+{
+    struct vfs_stat st;
+    uint64_t have = vfs_stat(vfs_pending_uri(m->p), &st) == 0 ? st.size : 0; /* ENOENT: not created yet */
+    if (!vfs_pending_deferred(m->p))
+        return m->declared > have ? m->declared - have : 0;
+    return m->declared > have ? m->declared : have;
+}
+
+/* catalog_check_space with c->space_lock held: one listing and a stat per
+ * file and per image being made (called per upload, create and convert, never
+ * per read or write). */
+static int check_space_locked(struct catalog *c, uint64_t more)
+{
     struct usage u = {.root = c->root};
     int ret = vfs_list(c->root, add_file, &u);
     if (ret < 0)
         return ret == -ENOMEM ? err_fail(ENOMEM, "out of memory") : err_prefix(ret, "listing the catalog");
+    for (const struct cat_making *m = c->makings; m; m = m->next)
+        u.bytes = add_sat(u.bytes, making_bytes(m));
     err_clear();
     if (u.bytes <= c->opts.max_catalog && more <= c->opts.max_catalog - u.bytes)
         return 0;
@@ -80,6 +107,39 @@ int catalog_check_space(struct catalog *c, uint64_t more)
     human(more, add, sizeof add);
     return err_fail(ENOSPC, "the catalog holds %s%s%s: over --max-catalog (%s)", used, more ? " and needs " : "",
                     more ? add : "", cap);
+}
+
+int catalog_check_space(struct catalog *c, uint64_t more)
+{
+    if (c->opts.max_catalog == CATALOG_UNLIMITED)
+        return 0;
+    pthread_mutex_lock(&c->space_lock);
+    int ret = check_space_locked(c, more);
+    pthread_mutex_unlock(&c->space_lock);
+    return ret;
+}
+
+/* Count p (declared bytes, 0: unknown) in the checks until publish_end; when
+ * check, first refuse (-ENOSPC) if it would take the catalog past --max-catalog,
+ * in one step with the count so two makers cannot both pass. */
+static int making_add(struct catalog *c, struct vfs_pending *p, uint64_t declared, bool check)
+{
+    if (c->opts.max_catalog == CATALOG_UNLIMITED)
+        return 0;
+    struct cat_making *m = malloc(sizeof *m);
+    if (!m)
+        return err_fail(ENOMEM, "out of memory");
+    *m = (struct cat_making){.p = p, .declared = declared == UINT64_MAX ? 0 : declared};
+    pthread_mutex_lock(&c->space_lock);
+    int ret = check ? check_space_locked(c, m->declared) : 0;
+    if (ret == 0) {
+        m->next = c->makings;
+        c->makings = m;
+    }
+    pthread_mutex_unlock(&c->space_lock);
+    if (ret < 0)
+        free(m);
+    return ret;
 }
 
 static int exists(const char *uri, const char *name)
@@ -100,14 +160,63 @@ static const char UPLOAD_OWNER[] = "an upload (PUT .../file)";
 
 /* Begin making the image name (the caller holds its reservation): a deferred
  * publish to its final name where the store has one (an S3 multipart upload),
- * else a temporary name of kind that the commit renames into place. */
-static int publish_begin(struct catalog *c, const char *kind, const char *name, struct vfs_pending **out)
+ * else a temporary name of kind that the commit renames into place. Its
+ * declared bytes (UINT64_MAX or 0: not known) count against --max-catalog from
+ * now to publish_end; when check, refused (-ENOSPC) if they do not fit. */
+static int publish_begin(struct catalog *c, const char *kind, const char *name, uint64_t declared, bool check,
+                         struct vfs_pending **out)
 {
     char *uri = cat_image_uri(c, name), *tmp = cat_temp_uri(c, kind, name);
     int ret = uri && tmp ? vfs_pending_begin(uri, tmp, out) : err_fail(ENOMEM, "out of memory");
     free(uri);
     free(tmp);
+    if (ret == 0 && (ret = making_add(c, *out, declared, check)) < 0) {
+        vfs_pending_end(*out);
+        *out = NULL;
+    }
     return ret;
+}
+
+/* ret (negative) with its message naming final where it named work, the
+ * private URI an image is made at (pending:TOKEN on a store with a deferred
+ * publish): messages name the image (the API shows its final URI as
+ * NAME.qcow2), never that. */
+static int name_final(int ret, const char *work, const char *final)
+{
+    size_t wl = strlen(work);
+    if (ret >= 0 || !wl || !strstr(err_msg(ret), work))
+        return ret;
+    char *m = strdup(err_msg(ret)), *hit, *next;
+    while (m && (hit = strstr(m, work))) {
+        next = NULL;
+        if (asprintf(&next, "%.*s%s%s", (int)(hit - m), m, final, hit + wl) < 0)
+            next = NULL;
+        free(m);
+        m = next;
+    }
+    if (!m)
+        return ret; /* out of memory: the message as it was */
+    ret = err_fail(-ret, "%s", m);
+    free(m);
+    return ret;
+}
+
+/* End what publish_begin began (NULL: nothing): dropped unless published. */
+static void publish_end(struct catalog *c, struct vfs_pending *p)
+{
+    if (!p)
+        return;
+    struct cat_making *m = NULL;
+    pthread_mutex_lock(&c->space_lock);
+    for (struct cat_making **q = &c->makings; *q; q = &(*q)->next)
+        if ((*q)->p == p) {
+            m = *q;
+            *q = m->next;
+            break;
+        }
+    pthread_mutex_unlock(&c->space_lock);
+    free(m);
+    vfs_pending_end(p);
 }
 
 /* Publish what p made as name, drop the cache's entry and announce it. The
@@ -179,14 +288,12 @@ int catalog_create(struct catalog *c, const char *name, const struct qcow2_creat
     struct vfs_pending *p = NULL;
     ret = exists(uri, name);
     if (ret == 0)
-        ret = catalog_check_space(c, 0);
+        ret = publish_begin(c, "create", name, 0, true, &p);
     if (ret == 0)
-        ret = publish_begin(c, "create", name, &p);
-    if (ret == 0)
-        ret = qcow2_create(vfs_pending_uri(p), &o);
+        ret = name_final(qcow2_create(vfs_pending_uri(p), &o), vfs_pending_uri(p), uri);
     if (ret == 0)
         ret = install(c, p, name);
-    vfs_pending_end(p); /* not published: dropped */
+    publish_end(c, p); /* not published: dropped */
     cat_leave_name(c, name, CREATE_OWNER);
 out:
     free(uri);
@@ -271,10 +378,8 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
         goto fail;
     u->named = true;
     ret = exists(u->uri, name);
-    if (ret == 0)
-        ret = catalog_check_space(c, length == UINT64_MAX ? 0 : length);
-    if (ret == 0)
-        ret = publish_begin(c, "upload", name, &u->pend);
+    if (ret == 0) /* counted from here: a concurrent upload's check sees it */
+        ret = publish_begin(c, "upload", name, length, true, &u->pend);
     if (ret == 0)
         ret = vfs_open(vfs_pending_uri(u->pend), VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &u->f);
     if (ret < 0)
@@ -283,7 +388,7 @@ int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, s
     return 0;
 fail:
     if (u) {
-        vfs_pending_end(u->pend);
+        publish_end(c, u->pend);
         if (u->named)
             cat_leave_name(c, name, UPLOAD_OWNER);
         free(u->name);
@@ -353,7 +458,7 @@ static void upload_free(struct catalog_upload *u)
 {
     if (u->f)
         vfs_close(u->f);
-    vfs_pending_end(u->pend);
+    publish_end(u->cat, u->pend);
     if (u->named)
         cat_leave_name(u->cat, u->name, UPLOAD_OWNER);
     free(u->name);
@@ -428,9 +533,9 @@ int catalog_upload_commit(struct catalog_upload *u)
                                 (unsigned long long)u->off)
                      : err_fail(EUCLEAN, "not a qcow2 image: the upload is empty");
     if (ret == 0)
-        ret = catalog_check_space(c, 0); /* the folder with this upload in it */
+        ret = catalog_check_space(c, 0); /* the folder and the images being made, this one too */
     if (ret == 0)
-        ret = validate_upload(c, vfs_pending_uri(u->pend));
+        ret = name_final(validate_upload(c, vfs_pending_uri(u->pend)), vfs_pending_uri(u->pend), u->uri);
     if (ret == 0)
         ret = install(c, u->pend, u->name);
     upload_free(u);
@@ -693,7 +798,12 @@ void catalog_file_close(struct catalog_file *f)
 int catalog_publish_begin(struct catalog *c, const char *kind, const char *name, struct vfs_pending **out)
 {
     int ret = catalog_valid_name(name);
-    return ret < 0 ? ret : publish_begin(c, kind, name, out);
+    return ret < 0 ? ret : publish_begin(c, kind, name, 0, false, out);
+}
+
+void catalog_publish_end(struct catalog *c, struct vfs_pending *p)
+{
+    publish_end(c, p);
 }
 
 int catalog_publish(struct catalog *c, struct vfs_pending *p, const char *name)

@@ -585,12 +585,19 @@ const char *vfs_file_uri(const struct vfs_file *f)
     return f->uri;
 }
 
+/* The URI messages about f name: a pending publish's work URI is private
+ * (pending:TOKEN), so they name the object's final URI instead. */
+static const char *shown_uri(const struct vfs_file *f)
+{
+    return f->pend ? f->pend->final : f->uri;
+}
+
 /* off+len must not wrap and must fit an off_t. */
 static int check_range(const struct vfs_file *f, const char *op, uint64_t off, uint64_t len)
 {
     uint64_t end;
     if (__builtin_add_overflow(off, len, &end) || end > (uint64_t)INT64_MAX)
-        return err_fail(EINVAL, "%s %s: range %llu+%llu is out of bounds", op, f->uri,
+        return err_fail(EINVAL, "%s %s: range %llu+%llu is out of bounds", op, shown_uri(f),
                         (unsigned long long)off, (unsigned long long)len);
     return 0;
 }
@@ -598,7 +605,7 @@ static int check_range(const struct vfs_file *f, const char *op, uint64_t off, u
 static int check_writable(const struct vfs_file *f, const char *op)
 {
     if (!(f->flags & VFS_O_RDWR))
-        return err_fail(EBADF, "%s %s: opened read-only", op, f->uri);
+        return err_fail(EBADF, "%s %s: opened read-only", op, shown_uri(f));
     return 0;
 }
 
@@ -634,7 +641,7 @@ int vfs_flush(struct vfs_file *f)
         if (!(f->flags & VFS_O_RDWR) || !f->be->ops.pwrite)
             return 0;
         return err_fail(EOPNOTSUPP, "flush %s: backend \"%s\" cannot make writes durable",
-                        f->uri, f->be->name);
+                        shown_uri(f), f->be->name);
     }
     enter(f->be);
     r = f->be->ops.flush(f->handle);
@@ -660,10 +667,10 @@ int vfs_truncate(struct vfs_file *f, uint64_t size)
     if (r < 0)
         return r;
     if (size > (uint64_t)INT64_MAX)
-        return err_fail(EFBIG, "truncate %s: size %llu is too large", f->uri,
+        return err_fail(EFBIG, "truncate %s: size %llu is too large", shown_uri(f),
                         (unsigned long long)size);
     if (!f->be->ops.truncate)
-        return err_fail(EOPNOTSUPP, "truncate %s: backend \"%s\" cannot resize", f->uri,
+        return err_fail(EOPNOTSUPP, "truncate %s: backend \"%s\" cannot resize", shown_uri(f),
                         f->be->name);
     enter(f->be);
     r = f->be->ops.truncate(f->handle, size);
@@ -686,7 +693,7 @@ int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len)
     if (r < 0 || len == 0)
         return r;
     if (!f->be->ops.discard)
-        return err_fail(EOPNOTSUPP, "discard %s: backend \"%s\" has no discard", f->uri,
+        return err_fail(EOPNOTSUPP, "discard %s: backend \"%s\" has no discard", shown_uri(f),
                         f->be->name);
     enter(f->be);
     r = f->be->ops.discard(f->handle, off, len);
@@ -710,7 +717,7 @@ int vfs_block_status(struct vfs_file *f, uint64_t off, uint64_t len, uint64_t *p
     uint64_t n = 0, size;
     int r;
     if (len == 0)
-        return err_fail(EINVAL, "block status %s: empty range", f->uri);
+        return err_fail(EINVAL, "block status %s: empty range", shown_uri(f));
     if ((r = check_range(f, "block status", off, len)) < 0)
         return r;
     if (!f->be->ops.block_status) { /* the default: data up to the size, hole after */
@@ -730,7 +737,7 @@ int vfs_block_status(struct vfs_file *f, uint64_t off, uint64_t len, uint64_t *p
         return r;
     if ((r != VFS_BS_DATA && r != VFS_BS_HOLE) || n == 0 || n > len)
         return err_fail(EIO, "block status %s: backend \"%s\" answered %d for %llu bytes",
-                        f->uri, f->be->name, r, (unsigned long long)n);
+                        shown_uri(f), f->be->name, r, (unsigned long long)n);
     *pnum = n;
     return r;
 }

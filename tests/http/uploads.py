@@ -17,6 +17,10 @@ Content-Range) against a live qcowd:
   whole-cut     a PUT sent whole (no Content-Range) and cut: nothing kept, as before
   expiry        with --upload-resume-time 1, a waiting upload goes after a second:
                 404, its temporary file removed, the name free
+  budget        with --max-catalog room for 1.5 images, a waiting upload counts its
+                declared total: a second one is 507 at its first piece although the
+                folder holds only the first one's piece; after the first completes
+                it is 507 still
 
 Environment: QCOWD (required), QEMU_IMG, QEMU_IO. Prints `ok NAME` / `FAIL NAME:
 reason`, then `N passed, M failed`; exits 1 on a failure, 77 when a tool is missing.
@@ -200,9 +204,26 @@ def main():
         finally:
             d2.stop_clean()
 
+    def budget():
+        cat3 = os.path.join(top, "cat3")
+        os.mkdir(cat3)
+        d3 = qcowd.Qcowd(qcowd.QCOWD, ["--catalog", cat3, "--max-catalog", str(T + T // 2)])
+        try:
+            st, e = piece(d3, "b1", blob, 0, 65535)
+            assert st == 202, (st, e)
+            st, e = piece(d3, "b2", blob, 0, 65535)
+            assert st == 507 and "--max-catalog" in e["error"]["message"], (st, e)
+            st, e = piece(d3, "b1", blob, 65536, T - 1)
+            assert st == 201, (st, e)
+            st, e = piece(d3, "b2", blob, 0, 65535)
+            assert st == 507, (st, e)
+            assert [f for f in os.listdir(cat3) if not f.startswith(".qcowd-")] == ["b1.qcow2"], os.listdir(cat3)
+        finally:
+            d3.stop_clean()
+
     for name, fn in (("pieces", pieces), ("broken", broken), ("wrong-offset", wrong_offset),
                      ("status", status_cases), ("held-name", held_name), ("refused", refused),
-                     ("whole-cut", whole_cut), ("expiry", expiry)):
+                     ("whole-cut", whole_cut), ("expiry", expiry), ("budget", budget)):
         cases.case(name, fn)
     return qcowd.finish(cases, d, top, args.keep)
 

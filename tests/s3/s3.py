@@ -58,10 +58,11 @@ def run(*cmd):
 class Qcowd(qcowd.Qcowd):
     """qcowd on a free port with an s3 catalog; stderr kept in .lines."""
 
-    def __init__(self, s3, prefix, staging, endpoint=None, env_extra=None, secret=None, opts=(), expect_fail=False):
+    def __init__(self, s3, prefix, staging, endpoint=None, env_extra=None, secret=None, opts=(), expect_fail=False,
+                 args_extra=()):
         args = ["--threads", "4", "--catalog", "s3://%s/%s" % (BUCKET, prefix),
                 "--s3-endpoint", endpoint or s3.endpoint, "--s3-opt", "staging-dir=" + staging,
-                "--s3-opt", "allow-http=yes"]
+                "--s3-opt", "allow-http=yes"] + list(args_extra)
         for o in opts:
             args += ["--s3-opt", o]
         env = s3.env(secret)
@@ -541,14 +542,15 @@ def upload_invisible_until_complete(c):
         d.stop()
 
 
-def upload_streams_parts(c):
+def upload_streams_parts(c, extra=()):
     """An upload's parts go to the store while its body is still arriving: with
     the first 30 MiB of a resumable upload received (and staging-max far below
     it), four 5 MiB parts are already uploaded to a multipart upload on the
     final key, nothing is visible yet, and at the end every part has been sent
-    exactly once (no second copy of what was streamed, no server-side copy)."""
+    exactly once (no second copy of what was streamed, no server-side copy).
+    extra: more --s3-opt settings."""
     p = c.prefix()
-    d = c.qcowd(p, opts=("part-size=5M", "staging-max=8M"))
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=8M") + tuple(extra))
     try:
         src = c.image("s", 48 * MiB, "write -P 0x77 0 40M")
         with open(src, "rb") as f:
@@ -580,6 +582,27 @@ def upload_streams_parts(c):
         d.stop()
 
 
+def restart_aborts_dead_upload(c, p, what, then=None):
+    """After qcowd died (what: "the kill") with an upload to catalog p unfinished:
+    no object in p, one multipart upload pending; a new start lists no image,
+    logs that it dropped the dead run's publish and aborts its upload; then(d)
+    runs on that new qcowd, if given."""
+    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+    check(keys == [], "objects after %s: %s" % (what, keys))
+    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after %s: %s %s" % (what, st, doc))
+        check(any("dropped the unfinished publish" in l for l in d.lines),
+              "no log line about the dead run's publish:\n" + "\n".join(d.lines))
+        check(c.s3.uploads(BUCKET) == [], "the dead run's multipart upload was not aborted")
+        if then:
+            then(d)
+    finally:
+        d.stop()
+
+
 def kill_mid_stream(c):
     """kill -9 of qcowd while an upload waits for its last piece with parts
     already streamed: no object of that name, and the next start aborts the
@@ -601,19 +624,12 @@ def kill_mid_stream(c):
     finally:
         d.proc.kill()
         d.wait_exit(60)
-    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
-    check(keys == [], "objects after the kill: %s" % keys)
-    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
-    d = c.qcowd(p)
-    try:
-        st, doc = d.json("GET", "/v1/images")
-        check(st == 200 and doc["images"] == [], "list after the kill: %s %s" % (st, doc))
-        check(c.s3.uploads(BUCKET) == [], "the dead run's multipart upload was not aborted")
+
+    def upload_afresh(d):
         st, b = d.request("PUT", "/v1/images/m/file", data)
         check(st == 201, "upload after the kill: %s %s" % (st, b[:200]))
         check(c.s3.get(BUCKET, p + "/m.qcow2") == data, "the object is not the uploaded file")
-    finally:
-        d.stop()
+    restart_aborts_dead_upload(c, p, "the kill", upload_afresh)
 
 
 def crash_before_upload_completes(c):
@@ -631,18 +647,7 @@ def crash_before_upload_completes(c):
         pass
     rc = d.wait_exit(60)
     check(rc == -signal.SIGKILL, "qcowd did not die at the crash point (exit %s)" % rc)
-    keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
-    check(keys == [], "objects after the crash: %s" % keys)
-    check(len(c.s3.uploads(BUCKET)) == 1, "the dead run's upload is not pending: %s" % c.s3.uploads(BUCKET))
-    d = c.qcowd(p)
-    try:
-        st, doc = d.json("GET", "/v1/images")
-        check(st == 200 and doc["images"] == [], "list after the crash: %s %s" % (st, doc))
-        check(any("dropped the unfinished publish" in l for l in d.lines),
-              "no log line about the dead run's publish:\n" + "\n".join(d.lines))
-        check(c.s3.uploads(BUCKET) == [], "the unfinished multipart upload was not aborted")
-    finally:
-        d.stop()
+    restart_aborts_dead_upload(c, p, "the crash")
 
 
 def wrong_secret(c):
@@ -1045,13 +1050,139 @@ def own_changes_seen_at_once(c):
     finally:
         d.stop()
 
+def upload_streams_without_readahead(c):
+    """The streamed parts have workers of their own (sized by connections):
+    with readahead-gets=0 (no read-ahead workers) an upload's parts still go
+    to the store while its body arrives, as in upload_streams_parts."""
+    upload_streams_parts(c, ("readahead-gets=0",))
+
+
+def uploads_counted_in_budget(c):
+    """Images being made count against --max-catalog although a bucket does not
+    list them before their publish: with a resumable upload waiting between
+    its pieces, a second upload that fits alone but not beside it is refused
+    at once with 507 naming --max-catalog (by the total its first piece
+    declares: a small piece, read whole before the answer); the first one
+    completes, and a second one that fits beside it is taken."""
+    p = c.prefix()
+    a = c.image("ba", 16 * MiB, "write -P 0x0a 0 10M")
+    b = c.image("bb", 16 * MiB, "write -P 0x0b 0 10M")
+    small = c.image("bs", 4 * MiB, "write -P 0x05 0 1M")
+    da, db, ds = (open(x, "rb").read() for x in (a, b, small))
+    budget = len(da) + len(db) - MiB
+    d = c.qcowd(p, args_extra=("--max-catalog", str(budget)))
+
+    def begin_bb():
+        return d.request("PUT", "/v1/images/bb/file", db[:65536],
+                         {"Content-Range": "bytes 0-65535/%d" % len(db)})
+    try:
+        half = len(da) // 2
+        st, b_ = d.request("PUT", "/v1/images/ba/file", da[:half],
+                           {"Content-Range": "bytes 0-%d/%d" % (half - 1, len(da))})
+        check(st == 202, "first piece: %s %s" % (st, b_[:200]))
+        st, b_ = begin_bb()
+        check(st == 507 and b"--max-catalog" in b_,
+              "an upload past the budget beside a waiting one: %s %s" % (st, b_[:300]))
+        st, b_ = d.request("PUT", "/v1/images/ba/file", da[half:],
+                           {"Content-Range": "bytes %d-%d/%d" % (half, len(da) - 1, len(da))})
+        check(st == 201, "last piece: %s %s" % (st, b_[:200]))
+        st, b_ = begin_bb()
+        check(st == 507, "an upload past the budget: %s %s" % (st, b_[:300]))
+        st, b_ = d.request("PUT", "/v1/images/bs/file", ds)
+        check(st == 201, "an upload within the budget: %s %s" % (st, b_[:300]))
+        keys = sorted(k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json"))
+        check(keys == [p + "/ba.qcow2", p + "/bs.qcow2"], "objects: %s" % keys)
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def copied_multipart(c, p, path, name):
+    """The object p/name made from the file at path as the old import did: a
+    multipart upload of two parts under another key, then a CopyObject of it
+    to its name (s3_rename still copies), and the first key removed."""
+    s3, tmp_key, key = c.s3, "%s/%s.part" % (p, name), "%s/%s" % (p, name)
+    data = open(path, "rb").read()
+    r = s3.ok("create upload", s3.request("POST", BUCKET, tmp_key, params={"uploads": ""}))
+    uid = re.search(r"<UploadId>([^<]*)<", r[2].decode()).group(1)
+    parts = []
+    for i, (a, b) in enumerate(((0, 5 * MiB), (5 * MiB, len(data)))):
+        r = s3.ok("upload part", s3.request("PUT", BUCKET, tmp_key, params={"partNumber": str(i + 1), "uploadId": uid},
+                                            body=data[a:b]))
+        parts.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag></Part>" % (i + 1, r[1].get("ETag")))
+    body = ("<CompleteMultipartUpload>%s</CompleteMultipartUpload>" % "".join(parts)).encode()
+    s3.ok("complete", s3.request("POST", BUCKET, tmp_key, params={"uploadId": uid}, body=body))
+    s3.ok("copy", s3.request("PUT", BUCKET, key, headers={"x-amz-copy-source": "/%s/%s" % (BUCKET, tmp_key)}))
+    s3.delete(BUCKET, tmp_key)
+
+
+def listing_etag_of_multipart_copy(c):
+    """An image whose object is a copy of a multipart upload: the store lists it
+    with another ETag than GET and HEAD give (Swift: a plain MD5 against the
+    multipart "...-2"). After a start, a listing (which opens it from its
+    entry) and then reads of it answer with its data, never 'the object was
+    replaced'; the image's info and a second listing are fine too."""
+    p = c.prefix()
+    src = c.image("mc", 16 * MiB, "write -P 0x4d 0 12M")
+    copied_multipart(c, p, src, "mc.qcow2")
+    _, h, _ = c.s3.request("HEAD", BUCKET, p + "/mc.qcow2")
+    body = c.s3.ok("list", c.s3.request("GET", BUCKET, params={"list-type": "2", "prefix": p + "/"}))[2].decode()
+    listed = re.findall(r"<ETag>([^<]*)<", body)
+    print("    ETag by HEAD %s, by the listing %s" % (h.get("ETag"), listed))
+    check(listed != [h.get("ETag")], "the store lists the copy with the ETag HEAD gives: nothing tested")
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and [x["name"] for x in doc["images"]] == ["mc"], "list: %s %s" % (st, doc))
+        check(not [x for x in doc["images"] if "error" in x], "errors: %s" % doc)
+        st, b = d.request("GET", "/v1/images/mc/data", headers={"Range": "bytes=0-%d" % (13 * MiB - 1)})
+        check(st == 206, "read after the listing: %s %s" % (st, b[:300]))
+        check(b == b"\x4d" * (12 * MiB) + b"\0" * MiB, "the data read is wrong")
+        st, doc = d.json("GET", "/v1/images/mc")
+        check(st == 200, "info: %s %s" % (st, doc))
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and not [x for x in doc["images"] if "error" in x], "second list: %s %s" % (st, doc))
+        check(d.read("mc", 11 * MiB, 4096) == b"\x4d" * 4096, "a second read is wrong")
+    finally:
+        d.stop()
+
+
+def invalid_upload_names_no_pending(c):
+    """An upload to a bucket that fails validation is refused with a message
+    that names the image or no object at all, never the private pending: URI
+    of the object being made."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M",))
+    try:
+        src = c.image("iv", 8 * MiB, "write -P 0x11 0 2M")
+        data = bytearray(open(src, "rb").read())
+        bads = []
+        b1 = bytearray(data)
+        b1[0x30:0x38] = b"\xff" * 8  # l1_table_offset far past the end
+        bads.append(b1)
+        b2 = bytearray(data)
+        b2[0x08:0x10] = (len(data) + 65536).to_bytes(8, "big")  # backing file offset past the end
+        b2[0x10:0x14] = (16).to_bytes(4, "big")
+        bads.append(b2)
+        bads.append(data[:3 * 65536])  # cut short: the L1 table lies past the end
+        for i, bad in enumerate(bads):
+            st, b = d.request("PUT", "/v1/images/iv%d/file" % i, bytes(bad))
+            print("    invalid upload %d: %d %s" % (i, st, b[:200]))
+            check(st // 100 == 4, "an invalid upload was taken: %s %s" % (st, b[:200]))
+            check(b"pending:" not in b, "the message names the pending object: %s" % b[:300])
+        check(not any("pending:" in l for l in d.lines if "iv" in l), "a log line names the pending object")
+    finally:
+        d.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream]
+         kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget, listing_etag_of_multipart_copy,
+         invalid_upload_names_no_pending]
 
 
 def main():

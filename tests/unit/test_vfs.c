@@ -1007,6 +1007,10 @@ static void check_pending(const char *final, const char *temp, int deferred)
     ck_assert_int_eq(vfs_open(work, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, &g), -EEXIST);
     ck_assert_int_eq(vfs_pwrite(f, "new!", 4, 0), 0);
     g = open_ok(work, VFS_O_RDONLY); /* one object behind both */
+    int r = vfs_pwrite(g, "x", 1, 0);
+    ck_assert_int_eq(r, -EBADF);
+    if (deferred) /* messages name the final URI, never the private work URI */
+        ck_assert_msg(strstr(err_msg(r), final) && !strstr(err_msg(r), "pending:"), "message: %s", err_msg(r));
     ck_assert_int_eq(vfs_pread(g, buf, 4, 0), 0);
     ck_assert_str_eq(buf, "new!");
     vfs_close(g);

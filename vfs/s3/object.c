@@ -50,9 +50,13 @@ struct obj {
      * exclusive for the switch to the new version. */
     pthread_mutex_t pub;
     pthread_rwlock_t state;
-    /* the published version (under state) */
+    /* the published version (under state; etag and list_etag: written with
+     * state held (shared, for a read's adoption) and et, read with state
+     * exclusive or et) */
     int exists;
     char etag[128];
+    char list_etag[128]; /* the ETag a listing gave etag ("": none), until our own publish */
+    pthread_mutex_t et;
     uint64_t base_size;  /* its size */
     uint64_t base_valid; /* bytes of it still visible (a shrink hides the rest) */
     uint64_t gen;        /* cache generation */
@@ -189,9 +193,40 @@ static void gets_in_flight(int delta)
     }
 }
 
+/* A copy of o's ETag (cap bytes at out). */
+static void etag_get(struct obj *o, char *out, size_t cap)
+{
+    pthread_mutex_lock(&o->et);
+    snprintf(out, cap, "%s", o->etag);
+    pthread_mutex_unlock(&o->et);
+}
+
+/* Whether a GET that expected etag but got seen still reads o's version: o's
+ * ETag came only from a listing (Swift lists an object made by a multipart
+ * copy with a plain MD5, and GET and HEAD give another ETag), so the first
+ * GET's ETag is adopted (adopt: the caller holds o->state, shared at least),
+ * and GETs sent with the listing's ETag before that take the adopted one. Once
+ * a GET confirmed it, another ETag is a replacement. */
+static int etag_same_version(struct obj *o, const char *etag, const char *seen, int adopt)
+{
+    pthread_mutex_lock(&o->et);
+    int same = 0;
+    if (o->list_etag[0] && !strcmp(etag, o->list_etag)) {
+        if (!strcmp(o->etag, seen)) {
+            same = 1;
+        } else if (adopt && !strcmp(o->etag, o->list_etag)) {
+            snprintf(o->etag, sizeof o->etag, "%s", seen);
+            same = 1;
+        }
+    }
+    pthread_mutex_unlock(&o->et);
+    return same;
+}
+
 /* GET [off, off+len) of the version of o whose ETag is etag into buf; an
- * answer from another version is -ESTALE. */
-static int get_range(struct obj *o, const char *etag, void *buf, uint64_t off, size_t len)
+ * answer from another version is -ESTALE (but for a listing's ETag, see
+ * etag_same_version; adopt as there). */
+static int get_range(struct obj *o, const char *etag, void *buf, uint64_t off, size_t len, int adopt)
 {
     char range[64], what[64];
     snprintf(range, sizeof range, "bytes=%llu-%llu", (unsigned long long)off, (unsigned long long)(off + len - 1));
@@ -204,7 +239,7 @@ static int get_range(struct obj *o, const char *etag, void *buf, uint64_t off, s
     gets_in_flight(1);
     int ret = s3_http(&r, sbuf_str(&w) ? w.p : what);
     gets_in_flight(-1);
-    if (ret == 0 && etag[0] && r.etag[0] && strcmp(etag, r.etag)) {
+    if (ret == 0 && etag[0] && r.etag[0] && strcmp(etag, r.etag) && !etag_same_version(o, etag, r.etag, adopt)) {
         s3_meta_drop(o->n.bucket, o->n.key); /* what stat knows is old too: the next one asks */
         ret = err_fail(ESTALE, "read %s: the object was replaced (ETag %s, this handle reads %s); reopen it",
                        o->n.uri, r.etag, etag);
@@ -296,7 +331,7 @@ static void ra_run(struct s3_task *t)
     uint64_t bs = s3_conf.block_size;
     uint64_t fs = j->first * bs, fe = min64((j->last + 1) * bs, j->size);
     unsigned char *buf = fe > fs ? malloc(fe - fs) : NULL;
-    int ret = buf ? get_range(o, j->etag, buf, fs, fe - fs) : -ENOMEM;
+    int ret = buf ? get_range(o, j->etag, buf, fs, fe - fs, 0) : -ENOMEM;
     atomic_fetch_add(&s3_stats.readahead_gets, 1);
     err_clear(); /* a failure matters only to a reader that needs the data: it GETs it itself */
     ra_finish(j, ret == 0 ? buf : NULL, fs, fe);
@@ -343,7 +378,7 @@ static void ra_schedule(struct obj *o, uint64_t from, uint64_t win)
                                  .o = o, .first = a, .last = b, .epoch = o->ra_epoch, .size = o->base_size,
                                  .next = o->ra_jobs,
                                  .sub = todo};
-            snprintf(j->etag, sizeof j->etag, "%s", o->etag);
+            etag_get(o, j->etag, sizeof j->etag);
             o->ra_jobs = j;
             todo = j;
         }
@@ -362,7 +397,7 @@ static void ra_schedule(struct obj *o, uint64_t from, uint64_t win)
     while (rev) {
         struct ra_job *j = rev;
         rev = j->sub;
-        if (s3_pool_submit(&j->task) < 0)
+        if (s3_pool_submit(&s3_ra_pool, &j->task) < 0)
             ra_finish(j, NULL, 0, 0);
     }
 }
@@ -400,7 +435,9 @@ static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_
             ret = err_fail(ENOMEM, "read %s: out of memory", o->n.uri);
             break;
         }
-        ret = get_range(o, o->etag, fb, fs, fe - fs);
+        char etag[128];
+        etag_get(o, etag, sizeof etag);
+        ret = get_range(o, etag, fb, fs, fe - fs, 1);
         if (ret == 0) {
             for (uint64_t k = i; k <= jmax; k++) {
                 uint64_t ks = k * bs;
@@ -567,8 +604,10 @@ static void write_meta(struct obj *o, const char *upload_id)
             close(fd);
         return; /* only the log line of a later run is at stake */
     }
+    char etag[128];
+    etag_get(o, etag, sizeof etag);
     fprintf(f, "qcowd-s3-staging 1\nobject %s\nbucket %s\nkey %s\nbase-etag %s\npid %ld\n", o->n.uri,
-            o->n.bucket, o->n.key, o->etag[0] ? o->etag : "-", (long)getpid());
+            o->n.bucket, o->n.key, etag[0] ? etag : "-", (long)getpid());
     if (o->deferred)
         fprintf(f, "deferred yes\n");
     if (upload_id)
@@ -580,7 +619,8 @@ static void write_meta(struct obj *o, const char *upload_id)
  * never published (a crash before flush loses them), so it is discarded. */
 static void discard_leftover(struct obj *o, struct stat *st)
 {
-    char line[512], upload_id[512] = "", etag[512] = "-";
+    char line[512], upload_id[512] = "", etag[512] = "-", cur[128];
+    etag_get(o, cur, sizeof cur);
     long pid = 0;
     int mfd = open(o->mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     FILE *f = mfd >= 0 ? fdopen(mfd, "r") : NULL;
@@ -601,7 +641,7 @@ static void discard_leftover(struct obj *o, struct stat *st)
     fprintf(stderr,
             "qcowd: s3: %s: discarded the staging cache of an earlier run (pid %ld) that ended without "
             "publishing: %llu bytes staged over version %s; the object stays as last published (ETag %s)%s\n",
-            o->n.uri, pid, (unsigned long long)st->st_blocks * 512, etag, o->etag[0] ? o->etag : "none",
+            o->n.uri, pid, (unsigned long long)st->st_blocks * 512, etag, cur[0] ? cur : "none",
             upload_id[0] ? "; its unfinished multipart upload is aborted" : "");
     if (upload_id[0])
         s3_mpu_abort(&o->n, upload_id);
@@ -725,6 +765,7 @@ static void obj_free(struct obj *o)
     free(o->dirty);
     s3_name_free(&o->n);
     pthread_mutex_destroy(&o->pub);
+    pthread_mutex_destroy(&o->et);
     pthread_mutex_destroy(&o->ra);
     pthread_cond_destroy(&o->ra_done);
     pthread_rwlock_destroy(&o->state);
@@ -778,6 +819,7 @@ static struct obj *obj_alloc(struct s3_name *n)
     o->n = *n;
     memset(n, 0, sizeof *n);
     pthread_mutex_init(&o->pub, NULL);
+    pthread_mutex_init(&o->et, NULL);
     pthread_mutex_init(&o->ra, NULL);
     pthread_cond_init(&o->ra_done, NULL);
     pthread_rwlock_init(&o->state, NULL);
@@ -801,6 +843,8 @@ static int obj_new(struct s3_name *n, unsigned flags, struct obj **out)
         }
         o->exists = 1;
         snprintf(o->etag, sizeof o->etag, "%s", hd.etag);
+        if (hd.listed) /* the first GET may answer with another ETag of the same object */
+            snprintf(o->list_etag, sizeof o->list_etag, "%s", hd.etag);
         o->base_size = o->base_valid = o->size = hd.size;
     } else if (ret == -ENOENT && (flags & VFS_O_CREATE) && strstr(err_msg(ret), "no such object")) {
         o->changed = 1; /* the first flush creates it, even empty */
@@ -824,14 +868,19 @@ static int replaced_outside(struct obj *o)
 {
     pthread_rwlock_rdlock(&o->state);
     int mine = o->changed || !o->exists;
-    char etag[128];
+    char etag[128], listed[128];
+    pthread_mutex_lock(&o->et);
     snprintf(etag, sizeof etag, "%s", o->etag);
+    snprintf(listed, sizeof listed, "%s", o->list_etag);
+    pthread_mutex_unlock(&o->et);
     pthread_rwlock_unlock(&o->state);
     if (mine)
         return 0;
     struct s3_head hd;
     int r = s3_stat_object(&o->n, &hd);
-    int gone = (r == 0 && strcmp(hd.etag, etag)) || (r == -ENOENT && strstr(err_msg(r), "no such object"));
+    /* a listing gives what o was opened with, even when a GET gave another ETag */
+    int same = r == 0 && (!strcmp(hd.etag, etag) || (hd.listed && listed[0] && !strcmp(hd.etag, listed)));
+    int gone = (r == 0 && !same) || (r == -ENOENT && strstr(err_msg(r), "no such object"));
     err_clear();
     return gone;
 }
@@ -927,7 +976,7 @@ void s3_obj_close(void *hp)
             s3_mpu_abort(&o->n, o->mpu_id);
     }
     /* read-ahead: what is queued goes, what runs is waited for (one GET each) */
-    s3_pool_cancel(o);
+    s3_pool_cancel(&s3_ra_pool, o);
     pthread_mutex_lock(&o->ra);
     while (o->ra_jobs)
         pthread_cond_wait(&o->ra_done, &o->ra);
@@ -1332,7 +1381,10 @@ static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag
             s3_cache_drop(o->gen, o->dirty[i].start / bs, (o->dirty[i].end - 1) / bs);
         s3_cache_drop(o->gen, o->base_valid / bs, UINT64_MAX);
         pthread_mutex_unlock(&o->ra);
+        pthread_mutex_lock(&o->et);
         snprintf(o->etag, sizeof o->etag, "%s", etag);
+        o->list_etag[0] = '\0';
+        pthread_mutex_unlock(&o->et);
         o->exists = 1;
         o->base_size = o->base_valid = size;
         o->nd = 0;
@@ -1348,7 +1400,7 @@ static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag
 /* ---- streaming a deferred object's parts ---- */
 
 /* Its parts go to a multipart upload on the final key while it is written:
- * part k (of the grid of psize) is queued on pool.c's workers once writes
+ * part k (of the grid of psize) is queued on the upload pool (pool.c) once writes
  * reach past part k+1 (the writer has moved on), part 0 (the qcow2 header, and
  * what a maker rewrites last) never. A write into a part bumps its gen, so an
  * upload that raced a write, or a part written again later, is uploaded
@@ -1475,7 +1527,7 @@ static void stream_write(struct obj *o, uint64_t s, uint64_t e)
         *st = (struct stream_task){.t = {.run = stream_run, .cancelled = stream_cancelled, .owner = o}, .o = o, .k = k};
         pt->busy = 1;
         o->sp_inflight++;
-        if (s3_pool_submit(&st->t) < 0) { /* no workers: the commit uploads everything */
+        if (s3_pool_submit(&s3_upload_pool, &st->t) < 0) { /* no workers: the commit uploads everything */
             pt->busy = 0;
             o->sp_inflight--;
             o->stream_off = 1;
@@ -1488,7 +1540,7 @@ static void stream_write(struct obj *o, uint64_t s, uint64_t e)
 /* Wait until no part upload of o is queued or running; streaming stops. */
 static void stream_stop(struct obj *o)
 {
-    s3_pool_cancel(o);
+    s3_pool_cancel(&s3_upload_pool, o);
     pthread_mutex_lock(&o->sp);
     o->stream_off = 1;
     while (o->sp_inflight)

@@ -109,6 +109,7 @@ int s3_head_object(const struct s3_name *n, struct s3_head *h)
         h->size = r.content_length;
         h->mtime = s3_http_date(r.last_modified);
         snprintf(h->etag, sizeof h->etag, "%s", r.etag);
+        h->listed = 0;
         struct s3_meta m = {.exists = 1, .size = h->size, .mtime = h->mtime};
         snprintf(m.etag, sizeof m.etag, "%s", h->etag);
         s3_meta_learn(n->bucket, n->key, &m, stamp);
@@ -135,6 +136,7 @@ int s3_stat_object(const struct s3_name *n, struct s3_head *h)
     h->size = m.size;
     h->mtime = m.mtime;
     snprintf(h->etag, sizeof h->etag, "%s", m.etag);
+    h->listed = m.listed;
     return 0;
 }
 
@@ -164,7 +166,7 @@ static void learn_entry(const struct s3_name *n, const char *key, const char *bl
     char *etag = s3_xml_next(block, "ETag", NULL), *size = s3_xml_next(block, "Size", NULL),
          *lm = s3_xml_next(block, "LastModified", NULL);
     char *end = NULL;
-    struct s3_meta m = {.exists = 1, .mtime = parse_iso_date(lm)};
+    struct s3_meta m = {.exists = 1, .mtime = parse_iso_date(lm), .listed = 1};
     if (size)
         m.size = strtoull(size, &end, 10);
     if (etag && *etag && size && end && end != size && !*end && strlen(etag) < sizeof m.etag) {
@@ -499,7 +501,8 @@ static struct vfs_ops s3_ops_v1;
 
 static void cleanup(void)
 {
-    s3_pool_stop();
+    s3_pool_stop(&s3_upload_pool);
+    s3_pool_stop(&s3_ra_pool);
     s3_http_cleanup();
     s3_meta_cleanup();
 }

@@ -4,6 +4,7 @@
 #ifndef QCOWD_S3_INT_H
 #define QCOWD_S3_INT_H
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -186,7 +187,7 @@ void s3_cache_put(uint64_t gen, uint64_t idx, const void *data, size_t len);
 /* Drop blocks [first, last] of gen (last UINT64_MAX: to the end). */
 void s3_cache_drop(uint64_t gen, uint64_t first, uint64_t last);
 
-/* ---- pool.c: the read-ahead workers ---- */
+/* ---- pool.c: worker pools (read-ahead GETs; a deferred object's streamed parts) ---- */
 
 /* A unit of background work; owner says whose it is (for s3_pool_cancel). */
 struct s3_task {
@@ -196,15 +197,34 @@ struct s3_task {
     struct s3_task *next;
 };
 
-/* Queue t for one of readahead-gets worker threads (started on demand, never
- * more); 0, or -1 when there are no workers (readahead-gets 0, or none could
- * start): the caller keeps t. */
-int s3_pool_submit(struct s3_task *t);
-/* Take every queued task of owner off the queue and call its cancelled();
+/* A pool of worker threads, started on demand up to *max (read when work
+ * comes: the configuration is complete by then), taking tasks from one FIFO
+ * queue. Statically initialised with S3_POOL_INIT; fields private to pool.c. */
+struct s3_pool {
+    pthread_mutex_t lock;
+    pthread_cond_t work;
+    const unsigned *max;         /* the bound: a field of s3_conf */
+    struct s3_task *head, *tail; /* the queue (under lock) */
+    pthread_t *threads;
+    unsigned nthreads, idle, queued; /* started; waiting for work; tasks queued (under lock) */
+    int stopping;
+};
+#define S3_POOL_INIT(maxp) {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER, .max = (maxp)}
+
+/* The read-ahead GETs (readahead-gets workers) and the streamed parts of
+ * deferred objects (connections workers): separate, so parts never wait
+ * behind read-ahead and stream with readahead-gets 0. */
+extern struct s3_pool s3_ra_pool, s3_upload_pool;
+
+/* Queue t for one of pool's workers (started on demand, never more than the
+ * bound); 0, or -1 when there are no workers (a bound of 0, none could start,
+ * or the pool is stopped): the caller keeps t. */
+int s3_pool_submit(struct s3_pool *pool, struct s3_task *t);
+/* Take every queued task of owner off pool's queue and call its cancelled();
  * tasks already running are not waited for (their owner does that). */
-void s3_pool_cancel(void *owner);
-/* Stop and join the workers; queued tasks are cancelled (at exit). */
-void s3_pool_stop(void);
+void s3_pool_cancel(struct s3_pool *pool, void *owner);
+/* Stop and join pool's workers; queued tasks are cancelled (at exit). */
+void s3_pool_stop(struct s3_pool *pool);
 
 /* ---- meta.c: what is known of objects, for stat-ttl ---- */
 
@@ -214,6 +234,7 @@ struct s3_meta {
     uint64_t size;
     int64_t mtime;   /* seconds since the epoch */
     char etag[128];  /* as the store gives it, quoted */
+    int listed;      /* learned from a listing (Swift lists a multipart copy with another ETag) */
 };
 
 /* A stamp to take before asking the store, for s3_meta_learn. */

@@ -23,6 +23,7 @@ struct s3_head {
     uint64_t size;
     int64_t mtime;
     char etag[128];
+    int listed; /* answered from a listing's entry (whose ETag may differ from a HEAD's or GET's) */
 };
 
 /* An HTTP date (Last-Modified) in seconds since the epoch; 0 if s is NULL or not one. */
