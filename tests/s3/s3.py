@@ -1158,13 +1158,35 @@ def two_daemons_share_a_prefix(c):
         abort_uploads(c, uploads_under(c, p + "/"))
 
 
+
+def own_upload_outlives_stale_upload(c):
+    """A daemon's own upload waiting between its pieces longer than its
+    stale-upload (2 s, swept every 2 s) is not aborted by its own sweeps (it
+    owns it); the last piece then completes it."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "stale-upload=2s"))
+    try:
+        data, first = first_piece_streamed(c, d, "o")
+        time.sleep(6)
+        check(len(uploads_under(c, p + "/")) == 1, "the daemon's own waiting upload was aborted")
+        check(d.metric("uploads_aborted") == 0, "uploads_aborted %d, not 0" % d.metric("uploads_aborted"))
+        st, body = d.request("PUT", "/v1/images/o/file", data[first:],
+                             {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
+        check(st == 201, "last piece: %s %s" % (st, body[:200]))
+        check(c.s3.get(BUCKET, p + "/o.qcow2") == data, "the object is not the uploaded file")
+    finally:
+        d.stop()
+        abort_uploads(c, uploads_under(c, p + "/"))
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream, stale_uploads_aborted_at_start, crash_after_upload_start, two_daemons_share_a_prefix]
+         kill_mid_stream, stale_uploads_aborted_at_start, crash_after_upload_start, two_daemons_share_a_prefix,
+         own_upload_outlives_stale_upload]
 
 
 def main():

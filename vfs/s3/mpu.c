@@ -162,17 +162,18 @@ int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128],
     return ret;
 }
 
-void s3_mpu_abort(const struct s3_name *n, const char *id)
+int s3_mpu_abort(const struct s3_name *n, const char *id)
 {
     struct s3_param p = {"uploadId", id};
     struct s3_req r = {.op = S3_OP_DELETE, .method = "DELETE", .bucket = n->bucket, .key = n->key, .params = &p,
                        .nparams = 1};
     struct err_saved saved; /* the caller's failure, which the abort follows */
     err_save(&saved, -EIO);
-    s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
+    int ret = s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
     err_restore(&saved);
     s3_req_free(&r);
     s3_sweep_disown(id);
+    return ret;
 }
 
 /* The most pages of one listing: a million unfinished uploads. */

@@ -81,8 +81,9 @@ int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, c
 /* Complete with the parts' ETags; *etag gets the new object's. */
 int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
                     size_t cap);
-/* Abort (best effort; the thread's error message is kept). */
-void s3_mpu_abort(const struct s3_name *n, const char *id);
+/* Abort (best effort): 0, or the request's negative errno; either way the
+ * thread's error message stays the caller's. */
+int s3_mpu_abort(const struct s3_name *n, const char *id);
 /* ListMultipartUploads of bucket under prefix, every page (at most 1000 of
  * 1000 uploads): cb per upload whose key starts with prefix. 0, cb's negative
  * errno, or the request's error; -EPROTO for an answer out of bounds. */
@@ -93,15 +94,15 @@ int s3_mpu_list(const char *bucket, const char *prefix, s3_upload_fn cb, void *c
 /* At the first complete configuration, before any other request: remove what
  * deferred publishes of dead processes left in the staging folder (their files
  * are unlocked), aborting the uploads their meta files name (or, for a dead
- * run that was starting one, that key's uploads started since); then abort
+ * run that was starting one, that key's uploads started then); then abort
  * every upload under sweep-root older than stale-upload that is not ours,
  * and start the thread that does that again every hour. */
 void s3_sweep_at_start(void);
 /* Stop and join that thread (at exit). */
 void s3_sweep_stop(void);
-/* Uploads of n's key that a dead run started at or after started (seconds
- * since the epoch, less a clock-skew margin) and did not record: aborted,
- * except ours. Best effort: failures are logged. */
+/* Uploads of n's key that a dead run started at started (seconds since the
+ * epoch; give or take a clock-skew margin and the request's time) and did not
+ * record: aborted, except ours. Best effort: failures are logged. */
 void s3_sweep_key(const struct s3_name *n, int64_t started);
 /* What a staging meta file says (object.c writes it): the fields of the
  * lines found, "" / 0 for the others (etag "-"). */

@@ -75,7 +75,8 @@ static int owned(const char *id)
 struct pick {
     const char *bucket;
     const char *key;   /* only this key (a dead run's), or NULL: any under the prefix */
-    int64_t since;     /* key: initiated at or after this */
+    int64_t since;     /* key: initiated at or after this ... */
+    int64_t until;     /* ... and at or before this */
     int64_t before;    /* no key: initiated before this */
     const char *why;   /* for the log line */
 };
@@ -83,18 +84,20 @@ struct pick {
 static int abort_if(void *ctx, const char *key, const char *id, int64_t initiated)
 {
     struct pick *p = ctx;
-    if (initiated < 0 || owned(id)) /* an age not understood: left to a lifecycle rule */
+    if (initiated < 0 || owned(id)) /* ours, or an age not understood (left to a lifecycle rule) */
         return 0;
-    if (p->key ? strcmp(key, p->key) || initiated < p->since : initiated >= p->before)
+    if (p->key ? strcmp(key, p->key) || initiated < p->since || initiated > p->until : initiated >= p->before)
         return 0;
     char *uri = NULL;
     if (asprintf(&uri, "s3://%s/%s", p->bucket, key) < 0)
         return 0;
     struct s3_name n = {.bucket = (char *)p->bucket, .key = (char *)key, .uri = uri};
-    s3_mpu_abort(&n, id);
-    atomic_fetch_add(&s3_stats.uploads_aborted, 1);
-    fprintf(stderr, "qcowd: s3: %s: aborted an unfinished multipart upload started %lld s ago (%s)\n", uri,
-            (long long)(time(NULL) - initiated), p->why);
+    int r = s3_mpu_abort(&n, id);
+    if (r == 0)
+        atomic_fetch_add(&s3_stats.uploads_aborted, 1);
+    fprintf(stderr, "qcowd: s3: %s: %s an unfinished multipart upload started %lld s ago (%s)%s%s\n", uri,
+            r == 0 ? "aborted" : "could not abort", (long long)(time(NULL) - initiated), p->why, r == 0 ? "" : ": ",
+            r == 0 ? "" : strerror(-r));
     free(uri);
     err_clear();
     return 0;
@@ -102,8 +105,12 @@ static int abort_if(void *ctx, const char *key, const char *id, int64_t initiate
 
 void s3_sweep_key(const struct s3_name *n, int64_t started)
 {
+    /* the dead run's CreateMultipartUpload went out at started and took at most
+     * every attempt's timeout: an upload of the key from outside that window
+     * (another daemon's, later) is not its */
+    int64_t took = (int64_t)(s3_conf.retries + 1) * (s3_conf.timeout_ms / 1000 + s3_conf.connect_timeout_ms / 1000);
     struct pick p = {.bucket = n->bucket, .key = n->key, .since = started - CLOCK_SKEW_S,
-                     .why = "a dead run started it before recording its id"};
+                     .until = started + took + CLOCK_SKEW_S, .why = "a dead run started it before recording its id"};
     if (s3_mpu_list(n->bucket, n->key, abort_if, &p) < 0)
         fprintf(stderr, "qcowd: s3: %s: looking for the dead run's unrecorded multipart upload: %s\n", n->uri,
                 err_msg(-EIO));
@@ -184,8 +191,8 @@ static void sweep_one(const char *dir, const char *name)
             : m.started > 0 ? "; it was starting a multipart upload: looking for it" : "");
     struct s3_name nm = {.bucket = m.bucket, .key = m.key, .uri = uri};
     if (m.upload_id[0] && m.bucket[0] && m.key[0]) {
-        s3_mpu_abort(&nm, m.upload_id);
-        atomic_fetch_add(&s3_stats.uploads_aborted, 1);
+        if (s3_mpu_abort(&nm, m.upload_id) == 0)
+            atomic_fetch_add(&s3_stats.uploads_aborted, 1);
         err_clear();
     } else if (m.started > 0 && m.bucket[0] && m.key[0]) {
         s3_sweep_key(&nm, m.started);
