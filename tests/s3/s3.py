@@ -1146,10 +1146,7 @@ def two_daemons_share_a_prefix(c):
         check(st == 200, "second daemon: %s %s" % (st, doc))
         check(len(uploads_under(c, p + "/")) == 1, "the second daemon's start aborted the first's upload")
         check(b.metric("uploads_aborted") == 0, "the second daemon aborted %d uploads" % b.metric("uploads_aborted"))
-        st, body = a.request("PUT", "/v1/images/t/file", data[first:],
-                             {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
-        check(st == 201, "last piece: %s %s" % (st, body[:200]))
-        check(c.s3.get(BUCKET, p + "/t.qcow2") == data, "the object is not the uploaded file")
+        last_piece_completes(c, a, p, "t", data, first)
         check(uploads_under(c, p + "/") == {}, "uploads left: %s" % uploads_under(c, p + "/"))
     finally:
         if b:
@@ -1157,6 +1154,13 @@ def two_daemons_share_a_prefix(c):
         a.stop()
         abort_uploads(c, uploads_under(c, p + "/"))
 
+
+def last_piece_completes(c, d, p, name, data, first):
+    """The rest of first_piece_streamed's upload: the image is published whole."""
+    st, body = d.request("PUT", "/v1/images/%s/file" % name, data[first:],
+                         {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
+    check(st == 201, "last piece: %s %s" % (st, body[:200]))
+    check(c.s3.get(BUCKET, "%s/%s.qcow2" % (p, name)) == data, "the object is not the uploaded file")
 
 
 def own_upload_outlives_stale_upload(c):
@@ -1170,10 +1174,7 @@ def own_upload_outlives_stale_upload(c):
         time.sleep(6)
         check(len(uploads_under(c, p + "/")) == 1, "the daemon's own waiting upload was aborted")
         check(d.metric("uploads_aborted") == 0, "uploads_aborted %d, not 0" % d.metric("uploads_aborted"))
-        st, body = d.request("PUT", "/v1/images/o/file", data[first:],
-                             {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
-        check(st == 201, "last piece: %s %s" % (st, body[:200]))
-        check(c.s3.get(BUCKET, p + "/o.qcow2") == data, "the object is not the uploaded file")
+        last_piece_completes(c, d, p, "o", data, first)
     finally:
         d.stop()
         abort_uploads(c, uploads_under(c, p + "/"))
