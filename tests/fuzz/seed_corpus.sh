@@ -8,12 +8,12 @@
 #   compressed clusters, a dirty bit, an overlay packed with its backing file, each
 #   followed by op scripts (the input format is in fuzz_engine_ops.c).
 # tar (fuzz_tar): small tar archives of three formats and a cut one.
-# http (fuzz_http_parse): text, no qemu needed. api (fuzz_api): requests, and small
+# http (fuzz_http_parse), s3xml (fuzz_s3_xml): text, no qemu needed. api (fuzz_api): requests, and small
 #   images (of the ops kind) followed by requests on them.
 # Environment: QEMU_IMG, QEMU_IO (default qemu-img, qemu-io). Exits 77 without them.
 set -euo pipefail
 
-out=${1:?usage: seed_corpus.sh DIR [images|ops|http|api]}
+out=${1:?usage: seed_corpus.sh DIR [images|ops|http|api|s3xml]}
 kind=${2:-images}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 QEMU_IO=${QEMU_IO:-qemu-io}
@@ -21,7 +21,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 case $kind in
-http)
+http | s3xml)
     exec python3 "$here/seed_text.py" "$kind" "$out"
     ;;
 tar) # fuzz_tar: archives made by tar (ustar, gnu with a long name, pax), no qemu needed

@@ -109,6 +109,31 @@ SCRIPTS = [
 ]
 
 
+# fuzz_s3_xml: a prefix selector byte, then ListMultipartUploads answers as
+# Swift's s3api and AWS give them (Swift leaves the next markers empty).
+def _upload(key, uid, when="2026-12-03T18:27:29.000Z"):
+    return ("<Upload><Key>%s</Key><UploadId>%s</UploadId><Initiator><ID>test:tester</ID></Initiator>"
+            "<StorageClass>STANDARD</StorageClass><Initiated>%s</Initiated></Upload>" % (key, uid, when))
+
+
+def _page(inner, truncated="false", nk="", ni=""):
+    return ("<?xml version='1.0' encoding='UTF-8'?>\n<ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/"
+            "doc/2006-03-01/\"><Bucket>b</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>"
+            "<NextKeyMarker>%s</NextKeyMarker><NextUploadIdMarker>%s</NextUploadIdMarker><Prefix>p/</Prefix>"
+            "<MaxUploads>1000</MaxUploads><IsTruncated>%s</IsTruncated>%s</ListMultipartUploadsResult>"
+            % (nk, ni, truncated, inner))
+
+
+S3XML = [
+    (1, _page(_upload("p/a.qcow2", "NmM0ZWFm") + _upload("p/b&amp;c.qcow2", "ODVhNTRl"))),
+    (1, _page(_upload("p/a.qcow2", "MWNk") + _upload("p2/y", "OTcz"), "true")),
+    (0, _page(_upload("q/x", "ODUy", "2026-12-03T18:27:29Z"), "true", "q/x", "ODUy")),
+    (2, _page(_upload("case1/&#x41;&lt;", "SUQ", "1970-01-01T00:00:00+00:00"))),
+    (0, "<Error><Code>AccessDenied</Code><Message>no</Message></Error>"),
+    (1, _page("<Upload><Key>p/k</Key></Upload><Upload><UploadId>x</UploadId></Upload>", "true")),
+]
+
+
 def write(path, data):
     with open(path, "wb") as f:
         f.write(data)
@@ -120,6 +145,9 @@ def main():
     if kind == "http":
         for i, (sel, text) in enumerate(HTTP):
             write(os.path.join(out, "http-%02d" % i), bytes([sel]) + text)
+    elif kind == "s3xml":
+        for i, (sel, text) in enumerate(S3XML):
+            write(os.path.join(out, "s3xml-%02d" % i), bytes([sel]) + text.encode())
     elif kind == "api":
         for i, reqs in enumerate(API):
             write(os.path.join(out, "api-%02d" % i), SEP.join(reqs))

@@ -603,24 +603,31 @@ def restart_aborts_dead_upload(c, p, what, then=None):
         d.stop()
 
 
+def first_piece_streamed(c, d, name):
+    """A resumable upload of a 32 MiB image name to d, its first 20 MiB sent
+    and two parts of them streamed to the store: (the file, the piece's size)."""
+    src = c.image(name, 32 * MiB, "write -P 0x6d 0 24M")
+    with open(src, "rb") as f:
+        data = f.read()
+    first = 20 * MiB
+    st, b = d.request("PUT", "/v1/images/%s/file" % name, data[:first],
+                      {"Content-Range": "bytes 0-%d/%d" % (first - 1, len(data))})
+    check(st == 202, "first piece: %s %s" % (st, b[:200]))
+    deadline = time.time() + 20
+    while d.metric("requests_upload_part") < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    check(d.metric("requests_upload_part") >= 2, "no part streamed after the first piece")
+    return data, first
+
+
 def kill_mid_stream(c):
     """kill -9 of qcowd while an upload waits for its last piece with parts
     already streamed: no object of that name, and the next start aborts the
     dead run's multipart upload; the name can then be uploaded afresh."""
     p = c.prefix()
     d = c.qcowd(p, opts=("part-size=5M",))
-    src = c.image("m", 32 * MiB, "write -P 0x6d 0 24M")
-    with open(src, "rb") as f:
-        data = f.read()
-    first = 20 * MiB
     try:
-        st, b = d.request("PUT", "/v1/images/m/file", data[:first],
-                          {"Content-Range": "bytes 0-%d/%d" % (first - 1, len(data))})
-        check(st == 202, "first piece: %s %s" % (st, b[:200]))
-        deadline = time.time() + 20
-        while d.metric("requests_upload_part") < 2 and time.time() < deadline:
-            time.sleep(0.1)
-        check(d.metric("requests_upload_part") >= 2, "no part streamed before the kill")
+        data, _ = first_piece_streamed(c, d, "m")
     finally:
         d.proc.kill()
         d.wait_exit(60)
@@ -632,21 +639,29 @@ def kill_mid_stream(c):
     restart_aborts_dead_upload(c, p, "the kill", upload_afresh)
 
 
+def upload_until_crash(c, p, name, point):
+    """Upload a 16 MiB image name to a qcowd on p killed at QCOWD_S3_TEST_CRASH=point."""
+    d = c.qcowd(p, opts=("part-size=5M",), env_extra={"QCOWD_S3_TEST_CRASH": point})
+    src = c.image(name, 16 * MiB, "write -P 0x5a 0 12M")
+    with open(src, "rb") as f:
+        data = f.read()
+    try:
+        d.request("PUT", "/v1/images/%s/file" % name, data)
+    except (AssertionError, OSError, http.client.HTTPException):
+        pass
+    rc = d.wait_exit(60)
+    if rc is None:
+        d.proc.kill()
+        d.wait_exit(60)
+    check(rc == -signal.SIGKILL, "qcowd did not die at the crash point %s (exit %s)" % (point, rc))
+
+
 def crash_before_upload_completes(c):
     """qcowd killed with an upload's parts sent, before CompleteMultipartUpload:
     no image of that name appears (nor any temporary object), and the next
     start aborts the unfinished multipart upload the dead run left."""
     p = c.prefix()
-    d = c.qcowd(p, opts=("part-size=5M",), env_extra={"QCOWD_S3_TEST_CRASH": "before-complete"})
-    src = c.image("z", 16 * MiB, "write -P 0x5a 0 12M")
-    with open(src, "rb") as f:
-        data = f.read()
-    try:
-        d.request("PUT", "/v1/images/z/file", data)
-    except (AssertionError, OSError, http.client.HTTPException):
-        pass
-    rc = d.wait_exit(60)
-    check(rc == -signal.SIGKILL, "qcowd did not die at the crash point (exit %s)" % rc)
+    upload_until_crash(c, p, "z", "before-complete")
     restart_aborts_dead_upload(c, p, "the crash")
 
 
@@ -1175,6 +1190,126 @@ def invalid_upload_names_no_pending(c):
         d.stop()
 
 
+def start_upload(c, key):
+    """A multipart upload started outside qcowd (as another tool or a dead host would): its id."""
+    r = c.s3.ok("start " + key, c.s3.request("POST", BUCKET, key, params={"uploads": ""}))
+    return re.search(r"<UploadId>([^<]*)</UploadId>", r[2].decode()).group(1)
+
+
+def uploads_under(c, prefix):
+    """{upload id: key} of the bucket's unfinished multipart uploads under prefix."""
+    body = c.s3.ok("list uploads", c.s3.request("GET", BUCKET, params={"uploads": "", "prefix": prefix}))[2].decode()
+    return {i: k for k, i in re.findall(r"<Upload><Key>([^<]*)</Key><UploadId>([^<]*)</UploadId>", body)}
+
+
+def abort_uploads(c, ids):
+    for i, k in ids.items():
+        c.s3.request("DELETE", BUCKET, k, params={"uploadId": i})
+
+
+def stale_uploads_aborted_at_start(c):
+    """Unfinished multipart uploads under the catalog older than stale-upload
+    (made by no qcowd at all: a lost staging folder, another host) are aborted
+    at start, one a line in the log; one under a key outside the catalog's
+    folder (sharing its name as a string prefix) and one younger than the
+    limit are not, until the periodic sweep finds the young one stale."""
+    p = c.prefix()
+    old = start_upload(c, p + "/old.qcow2")
+    outside = start_upload(c, p + "x/old.qcow2")
+    time.sleep(7)
+    young = start_upload(c, p + "/young.qcow2")
+    d = c.qcowd(p, env_extra={"QCOWD_S3_STALE_UPLOAD": "5s"})  # the environment's name of --s3-opt stale-upload
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200, "list: %s %s" % (st, doc))
+        left = uploads_under(c, p)
+        check(old not in left, "the stale upload under the catalog was not aborted at start: %s" % left)
+        check(outside in left, "an upload outside the catalog's folder was aborted")
+        check(young in left, "an upload younger than stale-upload was aborted at start")
+        check(d.metric("uploads_aborted") == 1, "uploads_aborted %d, not 1" % d.metric("uploads_aborted"))
+        check(any("old.qcow2: aborted an unfinished multipart upload" in l and "stale-upload 5 s" in l
+                  for l in d.lines), "no log line of the aborted upload:\n" + "\n".join(d.lines))
+        deadline = time.time() + 30
+        while young in uploads_under(c, p + "/") and time.time() < deadline:
+            time.sleep(0.5)
+        check(young not in uploads_under(c, p + "/"), "the periodic sweep did not abort the upload once stale")
+        check(outside in uploads_under(c, p), "the periodic sweep aborted an upload outside the catalog")
+    finally:
+        d.stop()
+        abort_uploads(c, uploads_under(c, p))
+
+
+def crash_after_upload_start(c):
+    """qcowd killed between CreateMultipartUpload and the staging meta's record
+    of its id: the upload only the store knows of is aborted by the next start
+    at once (the meta said a start was under way), with no wait for
+    stale-upload (24 h by default)."""
+    p = c.prefix()
+    upload_until_crash(c, p, "s", "after-mpu-start")
+    left = uploads_under(c, p + "/")
+    check(list(left.values()) == [p + "/s.qcow2"], "not one upload left by the crash: %s" % left)
+    d = c.qcowd(p)
+    try:
+        st, doc = d.json("GET", "/v1/images")
+        check(st == 200 and doc["images"] == [], "list after the crash: %s %s" % (st, doc))
+        check(uploads_under(c, p + "/") == {}, "the upload started before the crash was not aborted")
+        check(d.metric("uploads_aborted") == 1, "uploads_aborted %d, not 1" % d.metric("uploads_aborted"))
+        check(any("it was starting a multipart upload" in l for l in d.lines),
+              "no log line about the dead run's start:\n" + "\n".join(d.lines))
+    finally:
+        d.stop()
+        abort_uploads(c, uploads_under(c, p + "/"))
+
+
+def two_daemons_share_a_prefix(c):
+    """Two qcowd on one bucket and catalog prefix (and one staging folder): the
+    second's start leaves the first's live streamed upload alone (it is neither
+    a dead run's nor stale), and the first then completes it."""
+    p = c.prefix()
+    a = c.qcowd(p, opts=("part-size=5M",))
+    b = None
+    try:
+        data, first = first_piece_streamed(c, a, "t")
+        check(len(uploads_under(c, p + "/")) == 1, "no upload in progress: %s" % uploads_under(c, p + "/"))
+        b = c.qcowd(p)
+        st, doc = b.json("GET", "/v1/images")
+        check(st == 200, "second daemon: %s %s" % (st, doc))
+        check(len(uploads_under(c, p + "/")) == 1, "the second daemon's start aborted the first's upload")
+        check(b.metric("uploads_aborted") == 0, "the second daemon aborted %d uploads" % b.metric("uploads_aborted"))
+        last_piece_completes(c, a, p, "t", data, first)
+        check(uploads_under(c, p + "/") == {}, "uploads left: %s" % uploads_under(c, p + "/"))
+    finally:
+        if b:
+            b.stop()
+        a.stop()
+        abort_uploads(c, uploads_under(c, p + "/"))
+
+
+def last_piece_completes(c, d, p, name, data, first):
+    """The rest of first_piece_streamed's upload: the image is published whole."""
+    st, body = d.request("PUT", "/v1/images/%s/file" % name, data[first:],
+                         {"Content-Range": "bytes %d-%d/%d" % (first, len(data) - 1, len(data))})
+    check(st == 201, "last piece: %s %s" % (st, body[:200]))
+    check(c.s3.get(BUCKET, "%s/%s.qcow2" % (p, name)) == data, "the object is not the uploaded file")
+
+
+def own_upload_outlives_stale_upload(c):
+    """A daemon's own upload waiting between its pieces longer than its
+    stale-upload (2 s, swept every 2 s) is not aborted by its own sweeps (it
+    owns it); the last piece then completes it."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "stale-upload=2s"))
+    try:
+        data, first = first_piece_streamed(c, d, "o")
+        time.sleep(6)
+        check(len(uploads_under(c, p + "/")) == 1, "the daemon's own waiting upload was aborted")
+        check(d.metric("uploads_aborted") == 0, "uploads_aborted %d, not 0" % d.metric("uploads_aborted"))
+        last_piece_completes(c, d, p, "o", data, first)
+    finally:
+        d.stop()
+        abort_uploads(c, uploads_under(c, p + "/"))
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
@@ -1182,7 +1317,8 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
          kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget, listing_etag_of_multipart_copy,
-         invalid_upload_names_no_pending]
+         invalid_upload_names_no_pending, stale_uploads_aborted_at_start, crash_after_upload_start,
+         two_daemons_share_a_prefix, own_upload_outlives_stale_upload]
 
 
 def main():

@@ -182,6 +182,106 @@ START_TEST(test_multipart_etag)
 }
 END_TEST
 
+/* ---- ListMultipartUploads pages (uploads.c) ---- */
+
+struct seen {
+    char keys[8][64];
+    int64_t when[8];
+    unsigned n;
+};
+
+static int collect(void *ctx, const char *key, const char *id, int64_t initiated)
+{
+    struct seen *s = ctx;
+    ck_assert(*id);
+    if (s->n < 8) {
+        snprintf(s->keys[s->n], sizeof s->keys[0], "%s", key);
+        s->when[s->n] = initiated;
+    }
+    s->n++;
+    return 0;
+}
+
+#define UP(k, id, t) "<Upload><Key>" k "</Key><UploadId>" id "</UploadId><Initiated>" t "</Initiated></Upload>"
+#define PAGE(inner) "<?xml version='1.0'?><ListMultipartUploadsResult xmlns=\"x\">" inner "</ListMultipartUploadsResult>"
+
+START_TEST(test_iso_time)
+{
+    ck_assert_int_eq(s3_iso_time("2026-12-03T18:27:29.000Z"), 1796322449);
+    ck_assert_int_eq(s3_iso_time("2026-12-03T18:27:29Z"), 1796322449);
+    ck_assert_int_eq(s3_iso_time("1970-01-01T00:00:00+00:00"), 0);
+    ck_assert_int_eq(s3_iso_time("2026-12-03T18:27:29+02:00"), -1);
+    ck_assert_int_eq(s3_iso_time("2026-12-03"), -1);
+    ck_assert_int_eq(s3_iso_time("Thu, 03 Dec 2026 18:27:29 GMT"), -1);
+    ck_assert_int_eq(s3_iso_time(NULL), -1);
+}
+END_TEST
+
+START_TEST(test_uploads_page)
+{
+    /* Swift's answer: truncated, with empty next markers (the last upload is where to go on) */
+    const char *swift = PAGE("<Bucket>b</Bucket><NextKeyMarker></NextKeyMarker><NextUploadIdMarker></NextUploadIdMarker>"
+                             "<Prefix>p/</Prefix><IsTruncated>true</IsTruncated>"
+                             UP("p/a.qcow2", "ID1", "2026-12-03T18:27:29.000Z")
+                             UP("p/b&amp;c.qcow2", "ID2", "not a time")
+                             UP("q/outside", "ID3", "2026-12-03T18:27:29.000Z"));
+    struct seen s = {0};
+    struct s3_uploads_page pg = {0};
+    ck_assert_int_eq(s3_uploads_parse(swift, "p/", collect, &s, &pg), 0);
+    ck_assert_uint_eq(s.n, 2); /* the key outside the prefix is never passed on */
+    ck_assert_str_eq(s.keys[0], "p/a.qcow2");
+    ck_assert_int_eq(s.when[0], 1796322449);
+    ck_assert_str_eq(s.keys[1], "p/b&c.qcow2");
+    ck_assert_int_eq(s.when[1], -1);
+    ck_assert(pg.truncated);
+    ck_assert_str_eq(pg.next_key, "q/outside");
+    ck_assert_str_eq(pg.next_id, "ID3");
+    /* AWS's: the markers given */
+    const char *aws = PAGE("<NextKeyMarker>p/z</NextKeyMarker><NextUploadIdMarker>ZZ</NextUploadIdMarker>"
+                           "<IsTruncated>true</IsTruncated>" UP("p/a", "ID1", "2026-12-03T18:27:29Z"));
+    memset(&s, 0, sizeof s);
+    ck_assert_int_eq(s3_uploads_parse(aws, "p/", collect, &s, &pg), 0);
+    ck_assert_str_eq(pg.next_key, "p/z");
+    ck_assert_str_eq(pg.next_id, "ZZ");
+    /* the last page */
+    ck_assert_int_eq(s3_uploads_parse(PAGE("<IsTruncated>false</IsTruncated>"), "p/", collect, &s, &pg), 0);
+    ck_assert(!pg.truncated);
+    ck_assert_ptr_null(pg.next_key);
+    s3_uploads_page_free(&pg);
+}
+END_TEST
+
+START_TEST(test_uploads_page_bounds)
+{
+    struct seen s = {0};
+    struct s3_uploads_page pg = {0};
+    /* not the answer asked for, an upload without key or id, truncated with nowhere to go */
+    ck_assert_int_eq(s3_uploads_parse("<Error><Code>x</Code></Error>", "", collect, &s, &pg), -EPROTO);
+    ck_assert_int_eq(s3_uploads_parse(PAGE("<Upload><UploadId>I</UploadId></Upload>"), "", collect, &s, &pg),
+                     -EPROTO);
+    ck_assert_int_eq(s3_uploads_parse(PAGE(UP("k", "", "")), "", collect, &s, &pg), -EPROTO);
+    ck_assert_int_eq(s3_uploads_parse(PAGE("<IsTruncated>true</IsTruncated>"), "", collect, &s, &pg), -EPROTO);
+    ck_assert_ptr_null(pg.next_key);
+    /* a key past S3's 1024 bytes */
+    struct sbuf b = {0};
+    sbuf_puts(&b, "<ListMultipartUploadsResult><Upload><Key>");
+    for (int i = 0; i < 1025; i++)
+        sbuf_puts(&b, "k");
+    sbuf_puts(&b, "</Key><UploadId>I</UploadId></Upload></ListMultipartUploadsResult>");
+    ck_assert_int_eq(s3_uploads_parse(b.p, "", collect, &s, &pg), -EPROTO);
+    sbuf_free(&b);
+    /* more uploads than one answer holds */
+    sbuf_puts(&b, "<ListMultipartUploadsResult>");
+    for (int i = 0; i < 1001; i++)
+        sbuf_puts(&b, UP("k", "I", "2026-12-03T18:27:29Z"));
+    sbuf_puts(&b, "</ListMultipartUploadsResult>");
+    memset(&s, 0, sizeof s);
+    ck_assert_int_eq(s3_uploads_parse(b.p, "", collect, &s, &pg), -EPROTO);
+    ck_assert_uint_eq(s.n, 1000);
+    sbuf_free(&b);
+}
+END_TEST
+
 int main(void)
 {
     Suite *s = suite_create("s3sig");
@@ -199,6 +299,9 @@ int main(void)
     tcase_add_test(tc, test_header_values_trimmed_and_folded);
     tcase_add_test(tc, test_xml_reading);
     tcase_add_test(tc, test_multipart_etag);
+    tcase_add_test(tc, test_iso_time);
+    tcase_add_test(tc, test_uploads_page);
+    tcase_add_test(tc, test_uploads_page_bounds);
     suite_add_tcase(s, tc);
     SRunner *sr = srunner_create(s);
     srunner_run_all(sr, CK_NORMAL);

@@ -15,6 +15,9 @@ struct s3_conf s3_conf;
 
 static pthread_mutex_t conf_lock = PTHREAD_MUTEX_INITIALIZER;
 static int conf_done; /* s3_conf_ready succeeded (under conf_lock) */
+static pthread_cond_t swept = PTHREAD_COND_INITIALIZER;
+static int sweeping;      /* the start's sweep runs, on thread sweeper: others wait (under conf_lock) */
+static pthread_t sweeper;
 
 static int set_str(char **dst, const char *v)
 {
@@ -52,6 +55,30 @@ static int parse_uint(const char *key, const char *v, unsigned long min, unsigne
     if (end == v || *end || n < min || n > max)
         return err_fail(EINVAL, "s3 configuration: %s=%s is not a number in %lu..%lu", key, v, min, max);
     *out = n;
+    return 0;
+}
+
+/* A duration: "90", "30s", "15m", "24h", "2d" (seconds), or "off" (0). */
+static int parse_seconds(const char *key, const char *v, uint64_t *out)
+{
+    if (!strcmp(v, "off")) {
+        *out = 0;
+        return 0;
+    }
+    char *end;
+    unsigned long long n = strtoull(v, &end, 10);
+    uint64_t unit = 1;
+    switch (*end) {
+    case 's': unit = 1; end++; break;
+    case 'm': unit = 60; end++; break;
+    case 'h': unit = 3600; end++; break;
+    case 'd': unit = 86400; end++; break;
+    default: break;
+    }
+    if (end == v || *end || *v == '-' || n == 0 || n > (365ull * 86400) / unit)
+        return err_fail(EINVAL, "s3 configuration: %s=%.40s is not a duration of 1 s to 365 days (90, 30s, 15m, "
+                                "24h, 2d) nor off", key, v);
+    *out = n * unit;
     return 0;
 }
 
@@ -167,6 +194,16 @@ static int set_locked(const char *key, const char *v)
         s3_conf.stat_ttl_set = 1;
         return 0;
     }
+    if (!strcmp(key, "sweep-root")) {
+        if (strncmp(v, "s3://", 5) || !v[5] || v[5] == '/')
+            return err_fail(EINVAL, "s3 configuration: sweep-root=%.200s is not an s3://BUCKET/PREFIX", v);
+        return set_str(&s3_conf.sweep_root, v + 3);
+    }
+    if (!strcmp(key, "stale-upload")) {
+        if ((r = parse_seconds(key, v, &s3_conf.stale_upload_s)) == 0)
+            s3_conf.stale_upload_set = 1;
+        return r;
+    }
     if (!strcmp(key, "connect-timeout")) {
         if ((r = parse_uint(key, v, 1, 3600, &n)) == 0)
             s3_conf.connect_timeout_ms = (long)n * 1000;
@@ -175,7 +212,7 @@ static int set_locked(const char *key, const char *v)
     return err_fail(EINVAL, "s3 configuration: unknown key \"%.64s\" (known: endpoint, region, access-key, "
                             "credentials-file, staging-dir, allow-http, block-size, cache-size, readahead, "
                             "readahead-gets, part-size, staging-max, copy-max, connections, retries, timeout, "
-                            "connect-timeout, stat-ttl)",
+                            "connect-timeout, stat-ttl, stale-upload, sweep-root)",
                     key);
 }
 
@@ -214,6 +251,7 @@ static int from_env(void)
         {"QCOWD_S3_CONNECTIONS", "connections"},
         {"QCOWD_S3_RETRIES", "retries"},
         {"QCOWD_S3_TIMEOUT", "timeout"},
+        {"QCOWD_S3_STALE_UPLOAD", "stale-upload"},
     };
     for (size_t i = 0; i < sizeof map / sizeof map[0]; i++) {
         const char *v = getenv(map[i].env);
@@ -225,7 +263,7 @@ static int from_env(void)
                    : !strcmp(map[i].key, "secret-key") ? &s3_conf.secret_key
                    : !strcmp(map[i].key, "staging-dir") ? &s3_conf.staging_dir
                                                         : NULL;
-        if (s && *s)
+        if ((s && *s) || (!strcmp(map[i].key, "stale-upload") && s3_conf.stale_upload_set))
             continue; /* given on the command line: it wins */
         int r = set_locked(map[i].key, v);
         if (r < 0)
@@ -238,6 +276,8 @@ int s3_conf_ready(void)
 {
     int r = 0;
     pthread_mutex_lock(&conf_lock);
+    while (conf_done && sweeping && !pthread_equal(sweeper, pthread_self()))
+        pthread_cond_wait(&swept, &conf_lock);
     if (conf_done)
         goto out;
     if ((r = from_env()) < 0)
@@ -287,9 +327,19 @@ int s3_conf_ready(void)
         s3_conf.timeout_ms = 30000;
     if (!s3_conf.stat_ttl_set)
         s3_conf.stat_ttl_ns = 1000000000u;
+    if (!s3_conf.stale_upload_set)
+        s3_conf.stale_upload_s = 24 * 3600; /* no honest upload waits that long */
     conf_done = 1;
+    /* the sweep of dead runs' uploads runs once, before any other caller goes
+     * on: none of our own uploads exists yet */
+    sweeping = 1;
+    sweeper = pthread_self();
     pthread_mutex_unlock(&conf_lock);
-    s3_obj_sweep(); /* once: later calls return above */
+    s3_sweep_at_start();
+    pthread_mutex_lock(&conf_lock);
+    sweeping = 0;
+    pthread_cond_broadcast(&swept);
+    pthread_mutex_unlock(&conf_lock);
     return 0;
 out:
     pthread_mutex_unlock(&conf_lock);

@@ -21,6 +21,8 @@ int s3_mpu_start(const struct s3_name *n, char **id)
     s3_req_free(&r);
     if (ret == 0 && !*id)
         ret = err_fail(EREMOTEIO, "%s: no UploadId in the answer", what);
+    if (ret == 0)
+        s3_sweep_own(*id);
     return ret;
 }
 
@@ -153,19 +155,76 @@ int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128],
     } else if (may_have_completed(ret, &c)) {
         ret = check_completed(n, etags, nparts, etag, cap, ret);
     }
+    if (ret == 0)
+        s3_sweep_disown(id);
     s3_req_free(&c);
     sbuf_free(&body);
     return ret;
 }
 
-void s3_mpu_abort(const struct s3_name *n, const char *id)
+int s3_mpu_abort(const struct s3_name *n, const char *id)
 {
     struct s3_param p = {"uploadId", id};
     struct s3_req r = {.op = S3_OP_DELETE, .method = "DELETE", .bucket = n->bucket, .key = n->key, .params = &p,
                        .nparams = 1};
     struct err_saved saved; /* the caller's failure, which the abort follows */
     err_save(&saved, -EIO);
-    s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
+    int ret = s3_http(&r, "abort multipart upload"); /* best effort: a lifecycle rule cleans what stays */
     err_restore(&saved);
     s3_req_free(&r);
+    s3_sweep_disown(id);
+    return ret;
+}
+
+/* The most pages of one listing: a million unfinished uploads. */
+#define LIST_PAGES_MAX 1000
+
+int s3_mpu_list(const char *bucket, const char *prefix, s3_upload_fn cb, void *ctx)
+{
+    char what[320];
+    snprintf(what, sizeof what, "list the multipart uploads of s3://%s/%s", bucket, prefix);
+    char *km = strdup(""), *im = strdup("");
+    struct s3_uploads_page pg = {0};
+    int ret = km && im ? 0 : err_fail(ENOMEM, "%s: out of memory", what);
+    for (unsigned page = 0; ret == 0; page++) {
+        if (page == LIST_PAGES_MAX) {
+            ret = err_fail(EPROTO, "%s: more than %u pages", what, LIST_PAGES_MAX);
+            break;
+        }
+        struct s3_param p[5] = {{"uploads", ""}, {"prefix", prefix}, {"max-uploads", "1000"}};
+        size_t np = 3;
+        if (*km)
+            p[np++] = (struct s3_param){"key-marker", km};
+        if (*im)
+            p[np++] = (struct s3_param){"upload-id-marker", im};
+        struct s3_req r = {.op = S3_OP_LIST, .method = "GET", .bucket = bucket, .params = p, .nparams = np};
+        ret = s3_http(&r, what);
+        const char *t = ret == 0 ? sbuf_str(&r.text) : NULL;
+        if (ret == 0 && !t)
+            ret = err_fail(ENOMEM, "%s: out of memory", what);
+        if (ret == 0) {
+            err_clear();
+            ret = s3_uploads_parse(t, prefix, cb, ctx, &pg);
+            if (ret == -EPROTO)
+                ret = err_fail(EPROTO, "%s: not a ListMultipartUploads answer within S3's bounds", what);
+            else if (ret == -ENOMEM)
+                ret = err_fail(ENOMEM, "%s: out of memory", what);
+        }
+        s3_req_free(&r);
+        if (ret < 0 || !pg.truncated)
+            break;
+        if (!strcmp(pg.next_key, km) && !strcmp(pg.next_id, im)) {
+            ret = err_fail(EPROTO, "%s: a truncated answer that does not go on", what);
+            break;
+        }
+        free(km);
+        free(im);
+        km = pg.next_key;
+        im = pg.next_id;
+        pg.next_key = pg.next_id = NULL;
+    }
+    s3_uploads_page_free(&pg);
+    free(km);
+    free(im);
+    return ret;
 }

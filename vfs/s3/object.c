@@ -27,7 +27,7 @@
 #define MIN_PART_BYTES (5ull << 20) /* S3's smallest part but the last */
 #define MAX_PARTS      10000
 #define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
-#define DEFERRED_TAIL  ".new"       /* ends a deferred object's staging names, before .data/.meta */
+#define DEFERRED_TAIL  S3_DEFERRED_TAIL
 
 struct ra_job;
 
@@ -594,8 +594,9 @@ static int staging_private(const char *dir)
     return 0;
 }
 
-/* The meta file: what a later run needs to tell what it finds. */
-static void write_meta(struct obj *o, const char *upload_id)
+/* The meta file: what a later run needs to tell what it finds; started: when
+ * a multipart upload is being started (its id not known yet), else 0. */
+static void write_meta_at(struct obj *o, const char *upload_id, int64_t started)
 {
     int fd = open(o->mpath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
@@ -612,106 +613,38 @@ static void write_meta(struct obj *o, const char *upload_id)
         fprintf(f, "deferred yes\n");
     if (upload_id)
         fprintf(f, "upload-id %s\n", upload_id);
+    if (started)
+        fprintf(f, "mpu-start %lld\n", (long long)started);
     fclose(f);
+}
+
+static void write_meta(struct obj *o, const char *upload_id)
+{
+    write_meta_at(o, upload_id, 0);
 }
 
 /* A staging file left by a run that ended without closing: its writes were
  * never published (a crash before flush loses them), so it is discarded. */
 static void discard_leftover(struct obj *o, struct stat *st)
 {
-    char line[512], upload_id[512] = "", etag[512] = "-", cur[128];
+    struct s3_staging_meta m;
+    char cur[128];
     etag_get(o, cur, sizeof cur);
-    long pid = 0;
-    int mfd = open(o->mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    FILE *f = mfd >= 0 ? fdopen(mfd, "r") : NULL;
-    if (!f && mfd >= 0)
-        close(mfd);
-    if (f) {
-        while (fgets(line, sizeof line, f)) {
-            line[strcspn(line, "\n")] = '\0';
-            if (!strncmp(line, "upload-id ", 10))
-                snprintf(upload_id, sizeof upload_id, "%s", line + 10);
-            else if (!strncmp(line, "base-etag ", 10))
-                snprintf(etag, sizeof etag, "%s", line + 10);
-            else if (!strncmp(line, "pid ", 4))
-                pid = atol(line + 4);
-        }
-        fclose(f);
-    }
+    s3_staging_meta_read(open(o->mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW), &m);
     fprintf(stderr,
             "qcowd: s3: %s: discarded the staging cache of an earlier run (pid %ld) that ended without "
             "publishing: %llu bytes staged over version %s; the object stays as last published (ETag %s)%s\n",
-            o->n.uri, pid, (unsigned long long)st->st_blocks * 512, etag, cur[0] ? cur : "none",
-            upload_id[0] ? "; its unfinished multipart upload is aborted" : "");
-    if (upload_id[0])
-        s3_mpu_abort(&o->n, upload_id);
+            o->n.uri, m.pid, (unsigned long long)st->st_blocks * 512, m.etag, cur[0] ? cur : "none",
+            m.upload_id[0] ? "; its unfinished multipart upload is aborted" : "");
+    if (m.upload_id[0])
+        s3_mpu_abort(&o->n, m.upload_id);
+    else if (m.started > 0)
+        s3_sweep_key(&o->n, m.started);
 }
 
-/* One deferred publish's leftover, by its meta file name (in the staging
- * folder): removed unless its owner lives (its data file is locked). */
-static void sweep_one(const char *dir, const char *name)
+int s3_obj_staging_private(const char *dir)
 {
-    char *mpath = NULL, *spath = NULL, line[512], bucket[512] = "", key[512] = "", id[512] = "";
-    long pid = 0;
-    size_t n = strlen(name) - strlen(".meta");
-    if (asprintf(&mpath, "%s/%s", dir, name) < 0 || asprintf(&spath, "%s/%.*s.data", dir, (int)n, name) < 0)
-        goto out;
-    int fd = open(spath, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
-    if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) < 0) { /* alive */
-        close(fd);
-        goto out;
-    }
-    int mfd = open(mpath, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-    FILE *f = mfd >= 0 ? fdopen(mfd, "r") : NULL;
-    if (!f && mfd >= 0)
-        close(mfd);
-    while (f && fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\n")] = '\0';
-        if (!strncmp(line, "bucket ", 7))
-            snprintf(bucket, sizeof bucket, "%s", line + 7);
-        else if (!strncmp(line, "key ", 4))
-            snprintf(key, sizeof key, "%s", line + 4);
-        else if (!strncmp(line, "upload-id ", 10))
-            snprintf(id, sizeof id, "%s", line + 10);
-        else if (!strncmp(line, "pid ", 4))
-            pid = atol(line + 4);
-    }
-    if (f)
-        fclose(f);
-    char uri[1100];
-    snprintf(uri, sizeof uri, "s3://%s/%s", bucket, key);
-    fprintf(stderr, "qcowd: s3: %s: dropped the unfinished publish of an earlier run (pid %ld)%s\n", uri, pid,
-            id[0] ? "; its multipart upload is aborted" : "");
-    if (id[0] && bucket[0] && key[0]) {
-        struct s3_name nm = {.bucket = bucket, .key = key, .uri = uri};
-        s3_mpu_abort(&nm, id);
-        err_clear();
-    }
-    unlink(spath);
-    unlink(mpath);
-    if (fd >= 0)
-        close(fd);
-out:
-    free(mpath);
-    free(spath);
-}
-
-void s3_obj_sweep(void)
-{
-    const char *dir = s3_conf.staging_dir, *tail = DEFERRED_TAIL ".meta";
-    char mine[32];
-    snprintf(mine, sizeof mine, "-%ld-", (long)getpid()); /* ours are alive, and may be half made */
-    DIR *d = dir && staging_private(dir) == 0 ? opendir(dir) : NULL;
-    err_clear();
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        size_t n = strlen(e->d_name), tl = strlen(tail);
-        if (n > tl && !strcmp(e->d_name + n - tl, tail) && !strstr(e->d_name, mine))
-            sweep_one(dir, e->d_name);
-    }
-    closedir(d);
+    return staging_private(dir);
 }
 
 static int staging_open(struct obj *o)
@@ -1289,11 +1222,14 @@ static int multipart(struct obj *o, uint64_t size, char *etag_out, size_t cap)
         }
     }
     char *id = NULL;
+    write_meta_at(o, NULL, time(NULL)); /* a crash before the id is written: a later run looks for it */
     int ret = s3_mpu_start(&o->n, &id);
     if (ret < 0) {
+        write_meta(o, NULL);
         free(pl.v);
         return ret;
     }
+    test_crash_point("after-mpu-start", o->n.uri);
     write_meta(o, id);
 
     struct upload u = {.o = o, .id = id, .segs = pl.v, .nparts = pl.n};
@@ -1465,10 +1401,13 @@ static void stream_run(struct s3_task *t)
     pthread_mutex_lock(&o->sp);
     if (!o->mpu_id && !o->stream_off) { /* the first part starts the upload (the others wait) */
         char *id = NULL;
+        write_meta_at(o, NULL, time(NULL)); /* a crash before the id is written: a later run looks for it */
         if ((ret = s3_mpu_start(&o->n, &id)) == 0) {
+            test_crash_point("after-mpu-start", o->n.uri);
             o->mpu_id = id;
             write_meta(o, id); /* a later run aborts it if we die */
         } else {
+            write_meta(o, NULL);
             o->stream_off = 1;
         }
     }

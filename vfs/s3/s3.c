@@ -460,6 +460,7 @@ static int s3_stats_walk(int (*cb)(void *ctx, const char *name, uint64_t value),
         {"readahead_gets", &s3_stats.readahead_gets},
         {"readahead_dropped", &s3_stats.readahead_dropped},
         {"readahead_waits", &s3_stats.readahead_waits},
+        {"uploads_aborted", &s3_stats.uploads_aborted},
     };
     for (size_t i = 0; i < sizeof more / sizeof more[0] && !r; i++)
         r = cb(ctx, more[i].name, atomic_load(more[i].v));
@@ -501,6 +502,7 @@ static struct vfs_ops s3_ops_v1;
 
 static void cleanup(void)
 {
+    s3_sweep_stop();
     s3_pool_stop(&s3_upload_pool);
     s3_pool_stop(&s3_ra_pool);
     s3_http_cleanup();

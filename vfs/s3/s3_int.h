@@ -36,6 +36,31 @@ char *s3_xml_next(const char *xml, const char *tag, const char **pos);
 /* The same, the text left as it is (for an element holding elements). */
 char *s3_xml_raw(const char *xml, const char *tag, const char **pos);
 
+/* ---- uploads.c: a ListMultipartUploads page ---- */
+
+/* An ISO 8601 UTC time ("2026-12-03T18:27:29.000Z") in seconds since the
+ * epoch, or -1 when s is NULL or not one. */
+int64_t s3_iso_time(const char *s);
+
+/* Called per upload; initiated is -1 when the store did not say (or said it
+ * in a form not understood). 0 goes on; a negative errno stops the listing. */
+typedef int (*s3_upload_fn)(void *ctx, const char *key, const char *id, int64_t initiated);
+
+/* Where the next page starts (strings of the answer; NULL when not truncated). */
+struct s3_uploads_page {
+    int truncated;
+    char *next_key, *next_id;
+};
+
+/* Parse one answer: cb for each <Upload> whose key starts with prefix (others
+ * are never passed on, even when the store ignored the prefix), then pg. 0, a
+ * negative errno of cb, -EPROTO for an answer out of bounds (an upload without
+ * key or id, a key past 1024 bytes, more than 1000 uploads, truncated without
+ * a place to go on), or -ENOMEM. pg is freed first and on failure. */
+int s3_uploads_parse(const char *xml, const char *prefix, s3_upload_fn cb, void *ctx,
+                     struct s3_uploads_page *pg);
+void s3_uploads_page_free(struct s3_uploads_page *pg);
+
 /* ---- sigv4.c: AWS Signature Version 4 ---- */
 
 struct s3_hdr {
@@ -99,6 +124,9 @@ struct s3_conf {
     uint64_t stat_ttl_ns;  /* how long what is known of an object answers stat and open (default 1 s) */
     int stat_ttl_set;      /* stat-ttl was given (0 is a value: always ask) */
     int allow_http;        /* allow-http=yes: a plain http:// endpoint is accepted */
+    char *sweep_root;      /* "s3://bucket/prefix" whose stale uploads are aborted (qcowd sets its catalog) */
+    uint64_t stale_upload_s; /* an upload started longer ago is stale (default 24 h; 0: never) */
+    int stale_upload_set;
 };
 
 extern struct s3_conf s3_conf;
@@ -127,6 +155,7 @@ struct s3_stats {
     atomic_ullong readahead_gets;    /* GETs issued by read-ahead workers */
     atomic_ullong readahead_dropped; /* of those, answers not kept: failed, another version, object closed */
     atomic_ullong readahead_waits;   /* reads that waited for a read-ahead GET instead of their own */
+    atomic_ullong uploads_aborted;   /* unfinished multipart uploads of dead runs or stale, aborted (sweep.c) */
 };
 extern struct s3_stats s3_stats;
 extern const char *const s3_op_names[S3_OP_COUNT];

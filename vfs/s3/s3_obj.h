@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "s3_int.h"
 #include "vfs_plugin.h"
 
 /* A path as the plugin gets it ("//bucket/key" or "bucket/key"), split. */
@@ -58,10 +59,11 @@ int s3_obj_truncate(void *h, uint64_t size);
  * commit drops it. Its staging files are "HASH-PID-SEQ.new.data/.meta". */
 int s3_obj_open_deferred(const char *path, void **handle);
 int s3_obj_commit(void *h, unsigned flags);
-/* Remove what deferred publishes of dead processes left in the staging folder
- * (their files are unlocked), aborting the multipart uploads their meta files
- * name. Called once, when the configuration is first complete. */
-void s3_obj_sweep(void);
+/* The end of a deferred object's staging names, before .data/.meta. */
+#define S3_DEFERRED_TAIL ".new"
+/* 0 when the staging folder dir is a real folder of ours closed to others,
+ * else a negative errno with the message. */
+int s3_obj_staging_private(const char *dir);
 /* The object at n is being removed or renamed away: handles open on it keep
  * reading what they had, but nothing of theirs is published any more, and a
  * new open of the key starts afresh. */
@@ -80,7 +82,41 @@ int s3_mpu_copy_part(const struct s3_name *n, const char *id, unsigned partno, c
 /* Complete with the parts' ETags; *etag gets the new object's. */
 int s3_mpu_complete(const struct s3_name *n, const char *id, char (*etags)[128], unsigned nparts, char *etag,
                     size_t cap);
-/* Abort (best effort; the thread's error message is kept). */
-void s3_mpu_abort(const struct s3_name *n, const char *id);
+/* Abort (best effort): 0, or the request's negative errno; either way the
+ * thread's error message stays the caller's. */
+int s3_mpu_abort(const struct s3_name *n, const char *id);
+/* ListMultipartUploads of bucket under prefix, every page (at most 1000 of
+ * 1000 uploads): cb per upload whose key starts with prefix. 0, cb's negative
+ * errno, or the request's error; -EPROTO for an answer out of bounds. */
+int s3_mpu_list(const char *bucket, const char *prefix, s3_upload_fn cb, void *ctx);
+
+/* ---- sweep.c: unfinished uploads nobody will finish ---- */
+
+/* At the first complete configuration, before any other request: remove what
+ * deferred publishes of dead processes left in the staging folder (their files
+ * are unlocked), aborting the uploads their meta files name (or, for a dead
+ * run that was starting one, that key's uploads started then); then abort
+ * every upload under sweep-root older than stale-upload that is not ours,
+ * and start the thread that does that again every hour. */
+void s3_sweep_at_start(void);
+/* Stop and join that thread (at exit). */
+void s3_sweep_stop(void);
+/* Uploads of n's key that a dead run started at started (seconds since the
+ * epoch; give or take a clock-skew margin and the request's time) and did not
+ * record: aborted, except ours. Best effort: failures are logged. */
+void s3_sweep_key(const struct s3_name *n, int64_t started);
+/* What a staging meta file says (object.c writes it): the fields of the
+ * lines found, "" / 0 for the others (etag "-"). */
+struct s3_staging_meta {
+    char bucket[512], key[512], upload_id[512], etag[512];
+    long pid;
+    long long started; /* mpu-start: a multipart upload was being started then (seconds since the epoch) */
+};
+/* Read it from fd (an open meta file, or -1: all empty), which is closed. */
+void s3_staging_meta_read(int fd, struct s3_staging_meta *m);
+/* Upload id is ours (started by this process, not finished yet): the sweeps
+ * leave it; disown when it is completed or aborted. */
+void s3_sweep_own(const char *id);
+void s3_sweep_disown(const char *id);
 
 #endif
