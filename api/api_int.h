@@ -143,6 +143,10 @@ const char *api_errno_code(int err);
 
 /* A new JSON string of s; bytes that are not UTF-8 become '?'. NULL on ENOMEM. */
 json_t *api_jstr(const char *s);
+/* msg without the server's own paths: every "CATALOG/" (the catalog folder as
+ * the store names it, with or without its "scheme:") is cut. A new string, or
+ * NULL (then msg may go as it is). */
+char *api_scrub_paths(struct catalog *cat, const char *msg);
 /* Queue body (reference stolen) as JSON with status. */
 enum MHD_Result api_reply_json(struct req *r, unsigned status, json_t *body);
 /* The same with one extra header (e.g. Location). */

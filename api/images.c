@@ -147,8 +147,10 @@ static int images_next(void *p, char **head, char **tail, struct qcow2_snapshot_
             continue;
         w->started = true;
         if (ret < 0) {
+            char *clean = api_scrub_paths(w->cat, err_msg(ret)); /* as an error answer is */
             json_t *e = json_pack("{s:s,s:{s:s,s:o}}", "name", name, "error", "code", api_errno_code(ret), "message",
-                                  api_jstr(err_msg(ret)));
+                                  api_jstr(clean ? clean : err_msg(ret)));
+            free(clean);
             char *text = e ? json_dumps(e, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
             json_decref(e);
             size_t hl = text ? strlen(sep) + strlen(text) + 1 : 0;

@@ -173,9 +173,9 @@ enum MHD_Result api_reply_json_hdr(struct req *r, unsigned status, json_t *body,
  * the store names it, with or without its "scheme:") is cut, so a client reads
  * "open a.qcow2: ..." and learns nothing of the server's file system. A new
  * string, or NULL (then msg goes as it is). */
-static char *scrub_paths(const struct req *r, const char *msg)
+char *api_scrub_paths(struct catalog *cat, const char *msg)
 {
-    char *root = r->cat ? catalog_path(r->cat, "") : NULL;
+    char *root = cat ? catalog_path(cat, "") : NULL;
     if (!root)
         return NULL;
     const char *colon = strchr(root, ':');
@@ -196,7 +196,7 @@ static char *scrub_paths(const struct req *r, const char *msg)
 enum MHD_Result api_reply_status(struct req *r, unsigned status, const char *code, const char *msg, const char *hdr,
                                  const char *hdr_value)
 {
-    char *clean = scrub_paths(r, msg);
+    char *clean = api_scrub_paths(r->cat, msg);
     enum MHD_Result res = queue_json(
         r, status, json_pack("{s:{s:s,s:o}}", "error", "code", code, "message", api_jstr(clean ? clean : msg)), hdr,
         hdr_value);

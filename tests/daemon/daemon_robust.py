@@ -188,9 +188,13 @@ def main():
                 assert json.loads(c.getresponse().read())["max_readers"] == 3
                 c.close()
                 # the main thread (waiting for signals), a pool of 3 HTTP threads,
-                # 1 job worker and the event bus's ticker (TSan's runtime adds one)
+                # 1 job worker and the event bus's ticker (TSan's runtime adds one);
+                # on S3 the plugin's sweep of stale uploads has a timer thread, and a
+                # read-ahead worker may have started
                 tasks = len(os.listdir("/proc/%d/task" % proc.pid))
-                assert 6 <= tasks <= 7, "%d threads, want 1 + a pool of 3 + 1 job worker + 1 ticker" % tasks
+                hi = 7 + (2 if base.S3 else 0)
+                assert 6 <= tasks <= hi, "%d threads, want 1 + a pool of 3 + 1 job worker + 1 ticker%s" % (
+                    tasks, " + the S3 sweep's timer" if base.S3 else "")
             finally:
                 proc.send_signal(signal.SIGTERM)
                 rest = proc.communicate(timeout=60)[1].decode()
@@ -285,6 +289,30 @@ def main():
             c.close()
             assert len(socks) == 1, "a new connection per request"
         ck.case("keep_alive_between_gets", keep_alive)
+
+        def listing_errors_name_no_server_path():
+            # an overlay whose backing file is gone: the listing's entry for it is
+            # an error, which names the image's files as an error answer does
+            # (the catalog's own folder or bucket prefix cut)
+            qemu_img("create", "-q", "-f", "qcow2", p("lgone"), "1M")
+            qemu_img("create", "-q", "-f", "qcow2", "-b", "lgone.qcow2", "-F", "qcow2", p("lorphan"), "1M")
+            publish("lorphan")
+            os.remove(p("lgone"))
+            try:
+                st, h, b = d.request("GET", "/v1/images")
+                assert st == 200, (st, b[:200])
+                ent = [e for e in json.loads(b)["images"] if e["name"] == "lorphan"]
+                assert ent and "error" in ent[0], ent
+                msg = ent[0]["error"]["message"]
+                assert "lgone.qcow2" in msg, msg
+                root = "s3://%s/%s" % (base.S3_BUCKET, base.S3_PREFIX) if base.S3 else cat
+                assert root not in msg and top not in msg, msg
+            finally:
+                if base.S3:
+                    base.store_remove(cat, "lorphan.qcow2")
+                if os.path.exists(p("lorphan")):
+                    os.remove(p("lorphan"))
+        ck.case("listing_errors_name_no_server_path", listing_errors_name_no_server_path)
 
         def download_isolated():
             # bigger than what the socket buffers hold, so the download is still
