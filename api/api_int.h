@@ -328,9 +328,10 @@ enum MHD_Result api_send_data(struct req *r, struct qcow2_image *img, struct cat
 /* Answer 202 with Location: /v1/jobs/ID and the job object; job is the handle
  * jobs_submit gave ({"id": ID}, reference stolen). */
 enum MHD_Result api_reply_job(struct req *r, json_t *job);
-/* The REST job object of a job view (a new reference, NULL on ENOMEM). */
+/* The REST job object of a job view (a new reference, NULL on ENOMEM); its
+ * error message names no server path (cat: the catalog whose folder is cut). */
 struct job_info;
-json_t *api_job_json(const struct job_info *ji);
+json_t *api_job_json(const struct job_info *ji, struct catalog *cat);
 enum MHD_Result api_jobs_list(struct req *r, char **args);
 enum MHD_Result api_job_get(struct req *r, char **args);
 enum MHD_Result api_job_dismiss(struct req *r, char **args);

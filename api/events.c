@@ -41,18 +41,18 @@ static void sse_sleep(void *opaque)
 }
 
 /* The data of an event: image events {"name": NAME}, job events the job object. */
-static json_t *event_data(const struct event *e)
+static json_t *event_data(const struct event *e, struct catalog *cat)
 {
     if (e->kind == EVENT_JOB)
-        return api_job_json(&e->job);
+        return api_job_json(&e->job, cat);
     return json_pack("{s:o}", "name", api_jstr(e->image ? e->image : ""));
 }
 
 /* The SSE frame of an event: "event: TYPE\nid: ID\ndata: JSON\n\n" (JSON in one
  * line). NULL on ENOMEM. */
-static char *frame_event(const struct event *e, size_t *len)
+static char *frame_event(const struct event *e, struct catalog *cat, size_t *len)
 {
-    json_t *d = event_data(e);
+    json_t *d = event_data(e, cat);
     char *js = d ? json_dumps(d, JSON_COMPACT | JSON_PRESERVE_ORDER) : NULL;
     json_decref(d);
     char *text = NULL;
@@ -99,7 +99,7 @@ static int next_frame(struct sse *s, bool may_sleep)
     case EVENTS_SLEPT:
         return 0;
     case EVENTS_EVENT:
-        f = frame_event(e, &len);
+        f = frame_event(e, s->r->cat, &len);
         events_put(e);
         if (!f) /* out of memory: the client learns it missed one */
             f = frame_lost(1, &len);

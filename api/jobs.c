@@ -48,21 +48,24 @@ static json_t *json_text(const char *text, json_t *fallback)
     return v;
 }
 
-json_t *api_job_json(const struct job_info *ji)
+json_t *api_job_json(const struct job_info *ji, struct catalog *cat)
 {
-    return json_pack("{s:s, s:o, s:o, s:s, s:b, s:I, s:I, s:o, s:b, s:o, s:o, s:o, s:o, s:o}", "id", ji->id, "type",
-                     api_jstr(ji->type), "image", api_jstr(ji->image), "status", job_status_name(ji->status), "pausing",
-                     ji->pausing, "current-progress", (json_int_t)ji->current, "total-progress", (json_int_t)ji->total,
-                     "error", ji->error ? api_jstr(ji->error) : json_null(), "cancelled", ji->cancelled, "result",
-                     json_text(ji->result, json_null()), "params", json_text(ji->params, json_object()), "created",
-                     time_json(ji->created_ms), "started", time_json(ji->started_ms), "finished",
-                     time_json(ji->finished_ms));
+    char *clean = ji->error ? api_scrub_paths(cat, ji->error) : NULL; /* as an error answer is */
+    json_t *o = json_pack(
+        "{s:s, s:o, s:o, s:s, s:b, s:I, s:I, s:o, s:b, s:o, s:o, s:o, s:o, s:o}", "id", ji->id, "type",
+        api_jstr(ji->type), "image", api_jstr(ji->image), "status", job_status_name(ji->status), "pausing", ji->pausing,
+        "current-progress", (json_int_t)ji->current, "total-progress", (json_int_t)ji->total, "error",
+        ji->error ? api_jstr(clean ? clean : ji->error) : json_null(), "cancelled", ji->cancelled, "result",
+        json_text(ji->result, json_null()), "params", json_text(ji->params, json_object()), "created",
+        time_json(ji->created_ms), "started", time_json(ji->started_ms), "finished", time_json(ji->finished_ms));
+    free(clean);
+    return o;
 }
 
 /* Reply status with the job object of ji (a copy, released here). */
 static enum MHD_Result reply_info(struct req *r, unsigned status, struct job_info *ji)
 {
-    json_t *o = api_job_json(ji);
+    json_t *o = api_job_json(ji, r->cat);
     job_info_release(ji);
     if (!o)
         return api_reply_errno(r, -ENOMEM);
@@ -77,7 +80,7 @@ enum MHD_Result api_reply_job(struct req *r, json_t *job)
     char loc[64];
     snprintf(loc, sizeof loc, "/v1/jobs/%s", id ? id : "");
     struct job_info ji;
-    json_t *o = id && jobs_info(r->jobs, id, &ji) == 0 ? api_job_json(&ji) : NULL;
+    json_t *o = id && jobs_info(r->jobs, id, &ji) == 0 ? api_job_json(&ji, r->cat) : NULL;
     if (o) {
         job_info_release(&ji);
         json_decref(job);
@@ -124,7 +127,7 @@ enum MHD_Result api_jobs_list(struct req *r, char **args)
         return api_reply_errno(r, ret);
     json_t *arr = json_array();
     for (size_t i = 0; arr && i < n; i++)
-        if (json_array_append_new(arr, api_job_json(&a[i])) < 0) {
+        if (json_array_append_new(arr, api_job_json(&a[i], r->cat)) < 0) {
             json_decref(arr);
             arr = NULL;
         }

@@ -568,12 +568,13 @@ int catalog_open_private(struct catalog *c, const char *name, const struct catal
             .max_meta_bytes = c->opts.max_meta_bytes,
         };
         ret = qcow2_open(uri, &qo, &h->img);
-        if (ret == -ENOENT && o->snapshot) {
-            struct vfs_stat st;
-            ret = vfs_stat(uri, &st) == 0 ? err_fail(ENOENT, "image '%s' has no snapshot '%s'", name, o->snapshot)
-                                          : err_fail(ENOENT, "no image named '%s' in the catalog", name);
-        } else if (ret == -ENOENT) {
+        struct vfs_stat st;
+        if (ret == -ENOENT && vfs_stat(uri, &st) < 0) {
             ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
+        } else if (ret == -ENOENT && o->snapshot) {
+            ret = err_fail(ENOENT, "image '%s' has no snapshot '%s'", name, o->snapshot);
+        } else if (ret == -ENOENT) {
+            ret = -ENXIO; /* the image is there: a file it needs is missing (the engine's message says which) */
         } else if (ret == -EINVAL) { /* the engine's "bad format": corrupt metadata */
             ret = o->snapshot ? err_prefix(-EUCLEAN, "image '%s', snapshot '%s'", name, o->snapshot)
                               : err_prefix(-EUCLEAN, "image '%s'", name);

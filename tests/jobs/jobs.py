@@ -594,6 +594,30 @@ def main():
             assert d.alive()
         ck.case("job_on_a_corrupt_image_fails_clearly", corrupt)
 
+        def backing_gone():
+            # a job whose image lost its backing file after it was listed: the
+            # job's error names the missing file (not "no image named"), without
+            # the catalog's folder or bucket prefix, in the job object and its event
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", img(cat, "bgbase"), "1M"], check=True)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "bgbase.qcow2", "-F", "qcow2",
+                            img(cat, "bgtop"), "1M"], check=True)
+            upload(cat, "bgbase", "bgtop")
+            st, h, b = d.call("GET", "/v1/images/bgtop")
+            assert st == 200, (st, b[:200])
+            dm.store_remove(cat, "bgbase.qcow2")
+            if dm.S3:
+                os.remove(img(cat, "bgbase"))
+            j = ck.run_job(d, "POST", "/v1/images/bgtop/convert", {"target": "bgout"}, ok=False)
+            msg = j["error"] or ""
+            root = "s3://%s/%s" % (dm.S3_BUCKET, dm.S3_PREFIX) if dm.S3 else cat
+            assert "bgbase.qcow2" in msg and "no image named" not in msg, j
+            assert root not in msg and top not in msg, j
+            st, h, b = d.call("GET", "/v1/jobs/%s" % j["id"])
+            assert st == 200 and root not in b.decode() and top not in b.decode(), b[:300]
+            assert not in_catalog(cat, "bgout"), "a failed convert left its target"
+            dm.store_remove(cat, "bgtop.qcow2")
+        ck.case("job_error_names_no_server_path", backing_gone)
+
         def bad_input():
             cases = [
                 ("GET", "/v1/jobs/99999", None, 404, "not-found"),
