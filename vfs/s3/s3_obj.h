@@ -57,6 +57,13 @@ int s3_obj_truncate(void *h, uint64_t size);
  * commit drops it. Its staging files are "HASH-PID-SEQ.new.data/.meta". */
 int s3_obj_open_deferred(const char *path, void **handle);
 int s3_obj_commit(void *h, unsigned flags);
+/* Of a deferred object (struct vfs_ops .release): [off, off+len) is not read
+ * back nor written again before the commit. A streamed part wholly released
+ * and uploaded is punched out of the staging file (marked dropped); reads
+ * and writes of a dropped part, and a commit that needs one again, fail with
+ * -EIO. Released coverage is one run per part: a part released in pieces
+ * that are not adjacent stays staged (never wrongly dropped). Any thread. */
+int s3_obj_release(void *h, uint64_t off, uint64_t len);
 /* Remove what deferred publishes of dead processes left in the staging folder
  * (their files are unlocked), aborting the multipart uploads their meta files
  * name. Called once, when the configuration is first complete. */
