@@ -1130,8 +1130,9 @@ def upload_staging_bounded(c):
         first = 40 * MiB
         st, b = send_slowly(d, c, "again", data[:first], MiB, total=len(data))
         check(st == 202, "first piece: %s %s" % (st, b[:300]))
-        st, b = d.request("PUT", "/v1/images/again/file", data[10 * MiB:12 * MiB],
-                          {"Content-Range": "bytes %d-%d/%d" % (10 * MiB, 12 * MiB - 1, len(data))})
+        piece = 64 << 10  # refused before its body is read: small enough for the socket buffers
+        st, b = d.request("PUT", "/v1/images/again/file", data[10 * MiB:10 * MiB + piece],
+                          {"Content-Range": "bytes %d-%d/%d" % (10 * MiB, 10 * MiB + piece - 1, len(data))})
         check(st // 100 == 4 and b"continue it at %d" % first in b, "a piece sent again: %s %s" % (st, b[:300]))
         st, b = send_slowly(d, c, "again", data[first:], MiB, total=len(data), start=first)
         check(st == 201, "last piece: %s %s" % (st, b[:300]))
