@@ -963,8 +963,13 @@ static int watch_size(void *h, uint64_t *size)
 }
 
 static const struct vfs_ops watch_ops = {
-    .version = VFS_OPS_VERSION, .struct_size = sizeof(struct vfs_ops), .name = "watch",
-    .thread_model = VFS_THREAD_SERIALIZE, .open = watch_open, .close = watch_close, .pread = watch_pread,
+    .version = VFS_OPS_VERSION,
+    .struct_size = sizeof(struct vfs_ops),
+    .name = "watch",
+    .thread_model = VFS_THREAD_SERIALIZE,
+    .open = watch_open,
+    .close = watch_close,
+    .pread = watch_pread,
     .size = watch_size,
 };
 
@@ -1079,16 +1084,31 @@ static void put32(unsigned char *p, uint32_t v)
     memcpy(p, &v, 4);
 }
 
-static void bad_magic(unsigned char *h) { h[0] = 'X'; }
-static void huge_clusters(unsigned char *h) { put32(h + 20, 31); }
-static void l1_unaligned(unsigned char *h) { put64(h + 40, 0x30008); }
+static void bad_magic(unsigned char *h)
+{
+    h[0] = 'X';
+}
+static void huge_clusters(unsigned char *h)
+{
+    put32(h + 20, 31);
+}
+static void l1_unaligned(unsigned char *h)
+{
+    put64(h + 40, 0x30008);
+}
 static void l1_wraps(unsigned char *h)
 {
     put32(h + 36, 0x100000u); /* 8 MiB of L1, within its limit, from 64 KiB below the end of the offsets */
     put64(h + 40, 0xffffffffffff0000ull);
 }
-static void l1_too_big(unsigned char *h) { put32(h + 36, 0x10000000u); }
-static void reftable_too_big(unsigned char *h) { put32(h + 56, 0x10000000u); }
+static void l1_too_big(unsigned char *h)
+{
+    put32(h + 36, 0x10000000u);
+}
+static void reftable_too_big(unsigned char *h)
+{
+    put32(h + 56, 0x10000000u);
+}
 static void tables_far_away(unsigned char *h)
 {
     put64(h + 40, 1ull << 50); /* past what came: kept all the same */
@@ -1099,7 +1119,10 @@ static void many_snapshots(unsigned char *h)
     put32(h + 60, 65536);
     put64(h + 64, 1ull << 40);
 }
-static void too_many_snapshots(unsigned char *h) { put32(h + 60, 65537); }
+static void too_many_snapshots(unsigned char *h)
+{
+    put32(h + 60, 65537);
+}
 
 START_TEST(meta_ranges_refuse_hostile_headers)
 {
