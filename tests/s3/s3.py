@@ -1227,13 +1227,44 @@ def upload_tables_at_end(c):
         d.stop()
 
 
+def upload_waits_for_a_slow_store(c):
+    """Backpressure: through a proxy that holds every UploadPart for 1 s, with
+    4 connections (2 part workers), the client sends faster than the parts go out; the writer
+    then waits at staging-max=16M for parts to be sent (and dropped), so the
+    staging never holds much more than staging-max + part 0, where without the
+    wait it would hold most of the 64 MiB image; the object is the file sent."""
+    p = c.prefix()
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    try:
+        px.fault("delay", match="partNumber=", arg=1.0, method="PUT")
+        d = c.qcowd(p, endpoint=px.endpoint, opts=("part-size=5M", "staging-max=16M", "connections=4"))
+        try:
+            src = random_image(c, "slow", 64 * MiB, 64 * MiB)
+            with open(src, "rb") as f:
+                data = f.read()
+            peak = [0]
+            t = time.time()
+            st, b = send_slowly(d, c, "slow", data, MiB, peak=peak)
+            secs = time.time() - t
+            check(st == 201, "upload: %s %s" % (st, b[:300]))
+            check(peak[0] <= 26 * MiB, "staging held %.1f MiB of a %.1f MiB upload (staging-max 16 MiB)"
+                  % (peak[0] / MiB, len(data) / MiB))
+            print("     staging held at most %.1f MiB; the upload took %.1f s" % (peak[0] / MiB, secs))
+            check(c.s3.get(BUCKET, p + "/slow.qcow2") == data, "the object is not the uploaded file")
+            check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+        finally:
+            d.stop()
+    finally:
+        px.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream, upload_staging_bounded, upload_tables_at_end]
+         kill_mid_stream, upload_staging_bounded, upload_tables_at_end, upload_waits_for_a_slow_store]
 
 
 def main():
