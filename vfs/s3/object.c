@@ -28,7 +28,7 @@
 #define MAX_PARTS      10000
 #define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
 #define DEFERRED_TAIL  ".new"       /* ends a deferred object's staging names, before .data/.meta */
-#define STREAM_WAIT_SEC 10           /* the longest a writer waits for parts to be sent (staging-max) */
+#define STREAM_WAIT_MS 500           /* the longest one write waits for parts to be sent (staging-max) */
 
 struct ra_job;
 
@@ -1377,7 +1377,7 @@ static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag
  * Bounded staging: the host releases what it will not read back (.release:
  * an upload keeps its qcow2 metadata); a part uploaded and wholly released is
  * punched out of the staging file (dropped), and a writer whose bytes not yet
- * sent pass staging-max waits, up to STREAM_WAIT_SEC per write, for parts to
+ * sent pass staging-max waits, up to STREAM_WAIT_MS per write, for parts to
  * go out. Staging then holds part 0, the released-but-kept ranges, the parts
  * not yet sent and the last ones. A dropped part is never read again: the
  * commit completes the upload with its ETag, and a fallback publish that
@@ -1566,13 +1566,19 @@ static uint64_t stream_unsent(const struct obj *o)
 
 /* Backpressure for a writer of a deferred object (no lock held): while its
  * unsent bytes pass staging-max and parts are in flight, wait for them, at
- * most STREAM_WAIT_SEC (the writer may be an HTTP thread serving other
- * connections too; past that the staging grows rather than block longer). */
+ * most STREAM_WAIT_MS. The writer may be an HTTP thread that serves other
+ * connections too (libmicrohttpd's pool), so one wait stays short: past it
+ * the write is taken and the next one waits again, so a stalled store lets
+ * the staging grow by about one write (a few KiB) per wait. */
 static void stream_wait(struct obj *o)
 {
     struct timespec dl;
     clock_gettime(CLOCK_MONOTONIC, &dl);
-    dl.tv_sec += STREAM_WAIT_SEC;
+    dl.tv_nsec += STREAM_WAIT_MS * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec += dl.tv_nsec / 1000000000L;
+        dl.tv_nsec %= 1000000000L;
+    }
     pthread_mutex_lock(&o->sp);
     while (!o->stream_off && o->sp_inflight && stream_unsent(o) > s3_conf.staging_max)
         if (pthread_cond_timedwait(&o->sp_done, &o->sp, &dl) == ETIMEDOUT)
