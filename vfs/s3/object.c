@@ -28,7 +28,7 @@
 #define MAX_PARTS      10000
 #define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
 #define DEFERRED_TAIL  ".new"       /* ends a deferred object's staging names, before .data/.meta */
-#define STREAM_WAIT_MS 500           /* the longest one write waits for parts to be sent (staging-max) */
+#define STREAM_WAIT_MS 500          /* the longest one write waits for parts to be sent (staging-max) */
 
 struct ra_job;
 
