@@ -1258,13 +1258,48 @@ def upload_waits_for_a_slow_store(c):
         px.stop()
 
 
+def upload_complete_fails_after_parts_dropped(c):
+    """Every CompleteMultipartUpload failing (500 through a proxy) after an
+    upload's parts were sent and dropped from staging: the upload is answered
+    with an error naming the failure (no fallback publish from bytes no longer
+    staged), no object appears, the multipart upload is aborted and the
+    staging files are gone; the same name then uploads once the store is well."""
+    p = c.prefix()
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    try:
+        d = c.qcowd(p, endpoint=px.endpoint, opts=("part-size=5M", "staging-max=16M", "retries=1"))
+        try:
+            src = random_image(c, "cf", 48 * MiB, 40 * MiB)
+            with open(src, "rb") as f:
+                data = f.read()
+            px.fault("500", match="uploadId=", method="POST")
+            peak = [0]
+            st, b = send_slowly(d, c, "cf", data, MiB, peak=peak)
+            check(st == 503 and b"complete multipart upload" in b and b"500 InternalError" in b,
+                  "upload: %s %s" % (st, b[:300]))
+            check(peak[0] <= 28 * MiB, "staging held %.1f MiB" % (peak[0] / MiB))
+            px.clear()
+            keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+            check(keys == [], "objects after the failed upload: %s" % keys)
+            check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind: %s" % c.s3.uploads(BUCKET))
+            check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+            st, b = d.request("PUT", "/v1/images/cf/file", data)
+            check(st == 201, "upload after the store recovered: %s %s" % (st, b[:300]))
+            check(c.s3.get(BUCKET, p + "/cf.qcow2") == data, "the object is not the uploaded file")
+        finally:
+            d.stop()
+    finally:
+        px.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
          reads_within_ttl_make_no_head, listing_validates_from_entries, outside_change_noticed_after_ttl,
          own_changes_seen_at_once, flush_cost_of_small_writes, parallel_readahead, readahead_never_mixes_versions,
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
-         kill_mid_stream, upload_staging_bounded, upload_tables_at_end, upload_waits_for_a_slow_store]
+         kill_mid_stream, upload_staging_bounded, upload_tables_at_end, upload_waits_for_a_slow_store,
+         upload_complete_fails_after_parts_dropped]
 
 
 def main():
