@@ -19,7 +19,9 @@ latency-injecting proxy), read-ahead never mixing two versions of an object
 Images are made under their final names (a deferred publish): an upload is
 invisible until complete (no temporary object, no copy, no DELETE), its parts
 stream to the store while the body arrives, and a crash or kill -9 before the
-Complete leaves no image and an upload the next start aborts.
+Complete leaves no image and an upload the next start aborts. An upload's
+staging is bounded (parts sent are punched out, only the qcow2 metadata is
+kept, the writer waits at staging-max), tables anywhere in the file included.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
