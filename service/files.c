@@ -348,6 +348,10 @@ struct catalog_upload {
     uint64_t off;   /* bytes written */
     uint64_t total; /* declared size of the whole upload, or UINT64_MAX: not resumable */
     unsigned char head[UPLOAD_HEAD];
+    struct qcow2_range keep[QCOW2_META_RANGES_MAX]; /* what validation reads (once mapped) */
+    unsigned nkeep;
+    bool mapped;       /* the header cluster came: keep is known */
+    uint64_t released; /* bytes below this not in keep were released (vfs_release) */
     bool named;     /* holds the name's reservation */
     bool listed;    /* on c->suspended (resumable) */
     bool active;    /* and a connection is sending it (else waiting to be resumed) */
@@ -423,6 +427,49 @@ static int check_head(const struct catalog *c, const unsigned char *h, size_t ha
     return 0;
 }
 
+/* Bounded staging: once the header cluster has come, the ranges validation
+ * reads are known (qcow2_meta_ranges); every byte written outside them is
+ * released (all but the header cluster when validation will refuse the header
+ * before reading further), so a store that stages the upload locally (S3) may
+ * drop it once sent. The upload is written once and in order (a resumed piece
+ * continues at the end), as release needs. */
+static int upload_release(struct catalog_upload *u)
+{
+    if (!u->mapped) {
+        if (u->off < UPLOAD_HEAD || u->off < 1ull << be32(u->head + 20)) /* check_head: 9 to 21 bits */
+            return 0;
+        int n = qcow2_meta_ranges(u->f, u->cat->opts.max_meta_bytes, u->keep);
+        if (n == -EINVAL || n == -ENOTSUP) {
+            /* validation refuses the header the same way, reading nothing past
+             * its cluster: the answer comes then, after the body (as before) */
+            u->keep[0] = (struct qcow2_range){0, 1ull << be32(u->head + 20)};
+            n = 1;
+            err_clear();
+        }
+        if (n < 0)
+            return n;
+        u->nkeep = (unsigned)n;
+        u->mapped = true;
+    }
+    uint64_t s = u->released;
+    int ret = 0;
+    for (unsigned i = 0; i < u->nkeep && s < u->off && ret == 0; i++) {
+        uint64_t ks = u->keep[i].off, ke = ks + u->keep[i].len; /* no overflow: qcow2_meta_ranges */
+        if (ke <= s)
+            continue;
+        if (ks >= u->off)
+            break;
+        if (ks > s)
+            ret = vfs_release(u->f, s, ks - s);
+        s = ke < u->off ? ke : u->off;
+    }
+    if (ret == 0 && s < u->off)
+        ret = vfs_release(u->f, s, u->off - s);
+    if (ret == 0)
+        u->released = u->off;
+    return ret;
+}
+
 int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
 {
     const struct catalog *c = u->cat;
@@ -449,6 +496,8 @@ int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
     } else if (ret == 0) {
         u->off += len;
     }
+    if (ret == 0)
+        ret = upload_release(u);
     return ret;
 }
 

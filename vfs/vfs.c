@@ -164,6 +164,8 @@ static int do_register(const struct vfs_ops *ops)
         b->ops.open_deferred = NULL; /* both or neither, and only on a writable store */
         b->ops.commit = NULL;
     }
+    if (ops->version < 5 || !b->ops.open_deferred)
+        b->ops.release = NULL; /* only deferred handles take it */
     snprintf(b->name, sizeof b->name, "%s", ops->name);
     b->ops.name = b->name;
     b->serialize = ops->thread_model != VFS_THREAD_PARALLEL;
@@ -697,6 +699,19 @@ int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len)
                         f->be->name);
     enter(f->be);
     r = f->be->ops.discard(f->handle, off, len);
+    leave(f->be);
+    return r < 0 ? r : 0;
+}
+
+int vfs_release(struct vfs_file *f, uint64_t off, uint64_t len)
+{
+    int r = check_writable(f, "release");
+    if (r == 0)
+        r = check_range(f, "release", off, len);
+    if (r < 0 || len == 0 || !f->be->ops.release || !f->pend)
+        return r;
+    enter(f->be);
+    r = f->be->ops.release(f->handle, off, len);
     leave(f->be);
     return r < 0 ? r : 0;
 }

@@ -44,6 +44,12 @@ int vfs_flush(struct vfs_file *f);
 int vfs_size(struct vfs_file *f, uint64_t *size);
 int vfs_truncate(struct vfs_file *f, uint64_t size);
 int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len);
+/* Tell a deferred publish's backend that [off, off+len) of f (opened on a
+ * vfs_pending_uri) will not be read back nor written again before the commit:
+ * it may drop its staged copy once sent (struct vfs_ops .release). 0, or a
+ * negative errno (f read-only, a bad range); 0 and nothing done where the
+ * backend has no .release. Thread-safe as vfs_pwrite. */
+int vfs_release(struct vfs_file *f, uint64_t off, uint64_t len);
 /* A descriptor to read f's bytes from directly (sendfile), or -1 when the
  * backend has none. Borrowed: valid until vfs_close(f); never close it. */
 int vfs_fd(struct vfs_file *f);

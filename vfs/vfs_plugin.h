@@ -56,8 +56,9 @@
  * version does not have, and checks .struct_size before touching later fields.
  * Version 2 appended .config and .stats; version 1 backends (struct_size ending
  * at .rename) still load and simply have neither. Version 3 appended .fd,
- * version 4 .open_deferred and .commit (a deferred publish). */
-#define VFS_OPS_VERSION 4
+ * version 4 .open_deferred and .commit (a deferred publish), version 5
+ * .release (a deferred handle's staged bytes the host will not read back). */
+#define VFS_OPS_VERSION 5
 
 /* Open flags. */
 #define VFS_O_RDONLY 0x0u
@@ -207,6 +208,21 @@ struct vfs_ops {
     int (*open_deferred)(const char *path, void **handle);
     int (*commit)(void *handle, unsigned flags);
     /* ---- end of version 4 ---- */
+
+    /* ---- version 5 ---- */
+
+    /* Optional. On a handle of .open_deferred only: the host will not read
+     * [off, off+len) back, nor write it again, before the commit (an upload
+     * sent in order, whose few metadata ranges it keeps unreleased). A backend
+     * that stages the object locally may then forget its copy of the range
+     * once it is safely sent to the store, so staging stays bounded whatever
+     * the object's size. Afterwards a read of a forgotten byte, a write into
+     * it, or a commit that would need it again (a fallback publish) fails
+     * with -EIO and a message saying so; the range must not be assumed
+     * forgotten either (it may still read back). Releasing a range twice, or
+     * past the end, is harmless. NULL: the host's vfs_release does nothing. */
+    int (*release)(void *handle, uint64_t off, uint64_t len);
+    /* ---- end of version 5 ---- */
 };
 
 /* ---- the host's functions, given to the plugin at load ---- */

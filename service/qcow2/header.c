@@ -9,7 +9,6 @@
 #include "cursor.h"
 #include "qcow2_int.h"
 
-#define LUKS_HEADER_LEN  592 /* version 1: 208 bytes, then 8 key slots of 48 */
 #define LUKS_SLOT_ACTIVE 0x00AC71F3u
 
 #define FEATURE_ENTRY_SIZE 48 /* type, bit number, name */
@@ -180,7 +179,7 @@ static void take_str(struct cursor *c, size_t n, char *out)
 static int read_luks(struct qcow2_image *img)
 {
     static const unsigned char magic[6] = {'L', 'U', 'K', 'S', 0xba, 0xbe};
-    unsigned char buf[LUKS_HEADER_LEN];
+    unsigned char buf[QCOW2_LUKS_HEADER_LEN];
     if (img->crypto_len < sizeof buf)
         return 0;
     int ret = vfs_pread(img->file, buf, sizeof buf, img->crypto_off);

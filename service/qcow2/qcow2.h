@@ -44,6 +44,27 @@ struct qcow2_open_opts {
  * unsupported features -ENOTSUP, storage errors the backend's errno (-EIO is only
  * ever the store's: corruption found later, by any call, is -EUCLEAN). */
 int qcow2_open(const char *uri, const struct qcow2_open_opts *opts, struct qcow2_image **out);
+
+struct vfs_file;
+
+/* A byte range of an image file. */
+struct qcow2_range {
+    uint64_t off, len;
+};
+#define QCOW2_META_RANGES_MAX 6
+
+/* The byte ranges of the qcow2 image in f that a read-only qcow2_open with
+ * max_meta_bytes (0: the default) reads of f itself: the header cluster, the
+ * L1 and refcount tables, the snapshot table (with the window its walk reads
+ * past the last entry), the bitmap directory, the LUKS header. Known from the
+ * header cluster alone, so f may hold only its first cluster (an upload still
+ * arriving): nothing past it is read, and tables past f's end are not refused
+ * here. Tables over their limits are left out (the open refuses them before
+ * reading). Fills out with the ranges sorted and merged and returns their
+ * count (1 to QCOW2_META_RANGES_MAX), or the negative errno with which
+ * qcow2_open would refuse the header (-EINVAL format, -ENOTSUP unsupported)
+ * or of the read. Thread-safe on distinct f. */
+int qcow2_meta_ranges(struct vfs_file *f, uint64_t max_meta_bytes, struct qcow2_range out[QCOW2_META_RANGES_MAX]);
 /* Close img (NULL is fine). An image open read-write gets its last metadata,
  * bitmaps and header flags written first; the return is 0, or the negative
  * errno of that final write (the image is freed either way, and what failed to

@@ -26,6 +26,9 @@
 #define QCOW2_MAX_SNAPSHOTS 65536u
 #define QCOW2_MAX_SNAPSHOT_TABLE (64u << 20)
 #define QCOW2_MAX_SNAPSHOT_EXTRA 1024u
+#define SNAP_FIXED               40u /* a snapshot entry's fixed part */
+#define SNAP_MAX_ENTRY           (SNAP_FIXED + QCOW2_MAX_SNAPSHOT_EXTRA + 2 * 65535u + 7) /* its largest size */
+#define SNAP_WINDOW              (256u << 10) /* the snapshot table is read through a window of this */
 #define QCOW2_MAX_BITMAPS 65535u
 #define QCOW2_MAX_BITMAP_DIR (64u << 20)
 #define QCOW2_MAX_BITMAP_NAME 1023u
@@ -71,6 +74,7 @@
 #define QCOW2_CRYPT_NONE 0
 #define QCOW2_CRYPT_AES  1
 #define QCOW2_CRYPT_LUKS 2
+#define QCOW2_LUKS_HEADER_LEN 592 /* LUKS version 1: 208 bytes, then 8 key slots of 48 */
 
 #define QCOW2_COMPRESS_ZLIB 0
 #define QCOW2_COMPRESS_ZSTD 1

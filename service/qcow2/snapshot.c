@@ -11,7 +11,6 @@
 #include "cursor.h"
 #include "qcow2_int.h"
 
-#define SNAP_FIXED 40u
 #define SNAP_READ_STEP (64u << 10) /* the table is read in growing steps from this size */
 
 /* One parse of the table, immutable once built and shared: the image holds one
@@ -83,11 +82,10 @@ int snap_table_starts(const unsigned char *buf, uint64_t len, uint32_t n, uint64
     return 0;
 }
 
-/* A window on the table in the file, to walk it an entry at a time without
- * holding all of it: an entry is at most SNAP_MAX_ENTRY bytes, less than the
- * window, so one read always brings a whole entry in. */
-#define SNAP_MAX_ENTRY (SNAP_FIXED + QCOW2_MAX_SNAPSHOT_EXTRA + 2 * 65535u + 7)
-#define SNAP_WINDOW    (256u << 10)
+/* A window on the table in the file (SNAP_WINDOW, qcow2_int.h), to walk it an
+ * entry at a time without holding all of it: an entry is at most
+ * SNAP_MAX_ENTRY bytes, less than the window, so one read always brings a
+ * whole entry in. */
 _Static_assert(SNAP_MAX_ENTRY < SNAP_WINDOW, "a window holds any entry");
 
 struct snap_walk {

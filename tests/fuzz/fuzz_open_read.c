@@ -1,5 +1,7 @@
 /* fuzz_open_read.c: libFuzzer target for the qcow2 engine's read side: the input is
- * an image file in the mem: store; open it, query it, map it and read from it. */
+ * an image file in the mem: store; open it, query it, map it and read from it, and
+ * check qcow2_meta_ranges against what the open reads. */
+#include <errno.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -12,6 +14,7 @@
 #include "vfs.h"
 
 #define IMAGE_URI      "mem:fuzz.qcow2"
+#define KEPT_URI       "mem:fuzz-kept.qcow2"
 #define MAX_EXTENTS    4096        /* block-status calls per open */
 #define READ_CHUNK     (64u << 10) /* bytes per read */
 #define READ_BUDGET    (1u << 20)  /* bytes read per open, at most */
@@ -101,6 +104,52 @@ static bool open_and_exercise(const struct qcow2_open_opts *opts)
     return has_backing;
 }
 
+/* qcow2_meta_ranges of the image: sorted, apart, no overflow, the header first;
+ * refused only where the open refuses too; and a copy holding only those
+ * ranges (0xff elsewhere, same size) opens as the whole image does, since
+ * the open reads nothing else (an upload's staging keeps only them). */
+static void check_meta_ranges(const uint8_t *data, size_t size)
+{
+    struct qcow2_range r[QCOW2_META_RANGES_MAX];
+    struct vfs_file *f;
+    CHECK(vfs_open(IMAGE_URI, VFS_O_RDONLY, &f) == 0);
+    err_clear();
+    int n = qcow2_meta_ranges(f, 0, r);
+    vfs_close(f);
+    struct qcow2_open_opts o = {.no_backing = true, .contained = true, .l2_cache_bytes = 1u << 20};
+    struct qcow2_image *img = NULL;
+    int whole = qcow2_open(IMAGE_URI, &o, &img);
+    if (whole == 0)
+        qcow2_close(img);
+    if (n < 0) {
+        CHECK(n == -EINVAL || n == -ENOTSUP || n == -ENOMEM);
+        CHECK(whole < 0 || n == -ENOMEM);
+        return;
+    }
+    CHECK(n >= 1 && n <= QCOW2_META_RANGES_MAX);
+    CHECK(r[0].off == 0 && r[0].len >= 512);
+    for (int i = 0; i < n; i++) {
+        CHECK(r[i].len > 0 && r[i].off <= UINT64_MAX - r[i].len);
+        CHECK(i == 0 || r[i].off > r[i - 1].off + r[i - 1].len);
+    }
+    unsigned char *kept = malloc(size ? size : 1);
+    if (!kept)
+        return;
+    memset(kept, 0xff, size); /* what was not kept reads as nothing a table would take */
+    for (int i = 0; i < n && r[i].off < size; i++) {
+        uint64_t len = r[i].len < size - r[i].off ? r[i].len : size - r[i].off;
+        memcpy(kept + r[i].off, data + r[i].off, (size_t)len);
+    }
+    fuzz_put_file(KEPT_URI, kept, size);
+    free(kept);
+    img = NULL;
+    int k = qcow2_open(KEPT_URI, &o, &img);
+    if (k == 0)
+        qcow2_close(img);
+    CHECK(k == whole || k == -ENOMEM || whole == -ENOMEM);
+    vfs_remove(KEPT_URI);
+}
+
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
     fuzz_limit_mem();
@@ -117,6 +166,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         .contained = true,
         .l2_cache_bytes = 1u << 20,
     };
+    check_meta_ranges(data, size);
     bool has_backing = open_and_exercise(&opts);
 
     /* Again with the backing chain: a backing name can only resolve to another mem:

@@ -19,7 +19,9 @@ latency-injecting proxy), read-ahead never mixing two versions of an object
 Images are made under their final names (a deferred publish): an upload is
 invisible until complete (no temporary object, no copy, no DELETE), its parts
 stream to the store while the body arrives, and a crash or kill -9 before the
-Complete leaves no image and an upload the next start aborts.
+Complete leaves no image and an upload the next start aborts. An upload's
+staging is bounded (parts sent are punched out, only the qcow2 metadata is
+kept, the writer waits at staging-max), tables anywhere in the file included.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -1310,6 +1312,253 @@ def own_upload_outlives_stale_upload(c):
         abort_uploads(c, uploads_under(c, p + "/"))
 
 
+# ---- bounded staging of uploads ----
+
+def staged_bytes(c):
+    """Disk bytes the staging folder's deferred objects hold (allocated blocks)."""
+    total = 0
+    for root, _, files in os.walk(c.staging):
+        for f in files:
+            if f.endswith(".new.data"):
+                try:
+                    total += os.stat(os.path.join(root, f)).st_blocks * 512
+                except FileNotFoundError:
+                    pass
+    return total
+
+
+def random_image(c, name, size, data_bytes):
+    """A qcow2 of virtual size size whose first data_bytes are random: (path, raw bytes)."""
+    raw = os.path.join(c.tmp, name + ".img")
+    data = os.urandom(data_bytes)
+    with open(raw, "wb") as f:
+        f.write(data)
+        f.truncate(size)
+    path = os.path.join(c.tmp, name + ".qcow2")
+    run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, path)
+    os.unlink(raw)
+    return path
+
+
+def send_slowly(d, c, name, data, chunk, total=None, start=0, peak=None):
+    """PUT data to /v1/images/NAME/file in chunks, the staging folder measured
+    after each (the largest in peak[0]); a piece of a resumable upload of total
+    bytes when total is given. (status, body)."""
+    conn = d.conn()
+    try:
+        conn.putrequest("PUT", "/v1/images/%s/file" % name)
+        conn.putheader("Content-Length", str(len(data)))
+        if total is not None:
+            conn.putheader("Content-Range", "bytes %d-%d/%d" % (start, start + len(data) - 1, total))
+        conn.endheaders()
+        for i in range(0, len(data), chunk):
+            conn.send(data[i:i + chunk])
+            time.sleep(0.01)
+            if peak is not None:
+                peak[0] = max(peak[0], staged_bytes(c))
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def upload_staging_bounded(c):
+    """A 96 MiB upload into a bucket with staging-max=16M and 5 MiB parts: the
+    parts sent are punched out of the staging file (the host releases all but
+    the qcow2 metadata), and the writer waits for parts to go out when the
+    unsent bytes pass staging-max, so the deferred object's staging file never
+    holds more than staging-max + part 0 + a part in flight + a chunk, however
+    large the image. It still validates, and the object is the file sent. A
+    resumable piece sent again from an offset already sent (and dropped) is
+    refused with a clear answer, and the upload then completes."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=16M"))
+    try:
+        src = random_image(c, "big", 128 * MiB, 96 * MiB)
+        with open(src, "rb") as f:
+            data = f.read()
+        check(len(data) > 96 * MiB, "the image is %d bytes" % len(data))
+        bound = 16 * MiB + 5 * MiB + 5 * MiB + 2 * MiB
+        peak = [0]
+        st, b = send_slowly(d, c, "big", data, MiB, peak=peak)
+        check(st == 201, "upload: %s %s" % (st, b[:300]))
+        check(peak[0] <= bound, "staging held %.1f MiB of a %.1f MiB upload (bound %.1f MiB)"
+              % (peak[0] / MiB, len(data) / MiB, bound / MiB))
+        print("     staging held at most %.1f MiB of the %.1f MiB upload" % (peak[0] / MiB, len(data) / MiB))
+        check(peak[0] > 0, "the staging folder was never seen holding the upload")
+        check(c.s3.get(BUCKET, p + "/big.qcow2") == data, "the object is not the uploaded file")
+        dl = c.download_checked(p, "big")
+        run("qemu-img", "compare", "-q", src, dl)
+        check(d.read("big", 90 * MiB, 4096) == c.raw(src)[90 * MiB:90 * MiB + 4096], "the upload reads wrong")
+        for m in ("requests_copy", "bytes_copied"):
+            check(d.metric(m) == 0, "the upload cost %s %d" % (m, d.metric(m)))
+
+        # a resumable upload: 40 MiB sent (parts dropped), then a piece from 10 MiB again
+        first = 40 * MiB
+        st, b = send_slowly(d, c, "again", data[:first], MiB, total=len(data))
+        check(st == 202, "first piece: %s %s" % (st, b[:300]))
+        piece = 64 << 10  # refused before its body is read: small enough for the socket buffers
+        st, b = d.request("PUT", "/v1/images/again/file", data[10 * MiB:10 * MiB + piece],
+                          {"Content-Range": "bytes %d-%d/%d" % (10 * MiB, 10 * MiB + piece - 1, len(data))})
+        check(st // 100 == 4 and b"continue it at %d" % first in b, "a piece sent again: %s %s" % (st, b[:300]))
+        st, b = send_slowly(d, c, "again", data[first:], MiB, total=len(data), start=first)
+        check(st == 201, "last piece: %s %s" % (st, b[:300]))
+        check(c.s3.get(BUCKET, p + "/again.qcow2") == data, "the resumed object is not the uploaded file")
+        check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind")
+    finally:
+        d.stop()
+
+
+def move_tables_to_end(path):
+    """Move the image's L1 table, then its refcount table, to new clusters at
+    the end of the file and patch the header (qemu-img check -r all fixes the
+    refcounts after the first move; the second sets them itself, as a rebuild
+    would move the table back). Returns (l1_offset, reftable_offset)."""
+    import struct
+
+    def header(f):
+        f.seek(0)
+        h = f.read(104)
+        cs = 1 << struct.unpack(">I", h[20:24])[0]
+        l1_size, l1_off, rt_off, rt_clusters = struct.unpack(">IQQI", h[36:60])
+        f.seek(0, 2)
+        return cs, l1_size, l1_off, rt_off, rt_clusters, (f.tell() + cs - 1) // cs * cs
+
+    with open(path, "r+b") as f:
+        cs, l1_size, l1_off, _, _, end = header(f)
+        f.seek(l1_off)
+        l1 = f.read(l1_size * 8)
+        f.seek(end)
+        f.write(l1)
+        f.truncate((end + len(l1) + cs - 1) // cs * cs)
+        f.seek(40)
+        f.write(struct.pack(">Q", end))
+    subprocess.run(["qemu-img", "check", "-q", "-r", "all", path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   timeout=300)
+    with open(path, "r+b") as f:
+        cs, _, _, rt_off, rt_clusters, end = header(f)
+        f.seek(96)
+        check(struct.unpack(">I", f.read(4))[0] == 4, "the image's refcounts are not 16 bits")
+        f.seek(rt_off)
+        rt = f.read(rt_clusters * cs)
+        f.seek(end)
+        f.write(rt)
+        f.truncate(end + rt_clusters * cs)
+        block = struct.unpack(">Q", rt[:8])[0]
+        check(block and (end + len(rt)) // cs <= cs // 2, "one refcount block does not cover the image")
+        for k in range(rt_clusters):  # the old clusters are free, the new ones used
+            f.seek(block + (rt_off // cs + k) * 2)
+            f.write(struct.pack(">H", 0))
+            f.seek(block + (end // cs + k) * 2)
+            f.write(struct.pack(">H", 1))
+        f.seek(48)
+        f.write(struct.pack(">Q", end))
+    run("qemu-img", "check", "-q", path)
+    with open(path, "rb") as f:
+        _, _, l1_off, rt_off, _, _ = header(f)
+    return l1_off, rt_off
+
+
+def upload_tables_at_end(c):
+    """An image whose L1 and refcount tables lie at the end of the file (after
+    the data, past the parts already sent and dropped) uploads under bounded
+    staging and validates: the header names them, so they stay staged."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=16M"))
+    try:
+        src = random_image(c, "tail", 64 * MiB, 40 * MiB)
+        orig = src + ".orig"
+        shutil.copy(src, orig)
+        l1, rt = move_tables_to_end(src)
+        # data written after them: the tables sit in parts that are sent and
+        # would be dropped were they not kept (the last parts never are before the end)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5e 40M 20M", src)
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 0x5e 40M 20M", orig)
+        size = os.path.getsize(src)
+        check(40 * MiB < l1 < size - 15 * MiB and 40 * MiB < rt < size - 15 * MiB,
+              "the tables are not after the first data: L1 %#x, refcounts %#x of %#x" % (l1, rt, size))
+        run("qemu-img", "check", "-q", src)
+        run("qemu-img", "compare", "-q", orig, src)
+        with open(src, "rb") as f:
+            data = f.read()
+        peak = [0]
+        st, b = send_slowly(d, c, "tail", data, MiB, peak=peak)
+        check(st == 201, "upload: %s %s" % (st, b[:300]))
+        check(peak[0] <= 28 * MiB, "staging held %.1f MiB" % (peak[0] / MiB))
+        check(c.s3.get(BUCKET, p + "/tail.qcow2") == data, "the object is not the uploaded file")
+        run("qemu-img", "compare", "-q", orig, c.download_checked(p, "tail"))
+        st, doc = d.json("GET", "/v1/images/tail")
+        check(st == 200 and doc["virtual-size"] == 64 * MiB, "image info: %s %s" % (st, doc))
+    finally:
+        d.stop()
+
+
+def upload_waits_for_a_slow_store(c):
+    """Backpressure: through a proxy that holds every UploadPart for 1 s, with
+    4 connections (2 part workers), the client sends faster than the parts go out; the writer
+    then waits at staging-max=16M for parts to be sent (and dropped), so the
+    staging never holds much more than staging-max + part 0, where without the
+    wait it would hold most of the 64 MiB image; the object is the file sent."""
+    p = c.prefix()
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    try:
+        px.fault("delay", match="partNumber=", arg=1.0, method="PUT")
+        d = c.qcowd(p, endpoint=px.endpoint, opts=("part-size=5M", "staging-max=16M", "connections=4"))
+        try:
+            src = random_image(c, "slow", 64 * MiB, 64 * MiB)
+            with open(src, "rb") as f:
+                data = f.read()
+            peak = [0]
+            t = time.time()
+            st, b = send_slowly(d, c, "slow", data, MiB, peak=peak)
+            secs = time.time() - t
+            check(st == 201, "upload: %s %s" % (st, b[:300]))
+            check(peak[0] <= 26 * MiB, "staging held %.1f MiB of a %.1f MiB upload (staging-max 16 MiB)"
+                  % (peak[0] / MiB, len(data) / MiB))
+            print("     staging held at most %.1f MiB; the upload took %.1f s" % (peak[0] / MiB, secs))
+            check(c.s3.get(BUCKET, p + "/slow.qcow2") == data, "the object is not the uploaded file")
+            check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+        finally:
+            d.stop()
+    finally:
+        px.stop()
+
+
+def upload_complete_fails_after_parts_dropped(c):
+    """Every CompleteMultipartUpload failing (500 through a proxy) after an
+    upload's parts were sent and dropped from staging: the upload is answered
+    with an error naming the failure (no fallback publish from bytes no longer
+    staged), no object appears, the multipart upload is aborted and the
+    staging files are gone; the same name then uploads once the store is well."""
+    p = c.prefix()
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    try:
+        d = c.qcowd(p, endpoint=px.endpoint, opts=("part-size=5M", "staging-max=16M", "retries=1"))
+        try:
+            src = random_image(c, "cf", 48 * MiB, 40 * MiB)
+            with open(src, "rb") as f:
+                data = f.read()
+            px.fault("500", match="uploadId=", method="POST")
+            peak = [0]
+            st, b = send_slowly(d, c, "cf", data, MiB, peak=peak)
+            check(st == 503 and b"complete multipart upload" in b and b"500 InternalError" in b,
+                  "upload: %s %s" % (st, b[:300]))
+            check(peak[0] <= 28 * MiB, "staging held %.1f MiB" % (peak[0] / MiB))
+            px.clear()
+            keys = [k for k in c.s3.keys(BUCKET, p + "/") if not k.endswith("/.qcowd-jobs.json")]
+            check(keys == [], "objects after the failed upload: %s" % keys)
+            check(c.s3.uploads(BUCKET) == [], "multipart uploads left behind: %s" % c.s3.uploads(BUCKET))
+            check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+            st, b = d.request("PUT", "/v1/images/cf/file", data)
+            check(st == 201, "upload after the store recovered: %s %s" % (st, b[:300]))
+            check(c.s3.get(BUCKET, p + "/cf.qcow2") == data, "the object is not the uploaded file")
+        finally:
+            d.stop()
+    finally:
+        px.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
@@ -1318,7 +1567,8 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          random_reads_one_get_each, upload_invisible_until_complete, crash_before_upload_completes, upload_streams_parts,
          kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget, listing_etag_of_multipart_copy,
          invalid_upload_names_no_pending, stale_uploads_aborted_at_start, crash_after_upload_start,
-         two_daemons_share_a_prefix, own_upload_outlives_stale_upload]
+         two_daemons_share_a_prefix, own_upload_outlives_stale_upload, upload_staging_bounded,
+         upload_tables_at_end, upload_waits_for_a_slow_store, upload_complete_fails_after_parts_dropped]
 
 
 def main():

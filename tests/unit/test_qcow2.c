@@ -912,6 +912,239 @@ START_TEST(generation_moves_with_every_change_and_is_claimed_once)
 }
 END_TEST
 
+/* ---- qcow2_meta_ranges ---- */
+
+/* A "watch:" backend over one buffer that counts reads outside the ranges
+ * the test allows: what qcow2_open reads of an image, checked against what
+ * qcow2_meta_ranges said it would. */
+static struct {
+    const unsigned char *buf;
+    size_t len;
+    const struct qcow2_range *allow;
+    int nallow; /* -1: every read allowed */
+    unsigned outside;
+    uint64_t first_off, first_len; /* the first read outside */
+} watch;
+
+static int watch_open(const char *path, unsigned flags, void **h)
+{
+    (void)path;
+    (void)flags;
+    *h = &watch;
+    return 0;
+}
+
+static void watch_close(void *h)
+{
+    (void)h;
+}
+
+static int watch_pread(void *h, void *buf, size_t len, uint64_t off)
+{
+    (void)h;
+    bool in = watch.nallow < 0;
+    for (int i = 0; i < watch.nallow && !in; i++)
+        in = off >= watch.allow[i].off && off + len <= watch.allow[i].off + watch.allow[i].len;
+    if (!in && !watch.outside++) {
+        watch.first_off = off;
+        watch.first_len = len;
+    }
+    memset(buf, 0, len);
+    if (off < watch.len)
+        memcpy(buf, watch.buf + off, off + len <= watch.len ? len : watch.len - (size_t)off);
+    return 0;
+}
+
+static int watch_size(void *h, uint64_t *size)
+{
+    (void)h;
+    *size = watch.len;
+    return 0;
+}
+
+static const struct vfs_ops watch_ops = {
+    .version = VFS_OPS_VERSION,
+    .struct_size = sizeof(struct vfs_ops),
+    .name = "watch",
+    .thread_model = VFS_THREAD_SERIALIZE,
+    .open = watch_open,
+    .close = watch_close,
+    .pread = watch_pread,
+    .size = watch_size,
+};
+
+/* The ranges of tmpdir/name, computed from its first cluster only (an upload
+ * that has just begun) and from the whole file, must agree; then a read-only
+ * open of the whole file reads nothing outside them. Returns the count. */
+static int ranges_cover_the_open(const char *name, struct qcow2_range r[QCOW2_META_RANGES_MAX])
+{
+    static bool registered;
+    if (!registered) {
+        ck_assert_int_eq(vfs_register(&watch_ops), 0);
+        registered = true;
+    }
+    size_t len;
+    unsigned char *buf = slurp(name, &len);
+    uint32_t cbits = be32toh(*(uint32_t *)(buf + 20));
+    size_t head = (size_t)1 << cbits;
+    ck_assert_uint_ge(len, head);
+    struct qcow2_range part[QCOW2_META_RANGES_MAX];
+    struct vfs_file *f;
+    watch = (typeof(watch)){.buf = buf, .len = head, .nallow = -1};
+    ck_assert_int_eq(vfs_open("watch:x", VFS_O_RDONLY, &f), 0);
+    int np = qcow2_meta_ranges(f, 0, part);
+    ck_assert_msg(np > 0, "%s: %s", name, err_msg(np));
+    vfs_close(f);
+    watch.len = len;
+    ck_assert_int_eq(vfs_open("watch:x", VFS_O_RDONLY, &f), 0);
+    int n = qcow2_meta_ranges(f, 0, r);
+    vfs_close(f);
+    ck_assert_int_eq(n, np);
+    ck_assert(memcmp(r, part, (size_t)n * sizeof *r) == 0);
+    ck_assert_uint_eq(r[0].off, 0);
+    ck_assert_uint_ge(r[0].len, head);
+    for (int i = 1; i < n; i++) /* sorted, apart */
+        ck_assert_uint_gt(r[i].off, r[i - 1].off + r[i - 1].len);
+
+    watch.allow = r;
+    watch.nallow = n;
+    struct qcow2_image *img;
+    struct qcow2_open_opts o = {.no_backing = true};
+    int ret = qcow2_open("watch:x", &o, &img);
+    ck_assert_msg(ret == 0, "open %s: %s", name, err_msg(ret));
+    qcow2_close(img);
+    ck_assert_msg(watch.outside == 0, "%s: %u reads outside the ranges, the first %llu+%llu", name, watch.outside,
+                  (unsigned long long)watch.first_off, (unsigned long long)watch.first_len);
+    free(buf);
+    return n;
+}
+
+START_TEST(meta_ranges_cover_every_read_of_the_open)
+{
+    struct qcow2_range r[QCOW2_META_RANGES_MAX];
+    sh("qemu-img create -f qcow2 plain.qcow2 64M && qemu-io -c 'write -P 1 0 8M' -c 'write -P 2 40M 1M' plain.qcow2");
+    /* the header with the refcount table after it, then (past the refcount block) the L1 table */
+    ck_assert_int_eq(ranges_cover_the_open("plain.qcow2", r), 2);
+
+    /* snapshots, a bitmap and a backing name; the tables moved apart by data */
+    sh("qemu-img create -f qcow2 -o cluster_size=4k base.qcow2 16M && "
+       "qemu-img create -f qcow2 -o cluster_size=4k -b base.qcow2 -F qcow2 all.qcow2 16M && "
+       "qemu-io -c 'write -P 3 0 2M' all.qcow2 && qemu-img snapshot -c one all.qcow2 && "
+       "qemu-io -c 'write -P 4 2M 2M' all.qcow2 && qemu-img snapshot -c two all.qcow2 && "
+       "qemu-img bitmap --add all.qcow2 bm0 && qemu-io -c 'write -P 5 8M 1M' all.qcow2");
+    int n = ranges_cover_the_open("all.qcow2", r);
+    ck_assert_int_ge(n, 2);
+
+    /* LUKS: the encryption header is read at the open */
+    sh("qemu-img create -q --object secret,id=s0,data=abc -f qcow2 -o "
+       "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 luks.qcow2 4M");
+    n = ranges_cover_the_open("luks.qcow2", r);
+    bool luks = false;
+    for (int i = 0; i < n; i++)
+        luks |= r[i].len >= 592 && r[i].off > 0;
+    ck_assert_msg(luks || r[0].len > 65536, "no range holds the LUKS header");
+
+    /* extended L2 and zstd: other header fields, same reads */
+    sh("qemu-img create -f qcow2 -o extended_l2=on,compression_type=zstd x.qcow2 8M");
+    ranges_cover_the_open("x.qcow2", r);
+}
+END_TEST
+
+/* A header in mem:t/h.qcow2 (first cluster of 64 KiB, fields patched). */
+static int ranges_of_header(void (*patch)(unsigned char *h), struct qcow2_range r[QCOW2_META_RANGES_MAX])
+{
+    sh("qemu-img create -f qcow2 -o cluster_size=64k h.qcow2 1G");
+    size_t len;
+    unsigned char *buf = slurp("h.qcow2", &len);
+    patch(buf);
+    vfs_remove("mem:t/h.qcow2");
+    struct vfs_file *f;
+    ck_assert_int_eq(vfs_open("mem:t/h.qcow2", VFS_O_RDWR | VFS_O_CREATE, &f), 0);
+    ck_assert_int_eq(vfs_pwrite(f, buf, 65536, 0), 0); /* only the header cluster has come */
+    free(buf);
+    int n = qcow2_meta_ranges(f, 0, r);
+    vfs_close(f);
+    for (int i = 0; i < n; i++) {
+        ck_assert_uint_le(r[i].off, UINT64_MAX - r[i].len);
+        ck_assert_uint_gt(r[i].len, 0);
+    }
+    ck_assert_int_le(n, QCOW2_META_RANGES_MAX);
+    return n;
+}
+
+static void put64(unsigned char *p, uint64_t v)
+{
+    v = htobe64(v);
+    memcpy(p, &v, 8);
+}
+
+static void put32(unsigned char *p, uint32_t v)
+{
+    v = htobe32(v);
+    memcpy(p, &v, 4);
+}
+
+static void bad_magic(unsigned char *h)
+{
+    h[0] = 'X';
+}
+static void huge_clusters(unsigned char *h)
+{
+    put32(h + 20, 31);
+}
+static void l1_unaligned(unsigned char *h)
+{
+    put64(h + 40, 0x30008);
+}
+static void l1_wraps(unsigned char *h)
+{
+    put32(h + 36, 0x100000u); /* 8 MiB of L1, within its limit, from 64 KiB below the end of the offsets */
+    put64(h + 40, 0xffffffffffff0000ull);
+}
+static void l1_too_big(unsigned char *h)
+{
+    put32(h + 36, 0x10000000u);
+}
+static void reftable_too_big(unsigned char *h)
+{
+    put32(h + 56, 0x10000000u);
+}
+static void tables_far_away(unsigned char *h)
+{
+    put64(h + 40, 1ull << 50); /* past what came: kept all the same */
+    put64(h + 48, (1ull << 50) + (1ull << 20));
+}
+static void many_snapshots(unsigned char *h)
+{
+    put32(h + 60, 65536);
+    put64(h + 64, 1ull << 40);
+}
+static void too_many_snapshots(unsigned char *h)
+{
+    put32(h + 60, 65537);
+}
+
+START_TEST(meta_ranges_refuse_hostile_headers)
+{
+    struct qcow2_range r[QCOW2_META_RANGES_MAX];
+    ck_assert_int_eq(ranges_of_header(bad_magic, r), -EINVAL);
+    ck_assert_int_eq(ranges_of_header(huge_clusters, r), -EINVAL);
+    ck_assert_int_eq(ranges_of_header(l1_unaligned, r), -EINVAL);
+    ck_assert_int_eq(ranges_of_header(l1_wraps, r), -EINVAL);
+    ck_assert_int_eq(ranges_of_header(l1_too_big, r), -ENOTSUP);
+    ck_assert_int_eq(ranges_of_header(reftable_too_big, r), -ENOTSUP);
+    ck_assert_int_eq(ranges_of_header(too_many_snapshots, r), -EINVAL);
+    ck_assert_int_eq(ranges_of_header(tables_far_away, r), 3);
+    ck_assert_uint_eq(r[1].off, 1ull << 50);
+    ck_assert_uint_eq(r[2].off, (1ull << 50) + (1ull << 20));
+    /* the snapshot table's range is capped as the open caps its walk */
+    int n = ranges_of_header(many_snapshots, r);
+    ck_assert_int_eq(n, 3); /* header and refcount table, L1, snapshots */
+    ck_assert_uint_eq(r[2].off, 1ull << 40);
+    ck_assert_uint_eq(r[2].len, 64u << 20);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -939,6 +1172,8 @@ static Suite *suite(void)
     tcase_add_test(tc, dirty_query_reads_stored_bitmaps_a_piece_at_a_time);
     tcase_add_test(tc, snapshot_create_stops_at_the_budget_and_leaves_the_image_whole);
     tcase_add_test(tc, generation_moves_with_every_change_and_is_claimed_once);
+    tcase_add_test(tc, meta_ranges_cover_every_read_of_the_open);
+    tcase_add_test(tc, meta_ranges_refuse_hostile_headers);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -1085,6 +1085,88 @@ START_TEST(test_pending_end_with_open_handle)
 }
 END_TEST
 
+/* A deferred backend recording .release calls, for test_release_reaches_v5_deferred_handles_only. */
+static struct {
+    int calls;
+    uint64_t off, len;
+} rel_seen;
+static char rel_handle;
+static int rel_open_deferred(const char *path, void **h)
+{
+    *h = &rel_handle;
+    return 0;
+}
+static int rel_commit(void *h, unsigned flags)
+{
+    return 0;
+}
+static int rel_pwrite(void *h, const void *buf, size_t len, uint64_t off)
+{
+    return 0;
+}
+static int rel_release(void *h, uint64_t off, uint64_t len)
+{
+    ck_assert_ptr_eq(h, &rel_handle);
+    rel_seen.calls++;
+    rel_seen.off = off;
+    rel_seen.len = len;
+    return 0;
+}
+
+/* Version 5's .release: called for a file on a deferred pending's work URI
+ * of a version 5 backend; a no-op returning 0 elsewhere (a plain open of the
+ * same backend, a version 4 backend whose struct holds a pointer there, mem,
+ * which has none); a read-only file or a wrapping range is refused first. */
+START_TEST(test_release_reaches_v5_deferred_handles_only)
+{
+    struct vfs_pending *p;
+    struct vfs_file *f;
+    struct vfs_ops v5 = NOP_OPS("relfive");
+    v5.pwrite = rel_pwrite;
+    v5.open_deferred = rel_open_deferred;
+    v5.commit = rel_commit;
+    v5.release = rel_release;
+    ck_assert_int_eq(vfs_register(&v5), 0);
+    struct vfs_ops v4 = v5;
+    v4.name = "relfour";
+    v4.version = 4;
+    ck_assert_int_eq(vfs_register(&v4), 0);
+
+    ck_assert_int_eq(vfs_pending_begin("relfive:a", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_release(f, 4096, 1 << 20), 0);
+    ck_assert_int_eq(rel_seen.calls, 1);
+    ck_assert_uint_eq(rel_seen.off, 4096);
+    ck_assert_uint_eq(rel_seen.len, 1 << 20);
+    ck_assert_int_eq(vfs_release(f, 0, 0), 0); /* empty: not passed on */
+    ck_assert_int_eq(vfs_release(f, UINT64_MAX - 10, 20), -EINVAL);
+    ck_assert_int_eq(rel_seen.calls, 1);
+    vfs_close(f);
+    vfs_pending_end(p);
+
+    f = open_ok("relfive:b", VFS_O_RDWR); /* not deferred: nothing staged for it */
+    ck_assert_int_eq(vfs_release(f, 0, 10), 0);
+    vfs_close(f);
+    f = open_ok("relfive:b", VFS_O_RDONLY);
+    ck_assert_int_eq(vfs_release(f, 0, 10), -EBADF);
+    vfs_close(f);
+
+    ck_assert_int_eq(vfs_pending_begin("relfour:a", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_release(f, 0, 10), 0);
+    vfs_close(f);
+    vfs_pending_end(p);
+    ck_assert_int_eq(rel_seen.calls, 1);
+
+    ck_assert_int_eq(vfs_pending_begin("mem:rel.qcow2", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_pwrite(f, "abc", 3, 0), 0);
+    ck_assert_int_eq(vfs_release(f, 0, 3), 0);
+    vfs_close(f);
+    vfs_pending_end(p);
+}
+END_TEST
+
 static Suite *vfs_suite(void)
 {
     Suite *s = suite_create("vfs");
@@ -1111,7 +1193,9 @@ static Suite *vfs_suite(void)
           test_fault_forwards_everything_else, test_fault_armed_from_environment,
           test_fault_environment_sticky_matching_open}},
         {"threads", {test_concurrent_preads_on_one_handle}},
-        {"pending", {test_pending_publish_deferred_and_fallback, test_pending_end_with_open_handle}},
+        {"pending",
+         {test_pending_publish_deferred_and_fallback, test_pending_end_with_open_handle,
+          test_release_reaches_v5_deferred_handles_only}},
     };
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
         TCase *tc = tcase_create(groups[g].name);

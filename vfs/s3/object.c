@@ -28,6 +28,7 @@
 #define MAX_PARTS      10000
 #define RA_CHUNK_MAX   (8ull << 20) /* the largest read-ahead GET */
 #define DEFERRED_TAIL  S3_DEFERRED_TAIL
+#define STREAM_WAIT_MS 500 /* the longest one write waits for parts to be sent (staging-max) */
 
 struct ra_job;
 
@@ -87,18 +88,23 @@ struct obj {
     int stream_off;          /* streaming gave up: the commit publishes as a flush would */
     size_t sp_next;          /* parts below this were looked at for streaming */
     unsigned sp_inflight;    /* part uploads queued or running */
+    uint64_t sp_size;        /* the size as streaming last saw it */
 };
 
 /* Streaming a deferred object's parts (below). */
 static void stream_touch(struct obj *o, uint64_t s, uint64_t e);
 static void stream_write(struct obj *o, uint64_t s, uint64_t e);
 static void stream_stop(struct obj *o);
+static int stream_dropped(struct obj *o, const char *op, uint64_t s, uint64_t e);
+static void stream_wait(struct obj *o);
 
 /* One part of a deferred object's grid. */
 struct spart {
     uint64_t gen;    /* bumped by each write into it */
     uint64_t up_gen; /* the gen its upload read (valid when up) */
     int up, busy;    /* uploaded (etag); being uploaded */
+    int dropped;     /* uploaded, released, and punched out of the staging file */
+    uint64_t rel_s, rel_e; /* the released run inside it (.release), empty when equal */
     char etag[128];
 };
 
@@ -454,6 +460,7 @@ static int read_base(struct obj *o, char *buf, size_t len, uint64_t off, uint64_
 
 static int stage_read(struct obj *o, char *buf, size_t len, uint64_t off)
 {
+    uint64_t off0 = off, len0 = len;
     while (len) {
         ssize_t n = pread(o->sfd, buf, len, (off_t)off);
         if (n < 0 && errno == EINTR)
@@ -468,7 +475,8 @@ static int stage_read(struct obj *o, char *buf, size_t len, uint64_t off)
         len -= (size_t)n;
         off += (uint64_t)n;
     }
-    return 0;
+    /* looked at after the read: a part dropped meanwhile read as a hole */
+    return o->deferred ? stream_dropped(o, "read", off0, off0 + len0) : 0;
 }
 
 /* The logical bytes [off, off+len): staged writes over the published version,
@@ -757,7 +765,11 @@ static struct obj *obj_alloc(struct s3_name *n)
     pthread_cond_init(&o->ra_done, NULL);
     pthread_rwlock_init(&o->state, NULL);
     pthread_mutex_init(&o->sp, NULL);
-    pthread_cond_init(&o->sp_done, NULL);
+    pthread_condattr_t ca; /* stream_wait's deadline is on the monotonic clock */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&o->sp_done, &ca);
+    pthread_condattr_destroy(&ca);
     return o;
 }
 
@@ -927,7 +939,9 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
     pthread_mutex_lock(&o->pub);
     pthread_rwlock_wrlock(&o->state);
     const char *p = buf;
-    for (size_t done = 0; done < len;) {
+    if (o->deferred)
+        ret = stream_dropped(o, "write", off, off + len);
+    for (size_t done = 0; ret == 0 && done < len;) {
         ssize_t n = pwrite(o->sfd, p + done, len - done, (off_t)(off + done));
         if (n < 0 && errno == EINTR)
             continue;
@@ -955,6 +969,8 @@ int s3_obj_pwrite(void *h, const void *buf, size_t len, uint64_t off)
     pthread_mutex_unlock(&o->pub);
     if (ret == 0 && over) /* bounded staging: publish early (a prefix of the writes is a valid state) */
         ret = publish(o);
+    if (ret == 0 && o->deferred) /* bounded staging: let the parts written go out first */
+        stream_wait(o);
     return ret;
 }
 
@@ -964,7 +980,9 @@ int s3_obj_truncate(void *h, uint64_t size)
     int ret = 0;
     pthread_mutex_lock(&o->pub);
     pthread_rwlock_wrlock(&o->state);
-    if (size < o->size) {
+    if (o->deferred && size != o->size)
+        ret = stream_dropped(o, "truncate", min64(size, o->size), size > o->size ? size : o->size);
+    if (ret == 0 && size < o->size) {
         dirty_cut(o, size);
         if (ftruncate(o->sfd, (off_t)size) < 0)
             ret = err_fail(errno, "truncate %s: staging file %s: %s", o->n.uri, o->spath, strerror(errno));
@@ -974,6 +992,7 @@ int s3_obj_truncate(void *h, uint64_t size)
         if (o->deferred) { /* the parts the new end cuts or grows change */
             pthread_mutex_lock(&o->sp);
             stream_touch(o, min64(size, o->size), size > o->size ? size : o->size);
+            o->sp_size = size;
             pthread_mutex_unlock(&o->sp);
         }
         o->size = size;
@@ -1340,10 +1359,17 @@ static void publish_done(struct obj *o, int ret, uint64_t size, const char *etag
  * reach past part k+1 (the writer has moved on), part 0 (the qcow2 header, and
  * what a maker rewrites last) never. A write into a part bumps its gen, so an
  * upload that raced a write, or a part written again later, is uploaded
- * again at the commit (S3 keeps the last upload of a part number). The whole
- * object stays staged: validation reads it, and the commit can always fall
- * back to a plain publish. Uploads in flight: at most connections, each one
- * part in memory. */
+ * again at the commit (S3 keeps the last upload of a part number). Uploads in
+ * flight: at most connections, each one part in memory; a part that ends
+ * queues the next one.
+ * Bounded staging: the host releases what it will not read back (.release:
+ * an upload keeps its qcow2 metadata); a part uploaded and wholly released is
+ * punched out of the staging file (dropped), and a writer whose bytes not yet
+ * sent pass staging-max waits, up to STREAM_WAIT_MS per write, for parts to
+ * go out. Staging then holds part 0, the released-but-kept ranges, the parts
+ * not yet sent and the last ones. A dropped part is never read again: the
+ * commit completes the upload with its ETag, and a fallback publish that
+ * would need its bytes fails (-EIO). */
 
 struct stream_task {
     struct s3_task t;
@@ -1376,6 +1402,49 @@ static void stream_touch(struct obj *o, uint64_t s, uint64_t e)
         o->parts[k].gen++;
 }
 
+static void stream_run(struct s3_task *t);
+static void stream_cancelled(struct s3_task *t);
+
+/* Drop part k when it is sent, current and wholly released (o->sp held):
+ * its staged bytes go (a hole; the size stays). Reads and writes of it fail
+ * from now on (stream_dropped). */
+static void stream_drop(struct obj *o, size_t k)
+{
+    struct spart *pt = &o->parts[k];
+    uint64_t s = k * o->psize, e = s + o->psize;
+    if (k == 0 || pt->dropped || pt->busy || !pt->up || pt->up_gen != pt->gen || pt->rel_s > s || pt->rel_e < e)
+        return;
+    pt->dropped = 1; /* before the punch: a read that saw the hole sees this after */
+    if (fallocate(o->sfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)s, (off_t)o->psize) < 0)
+        fprintf(stderr, "qcowd: s3: %s: punching a sent part out of the staging file: %s\n", o->n.uri,
+                strerror(errno)); /* it only stays on the disk */
+}
+
+/* Queue the parts the writer has left behind (o->sp held): part k once the
+ * size reaches past part k+1, at most connections in flight. */
+static void stream_queue(struct obj *o)
+{
+    while (!o->stream_off && o->sp_inflight < s3_conf.connections && (o->sp_next + 2) * o->psize <= o->sp_size &&
+           o->sp_next < o->nparts) {
+        size_t k = o->sp_next++;
+        struct spart *pt = &o->parts[k];
+        if (k == 0 || pt->busy || (pt->up && pt->up_gen == pt->gen))
+            continue;
+        struct stream_task *st = calloc(1, sizeof *st);
+        if (!st)
+            break;
+        *st = (struct stream_task){.t = {.run = stream_run, .cancelled = stream_cancelled, .owner = o}, .o = o, .k = k};
+        pt->busy = 1;
+        o->sp_inflight++;
+        if (s3_pool_submit(&s3_upload_pool, &st->t) < 0) { /* no workers: the commit uploads everything */
+            pt->busy = 0;
+            o->sp_inflight--;
+            o->stream_off = 1;
+            free(st);
+        }
+    }
+}
+
 static void stream_finish(struct obj *o, size_t k, uint64_t g, int ret, const char *etag)
 {
     pthread_mutex_lock(&o->sp);
@@ -1384,8 +1453,11 @@ static void stream_finish(struct obj *o, size_t k, uint64_t g, int ret, const ch
         o->parts[k].up = 1;
         o->parts[k].up_gen = g;
         snprintf(o->parts[k].etag, sizeof o->parts[k].etag, "%s", etag);
+        stream_drop(o, k);
     }
     o->sp_inflight--;
+    if (ret == 0)
+        stream_queue(o); /* the next part goes while the writer may be waiting (stream_wait) */
     pthread_cond_broadcast(&o->sp_done);
     pthread_mutex_unlock(&o->sp);
 }
@@ -1454,34 +1526,88 @@ static void stream_write(struct obj *o, uint64_t s, uint64_t e)
 {
     pthread_mutex_lock(&o->sp);
     stream_touch(o, s, e);
-    while (!o->stream_off && o->sp_inflight < s3_conf.connections && (o->sp_next + 2) * o->psize <= o->size &&
-           o->sp_next < o->nparts) {
-        size_t k = o->sp_next++;
-        struct spart *pt = &o->parts[k];
-        if (k == 0 || pt->busy || (pt->up && pt->up_gen == pt->gen))
-            continue;
-        struct stream_task *st = calloc(1, sizeof *st);
-        if (!st)
+    o->sp_size = o->size;
+    stream_queue(o);
+    pthread_mutex_unlock(&o->sp);
+}
+
+/* -EIO when [s, e) touches a dropped part (takes o->sp; state held). */
+static int stream_dropped(struct obj *o, const char *op, uint64_t s, uint64_t e)
+{
+    int ret = 0;
+    pthread_mutex_lock(&o->sp);
+    for (size_t k = (size_t)(s / o->psize); s < e && k < o->nparts && k * o->psize < e && ret == 0; k++)
+        if (o->parts[k].dropped)
+            ret = err_fail(EIO,
+                           "%s %s: bytes %llu to %llu were sent to the store and are no longer staged (an upload "
+                           "is written once, in order)",
+                           op, o->n.uri, (unsigned long long)(k * o->psize),
+                           (unsigned long long)((k + 1) * o->psize - 1));
+    pthread_mutex_unlock(&o->sp);
+    return ret;
+}
+
+/* Bytes written but not sent: past the parts looked at, and those in flight
+ * (o->sp held). Part 0 is never sent and not counted. */
+static uint64_t stream_unsent(const struct obj *o)
+{
+    uint64_t sent = (uint64_t)(o->sp_next - o->sp_inflight) * o->psize;
+    return o->sp_size > sent ? o->sp_size - sent : 0;
+}
+
+/* Backpressure for a writer of a deferred object (no lock held): while its
+ * unsent bytes pass staging-max and parts are in flight, wait for them, at
+ * most STREAM_WAIT_MS. The writer may be an HTTP thread that serves other
+ * connections too (libmicrohttpd's pool), so one wait stays short: past it
+ * the write is taken and the next one waits again, so a stalled store lets
+ * the staging grow by about one write (a few KiB) per wait. */
+static void stream_wait(struct obj *o)
+{
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_nsec += STREAM_WAIT_MS * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec += dl.tv_nsec / 1000000000L;
+        dl.tv_nsec %= 1000000000L;
+    }
+    pthread_mutex_lock(&o->sp);
+    while (!o->stream_off && o->sp_inflight && stream_unsent(o) > s3_conf.staging_max)
+        if (pthread_cond_timedwait(&o->sp_done, &o->sp, &dl) == ETIMEDOUT)
             break;
-        *st = (struct stream_task){.t = {.run = stream_run, .cancelled = stream_cancelled, .owner = o}, .o = o, .k = k};
-        pt->busy = 1;
-        o->sp_inflight++;
-        if (s3_pool_submit(&s3_upload_pool, &st->t) < 0) { /* no workers: the commit uploads everything */
-            pt->busy = 0;
-            o->sp_inflight--;
-            o->stream_off = 1;
-            free(st);
+    pthread_mutex_unlock(&o->sp);
+}
+
+int s3_obj_release(void *h, uint64_t off, uint64_t len)
+{
+    struct obj *o = OBJ(h);
+    uint64_t end;
+    if (!o->deferred || __builtin_add_overflow(off, len, &end))
+        return 0;
+    pthread_mutex_lock(&o->sp);
+    for (size_t k = (size_t)(off / o->psize); off < end && k < o->nparts && k * o->psize < end; k++) {
+        struct spart *pt = &o->parts[k];
+        uint64_t a = off > k * o->psize ? off : k * o->psize, b = min64(end, (k + 1) * o->psize);
+        if (pt->rel_s == pt->rel_e || (a <= pt->rel_e && b >= pt->rel_s)) { /* the run grows */
+            pt->rel_s = pt->rel_s == pt->rel_e ? a : min64(a, pt->rel_s);
+            pt->rel_e = b > pt->rel_e ? b : pt->rel_e;
+        } else if (b - a > pt->rel_e - pt->rel_s) { /* apart: the longer stays (never too much) */
+            pt->rel_s = a;
+            pt->rel_e = b;
         }
+        stream_drop(o, k);
     }
     pthread_mutex_unlock(&o->sp);
+    return 0;
 }
 
 /* Wait until no part upload of o is queued or running; streaming stops. */
 static void stream_stop(struct obj *o)
 {
+    pthread_mutex_lock(&o->sp);
+    o->stream_off = 1; /* before the cancel: a part ending now queues no other */
+    pthread_mutex_unlock(&o->sp);
     s3_pool_cancel(&s3_upload_pool, o);
     pthread_mutex_lock(&o->sp);
-    o->stream_off = 1;
     while (o->sp_inflight)
         pthread_cond_wait(&o->sp_done, &o->sp);
     pthread_mutex_unlock(&o->sp);

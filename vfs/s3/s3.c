@@ -494,6 +494,7 @@ static const struct vfs_ops s3_ops = {
     .stats = s3_stats_walk,
     .open_deferred = s3_obj_open_deferred,
     .commit = s3_obj_commit,
+    .release = s3_obj_release,
 };
 
 /* A version 1 host gets the table without .config and .stats (the environment

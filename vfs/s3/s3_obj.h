@@ -64,6 +64,13 @@ int s3_obj_commit(void *h, unsigned flags);
 /* 0 when the staging folder dir is a real folder of ours closed to others,
  * else a negative errno with the message. */
 int s3_obj_staging_private(const char *dir);
+/* Of a deferred object (struct vfs_ops .release): [off, off+len) is not read
+ * back nor written again before the commit. A streamed part wholly released
+ * and uploaded is punched out of the staging file (marked dropped); reads
+ * and writes of a dropped part, and a commit that needs one again, fail with
+ * -EIO. Released coverage is one run per part: a part released in pieces
+ * that are not adjacent stays staged (never wrongly dropped). Any thread. */
+int s3_obj_release(void *h, uint64_t off, uint64_t len);
 /* The object at n is being removed or renamed away: handles open on it keep
  * reading what they had, but nothing of theirs is published any more, and a
  * new open of the key starts afresh. */
