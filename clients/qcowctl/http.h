@@ -11,10 +11,12 @@
 
 /* qcowctl's exit statuses: http_do returns one of the first three. */
 enum {
-    EXIT_OK = 0,    /* done */
-    EXIT_FAIL = 1,  /* the server answered an error, a job failed, or a local file failed */
-    EXIT_USAGE = 2, /* the command line is wrong; nothing was sent */
-    EXIT_CONN = 3,  /* no answer: the server cannot be reached, TLS failed, the connection broke */
+    EXIT_OK = 0,      /* done */
+    EXIT_FAIL = 1,    /* the server answered an error, a job failed, or a local file failed */
+    EXIT_USAGE = 2,   /* the command line is wrong; nothing was sent */
+    EXIT_CONN = 3,    /* no answer: the server cannot be reached, TLS failed, the connection broke */
+    EXIT_CORRUPT = 4, /* a check (--wait) found the image corrupt: corruptions or check errors left */
+    EXIT_LEAKS = 5,   /* a check (--wait) found leaked clusters only (harmless: a repair reclaims them) */
 };
 
 struct http_req {

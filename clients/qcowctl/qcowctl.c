@@ -109,7 +109,7 @@ static const char *const global_opts[][2] = {
 static const char notes[] =
     "Job-starting commands print the job and return at once; with --wait they follow it: a progress bar with "
     "rate and ETA on stderr when it is a terminal, then the result, and a failed or cancelled job makes the "
-    "exit status 1 with its error.\n"
+    "exit status 1 with its error; a check's findings make it 4 (corrupt) or 5 (leaks only).\n"
     "Sizes and offsets are bytes, or a number with a suffix k, M, G, T, P (powers of 1024).\n"
     "Errors print `qcowctl: CODE: message` on stderr (CODE and message from the server's JSON error).";
 
@@ -118,6 +118,9 @@ static const char *const exits[][2] = {
     {"1", "the server answered an error, the job failed or was cancelled, or a local file failed"},
     {"2", "usage: a wrong command line; nothing was sent"},
     {"3", "no answer: the server cannot be reached, TLS failed, or the connection broke"},
+    {"4", "check --wait: the image is corrupt (corruptions or check errors left after any repair), as "
+          "qemu-img check's 2"},
+    {"5", "check --wait: leaked clusters only, as qemu-img check's 3 (harmless; --repair leaks reclaims them)"},
 };
 
 /* Prints the rows whose name starts with `only` (NULL: all). */

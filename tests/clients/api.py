@@ -295,6 +295,40 @@ def ctl_cases(ck, d, c, tmp):
         ctl(url, "commit", "ctop", "--frob", rc=2)
     ck.case("qcowctl commit/convert/check --wait: results, refusals", commit_convert_check)
 
+    def check_exit_status():
+        # qemu-img check's verdicts (2 corrupt, 3 leaks) as qcowctl's 4 and 5
+        def header(f):
+            f.seek(20)
+            cs = 1 << int.from_bytes(f.read(4), "big")
+            f.seek(40)
+            l1 = int.from_bytes(f.read(8), "big")
+            reftable = int.from_bytes(f.read(8), "big")
+            return cs, l1, reftable
+        for name in ("xleak", "xbad"):
+            c.create(name, 1 * MiB)
+            c.write(name, 0, b"\x11" * 65536)
+        ctl(url, "check", "xleak", "--wait")
+        with open(os.path.join(tmp, "catalog", "xleak.qcow2"), "r+b") as f:  # one more cluster, counted, unused
+            cs, _, reftable = header(f)
+            n = (os.fstat(f.fileno()).st_size + cs - 1) // cs
+            f.truncate((n + 1) * cs)
+            f.seek(reftable)
+            f.seek(int.from_bytes(f.read(8), "big") + 2 * n)  # 16-bit refcounts
+            f.write((1).to_bytes(2, "big"))
+        with open(os.path.join(tmp, "catalog", "xbad.qcow2"), "r+b") as f:  # L1[0] names the header as an L2 table
+            _, l1, _ = header(f)
+            f.seek(l1)
+            f.write((1 << 63).to_bytes(8, "big"))
+        _, out, _ = ctl(url, "--output", "json", "check", "xleak", "--wait", rc=5)
+        assert json.loads(out)["result"]["leaks"] == 1, out
+        ctl(url, "check", "xleak", "--repair", "leaks", "--wait")  # repaired: 0
+        ctl(url, "check", "xleak", "--wait")
+        _, out, _ = ctl(url, "check", "xbad", "--wait", rc=4)
+        assert json.loads(out)["corruptions"] > 0, out
+        c.delete("xleak")
+        c.delete("xbad")
+    ck.case("qcowctl check --wait: exit 4 corrupt, 5 leaks only (qemu-img's 2 and 3)", check_exit_status)
+
     def jobs_and_progress():
         c.create("cj", 32 * MiB)
         fill(c, "cj", 32 * MiB, rng)
