@@ -218,23 +218,33 @@ enum MHD_Result api_image_create(struct req *r, char **args)
 
 /* ---- delete ---- */
 
+/* DELETE's preconditions, evaluated while the catalog holds the name against
+ * writers (catalog_remove_if): a refusal is kept for the answer. */
+struct delete_check {
+    struct req *r;
+    bool refused;
+    enum MHD_Result res;
+};
+
+static int delete_check(void *ctx, struct catalog_image *ci)
+{
+    struct delete_check *dc = ctx;
+    if (api_check_write(dc->r, ci, &dc->res))
+        return 0;
+    dc->refused = true;
+    return -ECANCELED;
+}
+
 enum MHD_Result api_image_delete(struct req *r, char **args)
 {
-    if (api_has_preconditions(r)) {
-        /* If-Match claimed on the open handle; a write that did not ask may still
-         * come between the claim and the removal, and is removed with the image */
-        struct catalog_image *ci = NULL;
-        int got = catalog_get(r->cat, args[0], &ci);
-        if (got == -ENOENT || got == -EINVAL)
-            return api_reply_errno(r, got);
-        err_clear();
-        enum MHD_Result res;
-        bool ok = api_check_write(r, got == 0 ? ci : NULL, &res);
-        catalog_put(ci);
-        if (!ok)
-            return res;
-    }
-    int ret = catalog_remove(r->cat, args[0]);
+    /* If-Match / If-Unmodified-Since: compared with the image as it is removed
+     * (no write lands between); an image that cannot be opened has no tag to
+     * match, and answers as a delete without them would */
+    struct delete_check dc = {.r = r};
+    int ret = api_has_preconditions(r) ? catalog_remove_if(r->cat, args[0], delete_check, &dc)
+                                       : catalog_remove(r->cat, args[0]);
+    if (dc.refused)
+        return dc.res;
     if (ret < 0)
         return api_reply_errno(r, ret);
     return api_reply_empty(r, 204, NULL, NULL);

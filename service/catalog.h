@@ -159,6 +159,13 @@ int catalog_check_space(struct catalog *c, uint64_t more);
  * its name is reserved (err_msg() names the holder). Holders of a handle keep
  * it until they put it. */
 int catalog_remove(struct catalog *c, const char *name);
+/* catalog_remove, with check(ctx, handle) called once the name is held
+ * against writers and before anything is removed (handle NULL when the image
+ * does not open): a nonzero return (a negative errno) is the result and
+ * nothing is removed. A compare-and-delete:
+ * no write lands between the check and the removal. */
+int catalog_remove_if(struct catalog *c, const char *name, int (*check)(void *ctx, struct catalog_image *ci),
+                      void *ctx);
 
 /* Upload of a whole qcow2 container: begin creates a temporary file in the
  * catalog and reserves name until commit or abort (-EEXIST at once when name

@@ -302,6 +302,12 @@ out:
 
 int catalog_remove(struct catalog *c, const char *name)
 {
+    return catalog_remove_if(c, name, NULL, NULL);
+}
+
+int catalog_remove_if(struct catalog *c, const char *name, int (*check)(void *ctx, struct catalog_image *ci),
+                      void *ctx)
+{
     int ret = catalog_valid_name(name);
     if (ret < 0)
         return ret;
@@ -321,6 +327,13 @@ int catalog_remove(struct catalog *c, const char *name)
         ret = err_fail(ENOENT, "no image named '%s' in the catalog", name);
     if (ret == 0)
         ret = cat_users_refuse(c, name);
+    if (ret == 0 && check) { /* writers are held off from here: what it sees is what is removed */
+        struct catalog_image *ci = NULL;
+        if (catalog_get(c, name, &ci) < 0) /* it does not open (corrupt...): checked with no image */
+            err_clear();
+        ret = check(ctx, ci);
+        catalog_put(ci);
+    }
     if (ret == 0)
         ret = vfs_remove(uri);
     if (ret == 0) {

@@ -152,6 +152,34 @@ START_TEST(delete_refused_while_held)
 }
 END_TEST
 
+/* catalog_remove_if's check: a writer that comes while it runs is refused,
+ * so what it compared is what is removed. */
+static int check_calls;
+static int try_write_in_check(void *ctx, struct catalog_image *ci)
+{
+    check_calls++;
+    ck_assert_ptr_nonnull(ci);
+    struct catalog_image *w;
+    busy(catalog_get_writable(cat, "a", &w), "delete");
+    return *(int *)ctx;
+}
+
+START_TEST(remove_if_holds_writers_off)
+{
+    int refuse = -ECANCELED, pass = 0;
+    check_calls = 0;
+    ck_assert_int_eq(catalog_remove_if(cat, "a", try_write_in_check, &refuse), -ECANCELED);
+    struct catalog_image *ci;
+    ck_assert_int_eq(catalog_get(cat, "a", &ci), 0); /* refused by the check: still there, writable again */
+    catalog_put(ci);
+    ck_assert_int_eq(catalog_get_writable(cat, "a", &ci), 0);
+    catalog_put_writable(ci);
+    ck_assert_int_eq(catalog_remove_if(cat, "a", try_write_in_check, &pass), 0);
+    ck_assert_int_eq(check_calls, 2);
+    ck_assert_int_eq(catalog_get(cat, "a", &ci), -ENOENT);
+}
+END_TEST
+
 static int created;
 static void count(void *opaque, const char *what, const char *name)
 {
@@ -317,6 +345,7 @@ int main(void)
     tcase_add_test(tc, changing_job_excludes_download_and_back);
     tcase_add_test(tc, reading_job_run_excludes_writes);
     tcase_add_test(tc, delete_refused_while_held);
+    tcase_add_test(tc, remove_if_holds_writers_off);
     tcase_add_test(tc, reserved_name_refuses_create_and_upload);
     tcase_add_test(tc, upload_holds_its_name);
     tcase_add_test(tc, backing_users_from_the_index);
