@@ -305,8 +305,7 @@ int catalog_remove(struct catalog *c, const char *name)
     return catalog_remove_if(c, name, NULL, NULL);
 }
 
-int catalog_remove_if(struct catalog *c, const char *name, int (*check)(void *ctx, struct catalog_image *ci),
-                      void *ctx)
+int catalog_remove_if(struct catalog *c, const char *name, int (*check)(void *ctx, struct catalog_image *ci), void *ctx)
 {
     int ret = catalog_valid_name(name);
     if (ret < 0)

@@ -73,8 +73,7 @@ static void draw(const char *type, double cur, double total, double t0, double c
 static int check_verdict(const json_t *result)
 {
     json_int_t corrupt = 0, errors = 0, leaks = 0;
-    json_unpack((json_t *)result, "{s?I, s?I, s?I}", "corruptions", &corrupt, "check-errors", &errors, "leaks",
-                &leaks);
+    json_unpack((json_t *)result, "{s?I, s?I, s?I}", "corruptions", &corrupt, "check-errors", &errors, "leaks", &leaks);
     return corrupt > 0 || errors > 0 ? EXIT_CORRUPT : leaks > 0 ? EXIT_LEAKS : EXIT_OK;
 }
 
