@@ -210,6 +210,7 @@ struct range_stream {
     struct req *r;  /* for the byte count; valid while MHD calls the reader */
     uint64_t start; /* source offset of the body's first byte */
     uint64_t len;   /* body bytes */
+    bool released;  /* src let go once its last byte was read */
 };
 
 static ssize_t range_read(void *cls, uint64_t pos, char *buf, size_t max)
@@ -225,13 +226,21 @@ static ssize_t range_read(void *cls, uint64_t pos, char *buf, size_t max)
         return MHD_CONTENT_READER_END_WITH_ERROR;
     }
     rs->r->bytes += max;
+    if (pos + max == rs->len) {
+        /* every byte is in MHD's hands: the source (a download's hold on the
+         * image) goes now, not when MHD calls range_free after the last send,
+         * which may come after the client has the last byte and sends a write */
+        rs->src.release(rs->src.ctx);
+        rs->released = true;
+    }
     return (ssize_t)max;
 }
 
 static void range_free(void *cls)
 {
     struct range_stream *rs = cls;
-    rs->src.release(rs->src.ctx);
+    if (!rs->released)
+        rs->src.release(rs->src.ctx);
     free(rs);
 }
 

@@ -186,6 +186,35 @@ def write_does_not_scan_catalog(r):
     assert st == 409 and "'over'" in json.loads(b)["error"]["message"], (st, b[:300])
 
 
+def write_right_after_download(r):
+    """A client that has the last byte of a download writes at once: the
+    download's hold on the image is gone by then (it was let go when the last
+    byte was read, not when libmicrohttpd calls back after sending it)."""
+    r.make("dl", 4 * MiB, "write -P 0x44 0 3M")
+    want = open(r.path("dl"), "rb").read()
+    get, put = r.d.conn(), r.d.conn()
+    refused = 0
+    try:
+        for i in range(60):
+            get.request("GET", "/v1/images/dl/file", headers={"Host": "localhost"})
+            resp = get.getresponse()
+            body = resp.read()
+            assert resp.status == 200 and len(body) == len(want), (resp.status, len(body))
+            put.request("PUT", "/v1/images/dl/data", body=bytes([i + 1]) * 512,
+                        headers={"Host": "localhost", "Content-Range": "bytes %d-%d/*" % (i * 512, i * 512 + 511),
+                                 "Content-Type": "application/octet-stream"})
+            resp = put.getresponse()
+            b = resp.read()
+            if resp.status == 409:
+                refused += 1
+            else:
+                assert resp.status in (200, 204), (resp.status, b[:300])
+    finally:
+        get.close()
+        put.close()
+    assert refused == 0, "%d of 60 writes sent after a whole download were refused (409)" % refused
+
+
 def setup(r):
     r.make_long("long")
 
@@ -198,6 +227,7 @@ CASES = [
     ("delete_during_put", delete_during_put),
     ("commit_into_shared_base", commit_into_shared_base),
     ("write_does_not_scan_the_catalog", write_does_not_scan_catalog),
+    ("write_right_after_download", write_right_after_download),
 ]
 
 if __name__ == "__main__":
