@@ -386,8 +386,9 @@ def main():
                 assert r.returncode != 0, r
                 r = run(["rm", "a"], env=env)  # an operator may not delete
                 assert r.returncode != 0 and b"t-operator" in r.stderr and b"admin" in r.stderr, r
-            sys.path.insert(0, os.path.join(HERE, "..", "..", "clients", "python"))
-            import qcowd_client
+            sys.path.insert(0, os.path.join(HERE, "..", "clients"))
+            import installed  # the package as a user installs it, not the source tree
+            qcowd_client = installed.install(top)
             with qcowd_client.Client(url, token=tok("operator"), cacert=pki.ca) as c:
                 assert any(i["name"] == "a" for i in c.list()), c.list()
                 assert c.read("a", 0, 512) == b"\0" * 512
