@@ -1563,15 +1563,17 @@ def upload_complete_fails_after_parts_dropped(c):
 
 class Pusher(threading.Thread):
     """PUT data to /v1/images/NAME/file on a socket of its own, as fast as the
-    daemon takes it; sent counts the bytes gone; cut() breaks the connection
-    off (the client going away); status/body: the answer, if one came."""
+    daemon takes it (a piece of a resumable upload of total bytes from first
+    when total is given); sent counts the bytes gone; cut() breaks the
+    connection off (the client going away); status/body: the answer, if one came."""
 
-    def __init__(self, d, name, data):
+    def __init__(self, d, name, data, first=0, total=None):
         super().__init__(daemon=True)
         self.data, self.sent, self.status, self.body, self.error = data, 0, None, b"", None
         self.sock = socket.create_connection(("127.0.0.1", d.port), timeout=120)
-        self.sock.sendall(("PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
-                           % (name, len(data))).encode())
+        cr = "Content-Range: bytes %d-%d/%d\r\n" % (first, first + len(data) - 1, total) if total else ""
+        self.sock.sendall(("PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n%s\r\n"
+                           % (name, len(data), cr)).encode())
 
     def run(self):
         try:
@@ -1640,6 +1642,7 @@ def upload_backpressure_frees_the_thread(c):
             other = c.image("other", 16 * MiB, "write -P 0x5a 1M 64k")
             st, b = d.request("PUT", "/v1/images/other/file", open(other, "rb").read())
             check(st == 201, "upload of other: %s %s" % (st, b[:300]))
+            check(d.read("other", MiB, 4096) == b"\x5a" * 4096, "other reads wrong")  # opened and cached
             px.fault("delay", match="partNumber=", arg=1.0, method="PUT")
             src = random_image(c, "held", 64 * MiB, 64 * MiB)
             with open(src, "rb") as f:
@@ -1664,8 +1667,9 @@ def upload_backpressure_frees_the_thread(c):
             secs = time.time() - t0
             check(push.status == 201, "upload: %s %s" % (push.status, push.body[:300]))
             lat.sort()
-            print("     %d requests while the upload was held back (%.1f s): median %.1f ms, max %.1f ms; "
-                  "staging at most %.1f MiB" % (len(lat), secs, 1e3 * lat[len(lat) // 2], 1e3 * lat[-1], peak / MiB))
+            print("     %d requests while the upload was held back (%.1f s): median %.1f ms, slowest %s ms; "
+                  "staging at most %.1f MiB" % (len(lat), secs, 1e3 * lat[len(lat) // 2],
+                                                 " ".join("%.1f" % (1e3 * x) for x in lat[-3:]), peak / MiB))
             check(len(lat) >= 20, "only %d requests went while the upload ran" % len(lat))
             check(lat[-1] < 0.15 and lat[len(lat) // 2] < 0.05,
                   "requests waited behind the held upload: median %.1f ms, max %.1f ms"
@@ -1686,6 +1690,27 @@ def upload_backpressure_frees_the_thread(c):
             check(d.request("GET", "/v1/images/gone")[0] == 404, "the upload cut off left an image")
             check(c.s3.keys(BUCKET, p + "/gone") == [], "the upload cut off left an object")
             check(d.request("GET", "/v1/health")[0] == 200, "the daemon does not serve on")
+
+            # a resumable piece cut off while it sleeps is kept; the next piece (a new
+            # connection, a new wait on the same upload) completes it
+            push = Pusher(d, "piece", data[:40 * MiB], total=len(data))
+            push.start()
+            held_back(c, push, 16 * MiB)
+            push.cut()
+            t = time.time()
+            while True:  # 409 until the sleeping connection wakes and finds its client gone
+                st, b = d.request("PUT", "/v1/images/piece/file", b"", {"Content-Range": "bytes */%d" % len(data)})
+                check(st == 200, "where the piece stands: %s %s" % (st, b[:300]))
+                got = json.loads(b)["received"]
+                push = Pusher(d, "piece", data[got:], first=got, total=len(data))
+                push.start()
+                push.join(120)
+                if push.status != 409 or time.time() - t > 30:
+                    break
+                time.sleep(0.2)
+            print("     a piece cut off while asleep: resumed at %.1f MiB after %.1f s" % (got / MiB, time.time() - t))
+            check(push.status == 201, "the last piece: %s %s" % (push.status, push.body[:300]))
+            check(c.s3.get(BUCKET, p + "/piece.qcow2") == data, "the resumed object is not the uploaded file")
         finally:
             d.stop()
         # SIGTERM while an upload sleeps: the daemon ends at once
