@@ -133,10 +133,10 @@ struct body_wait {
     atomic_int refs; /* the request's, and one per armed wake */
     pthread_mutex_t lock;
     struct MHD_Connection *conn;
-    bool woken;     /* the wake armed last came */
-    bool suspended; /* conn sleeps: the first to resume it clears this */
-    bool gone;      /* the request ended: conn is not touched any more */
-    bool cut;       /* the watchdog cut the connection while it slept */
+    bool woken;                    /* the wake armed last came */
+    bool suspended;                /* conn sleeps: the first to resume it clears this */
+    bool gone;                     /* the request ended: conn is not touched any more */
+    bool cut;                      /* the watchdog cut the connection while it slept */
     struct body_wait *prev, *next; /* on srv->waits (under off_lock) */
 };
 
@@ -439,8 +439,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (!r)
         return;
     bool ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
-    body_wait_end(r); /* before done: closing the upload wakes its wait */
-    if (r->body) /* an upload cut short is settled before the log line */
+    /* an upload cut short is settled before the log line; its wait ends
+     * first (closing the upload wakes it) */
+    body_wait_end(r);
+    if (r->body)
         r->body->done(r, r->answered);
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -660,7 +662,8 @@ const char *api_server_address(const struct api_server *s)
 
 void api_server_quiesce(struct api_server *s)
 {
-    wake_all(s); /* a body held back by its store is refused, not drained at its pace */
+    /* a body held back by its store is refused, not drained at its pace */
+    wake_all(s);
     if (s->events) /* end the event streams, or the drain would wait for them */
         events_close(s->events);
     MHD_socket fd = MHD_quiesce_daemon(s->daemon);
