@@ -1567,19 +1567,24 @@ class Pusher(threading.Thread):
     when total is given); sent counts the bytes gone; cut() breaks the
     connection off (the client going away); status/body: the answer, if one came."""
 
-    def __init__(self, d, name, data, first=0, total=None):
+    def __init__(self, d, name, data, first=0, total=None, chunked=False):
         super().__init__(daemon=True)
         self.data, self.sent, self.status, self.body, self.error = data, 0, None, b"", None
+        self.chunked = chunked
         self.sock = socket.create_connection(("127.0.0.1", d.port), timeout=120)
         cr = "Content-Range: bytes %d-%d/%d\r\n" % (first, first + len(data) - 1, total) if total else ""
-        self.sock.sendall(("PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n%s\r\n"
-                           % (name, len(data), cr)).encode())
+        length = "Transfer-Encoding: chunked" if chunked else "Content-Length: %d" % len(data)
+        self.sock.sendall(("PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\n%s\r\n%s\r\n"
+                           % (name, length, cr)).encode())
 
     def run(self):
         try:
             for i in range(0, len(self.data), 256 << 10):
-                self.sock.sendall(self.data[i:i + (256 << 10)])
-                self.sent = min(len(self.data), i + (256 << 10))
+                piece = self.data[i:i + (256 << 10)]
+                self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if self.chunked else piece)
+                self.sent = i + len(piece)
+            if self.chunked:
+                self.sock.sendall(b"0\r\n\r\n")
         except OSError as e:  # refused or cut: the answer may be there all the same
             self.error = e
         answer = b""
@@ -1627,12 +1632,13 @@ def upload_backpressure_frees_the_thread(c):
     on the server's one thread (--threads 1): meanwhile GET /v1/health and a
     4 KiB read of another image answer fast (each under 150 ms), where a
     writer waiting in the store for room (0.5 s per write) would hold them
-    back; the staging stays bounded and the object is the file sent. A client
-    that goes away while its upload sleeps leaves no object, no multipart
-    upload and no staging, and the daemon serves on; a SIGTERM while an upload
-    sleeps ends the daemon at once (the upload answered 503 and dropped); and
-    a store stalled past --header-timeout cuts the sleeping upload as a slow
-    client (408), the daemon serving on."""
+    back; the staging stays bounded and the object is the file sent (also
+    sent chunked). A client that goes away while its upload sleeps leaves no
+    object, no multipart upload and no staging, and the daemon serves on; a
+    resumable piece cut off while asleep is kept and the next piece completes
+    it; a SIGTERM while an upload sleeps ends the daemon at once (the upload
+    answered 503 and dropped); and a store stalled past --header-timeout cuts
+    the sleeping upload as a slow client (408), the daemon serving on."""
     p = c.prefix()
     px = faultproxy.FaultProxy(c.s3.endpoint)
     opts = ("part-size=5M", "staging-max=8M", "connections=4")
@@ -1676,6 +1682,14 @@ def upload_backpressure_frees_the_thread(c):
                   % (1e3 * lat[len(lat) // 2], 1e3 * lat[-1]))
             check(peak <= 8 * MiB + 5 * MiB + 5 * MiB + 2 * MiB, "staging held %.1f MiB" % (peak / MiB))
             check(c.s3.get(BUCKET, p + "/held.qcow2") == data, "the object is not the uploaded file")
+
+            # chunked: the bytes kept while asleep sit inside a chunk
+            push = Pusher(d, "chunked", data, chunked=True)
+            push.start()
+            held_back(c, push, 16 * MiB)
+            push.join(120)
+            check(push.status == 201, "chunked upload: %s %s" % (push.status, push.body[:300]))
+            check(c.s3.get(BUCKET, p + "/chunked.qcow2") == data, "the chunked object is not the uploaded file")
 
             # the client goes away while its upload sleeps
             push = Pusher(d, "gone", data)
