@@ -31,6 +31,12 @@ struct api_body {
     int (*data)(struct req *r, const char *buf, size_t n); /* 0 or -errno with err_msg() */
     enum MHD_Result (*end)(struct req *r);
     void (*done)(struct req *r, bool completed);
+    /* Optional: asked before each data call. 1 (or a failure, which data then
+     * reports): data may go now. 0: its store holds it back; wake(ctx) is called
+     * exactly once later, from any thread, and meanwhile the connection sleeps
+     * suspended with the bytes kept (no server thread waits; data gets the same
+     * bytes after the wake). NULL: data is called at once. */
+    int (*ready)(struct req *r, void (*wake)(void *ctx), void *ctx);
 };
 
 /* Counters for GET /metrics, updated from the completion callback. */
@@ -86,6 +92,7 @@ struct req {
     struct api_offload *off;     /* work running on a thread of its own (api_offload) */
     struct api_guard *guard;     /* the server's budgets for slow clients */
     struct guard_conn *gc;       /* this connection in it (NULL: not tracked) */
+    struct body_wait *wait;      /* the body's sleep while its store holds it back (body->ready) */
     const struct api_access_cfg *acc; /* who may do what (the server's) */
     char who[80];                /* who was admitted: a token's name, "ticket:ID", "-" without tokens */
     char cors_origin[256];       /* an allowed Origin to echo in CORS headers, or "" */
@@ -401,6 +408,11 @@ void api_guard_close(struct guard_conn *gc);
  * counts n body bytes moved. NULL gc is ignored. From the connection's thread. */
 void api_guard_phase(struct guard_conn *gc, enum guard_phase phase);
 void api_guard_bytes(struct guard_conn *gc, uint64_t n);
+/* What the watchdog calls (under its lock; kick must be quick and take no lock
+ * of the guard) when it cuts gc: a connection sleeping suspended sees no
+ * socket event, so kick resumes it to find the end. NULL kick: none. A kick
+ * running when kick is replaced has returned by then. Thread-safe. */
+void api_guard_kick(struct guard_conn *gc, void (*kick)(void *ctx), void *ctx);
 /* The client's address ("127.0.0.3"; "?" for NULL gc). Borrowed, valid while gc is. */
 const char *api_guard_addr(const struct guard_conn *gc);
 /* Count one more event stream of addr: 0, or -EAGAIN with err_msg() naming

@@ -1,7 +1,7 @@
 /* file.c: the qcow2 container itself: GET .../file (ranged, streamed) and
- * PUT .../file (an upload streamed to a temporary file, validated, then named;
- * sent whole, or in pieces with Content-Range, resumable after a broken
- * connection). */
+ * PUT .../file (an upload streamed to its store as it comes, validated, then
+ * published; sent whole, or in pieces with Content-Range, resumable after a
+ * broken connection). */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
@@ -95,6 +95,15 @@ static int upload_data(struct req *r, const char *buf, size_t n)
     return ret;
 }
 
+/* A store that sends the upload while it comes (S3) and bounds what it stages
+ * holds the body back while the store is slower than the client: the
+ * connection then sleeps (api_body .ready), not the server thread. */
+static int upload_ready(struct req *r, void (*wake)(void *ctx), void *ctx)
+{
+    struct file_upload *fu = r->ctx;
+    return fu->u ? catalog_upload_ready(fu->u, wake, ctx) : 1;
+}
+
 /* {"name", "received", "total"}: where a resumable upload stands. */
 static json_t *upload_state(const char *name, uint64_t received, uint64_t total)
 {
@@ -179,7 +188,8 @@ static enum MHD_Result upload_query(struct req *r, const char *name, uint64_t to
     return api_reply_json(r, 200, upload_state(name, received, total));
 }
 
-static const struct api_body upload_ops = {.data = upload_data, .end = upload_end, .done = upload_done};
+static const struct api_body upload_ops = {
+    .data = upload_data, .end = upload_end, .done = upload_done, .ready = upload_ready};
 
 enum MHD_Result api_file_put(struct req *r, char **args)
 {

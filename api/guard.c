@@ -25,11 +25,13 @@ struct guard_conn {
     char addr[INET6_ADDRSTRLEN];    /* the client's address, without the port */
     pthread_mutex_t lock;           /* guards the fields below */
     enum guard_phase phase;
-    int64_t since_ms;    /* when the phase began */
-    int64_t mark_ms;     /* start of the rate window */
-    uint64_t mark_bytes; /* bytes at its start */
-    bool served;         /* a request was completed on it (keep-alive) */
-    bool cut;            /* the watchdog shut it down */
+    int64_t since_ms;        /* when the phase began */
+    int64_t mark_ms;         /* start of the rate window */
+    uint64_t mark_bytes;     /* bytes at its start */
+    bool served;             /* a request was completed on it (keep-alive) */
+    bool cut;                /* the watchdog shut it down */
+    void (*kick)(void *ctx); /* called when it is cut (api_guard_kick) */
+    void *kick_ctx;
     atomic_ullong bytes; /* body bytes moved in this phase */
 };
 
@@ -120,6 +122,8 @@ static void judge(struct guard_conn *gc, int64_t now)
                 : gc->phase == GUARD_BODY  ? "request body below --min-rate"
                                            : "download below --min-rate (the client stopped reading)");
     shutdown(gc->fd, SHUT_RDWR); /* MHD sees the end and closes it */
+    if (gc->kick)
+        gc->kick(gc->kick_ctx); /* a connection asleep (suspended) is woken to see it */
 }
 
 static void *watchdog(void *arg)
@@ -251,6 +255,16 @@ void api_guard_phase(struct guard_conn *gc, enum guard_phase phase)
     gc->since_ms = gc->mark_ms = now;
     gc->mark_bytes = 0;
     atomic_store(&gc->bytes, 0);
+    pthread_mutex_unlock(&gc->lock);
+}
+
+void api_guard_kick(struct guard_conn *gc, void (*kick)(void *ctx), void *ctx)
+{
+    if (!gc)
+        return;
+    pthread_mutex_lock(&gc->lock);
+    gc->kick = kick;
+    gc->kick_ctx = ctx;
     pthread_mutex_unlock(&gc->lock);
 }
 

@@ -31,9 +31,11 @@ struct api_server {
     struct events *events;
     struct api_guard *guard;                  /* the watchdog of slow clients, per-address counts */
     unsigned max_connections, max_per_client; /* as given to MHD */
-    pthread_mutex_t off_lock;                 /* guards offloads */
+    pthread_mutex_t off_lock;                 /* guards offloads, waits and stopping */
     pthread_cond_t off_done;                  /* an offloaded work ended */
     unsigned offloads;                        /* api_offload threads running */
+    struct body_wait *waits;                  /* bodies that may sleep (body_hold) */
+    bool stopping;                            /* quiesced: no body sleeps any more */
     struct api_access_cfg acc;                /* who may do what */
 };
 
@@ -119,6 +121,159 @@ enum MHD_Result api_offload(struct req *r, void (*work)(void *ctx), enum MHD_Res
     return MHD_YES;
 }
 
+/* ---- bodies held back by their store ---- */
+
+/* A body whose store holds writes back (api_body .ready) sleeps with its
+ * connection suspended rather than on the thread, which serves the other
+ * connections meanwhile. Suspend comes first and resume after it under
+ * lock: a wake that comes before the suspend is seen (woken) and the bytes
+ * go at once; MHD would otherwise turn that suspend into nothing and the
+ * kept bytes would wait for the next socket event. */
+struct body_wait {
+    atomic_int refs; /* the request's, and one per armed wake */
+    pthread_mutex_t lock;
+    struct MHD_Connection *conn;
+    bool woken;                    /* the wake armed last came */
+    bool suspended;                /* conn sleeps: the first to resume it clears this */
+    bool gone;                     /* the request ended: conn is not touched any more */
+    bool cut;                      /* the watchdog cut the connection while it slept */
+    struct body_wait *prev, *next; /* on srv->waits (under off_lock) */
+};
+
+static void wait_put(struct body_wait *w)
+{
+    if (atomic_fetch_sub(&w->refs, 1) == 1) {
+        pthread_mutex_destroy(&w->lock);
+        free(w);
+    }
+}
+
+/* Resume w's connection if it sleeps, after setting *mark (when given),
+ * both under w->lock. */
+static void wait_resume(struct body_wait *w, bool *mark)
+{
+    pthread_mutex_lock(&w->lock);
+    if (mark)
+        *mark = true;
+    if (w->suspended && !w->gone) {
+        w->suspended = false;
+        MHD_resume_connection(w->conn); /* MHD hands the kept bytes again */
+    }
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* The store has room: any thread, exactly once per armed wait. */
+static void body_wake(void *ctx)
+{
+    struct body_wait *w = ctx;
+    wait_resume(w, &w->woken);
+    wait_put(w);
+}
+
+/* The watchdog cut the connection (too slow, however it came to be): woken
+ * so that MHD closes it. */
+static void body_kick(void *ctx)
+{
+    struct body_wait *w = ctx;
+    wait_resume(w, &w->cut);
+}
+
+/* Every sleeping body of s resumed, and none sleeps from now on: MHD stops
+ * only without suspended connections, and a body held back by its store is
+ * refused (503) rather than drained at the store's pace (one the store takes
+ * goes on as before). */
+static void wake_all(struct api_server *s)
+{
+    pthread_mutex_lock(&s->off_lock);
+    s->stopping = true;
+    for (struct body_wait *w = s->waits; w; w = w->next)
+        wait_resume(w, NULL);
+    pthread_mutex_unlock(&s->off_lock);
+}
+
+enum hold { HOLD_GO, HOLD_SLEEP, HOLD_CUT, HOLD_STOP };
+
+/* Before a body's bytes go to body->data: HOLD_GO, or HOLD_SLEEP with the
+ * connection suspended (the bytes stay with MHD), HOLD_CUT when the watchdog
+ * cut it, HOLD_STOP when it would sleep but the server stops. */
+static enum hold body_hold(struct req *r)
+{
+    struct api_server *s = r->srv;
+    struct body_wait *w = r->wait;
+    if (!r->body->ready)
+        return HOLD_GO;
+    if (!w) {
+        if (!(w = calloc(1, sizeof *w)))
+            return HOLD_GO; /* the write then waits (briefly) in the store */
+        atomic_init(&w->refs, 1);
+        pthread_mutex_init(&w->lock, NULL);
+        w->conn = r->conn;
+        pthread_mutex_lock(&s->off_lock);
+        w->next = s->waits;
+        if (s->waits)
+            s->waits->prev = w;
+        s->waits = w;
+        pthread_mutex_unlock(&s->off_lock);
+        r->wait = w;
+        api_guard_kick(r->gc, body_kick, w);
+    }
+    pthread_mutex_lock(&w->lock);
+    bool cut = w->cut;
+    w->woken = false;
+    pthread_mutex_unlock(&w->lock);
+    if (cut)
+        return HOLD_CUT;
+    atomic_fetch_add(&w->refs, 1); /* the wake's */
+    int ready = r->body->ready(r, body_wake, w);
+    if (ready != 0) { /* room, or a failure the write reports */
+        wait_put(w);
+        err_clear();
+        return HOLD_GO;
+    }
+    pthread_mutex_lock(&s->off_lock);
+    bool stopping = s->stopping;
+    pthread_mutex_unlock(&s->off_lock);
+    if (stopping) /* the wake armed finds nothing asleep */
+        return HOLD_STOP;
+    pthread_mutex_lock(&w->lock);
+    bool woken = w->woken;
+    if (!woken) {
+        MHD_suspend_connection(r->conn);
+        w->suspended = true;
+    }
+    pthread_mutex_unlock(&w->lock);
+    if (woken)
+        return HOLD_GO;
+    pthread_mutex_lock(&s->off_lock); /* a stop that swept before the suspend: resumed here */
+    if (s->stopping)
+        wait_resume(w, NULL);
+    pthread_mutex_unlock(&s->off_lock);
+    return HOLD_SLEEP;
+}
+
+/* The request is over: nothing touches its connection from now on. */
+static void body_wait_end(struct req *r)
+{
+    struct body_wait *w = r->wait;
+    struct api_server *s = r->srv;
+    if (!w)
+        return;
+    api_guard_kick(r->gc, NULL, NULL);
+    pthread_mutex_lock(&s->off_lock);
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        s->waits = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+    pthread_mutex_unlock(&s->off_lock);
+    pthread_mutex_lock(&w->lock);
+    w->gone = true;
+    pthread_mutex_unlock(&w->lock);
+    r->wait = NULL;
+    wait_put(w);
+}
+
 /* ---- MHD callbacks ---- */
 
 /* A refusal on a body's first bytes (not qcow2, over a budget): answered now,
@@ -192,6 +347,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         }
         size_t n = *upload_data_size;
         if (n) {
+            enum hold h = r->body_err ? HOLD_GO : body_hold(r);
+            if (h == HOLD_SLEEP)
+                return MHD_YES; /* the bytes stay unconsumed: handed again on resume */
+            if (h == HOLD_CUT)
+                return MHD_NO; /* the watchdog answered and shut it */
+            if (h == HOLD_STOP) {
+                r->body_err = err_fail(EAGAIN, "the server is stopping: send the request again once it is back");
+                r->body_msg = strdup(err_msg(r->body_err));
+                r->body_now = true;
+            }
             if (!r->body_err) {
                 err_clear();
                 int ret = r->body->data(r, upload_data, n);
@@ -274,7 +439,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (!r)
         return;
     bool ok = toe == MHD_REQUEST_TERMINATED_COMPLETED_OK;
-    if (r->body) /* an upload cut short is settled before the log line */
+    /* an upload cut short is settled before the log line; its wait ends
+     * first (closing the upload wakes it) */
+    body_wait_end(r);
+    if (r->body)
         r->body->done(r, r->answered);
     struct timespec t1;
     clock_gettime(CLOCK_MONOTONIC, &t1);
@@ -494,6 +662,8 @@ const char *api_server_address(const struct api_server *s)
 
 void api_server_quiesce(struct api_server *s)
 {
+    /* a body held back by its store is refused, not drained at its pace */
+    wake_all(s);
     if (s->events) /* end the event streams, or the drain would wait for them */
         events_close(s->events);
     MHD_socket fd = MHD_quiesce_daemon(s->daemon);
@@ -522,6 +692,7 @@ void api_server_stop(struct api_server *s)
     while (s->offloads)
         pthread_cond_wait(&s->off_done, &s->off_lock);
     pthread_mutex_unlock(&s->off_lock);
+    wake_all(s); /* MHD stops only without suspended connections */
     MHD_stop_daemon(s->daemon);
     api_guard_free(s->guard);
     pthread_cond_destroy(&s->off_done);

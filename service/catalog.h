@@ -185,6 +185,14 @@ int catalog_remove_if(struct catalog *c, const char *name, int (*check)(void *ct
 struct catalog_upload;
 int catalog_upload_begin(struct catalog *c, const char *name, uint64_t length, struct catalog_upload **out);
 int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len);
+/* Whether catalog_upload_write may go now without the store holding it back
+ * (an S3 upload whose bytes not yet sent pass staging-max): 1 yes; 0 not yet,
+ * and wake(ctx) is called exactly once later, from any thread, when it may
+ * (or the store stopped holding back, or the upload was closed); a negative
+ * errno on failure. A caller that never asks gets writes that block for room
+ * instead (briefly each). One wait per upload: a new one first wakes the
+ * earlier one (a resumed upload's new connection). Thread as write. */
+int catalog_upload_ready(struct catalog_upload *u, void (*wake)(void *ctx), void *ctx);
 int catalog_upload_commit(struct catalog_upload *u);
 void catalog_upload_abort(struct catalog_upload *u);
 

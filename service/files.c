@@ -513,6 +513,11 @@ int catalog_upload_write(struct catalog_upload *u, const void *buf, size_t len)
     return ret;
 }
 
+int catalog_upload_ready(struct catalog_upload *u, void (*wake)(void *ctx), void *ctx)
+{
+    return u->f ? vfs_wait_room(u->f, wake, ctx) : 1;
+}
+
 /* Not published by then: the image made is dropped (the message of what
  * failed the upload outlives that). */
 static void upload_free(struct catalog_upload *u)

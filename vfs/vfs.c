@@ -166,6 +166,8 @@ static int do_register(const struct vfs_ops *ops)
     }
     if (ops->version < 5 || !b->ops.open_deferred)
         b->ops.release = NULL; /* only deferred handles take it */
+    if (ops->version < 6 || !b->ops.open_deferred)
+        b->ops.wait_room = NULL; /* the same */
     snprintf(b->name, sizeof b->name, "%s", ops->name);
     b->ops.name = b->name;
     b->serialize = ops->thread_model != VFS_THREAD_PARALLEL;
@@ -714,6 +716,16 @@ int vfs_release(struct vfs_file *f, uint64_t off, uint64_t len)
     r = f->be->ops.release(f->handle, off, len);
     leave(f->be);
     return r < 0 ? r : 0;
+}
+
+int vfs_wait_room(struct vfs_file *f, void (*wake)(void *ctx), void *ctx)
+{
+    if (!f->be->ops.wait_room || !f->pend || !(f->flags & VFS_O_RDWR))
+        return 1;
+    enter(f->be);
+    int r = f->be->ops.wait_room(f->handle, wake, ctx);
+    leave(f->be);
+    return r < 0 ? r : r > 0;
 }
 
 unsigned vfs_caps(struct vfs_file *f)

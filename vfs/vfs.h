@@ -50,6 +50,15 @@ int vfs_discard(struct vfs_file *f, uint64_t off, uint64_t len);
  * negative errno (f read-only, a bad range); 0 and nothing done where the
  * backend has no .release. Thread-safe as vfs_pwrite. */
 int vfs_release(struct vfs_file *f, uint64_t off, uint64_t len);
+/* Whether a write to f (opened read-write on a vfs_pending_uri) may go now
+ * without the backend holding it back (struct vfs_ops .wait_room): 1 yes, 0
+ * not yet: wake(ctx) is then called exactly once later, from any thread, when
+ * it may (or the backend stopped holding writes back, or f's backend handle
+ * closed); a negative errno on failure, nothing armed. 1 where the backend
+ * never holds writes back. One wait per backend handle: a new one first wakes
+ * the earlier one. Once asked, vfs_pwrite on f no longer blocks for room.
+ * Thread-safe as vfs_pwrite. */
+int vfs_wait_room(struct vfs_file *f, void (*wake)(void *ctx), void *ctx);
 /* A descriptor to read f's bytes from directly (sendfile), or -1 when the
  * backend has none. Borrowed: valid until vfs_close(f); never close it. */
 int vfs_fd(struct vfs_file *f);

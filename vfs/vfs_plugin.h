@@ -57,8 +57,9 @@
  * Version 2 appended .config and .stats; version 1 backends (struct_size ending
  * at .rename) still load and simply have neither. Version 3 appended .fd,
  * version 4 .open_deferred and .commit (a deferred publish), version 5
- * .release (a deferred handle's staged bytes the host will not read back). */
-#define VFS_OPS_VERSION 5
+ * .release (a deferred handle's staged bytes the host will not read back),
+ * version 6 .wait_room (a deferred handle's backpressure, without blocking). */
+#define VFS_OPS_VERSION 6
 
 /* Open flags. */
 #define VFS_O_RDONLY 0x0u
@@ -223,6 +224,27 @@ struct vfs_ops {
      * past the end, is harmless. NULL: the host's vfs_release does nothing. */
     int (*release)(void *handle, uint64_t off, uint64_t len);
     /* ---- end of version 5 ---- */
+
+    /* ---- version 6 ---- */
+
+    /* Optional. On a handle of .open_deferred only: may the host write now
+     * without the backend holding it back? A backend that sends the object
+     * while it is written (an upload streamed in parts) and bounds what it
+     * stages would otherwise block a .pwrite until the store took some of it;
+     * a host that serves many clients on one thread asks first instead.
+     * Returns 1 when a write may go now (nothing armed; wake is never called
+     * for this call), 0 when it should wait: then the backend calls wake(ctx)
+     * exactly once later, from any thread and with no lock of the host held,
+     * when room came, when it stopped holding writes back (the send failed or
+     * ended: the next write says why, if anything), or at .close, whichever
+     * comes first; a negative errno on failure (nothing armed). One wait per
+     * handle: arming again while one is armed first wakes the earlier one.
+     * wake must be quick and must not call the backend. Once a host has asked,
+     * the backend's .pwrite no longer holds it back; a host that never asks
+     * gets the blocking behaviour (bounded by the backend). NULL: writes are
+     * never held back (the host's vfs_wait_room returns 1). */
+    int (*wait_room)(void *handle, void (*wake)(void *ctx), void *ctx);
+    /* ---- end of version 6 ---- */
 };
 
 /* ---- the host's functions, given to the plugin at load ---- */

@@ -21,7 +21,8 @@ invisible until complete (no temporary object, no copy, no DELETE), its parts
 stream to the store while the body arrives, and a crash or kill -9 before the
 Complete leaves no image and an upload the next start aborts. An upload's
 staging is bounded (parts sent are punched out, only the qcow2 metadata is
-kept, the writer waits at staging-max), tables anywhere in the file included.
+kept, the writer waits at staging-max), tables anywhere in the file included;
+an upload held back by a slow store sleeps suspended, not on a server thread.
 
 Environment: QCOWD (the binary, required); S3_ENDPOINT to use a running store
 instead of starting Swift. Exit 77 (skip) when Swift is not installed.
@@ -33,6 +34,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -1559,6 +1561,212 @@ def upload_complete_fails_after_parts_dropped(c):
         px.stop()
 
 
+class Pusher(threading.Thread):
+    """PUT data to /v1/images/NAME/file on a socket of its own, as fast as the
+    daemon takes it (a piece of a resumable upload of total bytes from first
+    when total is given); sent counts the bytes gone; cut() breaks the
+    connection off (the client going away); status/body: the answer, if one came."""
+
+    def __init__(self, d, name, data, first=0, total=None, chunked=False):
+        super().__init__(daemon=True)
+        self.data, self.sent, self.status, self.body, self.error = data, 0, None, b"", None
+        self.chunked = chunked
+        self.sock = socket.create_connection(("127.0.0.1", d.port), timeout=120)
+        cr = "Content-Range: bytes %d-%d/%d\r\n" % (first, first + len(data) - 1, total) if total else ""
+        length = "Transfer-Encoding: chunked" if chunked else "Content-Length: %d" % len(data)
+        self.sock.sendall(("PUT /v1/images/%s/file HTTP/1.1\r\nHost: localhost\r\n%s\r\n%s\r\n"
+                           % (name, length, cr)).encode())
+
+    def run(self):
+        try:
+            for i in range(0, len(self.data), 256 << 10):
+                piece = self.data[i:i + (256 << 10)]
+                self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if self.chunked else piece)
+                self.sent = i + len(piece)
+            if self.chunked:
+                self.sock.sendall(b"0\r\n\r\n")
+        except OSError as e:  # refused or cut: the answer may be there all the same
+            self.error = e
+        answer = b""
+        try:
+            while True:
+                more = self.sock.recv(65536)
+                if not more:
+                    break
+                answer += more
+                head, sep, rest = answer.partition(b"\r\n\r\n")
+                m = re.search(rb"content-length: *(\d+)", head, re.I)
+                if sep and m and len(rest) >= int(m.group(1)):
+                    break
+        except OSError as e:
+            self.error = self.error or e
+        m = re.match(rb"HTTP/1\.1 (\d+)", answer)
+        self.status = int(m.group(1)) if m else None
+        self.body = answer
+
+    def cut(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def held_back(c, push, at_least):
+    """Waits (20 s at most) until push sent at_least bytes and the staging holds
+    some: the upload is then held back by the slow store."""
+    t = time.time()
+    while time.time() - t < 20 and (push.sent < at_least or staged_bytes(c) == 0):
+        check(push.is_alive() or push.status, "the upload ended early: %s %s" % (push.status, push.body[:300]))
+        time.sleep(0.05)
+    check(push.sent >= at_least, "the upload did not get going (%d bytes sent)" % push.sent)
+
+
+def timed(d, conn, method, path, headers=None):
+    """One request on conn: (seconds, status, body)."""
+    t = time.time()
+    st, _, b = d.exchange(method, path, headers=headers, conn=conn)
+    return time.time() - t, st, b
+
+
+def upload_backpressure_frees_the_thread(c):
+    """An upload held back by a slow store (every UploadPart held 1 s by a
+    proxy, staging-max=8M) sleeps with its connection suspended instead of
+    on the server's one thread (--threads 1): meanwhile GET /v1/health and a
+    4 KiB read of another image answer fast (each under 150 ms), where a
+    writer waiting in the store for room (0.5 s per write) would hold them
+    back; the staging stays bounded and the object is the file sent (also
+    sent chunked). A client that goes away while its upload sleeps leaves no
+    object, no multipart upload and no staging, and the daemon serves on; a
+    resumable piece cut off while asleep is kept and the next piece completes
+    it; a SIGTERM while an upload sleeps ends the daemon at once (the upload
+    answered 503 and dropped); and a store stalled past --header-timeout cuts
+    the sleeping upload as a slow client (408), the daemon serving on."""
+    p = c.prefix()
+    px = faultproxy.FaultProxy(c.s3.endpoint)
+    opts = ("part-size=5M", "staging-max=8M", "connections=4")
+    try:
+        d = c.qcowd(p, endpoint=px.endpoint, opts=opts, args_extra=("--threads", "1"))
+        try:
+            other = c.image("other", 16 * MiB, "write -P 0x5a 1M 64k")
+            st, b = d.request("PUT", "/v1/images/other/file", open(other, "rb").read())
+            check(st == 201, "upload of other: %s %s" % (st, b[:300]))
+            check(d.read("other", MiB, 4096) == b"\x5a" * 4096, "other reads wrong")  # opened and cached
+            px.fault("delay", match="partNumber=", arg=1.0, method="PUT")
+            src = random_image(c, "held", 64 * MiB, 64 * MiB)
+            with open(src, "rb") as f:
+                data = f.read()
+            push = Pusher(d, "held", data)
+            t0 = time.time()
+            push.start()
+            held_back(c, push, 12 * MiB)
+            conn = d.conn()
+            lat, peak = [], 0
+            try:
+                while push.is_alive() and len(lat) < 400:
+                    s1, st1, _ = timed(d, conn, "GET", "/v1/health")
+                    s2, st2, b2 = timed(d, conn, "GET", "/v1/images/other/data", {"Range": "bytes=1048576-1052671"})
+                    check(st1 == 200 and st2 == 206 and b2 == b"\x5a" * 4096, "health %s, read %s" % (st1, st2))
+                    lat += [s1, s2]
+                    peak = max(peak, staged_bytes(c))
+                    time.sleep(0.02)
+            finally:
+                conn.close()
+            push.join(120)
+            secs = time.time() - t0
+            check(push.status == 201, "upload: %s %s" % (push.status, push.body[:300]))
+            lat.sort()
+            print("     %d requests while the upload was held back (%.1f s): median %.1f ms, slowest %s ms; "
+                  "staging at most %.1f MiB" % (len(lat), secs, 1e3 * lat[len(lat) // 2],
+                                                 " ".join("%.1f" % (1e3 * x) for x in lat[-3:]), peak / MiB))
+            check(len(lat) >= 20, "only %d requests went while the upload ran" % len(lat))
+            check(lat[-1] < 0.15 and lat[len(lat) // 2] < 0.05,
+                  "requests waited behind the held upload: median %.1f ms, max %.1f ms"
+                  % (1e3 * lat[len(lat) // 2], 1e3 * lat[-1]))
+            check(peak <= 8 * MiB + 5 * MiB + 5 * MiB + 2 * MiB, "staging held %.1f MiB" % (peak / MiB))
+            check(c.s3.get(BUCKET, p + "/held.qcow2") == data, "the object is not the uploaded file")
+
+            # chunked: the bytes kept while asleep sit inside a chunk
+            push = Pusher(d, "chunked", data, chunked=True)
+            push.start()
+            held_back(c, push, 16 * MiB)
+            push.join(120)
+            check(push.status == 201, "chunked upload: %s %s" % (push.status, push.body[:300]))
+            check(c.s3.get(BUCKET, p + "/chunked.qcow2") == data, "the chunked object is not the uploaded file")
+
+            # the client goes away while its upload sleeps
+            push = Pusher(d, "gone", data)
+            push.start()
+            held_back(c, push, 16 * MiB)
+            push.cut()
+            t = time.time()
+            while time.time() - t < 30 and (c.s3.uploads(BUCKET) or staged_bytes(c)):
+                time.sleep(0.2)
+            check(c.s3.uploads(BUCKET) == [], "multipart uploads left: %s" % c.s3.uploads(BUCKET))
+            check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+            check(d.request("GET", "/v1/images/gone")[0] == 404, "the upload cut off left an image")
+            check(c.s3.keys(BUCKET, p + "/gone") == [], "the upload cut off left an object")
+            check(d.request("GET", "/v1/health")[0] == 200, "the daemon does not serve on")
+
+            # a resumable piece cut off while it sleeps is kept; the next piece (a new
+            # connection, a new wait on the same upload) completes it
+            push = Pusher(d, "piece", data[:40 * MiB], total=len(data))
+            push.start()
+            held_back(c, push, 16 * MiB)
+            push.cut()
+            t = time.time()
+            while True:  # 409 until the sleeping connection wakes and finds its client gone
+                st, b = d.request("PUT", "/v1/images/piece/file", b"", {"Content-Range": "bytes */%d" % len(data)})
+                check(st == 200, "where the piece stands: %s %s" % (st, b[:300]))
+                got = json.loads(b)["received"]
+                push = Pusher(d, "piece", data[got:], first=got, total=len(data))
+                push.start()
+                push.join(120)
+                if push.status != 409 or time.time() - t > 30:
+                    break
+                time.sleep(0.2)
+            print("     a piece cut off while asleep: resumed at %.1f MiB after %.1f s" % (got / MiB, time.time() - t))
+            check(push.status == 201, "the last piece: %s %s" % (push.status, push.body[:300]))
+            check(c.s3.get(BUCKET, p + "/piece.qcow2") == data, "the resumed object is not the uploaded file")
+        finally:
+            d.stop()
+        # SIGTERM while an upload sleeps: the daemon ends at once
+        d = c.qcowd(p, endpoint=px.endpoint, opts=opts, args_extra=("--threads", "1"))
+        push = Pusher(d, "term", data)
+        push.start()
+        held_back(c, push, 16 * MiB)
+        t = time.time()
+        d.proc.send_signal(signal.SIGTERM)
+        rc = d.wait_exit(60)
+        secs = time.time() - t
+        print("     SIGTERM with an upload held back: exit %s after %.1f s" % (rc, secs))
+        check(rc == 0 and secs < 10, "qcowd exit %s after %.1f s" % (rc, secs))
+        push.join(10)
+        check(push.status in (503, None), "the upload held back at the stop: %s %s" % (push.status, push.body[:300]))
+        d.stop()
+
+        # a store stalled past --header-timeout: the sleeping upload is cut as a slow client
+        px.clear()
+        px.fault("delay", match="partNumber=", arg=8.0, method="PUT")
+        d = c.qcowd(p, endpoint=px.endpoint, opts=opts, args_extra=("--threads", "1", "--header-timeout", "2"))
+        try:
+            push = Pusher(d, "stalled", data)
+            t = time.time()
+            push.start()
+            push.join(60)
+            secs = time.time() - t
+            print("     a stalled store: the upload answered %s after %.1f s" % (push.status, secs))
+            check(push.status == 408 and b"too-slow" in push.body or push.error is not None,
+                  "upload into a stalled store: %s %s %s" % (push.status, push.error, push.body[:300]))
+            check(secs < 30, "the sleeping upload was cut only after %.1f s" % secs)
+            check(d.request("GET", "/v1/health")[0] == 200, "the daemon does not serve on")
+        finally:
+            d.stop()
+        t = time.time()
+        while time.time() - t < 30 and c.s3.uploads(BUCKET):
+            time.sleep(0.2)
+        check(c.s3.uploads(BUCKET) == [], "multipart uploads left: %s" % c.s3.uploads(BUCKET))
+    finally:
+        px.stop()
+
+
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
          missing_bucket_and_unreachable, secrets_and_plain_http_refused, faults_at_run_time, lost_complete_answer, listing_past_one_page, parallel_readers_and_a_writer,
@@ -1568,7 +1776,8 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          kill_mid_stream, upload_streams_without_readahead, uploads_counted_in_budget, listing_etag_of_multipart_copy,
          invalid_upload_names_no_pending, stale_uploads_aborted_at_start, crash_after_upload_start,
          two_daemons_share_a_prefix, own_upload_outlives_stale_upload, upload_staging_bounded,
-         upload_tables_at_end, upload_waits_for_a_slow_store, upload_complete_fails_after_parts_dropped]
+         upload_tables_at_end, upload_waits_for_a_slow_store, upload_complete_fails_after_parts_dropped,
+         upload_backpressure_frees_the_thread]
 
 
 def main():

@@ -1167,6 +1167,87 @@ START_TEST(test_release_reaches_v5_deferred_handles_only)
 }
 END_TEST
 
+/* A deferred backend whose .wait_room answers what room_ready says and
+ * records the wake it is given, for test_wait_room_reaches_v6_deferred_handles_only. */
+static struct {
+    int calls, ready;
+    void (*wake)(void *);
+    void *ctx;
+} room_seen;
+static int room_wait(void *h, void (*wake)(void *), void *ctx)
+{
+    ck_assert_ptr_eq(h, &rel_handle);
+    room_seen.calls++;
+    if (room_seen.ready <= 0) {
+        room_seen.wake = wake;
+        room_seen.ctx = ctx;
+    }
+    return room_seen.ready;
+}
+static void room_woken(void *ctx)
+{
+    ++*(int *)ctx;
+}
+
+/* Version 6's .wait_room: asked for a file on a deferred pending's work URI
+ * of a version 6 backend (1 ready; 0 with the wake armed, which the backend
+ * calls later; a failure passed on); 1 without asking elsewhere (a plain
+ * open, a read-only file, a version 5 backend whose struct holds a pointer
+ * there, mem, which has none). */
+START_TEST(test_wait_room_reaches_v6_deferred_handles_only)
+{
+    struct vfs_pending *p;
+    struct vfs_file *f;
+    int woken = 0;
+    struct vfs_ops v6 = NOP_OPS("roomsix");
+    v6.pwrite = rel_pwrite;
+    v6.open_deferred = rel_open_deferred;
+    v6.commit = rel_commit;
+    v6.wait_room = room_wait;
+    ck_assert_int_eq(vfs_register(&v6), 0);
+    struct vfs_ops v5 = v6;
+    v5.name = "roomfive";
+    v5.version = 5;
+    ck_assert_int_eq(vfs_register(&v5), 0);
+
+    ck_assert_int_eq(vfs_pending_begin("roomsix:a", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    room_seen.ready = 1;
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), 1);
+    ck_assert_int_eq(room_seen.calls, 1);
+    room_seen.ready = 0;
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), 0);
+    ck_assert_int_eq(room_seen.calls, 2);
+    ck_assert_ptr_eq(room_seen.ctx, &woken);
+    room_seen.wake(room_seen.ctx); /* the backend, later */
+    ck_assert_int_eq(woken, 1);
+    room_seen.ready = -EIO;
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), -EIO);
+    vfs_close(f);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDONLY);
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), 1);
+    vfs_close(f);
+    vfs_pending_end(p);
+    ck_assert_int_eq(room_seen.calls, 3);
+
+    f = open_ok("roomsix:b", VFS_O_RDWR); /* not deferred */
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), 1);
+    vfs_close(f);
+    ck_assert_int_eq(vfs_pending_begin("roomfive:a", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), 1);
+    vfs_close(f);
+    vfs_pending_end(p);
+    ck_assert_int_eq(vfs_pending_begin("mem:room.qcow2", NULL, &p), 0);
+    f = open_ok(vfs_pending_uri(p), VFS_O_RDWR | VFS_O_CREATE);
+    ck_assert_int_eq(vfs_wait_room(f, room_woken, &woken), 1);
+    vfs_close(f);
+    vfs_pending_end(p);
+    ck_assert_int_eq(room_seen.calls, 3);
+    ck_assert_int_eq(woken, 1);
+}
+END_TEST
+
 static Suite *vfs_suite(void)
 {
     Suite *s = suite_create("vfs");
@@ -1195,7 +1276,7 @@ static Suite *vfs_suite(void)
         {"threads", {test_concurrent_preads_on_one_handle}},
         {"pending",
          {test_pending_publish_deferred_and_fallback, test_pending_end_with_open_handle,
-          test_release_reaches_v5_deferred_handles_only}},
+          test_release_reaches_v5_deferred_handles_only, test_wait_room_reaches_v6_deferred_handles_only}},
     };
     for (size_t g = 0; g < sizeof groups / sizeof groups[0]; g++) {
         TCase *tc = tcase_create(groups[g].name);

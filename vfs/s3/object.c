@@ -89,6 +89,9 @@ struct obj {
     size_t sp_next;          /* parts below this were looked at for streaming */
     unsigned sp_inflight;    /* part uploads queued or running */
     uint64_t sp_size;        /* the size as streaming last saw it */
+    int asks;                /* the host asks for room (.wait_room): writes never wait */
+    void (*wake)(void *ctx); /* armed by .wait_room: called once room comes (NULL: none) */
+    void *wake_ctx;
 };
 
 /* Streaming a deferred object's parts (below). */
@@ -97,6 +100,12 @@ static void stream_write(struct obj *o, uint64_t s, uint64_t e);
 static void stream_stop(struct obj *o);
 static int stream_dropped(struct obj *o, const char *op, uint64_t s, uint64_t e);
 static void stream_wait(struct obj *o);
+struct waker {
+    void (*fn)(void *ctx);
+    void *ctx;
+};
+static struct waker stream_take_wake(struct obj *o, int always);
+static void stream_wake(struct waker w);
 
 /* One part of a deferred object's grid. */
 struct spart {
@@ -916,7 +925,7 @@ void s3_obj_close(void *hp)
         reg_detach(o);
     pthread_mutex_unlock(&reg_lock);
     if (o->deferred) { /* not committed (a commit clears mpu_id): the streamed upload goes */
-        stream_stop(o);
+        stream_stop(o); /* wakes a waiter: never left hanging */
         if (o->mpu_id)
             s3_mpu_abort(&o->n, o->mpu_id);
     }
@@ -1459,7 +1468,9 @@ static void stream_finish(struct obj *o, size_t k, uint64_t g, int ret, const ch
     if (ret == 0)
         stream_queue(o); /* the next part goes while the writer may be waiting (stream_wait) */
     pthread_cond_broadcast(&o->sp_done);
+    struct waker w = stream_take_wake(o, 0); /* under sp: once it is released, o may go (stream_stop) */
     pthread_mutex_unlock(&o->sp);
+    stream_wake(w);
 }
 
 static void stream_run(struct s3_task *t)
@@ -1555,12 +1566,58 @@ static uint64_t stream_unsent(const struct obj *o)
     return o->sp_size > sent ? o->sp_size - sent : 0;
 }
 
-/* Backpressure for a writer of a deferred object (no lock held): while its
- * unsent bytes pass staging-max and parts are in flight, wait for them, at
- * most STREAM_WAIT_MS. The writer may be an HTTP thread that serves other
- * connections too (libmicrohttpd's pool), so one wait stays short: past it
- * the write is taken and the next one waits again, so a stalled store lets
- * the staging grow by about one write (a few KiB) per wait. */
+/* Whether a writer may go on (o->sp held): the unsent bytes are within
+ * staging-max, or nothing is in flight that would free some (streaming
+ * stopped, or what is left is part 0 and the last parts). */
+static int stream_room(const struct obj *o)
+{
+    return o->stream_off || !o->sp_inflight || stream_unsent(o) <= s3_conf.staging_max;
+}
+
+/* The armed wake, disarmed, when there is room or always (the object closes,
+ * streaming stops); {NULL} when none is due (o->sp held). Taken under the
+ * lock, so it runs once; called after it (stream_wake), so a wake may take
+ * locks of its own. */
+static struct waker stream_take_wake(struct obj *o, int always)
+{
+    struct waker w = {NULL, NULL};
+    if (o->wake && (always || stream_room(o))) {
+        w = (struct waker){o->wake, o->wake_ctx};
+        o->wake = NULL;
+    }
+    return w;
+}
+
+static void stream_wake(struct waker w)
+{
+    if (w.fn)
+        w.fn(w.ctx);
+}
+
+int s3_obj_wait_room(void *h, void (*wake)(void *ctx), void *ctx)
+{
+    struct obj *o = OBJ(h);
+    if (!o->deferred)
+        return 1;
+    pthread_mutex_lock(&o->sp);
+    o->asks = 1;
+    struct waker earlier = stream_take_wake(o, 1); /* one wait per handle: the earlier one goes */
+    int ready = stream_room(o);
+    if (!ready) {
+        o->wake = wake;
+        o->wake_ctx = ctx;
+    }
+    pthread_mutex_unlock(&o->sp);
+    stream_wake(earlier);
+    return ready;
+}
+
+/* Backpressure for a writer of a deferred object whose host does not ask
+ * first (.wait_room; no lock held): while its unsent bytes pass staging-max
+ * and parts are in flight, wait for them, at most STREAM_WAIT_MS. Such a
+ * writer may be a thread that serves others too, so one wait stays short:
+ * past it the write is taken and the next one waits again, so a stalled store
+ * lets the staging grow by about one write per wait. */
 static void stream_wait(struct obj *o)
 {
     struct timespec dl;
@@ -1571,7 +1628,7 @@ static void stream_wait(struct obj *o)
         dl.tv_nsec %= 1000000000L;
     }
     pthread_mutex_lock(&o->sp);
-    while (!o->stream_off && o->sp_inflight && stream_unsent(o) > s3_conf.staging_max)
+    while (!o->asks && !stream_room(o))
         if (pthread_cond_timedwait(&o->sp_done, &o->sp, &dl) == ETIMEDOUT)
             break;
     pthread_mutex_unlock(&o->sp);
@@ -1610,7 +1667,9 @@ static void stream_stop(struct obj *o)
     pthread_mutex_lock(&o->sp);
     while (o->sp_inflight)
         pthread_cond_wait(&o->sp_done, &o->sp);
+    struct waker w = stream_take_wake(o, 1); /* writes are no longer held back: a waiter goes on */
     pthread_mutex_unlock(&o->sp);
+    stream_wake(w);
 }
 
 /* The commit of a streamed object: the parts not uploaded, or written since,

@@ -495,6 +495,7 @@ static const struct vfs_ops s3_ops = {
     .open_deferred = s3_obj_open_deferred,
     .commit = s3_obj_commit,
     .release = s3_obj_release,
+    .wait_room = s3_obj_wait_room,
 };
 
 /* A version 1 host gets the table without .config and .stats (the environment

@@ -71,6 +71,12 @@ int s3_obj_staging_private(const char *dir);
  * -EIO. Released coverage is one run per part: a part released in pieces
  * that are not adjacent stays staged (never wrongly dropped). Any thread. */
 int s3_obj_release(void *h, uint64_t off, uint64_t len);
+/* Of a deferred object (struct vfs_ops .wait_room): 1 when a write may go now
+ * (its bytes not yet sent are within staging-max, or nothing in flight would
+ * lower them), else 0 and wake(ctx) is called once, without a lock held, from
+ * the part worker that made room, or when streaming stops (commit, close, a
+ * failed start). From then on .pwrite never waits (stream_wait). Any thread. */
+int s3_obj_wait_room(void *h, void (*wake)(void *ctx), void *ctx);
 /* The object at n is being removed or renamed away: handles open on it keep
  * reading what they had, but nothing of theirs is published any more, and a
  * new open of the key starts afresh. */
