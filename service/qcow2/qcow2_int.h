@@ -267,6 +267,8 @@ struct qcow2_image {
     struct pending_free *pending;
     size_t npending, cap_pending;
     uint64_t cfree_off, cfree_end; /* room left in the last compressed-data cluster */
+    bool release_data;           /* opened with release_data: data written once is vfs_release'd */
+    uint64_t crun_off, crun_end; /* release_data: host clusters of the compressed data being packed */
     bool write_started;          /* first-write header duties done (autoclear, dirty bit) */
     bool set_dirty_bit;          /* we set the dirty bit (lazy refcounts): clear on close */
     bool broken;                 /* an inconsistency was found: writes refused */
@@ -445,6 +447,10 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off);
 int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off);
 /* Queue host bytes [off, off+len) to lose one reference after the next metadata write. */
 int free_later(struct qcow2_image *img, uint64_t off, uint64_t len);
+/* Under release_data: host bytes [off, off+len) of the image file hold guest data
+ * just written whole into clusters allocated for it, which nothing will read or
+ * write again: vfs_release them. 0 without release_data. */
+int release_written(struct qcow2_image *img, uint64_t off, uint64_t len);
 
 /* ---- pin.c (under the write lock) ---- */
 /* Cluster c's refcount just dropped to 0: give it back to the allocator and the

@@ -274,6 +274,8 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
             goto out;
         if ((ret = vfs_pwrite(img->data, src, wlen, host + woff)) < 0)
             goto out;
+        if (fresh && n == cs && (ret = release_written(img, host, cs)) < 0)
+            goto out;
         uint64_t bits = sc_bits_range(a, b);
         uint64_t nb = (bitmap & ~(bits | (bits << 32))) | bits;
         uint64_t ne = host | QCOW2_OFLAG_COPIED;
@@ -333,6 +335,8 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
         goto out;
     if ((ret = vfs_pwrite(img->data, src, wlen, newhost + woff)) < 0)
         goto out;
+    if (fresh && n == cs && (ret = release_written(img, newhost, cs)) < 0)
+        goto out;
     if (!own && (ret = release_entry(img, l2e)) < 0)
         goto out;
     set_entry(img, s, idx, newhost | QCOW2_OFLAG_COPIED, img->ext_l2 ? ALL_ALLOC : 0);
@@ -374,7 +378,8 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     if (k >= 2) {
         uint64_t host;
         ret = alloc_clusters(img, k, &host);
-        if (ret == 0 && (ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0)
+        if (ret == 0 && ((ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0 ||
+                         (ret = release_written(img, host, k * cs)) < 0))
             unalloc(img, host, k);
         if (ret == 0) {
             for (uint64_t i = 0; i < k; i++)
