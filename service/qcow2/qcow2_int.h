@@ -267,8 +267,8 @@ struct qcow2_image {
     struct pending_free *pending;
     size_t npending, cap_pending;
     uint64_t cfree_off, cfree_end; /* room left in the last compressed-data cluster */
-    bool release_data;           /* opened with release_data: data written once is vfs_release'd */
-    uint64_t crun_off, crun_end; /* release_data: host clusters of the compressed data being packed */
+    bool release_data;             /* opened with release_data: data written once is vfs_release'd */
+    uint64_t crun_off, crun_end;   /* release_data: host clusters of the compressed data being packed */
     bool write_started;          /* first-write header duties done (autoclear, dirty bit) */
     bool set_dirty_bit;          /* we set the dirty bit (lazy refcounts): clear on close */
     bool broken;                 /* an inconsistency was found: writes refused */

@@ -378,8 +378,8 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     if (k >= 2) {
         uint64_t host;
         ret = alloc_clusters(img, k, &host);
-        if (ret == 0 && ((ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0 ||
-                         (ret = release_written(img, host, k * cs)) < 0))
+        if (ret == 0 &&
+            ((ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0 || (ret = release_written(img, host, k * cs)) < 0))
             unalloc(img, host, k);
         if (ret == 0) {
             for (uint64_t i = 0; i < k; i++)
