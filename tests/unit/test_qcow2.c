@@ -1152,7 +1152,7 @@ END_TEST
  * write with -EIO, as a part the s3 plugin has dropped does. Plain opens reach
  * the same mem object without that check (to look at the result). */
 #define REL_MAX 4096
-#define MiB (1ull << 20)
+#define MiB     (1ull << 20)
 static struct {
     pthread_mutex_t lock;
     struct qcow2_range r[REL_MAX];
@@ -1213,8 +1213,7 @@ static int rel_gone(struct rel_handle *r, const char *op, uint64_t off, uint64_t
     for (unsigned i = 0; i < rel.n && !ret; i++)
         if (off < rel.r[i].off + rel.r[i].len && rel.r[i].off < off + len)
             ret = err_fail(EIO, "%s of %llu+%llu meets released %llu+%llu", op, (unsigned long long)off,
-                           (unsigned long long)len, (unsigned long long)rel.r[i].off,
-                           (unsigned long long)rel.r[i].len);
+                           (unsigned long long)len, (unsigned long long)rel.r[i].off, (unsigned long long)rel.r[i].len);
     pthread_mutex_unlock(&rel.lock);
     return ret;
 }
@@ -1393,8 +1392,8 @@ START_TEST(release_data_hands_over_only_data_written_once)
     struct qcow2_open_opts oo = {.read_write = true, .release_data = true};
     ck_assert_int_eq(qcow2_open(uri, &oo, &img), 0);
 
-    put(img, ref, 0, MiB);  /* a run of new clusters at once */
-    put(img, ref, MiB, cs); /* one whole cluster */
+    put(img, ref, 0, MiB);      /* a run of new clusters at once */
+    put(img, ref, MiB, cs);     /* one whole cluster */
     uint64_t pc = MiB + 2 * cs; /* one cluster in two pieces: a copy on write (of the backing
                                    file; with extended L2 of whole subclusters), then in place */
     put(img, ref, pc + 100, cs - 100);
@@ -1416,9 +1415,9 @@ START_TEST(release_data_hands_over_only_data_written_once)
     memset(ref + zz + cs + 10, 0, 100);
     ck_assert_int_eq(qcow2_pwrite_zeroes(img, zz + cs + 10, 100), 0);
     put(img, ref, 6 * MiB - 64 * 1024, MiB + 64 * 1024); /* across an L2 table's reach */
-    for (uint64_t o = 7 * MiB; o < 11 * MiB; o += MiB)  /* past a refcount block's reach */
+    for (uint64_t o = 7 * MiB; o < 11 * MiB; o += MiB)   /* past a refcount block's reach */
         put(img, ref, o, MiB);
-    put(img, ref, 11 * MiB, size - 11 * MiB);           /* a short last cluster */
+    put(img, ref, 11 * MiB, size - 11 * MiB); /* a short last cluster */
     int ret = qcow2_flush(img);
     ck_assert_msg(ret == 0, "flush: %s", err_msg(ret));
     ret = qcow2_close(img);
@@ -1452,9 +1451,11 @@ START_TEST(release_data_hands_over_only_data_written_once)
         ck_assert_uint_eq(rel.r[i].off % cs, 0);
         ck_assert_uint_eq(rel.r[i].len % cs, 0);
         for (uint64_t c = rel.r[i].off / cs; c < (rel.r[i].off + rel.r[i].len) / cs; c++) {
-            ck_assert_msg(c < n && (map[c] == HC_DATA || map[c] == HC_PACKED),
-                          "released host cluster %llu holds %s", (unsigned long long)c,
-                          c >= n ? "nothing" : map[c] == HC_META ? "metadata" : "nothing");
+            ck_assert_msg(c < n && (map[c] == HC_DATA || map[c] == HC_PACKED), "released host cluster %llu holds %s",
+                          (unsigned long long)c,
+                          c >= n              ? "nothing"
+                          : map[c] == HC_META ? "metadata"
+                                              : "nothing");
             ck_assert_msg(!hit[c], "host cluster %llu released twice", (unsigned long long)c);
             hit[c] = 1;
             released += cs;
