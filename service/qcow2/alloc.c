@@ -17,7 +17,7 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off)
         c = img->quar_floor;
     uint64_t limit = (1ull << (56 - img->cluster_bits)); /* host offsets stay below 2^56 */
     int ret;
-    uint64_t reach = ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
+    uint64_t reach = rc_reach(img);
     if (n == 0 || n >= reach)
         return err_fail(EINVAL, "cannot allocate %" PRIu64 " contiguous clusters (refcount blocks every %" PRIu64 ")", n,
                         reach);

@@ -320,6 +320,11 @@ static inline unsigned offset_to_sc_index(const struct qcow2_image *img, uint64_
 {
     return (unsigned)(offset_into_cluster(img, off) >> img->sc_bits);
 }
+/* Clusters one refcount block describes. */
+static inline uint64_t rc_reach(const struct qcow2_image *img)
+{
+    return ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
+}
 static inline uint64_t size_to_clusters(const struct qcow2_image *img, uint64_t size)
 {
     return (size >> img->cluster_bits) + ((size & (img->cluster_size - 1)) != 0);

@@ -1295,7 +1295,7 @@ static void put(struct qcow2_image *img, unsigned char *ref, uint64_t off, uint6
 }
 
 /* What each host cluster of a qcow2 image file holds, from its tables. */
-enum { HC_FREE, HC_META, HC_DATA, HC_PACKED };
+enum { HC_FREE, HC_META, HC_L2, HC_DATA, HC_PACKED };
 
 static unsigned char *host_map(struct vfs_file *f, uint64_t *nclusters, unsigned *cbits, uint64_t *guest_host,
                                uint64_t nguest)
@@ -1331,7 +1331,7 @@ static unsigned char *host_map(struct vfs_file *f, uint64_t *nclusters, unsigned
         uint64_t l2 = be64toh(l1[j]) & 0x00fffffffffffe00ull;
         if (!l2)
             continue;
-        map[l2 / cs] = HC_META;
+        map[l2 / cs] = HC_L2;
         ck_assert_int_eq(vfs_pread(f, t, cs, l2), 0);
         for (uint64_t i = 0; i < cs / 8 / words; i++) {
             uint64_t e = be64toh(t[i * words]), g = j * (cs / 8 / words) + i;
@@ -1452,16 +1452,23 @@ START_TEST(release_data_hands_over_only_data_written_once)
         ck_assert_uint_eq(rel.r[i].len % cs, 0);
         for (uint64_t c = rel.r[i].off / cs; c < (rel.r[i].off + rel.r[i].len) / cs; c++) {
             ck_assert_msg(c < n && (map[c] == HC_DATA || map[c] == HC_PACKED), "released host cluster %llu holds %s",
-                          (unsigned long long)c,
-                          c >= n              ? "nothing"
-                          : map[c] == HC_META ? "metadata"
-                                              : "nothing");
+                          (unsigned long long)c, c >= n || map[c] == HC_FREE ? "nothing" : "metadata");
             ck_assert_msg(!hit[c], "host cluster %llu released twice", (unsigned long long)c);
             hit[c] = 1;
             released += cs;
             packed += map[c] == HC_PACKED;
         }
     }
+    /* the L2 tables were made side by side, not between the data */
+    uint64_t first = n, last = 0, tables = 0, reach = cs * (cs / (ext ? 16 : 8));
+    for (uint64_t c = 0; c < n; c++)
+        if (map[c] == HC_L2) {
+            first = c < first ? c : first;
+            last = c;
+            tables++;
+        }
+    ck_assert_uint_eq(tables, (size + reach - 1) / reach);
+    ck_assert_uint_eq(last - first + 1, tables);
     /* what was written whole is released: runs, single and compressed clusters */
     ck_assert(hit[gh[0] / cs] && hit[gh[MiB / cs] / cs] && hit[gh[8 * MiB / cs] / cs]);
     ck_assert_uint_gt(packed, 4);
