@@ -1653,6 +1653,9 @@ def convert_staging_bounded(c):
         check(keys == [], "objects after the cancelled convert: %s" % keys)
         check(uploads_under(c, p + "/") == {}, "multipart uploads left behind: %s" % uploads_under(c, p + "/"))
         check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+        d.stop()
+        bad = [ln for ln in d.lines if any(m in ln for m in qcowd.SANITIZER_MARKS)]
+        check(not bad, "sanitizer reports: %s" % bad[:5])
     finally:
         d.stop()
 
