@@ -188,6 +188,7 @@ struct rb_entry {
 };
 
 #define RB_CACHE_ENTRIES 32
+#define RB_AHEAD         16 /* release_data: refcount blocks made at once, at most */
 
 /* A range whose refcounts drop once the entries that dropped it are on disk. */
 struct pending_free {

@@ -1295,7 +1295,7 @@ static void put(struct qcow2_image *img, unsigned char *ref, uint64_t off, uint6
 }
 
 /* What each host cluster of a qcow2 image file holds, from its tables. */
-enum { HC_FREE, HC_META, HC_L2, HC_DATA, HC_PACKED };
+enum { HC_FREE, HC_META, HC_RB, HC_L2, HC_DATA, HC_PACKED };
 
 static unsigned char *host_map(struct vfs_file *f, uint64_t *nclusters, unsigned *cbits, uint64_t *guest_host,
                                uint64_t nguest)
@@ -1321,7 +1321,7 @@ static unsigned char *host_map(struct vfs_file *f, uint64_t *nclusters, unsigned
         ck_assert_int_eq(vfs_pread(f, t, cs, rt_off + k * cs), 0);
         for (uint64_t i = 0; i < cs / 8; i++)
             if (be64toh(t[i]))
-                map[be64toh(t[i]) / cs] = HC_META; /* a refcount block */
+                map[be64toh(t[i]) / cs] = HC_RB;
     }
     uint64_t *l1 = malloc((size_t)l1_size * 8);
     ck_assert(l1 != NULL);
@@ -1367,7 +1367,7 @@ START_TEST(release_data_hands_over_only_data_written_once)
     /* 4 KiB clusters: an L2 table maps 2 MiB and a refcount block 8 MiB, so
      * both are allocated between data clusters as the writes go on (extended
      * L2 entries need 16 KiB clusters) */
-    const uint64_t cs = ext ? 16384 : 4096, size = 12 * MiB - 1024;
+    const uint64_t cs = ext ? 16384 : 4096, size = 16 * MiB - 1024;
     unsigned char *ref = calloc(1, size);
     ck_assert(ref != NULL);
     /* a backing file under the first 2 MiB: partial writes there copy on write */
@@ -1415,9 +1415,9 @@ START_TEST(release_data_hands_over_only_data_written_once)
     memset(ref + zz + cs + 10, 0, 100);
     ck_assert_int_eq(qcow2_pwrite_zeroes(img, zz + cs + 10, 100), 0);
     put(img, ref, 6 * MiB - 64 * 1024, MiB + 64 * 1024); /* across an L2 table's reach */
-    for (uint64_t o = 7 * MiB; o < 11 * MiB; o += MiB)   /* past a refcount block's reach */
+    for (uint64_t o = 7 * MiB; o < 15 * MiB; o += MiB)   /* past a refcount block's reach */
         put(img, ref, o, MiB);
-    put(img, ref, 11 * MiB, size - 11 * MiB); /* a short last cluster */
+    put(img, ref, 15 * MiB, size - 15 * MiB); /* a short last cluster */
     int ret = qcow2_flush(img);
     ck_assert_msg(ret == 0, "flush: %s", err_msg(ret));
     ret = qcow2_close(img);
@@ -1469,6 +1469,17 @@ START_TEST(release_data_hands_over_only_data_written_once)
         }
     ck_assert_uint_eq(tables, (size + reach - 1) / reach);
     ck_assert_uint_eq(last - first + 1, tables);
+    /* so were the refcount blocks after the one qcow2_create made (with 4 KiB
+     * clusters a block counts 8 MiB: the file needs a second one) */
+    uint64_t blocks = 0;
+    first = n;
+    for (uint64_t c = 0; c < n; c++)
+        if (map[c] == HC_RB && blocks++ == 1)
+            first = c;
+        else if (map[c] == HC_RB && blocks > 1)
+            ck_assert_msg(c == first + blocks - 2, "refcount block %llu apart", (unsigned long long)c);
+    if (!ext)
+        ck_assert_uint_gt(blocks, 2);
     /* what was written whole is released: runs, single and compressed clusters */
     ck_assert(hit[gh[0] / cs] && hit[gh[MiB / cs] / cs] && hit[gh[8 * MiB / cs] / cs]);
     ck_assert_uint_gt(packed, 4);
@@ -1480,6 +1491,25 @@ START_TEST(release_data_hands_over_only_data_written_once)
     free(map);
     free(gh);
 
+    /* qemu-img agrees the image is consistent */
+    for (int i = 0; i < 2; i++) {
+        const char *names[] = {"base.qcow2", "t.qcow2"};
+        char u[64], path[256];
+        snprintf(u, sizeof u, "mem:rel/c/%s", names[i]);
+        snprintf(path, sizeof path, "%s/%s", tmpdir, names[i]);
+        uint64_t fs;
+        ck_assert_int_eq(vfs_open(u, VFS_O_RDONLY, &f), 0);
+        ck_assert_int_eq(vfs_size(f, &fs), 0);
+        unsigned char *b = malloc(fs);
+        ck_assert(b != NULL);
+        ck_assert_int_eq(vfs_pread(f, b, fs, 0), 0);
+        vfs_close(f);
+        FILE *out = fopen(path, "wb");
+        ck_assert(out != NULL && fwrite(b, 1, fs, out) == fs);
+        fclose(out);
+        free(b);
+    }
+    sh("qemu-img check -q t.qcow2");
     /* and the image is whole: check finds nothing, it reads what was written */
     ck_assert_int_eq(qcow2_open("mem:rel/c/t.qcow2", NULL, &img), 0);
     struct qcow2_check_result cr;
