@@ -36,7 +36,9 @@ struct qcow2_open_opts {
                                   a host cluster allocated for it, and a host cluster of compressed data
                                   once filled, are handed to vfs_release (the store may then forget its
                                   staged copy); metadata never is. A read or a rewrite of such a cluster
-                                  may then fail with -EIO. */
+                                  may then fail with -EIO. L2 tables and refcount blocks are made ahead of
+                                  need, side by side (up to 1 MiB / 16 at once; a sparse image may get a
+                                  few empty ones), so that little metadata lies between the data. */
 };
 
 #define QCOW2_DEFAULT_L2_CACHE (4u << 20)
