@@ -152,7 +152,10 @@ static int convert_run(struct job *j, void *p, json_t **result)
     ret = qcow2_create(tmp, &co);
     if (ret < 0)
         goto out;
-    struct qcow2_open_opts d = {.contained = true, .read_write = true, .cache_unsafe = true};
+    /* on a store that stages the new object (S3), the data it has sent need not
+     * stay: every guest cluster is written once and the target is never read */
+    struct qcow2_open_opts d = {
+        .contained = true, .read_write = true, .cache_unsafe = true, .release_data = vfs_pending_deferred(pend)};
     ret = qcow2_open(tmp, &d, &dst);
     if (ret < 0)
         goto out;

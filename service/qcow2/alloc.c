@@ -1,5 +1,5 @@
-/* alloc.c: finding free clusters, packing compressed data, deferred frees and
- * the overlap checks that keep data off the image's own metadata. */
+/* alloc.c: finding free clusters, packing compressed data, deferred frees, the
+ * release of data written once, and the overlap checks that keep data off metadata. */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -17,7 +17,7 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off)
         c = img->quar_floor;
     uint64_t limit = (1ull << (56 - img->cluster_bits)); /* host offsets stay below 2^56 */
     int ret;
-    uint64_t reach = ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
+    uint64_t reach = rc_reach(img);
     if (n == 0 || n >= reach)
         return err_fail(EINVAL, "cannot allocate %" PRIu64 " contiguous clusters (refcount blocks every %" PRIu64 ")", n,
                         reach);
@@ -70,6 +70,11 @@ int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off)
             return 0;
         }
     }
+    /* the last run takes no more data: whole clusters of compressed data now */
+    img->cfree_off = 0;
+    if (img->crun_end > img->crun_off && (ret = release_written(img, img->crun_off, img->crun_end - img->crun_off)) < 0)
+        return ret;
+    img->crun_off = img->crun_end = 0;
     uint64_t n = (bytes + img->cluster_size - 1) >> img->cluster_bits;
     uint64_t start;
     if ((ret = alloc_clusters(img, n, &start)) < 0)
@@ -77,6 +82,8 @@ int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off)
     *off = start;
     img->cfree_off = start + bytes;
     img->cfree_end = start + (n << img->cluster_bits);
+    img->crun_off = start;
+    img->crun_end = img->cfree_end;
     if (offset_into_cluster(img, img->cfree_off) == 0)
         img->cfree_off = 0;
     return 0;
@@ -94,6 +101,13 @@ int free_later(struct qcow2_image *img, uint64_t off, uint64_t len)
     }
     img->pending[img->npending++] = (struct pending_free){off, len};
     return 0;
+}
+
+int release_written(struct qcow2_image *img, uint64_t off, uint64_t len)
+{
+    if (!img->release_data || img->data != img->file)
+        return 0;
+    return vfs_release(img->file, off, len);
 }
 
 static bool overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen)

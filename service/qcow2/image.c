@@ -270,6 +270,7 @@ static int make_writable(struct qcow2_image *img, const struct qcow2_open_opts *
                         "opened read-only, or repaired with check -r all");
     img->rw = true;
     img->no_sync = o->cache_unsafe;
+    img->release_data = o->release_data;
     if ((img->h.incompatible_features & QCOW2_INCOMPAT_DIRTY) && !o->allow_corrupt) {
         /* a crash with lazy refcounts: the refcounts must be rebuilt before use,
          * a walk of every table whose length the image decides */

@@ -30,6 +30,15 @@ struct qcow2_open_opts {
                                   every table: for callers that must not block, e.g. request threads) */
     bool cache_unsafe;         /* never flush to the disk (qemu-img's cache=unsafe): for new images whose
                                   loss in a power cut does not matter, e.g. a convert target */
+    bool release_data;         /* read_write, for a new image written once and not read back (a convert
+                                  target on a deferred publish): the caller writes each guest cluster at
+                                  most once and never reads this image. A data cluster written whole into
+                                  a host cluster allocated for it, and a host cluster of compressed data
+                                  once filled, are handed to vfs_release (the store may then forget its
+                                  staged copy); metadata never is. A read or a rewrite of such a cluster
+                                  may then fail with -EIO. L2 tables and refcount blocks are made ahead of
+                                  need, side by side (up to 1 MiB / 16 at once; a sparse image may get a
+                                  few empty ones), so that little metadata lies between the data. */
 };
 
 #define QCOW2_DEFAULT_L2_CACHE (4u << 20)

@@ -188,6 +188,7 @@ struct rb_entry {
 };
 
 #define RB_CACHE_ENTRIES 32
+#define RB_AHEAD         16 /* release_data: refcount blocks made at once, at most */
 
 /* A range whose refcounts drop once the entries that dropped it are on disk. */
 struct pending_free {
@@ -267,6 +268,8 @@ struct qcow2_image {
     struct pending_free *pending;
     size_t npending, cap_pending;
     uint64_t cfree_off, cfree_end; /* room left in the last compressed-data cluster */
+    bool release_data;             /* opened with release_data: data written once is vfs_release'd */
+    uint64_t crun_off, crun_end;   /* release_data: host clusters of the compressed data being packed */
     bool write_started;          /* first-write header duties done (autoclear, dirty bit) */
     bool set_dirty_bit;          /* we set the dirty bit (lazy refcounts): clear on close */
     bool broken;                 /* an inconsistency was found: writes refused */
@@ -317,6 +320,11 @@ static inline uint32_t offset_to_l2_index(const struct qcow2_image *img, uint64_
 static inline unsigned offset_to_sc_index(const struct qcow2_image *img, uint64_t off)
 {
     return (unsigned)(offset_into_cluster(img, off) >> img->sc_bits);
+}
+/* Clusters one refcount block describes. */
+static inline uint64_t rc_reach(const struct qcow2_image *img)
+{
+    return ((uint64_t)img->cluster_size * 8) >> img->h.refcount_order;
 }
 static inline uint64_t size_to_clusters(const struct qcow2_image *img, uint64_t size)
 {
@@ -445,6 +453,10 @@ int alloc_clusters(struct qcow2_image *img, uint64_t n, uint64_t *off);
 int alloc_compressed(struct qcow2_image *img, uint64_t bytes, uint64_t *off);
 /* Queue host bytes [off, off+len) to lose one reference after the next metadata write. */
 int free_later(struct qcow2_image *img, uint64_t off, uint64_t len);
+/* Under release_data: host bytes [off, off+len) of the image file hold guest data
+ * just written whole into clusters allocated for it, which nothing will read or
+ * write again: vfs_release them. 0 without release_data. */
+int release_written(struct qcow2_image *img, uint64_t off, uint64_t len);
 
 /* ---- pin.c (under the write lock) ---- */
 /* Cluster c's refcount just dropped to 0: give it back to the allocator and the

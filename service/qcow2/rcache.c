@@ -175,13 +175,45 @@ static int refblock_at_end(struct qcow2_image *img, uint64_t ti)
     return ret < 0 ? ret : rc_set(img, c, 1);
 }
 
+/* release_data, after block ti was made at the start of its range: the
+ * blocks of the next empty ranges too, in the clusters right after it (free:
+ * nothing covered range ti before) and counted in it, so that they do not
+ * come one at a time between the data (the store's parts holding them stay
+ * staged, as for write.c's L2 tables). Counted on disk before the table
+ * points at them: a crash in between leaks clusters at worst. */
+static int blocks_ahead(struct qcow2_image *img, uint64_t ti)
+{
+    uint64_t pb = per_block(img), c0 = ti * pb, n = 1;
+    while (n < RB_AHEAD && n < pb && ti + n < img->reftable_size && !(img->reftable[ti + n] & QCOW2_REFT_OFFSET_MASK))
+        n++;
+    if (n == 1)
+        return 0;
+    struct rb_entry *e;
+    int ret = rb_get(img, c0 << img->cluster_bits, false, &e);
+    if (ret < 0)
+        return ret;
+    for (uint64_t j = 1; j < n; j++)
+        qcow2_refcount_entry_set(e->buf, j, img->refcount_bits, 1);
+    e->dirty = true;
+    if ((ret = rb_write(img, e)) < 0 || (ret = qcow2_sync(img, img->file)) < 0)
+        return ret;
+    for (uint64_t j = 1; j < n && ret == 0; j++) {
+        uint64_t off = (c0 + j) << img->cluster_bits;
+        if ((ret = overlap_check(img, off, img->cluster_size, "new refcount block")) == 0 &&
+            (ret = rb_get(img, off, true, &e)) == 0)
+            ret = install_refblock(img, ti + j, e);
+    }
+    return ret;
+}
+
 int rc_cover(struct qcow2_image *img, uint64_t cluster)
 {
     uint64_t ti = cluster / per_block(img);
     int ret;
     if (ti >= img->reftable_size && (ret = grow_reftable(img, ti + 1)) < 0)
         return ret;
-    if (!(img->reftable[ti] & QCOW2_REFT_OFFSET_MASK) && (ret = new_refblock(img, ti)) < 0)
+    if (!(img->reftable[ti] & QCOW2_REFT_OFFSET_MASK) &&
+        ((ret = new_refblock(img, ti)) < 0 || (img->release_data && (ret = blocks_ahead(img, ti)) < 0)))
         return ret;
     return 0;
 }
@@ -198,7 +230,10 @@ int rc_set(struct qcow2_image *img, uint64_t cluster, uint64_t val)
             return 0;
         if ((ret = rc_cover(img, cluster)) < 0)
             return ret;
-        if (cluster == ti * pb) /* the new block took the cluster it was asked about */
+        uint64_t now;
+        if ((ret = rc_get(img, cluster, &now)) < 0)
+            return ret;
+        if (now) /* a new block took the cluster it was asked about */
             return err_fail(EAGAIN, "cluster %#" PRIx64 " became a refcount block", cluster << img->cluster_bits);
     }
     struct rb_entry *e;

@@ -11,6 +11,7 @@
 
 #include "qcow2_int.h"
 
+#define L2_BATCH_BYTES (1u << 20) /* release_data: L2 tables made at once, at most */
 #define ALL_ALLOC 0x00000000ffffffffull
 #define ALL_ZERO 0xffffffff00000000ull
 
@@ -76,23 +77,37 @@ int qcow2_l2_for_write(struct qcow2_image *img, uint64_t off, struct l2_slice **
     if (l2off && (offset_into_cluster(img, l2off) || l2off + cs > img->file_size))
         return mark_corrupt(img, "L2 table offset %#" PRIx64 " (L1 index %" PRIu64 ") is invalid", l2off, l1i);
     if (!l2off) {
-        uint64_t n;
-        if ((ret = alloc_clusters(img, 1, &n)) < 0)
+        uint64_t n, k = 1;
+        if (img->release_data) {
+            /* the tables of the next empty L1 entries too, side by side: the data
+             * written between tables made one at a time would share the store's
+             * parts with them, and those parts stay staged (rewritten tables) */
+            uint64_t max = L2_BATCH_BYTES >> img->cluster_bits, reach = rc_reach(img) / 8;
+            if (max > reach)
+                max = reach;
+            while (k < max && l1i + k < img->l1_size && !(img->l1[l1i + k] & QCOW2_L1E_OFFSET_MASK))
+                k++;
+        }
+        if ((ret = alloc_clusters(img, k, &n)) < 0)
             return ret;
-        /* a whole zeroed table on disk, so the file always covers it */
-        void *z = calloc(1, cs);
-        if (!z)
+        /* whole zeroed tables on disk, so the file always covers them */
+        void *z = calloc(k, cs);
+        if (!z) {
+            unalloc(img, n, k);
             return err_fail(ENOMEM, "out of memory");
-        ret = vfs_pwrite(img->file, z, cs, n);
+        }
+        ret = vfs_pwrite(img->file, z, k * cs, n);
         free(z);
         if (ret < 0) {
-            unalloc(img, n, 1);
+            unalloc(img, n, k);
             return ret;
         }
-        if (n + cs > img->file_size)
-            img->file_size = n + cs;
-        img->l1[l1i] = n | QCOW2_OFLAG_COPIED;
-        l1_mark(img, (uint32_t)l1i);
+        if (n + k * cs > img->file_size)
+            img->file_size = n + k * cs;
+        for (uint64_t i = 0; i < k; i++) {
+            img->l1[l1i + i] = (n + i * cs) | QCOW2_OFLAG_COPIED;
+            l1_mark(img, (uint32_t)(l1i + i));
+        }
         l2off = n;
     } else if (!(l1e & QCOW2_OFLAG_COPIED)) {
         uint64_t rc;
@@ -274,6 +289,8 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
             goto out;
         if ((ret = vfs_pwrite(img->data, src, wlen, host + woff)) < 0)
             goto out;
+        if (fresh && n == cs && (ret = release_written(img, host, cs)) < 0)
+            goto out;
         uint64_t bits = sc_bits_range(a, b);
         uint64_t nb = (bitmap & ~(bits | (bits << 32))) | bits;
         uint64_t ne = host | QCOW2_OFLAG_COPIED;
@@ -333,6 +350,8 @@ static int write_in_cluster(struct qcow2_image *img, const unsigned char *buf, u
         goto out;
     if ((ret = vfs_pwrite(img->data, src, wlen, newhost + woff)) < 0)
         goto out;
+    if (fresh && n == cs && (ret = release_written(img, newhost, cs)) < 0)
+        goto out;
     if (!own && (ret = release_entry(img, l2e)) < 0)
         goto out;
     set_entry(img, s, idx, newhost | QCOW2_OFLAG_COPIED, img->ext_l2 ? ALL_ALLOC : 0);
@@ -361,7 +380,7 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     uint64_t k = 0, max = len / cs;
     /* a run must fit between two refcount blocks (each sits at the start of
      * the clusters it describes): an eighth of a block's reach wastes little */
-    uint64_t reach = (((uint64_t)img->cluster_size * 8) >> img->h.refcount_order) / 8;
+    uint64_t reach = rc_reach(img) / 8;
     if (max > reach)
         max = reach;
     while (k < max && idx + k < per_slice) {
@@ -374,7 +393,8 @@ static int write_run(struct qcow2_image *img, const unsigned char *buf, uint64_t
     if (k >= 2) {
         uint64_t host;
         ret = alloc_clusters(img, k, &host);
-        if (ret == 0 && (ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0)
+        if (ret == 0 &&
+            ((ret = vfs_pwrite(img->file, buf, k * cs, host)) < 0 || (ret = release_written(img, host, k * cs)) < 0))
             unalloc(img, host, k);
         if (ret == 0) {
             for (uint64_t i = 0; i < k; i++)

@@ -1766,6 +1766,107 @@ def upload_backpressure_frees_the_thread(c):
     finally:
         px.stop()
 
+# ---- bounded staging of converts ----
+
+def low_entropy(n):
+    """n bytes of four letters at random: zlib packs a cluster of them into a quarter of one."""
+    return os.urandom(n).translate(bytes(b"ACGT"[i & 3] for i in range(256)))
+
+
+def convert_watched(c, d, name, body, peak):
+    """POST a convert of name and wait for it, the staging folder measured every
+    20 ms (the largest in peak[0]): the concluded job."""
+    st, doc = d.json("POST", "/v1/images/%s/convert" % name, body)
+    check(st == 202, "convert %s %s: %s %s" % (name, body, st, doc))
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        peak[0] = max(peak[0], staged_bytes(c))
+        st, j = d.json("GET", "/v1/jobs/" + doc["id"])
+        if j["status"] == "concluded":
+            return j
+        time.sleep(0.02)
+    raise AssertionError("convert %s not done after 600 s" % body)
+
+
+def convert_staging_bounded(c):
+    """Converts into a bucket with staging-max=16M and 5 MiB parts release the
+    data clusters they write once (the engine's release_data): the parts sent
+    are punched out of the staging file, so it never holds more than
+    staging-max + part 0 + a part in flight + a window, where without the
+    release it would hold the whole target (96 MiB). Plain, compressed (random
+    clusters beside packed compressed ones), a keep-backing convert with
+    extended L2 and partial clusters from a backing chain, and one to 4 KiB
+    clusters (metadata every few MiB: a part more): each target reads
+    back as its source (qemu-img compare) and passes qemu-img check. A convert
+    paused with parts streamed, then cancelled, leaves no object, no multipart
+    upload and no staging file."""
+    p = c.prefix()
+    d = c.qcowd(p, opts=("part-size=5M", "staging-max=16M"))
+    try:
+        bound = 16 * MiB + 5 * MiB + 5 * MiB + 2 * MiB
+        src = random_image(c, "big", 128 * MiB, 96 * MiB)
+        mixed = os.path.join(c.tmp, "mixed.img")
+        with open(mixed, "wb") as f:  # 64 KiB clusters: random, then low entropy, in turn
+            for _ in range(96 * MiB // (128 << 10)):
+                f.write(os.urandom(64 << 10) + low_entropy(64 << 10))
+        msrc = os.path.join(c.tmp, "mixed.qcow2")
+        run("qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", mixed, msrc)
+        os.unlink(mixed)
+        base = c.image("base", 64 * MiB, "write -P 0x11 0 64M")
+        top = c.image("top", 64 * MiB, "write -P 0x22 8M 40M", "write -P 0x33 50M 4k", "write -z 52M 12k",
+                      "write -P 0x44 60M 100k", opts="backing_file=base.qcow2,backing_fmt=qcow2")
+        for path in (src, msrc, base, top):
+            c.upload(p, path)
+        for name, source, body in (("plain", src, {"target": "plain"}),
+                                   ("packed", msrc, {"target": "packed", "compress": True}),
+                                   ("kept", top, {"target": "kept", "backing": "keep", "extended-l2": True}),
+                                   ("small", src, {"target": "small", "cluster-size": 4096})):
+            peak = [0]
+            j = convert_watched(c, d, os.path.basename(source)[:-6], body, peak)
+            check(j["error"] is None and not j["cancelled"], "convert to %s: %s" % (name, j))
+            print("     staging held at most %.1f MiB converting to %s (%.1f MiB)"
+                  % (peak[0] / MiB, name, len(c.s3.get(BUCKET, "%s/%s.qcow2" % (p, name))) / MiB))
+            # 4 KiB clusters: an L2 table per 2 MiB, a refcount block per 8 MiB;
+            # made side by side, they keep a part more staged (made one at a
+            # time between the data, every part held one: 96 MiB, and with the
+            # tables alone batched, 66 MiB)
+            limit = bound + 5 * MiB if name == "small" else bound
+            check(peak[0] <= limit, "staging held %.1f MiB converting to %s (bound %.1f MiB)"
+                  % (peak[0] / MiB, name, limit / MiB))
+            check(peak[0] > 0, "the staging folder was never seen holding the target")
+            run("qemu-img", "compare", "-q", source, c.download_checked(p, name))
+        check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+        check(d.metric("requests_copy") == 0, "the converts cost %d copies" % d.metric("requests_copy"))
+
+        # paused with parts streamed, then cancelled: nothing is left
+        parts = d.metric("requests_upload_part")
+        st, doc = d.json("POST", "/v1/images/big/convert", {"target": "gone", "compress": True})
+        check(st == 202, "convert: %s %s" % (st, doc))
+        jid = doc["id"]
+        deadline = time.time() + 120
+        while d.metric("requests_upload_part") < parts + 3 and time.time() < deadline:
+            time.sleep(0.01)
+        st, j = d.json("POST", "/v1/jobs/%s/pause" % jid)
+        check(st == 200 and j["status"] == "paused", "pause: %s %s" % (st, j))
+        check(j["current-progress"] < j["total-progress"], "the convert ended before the pause: %s" % j)
+        check(len(uploads_under(c, p + "/gone")) == 1, "no multipart upload while paused")
+        st, j = d.json("POST", "/v1/jobs/%s/cancel" % jid)
+        check(st == 200, "cancel: %s %s" % (st, j))
+        deadline = time.time() + 60
+        while j["status"] != "concluded" and time.time() < deadline:
+            time.sleep(0.02)
+            st, j = d.json("GET", "/v1/jobs/" + jid)
+        check(j["cancelled"] and j["error"], "the cancelled convert: %s" % j)
+        keys = [k for k in c.s3.keys(BUCKET, p + "/") if "gone" in k]
+        check(keys == [], "objects after the cancelled convert: %s" % keys)
+        check(uploads_under(c, p + "/") == {}, "multipart uploads left behind: %s" % uploads_under(c, p + "/"))
+        check(staged_bytes(c) == 0, "staging files left: %d bytes" % staged_bytes(c))
+        d.stop()
+        bad = [ln for ln in d.lines if any(m in ln for m in qcowd.SANITIZER_MARKS)]
+        check(not bad, "sanitizer reports: %s" % bad[:5])
+    finally:
+        d.stop()
+
 
 CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart, publish_copies_unchanged_parts,
          crash_before_complete_keeps_old_image, create_upload_delete_chain, wrong_secret, credentials_file,
@@ -1777,7 +1878,7 @@ CASES = [reads_match_qemu, small_read_fetches_few_blocks, writes_survive_restart
          invalid_upload_names_no_pending, stale_uploads_aborted_at_start, crash_after_upload_start,
          two_daemons_share_a_prefix, own_upload_outlives_stale_upload, upload_staging_bounded,
          upload_tables_at_end, upload_waits_for_a_slow_store, upload_complete_fails_after_parts_dropped,
-         upload_backpressure_frees_the_thread]
+         upload_backpressure_frees_the_thread, convert_staging_bounded]
 
 
 def main():

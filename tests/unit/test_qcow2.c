@@ -1149,6 +1149,388 @@ START_TEST(meta_ranges_refuse_hostile_headers)
 }
 END_TEST
 
+/* ---- release_data: a new image written once ---- */
+
+/* A "rel:" backend whose deferred handles keep their bytes in mem:rel/PATH and
+ * record what the host releases; a released byte then fails every read and
+ * write with -EIO, as a part the s3 plugin has dropped does. Plain opens reach
+ * the same mem object without that check (to look at the result). */
+#define REL_MAX 4096
+#define MiB     (1ull << 20)
+static struct {
+    pthread_mutex_t lock;
+    struct qcow2_range r[REL_MAX];
+    unsigned n;
+} rel = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+struct rel_handle {
+    struct vfs_file *f;
+    bool deferred;
+};
+
+static int rel_open_as(const char *path, unsigned flags, bool deferred, void **h)
+{
+    char uri[256];
+    snprintf(uri, sizeof uri, "mem:rel/%s", path);
+    struct rel_handle *r = calloc(1, sizeof *r);
+    ck_assert(r != NULL);
+    int ret = vfs_open(uri, flags, &r->f);
+    if (ret < 0) {
+        free(r);
+        return ret;
+    }
+    r->deferred = deferred;
+    *h = r;
+    return 0;
+}
+
+static int rel_open(const char *path, unsigned flags, void **h)
+{
+    return rel_open_as(path, flags, false, h);
+}
+
+static int rel_open_deferred(const char *path, void **h)
+{
+    return rel_open_as(path, VFS_O_RDWR | VFS_O_CREATE | VFS_O_EXCL, true, h);
+}
+
+static int rel_commit(void *h, unsigned flags)
+{
+    (void)h;
+    (void)flags;
+    return 0; /* the bytes are in mem:rel/PATH already */
+}
+
+static void rel_close(void *h)
+{
+    struct rel_handle *r = h;
+    vfs_close(r->f);
+    free(r);
+}
+
+static int rel_gone(struct rel_handle *r, const char *op, uint64_t off, uint64_t len)
+{
+    if (!r->deferred)
+        return 0;
+    pthread_mutex_lock(&rel.lock);
+    int ret = 0;
+    for (unsigned i = 0; i < rel.n && !ret; i++)
+        if (off < rel.r[i].off + rel.r[i].len && rel.r[i].off < off + len)
+            ret = err_fail(EIO, "%s of %llu+%llu meets released %llu+%llu", op, (unsigned long long)off,
+                           (unsigned long long)len, (unsigned long long)rel.r[i].off, (unsigned long long)rel.r[i].len);
+    pthread_mutex_unlock(&rel.lock);
+    return ret;
+}
+
+static int rel_pread(void *h, void *buf, size_t len, uint64_t off)
+{
+    struct rel_handle *r = h;
+    int ret = rel_gone(r, "read", off, len);
+    return ret ? ret : vfs_pread(r->f, buf, len, off);
+}
+
+static int rel_pwrite(void *h, const void *buf, size_t len, uint64_t off)
+{
+    struct rel_handle *r = h;
+    int ret = rel_gone(r, "write", off, len);
+    return ret ? ret : vfs_pwrite(r->f, buf, len, off);
+}
+
+static int rel_flush(void *h)
+{
+    return vfs_flush(((struct rel_handle *)h)->f);
+}
+
+static int rel_size(void *h, uint64_t *size)
+{
+    return vfs_size(((struct rel_handle *)h)->f, size);
+}
+
+static int rel_truncate(void *h, uint64_t size)
+{
+    return vfs_truncate(((struct rel_handle *)h)->f, size);
+}
+
+static int rel_release(void *h, uint64_t off, uint64_t len)
+{
+    ck_assert(((struct rel_handle *)h)->deferred);
+    pthread_mutex_lock(&rel.lock);
+    ck_assert_uint_lt(rel.n, REL_MAX);
+    rel.r[rel.n++] = (struct qcow2_range){off, len};
+    pthread_mutex_unlock(&rel.lock);
+    return 0;
+}
+
+static const struct vfs_ops rel_ops = {
+    .version = VFS_OPS_VERSION,
+    .struct_size = sizeof(struct vfs_ops),
+    .name = "rel",
+    .thread_model = VFS_THREAD_PARALLEL,
+    .open = rel_open,
+    .close = rel_close,
+    .pread = rel_pread,
+    .pwrite = rel_pwrite,
+    .flush = rel_flush,
+    .size = rel_size,
+    .truncate = rel_truncate,
+    .open_deferred = rel_open_deferred,
+    .commit = rel_commit,
+    .release = rel_release,
+};
+
+static void fill_random(unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (unsigned char)(random() >> 7);
+}
+
+static void fill_packable(unsigned char *p, size_t n) /* four letters at random: packs to about a quarter */
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (unsigned char)"ACGT"[(random() >> 9) & 3];
+}
+
+/* Fill ref[off, off+len) at random and write it to img. */
+static void put(struct qcow2_image *img, unsigned char *ref, uint64_t off, uint64_t len)
+{
+    fill_random(ref + off, (size_t)len);
+    int ret = qcow2_pwrite(img, ref + off, (size_t)len, off);
+    ck_assert_msg(ret == 0, "write %llu+%llu: %s", (unsigned long long)off, (unsigned long long)len, err_msg(ret));
+}
+
+/* What each host cluster of a qcow2 image file holds, from its tables. */
+enum { HC_FREE, HC_META, HC_RB, HC_L2, HC_DATA, HC_PACKED };
+
+static unsigned char *host_map(struct vfs_file *f, uint64_t *nclusters, unsigned *cbits, uint64_t *guest_host,
+                               uint64_t nguest)
+{
+    unsigned char h[80];
+    ck_assert_int_eq(vfs_pread(f, h, sizeof h, 0), 0);
+    unsigned words = be64toh(*(uint64_t *)(h + 72)) & (1u << 4) ? 2 : 1; /* extended L2 entries */
+    *cbits = be32toh(*(uint32_t *)(h + 20));
+    uint64_t cs = 1ull << *cbits, fsize;
+    uint32_t l1_size = be32toh(*(uint32_t *)(h + 36)), rt_clusters = be32toh(*(uint32_t *)(h + 56));
+    uint64_t l1_off = be64toh(*(uint64_t *)(h + 40)), rt_off = be64toh(*(uint64_t *)(h + 48));
+    ck_assert_int_eq(vfs_size(f, &fsize), 0);
+    uint64_t n = (fsize + cs - 1) / cs;
+    unsigned char *map = calloc(n, 1);
+    ck_assert(map != NULL);
+    map[0] = HC_META;
+    for (uint64_t o = l1_off; o < l1_off + (uint64_t)l1_size * 8; o += cs)
+        map[o / cs] = HC_META;
+    uint64_t *t = malloc(cs);
+    ck_assert(t != NULL);
+    for (uint32_t k = 0; k < rt_clusters; k++) {
+        map[rt_off / cs + k] = HC_META;
+        ck_assert_int_eq(vfs_pread(f, t, cs, rt_off + k * cs), 0);
+        for (uint64_t i = 0; i < cs / 8; i++)
+            if (be64toh(t[i]))
+                map[be64toh(t[i]) / cs] = HC_RB;
+    }
+    uint64_t *l1 = malloc((size_t)l1_size * 8);
+    ck_assert(l1 != NULL);
+    ck_assert_int_eq(vfs_pread(f, l1, (size_t)l1_size * 8, l1_off), 0);
+    unsigned x = 62 - (*cbits - 8); /* compressed entries: offset bits below x, sectors above */
+    for (uint32_t j = 0; j < l1_size; j++) {
+        uint64_t l2 = be64toh(l1[j]) & 0x00fffffffffffe00ull;
+        if (!l2)
+            continue;
+        map[l2 / cs] = HC_L2;
+        ck_assert_int_eq(vfs_pread(f, t, cs, l2), 0);
+        for (uint64_t i = 0; i < cs / 8 / words; i++) {
+            uint64_t e = be64toh(t[i * words]), g = j * (cs / 8 / words) + i;
+            if (e & (1ull << 62)) {
+                uint64_t coff = e & ((1ull << x) - 1), nsec = ((e >> x) & ((1ull << (*cbits - 8)) - 1)) + 1;
+                uint64_t end = (coff & ~511ull) + nsec * 512;
+                for (uint64_t c = coff / cs; c * cs < end && c < n; c++)
+                    map[c] = HC_PACKED;
+            } else if (e & 0x00fffffffffffe00ull) {
+                map[(e & 0x00fffffffffffe00ull) / cs] = HC_DATA;
+                if (g < nguest)
+                    guest_host[g] = e & 0x00fffffffffffe00ull;
+            }
+        }
+    }
+    free(l1);
+    free(t);
+    *nclusters = n;
+    return map;
+}
+
+/* Run 0 with standard L2 entries, run 1 with extended ones. */
+START_TEST(release_data_hands_over_only_data_written_once)
+{
+    bool ext = _i == 1;
+    static bool registered;
+    if (!registered) {
+        ck_assert_int_eq(vfs_register(&rel_ops), 0);
+        registered = true;
+    }
+    rel.n = 0;
+    srandom(16);
+    /* 4 KiB clusters: an L2 table maps 2 MiB and a refcount block 8 MiB, so
+     * both are allocated between data clusters as the writes go on (extended
+     * L2 entries need 16 KiB clusters) */
+    const uint64_t cs = ext ? 16384 : 4096, size = 16 * MiB - 1024;
+    unsigned char *ref = calloc(1, size);
+    ck_assert(ref != NULL);
+    /* a backing file under the first 2 MiB: partial writes there copy on write */
+    struct vfs_file *f;
+    struct qcow2_image *img;
+    const uint64_t bsize = 2 * MiB;
+    struct qcow2_create_opts bo = {.size = bsize, .cluster_size = 65536};
+    vfs_remove("mem:rel/c/base.qcow2");
+    ck_assert_int_eq(qcow2_create("mem:rel/c/base.qcow2", &bo), 0);
+    struct qcow2_open_opts rw = {.read_write = true};
+    ck_assert_int_eq(qcow2_open("mem:rel/c/base.qcow2", &rw, &img), 0);
+    memset(ref, 0x5a, bsize);
+    ck_assert_int_eq(qcow2_pwrite(img, ref, bsize, 0), 0);
+    ck_assert_int_eq(qcow2_close(img), 0);
+    struct vfs_pending *p;
+    ck_assert_int_eq(vfs_pending_begin("rel:c/t.qcow2", NULL, &p), 0);
+    ck_assert(vfs_pending_deferred(p));
+    const char *uri = vfs_pending_uri(p);
+    struct qcow2_create_opts co = {
+        .size = size, .cluster_size = cs, .extended_l2 = ext, .backing_file = "base.qcow2", .backing_format = "qcow2"};
+    ck_assert_int_eq(qcow2_create(uri, &co), 0);
+    struct qcow2_open_opts oo = {.read_write = true, .release_data = true};
+    ck_assert_int_eq(qcow2_open(uri, &oo, &img), 0);
+
+    put(img, ref, 0, MiB);      /* a run of new clusters at once */
+    put(img, ref, MiB, cs);     /* one whole cluster */
+    uint64_t pc = MiB + 2 * cs; /* one cluster in two pieces: a copy on write (of the backing
+                                   file; with extended L2 of whole subclusters), then in place */
+    put(img, ref, pc + 100, cs - 100);
+    put(img, ref, pc, 100);
+    /* compressed clusters packed three or so to a host cluster, between random ones */
+    uint64_t zc = 4 * MiB;
+    for (uint64_t i = 0; i < 64; i++) {
+        uint64_t o = zc + i * cs;
+        if (i % 2)
+            fill_packable(ref + o, cs);
+        else
+            fill_random(ref + o, cs);
+        int ret = qcow2_pwrite_compressed(img, ref + o, cs, o);
+        ck_assert_msg(ret == 0, "compressed write at %llu: %s", (unsigned long long)o, err_msg(ret));
+    }
+    uint64_t zz = 5 * MiB; /* zeroes: a whole cluster, then part of one */
+    memset(ref + zz, 0, cs);
+    ck_assert_int_eq(qcow2_pwrite_zeroes(img, zz, cs), 0);
+    memset(ref + zz + cs + 10, 0, 100);
+    ck_assert_int_eq(qcow2_pwrite_zeroes(img, zz + cs + 10, 100), 0);
+    put(img, ref, 6 * MiB - 64 * 1024, MiB + 64 * 1024); /* across an L2 table's reach */
+    for (uint64_t o = 7 * MiB; o < 15 * MiB; o += MiB)   /* past a refcount block's reach */
+        put(img, ref, o, MiB);
+    put(img, ref, 15 * MiB, size - 15 * MiB); /* a short last cluster */
+    int ret = qcow2_flush(img);
+    ck_assert_msg(ret == 0, "flush: %s", err_msg(ret));
+    ret = qcow2_close(img);
+    ck_assert_msg(ret == 0, "close: %s", err_msg(ret));
+
+    /* the engine itself read and wrote nothing it had released (those fail);
+     * a reader of the staged object now would */
+    ck_assert_int_eq(qcow2_open(uri, NULL, &img), 0);
+    unsigned char *buf = malloc(size);
+    ck_assert(buf != NULL);
+    ck_assert_int_eq(qcow2_pread(img, buf, cs, 0), -EIO);
+    ck_assert_int_eq(qcow2_pread(img, buf, cs, pc), 0);
+    ck_assert(memcmp(buf, ref + pc, cs) == 0);
+    qcow2_close(img);
+    ck_assert_int_eq(vfs_pending_commit(p, 0), 0);
+    vfs_pending_end(p);
+
+    /* every released byte is in a data cluster, never in metadata */
+    ck_assert_int_eq(vfs_open("mem:rel/c/t.qcow2", VFS_O_RDONLY, &f), 0);
+    uint64_t nguest = (size + cs - 1) / cs, n;
+    uint64_t *gh = calloc(nguest, 8);
+    ck_assert(gh != NULL);
+    unsigned cbits;
+    unsigned char *map = host_map(f, &n, &cbits, gh, nguest);
+    ck_assert_uint_eq(1u << cbits, cs);
+    vfs_close(f);
+    uint64_t released = 0, packed = 0;
+    unsigned char *hit = calloc(n, 1);
+    ck_assert(hit != NULL);
+    for (unsigned i = 0; i < rel.n; i++) {
+        ck_assert_uint_eq(rel.r[i].off % cs, 0);
+        ck_assert_uint_eq(rel.r[i].len % cs, 0);
+        for (uint64_t c = rel.r[i].off / cs; c < (rel.r[i].off + rel.r[i].len) / cs; c++) {
+            ck_assert_msg(c < n && (map[c] == HC_DATA || map[c] == HC_PACKED), "released host cluster %llu holds %s",
+                          (unsigned long long)c, c >= n || map[c] == HC_FREE ? "nothing" : "metadata");
+            ck_assert_msg(!hit[c], "host cluster %llu released twice", (unsigned long long)c);
+            hit[c] = 1;
+            released += cs;
+            packed += map[c] == HC_PACKED;
+        }
+    }
+    /* the L2 tables were made side by side, not between the data */
+    uint64_t first = n, last = 0, tables = 0, reach = cs * (cs / (ext ? 16 : 8));
+    for (uint64_t c = 0; c < n; c++)
+        if (map[c] == HC_L2) {
+            first = c < first ? c : first;
+            last = c;
+            tables++;
+        }
+    ck_assert_uint_eq(tables, (size + reach - 1) / reach);
+    ck_assert_uint_eq(last - first + 1, tables);
+    /* so were the refcount blocks after the one qcow2_create made (with 4 KiB
+     * clusters a block counts 8 MiB: the file needs a second one) */
+    uint64_t blocks = 0;
+    first = n;
+    for (uint64_t c = 0; c < n; c++)
+        if (map[c] == HC_RB && blocks++ == 1)
+            first = c;
+        else if (map[c] == HC_RB && blocks > 1)
+            ck_assert_msg(c == first + blocks - 2, "refcount block %llu apart", (unsigned long long)c);
+    if (!ext)
+        ck_assert_uint_gt(blocks, 2);
+    /* what was written whole is released: runs, single and compressed clusters */
+    ck_assert(hit[gh[0] / cs] && hit[gh[MiB / cs] / cs] && hit[gh[8 * MiB / cs] / cs]);
+    ck_assert_uint_gt(packed, 4);
+    ck_assert_uint_ge(released, 6 * MiB);
+    /* partial writes are not: they were completed in place, or a tail */
+    ck_assert(gh[pc / cs] && !hit[gh[pc / cs] / cs]);
+    ck_assert(gh[(size - 1) / cs] && !hit[gh[(size - 1) / cs] / cs]);
+    free(hit);
+    free(map);
+    free(gh);
+
+    /* qemu-img agrees the image is consistent */
+    for (int i = 0; i < 2; i++) {
+        const char *names[] = {"base.qcow2", "t.qcow2"};
+        char u[64], path[256];
+        snprintf(u, sizeof u, "mem:rel/c/%s", names[i]);
+        snprintf(path, sizeof path, "%s/%s", tmpdir, names[i]);
+        uint64_t fs;
+        ck_assert_int_eq(vfs_open(u, VFS_O_RDONLY, &f), 0);
+        ck_assert_int_eq(vfs_size(f, &fs), 0);
+        unsigned char *b = malloc(fs);
+        ck_assert(b != NULL);
+        ck_assert_int_eq(vfs_pread(f, b, fs, 0), 0);
+        vfs_close(f);
+        FILE *out = fopen(path, "wb");
+        ck_assert(out != NULL && fwrite(b, 1, fs, out) == fs);
+        fclose(out);
+        free(b);
+    }
+    sh("qemu-img check -q t.qcow2");
+    /* and the image is whole: check finds nothing, it reads what was written */
+    ck_assert_int_eq(qcow2_open("mem:rel/c/t.qcow2", NULL, &img), 0);
+    struct qcow2_check_result cr;
+    ck_assert_int_eq(qcow2_check(img, QCOW2_REPAIR_NONE, &cr, NULL, NULL), 0);
+    ck_assert_uint_eq(cr.corruptions, 0);
+    ck_assert_uint_eq(cr.leaks, 0);
+    ck_assert_uint_gt(cr.compressed_clusters, 16);
+    ck_assert_int_eq(qcow2_pread(img, buf, size, 0), 0);
+    ck_assert(memcmp(buf, ref, size) == 0);
+    qcow2_close(img);
+    vfs_remove("mem:rel/c/t.qcow2");
+    vfs_remove("mem:rel/c/base.qcow2");
+    free(buf);
+    free(ref);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("qcow2");
@@ -1178,6 +1560,7 @@ static Suite *suite(void)
     tcase_add_test(tc, generation_moves_with_every_change_and_is_claimed_once);
     tcase_add_test(tc, meta_ranges_cover_every_read_of_the_open);
     tcase_add_test(tc, meta_ranges_refuse_hostile_headers);
+    tcase_add_loop_test(tc, release_data_hands_over_only_data_written_once, 0, 2);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -107,13 +107,22 @@ struct waker {
 static struct waker stream_take_wake(struct obj *o, int always);
 static void stream_wake(struct waker w);
 
+/* Released runs a part remembers: a writer may release out of order (a
+ * convert releases a cluster of packed compressed data after the clusters
+ * written beside it), and the runs join up once the gaps are released. */
+#define SPART_RUNS 4
+
+struct span {
+    uint64_t s, e; /* bytes [s, e); empty when equal */
+};
+
 /* One part of a deferred object's grid. */
 struct spart {
     uint64_t gen;    /* bumped by each write into it */
     uint64_t up_gen; /* the gen its upload read (valid when up) */
     int up, busy;    /* uploaded (etag); being uploaded */
     int dropped;     /* uploaded, released, and punched out of the staging file */
-    uint64_t rel_s, rel_e; /* the released run inside it (.release), empty when equal */
+    struct span rel[SPART_RUNS]; /* the released runs inside it (.release): disjoint, not touching */
     char etag[128];
 };
 
@@ -1421,7 +1430,10 @@ static void stream_drop(struct obj *o, size_t k)
 {
     struct spart *pt = &o->parts[k];
     uint64_t s = k * o->psize, e = s + o->psize;
-    if (k == 0 || pt->dropped || pt->busy || !pt->up || pt->up_gen != pt->gen || pt->rel_s > s || pt->rel_e < e)
+    int whole = 0;
+    for (int i = 0; i < SPART_RUNS && !whole; i++)
+        whole = pt->rel[i].s <= s && pt->rel[i].e >= e;
+    if (k == 0 || pt->dropped || pt->busy || !pt->up || pt->up_gen != pt->gen || !whole)
         return;
     pt->dropped = 1; /* before the punch: a read that saw the hole sees this after */
     if (fallocate(o->sfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)s, (off_t)o->psize) < 0)
@@ -1634,6 +1646,35 @@ static void stream_wait(struct obj *o)
     pthread_mutex_unlock(&o->sp);
 }
 
+/* Note [a, b) released in pt: the runs it touches join it; past SPART_RUNS
+ * runs the shortest is forgotten (never more than was released). */
+static void spart_release(struct spart *pt, uint64_t a, uint64_t b)
+{
+    struct span v[SPART_RUNS + 1];
+    int n = 0;
+    for (int i = 0; i < SPART_RUNS; i++) {
+        struct span r = pt->rel[i];
+        if (r.s == r.e)
+            continue;
+        if (r.s <= b && a <= r.e) { /* the others touch neither r nor [a, b): no second pass */
+            a = min64(a, r.s);
+            b = r.e > b ? r.e : b;
+        } else {
+            v[n++] = r;
+        }
+    }
+    v[n++] = (struct span){a, b};
+    if (n > SPART_RUNS) {
+        int m = 0;
+        for (int i = 1; i < n; i++)
+            if (v[i].e - v[i].s < v[m].e - v[m].s)
+                m = i;
+        v[m] = v[--n];
+    }
+    for (int i = 0; i < SPART_RUNS; i++)
+        pt->rel[i] = i < n ? v[i] : (struct span){0, 0};
+}
+
 int s3_obj_release(void *h, uint64_t off, uint64_t len)
 {
     struct obj *o = OBJ(h);
@@ -1644,13 +1685,7 @@ int s3_obj_release(void *h, uint64_t off, uint64_t len)
     for (size_t k = (size_t)(off / o->psize); off < end && k < o->nparts && k * o->psize < end; k++) {
         struct spart *pt = &o->parts[k];
         uint64_t a = off > k * o->psize ? off : k * o->psize, b = min64(end, (k + 1) * o->psize);
-        if (pt->rel_s == pt->rel_e || (a <= pt->rel_e && b >= pt->rel_s)) { /* the run grows */
-            pt->rel_s = pt->rel_s == pt->rel_e ? a : min64(a, pt->rel_s);
-            pt->rel_e = b > pt->rel_e ? b : pt->rel_e;
-        } else if (b - a > pt->rel_e - pt->rel_s) { /* apart: the longer stays (never too much) */
-            pt->rel_s = a;
-            pt->rel_e = b;
-        }
+        spart_release(pt, a, b);
         stream_drop(o, k);
     }
     pthread_mutex_unlock(&o->sp);
