@@ -304,15 +304,15 @@ int s3_conf_ready(void)
     if (!s3_conf.block_size)
         s3_conf.block_size = 64u << 10; /* a random 4 KiB read costs one GET of this */
     if (!s3_conf.cache_bytes)
-        s3_conf.cache_bytes = 64u << 20;
+        s3_conf.cache_bytes = 128u << 20; /* half of it read-ahead: 8 GETs of 8M in flight */
     if (!s3_conf.readahead)
-        s3_conf.readahead = 32u << 20;
+        s3_conf.readahead = 64u << 20;
     if (!s3_conf.part_size)
         s3_conf.part_size = 8u << 20;
     if (!s3_conf.staging_max)
         s3_conf.staging_max = 1ull << 30;
     if (!s3_conf.connections)
-        s3_conf.connections = 8;
+        s3_conf.connections = 10; /* 8 read-ahead GETs and 2 for readers */
     if (!s3_conf.readahead_gets_set)
         s3_conf.readahead_gets = s3_conf.connections > 1 ? s3_conf.connections - 2 : 1;
     if (s3_conf.readahead_gets > s3_conf.connections)
